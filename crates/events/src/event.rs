@@ -1,0 +1,524 @@
+//! Events, their envelope and the JSON codec.
+//!
+//! On the wire (the Kafka record value, and a JSON line in `replay`) an event is
+//! `{"event_id","type","version","occurred_at","actor","key","data"}`; `schemas/events/<type>.json`
+//! describes `data` and the envelope of each type. The decoder reads `type` and `version` first and
+//! then the `data` of that version, which is where an old version would be upcast.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ConversationId, DeviceId, EventId, MessageId, UserId};
+use crate::topics::TopicKind;
+
+/// A user account was created.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserRegistered {
+    pub user_id: UserId,
+    pub username: String,
+}
+
+/// What a message carries. Only text for now; media kinds refer to an uploaded object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageKind {
+    Text,
+}
+
+impl MessageKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MessageKind::Text => "text",
+        }
+    }
+}
+
+/// A message was accepted: the broker acknowledged this append before the sender got its ack.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageSent {
+    pub message_id: MessageId,
+    pub conversation_id: ConversationId,
+    pub sender: UserId,
+    pub sender_device: DeviceId,
+    /// The sender's idempotency key: a retried send with the same key is the same message.
+    pub client_msg_id: String,
+    pub kind: MessageKind,
+    pub body: String,
+}
+
+/// A device of a recipient acknowledged receipt of a message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageDelivered {
+    pub message_id: MessageId,
+    pub conversation_id: ConversationId,
+    pub recipient: UserId,
+    pub device_id: DeviceId,
+}
+
+/// A member read a conversation up to (and including) a message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageRead {
+    pub conversation_id: ConversationId,
+    pub reader: UserId,
+    pub device_id: DeviceId,
+    pub up_to: MessageId,
+}
+
+/// Online or offline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceStatus {
+    Online,
+    Offline,
+}
+
+impl PresenceStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PresenceStatus::Online => "online",
+            PresenceStatus::Offline => "offline",
+        }
+    }
+}
+
+/// A user came online (first device connected) or went offline (last device gone).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceChanged {
+    pub user_id: UserId,
+    pub status: PresenceStatus,
+}
+
+/// A receipt as the sender of a message sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptStatus {
+    Sent,
+    Delivered,
+    Seen,
+}
+
+impl ReceiptStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ReceiptStatus::Sent => "sent",
+            ReceiptStatus::Delivered => "delivered",
+            ReceiptStatus::Seen => "seen",
+        }
+    }
+
+    /// Parses the stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "sent" => Some(ReceiptStatus::Sent),
+            "delivered" => Some(ReceiptStatus::Delivered),
+            "seen" => Some(ReceiptStatus::Seen),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of a user's stream: what a device of that user must eventually receive.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StreamItem {
+    /// A message of a conversation the user is in (including the user's own messages, so the
+    /// user's other devices see them).
+    Message {
+        message_id: MessageId,
+        conversation_id: ConversationId,
+        sender: UserId,
+        client_msg_id: String,
+        #[serde(rename = "message_kind")]
+        message_kind: MessageKind,
+        body: String,
+        sent_at: DateTime<Utc>,
+    },
+    /// A receipt for messages the user sent: `by` got (delivered) or read up to (seen)
+    /// `message_id`.
+    Receipt {
+        conversation_id: ConversationId,
+        message_id: MessageId,
+        status: ReceiptStatus,
+        by: UserId,
+        at: DateTime<Utc>,
+    },
+}
+
+/// Written by the fan-out stage: an item for one recipient's stream. Its offset in the
+/// per-recipient topic is the recipient's sync cursor (one writer, in order, no holes).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryQueued {
+    pub recipient: UserId,
+    pub item: StreamItem,
+}
+
+/// Every event type. Exhaustive matches over it are how a new type reaches every consumer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    UserRegistered(UserRegistered),
+    MessageSent(MessageSent),
+    MessageDelivered(MessageDelivered),
+    MessageRead(MessageRead),
+    PresenceChanged(PresenceChanged),
+    DeliveryQueued(DeliveryQueued),
+}
+
+/// The (type name, current version) of every event type, for schema tests and docs.
+pub const EVENT_TYPES: &[(&str, u32)] = &[
+    ("user.registered", 1),
+    ("message.sent", 1),
+    ("message.delivered", 1),
+    ("message.read", 1),
+    ("presence.changed", 1),
+    ("delivery.queued", 1),
+];
+
+impl Event {
+    /// The stable wire name.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Event::UserRegistered(_) => "user.registered",
+            Event::MessageSent(_) => "message.sent",
+            Event::MessageDelivered(_) => "message.delivered",
+            Event::MessageRead(_) => "message.read",
+            Event::PresenceChanged(_) => "presence.changed",
+            Event::DeliveryQueued(_) => "delivery.queued",
+        }
+    }
+
+    /// The version this build writes.
+    pub fn version(&self) -> u32 {
+        match self {
+            Event::UserRegistered(_)
+            | Event::MessageSent(_)
+            | Event::MessageDelivered(_)
+            | Event::MessageRead(_)
+            | Event::PresenceChanged(_)
+            | Event::DeliveryQueued(_) => 1,
+        }
+    }
+
+    /// The topic this event belongs to.
+    pub fn topic_kind(&self) -> TopicKind {
+        match self {
+            Event::UserRegistered(_) | Event::PresenceChanged(_) => TopicKind::Users,
+            Event::MessageSent(_) | Event::MessageDelivered(_) | Event::MessageRead(_) => {
+                TopicKind::Conversations
+            }
+            Event::DeliveryQueued(_) => TopicKind::Deliveries,
+        }
+    }
+
+    /// The partition key: all events of one conversation (or one user) in one partition, so
+    /// every consumer sees them in the order they were appended.
+    pub fn partition_key(&self) -> String {
+        match self {
+            Event::UserRegistered(e) => e.user_id.to_string(),
+            Event::PresenceChanged(e) => e.user_id.to_string(),
+            Event::MessageSent(e) => e.conversation_id.to_string(),
+            Event::MessageDelivered(e) => e.conversation_id.to_string(),
+            Event::MessageRead(e) => e.conversation_id.to_string(),
+            Event::DeliveryQueued(e) => e.recipient.to_string(),
+        }
+    }
+
+    fn data(&self) -> Result<serde_json::Value, serde_json::Error> {
+        match self {
+            Event::UserRegistered(e) => serde_json::to_value(e),
+            Event::MessageSent(e) => serde_json::to_value(e),
+            Event::MessageDelivered(e) => serde_json::to_value(e),
+            Event::MessageRead(e) => serde_json::to_value(e),
+            Event::PresenceChanged(e) => serde_json::to_value(e),
+            Event::DeliveryQueued(e) => serde_json::to_value(e),
+        }
+    }
+
+    fn from_data(type_name: &str, version: u32, data: serde_json::Value) -> Result<Event, CodecError> {
+        let bad = |e: serde_json::Error| CodecError::BadData {
+            type_name: type_name.to_owned(),
+            reason: e.to_string(),
+        };
+        // Upcasting lives here: match an older (type, version) and convert its data.
+        match (type_name, version) {
+            ("user.registered", 1) => serde_json::from_value(data).map(Event::UserRegistered).map_err(bad),
+            ("message.sent", 1) => serde_json::from_value(data).map(Event::MessageSent).map_err(bad),
+            ("message.delivered", 1) => serde_json::from_value(data).map(Event::MessageDelivered).map_err(bad),
+            ("message.read", 1) => serde_json::from_value(data).map(Event::MessageRead).map_err(bad),
+            ("presence.changed", 1) => serde_json::from_value(data).map(Event::PresenceChanged).map_err(bad),
+            ("delivery.queued", 1) => serde_json::from_value(data).map(Event::DeliveryQueued).map_err(bad),
+            _ => Err(CodecError::Unknown {
+                type_name: type_name.to_owned(),
+                version,
+            }),
+        }
+    }
+}
+
+/// An event with its metadata, as appended to the log.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Envelope {
+    pub event_id: EventId,
+    /// When the command was accepted, UTC, millisecond precision.
+    pub occurred_at: DateTime<Utc>,
+    /// The user whose action this is (absent for system events).
+    pub actor: Option<UserId>,
+    pub event: Event,
+}
+
+/// Why bytes from the log could not be turned into an event. Both are permanent: a consumer
+/// dead-letters the record and moves on.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// Not JSON, or the envelope fields are missing or of the wrong type.
+    #[error("malformed envelope: {0}")]
+    Malformed(String),
+    /// A type or version this build does not know (written by a newer producer).
+    #[error("unknown event type {type_name} version {version}")]
+    Unknown { type_name: String, version: u32 },
+    /// The data does not match the type's schema.
+    #[error("bad data for {type_name}: {reason}")]
+    BadData { type_name: String, reason: String },
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireEnvelope {
+    event_id: EventId,
+    #[serde(rename = "type")]
+    type_name: String,
+    version: u32,
+    occurred_at: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    actor: Option<UserId>,
+    key: String,
+    data: serde_json::Value,
+}
+
+/// RFC 3339 UTC with milliseconds, the one time format on every wire of this platform.
+pub fn format_time(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// The current time truncated to milliseconds, so that a time survives a round trip through
+/// JSON and the tables unchanged.
+pub fn now_millis() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now)
+}
+
+impl Envelope {
+    /// A new envelope stamped now.
+    pub fn new(event_id: EventId, actor: Option<UserId>, event: Event) -> Self {
+        Envelope {
+            event_id,
+            occurred_at: now_millis(),
+            actor,
+            event,
+        }
+    }
+
+    /// The partition key of the event.
+    pub fn key(&self) -> String {
+        self.event.partition_key()
+    }
+
+    /// JSON bytes for the log.
+    pub fn encode(&self) -> Vec<u8> {
+        let wire = WireEnvelope {
+            event_id: self.event_id,
+            type_name: self.event.type_name().to_owned(),
+            version: self.event.version(),
+            occurred_at: format_time(&self.occurred_at),
+            actor: self.actor,
+            key: self.key(),
+            // Serialising plain structs of strings and ids into a Value cannot fail.
+            data: self.event.data().unwrap_or(serde_json::Value::Null),
+        };
+        serde_json::to_vec(&wire).unwrap_or_default()
+    }
+
+    /// The envelope as a JSON value (for `replay` and tests).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.encode()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Parses bytes from the log.
+    pub fn decode(bytes: &[u8]) -> Result<Envelope, CodecError> {
+        let wire: WireEnvelope =
+            serde_json::from_slice(bytes).map_err(|e| CodecError::Malformed(e.to_string()))?;
+        let occurred_at = DateTime::parse_from_rfc3339(&wire.occurred_at)
+            .map_err(|e| CodecError::Malformed(format!("occurred_at: {e}")))?
+            .with_timezone(&Utc);
+        let event = Event::from_data(&wire.type_name, wire.version, wire.data)?;
+        Ok(Envelope {
+            event_id: wire.event_id,
+            occurred_at,
+            actor: wire.actor,
+            event,
+        })
+    }
+}
+
+/// Event ids derived from natural keys, so that a retried command collapses onto the first.
+pub mod derive_id {
+    use super::*;
+
+    /// `message.sent`: one per (sender, client_msg_id).
+    pub fn message_sent(sender: UserId, client_msg_id: &str) -> EventId {
+        EventId::derived(&["message.sent", &sender.to_string(), client_msg_id])
+    }
+
+    /// `message.delivered`: one per (message, recipient, device).
+    pub fn message_delivered(message: MessageId, recipient: UserId, device: &DeviceId) -> EventId {
+        EventId::derived(&["message.delivered", &message.to_string(), &recipient.to_string(), device.as_str()])
+    }
+
+    /// `message.read`: one per (conversation, reader, up_to).
+    pub fn message_read(conversation: &ConversationId, reader: UserId, up_to: MessageId) -> EventId {
+        EventId::derived(&["message.read", conversation.as_str(), &reader.to_string(), &up_to.to_string()])
+    }
+
+    /// `user.registered`: one per user.
+    pub fn user_registered(user: UserId) -> EventId {
+        EventId::derived(&["user.registered", &user.to_string()])
+    }
+
+    /// `delivery.queued`: one per (recipient, item identity). Receipts collapse per
+    /// (message, reader, status): a second device's delivery does not notify the sender again.
+    pub fn delivery_queued(recipient: UserId, item: &StreamItem) -> EventId {
+        let r = recipient.to_string();
+        match item {
+            StreamItem::Message { message_id, .. } => {
+                EventId::derived(&["delivery.queued", &r, "message", &message_id.to_string()])
+            }
+            StreamItem::Receipt { message_id, status, by, .. } => EventId::derived(&[
+                "delivery.queued",
+                &r,
+                "receipt",
+                status.as_str(),
+                &message_id.to_string(),
+                &by.to_string(),
+            ]),
+        }
+    }
+}
+
+/// One fixture of every event type, used by the schema test and by the docs.
+pub fn fixtures() -> Vec<Envelope> {
+    let alice: UserId = "0b6e3a5c-8d7f-4e21-9a3b-5c6d7e8f9a01".parse().unwrap_or(UserId::random());
+    let bob: UserId = "7f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9".parse().unwrap_or(UserId::random());
+    let conv = ConversationId::direct(alice, bob);
+    let msg: MessageId = "01932c07-8a4e-7b3c-9d2e-1f0a9b8c7d6e".parse().unwrap_or(MessageId::new_v7());
+    let phone: DeviceId = "phone".parse().unwrap_or(DeviceId::default_device());
+    let at = now_millis();
+    let item = StreamItem::Message {
+        message_id: msg,
+        conversation_id: conv.clone(),
+        sender: alice,
+        client_msg_id: "c-1".into(),
+        message_kind: MessageKind::Text,
+        body: "hello".into(),
+        sent_at: at,
+    };
+    let receipt = StreamItem::Receipt {
+        conversation_id: conv.clone(),
+        message_id: msg,
+        status: ReceiptStatus::Seen,
+        by: bob,
+        at,
+    };
+    vec![
+        Envelope::new(
+            derive_id::user_registered(alice),
+            Some(alice),
+            Event::UserRegistered(UserRegistered { user_id: alice, username: "alice".into() }),
+        ),
+        Envelope::new(
+            derive_id::message_sent(alice, "c-1"),
+            Some(alice),
+            Event::MessageSent(MessageSent {
+                message_id: msg,
+                conversation_id: conv.clone(),
+                sender: alice,
+                sender_device: phone.clone(),
+                client_msg_id: "c-1".into(),
+                kind: MessageKind::Text,
+                body: "hello".into(),
+            }),
+        ),
+        Envelope::new(
+            derive_id::message_delivered(msg, bob, &phone),
+            Some(bob),
+            Event::MessageDelivered(MessageDelivered {
+                message_id: msg,
+                conversation_id: conv.clone(),
+                recipient: bob,
+                device_id: phone.clone(),
+            }),
+        ),
+        Envelope::new(
+            derive_id::message_read(&conv, bob, msg),
+            Some(bob),
+            Event::MessageRead(MessageRead { conversation_id: conv.clone(), reader: bob, device_id: phone, up_to: msg }),
+        ),
+        Envelope::new(
+            EventId::new_v7(),
+            Some(bob),
+            Event::PresenceChanged(PresenceChanged { user_id: bob, status: PresenceStatus::Offline }),
+        ),
+        Envelope::new(
+            derive_id::delivery_queued(bob, &item),
+            None,
+            Event::DeliveryQueued(DeliveryQueued { recipient: bob, item }),
+        ),
+        Envelope::new(
+            derive_id::delivery_queued(alice, &receipt),
+            None,
+            Event::DeliveryQueued(DeliveryQueued { recipient: alice, item: receipt }),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fixture_round_trips() {
+        for env in fixtures() {
+            let bytes = env.encode();
+            let back = Envelope::decode(&bytes).expect("decodes");
+            assert_eq!(back, env, "{}", env.event.type_name());
+        }
+    }
+
+    #[test]
+    fn every_type_has_a_fixture() {
+        let names: std::collections::BTreeSet<_> = fixtures().iter().map(|e| e.event.type_name()).collect();
+        for (name, _) in EVENT_TYPES {
+            assert!(names.contains(name), "no fixture for {name}");
+        }
+    }
+
+    #[test]
+    fn unknown_types_and_versions_are_errors_not_panics() {
+        let raw = br#"{"event_id":"01932c07-8a4e-7b3c-9d2e-1f0a9b8c7d6e","type":"message.sent","version":9,"occurred_at":"2026-01-01T00:00:00.000Z","key":"k","data":{}}"#;
+        assert!(matches!(Envelope::decode(raw), Err(CodecError::Unknown { version: 9, .. })));
+        assert!(matches!(Envelope::decode(b"not json"), Err(CodecError::Malformed(_))));
+        let bad = br#"{"event_id":"01932c07-8a4e-7b3c-9d2e-1f0a9b8c7d6e","type":"message.sent","version":1,"occurred_at":"2026-01-01T00:00:00.000Z","key":"k","data":{"x":1}}"#;
+        assert!(matches!(Envelope::decode(bad), Err(CodecError::BadData { .. })));
+    }
+
+    #[test]
+    fn the_key_follows_the_conversation() {
+        for env in fixtures() {
+            let json = env.to_json();
+            assert_eq!(json["key"], serde_json::Value::String(env.key()));
+        }
+    }
+}

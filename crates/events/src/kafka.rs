@@ -1,0 +1,321 @@
+//! The Kafka back-end of the event log (rdkafka / librdkafka).
+//!
+//! - Producer: idempotent (`enable.idempotence=true`, which implies `acks=all`), so a broker
+//!   retry never duplicates or reorders a partition; the queue is bounded, and a full queue is
+//!   reported as [`LogError::QueueFull`] at once instead of waiting.
+//! - Partitioner `murmur2_random`: the same key-to-partition mapping as the Java client, so that
+//!   tools written in other languages agree on where a conversation lives.
+//! - Consumer: `enable.auto.offset.store=false`; the worker stores an offset only after the writes
+//!   it covers succeeded, and librdkafka's auto-commit commits what was stored.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::FutureExt as _;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{debug, warn};
+
+use crate::log::{EventLog, LogConsumer, LogError, Position, Record, TopicSpec};
+
+/// Settings of the Kafka back-end.
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port...]`
+    pub brokers: String,
+    /// Upper bound of messages waiting in the producer's queue (backpressure beyond it).
+    pub producer_queue_max: usize,
+    /// How long librdkafka waits to fill a batch; small, since a user waits for the ack.
+    pub linger_ms: u32,
+    /// How long an append may take, including broker retries, before it fails.
+    pub append_timeout: Duration,
+    /// Consumer session timeout: how long a dead worker holds its partitions.
+    pub session_timeout_ms: u32,
+}
+
+impl KafkaConfig {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        KafkaConfig {
+            brokers: brokers.into(),
+            producer_queue_max: 100_000,
+            linger_ms: 1,
+            append_timeout: Duration::from_secs(15),
+            session_timeout_ms: 6_000,
+        }
+    }
+}
+
+/// Kafka as the event log.
+pub struct KafkaLog {
+    config: KafkaConfig,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+}
+
+fn unavailable(e: KafkaError) -> LogError {
+    LogError::Unavailable(e.to_string())
+}
+
+impl KafkaLog {
+    /// Connects lazily (librdkafka connects in the background); fails only on bad configuration.
+    pub fn new(config: KafkaConfig) -> Result<Self, LogError> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", config.linger_ms.to_string())
+            .set("queue.buffering.max.messages", config.producer_queue_max.to_string())
+            .set("message.timeout.ms", config.append_timeout.as_millis().to_string())
+            .set("compression.type", "lz4")
+            .create()
+            .map_err(|e| LogError::Fatal(format!("producer: {e}")))?;
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .create()
+            .map_err(|e| LogError::Fatal(format!("admin client: {e}")))?;
+        Ok(KafkaLog { config, producer, admin })
+    }
+
+    fn base_consumer(&self, group: &str) -> Result<BaseConsumer, LogError> {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.config.brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| LogError::Fatal(format!("consumer: {e}")))
+    }
+
+    /// Flushes what is queued (on shutdown).
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = self.producer.flush(timeout) {
+            warn!(error = %e, "producer flush on shutdown failed");
+        }
+    }
+}
+
+#[async_trait]
+impl EventLog for KafkaLog {
+    async fn append(&self, topic: &str, key: &str, payload: Vec<u8>) -> Result<Position, LogError> {
+        let record = FutureRecord::to(topic).key(key).payload(&payload);
+        let delivery = match self.producer.send_result(record) {
+            Ok(d) => d,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => return Err(LogError::QueueFull),
+            Err((e, _)) => return Err(unavailable(e)),
+        };
+        match delivery.await {
+            Ok(Ok(d)) => Ok(Position { topic: topic.to_owned(), partition: d.partition, offset: d.offset }),
+            Ok(Err((e, _))) => Err(unavailable(e)),
+            Err(_) => Err(LogError::Unavailable("producer dropped the delivery".into())),
+        }
+    }
+
+    async fn append_batch(&self, records: Vec<(String, String, Vec<u8>)>) -> Vec<Result<Position, LogError>> {
+        // Enqueue everything first (librdkafka keeps the enqueue order per partition, and the
+        // idempotent producer keeps it through retries), then wait for every acknowledgement.
+        let mut pending = Vec::with_capacity(records.len());
+        for (topic, key, payload) in &records {
+            let record = FutureRecord::to(topic).key(key).payload(payload);
+            pending.push(match self.producer.send_result(record) {
+                Ok(d) => Ok((topic.clone(), d)),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Err(LogError::QueueFull),
+                Err((e, _)) => Err(unavailable(e)),
+            });
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for p in pending {
+            out.push(match p {
+                Err(e) => Err(e),
+                Ok((topic, d)) => match d.await {
+                    Ok(Ok(d)) => Ok(Position { topic, partition: d.partition, offset: d.offset }),
+                    Ok(Err((e, _))) => Err(unavailable(e)),
+                    Err(_) => Err(LogError::Unavailable("producer dropped the delivery".into())),
+                },
+            });
+        }
+        out
+    }
+
+    async fn ensure_topics(&self, specs: &[TopicSpec]) -> Result<(), LogError> {
+        let new: Vec<NewTopic<'_>> = specs
+            .iter()
+            .map(|s| {
+                NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(s.replication))
+                    // Events are the source of truth: never expire them by time or size.
+                    .set("retention.ms", "-1")
+                    .set("retention.bytes", "-1")
+            })
+            .collect();
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let results = self.admin.create_topics(new.iter(), &opts).await.map_err(unavailable)?;
+        for r in results {
+            match r {
+                Ok(name) => debug!(topic = %name, "topic created"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => return Err(LogError::Unavailable(format!("create topic {name}: {code}"))),
+            }
+        }
+        // A topic is usable once its metadata shows leaders for every partition.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for s in specs {
+            loop {
+                let producer = self.producer.clone();
+                let name = s.name.clone();
+                let ready = tokio::task::spawn_blocking(move || {
+                    producer
+                        .client()
+                        .fetch_metadata(Some(&name), Duration::from_secs(5))
+                        .ok()
+                        .and_then(|m| m.topics().first().map(|t| t.error().is_none() && t.partitions().iter().all(|p| p.leader() >= 0) && !t.partitions().is_empty()))
+                        .unwrap_or(false)
+                })
+                .await
+                .unwrap_or(false);
+                if ready {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(LogError::Unavailable(format!("topic {} has no leader", s.name)));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, group: &str, topics: &[String]) -> Result<Box<dyn LogConsumer>, LogError> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "500")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", self.config.session_timeout_ms.to_string())
+            .set("heartbeat.interval.ms", (self.config.session_timeout_ms / 3).to_string())
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("fetch.wait.max.ms", "20")
+            .create()
+            .map_err(|e| LogError::Fatal(format!("consumer: {e}")))?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&names).map_err(unavailable)?;
+        Ok(Box::new(KafkaConsumer { consumer }))
+    }
+
+    async fn group_lag(&self, group: &str, topics: &[String]) -> Result<i64, LogError> {
+        let consumer = self.base_consumer(group)?;
+        let topics = topics.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let timeout = Duration::from_secs(10);
+            let mut tpl = TopicPartitionList::new();
+            let mut ends = HashMap::new();
+            for t in &topics {
+                let md = consumer.fetch_metadata(Some(t), timeout).map_err(unavailable)?;
+                for mt in md.topics() {
+                    for p in mt.partitions() {
+                        let (_, high) = consumer.fetch_watermarks(t, p.id(), timeout).map_err(unavailable)?;
+                        ends.insert((t.clone(), p.id()), high);
+                        tpl.add_partition(t, p.id());
+                    }
+                }
+            }
+            let committed = consumer.committed_offsets(tpl, timeout).map_err(unavailable)?;
+            let mut lag = 0i64;
+            for e in committed.elements() {
+                let end = ends.get(&(e.topic().to_owned(), e.partition())).copied().unwrap_or(0);
+                let done = match e.offset() {
+                    Offset::Offset(o) => o,
+                    _ => 0,
+                };
+                lag += (end - done).max(0);
+            }
+            Ok(lag)
+        })
+        .await
+        .map_err(|e| LogError::Fatal(e.to_string()))?
+    }
+
+    async fn ping(&self) -> bool {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, Duration::from_secs(2)).is_ok())
+            .await
+            .unwrap_or(false)
+    }
+
+    async fn delete_group(&self, group: &str) -> Result<(), LogError> {
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let results = self.admin.delete_groups(&[group], &opts).await.map_err(unavailable)?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::GroupIdNotFound)) => {}
+                Err((g, code)) => return Err(LogError::Unavailable(format!("delete group {g}: {code}"))),
+            }
+        }
+        Ok(())
+    }
+}
+
+struct KafkaConsumer {
+    consumer: StreamConsumer,
+}
+
+fn to_record(m: &rdkafka::message::BorrowedMessage<'_>) -> Record {
+    Record {
+        topic: m.topic().to_owned(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        timestamp: m.timestamp().to_millis().and_then(DateTime::<Utc>::from_timestamp_millis),
+    }
+}
+
+#[async_trait]
+impl LogConsumer for KafkaConsumer {
+    async fn poll_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, LogError> {
+        let mut out = Vec::new();
+        match tokio::time::timeout(wait, self.consumer.recv()).await {
+            Err(_) => return Ok(out),
+            Ok(Err(e)) => return Err(unavailable(e)),
+            Ok(Ok(m)) => out.push(to_record(&m)),
+        }
+        // Take whatever else is already fetched, without waiting.
+        while out.len() < max {
+            match self.consumer.recv().now_or_never() {
+                Some(Ok(m)) => out.push(to_record(&m)),
+                Some(Err(e)) => {
+                    warn!(error = %e, "consumer error while draining a batch");
+                    break;
+                }
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    fn store(&mut self, topic: &str, partition: i32, offset: i64) -> Result<(), LogError> {
+        // librdkafka's legacy offset store commits `offset + 1`: the next record to read.
+        self.consumer.store_offset(topic, partition, offset).map_err(|e| match e {
+            // The partition was revoked by a rebalance: its new owner replays from the last
+            // committed offset, and the writes are idempotent.
+            KafkaError::StoreOffset(RDKafkaErrorCode::State) => LogError::Unavailable(e.to_string()),
+            other => unavailable(other),
+        })
+    }
+
+    async fn commit(&mut self) -> Result<(), LogError> {
+        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => Ok(()),
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+}

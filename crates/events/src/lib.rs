@@ -1,0 +1,26 @@
+//! The vocabulary of the chat platform.
+//!
+//! - [`ids`]: `UserId`, `MessageId`, `ConversationId`, `DeviceId`, `EventId`.
+//! - [`event`]: every event type, the [`Envelope`] and its JSON codec (matching `schemas/events/`).
+//! - [`topics`]: which topic and key each event goes to.
+//! - [`log`]: the event-log boundary ([`EventLog`], [`LogConsumer`]); [`kafka`] is its Kafka
+//!   back-end (cargo feature `kafka`).
+//!
+//! Life of a send: the gateway builds `Event::MessageSent` inside an [`Envelope`] whose id is
+//! derived from (sender, client_msg_id), [`log::append_event`] puts it on the conversation's
+//! partition, and projection workers [`Envelope::decode`] it from there.
+
+pub mod event;
+pub mod ids;
+#[cfg(feature = "kafka")]
+pub mod kafka;
+pub mod log;
+pub mod topics;
+
+pub use event::{
+    derive_id, format_time, now_millis, CodecError, DeliveryQueued, Envelope, Event, MessageDelivered, MessageKind,
+    MessageRead, MessageSent, PresenceChanged, PresenceStatus, ReceiptStatus, StreamItem, UserRegistered,
+};
+pub use ids::{ConversationId, DeviceId, EventId, IdError, MessageId, UserId};
+pub use log::{append_event, EventLog, LogConsumer, LogError, Position, Record, TopicSpec};
+pub use topics::{TopicKind, Topics};

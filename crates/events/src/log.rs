@@ -1,0 +1,106 @@
+//! The event-log boundary: Kafka's semantics (topics, partitions by key, offsets, consumer groups
+//! with stored offsets) behind a trait, so that the Kafka back-end and an embedded one fit.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::event::Envelope;
+use crate::topics::Topics;
+
+/// Where an append landed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// One record read from the log.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    /// The broker's (or log's) timestamp of the append.
+    pub timestamp: Option<DateTime<Utc>>,
+}
+
+/// A topic to create at start-up.
+#[derive(Clone, Debug)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    pub replication: i32,
+}
+
+/// Event-log failures, sorted by what the caller does with them.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The log is unreachable or timed out: retry later; nothing was acknowledged.
+    #[error("event log unavailable: {0}")]
+    Unavailable(String),
+    /// The local producer queue is full: shed load (the client gets `overloaded`).
+    #[error("producer queue full")]
+    QueueFull,
+    /// A configuration or programming error that a retry will not fix.
+    #[error("event log error: {0}")]
+    Fatal(String),
+}
+
+/// Appending to and creating topics in the log.
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Appends one record and returns only once the log has made it durable (for Kafka: the
+    /// broker acknowledged it with acks=all).
+    async fn append(&self, topic: &str, key: &str, payload: Vec<u8>) -> Result<Position, LogError>;
+
+    /// Appends several records, keeping their order within each partition, and waits for all.
+    /// Returns one result per record.
+    async fn append_batch(&self, records: Vec<(String, String, Vec<u8>)>) -> Vec<Result<Position, LogError>> {
+        let mut out = Vec::with_capacity(records.len());
+        for (topic, key, payload) in records {
+            out.push(self.append(&topic, &key, payload).await);
+        }
+        out
+    }
+
+    /// Creates the topics that do not exist yet.
+    async fn ensure_topics(&self, specs: &[TopicSpec]) -> Result<(), LogError>;
+
+    /// Joins a consumer group on some topics. A new group starts at the beginning of each topic.
+    async fn subscribe(&self, group: &str, topics: &[String]) -> Result<Box<dyn LogConsumer>, LogError>;
+
+    /// The sum over partitions of (end offset - committed offset) for a group: its lag.
+    async fn group_lag(&self, group: &str, topics: &[String]) -> Result<i64, LogError>;
+
+    /// Whether the log answers (for readiness checks).
+    async fn ping(&self) -> bool;
+
+    /// Forgets a group's committed offsets, so that it starts again from the beginning.
+    /// The group must have no live members.
+    async fn delete_group(&self, group: &str) -> Result<(), LogError>;
+}
+
+/// A member of a consumer group.
+#[async_trait]
+pub trait LogConsumer: Send {
+    /// Waits up to `wait` for records, then returns what is ready, at most `max`.
+    async fn poll_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, LogError>;
+
+    /// Marks everything up to and including `offset` of a partition as done. Call only after
+    /// every write those records cause has succeeded.
+    fn store(&mut self, topic: &str, partition: i32, offset: i64) -> Result<(), LogError>;
+
+    /// Commits what was stored (synchronously; used on shutdown).
+    async fn commit(&mut self) -> Result<(), LogError>;
+}
+
+/// Appends an event to its topic.
+pub async fn append_event(log: &dyn EventLog, topics: &Topics, env: &Envelope) -> Result<Position, LogError> {
+    let topic = topics.name(env.event.topic_kind());
+    log.append(&topic, &env.key(), env.encode()).await
+}

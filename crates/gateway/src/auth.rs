@@ -1,0 +1,101 @@
+//! Passwords (argon2id) and bearer tokens (HS256 JWTs signed with a secret shared by all
+//! gateway nodes, with an expiry).
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use chat_events::UserId;
+use chrono::{DateTime, Utc};
+use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+/// Signs and checks tokens.
+#[derive(Clone)]
+pub struct Tokens {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    ttl: chrono::Duration,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    name: String,
+    iat: i64,
+    exp: i64,
+}
+
+/// Who a valid token names.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Principal {
+    pub user_id: UserId,
+    pub username: String,
+}
+
+impl Tokens {
+    pub fn new(secret: &[u8], ttl: chrono::Duration) -> Self {
+        Tokens { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), ttl }
+    }
+
+    /// A token for a user, and when it expires.
+    pub fn issue(&self, user: UserId, username: &str) -> Result<(String, DateTime<Utc>), jsonwebtoken::errors::Error> {
+        let now = Utc::now();
+        let exp = now + self.ttl;
+        let claims = Claims { sub: user.to_string(), name: username.to_owned(), iat: now.timestamp(), exp: exp.timestamp() };
+        Ok((encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?, exp))
+    }
+
+    /// The principal of a valid, unexpired token.
+    pub fn verify(&self, token: &str) -> Option<Principal> {
+        let mut v = Validation::new(Algorithm::HS256);
+        v.leeway = 5;
+        let data = decode::<Claims>(token, &self.decoding, &v).ok()?;
+        Some(Principal { user_id: data.claims.sub.parse().ok()?, username: data.claims.name })
+    }
+}
+
+/// Hashes a password with argon2id and a random salt (PHC string).
+pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
+    let mut bytes = [0u8; 16];
+    rand::fill(&mut bytes);
+    let salt = SaltString::encode_b64(&bytes)?;
+    Ok(Argon2::default().hash_password(password.as_bytes(), &salt)?.to_string())
+}
+
+/// Checks a password against a stored PHC hash.
+pub fn verify_password(password: &str, phc: &str) -> bool {
+    match PasswordHash::new(phc) {
+        Ok(h) => Argon2::default().verify_password(password.as_bytes(), &h).is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_reject_tampering() {
+        let t = Tokens::new(b"secret-secret-secret-secret-1234", chrono::Duration::hours(1));
+        let u = UserId::random();
+        let (tok, _) = t.issue(u, "alice").unwrap();
+        assert_eq!(t.verify(&tok).unwrap().user_id, u);
+        let other = Tokens::new(b"another-secret-another-secret-12", chrono::Duration::hours(1));
+        assert!(other.verify(&tok).is_none());
+        assert!(t.verify("garbage").is_none());
+    }
+
+    #[test]
+    fn expired_tokens_are_refused() {
+        let t = Tokens::new(b"secret-secret-secret-secret-1234", chrono::Duration::seconds(-60));
+        let (tok, _) = t.issue(UserId::random(), "alice").unwrap();
+        assert!(t.verify(&tok).is_none());
+    }
+
+    #[test]
+    fn passwords_verify() {
+        let h = hash_password("correct horse").unwrap();
+        assert!(verify_password("correct horse", &h));
+        assert!(!verify_password("wrong", &h));
+        assert!(!verify_password("x", "not a hash"));
+    }
+}

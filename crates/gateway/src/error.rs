@@ -1,0 +1,81 @@
+//! One error type for clients: a stable code, an HTTP status, a human message. Internal
+//! failures become `internal` / `unavailable` with a generic message; the detail is logged once,
+//! here, on the server side.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chat_events::LogError;
+use chat_store::StoreError;
+use tracing::error;
+
+/// An error a client sees (HTTP body or WebSocket error frame).
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    /// Stable, documented in `docs/protocol.md`.
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// The one answer for "does not exist" and "exists but is not yours": the two must look
+    /// the same, or the difference leaks who talks to whom.
+    pub fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "no such resource")
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required")
+    }
+
+    /// A dependency failed; logged here with its detail, generic for the client.
+    pub fn unavailable(context: &str, detail: &dyn std::fmt::Display) -> Self {
+        error!(context, error = %detail, "dependency unavailable");
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the service is temporarily unavailable, retry later")
+    }
+
+    /// A bug or corrupt data; logged here with its detail, generic for the client.
+    pub fn internal(context: &str, detail: &dyn std::fmt::Display) -> Self {
+        error!(context, error = %detail, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+    }
+
+    pub fn overloaded() -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "the server is overloaded, retry later")
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => ApiError::unavailable("store", &e),
+            StoreError::Data(_) => ApiError::internal("store", &e),
+        }
+    }
+}
+
+impl From<LogError> for ApiError {
+    fn from(e: LogError) -> Self {
+        match e {
+            LogError::QueueFull => ApiError::overloaded(),
+            LogError::Unavailable(_) => ApiError::unavailable("event log", &e),
+            LogError::Fatal(_) => ApiError::internal("event log", &e),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,220 @@
+//! The WebSocket protocol: JSON text frames with a `type` field. `ClientFrame` is what a client
+//! may send, `ServerFrame` what the server sends; `schemas/frames/` and `docs/protocol.md`
+//! describe both.
+
+use chat_events::{format_time, ConversationId, MessageId, ReceiptStatus, StreamItem, UserId};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// A client-chosen correlation value, echoed in the answer.
+pub type Ref = Option<serde_json::Value>;
+
+/// Frames a client sends.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientFrame {
+    /// Send a message. Give `to` (a user id) or `conversation_id`.
+    Send {
+        #[serde(rename = "ref", default)]
+        r#ref: Ref,
+        client_msg_id: String,
+        #[serde(default)]
+        to: Option<String>,
+        #[serde(default)]
+        conversation_id: Option<String>,
+        #[serde(default)]
+        kind: Option<String>,
+        body: String,
+    },
+    /// This device received these messages.
+    Delivered {
+        #[serde(rename = "ref", default)]
+        r#ref: Ref,
+        conversation_id: String,
+        message_ids: Vec<String>,
+    },
+    /// The user read the conversation up to this message.
+    Read {
+        #[serde(rename = "ref", default)]
+        r#ref: Ref,
+        conversation_id: String,
+        up_to: String,
+    },
+    /// Items of the user's stream after a cursor (from the beginning without one).
+    Sync {
+        #[serde(rename = "ref", default)]
+        r#ref: Ref,
+        #[serde(default)]
+        after: Option<String>,
+        #[serde(default)]
+        limit: Option<usize>,
+    },
+    /// The user is typing (ephemeral: not an event, not stored).
+    Typing {
+        #[serde(rename = "ref", default)]
+        r#ref: Ref,
+        conversation_id: String,
+    },
+    /// Application-level keep-alive.
+    Ping {
+        #[serde(rename = "ref", default)]
+        r#ref: Ref,
+    },
+}
+
+impl ClientFrame {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ClientFrame::Send { .. } => "send",
+            ClientFrame::Delivered { .. } => "delivered",
+            ClientFrame::Read { .. } => "read",
+            ClientFrame::Sync { .. } => "sync",
+            ClientFrame::Typing { .. } => "typing",
+            ClientFrame::Ping { .. } => "ping",
+        }
+    }
+}
+
+fn time<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_time(t))
+}
+
+fn opt_time<S: serde::Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&format_time(t)),
+        None => s.serialize_none(),
+    }
+}
+
+/// A stream item as the client sees it, with the cursor that follows it.
+#[derive(Debug, Serialize)]
+pub struct SyncItem {
+    pub cursor: String,
+    #[serde(flatten)]
+    pub item: StreamItem,
+}
+
+/// Frames the server sends.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// First frame after the upgrade.
+    Welcome {
+        user_id: UserId,
+        device_id: String,
+        /// Messages not yet delivered to any device of the user.
+        pending: usize,
+    },
+    /// The message is durable in the log.
+    Sent {
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        r#ref: Ref,
+        client_msg_id: String,
+        message_id: MessageId,
+        conversation_id: ConversationId,
+        #[serde(serialize_with = "time")]
+        sent_at: DateTime<Utc>,
+    },
+    /// A new message (pushed right after its append; also delivered through `sync`).
+    Message {
+        message_id: MessageId,
+        conversation_id: ConversationId,
+        sender: UserId,
+        client_msg_id: String,
+        kind: String,
+        body: String,
+        #[serde(serialize_with = "time")]
+        sent_at: DateTime<Utc>,
+    },
+    /// A receipt for a message this user sent.
+    Receipt {
+        conversation_id: ConversationId,
+        message_id: MessageId,
+        status: ReceiptStatus,
+        by: UserId,
+        #[serde(serialize_with = "time")]
+        at: DateTime<Utc>,
+    },
+    /// The answer to `sync`.
+    Sync {
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        r#ref: Ref,
+        items: Vec<SyncItem>,
+        /// Where the next sync starts (the cursor of the last item, or the one given).
+        cursor: Option<String>,
+        has_more: bool,
+    },
+    /// Someone the user talks to came online or went offline.
+    Presence {
+        user_id: UserId,
+        status: &'static str,
+        #[serde(serialize_with = "opt_time", skip_serializing_if = "Option::is_none")]
+        last_seen: Option<DateTime<Utc>>,
+    },
+    /// The other member is typing.
+    Typing { conversation_id: ConversationId, from: UserId },
+    /// A `delivered`, `read` or `typing` frame was accepted (and, for the first two, is durable).
+    Ack {
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        r#ref: Ref,
+        #[serde(rename = "for")]
+        for_type: &'static str,
+    },
+    Pong {
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        r#ref: Ref,
+    },
+    Error {
+        code: &'static str,
+        message: String,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        r#ref: Ref,
+    },
+}
+
+impl ServerFrame {
+    /// JSON text of the frame.
+    pub fn to_text(&self) -> String {
+        // Serialising these plain types cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|_| r#"{"type":"error","code":"internal","message":"internal error"}"#.into())
+    }
+
+    /// The push frame of a stream item.
+    pub fn from_item(item: &StreamItem) -> ServerFrame {
+        match item.clone() {
+            StreamItem::Message { message_id, conversation_id, sender, client_msg_id, message_kind, body, sent_at } => {
+                ServerFrame::Message {
+                    message_id,
+                    conversation_id,
+                    sender,
+                    client_msg_id,
+                    kind: message_kind.as_str().to_owned(),
+                    body,
+                    sent_at,
+                }
+            }
+            StreamItem::Receipt { conversation_id, message_id, status, by, at } => {
+                ServerFrame::Receipt { conversation_id, message_id, status, by, at }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_frames_parse_and_reject_unknown_fields() {
+        let f: ClientFrame = serde_json::from_str(r#"{"type":"send","ref":1,"client_msg_id":"a","to":"x","body":"hi"}"#).unwrap();
+        assert_eq!(f.type_name(), "send");
+        assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"send","client_msg_id":"a","body":"hi","extra":1}"#).is_err());
+        assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"nope"}"#).is_err());
+    }
+
+    #[test]
+    fn server_frames_have_snake_case_types() {
+        let t = ServerFrame::Ack { r#ref: None, for_type: "read" }.to_text();
+        assert_eq!(t, r#"{"type":"ack","for":"read"}"#);
+    }
+}

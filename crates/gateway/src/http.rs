@@ -1,0 +1,187 @@
+//! HTTP routes: thin handlers (extract → authorize → one service call → response).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chat_events::DeviceId;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::service::Chat;
+
+type App = Arc<Chat>;
+
+/// Largest HTTP request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Every route of the gateway.
+pub fn router(chat: App) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/accounts", post(register))
+        .route("/v1/sessions", post(login))
+        .route("/v1/users/by-username/{username}", get(lookup_user))
+        .route("/v1/users/{user_id}/last-seen", get(last_seen))
+        .route("/v1/conversations", get(conversations))
+        .route("/v1/conversations/{conversation_id}/messages", get(history))
+        .route("/v1/messages/{message_id}/receipts", get(receipts))
+        .route("/v1/ws", get(websocket))
+        .fallback(|| async { ApiError::not_found() })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(chat)
+}
+
+/// JSON body with errors in our format.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(JsonRejection::MissingJsonContentType(_)) => {
+                Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "send application/json"))
+            }
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("bodies are at most {MAX_BODY} bytes")))
+            }
+            Err(e) => Err(ApiError::bad_request("invalid_json", e.body_text())),
+        }
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
+}
+
+/// The authenticated caller of an HTTP request (bearer token in `Authorization`).
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<App> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, chat: &App) -> Result<Self, ApiError> {
+        bearer(&parts.headers).and_then(|t| chat.tokens.verify(t)).map(Caller).ok_or_else(ApiError::unauthorized)
+    }
+}
+
+/// Query parameters; a malformed query string is a 400 in our error format.
+fn query_map(q: Result<Query<HashMap<String, String>>, QueryRejection>) -> Result<HashMap<String, String>, ApiError> {
+    q.map(|Query(m)| m).map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(chat): State<App>) -> Response {
+    let checks = chat.readiness().await;
+    let ready = checks.iter().all(|(_, ok)| *ok);
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "checks": checks.iter().map(|(k, ok)| (k.to_string(), serde_json::Value::Bool(*ok))).collect::<serde_json::Map<_, _>>(),
+    });
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(chat): State<App>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], chat.metrics.render()).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Credentials {
+    username: String,
+    password: String,
+}
+
+async fn register(State(chat): State<App>, ApiJson(c): ApiJson<Credentials>) -> Result<Response, ApiError> {
+    let r = chat.register(&c.username, &c.password).await?;
+    Ok((StatusCode::CREATED, Json(r)).into_response())
+}
+
+async fn login(State(chat): State<App>, ApiJson(c): ApiJson<Credentials>) -> Result<Response, ApiError> {
+    Ok(Json(chat.login(&c.username, &c.password).await?).into_response())
+}
+
+async fn lookup_user(State(chat): State<App>, _c: Caller, Path(username): Path<String>) -> Result<Response, ApiError> {
+    Ok(Json(chat.lookup_user(&username).await?).into_response())
+}
+
+async fn last_seen(State(chat): State<App>, Caller(p): Caller, Path(user_id): Path<String>) -> Result<Response, ApiError> {
+    Ok(Json(chat.last_seen(p.user_id, &user_id).await?).into_response())
+}
+
+async fn conversations(State(chat): State<App>, Caller(p): Caller) -> Result<Response, ApiError> {
+    let rows = chat.conversations(p.user_id).await?;
+    Ok(Json(serde_json::json!({ "conversations": rows })).into_response())
+}
+
+async fn history(
+    State(chat): State<App>,
+    Caller(p): Caller,
+    Path(conversation_id): Path<String>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = query_map(q)?;
+    let limit = match q.get("limit") {
+        Some(l) => Some(l.parse::<usize>().map_err(|_| ApiError::bad_request("invalid_limit", "limit is a positive integer"))?),
+        None => None,
+    };
+    let page = chat.history(p.user_id, &conversation_id, q.get("before").map(String::as_str), limit).await?;
+    Ok(Json(page).into_response())
+}
+
+async fn receipts(State(chat): State<App>, Caller(p): Caller, Path(message_id): Path<String>) -> Result<Response, ApiError> {
+    Ok(Json(chat.receipts(p.user_id, &message_id).await?).into_response())
+}
+
+/// The WebSocket upgrade: the token is checked before anything else, so an unauthenticated
+/// request gets 401 and never 101. Token in `Authorization: Bearer` or `?access_token=`
+/// (browsers cannot set headers on a WebSocket); device in `?device=`.
+async fn websocket(
+    State(chat): State<App>,
+    headers: HeaderMap,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let q = query_map(q).unwrap_or_default();
+    let token = bearer(&headers).map(str::to_owned).or_else(|| q.get("access_token").cloned());
+    let Some(principal) = token.and_then(|t| chat.tokens.verify(&t)) else {
+        return ApiError::unauthorized().into_response();
+    };
+    let device = match q.get("device") {
+        None => DeviceId::default_device(),
+        Some(d) => match d.parse::<DeviceId>() {
+            Ok(d) => d,
+            Err(e) => return ApiError::bad_request("invalid_device", e.to_string()).into_response(),
+        },
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let limit = chat.limits.max_frame_bytes;
+    ws.max_message_size(limit)
+        .max_frame_size(limit)
+        // Small per-connection buffers: most chat frames are tiny, and the default read buffer
+        // (128 KiB) would dominate the memory of an idle connection.
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| crate::ws::serve(chat, principal.user_id, device, socket))
+}

@@ -1,0 +1,155 @@
+//! The connections of this node. Each connection has a bounded outbound queue; a client too
+//! slow to drain it is disconnected (it resyncs from its cursor when it comes back) instead of
+//! letting the queue grow without bound.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use chat_events::{DeviceId, UserId};
+use tokio::sync::{mpsc, watch, Notify};
+
+/// A frame on its way to one socket.
+pub type Outbound = Arc<str>;
+
+struct LocalConn {
+    id: u64,
+    device: DeviceId,
+    tx: mpsc::Sender<Outbound>,
+    /// Signalled when the queue overflows: the socket task closes the connection.
+    kick: Arc<Notify>,
+}
+
+/// Local connections by user.
+pub struct Hub {
+    conns: RwLock<HashMap<UserId, Vec<LocalConn>>>,
+    next_id: AtomicU64,
+    count: AtomicU64,
+    closing: watch::Sender<bool>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Hub {
+    pub fn new() -> Self {
+        Hub {
+            conns: RwLock::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            count: AtomicU64::new(0),
+            closing: watch::channel(false).0,
+        }
+    }
+
+    /// Becomes true when the node shuts down: every connection closes with 1001.
+    pub fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
+    /// Asks every connection to close.
+    pub fn close_all(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Adds a connection; returns its id on this node.
+    pub fn register(&self, user: UserId, device: DeviceId, tx: mpsc::Sender<Outbound>, kick: Arc<Notify>) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut map = self.conns.write().unwrap_or_else(|p| p.into_inner());
+        map.entry(user).or_default().push(LocalConn { id, device, tx, kick });
+        self.count.fetch_add(1, Ordering::Relaxed);
+        id
+    }
+
+    pub fn unregister(&self, user: UserId, id: u64) {
+        let mut map = self.conns.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = map.get_mut(&user) {
+            let before = list.len();
+            list.retain(|c| c.id != id);
+            if list.len() < before {
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
+            if list.is_empty() {
+                map.remove(&user);
+            }
+        }
+    }
+
+    /// Queues a frame on the given connections of a user (all of them when `ids` is None).
+    /// Returns how many connections got it.
+    pub fn deliver(&self, user: UserId, ids: Option<&[u64]>, text: &Outbound) -> usize {
+        let map = self.conns.read().unwrap_or_else(|p| p.into_inner());
+        let Some(list) = map.get(&user) else { return 0 };
+        let mut n = 0;
+        for c in list {
+            if ids.is_some_and(|ids| !ids.contains(&c.id)) {
+                continue;
+            }
+            match c.tx.try_send(text.clone()) {
+                Ok(()) => n += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => c.kick.notify_one(),
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        n
+    }
+
+    /// Every local connection, for the routing heartbeat.
+    pub fn all(&self) -> Vec<(UserId, u64)> {
+        let map = self.conns.read().unwrap_or_else(|p| p.into_inner());
+        map.iter().flat_map(|(u, l)| l.iter().map(move |c| (*u, c.id))).collect()
+    }
+
+    /// The devices of a user connected here.
+    pub fn devices(&self, user: UserId) -> Vec<DeviceId> {
+        let map = self.conns.read().unwrap_or_else(|p| p.into_inner());
+        map.get(&user).map(|l| l.iter().map(|c| c.device.clone()).collect()).unwrap_or_default()
+    }
+
+    /// Number of open connections on this node.
+    pub fn len(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_kicks_the_connection_instead_of_growing() {
+        let hub = Hub::new();
+        let u = UserId::random();
+        let (tx, _rx) = mpsc::channel(1);
+        let kick = Arc::new(Notify::new());
+        let id = hub.register(u, DeviceId::default_device(), tx, kick.clone());
+        let t: Outbound = Arc::from("x");
+        assert_eq!(hub.deliver(u, None, &t), 1);
+        assert_eq!(hub.deliver(u, None, &t), 0);
+        // The kick was signalled: a waiter returns at once.
+        let notified = kick.notified();
+        futures::executor::block_on(notified);
+        hub.unregister(u, id);
+        assert!(hub.is_empty());
+    }
+
+    #[test]
+    fn except_and_targeted_delivery() {
+        let hub = Hub::new();
+        let u = UserId::random();
+        let (tx1, mut rx1) = mpsc::channel(4);
+        let (tx2, mut rx2) = mpsc::channel(4);
+        let a = hub.register(u, DeviceId::default_device(), tx1, Arc::new(Notify::new()));
+        let _b = hub.register(u, "phone".parse().unwrap(), tx2, Arc::new(Notify::new()));
+        let t: Outbound = Arc::from("x");
+        assert_eq!(hub.deliver(u, Some(&[a]), &t), 1);
+        assert!(rx1.try_recv().is_ok());
+        assert!(rx2.try_recv().is_err());
+    }
+}

@@ -1,0 +1,50 @@
+//! Prometheus metrics of a gateway node.
+
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections_open: IntGauge,
+    pub connections_total: IntCounter,
+    pub frames_in: IntCounterVec,
+    pub errors: IntCounterVec,
+    pub messages_sent: IntCounter,
+    pub send_seconds: Histogram,
+    pub slow_consumers: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(Some("chat_gateway".into()), None)?;
+        let m = Metrics {
+            connections_open: IntGauge::new("connections_open", "open WebSocket connections")?,
+            connections_total: IntCounter::new("connections_total", "WebSocket connections accepted")?,
+            frames_in: IntCounterVec::new(Opts::new("frames_in_total", "client frames by type"), &["type"])?,
+            errors: IntCounterVec::new(Opts::new("errors_total", "errors sent to clients by code"), &["code"])?,
+            messages_sent: IntCounter::new("messages_sent_total", "messages acknowledged as sent")?,
+            send_seconds: Histogram::with_opts(
+                HistogramOpts::new("send_seconds", "send frame to sent ack, including the durable append")
+                    .buckets(vec![0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            )?,
+            slow_consumers: IntCounter::new("slow_consumers_total", "connections closed because their queue was full")?,
+            registry,
+        };
+        m.registry.register(Box::new(m.connections_open.clone()))?;
+        m.registry.register(Box::new(m.connections_total.clone()))?;
+        m.registry.register(Box::new(m.frames_in.clone()))?;
+        m.registry.register(Box::new(m.errors.clone()))?;
+        m.registry.register(Box::new(m.messages_sent.clone()))?;
+        m.registry.register(Box::new(m.send_seconds.clone()))?;
+        m.registry.register(Box::new(m.slow_consumers.clone()))?;
+        Ok(m)
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if TextEncoder::new().encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,604 @@
+//! What the gateway does, independent of HTTP and WebSocket framing: every command checks its
+//! gate, appends its event and only then answers; every read is authorized first.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use chat_events::{
+    append_event, derive_id, now_millis, ConversationId, DeviceId, Envelope, Event, EventId, EventLog, MessageDelivered,
+    MessageId, MessageKind, MessageRead, MessageSent, PresenceChanged, PresenceStatus, ReceiptStatus, StreamItem, Topics,
+    UserId, UserRegistered,
+};
+use chat_store::{Account, CommandStore, InboxRow, MessageRow, ReadStore, ReceiptRow, SendReservation, TableAdmin};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tracing::{debug, warn};
+
+use crate::auth::{hash_password, verify_password, Tokens};
+use crate::error::ApiError;
+use crate::frames::{Ref, ServerFrame, SyncItem};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::routing::{ConnRef, Push, Routing};
+
+/// Everything the gateway reads and gates on.
+pub trait GatewayStore: CommandStore + ReadStore + TableAdmin {}
+impl<T: CommandStore + ReadStore + TableAdmin> GatewayStore for T {}
+
+/// Bounds on client input.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest WebSocket message accepted (bigger ones close the socket with 1009).
+    pub max_frame_bytes: usize,
+    /// Largest message body, in bytes.
+    pub max_body_bytes: usize,
+    /// Outbound frames queued per connection before it is closed as too slow.
+    pub conn_queue: usize,
+    /// Message ids per `delivered` frame.
+    pub max_ids_per_ack: usize,
+    /// Items per `sync` answer.
+    pub max_sync: usize,
+    /// Messages per history page.
+    pub max_page: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_frame_bytes: 64 * 1024, max_body_bytes: 16 * 1024, conn_queue: 256, max_ids_per_ack: 100, max_sync: 500, max_page: 200 }
+    }
+}
+
+/// A `send` frame's fields.
+#[derive(Debug)]
+pub struct SendCommand {
+    pub r#ref: Ref,
+    pub client_msg_id: String,
+    pub to: Option<String>,
+    pub conversation_id: Option<String>,
+    pub kind: Option<String>,
+    pub body: String,
+}
+
+/// One WebSocket connection's identity.
+#[derive(Clone, Debug)]
+pub struct ConnCtx {
+    pub user: UserId,
+    pub device: DeviceId,
+    pub conn: ConnRef,
+}
+
+/// The gateway's service.
+pub struct Chat {
+    pub log: Arc<dyn EventLog>,
+    pub topics: Topics,
+    pub store: Arc<dyn GatewayStore>,
+    pub routing: Arc<dyn Routing>,
+    pub hub: Arc<Hub>,
+    pub tokens: Tokens,
+    pub node: String,
+    pub limits: Limits,
+    pub metrics: Metrics,
+    /// Users known to exist (they never stop existing): saves a read per send.
+    known_users: Mutex<HashSet<UserId>>,
+}
+
+const KNOWN_USERS_MAX: usize = 100_000;
+
+fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::bad_request(code, message)
+}
+
+/// The account created by a registration.
+#[derive(Debug, Serialize)]
+pub struct Registered {
+    pub user_id: UserId,
+    pub username: String,
+}
+
+/// A session token.
+#[derive(Debug, Serialize)]
+pub struct Session {
+    pub token: String,
+    pub user_id: UserId,
+    pub username: String,
+    pub expires_at: String,
+}
+
+/// A history page.
+#[derive(Debug, Serialize)]
+pub struct HistoryPage {
+    pub messages: Vec<MessageRow>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// The receipts of one message.
+#[derive(Debug, Serialize)]
+pub struct MessageReceipts {
+    pub message_id: MessageId,
+    pub conversation_id: ConversationId,
+    pub sender: UserId,
+    pub receipts: Vec<ReceiptRow>,
+}
+
+/// Presence of a user as another user may see it.
+#[derive(Debug, Serialize)]
+pub struct LastSeen {
+    pub user_id: UserId,
+    pub online: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+}
+
+fn parse_conv(s: &str) -> Result<ConversationId, ApiError> {
+    // An unparseable id is answered like any id that names nothing the caller can see.
+    s.parse().map_err(|_| ApiError::not_found())
+}
+
+fn parse_message_id(s: &str) -> Result<MessageId, ApiError> {
+    s.parse().map_err(|_| bad("invalid_message_id", "message ids are UUIDs"))
+}
+
+fn valid_username(u: &str) -> bool {
+    (3..=32).contains(&u.len()) && u.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+}
+
+impl Chat {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        topics: Topics,
+        store: Arc<dyn GatewayStore>,
+        routing: Arc<dyn Routing>,
+        hub: Arc<Hub>,
+        tokens: Tokens,
+        node: String,
+        limits: Limits,
+        metrics: Metrics,
+    ) -> Self {
+        Chat { log, topics, store, routing, hub, tokens, node, limits, metrics, known_users: Mutex::new(HashSet::new()) }
+    }
+
+    async fn append(&self, env: &Envelope) -> Result<(), ApiError> {
+        append_event(self.log.as_ref(), &self.topics, env).await.map(|_| ()).map_err(ApiError::from)
+    }
+
+    // ----- accounts -----
+
+    pub async fn register(&self, username: &str, password: &str) -> Result<Registered, ApiError> {
+        let username = username.to_ascii_lowercase();
+        if !valid_username(&username) {
+            return Err(bad("invalid_username", "usernames are 3-32 characters of a-z, 0-9, '_', '.', '-'"));
+        }
+        if !(8..=128).contains(&password.chars().count()) {
+            return Err(bad("invalid_password", "passwords are 8-128 characters"));
+        }
+        let pw = password.to_owned();
+        let hash = tokio::task::spawn_blocking(move || hash_password(&pw))
+            .await
+            .map_err(|e| ApiError::internal("hash task", &e))?
+            .map_err(|e| ApiError::internal("hash", &e))?;
+        let account = Account { user_id: UserId::random(), username: username.clone(), password_hash: hash, created_at: now_millis() };
+        if !self.store.create_account(&account).await? {
+            return Err(ApiError::new(StatusCode::CONFLICT, "username_taken", "that username is taken"));
+        }
+        let env = Envelope::new(
+            derive_id::user_registered(account.user_id),
+            Some(account.user_id),
+            Event::UserRegistered(UserRegistered { user_id: account.user_id, username: username.clone() }),
+        );
+        if let Err(e) = self.append(&env).await {
+            // No event, no account: give the name back so a retry can succeed.
+            if let Err(re) = self.store.remove_account(&account).await {
+                warn!(error = %re, "could not release a username after a failed registration");
+            }
+            return Err(e);
+        }
+        Ok(Registered { user_id: account.user_id, username })
+    }
+
+    pub async fn login(&self, username: &str, password: &str) -> Result<Session, ApiError> {
+        let invalid = || ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", "wrong username or password");
+        let account = self.store.account_by_name(&username.to_ascii_lowercase()).await?;
+        let pw = password.to_owned();
+        let hash = account.as_ref().map(|a| a.password_hash.clone());
+        // Verify against something even for an unknown name, so timing does not reveal
+        // which usernames exist.
+        let ok = tokio::task::spawn_blocking(move || match hash {
+            Some(h) => verify_password(&pw, &h),
+            None => {
+                let _ = verify_password(&pw, DUMMY_HASH);
+                false
+            }
+        })
+        .await
+        .map_err(|e| ApiError::internal("verify task", &e))?;
+        let account = match (ok, account) {
+            (true, Some(a)) => a,
+            _ => return Err(invalid()),
+        };
+        let (token, exp) = self.tokens.issue(account.user_id, &account.username).map_err(|e| ApiError::internal("token", &e))?;
+        Ok(Session { token, user_id: account.user_id, username: account.username, expires_at: chat_events::format_time(&exp) })
+    }
+
+    pub async fn lookup_user(&self, username: &str) -> Result<Registered, ApiError> {
+        match self.store.account_by_name(&username.to_ascii_lowercase()).await? {
+            Some(a) => Ok(Registered { user_id: a.user_id, username: a.username }),
+            None => Err(ApiError::not_found()),
+        }
+    }
+
+    async fn user_exists(&self, user: UserId) -> Result<bool, ApiError> {
+        if self.known_users.lock().unwrap_or_else(|p| p.into_inner()).contains(&user) {
+            return Ok(true);
+        }
+        let exists = self.store.account_by_id(user).await?.is_some();
+        if exists {
+            let mut known = self.known_users.lock().unwrap_or_else(|p| p.into_inner());
+            if known.len() >= KNOWN_USERS_MAX {
+                known.clear();
+            }
+            known.insert(user);
+        }
+        Ok(exists)
+    }
+
+    // ----- WebSocket commands -----
+
+    /// Accepts a message: gate on (sender, client_msg_id), append, then ack; push afterwards.
+    pub async fn send(&self, ctx: &ConnCtx, cmd: SendCommand) -> Result<ServerFrame, ApiError> {
+        let SendCommand { r#ref, client_msg_id, to, conversation_id, kind, body } = cmd;
+        let started = Instant::now();
+        if client_msg_id.is_empty() || client_msg_id.len() > 64 {
+            return Err(bad("invalid_client_msg_id", "client_msg_id must be 1-64 bytes"));
+        }
+        match kind.as_deref() {
+            None | Some("text") => {}
+            Some(_) => return Err(bad("unsupported_kind", "only text messages are supported")),
+        }
+        if body.is_empty() || body.len() > self.limits.max_body_bytes {
+            return Err(bad("invalid_body", format!("body must be 1-{} bytes", self.limits.max_body_bytes)));
+        }
+        let conv = match (to, conversation_id) {
+            (Some(to), None) => {
+                let peer: UserId = to.parse().map_err(|_| ApiError::bad_request("unknown_recipient", "no such user"))?;
+                if peer == ctx.user {
+                    return Err(bad("invalid_recipient", "you cannot message yourself"));
+                }
+                ConversationId::direct(ctx.user, peer)
+            }
+            (None, Some(c)) => {
+                let c = parse_conv(&c)?;
+                if !c.has_member(ctx.user) {
+                    return Err(ApiError::not_found());
+                }
+                c
+            }
+            _ => return Err(bad("invalid_frame", "give exactly one of `to` and `conversation_id`")),
+        };
+        let peer = conv.peer_of(ctx.user).ok_or_else(ApiError::not_found)?;
+        if !self.user_exists(peer).await? {
+            return Err(bad("unknown_recipient", "no such user"));
+        }
+        let mine = SendReservation {
+            sender: ctx.user,
+            client_msg_id: client_msg_id.clone(),
+            message_id: MessageId::new_v7(),
+            conversation_id: conv.clone(),
+            sent_at: now_millis(),
+            committed: false,
+        };
+        let (reservation, must_append) = match self.store.reserve_send(&mine).await? {
+            None => (mine, true),
+            Some(existing) => {
+                if existing.conversation_id != conv {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "client_msg_id_reused",
+                        "this client_msg_id was used for another conversation",
+                    ));
+                }
+                if existing.committed {
+                    (existing, false)
+                } else {
+                    // Another attempt holds it and has not finished: wait for it briefly; if it
+                    // never finishes (its node died), append on its behalf with the same ids.
+                    let settled = self.wait_committed(ctx.user, &client_msg_id).await?;
+                    match settled {
+                        Some(done) => (done, false),
+                        None => (existing, true),
+                    }
+                }
+            }
+        };
+        let event = MessageSent {
+            message_id: reservation.message_id,
+            conversation_id: conv.clone(),
+            sender: ctx.user,
+            sender_device: ctx.device.clone(),
+            client_msg_id: client_msg_id.clone(),
+            kind: MessageKind::Text,
+            body,
+        };
+        if must_append {
+            let env = Envelope {
+                event_id: derive_id::message_sent(ctx.user, &client_msg_id),
+                occurred_at: reservation.sent_at,
+                actor: Some(ctx.user),
+                event: Event::MessageSent(event.clone()),
+            };
+            self.append(&env).await?;
+            if let Err(e) = self.store.commit_send(ctx.user, &client_msg_id).await {
+                // The event is durable; a retry would append a duplicate that every consumer
+                // collapses by its derived id.
+                warn!(error = %e, "send reservation not marked committed");
+            }
+            self.metrics.messages_sent.inc();
+            self.push_message(ctx, &event, reservation.sent_at).await;
+        }
+        self.metrics.send_seconds.observe(started.elapsed().as_secs_f64());
+        Ok(ServerFrame::Sent {
+            r#ref,
+            client_msg_id,
+            message_id: reservation.message_id,
+            conversation_id: conv,
+            sent_at: reservation.sent_at,
+        })
+    }
+
+    async fn wait_committed(&self, sender: UserId, client_msg_id: &str) -> Result<Option<SendReservation>, ApiError> {
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Some(r) = self.store.get_send(sender, client_msg_id).await? {
+                if r.committed {
+                    return Ok(Some(r));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn push_message(&self, ctx: &ConnCtx, m: &MessageSent, sent_at: DateTime<Utc>) {
+        let frame = ServerFrame::from_item(&StreamItem::Message {
+            message_id: m.message_id,
+            conversation_id: m.conversation_id.clone(),
+            sender: m.sender,
+            client_msg_id: m.client_msg_id.clone(),
+            message_kind: m.kind,
+            body: m.body.clone(),
+            sent_at,
+        });
+        let text: Arc<str> = Arc::from(frame.to_text());
+        let mut pushes = vec![Push { user: ctx.user, text: text.clone(), except: Some(ctx.conn.clone()) }];
+        if let Some(peer) = m.conversation_id.peer_of(ctx.user) {
+            pushes.insert(0, Push { user: peer, text, except: None });
+        }
+        self.push(pushes).await;
+    }
+
+    async fn push(&self, pushes: Vec<Push>) {
+        if let Err(e) = self.routing.push(pushes).await {
+            // The durable path (sync) still delivers; the push was only the fast path.
+            warn!(error = %e, "push failed");
+        }
+    }
+
+    fn member_conv(&self, ctx: &ConnCtx, conversation_id: &str) -> Result<ConversationId, ApiError> {
+        let c = parse_conv(conversation_id)?;
+        if !c.has_member(ctx.user) {
+            return Err(ApiError::not_found());
+        }
+        Ok(c)
+    }
+
+    /// This device received these messages: one `message.delivered` each, then receipts pushed
+    /// to the sender.
+    pub async fn delivered(&self, ctx: &ConnCtx, conversation_id: &str, message_ids: &[String]) -> Result<(), ApiError> {
+        let conv = self.member_conv(ctx, conversation_id)?;
+        if message_ids.is_empty() || message_ids.len() > self.limits.max_ids_per_ack {
+            return Err(bad("invalid_frame", format!("give 1-{} message ids", self.limits.max_ids_per_ack)));
+        }
+        let ids: Vec<MessageId> = message_ids.iter().map(|s| parse_message_id(s)).collect::<Result<_, _>>()?;
+        let now = now_millis();
+        let envs: Vec<Envelope> = ids
+            .iter()
+            .map(|m| Envelope {
+                event_id: derive_id::message_delivered(*m, ctx.user, &ctx.device),
+                occurred_at: now,
+                actor: Some(ctx.user),
+                event: Event::MessageDelivered(MessageDelivered {
+                    message_id: *m,
+                    conversation_id: conv.clone(),
+                    recipient: ctx.user,
+                    device_id: ctx.device.clone(),
+                }),
+            })
+            .collect();
+        let batch = envs.iter().map(|e| (self.topics.name(e.event.topic_kind()), e.key(), e.encode())).collect();
+        for r in self.log.append_batch(batch).await {
+            r?;
+        }
+        if let Some(peer) = conv.peer_of(ctx.user) {
+            let pushes = ids
+                .iter()
+                .map(|m| Push {
+                    user: peer,
+                    text: Arc::from(
+                        ServerFrame::Receipt { conversation_id: conv.clone(), message_id: *m, status: ReceiptStatus::Delivered, by: ctx.user, at: now }
+                            .to_text(),
+                    ),
+                    except: None,
+                })
+                .collect();
+            self.push(pushes).await;
+        }
+        Ok(())
+    }
+
+    /// The user read the conversation up to a message.
+    pub async fn read(&self, ctx: &ConnCtx, conversation_id: &str, up_to: &str) -> Result<(), ApiError> {
+        let conv = self.member_conv(ctx, conversation_id)?;
+        let up_to = parse_message_id(up_to)?;
+        let env = Envelope::new(
+            derive_id::message_read(&conv, ctx.user, up_to),
+            Some(ctx.user),
+            Event::MessageRead(MessageRead { conversation_id: conv.clone(), reader: ctx.user, device_id: ctx.device.clone(), up_to }),
+        );
+        self.append(&env).await?;
+        let mut pushes = Vec::new();
+        if let Some(peer) = conv.peer_of(ctx.user) {
+            pushes.push(Push {
+                user: peer,
+                text: Arc::from(
+                    ServerFrame::Receipt { conversation_id: conv, message_id: up_to, status: ReceiptStatus::Seen, by: ctx.user, at: env.occurred_at }
+                        .to_text(),
+                ),
+                except: None,
+            });
+        }
+        self.push(pushes).await;
+        Ok(())
+    }
+
+    /// Items of the user's stream after a cursor. Only items the projection has written are
+    /// returned, and it writes each user's items in cursor order, so a cursor never passes a
+    /// hole.
+    pub async fn sync(&self, ctx: &ConnCtx, r#ref: Ref, after: Option<String>, limit: Option<usize>) -> Result<ServerFrame, ApiError> {
+        let after_seq: i64 = match &after {
+            None => -1,
+            Some(s) => match s.parse::<i64>() {
+                Ok(v) if v >= -1 => v,
+                _ => return Err(bad("invalid_cursor", "cursor is not one this server issued")),
+            },
+        };
+        let limit = limit.unwrap_or(100).clamp(1, self.limits.max_sync);
+        let rows = self.store.stream_after(ctx.user, after_seq, limit + 1).await?;
+        let has_more = rows.len() > limit;
+        let mut items = Vec::with_capacity(rows.len().min(limit));
+        for row in rows.into_iter().take(limit) {
+            let item: StreamItem = serde_json::from_str(&row.item).map_err(|e| ApiError::internal("stream item", &e))?;
+            items.push(SyncItem { cursor: row.seq.to_string(), item });
+        }
+        let cursor = items.last().map(|i| i.cursor.clone()).or(after);
+        Ok(ServerFrame::Sync { r#ref, items, cursor, has_more })
+    }
+
+    /// Tells the other member that this user is typing. Ephemeral: nothing is appended.
+    pub async fn typing(&self, ctx: &ConnCtx, conversation_id: &str) -> Result<(), ApiError> {
+        let conv = self.member_conv(ctx, conversation_id)?;
+        if let Some(peer) = conv.peer_of(ctx.user) {
+            let text = Arc::from(ServerFrame::Typing { conversation_id: conv, from: ctx.user }.to_text());
+            self.push(vec![Push { user: peer, text, except: None }]).await;
+        }
+        Ok(())
+    }
+
+    // ----- presence -----
+
+    /// A connection opened. If it is the user's first, the user came online.
+    pub async fn connected(&self, ctx: &ConnCtx) {
+        match self.routing.connect(ctx.user, &ctx.conn).await {
+            Ok(true) => self.presence_changed(ctx.user, PresenceStatus::Online).await,
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "routing registration failed; pushes to this connection may be lost until the next heartbeat"),
+        }
+    }
+
+    /// A connection closed. If it was the user's last, the user went offline.
+    pub async fn disconnected(&self, ctx: &ConnCtx) {
+        match self.routing.disconnect(ctx.user, &ctx.conn).await {
+            Ok(true) => self.presence_changed(ctx.user, PresenceStatus::Offline).await,
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "routing removal failed; the entry expires after the TTL"),
+        }
+    }
+
+    async fn presence_changed(&self, user: UserId, status: PresenceStatus) {
+        let env = Envelope::new(EventId::new_v7(), Some(user), Event::PresenceChanged(PresenceChanged { user_id: user, status }));
+        if let Err(e) = self.append(&env).await {
+            warn!(error = ?e, "presence event not appended");
+        }
+        let contacts = match self.store.inbox(user, 1000).await {
+            Ok(rows) => rows.into_iter().filter_map(|r| r.peer_id).collect::<Vec<_>>(),
+            Err(e) => {
+                warn!(error = %e, "contacts unavailable; presence not pushed");
+                return;
+            }
+        };
+        let last_seen = (status == PresenceStatus::Offline).then_some(env.occurred_at);
+        let text: Arc<str> = Arc::from(ServerFrame::Presence { user_id: user, status: status.as_str(), last_seen }.to_text());
+        let pushes = contacts.into_iter().map(|c| Push { user: c, text: text.clone(), except: None }).collect();
+        debug!(%user, status = status.as_str(), "presence changed");
+        self.push(pushes).await;
+    }
+
+    /// Number of messages not yet delivered to any device of a user.
+    pub async fn pending(&self, user: UserId) -> usize {
+        self.store.pending_count(user, 10_000).await.unwrap_or(0)
+    }
+
+    // ----- HTTP reads -----
+
+    pub async fn conversations(&self, user: UserId) -> Result<Vec<InboxRow>, ApiError> {
+        let mut rows = self.store.inbox(user, 1000).await?;
+        rows.sort_by(|a, b| b.last_at.cmp(&a.last_at).then(b.last_message_id.cmp(&a.last_message_id)));
+        Ok(rows)
+    }
+
+    pub async fn history(&self, user: UserId, conversation_id: &str, before: Option<&str>, limit: Option<usize>) -> Result<HistoryPage, ApiError> {
+        let conv = parse_conv(conversation_id)?;
+        if !conv.has_member(user) {
+            return Err(ApiError::not_found());
+        }
+        let before = match before {
+            Some(b) => Some(b.parse::<MessageId>().map_err(|_| bad("invalid_cursor", "cursor is not one this server issued"))?),
+            None => None,
+        };
+        let limit = limit.unwrap_or(50).clamp(1, self.limits.max_page);
+        let mut messages = self.store.history_page(&conv, before, limit + 1).await?;
+        let more = messages.len() > limit;
+        messages.truncate(limit);
+        let next_cursor = if more { messages.last().map(|m| m.message_id.to_string()) } else { None };
+        Ok(HistoryPage { messages, next_cursor })
+    }
+
+    pub async fn receipts(&self, user: UserId, message_id: &str) -> Result<MessageReceipts, ApiError> {
+        let id: MessageId = message_id.parse().map_err(|_| ApiError::not_found())?;
+        let meta = self.store.find_message(id).await?.ok_or_else(ApiError::not_found)?;
+        if !meta.conversation_id.has_member(user) {
+            return Err(ApiError::not_found());
+        }
+        let mut receipts = self.store.receipts(id).await?;
+        receipts.sort_by(|a, b| a.at.cmp(&b.at).then(a.status.cmp(&b.status)).then(a.device_id.cmp(&b.device_id)));
+        Ok(MessageReceipts { message_id: id, conversation_id: meta.conversation_id, sender: meta.sender, receipts })
+    }
+
+    pub async fn last_seen(&self, viewer: UserId, user_id: &str) -> Result<LastSeen, ApiError> {
+        let user: UserId = user_id.parse().map_err(|_| ApiError::not_found())?;
+        // Presence is visible to the user and to people they have a conversation with.
+        if user != viewer && !self.store.in_inbox(viewer, &ConversationId::direct(viewer, user)).await? {
+            return Err(ApiError::not_found());
+        }
+        let online = self
+            .routing
+            .online(&[user])
+            .await
+            .map_err(|e| ApiError::unavailable("routing", &e))?
+            .first()
+            .copied()
+            .unwrap_or(false);
+        let row = self.store.last_seen(user).await?;
+        Ok(LastSeen { user_id: user, online, last_seen: row.and_then(|r| r.last_seen).map(|t| chat_events::format_time(&t)) })
+    }
+
+    /// Readiness of every dependency.
+    pub async fn readiness(&self) -> Vec<(&'static str, bool)> {
+        let (log, store, routing) = tokio::join!(self.log.ping(), self.store.ping(), self.routing.ping());
+        vec![("event_log", log), ("store", store), ("routing", routing)]
+    }
+}
+
+/// A valid argon2 hash of a random password, verified against when the username is unknown.
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2n4nDbHx4JtJ2rXqzJ0v1mJ3u8xP1h8m6R0jQ3y8e3o";

@@ -1,0 +1,195 @@
+//! One WebSocket connection: a reader that handles client frames one at a time (so a client's
+//! sends keep their order), a writer that drains the connection's bounded queue, and presence
+//! bookkeeping at both ends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use chat_events::{DeviceId, UserId};
+use futures::{SinkExt, StreamExt};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_tungstenite::tungstenite;
+use tracing::debug;
+
+use crate::error::ApiError;
+use crate::frames::{ClientFrame, ServerFrame};
+use crate::hub::Outbound;
+use crate::routing::ConnRef;
+use crate::service::{Chat, ConnCtx, SendCommand};
+
+/// Close codes (RFC 6455 §7.4.1).
+const CLOSE_NORMAL: u16 = 1000;
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_TOO_BIG: u16 = 1009;
+const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
+
+/// A connection with no traffic for this long is closed (clients ping well within it).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// The server pings this often, so that dead peers are noticed and proxies keep the socket.
+const PING_EVERY: Duration = Duration::from_secs(30);
+
+fn error_frame(e: &ApiError, r#ref: crate::frames::Ref) -> Outbound {
+    Arc::from(ServerFrame::Error { code: e.code, message: e.message.clone(), r#ref }.to_text())
+}
+
+fn is_too_big(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(tungstenite::Error::Capacity(_)) = s.downcast_ref::<tungstenite::Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    e.to_string().contains("Space limit exceeded")
+}
+
+/// Serves one authenticated connection until it closes.
+pub async fn serve(chat: Arc<Chat>, user: UserId, device: DeviceId, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::channel::<Outbound>(chat.limits.conn_queue);
+    let kick = Arc::new(Notify::new());
+    let id = chat.hub.register(user, device.clone(), tx.clone(), kick.clone());
+    let ctx = ConnCtx { user, device: device.clone(), conn: ConnRef { node: chat.node.clone(), conn: id } };
+    chat.metrics.connections_open.inc();
+    chat.metrics.connections_total.inc();
+
+    let (close_tx, mut close_rx) = oneshot::channel::<u16>();
+    let metrics_chat = chat.clone();
+    let writer = tokio::spawn(async move {
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        let code = loop {
+            tokio::select! {
+                biased;
+                code = &mut close_rx => break code.unwrap_or(CLOSE_NORMAL),
+                _ = kick.notified() => {
+                    metrics_chat.metrics.slow_consumers.inc();
+                    break CLOSE_TRY_AGAIN_LATER;
+                }
+                m = rx.recv() => match m {
+                    Some(text) => {
+                        if sink.send(Message::Text(Utf8Bytes::from(text.as_ref()))).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => break CLOSE_NORMAL,
+                },
+                _ = ping.tick() => {
+                    if sink.send(Message::Ping(Default::default())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        };
+        let reason = match code {
+            CLOSE_TOO_BIG => "frame too large",
+            CLOSE_TRY_AGAIN_LATER => "too slow to receive; reconnect and sync",
+            CLOSE_GOING_AWAY => "server going away or idle; reconnect",
+            _ => "",
+        };
+        let _closing = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+        let _closed = sink.close().await;
+    });
+
+    chat.connected(&ctx).await;
+    let welcome = ServerFrame::Welcome { user_id: user, device_id: device.to_string(), pending: chat.pending(user).await };
+    let _queued = tx.try_send(Arc::from(welcome.to_text()));
+
+    let mut closing = chat.hub.closing();
+    let close_code = loop {
+        if *closing.borrow() {
+            break Some(CLOSE_GOING_AWAY);
+        }
+        let next = tokio::select! {
+            n = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => n,
+            _ = closing.changed() => break Some(CLOSE_GOING_AWAY),
+        };
+        let msg = match next {
+            Err(_) => break Some(CLOSE_GOING_AWAY),
+            Ok(None) => break None,
+            Ok(Some(Err(e))) => {
+                if is_too_big(&e) {
+                    chat.metrics.errors.with_label_values(&["frame_too_large"]).inc();
+                    break Some(CLOSE_TOO_BIG);
+                }
+                debug!(error = %e, "websocket read error");
+                break None;
+            }
+            Ok(Some(Ok(m))) => m,
+        };
+        match msg {
+            Message::Text(text) => {
+                if let Some(reply) = handle_text(&chat, &ctx, text.as_str()).await {
+                    // Replies go through the same bounded queue as pushes, in order.
+                    if tx.send(reply).await.is_err() {
+                        break None;
+                    }
+                }
+            }
+            Message::Binary(_) => {
+                let e = ApiError::bad_request("unsupported_frame", "frames are JSON text");
+                chat.metrics.errors.with_label_values(&[e.code]).inc();
+                if tx.send(error_frame(&e, None)).await.is_err() {
+                    break None;
+                }
+            }
+            Message::Close(_) => break None,
+            Message::Ping(_) | Message::Pong(_) => {}
+        }
+    };
+
+    chat.hub.unregister(user, id);
+    drop(tx);
+    if let Some(code) = close_code {
+        let _sent = close_tx.send(code);
+    }
+    let _done = writer.await;
+    chat.metrics.connections_open.dec();
+    chat.disconnected(&ctx).await;
+}
+
+/// Handles one text frame; returns the reply to queue, if any.
+async fn handle_text(chat: &Chat, ctx: &ConnCtx, text: &str) -> Option<Outbound> {
+    let value: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(_) => {
+            chat.metrics.errors.with_label_values(&["bad_json"]).inc();
+            return Some(error_frame(&ApiError::bad_request("bad_json", "frame is not valid JSON"), None));
+        }
+    };
+    let r#ref = value.get("ref").cloned();
+    let frame: ClientFrame = match serde_json::from_value(value) {
+        Ok(f) => f,
+        Err(e) => {
+            chat.metrics.errors.with_label_values(&["invalid_frame"]).inc();
+            let e = ApiError::bad_request("invalid_frame", format!("not a valid client frame: {e}"));
+            return Some(error_frame(&e, r#ref));
+        }
+    };
+    chat.metrics.frames_in.with_label_values(&[frame.type_name()]).inc();
+    let result = match frame {
+        ClientFrame::Send { r#ref, client_msg_id, to, conversation_id, kind, body } => {
+            chat.send(ctx, SendCommand { r#ref, client_msg_id, to, conversation_id, kind, body }).await
+        }
+        ClientFrame::Delivered { r#ref, conversation_id, message_ids } => chat
+            .delivered(ctx, &conversation_id, &message_ids)
+            .await
+            .map(|()| ServerFrame::Ack { r#ref, for_type: "delivered" }),
+        ClientFrame::Read { r#ref, conversation_id, up_to } => {
+            chat.read(ctx, &conversation_id, &up_to).await.map(|()| ServerFrame::Ack { r#ref, for_type: "read" })
+        }
+        ClientFrame::Sync { r#ref, after, limit } => chat.sync(ctx, r#ref, after, limit).await,
+        ClientFrame::Typing { r#ref, conversation_id } => {
+            chat.typing(ctx, &conversation_id).await.map(|()| ServerFrame::Ack { r#ref, for_type: "typing" })
+        }
+        ClientFrame::Ping { r#ref } => Ok(ServerFrame::Pong { r#ref }),
+    };
+    Some(match result {
+        Ok(frame) => Arc::from(frame.to_text()),
+        Err(e) => {
+            chat.metrics.errors.with_label_values(&[e.code]).inc();
+            error_frame(&e, r#ref)
+        }
+    })
+}

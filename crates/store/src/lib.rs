@@ -1,0 +1,274 @@
+//! The table-store boundary.
+//!
+//! Three narrow traits over the tables in `schemas/cql/tables.cql`:
+//! - [`CommandStore`]: the gates the gateway checks *before* appending an event (unique
+//!   usernames, recipient existence, the first message id of a `client_msg_id`);
+//! - [`ProjectionStore`]: the idempotent writes (and the few reads) of projection workers;
+//! - [`ReadStore`]: what the gateway reads to answer clients;
+//! - [`TableAdmin`]: schema, truncation and content checksums (rebuild checks).
+//!
+//! [`scylla_store::ScyllaStore`] implements all four on ScyllaDB / Cassandra.
+//!
+//! Life of a message row: the projection worker decodes `message.sent`, calls
+//! [`ProjectionStore::put_message`] (history + bucket + index), and the gateway's history
+//! endpoint pages it back with [`ReadStore::history_page`].
+
+pub mod scylla_store;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use chat_events::{ConversationId, DeviceId, MessageId, ReceiptStatus, UserId};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+pub use scylla_store::{ScyllaConfig, ScyllaStore};
+
+/// Table-store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database is unreachable, timed out or overloaded: retry later (a worker does not store
+    /// its offset; the gateway answers `unavailable`).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored value could not be read back (corrupt row, schema drift): a bug or operator error.
+    #[error("store data error: {0}")]
+    Data(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The day bucket of a message id, for history partitions.
+pub fn bucket_of(id: MessageId) -> i32 {
+    (id.unix_millis().max(0) / 86_400_000) as i32
+}
+
+/// A registered account, as the log-in check needs it.
+#[derive(Clone, Debug)]
+pub struct Account {
+    pub user_id: UserId,
+    pub username: String,
+    pub password_hash: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The first attempt of a send, keyed by (sender, client_msg_id).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SendReservation {
+    pub sender: UserId,
+    pub client_msg_id: String,
+    pub message_id: MessageId,
+    pub conversation_id: ConversationId,
+    pub sent_at: DateTime<Utc>,
+    /// True once the event is known to be in the log.
+    pub committed: bool,
+}
+
+/// Gates checked before an event is appended.
+#[async_trait]
+pub trait CommandStore: Send + Sync {
+    /// Claims a username. Returns false if it is taken (exactly one of concurrent claims wins).
+    async fn create_account(&self, account: &Account) -> StoreResult<bool>;
+    /// Undoes a claim whose `user.registered` event could not be appended.
+    async fn remove_account(&self, account: &Account) -> StoreResult<()>;
+    async fn account_by_name(&self, username: &str) -> StoreResult<Option<Account>>;
+    /// The username of a user id, if registered.
+    async fn account_by_id(&self, user: UserId) -> StoreResult<Option<String>>;
+    /// Reserves (sender, client_msg_id) for a new message. `None`: the reservation is ours;
+    /// `Some(existing)`: an earlier attempt holds it and its message id must be reused.
+    async fn reserve_send(&self, r: &SendReservation) -> StoreResult<Option<SendReservation>>;
+    /// Marks a reservation's event as appended.
+    async fn commit_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<()>;
+    /// Reads a reservation.
+    async fn get_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<Option<SendReservation>>;
+}
+
+/// A message in a conversation's history.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MessageRow {
+    pub conversation_id: ConversationId,
+    pub message_id: MessageId,
+    pub sender: UserId,
+    pub sender_device: String,
+    pub client_msg_id: String,
+    pub kind: String,
+    pub body: String,
+    #[serde(serialize_with = "ser_time")]
+    pub sent_at: DateTime<Utc>,
+}
+
+/// Where a message lives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MessageMeta {
+    pub message_id: MessageId,
+    pub conversation_id: ConversationId,
+    pub sender: UserId,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// One conversation in a user's conversation list.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct InboxRow {
+    pub user_id: UserId,
+    pub conversation_id: ConversationId,
+    pub peer_id: Option<UserId>,
+    pub last_message_id: MessageId,
+    pub last_sender: UserId,
+    pub last_kind: String,
+    pub last_body: String,
+    #[serde(serialize_with = "ser_time")]
+    pub last_at: DateTime<Utc>,
+    pub unread: i32,
+    #[serde(skip)]
+    pub applied_offset: i64,
+}
+
+/// How far a member has read a conversation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReadMarker {
+    pub conversation_id: ConversationId,
+    pub reader: UserId,
+    pub up_to: MessageId,
+    pub applied_offset: i64,
+}
+
+/// One transition in the receipt timeline.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ReceiptRow {
+    pub message_id: MessageId,
+    pub recipient: UserId,
+    pub status: ReceiptStatus,
+    /// The device that acknowledged (empty for `sent`).
+    pub device_id: String,
+    #[serde(serialize_with = "ser_time")]
+    pub at: DateTime<Utc>,
+    pub conversation_id: ConversationId,
+}
+
+/// Last seen of a user.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LastSeenRow {
+    pub user_id: UserId,
+    pub status: String,
+    #[serde(serialize_with = "ser_time")]
+    pub changed_at: DateTime<Utc>,
+    #[serde(serialize_with = "ser_opt_time")]
+    pub last_seen: Option<DateTime<Utc>>,
+}
+
+/// One entry of a user's stream.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamRow {
+    pub seq: i64,
+    pub item_id: uuid::Uuid,
+    /// The `StreamItem` as JSON.
+    pub item: String,
+}
+
+fn ser_time<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&chat_events::format_time(t))
+}
+
+fn ser_opt_time<S: serde::Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&chat_events::format_time(t)),
+        None => s.serialize_none(),
+    }
+}
+
+/// Idempotent projection writes, and the reads projections need. Every write may be repeated
+/// with the same arguments without changing the outcome.
+#[async_trait]
+pub trait ProjectionStore: Send + Sync {
+    async fn put_user(&self, user: UserId, username: &str, at: DateTime<Utc>) -> StoreResult<()>;
+    /// Writes a message to history, its bucket and its index.
+    async fn put_message(&self, m: &MessageRow) -> StoreResult<()>;
+    async fn message_meta(&self, id: MessageId) -> StoreResult<Option<MessageMeta>>;
+    async fn inbox_row(&self, user: UserId, conv: &ConversationId) -> StoreResult<Option<InboxRow>>;
+    async fn put_inbox_row(&self, row: &InboxRow) -> StoreResult<()>;
+    async fn read_marker(&self, conv: &ConversationId, reader: UserId) -> StoreResult<Option<ReadMarker>>;
+    async fn put_read_marker(&self, m: &ReadMarker) -> StoreResult<()>;
+    /// Messages with `after < id <= up_to` (all from the start when `after` is None), oldest first.
+    async fn messages_between(
+        &self,
+        conv: &ConversationId,
+        after: Option<MessageId>,
+        up_to: MessageId,
+    ) -> StoreResult<Vec<MessageRow>>;
+    /// Receipt transitions; of two rows with one key the earliest `at` wins, in any order.
+    async fn put_receipts(&self, rows: &[ReceiptRow]) -> StoreResult<()>;
+    /// The position of an item already in a user's stream.
+    async fn stream_seq_of(&self, user: UserId, item_id: uuid::Uuid) -> StoreResult<Option<i64>>;
+    /// Adds an item to a user's stream at `seq` (writes the item, then its id index).
+    async fn put_stream_item(&self, user: UserId, row: &StreamRow) -> StoreResult<()>;
+    /// Marks a message as not yet delivered to any device of `user` (a no-op once removed).
+    async fn add_pending(&self, user: UserId, message: MessageId, conv: &ConversationId) -> StoreResult<()>;
+    /// Removes a pending delivery, for good.
+    async fn remove_pending(&self, user: UserId, message: MessageId) -> StoreResult<()>;
+    /// Records a presence change; the latest `at` wins, in any order.
+    async fn put_presence(&self, user: UserId, online: bool, at: DateTime<Utc>) -> StoreResult<()>;
+}
+
+/// What the gateway reads.
+#[async_trait]
+pub trait ReadStore: Send + Sync {
+    /// A page of history, newest first, strictly older than `before`.
+    async fn history_page(
+        &self,
+        conv: &ConversationId,
+        before: Option<MessageId>,
+        limit: usize,
+    ) -> StoreResult<Vec<MessageRow>>;
+    /// A user's conversations (unordered; the caller sorts).
+    async fn inbox(&self, user: UserId, limit: usize) -> StoreResult<Vec<InboxRow>>;
+    async fn find_message(&self, id: MessageId) -> StoreResult<Option<MessageMeta>>;
+    /// The receipt timeline of one message.
+    async fn receipts(&self, message: MessageId) -> StoreResult<Vec<ReceiptRow>>;
+    /// Stream items with `seq > after`, in order, at most `limit`.
+    async fn stream_after(&self, user: UserId, after: i64, limit: usize) -> StoreResult<Vec<StreamRow>>;
+    /// Number of messages not yet delivered to any device, up to `cap`.
+    async fn pending_count(&self, user: UserId, cap: usize) -> StoreResult<usize>;
+    async fn last_seen(&self, user: UserId) -> StoreResult<Option<LastSeenRow>>;
+    /// Whether `user` has `conv` in their conversation list.
+    async fn in_inbox(&self, user: UserId, conv: &ConversationId) -> StoreResult<bool>;
+}
+
+/// Row count and content hash of one table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TableChecksum {
+    pub rows: u64,
+    pub sha256: String,
+}
+
+/// Schema, truncation, checksums.
+#[async_trait]
+pub trait TableAdmin: Send + Sync {
+    /// Creates the keyspace and tables that do not exist.
+    async fn migrate(&self) -> StoreResult<()>;
+    /// Empties every projection table (not the command gates), for a rebuild.
+    async fn truncate_projections(&self) -> StoreResult<()>;
+    /// Row count and SHA-256 over the sorted rows of every projection table.
+    async fn checksums(&self) -> StoreResult<BTreeMap<String, TableChecksum>>;
+    /// Whether the store answers a trivial query.
+    async fn ping(&self) -> bool;
+}
+
+/// The projection tables, in the order checksums report them.
+pub const PROJECTION_TABLES: &[&str] = &[
+    "users",
+    "messages",
+    "conversation_buckets",
+    "message_index",
+    "inbox",
+    "read_markers",
+    "user_stream",
+    "user_stream_ids",
+    "pending_deliveries",
+    "receipts",
+    "last_seen",
+];
+
+/// Convenience: a device id as stored in the receipts table.
+pub fn device_column(d: &DeviceId) -> String {
+    d.as_str().to_owned()
+}

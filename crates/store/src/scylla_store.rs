@@ -1,0 +1,757 @@
+//! The ScyllaDB / Cassandra back-end of every table trait, on the `scylla` driver.
+//!
+//! All statements are prepared once at connect. Write times (`USING TIMESTAMP`) carry the
+//! idempotence rules that a replay in any order must respect (see `schemas/cql/tables.cql`).
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chat_events::{ConversationId, MessageId, ReceiptStatus, UserId};
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::Row;
+use sha2::{Digest, Sha256};
+use tracing::info;
+use uuid::Uuid;
+
+use crate::*;
+
+/// Connection settings.
+#[derive(Clone, Debug)]
+pub struct ScyllaConfig {
+    /// `host:port` of the contact points.
+    pub nodes: Vec<String>,
+    pub keyspace: String,
+    /// Replication factor of the keyspace when this store creates it.
+    pub replication_factor: u32,
+}
+
+const SCHEMA: &str = include_str!("../../../schemas/cql/tables.cql");
+
+/// Write time of a receipt row: earlier events get larger write times, so the earliest wins.
+const RECEIPT_TS_BASE: i64 = 1 << 62;
+/// Write times of pending rows: any delete beats any insert.
+const PENDING_INSERT_TS: i64 = 1;
+const PENDING_DELETE_TS: i64 = 2;
+
+fn unavailable(e: impl Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn data(e: impl Display) -> StoreError {
+    StoreError::Data(e.to_string())
+}
+
+fn conv(s: String) -> StoreResult<ConversationId> {
+    s.parse().map_err(|_| StoreError::Data(format!("bad conversation id {s:?}")))
+}
+
+fn micros(t: &DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+struct Stmts {
+    insert_account_lwt: PreparedStatement,
+    insert_account_by_id: PreparedStatement,
+    delete_account_by_name: PreparedStatement,
+    delete_account_by_id: PreparedStatement,
+    select_account_by_name: PreparedStatement,
+    select_account_by_id: PreparedStatement,
+    reserve_send_lwt: PreparedStatement,
+    commit_send: PreparedStatement,
+    select_send: PreparedStatement,
+
+    insert_user: PreparedStatement,
+    insert_message: PreparedStatement,
+    insert_bucket: PreparedStatement,
+    insert_message_index: PreparedStatement,
+    select_message_index: PreparedStatement,
+    select_inbox_row: PreparedStatement,
+    insert_inbox_row: PreparedStatement,
+    select_inbox: PreparedStatement,
+    select_read_marker: PreparedStatement,
+    insert_read_marker: PreparedStatement,
+    select_buckets_desc: PreparedStatement,
+    select_buckets_range: PreparedStatement,
+    select_buckets_upto: PreparedStatement,
+    select_messages_before: PreparedStatement,
+    select_messages_all_desc: PreparedStatement,
+    select_messages_range_asc: PreparedStatement,
+    select_messages_upto_asc: PreparedStatement,
+    insert_receipt: PreparedStatement,
+    select_receipts: PreparedStatement,
+    select_stream_id: PreparedStatement,
+    insert_stream: PreparedStatement,
+    insert_stream_id: PreparedStatement,
+    select_stream_after: PreparedStatement,
+    insert_pending: PreparedStatement,
+    delete_pending: PreparedStatement,
+    select_pending: PreparedStatement,
+    insert_presence_online: PreparedStatement,
+    insert_presence_offline: PreparedStatement,
+    select_last_seen: PreparedStatement,
+}
+
+/// Every table of the platform on one ScyllaDB/Cassandra keyspace.
+pub struct ScyllaStore {
+    session: Session,
+    keyspace: String,
+    replication_factor: u32,
+    stmts: Stmts,
+}
+
+const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at";
+type MessageTuple = (String, Uuid, Uuid, String, String, String, String, DateTime<Utc>);
+
+fn message_from(t: MessageTuple) -> StoreResult<MessageRow> {
+    Ok(MessageRow {
+        conversation_id: conv(t.0)?,
+        message_id: MessageId(t.1),
+        sender: UserId(t.2),
+        sender_device: t.3,
+        client_msg_id: t.4,
+        kind: t.5,
+        body: t.6,
+        sent_at: t.7,
+    })
+}
+
+const INBOX_COLS: &str =
+    "user_id, conversation_id, peer_id, last_message_id, last_sender, last_kind, last_body, last_at, unread, applied_offset";
+type InboxTuple = (Uuid, String, Option<Uuid>, Uuid, Uuid, String, String, DateTime<Utc>, i32, i64);
+
+fn inbox_from(t: InboxTuple) -> StoreResult<InboxRow> {
+    Ok(InboxRow {
+        user_id: UserId(t.0),
+        conversation_id: conv(t.1)?,
+        peer_id: t.2.map(UserId),
+        last_message_id: MessageId(t.3),
+        last_sender: UserId(t.4),
+        last_kind: t.5,
+        last_body: t.6,
+        last_at: t.7,
+        unread: t.8,
+        applied_offset: t.9,
+    })
+}
+
+impl ScyllaStore {
+    /// Connects, creates the keyspace and tables if needed, and prepares every statement.
+    pub async fn connect(config: &ScyllaConfig) -> StoreResult<Self> {
+        if !config.keyspace.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || config.keyspace.is_empty() {
+            return Err(StoreError::Data(format!("invalid keyspace name {:?}", config.keyspace)));
+        }
+        let session = SessionBuilder::new()
+            .known_nodes(&config.nodes)
+            .connection_timeout(Duration::from_secs(10))
+            .build()
+            .await
+            .map_err(unavailable)?;
+        Self::apply_schema(&session, &config.keyspace, config.replication_factor).await?;
+        let stmts = Self::prepare_all(&session, &config.keyspace).await?;
+        Ok(ScyllaStore {
+            session,
+            keyspace: config.keyspace.clone(),
+            replication_factor: config.replication_factor,
+            stmts,
+        })
+    }
+
+    async fn apply_schema(session: &Session, ks: &str, rf: u32) -> StoreResult<()> {
+        let replication = format!("{{'class': 'SimpleStrategy', 'replication_factor': {rf}}}");
+        // Skip the DDL round trips when every table is already there (the common restart).
+        let existing: usize = match session
+            .query_unpaged("SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?", (ks,))
+            .await
+        {
+            Ok(r) => r.into_rows_result().map(|r| r.rows_num()).unwrap_or(0),
+            Err(_) => 0,
+        };
+        let statements: Vec<String> = SCHEMA
+            .split("\n;")
+            .map(|s| {
+                s.lines()
+                    .filter(|l| !l.trim_start().starts_with("--"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    .replace("{ks}", ks)
+                    .replace("{replication}", &replication)
+            })
+            .filter(|s| !s.trim().is_empty())
+            .collect();
+        let tables = statements.iter().filter(|s| s.contains("CREATE TABLE")).count();
+        if existing >= tables {
+            return Ok(());
+        }
+        info!(keyspace = ks, "creating keyspace and tables");
+        for stmt in statements {
+            session.query_unpaged(stmt.as_str(), ()).await.map_err(unavailable)?;
+        }
+        session.await_schema_agreement().await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn prepare_all(s: &Session, ks: &str) -> StoreResult<Stmts> {
+        let p = |q: String| async move { s.prepare(q).await.map_err(unavailable) };
+        Ok(Stmts {
+            insert_account_lwt: p(format!(
+                "INSERT INTO {ks}.accounts_by_name (username, user_id, password_hash, created_at) VALUES (?, ?, ?, ?) IF NOT EXISTS"
+            ))
+            .await?,
+            insert_account_by_id: p(format!(
+                "INSERT INTO {ks}.accounts_by_id (user_id, username, created_at) VALUES (?, ?, ?)"
+            ))
+            .await?,
+            delete_account_by_name: p(format!("DELETE FROM {ks}.accounts_by_name WHERE username = ? IF user_id = ?")).await?,
+            delete_account_by_id: p(format!("DELETE FROM {ks}.accounts_by_id WHERE user_id = ?")).await?,
+            select_account_by_name: p(format!(
+                "SELECT user_id, username, password_hash, created_at FROM {ks}.accounts_by_name WHERE username = ?"
+            ))
+            .await?,
+            select_account_by_id: p(format!("SELECT username FROM {ks}.accounts_by_id WHERE user_id = ?")).await?,
+            reserve_send_lwt: p(format!(
+                "INSERT INTO {ks}.send_dedup (sender, client_msg_id, message_id, conversation_id, sent_at, committed) VALUES (?, ?, ?, ?, ?, false) IF NOT EXISTS"
+            ))
+            .await?,
+            commit_send: p(format!(
+                "UPDATE {ks}.send_dedup SET committed = true WHERE sender = ? AND client_msg_id = ?"
+            ))
+            .await?,
+            select_send: p(format!(
+                "SELECT message_id, conversation_id, sent_at, committed FROM {ks}.send_dedup WHERE sender = ? AND client_msg_id = ?"
+            ))
+            .await?,
+
+            insert_user: p(format!("INSERT INTO {ks}.users (user_id, username, registered_at) VALUES (?, ?, ?)")).await?,
+            insert_message: p(format!(
+                "INSERT INTO {ks}.messages (conversation_id, bucket, message_id, sender, sender_device, client_msg_id, kind, body, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            insert_bucket: p(format!("INSERT INTO {ks}.conversation_buckets (conversation_id, bucket) VALUES (?, ?)")).await?,
+            insert_message_index: p(format!(
+                "INSERT INTO {ks}.message_index (message_id, conversation_id, sender, sent_at) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            select_message_index: p(format!(
+                "SELECT conversation_id, sender, sent_at FROM {ks}.message_index WHERE message_id = ?"
+            ))
+            .await?,
+            select_inbox_row: p(format!("SELECT {INBOX_COLS} FROM {ks}.inbox WHERE user_id = ? AND conversation_id = ?")).await?,
+            insert_inbox_row: p(format!("INSERT INTO {ks}.inbox ({INBOX_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")).await?,
+            select_inbox: p(format!("SELECT {INBOX_COLS} FROM {ks}.inbox WHERE user_id = ? LIMIT ?")).await?,
+            select_read_marker: p(format!(
+                "SELECT up_to, applied_offset FROM {ks}.read_markers WHERE conversation_id = ? AND reader = ?"
+            ))
+            .await?,
+            insert_read_marker: p(format!(
+                "INSERT INTO {ks}.read_markers (conversation_id, reader, up_to, applied_offset) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            select_buckets_desc: p(format!(
+                "SELECT bucket FROM {ks}.conversation_buckets WHERE conversation_id = ? AND bucket <= ?"
+            ))
+            .await?,
+            select_buckets_range: p(format!(
+                "SELECT bucket FROM {ks}.conversation_buckets WHERE conversation_id = ? AND bucket >= ? AND bucket <= ?"
+            ))
+            .await?,
+            select_buckets_upto: p(format!(
+                "SELECT bucket FROM {ks}.conversation_buckets WHERE conversation_id = ? AND bucket <= ?"
+            ))
+            .await?,
+            select_messages_before: p(format!(
+                "SELECT {MESSAGE_COLS} FROM {ks}.messages WHERE conversation_id = ? AND bucket = ? AND message_id < ? LIMIT ?"
+            ))
+            .await?,
+            select_messages_all_desc: p(format!(
+                "SELECT {MESSAGE_COLS} FROM {ks}.messages WHERE conversation_id = ? AND bucket = ? LIMIT ?"
+            ))
+            .await?,
+            select_messages_range_asc: p(format!(
+                "SELECT {MESSAGE_COLS} FROM {ks}.messages WHERE conversation_id = ? AND bucket = ? AND message_id > ? AND message_id <= ? ORDER BY message_id ASC"
+            ))
+            .await?,
+            select_messages_upto_asc: p(format!(
+                "SELECT {MESSAGE_COLS} FROM {ks}.messages WHERE conversation_id = ? AND bucket = ? AND message_id <= ? ORDER BY message_id ASC"
+            ))
+            .await?,
+            insert_receipt: p(format!(
+                "INSERT INTO {ks}.receipts (message_id, recipient, status, device_id, at, conversation_id) VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            select_receipts: p(format!(
+                "SELECT message_id, recipient, status, device_id, at, conversation_id FROM {ks}.receipts WHERE message_id = ?"
+            ))
+            .await?,
+            select_stream_id: p(format!("SELECT seq FROM {ks}.user_stream_ids WHERE user_id = ? AND item_id = ?")).await?,
+            insert_stream: p(format!("INSERT INTO {ks}.user_stream (user_id, seq, item_id, item) VALUES (?, ?, ?, ?)")).await?,
+            insert_stream_id: p(format!("INSERT INTO {ks}.user_stream_ids (user_id, item_id, seq) VALUES (?, ?, ?)")).await?,
+            select_stream_after: p(format!(
+                "SELECT seq, item_id, item FROM {ks}.user_stream WHERE user_id = ? AND seq > ? LIMIT ?"
+            ))
+            .await?,
+            insert_pending: p(format!(
+                "INSERT INTO {ks}.pending_deliveries (user_id, message_id, conversation_id) VALUES (?, ?, ?) USING TIMESTAMP {PENDING_INSERT_TS}"
+            ))
+            .await?,
+            delete_pending: p(format!(
+                "DELETE FROM {ks}.pending_deliveries USING TIMESTAMP {PENDING_DELETE_TS} WHERE user_id = ? AND message_id = ?"
+            ))
+            .await?,
+            select_pending: p(format!("SELECT message_id FROM {ks}.pending_deliveries WHERE user_id = ? LIMIT ?")).await?,
+            insert_presence_online: p(format!(
+                "INSERT INTO {ks}.last_seen (user_id, status, changed_at) VALUES (?, 'online', ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            insert_presence_offline: p(format!(
+                "INSERT INTO {ks}.last_seen (user_id, status, changed_at, last_seen) VALUES (?, 'offline', ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            select_last_seen: p(format!(
+                "SELECT status, changed_at, last_seen FROM {ks}.last_seen WHERE user_id = ?"
+            ))
+            .await?,
+        })
+    }
+
+    /// The keyspace this store writes to.
+    pub fn keyspace(&self) -> &str {
+        &self.keyspace
+    }
+
+    /// The replication factor used when creating the keyspace.
+    pub fn replication_factor(&self) -> u32 {
+        self.replication_factor
+    }
+
+    async fn rows<T>(&self, stmt: &PreparedStatement, values: impl scylla::serialize::row::SerializeRow + Send) -> StoreResult<Vec<T>>
+    where
+        T: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
+    {
+        let res = self.session.execute_unpaged(stmt, values).await.map_err(unavailable)?;
+        let rows = res.into_rows_result().map_err(data)?;
+        let out: Result<Vec<T>, _> = rows.rows::<T>().map_err(data)?.collect();
+        out.map_err(data)
+    }
+
+    async fn exec(&self, stmt: &PreparedStatement, values: impl scylla::serialize::row::SerializeRow + Send) -> StoreResult<()> {
+        self.session.execute_unpaged(stmt, values).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn buckets(&self, stmt: &PreparedStatement, values: impl scylla::serialize::row::SerializeRow + Send) -> StoreResult<Vec<i32>> {
+        Ok(self.rows::<(i32,)>(stmt, values).await?.into_iter().map(|(b,)| b).collect())
+    }
+}
+
+#[async_trait]
+impl CommandStore for ScyllaStore {
+    async fn create_account(&self, a: &Account) -> StoreResult<bool> {
+        let res = self
+            .session
+            .execute_unpaged(
+                &self.stmts.insert_account_lwt,
+                (&a.username, a.user_id.0, &a.password_hash, a.created_at),
+            )
+            .await
+            .map_err(unavailable)?;
+        let rows = res.into_rows_result().map_err(data)?;
+        let row: Row = rows.first_row().map_err(data)?;
+        let applied = row.columns.first().and_then(|c| c.as_ref()).and_then(|v| v.as_boolean()).unwrap_or(false);
+        if applied {
+            self.exec(&self.stmts.insert_account_by_id, (a.user_id.0, &a.username, a.created_at)).await?;
+        }
+        Ok(applied)
+    }
+
+    async fn remove_account(&self, a: &Account) -> StoreResult<()> {
+        self.exec(&self.stmts.delete_account_by_id, (a.user_id.0,)).await?;
+        self.exec(&self.stmts.delete_account_by_name, (&a.username, a.user_id.0)).await
+    }
+
+    async fn account_by_name(&self, username: &str) -> StoreResult<Option<Account>> {
+        let rows = self
+            .rows::<(Uuid, String, String, DateTime<Utc>)>(&self.stmts.select_account_by_name, (username,))
+            .await?;
+        Ok(rows.into_iter().next().map(|(id, username, password_hash, created_at)| Account {
+            user_id: UserId(id),
+            username,
+            password_hash,
+            created_at,
+        }))
+    }
+
+    async fn account_by_id(&self, user: UserId) -> StoreResult<Option<String>> {
+        let rows = self.rows::<(String,)>(&self.stmts.select_account_by_id, (user.0,)).await?;
+        Ok(rows.into_iter().next().map(|(n,)| n))
+    }
+
+    async fn reserve_send(&self, r: &SendReservation) -> StoreResult<Option<SendReservation>> {
+        let res = self
+            .session
+            .execute_unpaged(
+                &self.stmts.reserve_send_lwt,
+                (r.sender.0, &r.client_msg_id, r.message_id.0, r.conversation_id.as_str(), r.sent_at),
+            )
+            .await
+            .map_err(unavailable)?;
+        let rows = res.into_rows_result().map_err(data)?;
+        let row: Row = rows.first_row().map_err(data)?;
+        let applied = row.columns.first().and_then(|c| c.as_ref()).and_then(|v| v.as_boolean()).unwrap_or(false);
+        if applied {
+            return Ok(None);
+        }
+        match self.get_send(r.sender, &r.client_msg_id).await? {
+            Some(existing) => Ok(Some(existing)),
+            None => Err(StoreError::Data("send reservation lost after a failed LWT".into())),
+        }
+    }
+
+    async fn commit_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<()> {
+        self.exec(&self.stmts.commit_send, (sender.0, client_msg_id)).await
+    }
+
+    async fn get_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<Option<SendReservation>> {
+        let rows = self
+            .rows::<(Uuid, String, DateTime<Utc>, Option<bool>)>(&self.stmts.select_send, (sender.0, client_msg_id))
+            .await?;
+        match rows.into_iter().next() {
+            None => Ok(None),
+            Some((m, c, at, committed)) => Ok(Some(SendReservation {
+                sender,
+                client_msg_id: client_msg_id.to_owned(),
+                message_id: MessageId(m),
+                conversation_id: conv(c)?,
+                sent_at: at,
+                committed: committed.unwrap_or(false),
+            })),
+        }
+    }
+}
+
+#[async_trait]
+impl ProjectionStore for ScyllaStore {
+    async fn put_user(&self, user: UserId, username: &str, at: DateTime<Utc>) -> StoreResult<()> {
+        self.exec(&self.stmts.insert_user, (user.0, username, at)).await
+    }
+
+    async fn put_message(&self, m: &MessageRow) -> StoreResult<()> {
+        let bucket = bucket_of(m.message_id);
+        let mut batch = Batch::new(BatchType::Unlogged);
+        batch.append_statement(self.stmts.insert_message.clone());
+        let values = (
+            (
+                m.conversation_id.as_str(),
+                bucket,
+                m.message_id.0,
+                m.sender.0,
+                &m.sender_device,
+                &m.client_msg_id,
+                &m.kind,
+                &m.body,
+                m.sent_at,
+            ),
+        );
+        self.session.batch(&batch, values).await.map_err(unavailable)?;
+        // Different partitions: separate statements (a multi-partition unlogged batch gains nothing).
+        let (a, b) = futures::join!(
+            self.exec(&self.stmts.insert_bucket, (m.conversation_id.as_str(), bucket)),
+            self.exec(
+                &self.stmts.insert_message_index,
+                (m.message_id.0, m.conversation_id.as_str(), m.sender.0, m.sent_at)
+            )
+        );
+        a?;
+        b
+    }
+
+    async fn message_meta(&self, id: MessageId) -> StoreResult<Option<MessageMeta>> {
+        self.find_message(id).await
+    }
+
+    async fn inbox_row(&self, user: UserId, c: &ConversationId) -> StoreResult<Option<InboxRow>> {
+        let rows = self.rows::<InboxTuple>(&self.stmts.select_inbox_row, (user.0, c.as_str())).await?;
+        rows.into_iter().next().map(inbox_from).transpose()
+    }
+
+    async fn put_inbox_row(&self, r: &InboxRow) -> StoreResult<()> {
+        self.exec(
+            &self.stmts.insert_inbox_row,
+            (
+                r.user_id.0,
+                r.conversation_id.as_str(),
+                r.peer_id.map(|p| p.0),
+                r.last_message_id.0,
+                r.last_sender.0,
+                &r.last_kind,
+                &r.last_body,
+                r.last_at,
+                r.unread,
+                r.applied_offset,
+            ),
+        )
+        .await
+    }
+
+    async fn read_marker(&self, c: &ConversationId, reader: UserId) -> StoreResult<Option<ReadMarker>> {
+        let rows = self.rows::<(Uuid, i64)>(&self.stmts.select_read_marker, (c.as_str(), reader.0)).await?;
+        Ok(rows.into_iter().next().map(|(up_to, applied_offset)| ReadMarker {
+            conversation_id: c.clone(),
+            reader,
+            up_to: MessageId(up_to),
+            applied_offset,
+        }))
+    }
+
+    async fn put_read_marker(&self, m: &ReadMarker) -> StoreResult<()> {
+        self.exec(
+            &self.stmts.insert_read_marker,
+            (m.conversation_id.as_str(), m.reader.0, m.up_to.0, m.applied_offset),
+        )
+        .await
+    }
+
+    async fn messages_between(
+        &self,
+        c: &ConversationId,
+        after: Option<MessageId>,
+        up_to: MessageId,
+    ) -> StoreResult<Vec<MessageRow>> {
+        let hi = bucket_of(up_to);
+        let mut buckets = match after {
+            Some(a) => self.buckets(&self.stmts.select_buckets_range, (c.as_str(), bucket_of(a), hi)).await?,
+            None => self.buckets(&self.stmts.select_buckets_upto, (c.as_str(), hi)).await?,
+        };
+        buckets.sort_unstable();
+        let mut out = Vec::new();
+        for b in buckets {
+            let rows = match after {
+                Some(a) => {
+                    let mut st = self
+                        .session
+                        .execute_iter(self.stmts.select_messages_range_asc.clone(), (c.as_str(), b, a.0, up_to.0))
+                        .await
+                        .map_err(unavailable)?
+                        .rows_stream::<MessageTuple>()
+                        .map_err(data)?;
+                    let mut v = Vec::new();
+                    while let Some(t) = st.try_next().await.map_err(unavailable)? {
+                        v.push(t);
+                    }
+                    v
+                }
+                None => {
+                    let mut st = self
+                        .session
+                        .execute_iter(self.stmts.select_messages_upto_asc.clone(), (c.as_str(), b, up_to.0))
+                        .await
+                        .map_err(unavailable)?
+                        .rows_stream::<MessageTuple>()
+                        .map_err(data)?;
+                    let mut v = Vec::new();
+                    while let Some(t) = st.try_next().await.map_err(unavailable)? {
+                        v.push(t);
+                    }
+                    v
+                }
+            };
+            for t in rows {
+                out.push(message_from(t)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn put_receipts(&self, rows: &[ReceiptRow]) -> StoreResult<()> {
+        let futs = rows.iter().map(|r| {
+            self.exec(
+                &self.stmts.insert_receipt,
+                (
+                    r.message_id.0,
+                    r.recipient.0,
+                    r.status.as_str(),
+                    &r.device_id,
+                    r.at,
+                    r.conversation_id.as_str(),
+                    RECEIPT_TS_BASE - micros(&r.at),
+                ),
+            )
+        });
+        for res in futures::future::join_all(futs).await {
+            res?;
+        }
+        Ok(())
+    }
+
+    async fn stream_seq_of(&self, user: UserId, item_id: Uuid) -> StoreResult<Option<i64>> {
+        let rows = self.rows::<(i64,)>(&self.stmts.select_stream_id, (user.0, item_id)).await?;
+        Ok(rows.into_iter().next().map(|(s,)| s))
+    }
+
+    async fn put_stream_item(&self, user: UserId, row: &StreamRow) -> StoreResult<()> {
+        // The item first, then its index: the index is what marks an item as present, and it
+        // must never point at a row that is not there.
+        self.exec(&self.stmts.insert_stream, (user.0, row.seq, row.item_id, &row.item)).await?;
+        self.exec(&self.stmts.insert_stream_id, (user.0, row.item_id, row.seq)).await
+    }
+
+    async fn add_pending(&self, user: UserId, message: MessageId, c: &ConversationId) -> StoreResult<()> {
+        self.exec(&self.stmts.insert_pending, (user.0, message.0, c.as_str())).await
+    }
+
+    async fn remove_pending(&self, user: UserId, message: MessageId) -> StoreResult<()> {
+        self.exec(&self.stmts.delete_pending, (user.0, message.0)).await
+    }
+
+    async fn put_presence(&self, user: UserId, online: bool, at: DateTime<Utc>) -> StoreResult<()> {
+        if online {
+            self.exec(&self.stmts.insert_presence_online, (user.0, at, micros(&at))).await
+        } else {
+            self.exec(&self.stmts.insert_presence_offline, (user.0, at, at, micros(&at))).await
+        }
+    }
+}
+
+#[async_trait]
+impl ReadStore for ScyllaStore {
+    async fn history_page(
+        &self,
+        c: &ConversationId,
+        before: Option<MessageId>,
+        limit: usize,
+    ) -> StoreResult<Vec<MessageRow>> {
+        let top = before.map(bucket_of).unwrap_or(i32::MAX);
+        let buckets = self.buckets(&self.stmts.select_buckets_desc, (c.as_str(), top)).await?;
+        let mut out = Vec::new();
+        for b in buckets {
+            let want = (limit - out.len()) as i32;
+            let rows = match before {
+                Some(m) => {
+                    self.rows::<MessageTuple>(&self.stmts.select_messages_before, (c.as_str(), b, m.0, want))
+                        .await?
+                }
+                None => self.rows::<MessageTuple>(&self.stmts.select_messages_all_desc, (c.as_str(), b, want)).await?,
+            };
+            for t in rows {
+                out.push(message_from(t)?);
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn inbox(&self, user: UserId, limit: usize) -> StoreResult<Vec<InboxRow>> {
+        let rows = self
+            .rows::<InboxTuple>(&self.stmts.select_inbox, (user.0, limit.min(i32::MAX as usize) as i32))
+            .await?;
+        rows.into_iter().map(inbox_from).collect()
+    }
+
+    async fn find_message(&self, id: MessageId) -> StoreResult<Option<MessageMeta>> {
+        let rows = self
+            .rows::<(String, Uuid, DateTime<Utc>)>(&self.stmts.select_message_index, (id.0,))
+            .await?;
+        match rows.into_iter().next() {
+            None => Ok(None),
+            Some((c, s, at)) => Ok(Some(MessageMeta { message_id: id, conversation_id: conv(c)?, sender: UserId(s), sent_at: at })),
+        }
+    }
+
+    async fn receipts(&self, message: MessageId) -> StoreResult<Vec<ReceiptRow>> {
+        let rows = self
+            .rows::<(Uuid, Uuid, String, String, DateTime<Utc>, String)>(&self.stmts.select_receipts, (message.0,))
+            .await?;
+        rows.into_iter()
+            .map(|(m, r, status, device_id, at, c)| {
+                Ok(ReceiptRow {
+                    message_id: MessageId(m),
+                    recipient: UserId(r),
+                    status: ReceiptStatus::parse(&status).ok_or_else(|| StoreError::Data(format!("bad status {status}")))?,
+                    device_id,
+                    at,
+                    conversation_id: conv(c)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn stream_after(&self, user: UserId, after: i64, limit: usize) -> StoreResult<Vec<StreamRow>> {
+        let rows = self
+            .rows::<(i64, Uuid, String)>(&self.stmts.select_stream_after, (user.0, after, limit.min(10_000) as i32))
+            .await?;
+        Ok(rows.into_iter().map(|(seq, item_id, item)| StreamRow { seq, item_id, item }).collect())
+    }
+
+    async fn pending_count(&self, user: UserId, cap: usize) -> StoreResult<usize> {
+        let rows = self.rows::<(Uuid,)>(&self.stmts.select_pending, (user.0, cap.min(100_000) as i32)).await?;
+        Ok(rows.len())
+    }
+
+    async fn last_seen(&self, user: UserId) -> StoreResult<Option<LastSeenRow>> {
+        let rows = self
+            .rows::<(Option<String>, Option<DateTime<Utc>>, Option<DateTime<Utc>>)>(&self.stmts.select_last_seen, (user.0,))
+            .await?;
+        Ok(rows.into_iter().next().and_then(|(status, changed_at, last_seen)| {
+            Some(LastSeenRow { user_id: user, status: status?, changed_at: changed_at?, last_seen })
+        }))
+    }
+
+    async fn in_inbox(&self, user: UserId, c: &ConversationId) -> StoreResult<bool> {
+        Ok(ProjectionStore::inbox_row(self, user, c).await?.is_some())
+    }
+}
+
+#[async_trait]
+impl TableAdmin for ScyllaStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        Self::apply_schema(&self.session, &self.keyspace, self.replication_factor).await
+    }
+
+    async fn truncate_projections(&self) -> StoreResult<()> {
+        for t in PROJECTION_TABLES {
+            self.session
+                .query_unpaged(format!("TRUNCATE {}.{}", self.keyspace, t), ())
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn checksums(&self) -> StoreResult<BTreeMap<String, TableChecksum>> {
+        let mut out = BTreeMap::new();
+        for t in PROJECTION_TABLES {
+            // SELECT JSON gives every column in a canonical text form, whatever the types.
+            let mut stream = self
+                .session
+                .query_iter(format!("SELECT JSON * FROM {}.{}", self.keyspace, t), ())
+                .await
+                .map_err(unavailable)?
+                .rows_stream::<(String,)>()
+                .map_err(data)?;
+            let mut rows = Vec::new();
+            while let Some((json,)) = stream.try_next().await.map_err(unavailable)? {
+                rows.push(json);
+            }
+            rows.sort_unstable();
+            let mut h = Sha256::new();
+            for r in &rows {
+                h.update(r.as_bytes());
+                h.update(b"\n");
+            }
+            out.insert((*t).to_owned(), TableChecksum { rows: rows.len() as u64, sha256: hex::encode(h.finalize()) });
+        }
+        Ok(out)
+    }
+
+    async fn ping(&self) -> bool {
+        self.session.query_unpaged("SELECT release_version FROM system.local", ()).await.is_ok()
+    }
+}

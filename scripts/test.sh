@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The project's test command: starts the real services (Kafka, Cassandra, Redis on 127.0.0.1,
+# see scripts/services.sh), points the tests at them through CHAT_TEST_* variables, runs the
+# whole workspace's tests, and stops the services again on exit.
+#
+#   scripts/test.sh                          all tests
+#   scripts/test.sh some_filter              cargo arguments (a test-name filter, --release, ...)
+#   scripts/test.sh -- --nocapture           arguments after `--` go to the test binaries
+#
+#   CHAT_KEEP_SERVICES=1   leave the services running afterwards (faster next run)
+#   CHAT_TEST_THREADS=N    test threads per test binary (default 2: the machines have 2 cores)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Split our arguments at the first `--`: before it for cargo, after it for the test binaries.
+cargo_args=()
+test_args=()
+while (($#)); do
+  if [[ $1 == -- ]]; then
+    shift
+    test_args=("$@")
+    break
+  fi
+  cargo_args+=("$1")
+  shift
+done
+
+# Install the trap before `up`, so that a half-started set of services is stopped too.
+if [[ ${CHAT_KEEP_SERVICES:-0} != 1 ]]; then
+  trap 'bash scripts/services.sh down || true' EXIT
+  # Make Ctrl-C / a CI cancel go through the EXIT trap as well.
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+fi
+
+bash scripts/services.sh up
+eval "$(bash scripts/services.sh env)"
+env | grep '^CHAT_TEST_' | sort
+
+# --locked only when there is a lock file to hold the build to.
+locked=()
+[[ -f Cargo.lock ]] && locked=(--locked)
+
+cargo test --workspace "${locked[@]}" "${cargo_args[@]}" \
+  -- --test-threads="${CHAT_TEST_THREADS:-2}" "${test_args[@]}"

@@ -1,0 +1,488 @@
+//! Test harness: real Kafka, Cassandra and Redis (started by `scripts/test.sh`), the real `chat`
+//! binary as separate processes (so tests can SIGKILL and restart them), and small HTTP and
+//! WebSocket clients. Every test gets its own keyspace, topic prefix, Redis prefix and groups.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_events::kafka::{KafkaConfig, KafkaLog};
+use chat_events::{EventLog, TopicKind, Topics};
+use chat_store::{ScyllaConfig, ScyllaStore, TableAdmin, TableChecksum};
+use futures::{SinkExt, StreamExt};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message as _;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+pub const SECRET: &str = "e2e-test-secret-e2e-test-secret-0123456789";
+pub const PARTITIONS: i32 = 4;
+
+/// Where the services are. Set by `scripts/test.sh` (from `scripts/services.sh env`).
+#[derive(Clone, Debug)]
+pub struct Services {
+    pub kafka: String,
+    pub cassandra: String,
+    pub redis: String,
+}
+
+pub fn services() -> Services {
+    let get = |k: &str| {
+        std::env::var(k).unwrap_or_else(|_| {
+            panic!("{k} is not set: end-to-end tests need the real services; run them with `bash scripts/test.sh`")
+        })
+    };
+    Services { kafka: get("CHAT_TEST_KAFKA"), cassandra: get("CHAT_TEST_CASSANDRA"), redis: get("CHAT_TEST_REDIS") }
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One test's slice of the shared services.
+pub struct Scope {
+    pub name: String,
+    pub svc: Services,
+    pub keyspace: String,
+    pub topic_prefix: String,
+    pub redis_prefix: String,
+    pub log_dir: PathBuf,
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_chat")
+}
+
+impl Scope {
+    /// A fresh scope; creates its topics and tables.
+    pub async fn new(name: &str) -> Scope {
+        let svc = services();
+        let tag = format!("{}_{}", name, &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let log_dir = std::env::temp_dir().join("chat-e2e").join(&tag);
+        std::fs::create_dir_all(&log_dir).expect("log dir");
+        let scope = Scope {
+            name: name.to_owned(),
+            keyspace: format!("t_{tag}"),
+            topic_prefix: format!("t.{tag}."),
+            redis_prefix: format!("t:{tag}:"),
+            svc,
+            log_dir,
+        };
+        let out = Command::new(bin())
+            .arg("migrate")
+            .envs(scope.env_for(&scope.keyspace))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .await
+            .expect("run chat migrate");
+        assert!(out.status.success(), "chat migrate failed: {}", String::from_utf8_lossy(&out.stderr));
+        eprintln!("[{name}] scope {tag}, logs in {}", scope.log_dir.display());
+        scope
+    }
+
+    pub fn env_for(&self, keyspace: &str) -> Vec<(String, String)> {
+        vec![
+            ("CHAT_KAFKA_BROKERS".into(), self.svc.kafka.clone()),
+            ("CHAT_CASSANDRA_NODES".into(), self.svc.cassandra.clone()),
+            ("CHAT_REDIS_URL".into(), self.svc.redis.clone()),
+            ("CHAT_KEYSPACE".into(), keyspace.to_owned()),
+            ("CHAT_TOPIC_PREFIX".into(), self.topic_prefix.clone()),
+            ("CHAT_REDIS_PREFIX".into(), self.redis_prefix.clone()),
+            ("CHAT_PARTITIONS".into(), PARTITIONS.to_string()),
+            ("CHAT_TOKEN_SECRET".into(), SECRET.into()),
+            ("CHAT_PROJECTION_GROUP".into(), format!("{}projections", self.topic_prefix)),
+            ("CHAT_FANOUT_GROUP".into(), format!("{}fanout", self.topic_prefix)),
+            ("CHAT_LOG".into(), "info,scylla=warn,rdkafka=warn".into()),
+        ]
+    }
+
+    pub fn topics(&self) -> Topics {
+        Topics::new(self.topic_prefix.clone())
+    }
+
+    pub fn projection_group(&self) -> String {
+        format!("{}projections", self.topic_prefix)
+    }
+
+    pub fn fanout_group(&self) -> String {
+        format!("{}fanout", self.topic_prefix)
+    }
+
+    async fn spawn(&self, label: &str, args: &[&str], extra_env: &[(&str, String)]) -> (Child, PathBuf) {
+        let log = self.log_dir.join(format!("{label}-{}.log", uuid::Uuid::new_v4().simple()));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(bin());
+        cmd.args(args).envs(self.env_for(&self.keyspace)).stdout(Stdio::piped()).stderr(file).kill_on_drop(true);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        (cmd.spawn().expect("spawn chat"), log)
+    }
+
+    /// Starts a gateway node and waits until it is ready.
+    pub async fn gateway(&self, node: &str) -> Gateway {
+        let (mut child, log) = self
+            .spawn(&format!("gateway-{node}"), &["gateway"], &[("CHAT_LISTEN", "127.0.0.1:0".into()), ("CHAT_NODE_ID", node.into())])
+            .await;
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let url = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(i) = line.find("http://") {
+                    return Some(line[i..].trim().to_owned());
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("gateway {node} did not start; see {}", log.display()));
+        let gw = Gateway { proc: Proc { child, log }, url, http: reqwest::Client::new() };
+        let ready_url = format!("{}/readyz", gw.url);
+        let http = gw.http.clone();
+        wait_for("gateway ready", Duration::from_secs(30), || {
+            let http = http.clone();
+            let u = ready_url.clone();
+            async move { http.get(&u).send().await.ok().filter(|r| r.status() == 200).map(|_| ()) }
+        })
+        .await;
+        gw
+    }
+
+    /// Starts a worker with the scope's groups (or others), running the given stages.
+    pub async fn worker_with(&self, keyspace: &str, projection_group: &str, stages: &str) -> Proc {
+        let (child, log) = self
+            .spawn(
+                "worker",
+                &["worker"],
+                &[
+                    ("CHAT_KEYSPACE", keyspace.to_owned()),
+                    ("CHAT_PROJECTION_GROUP", projection_group.to_owned()),
+                    ("CHAT_STAGES", stages.to_owned()),
+                ],
+            )
+            .await;
+        Proc { child, log }
+    }
+
+    /// Starts a worker running both stages on the scope's keyspace and groups.
+    pub async fn worker(&self) -> Proc {
+        self.worker_with(&self.keyspace, &self.projection_group(), "fanout,projections").await
+    }
+
+    pub async fn store(&self, keyspace: &str) -> ScyllaStore {
+        ScyllaStore::connect(&ScyllaConfig { nodes: vec![self.svc.cassandra.clone()], keyspace: keyspace.to_owned(), replication_factor: 1 })
+            .await
+            .expect("connect store")
+    }
+
+    pub fn log(&self) -> KafkaLog {
+        KafkaLog::new(KafkaConfig::new(&self.svc.kafka)).expect("kafka client")
+    }
+
+    /// Waits until a group has consumed everything in its topics.
+    pub async fn wait_lag_zero(&self, group: &str, topics: &[String], timeout: Duration) {
+        let log = Arc::new(self.log());
+        wait_for(&format!("lag 0 of {group}"), timeout, || {
+            let log = log.clone();
+            let topics = topics.to_vec();
+            let group = group.to_owned();
+            async move { log.group_lag(&group, &topics).await.ok().filter(|l| *l == 0).map(|_| ()) }
+        })
+        .await;
+    }
+
+    /// Waits until both stages have caught up with everything appended so far.
+    pub async fn wait_settled(&self, timeout: Duration) {
+        let t = self.topics();
+        self.wait_lag_zero(&self.fanout_group(), &[t.name(TopicKind::Conversations)], timeout).await;
+        let all = vec![t.name(TopicKind::Conversations), t.name(TopicKind::Users), t.name(TopicKind::Deliveries)];
+        self.wait_lag_zero(&self.projection_group(), &all, timeout).await;
+    }
+
+    /// Every record of a topic, from the beginning to its current end.
+    pub fn read_topic(&self, kind: TopicKind) -> Vec<Value> {
+        let topic = self.topics().name(kind);
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.svc.kafka)
+            .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let timeout = Duration::from_secs(10);
+        let md = consumer.fetch_metadata(Some(&topic), timeout).expect("metadata");
+        let mut tpl = TopicPartitionList::new();
+        let mut remaining = BTreeMap::new();
+        for p in md.topics()[0].partitions() {
+            let (low, high) = consumer.fetch_watermarks(&topic, p.id(), timeout).expect("watermarks");
+            if high > low {
+                remaining.insert(p.id(), high);
+                tpl.add_partition_offset(&topic, p.id(), Offset::Offset(low)).expect("tpl");
+            }
+        }
+        let mut out = Vec::new();
+        if remaining.is_empty() {
+            return out;
+        }
+        consumer.assign(&tpl).expect("assign");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !remaining.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "reading {topic} timed out");
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                out.push(serde_json::from_slice(m.payload().unwrap_or_default()).expect("json event"));
+                if m.offset() + 1 >= remaining.get(&m.partition()).copied().unwrap_or(0) {
+                    remaining.remove(&m.partition());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Checksums of every projection table.
+pub async fn checksums(store: &ScyllaStore) -> BTreeMap<String, TableChecksum> {
+    store.checksums().await.expect("checksums")
+}
+
+/// A child process of the `chat` binary.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// SIGKILL: no cleanup at all.
+    pub async fn kill9(mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub async fn terminate(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        }
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                let _ = self.child.kill().await;
+                panic!("process did not stop on SIGTERM; see {}", self.log.display());
+            }
+        }
+    }
+}
+
+/// A gateway node.
+pub struct Gateway {
+    pub proc: Proc,
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+/// A registered, logged-in user.
+#[derive(Clone, Debug)]
+pub struct User {
+    pub id: String,
+    pub name: String,
+    pub token: String,
+}
+
+impl Gateway {
+    pub fn ws_url(&self) -> String {
+        self.url.replacen("http://", "ws://", 1) + "/v1/ws"
+    }
+
+    pub async fn register(&self, name: &str) -> User {
+        let r = self
+            .http
+            .post(format!("{}/v1/accounts", self.url))
+            .json(&json!({"username": name, "password": "correct horse battery"}))
+            .send()
+            .await
+            .expect("register");
+        assert_eq!(r.status(), 201, "register {name}: {}", r.text().await.unwrap_or_default());
+        let v: Value = r.json().await.expect("json");
+        let id = v["user_id"].as_str().expect("user_id").to_owned();
+        let token = self.login(name).await;
+        User { id, name: name.to_owned(), token }
+    }
+
+    pub async fn login(&self, name: &str) -> String {
+        let r = self
+            .http
+            .post(format!("{}/v1/sessions", self.url))
+            .json(&json!({"username": name, "password": "correct horse battery"}))
+            .send()
+            .await
+            .expect("login");
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.expect("json");
+        v["token"].as_str().expect("token").to_owned()
+    }
+
+    /// GET with a bearer token: (status, JSON body).
+    pub async fn get(&self, token: &str, path: &str) -> (u16, Value) {
+        let r = self.http.get(format!("{}{}", self.url, path)).bearer_auth(token).send().await.expect("get");
+        let status = r.status().as_u16();
+        let body = r.json().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    pub async fn connect(&self, user: &User, device: &str) -> Ws {
+        Ws::connect(&self.ws_url(), &user.token, device).await
+    }
+}
+
+/// A WebSocket client that keeps frames it was not waiting for.
+pub struct Ws {
+    sink: futures::stream::SplitSink<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, Message>,
+    stream: futures::stream::SplitStream<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>>,
+    pub buffered: VecDeque<Value>,
+    pub closed: Option<u16>,
+    next_ref: u64,
+}
+
+impl Ws {
+    pub async fn connect(url: &str, token: &str, device: &str) -> Ws {
+        let mut req = format!("{url}?device={device}").into_client_request().expect("request");
+        req.headers_mut().insert("Authorization", format!("Bearer {token}").parse().expect("header"));
+        let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("websocket connect");
+        let (sink, stream) = ws.split();
+        let mut ws = Ws { sink, stream, buffered: VecDeque::new(), closed: None, next_ref: 1 };
+        ws.expect("welcome", Duration::from_secs(10), |f| f["type"] == "welcome").await;
+        ws
+    }
+
+    pub async fn send_raw(&mut self, m: Message) {
+        self.sink.send(m).await.expect("ws send");
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.send_raw(Message::Text(v.to_string().into())).await;
+    }
+
+    /// Reads the next frame from the socket (not the buffer).
+    async fn read(&mut self, timeout: Duration) -> Option<Value> {
+        loop {
+            let m = tokio::time::timeout(timeout, self.stream.next()).await.ok()??;
+            match m {
+                Ok(Message::Text(t)) => return Some(serde_json::from_str(t.as_str()).expect("server frame is JSON")),
+                Ok(Message::Close(c)) => {
+                    self.closed = Some(c.map(|c| u16::from(c.code)).unwrap_or(1005));
+                    return None;
+                }
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Waits for a frame matching `pred`; other frames stay buffered.
+    pub async fn expect(&mut self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self.buffered.iter().position(&pred) {
+            return self.buffered.remove(i).expect("buffered");
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.read(left).await {
+                Some(f) if pred(&f) => return f,
+                Some(f) => self.buffered.push_back(f),
+                None => panic!("no {what} frame within {timeout:?} (closed: {:?}, buffered: {:?})", self.closed, self.buffered),
+            }
+        }
+    }
+
+    /// Whether a frame matching `pred` arrives within `window` (used only for negative checks).
+    pub async fn arrives_within(&mut self, window: Duration, pred: impl Fn(&Value) -> bool) -> bool {
+        if self.buffered.iter().any(&pred) {
+            return true;
+        }
+        let deadline = tokio::time::Instant::now() + window;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match self.read(left).await {
+                Some(f) if pred(&f) => return true,
+                Some(f) => self.buffered.push_back(f),
+                None => return false,
+            }
+        }
+    }
+
+    /// Sends a frame with a fresh `ref` and waits for the answer carrying it.
+    pub async fn request(&mut self, mut v: Value) -> Value {
+        let r = self.next_ref;
+        self.next_ref += 1;
+        v["ref"] = json!(r);
+        self.send(v).await;
+        self.expect("answer", Duration::from_secs(30), |f| f["ref"] == json!(r)).await
+    }
+
+    /// Sends a text message; returns the `sent` frame (panics on an error frame).
+    pub async fn send_text(&mut self, to: &str, client_msg_id: &str, body: &str) -> Value {
+        let f = self.request(json!({"type": "send", "client_msg_id": client_msg_id, "to": to, "body": body})).await;
+        assert_eq!(f["type"], "sent", "send failed: {f}");
+        f
+    }
+
+    /// Syncs from `after` until `want` items arrived (paging, polling for the projection),
+    /// then keeps reading until the stream is exhausted. Returns (items, cursor).
+    pub async fn sync_until(&mut self, after: Option<String>, want: usize, timeout: Duration) -> (Vec<Value>, Option<String>) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut items = Vec::new();
+        let mut cursor = after;
+        loop {
+            let mut req = json!({"type": "sync", "limit": 100});
+            if let Some(c) = &cursor {
+                req["after"] = json!(c);
+            }
+            let f = self.request(req).await;
+            assert_eq!(f["type"], "sync", "sync failed: {f}");
+            let page = f["items"].as_array().cloned().unwrap_or_default();
+            items.extend(page.iter().cloned());
+            if let Some(c) = f["cursor"].as_str() {
+                cursor = Some(c.to_owned());
+            }
+            if f["has_more"] == json!(true) {
+                continue;
+            }
+            if items.len() >= want {
+                return (items, cursor);
+            }
+            assert!(tokio::time::Instant::now() < deadline, "sync got {} of {want} items in {timeout:?}", items.len());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.sink.send(Message::Close(None)).await;
+        // Wait for the server's close so that its disconnect handling has started.
+        let _ = tokio::time::timeout(Duration::from_secs(5), async { while self.stream.next().await.is_some() {} }).await;
+    }
+}

@@ -1,0 +1,496 @@
+//! End-to-end scenarios of the messaging core, against real Kafka, Cassandra and Redis and the
+//! real `chat` binary (run with `bash scripts/test.sh`). The letters follow the acceptance
+//! list of the core issue.
+
+mod harness;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chat_events::TopicKind;
+use chat_store::TableAdmin;
+use harness::*;
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(60);
+
+fn is_type(t: &'static str) -> impl Fn(&Value) -> bool {
+    move |f| f["type"] == t
+}
+
+/// a. Two nodes: send on node 1, receive on node 2, delivered and seen receipts back, and the
+/// receipt timeline in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_nodes_send_deliver_read_receipts() {
+    let s = Scope::new("a").await;
+    let (gw1, gw2) = (s.gateway("n1").await, s.gateway("n2").await);
+    let _worker = s.worker().await;
+    let alice = gw1.register("alice").await;
+    let bob = gw2.register("bob").await;
+    let mut a = gw1.connect(&alice, "phone").await;
+    let mut b = gw2.connect(&bob, "phone").await;
+
+    let sent = a.send_text(&bob.id, "m-1", "hello bob").await;
+    let mid = sent["message_id"].as_str().unwrap().to_owned();
+    assert!(sent["sent_at"].as_str().unwrap().ends_with('Z'));
+
+    let msg = b.expect("message", T, |f| f["type"] == "message" && f["message_id"] == json!(mid)).await;
+    assert_eq!(msg["body"], "hello bob");
+    assert_eq!(msg["sender"], json!(alice.id));
+    let conv = msg["conversation_id"].as_str().unwrap().to_owned();
+
+    let ack = b.request(json!({"type": "delivered", "conversation_id": conv, "message_ids": [mid]})).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let r = a.expect("delivered receipt", T, |f| f["type"] == "receipt" && f["status"] == "delivered").await;
+    assert_eq!(r["message_id"], json!(mid));
+    assert_eq!(r["by"], json!(bob.id));
+
+    let ack = b.request(json!({"type": "read", "conversation_id": conv, "up_to": mid})).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let r = a.expect("seen receipt", T, |f| f["type"] == "receipt" && f["status"] == "seen").await;
+    assert_eq!(r["message_id"], json!(mid));
+
+    let receipts = wait_for("three receipts", T, || async {
+        let (_, body) = gw1.get(&alice.token, &format!("/v1/messages/{mid}/receipts")).await;
+        let list = body["receipts"].as_array().cloned().unwrap_or_default();
+        (list.len() == 3).then_some(list)
+    })
+    .await;
+    let statuses: Vec<&str> = receipts.iter().map(|r| r["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, vec!["sent", "delivered", "seen"]);
+    let times: Vec<&str> = receipts.iter().map(|r| r["at"].as_str().unwrap()).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "timestamps must not decrease: {times:?}");
+    assert!(receipts.iter().all(|r| r["recipient"] == json!(bob.id)));
+    // Bob (a recipient) may read them too.
+    let (status, _) = gw2.get(&bob.token, &format!("/v1/messages/{mid}/receipts")).await;
+    assert_eq!(status, 200);
+
+    // History pages newest first, by time-ordered id, across pages.
+    for i in 2..=5 {
+        a.send_text(&bob.id, &format!("m-{i}"), &format!("n{i}")).await;
+    }
+    let page = wait_for("history of 5", T, || async {
+        let (_, body) = gw2.get(&bob.token, &format!("/v1/conversations/{conv}/messages?limit=3")).await;
+        let msgs = body["messages"].as_array().cloned().unwrap_or_default();
+        (msgs.len() == 3 && msgs[0]["body"] == "n5").then_some(body)
+    })
+    .await;
+    let bodies: Vec<&str> = page["messages"].as_array().unwrap().iter().map(|m| m["body"].as_str().unwrap()).collect();
+    assert_eq!(bodies, vec!["n5", "n4", "n3"]);
+    let cursor = page["next_cursor"].as_str().unwrap();
+    let (_, next) = gw2.get(&bob.token, &format!("/v1/conversations/{conv}/messages?limit=3&before={cursor}")).await;
+    let bodies: Vec<&str> = next["messages"].as_array().unwrap().iter().map(|m| m["body"].as_str().unwrap()).collect();
+    assert_eq!(bodies, vec!["n2", "hello bob"]);
+    assert!(next.get("next_cursor").is_none());
+
+    // The conversation list of both sides.
+    let (_, list) = gw1.get(&alice.token, "/v1/conversations").await;
+    let c = &list["conversations"][0];
+    assert_eq!(c["conversation_id"], json!(conv));
+    assert_eq!(c["peer_id"], json!(bob.id));
+    let (_, list) = gw2.get(&bob.token, "/v1/conversations").await;
+    assert_eq!(list["conversations"][0]["unread"], json!(4), "{list}");
+}
+
+/// b. Offline delivery: 200 messages while bob is away, then sync on two devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_offline_sync_is_complete_ordered_and_unique() {
+    let s = Scope::new("b").await;
+    let gw = s.gateway("n1").await;
+    let _worker = s.worker().await;
+    let alice = gw.register("alice").await;
+    let bob = gw.register("bob").await;
+
+    // Bob's phone syncs once (nothing yet) and goes away with its cursor.
+    let mut phone = gw.connect(&bob, "phone").await;
+    let (items, cursor) = phone.sync_until(None, 0, T).await;
+    assert!(items.is_empty());
+    phone.close().await;
+
+    let mut a = gw.connect(&alice, "laptop").await;
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        let f = a.send_text(&bob.id, &format!("c-{i:03}"), &format!("message {i}")).await;
+        ids.push(f["message_id"].as_str().unwrap().to_owned());
+    }
+
+    let mut phone = gw.connect(&bob, "phone").await;
+    let (items, _) = phone.sync_until(cursor, 200, Duration::from_secs(120)).await;
+    check_200(&items, &ids);
+
+    // A device that connects later gets all of them from the beginning too.
+    let mut tablet = gw.connect(&bob, "tablet").await;
+    let (items, _) = tablet.sync_until(None, 200, T).await;
+    check_200(&items, &ids);
+}
+
+fn check_200(items: &[Value], ids: &[String]) {
+    assert_eq!(items.len(), 200, "exactly 200 items");
+    let got: Vec<&str> = items.iter().map(|i| i["message_id"].as_str().unwrap()).collect();
+    let unique: HashSet<&str> = got.iter().copied().collect();
+    assert_eq!(unique.len(), 200, "no duplicates");
+    assert_eq!(got, ids.iter().map(String::as_str).collect::<Vec<_>>(), "in send order");
+    let cursors: Vec<i64> = items.iter().map(|i| i["cursor"].as_str().unwrap().parse().unwrap()).collect();
+    assert!(cursors.windows(2).all(|w| w[0] < w[1]), "cursors strictly increase");
+    assert!(items.iter().all(|i| i["kind"] == "message"));
+}
+
+/// c. The same client_msg_id three times, once across a reconnect: one id, one event, one row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_retried_send_is_one_message() {
+    let s = Scope::new("c").await;
+    let gw = s.gateway("n1").await;
+    let _worker = s.worker().await;
+    let alice = gw.register("alice").await;
+    let bob = gw.register("bob").await;
+
+    let mut a = gw.connect(&alice, "phone").await;
+    let first = a.send_text(&bob.id, "same-id", "only once").await;
+    let second = a.send_text(&bob.id, "same-id", "only once").await;
+    a.close().await;
+    let mut a = gw.connect(&alice, "phone").await;
+    let third = a.send_text(&bob.id, "same-id", "only once").await;
+    let mid = first["message_id"].clone();
+    assert_eq!(second["message_id"], mid);
+    assert_eq!(third["message_id"], mid);
+    assert_eq!(second["sent_at"], first["sent_at"]);
+    // A different id is a different message.
+    let other = a.send_text(&bob.id, "other-id", "another").await;
+    assert_ne!(other["message_id"], mid);
+
+    s.wait_settled(T).await;
+    let events: Vec<Value> = s
+        .read_topic(TopicKind::Conversations)
+        .into_iter()
+        .filter(|e| e["type"] == "message.sent" && e["data"]["client_msg_id"] == "same-id")
+        .collect();
+    assert_eq!(events.len(), 1, "one event in the topic");
+    assert_eq!(events[0]["data"]["message_id"], mid);
+
+    let conv = events[0]["data"]["conversation_id"].as_str().unwrap().to_owned();
+    let (_, page) = gw.get(&bob.token, &format!("/v1/conversations/{conv}/messages")).await;
+    let rows = page["messages"].as_array().unwrap().iter().filter(|m| m["client_msg_id"] == "same-id").count();
+    assert_eq!(rows, 1, "one history row");
+    let mut b = gw.connect(&bob, "phone").await;
+    let (items, _) = b.sync_until(None, 2, T).await;
+    assert_eq!(items.iter().filter(|i| i["message_id"] == mid).count(), 1, "one stream item");
+    let (_, r) = gw.get(&alice.token, &format!("/v1/messages/{}/receipts", mid.as_str().unwrap())).await;
+    assert_eq!(r["receipts"].as_array().unwrap().len(), 1, "one sent receipt: {r}");
+    let store = s.store(&s.keyspace).await;
+    let sums = checksums(&store).await;
+    assert_eq!(sums["messages"].rows, 2);
+    assert_eq!(sums["message_index"].rows, 2);
+    assert_eq!(sums["pending_deliveries"].rows, 2);
+}
+
+/// Sends `n` messages from each of several pairs, concurrently.
+async fn traffic(ws_url: String, pairs: Vec<(User, User)>, n: usize, tag: &str) {
+    let mut tasks = Vec::new();
+    for (from, to) in &pairs {
+        let mut ws = Ws::connect(&ws_url, &from.token, "load").await;
+        let to = to.id.clone();
+        let tag = tag.to_owned();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..n {
+                ws.send_text(&to, &format!("{tag}-{i}"), &format!("{tag} #{i}")).await;
+            }
+            ws.close().await;
+        }));
+    }
+    for t in tasks {
+        t.await.expect("sender");
+    }
+}
+
+/// d. SIGKILL of the worker while 2,000 messages flow; after restart and catch-up every table
+/// equals a clean projection of the same log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_worker_sigkill_loses_and_duplicates_nothing() {
+    let s = Scope::new("d").await;
+    let gw = s.gateway("n1").await;
+    let worker = s.worker().await;
+    let mut users = Vec::new();
+    for i in 0..8 {
+        users.push(gw.register(&format!("user{i}")).await);
+    }
+    let pairs: Vec<(User, User)> = (0..4).map(|i| (users[2 * i].clone(), users[2 * i + 1].clone())).collect();
+    let sender = tokio::spawn(traffic(gw.ws_url(), pairs, 500, "d"));
+    // Kill the worker mid-stream, once it has made progress.
+    let store = s.store(&s.keyspace).await;
+    wait_for("some messages projected", T, || async {
+        let n = checksums(&store).await["messages"].rows;
+        (n > 200).then_some(())
+    })
+    .await;
+    worker.kill9().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _worker = s.worker().await;
+    sender.await.expect("traffic");
+    s.wait_settled(Duration::from_secs(180)).await;
+    let after_kill = checksums(&store).await;
+    assert_eq!(after_kill["messages"].rows, 2000);
+
+    // A clean run over the same log: a fresh keyspace and group, projections only.
+    let clean_ks = format!("{}_clean", s.keyspace);
+    let clean_store = s.store(&clean_ks).await;
+    let group = format!("{}clean", s.topic_prefix);
+    let _clean = s.worker_with(&clean_ks, &group, "projections").await;
+    let t = s.topics();
+    let all = vec![t.name(TopicKind::Conversations), t.name(TopicKind::Users), t.name(TopicKind::Deliveries)];
+    s.wait_lag_zero(&group, &all, Duration::from_secs(180)).await;
+    let clean = checksums(&clean_store).await;
+    assert_eq!(after_kill, clean, "tables after a SIGKILL equal a clean projection");
+}
+
+/// e. Rebuild: truncate the projections, reset the group, replay: identical checksums.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e_rebuild_gives_identical_tables() {
+    let s = Scope::new("e").await;
+    let gw = s.gateway("n1").await;
+    let worker = s.worker().await;
+    let alice = gw.register("alice").await;
+    let bob = gw.register("bob").await;
+    let mut a = gw.connect(&alice, "phone").await;
+    let mut b = gw.connect(&bob, "phone").await;
+    let mut last = String::new();
+    for i in 0..30 {
+        last = a.send_text(&bob.id, &format!("e-{i}"), &format!("hi {i}")).await["message_id"].as_str().unwrap().to_owned();
+    }
+    let conv = b.expect("message", T, is_type("message")).await["conversation_id"].as_str().unwrap().to_owned();
+    b.request(json!({"type": "delivered", "conversation_id": conv, "message_ids": [last]})).await;
+    b.request(json!({"type": "read", "conversation_id": conv, "up_to": last})).await;
+    b.send_text(&alice.id, "reply", "hello back").await;
+    b.close().await;
+    s.wait_settled(T).await;
+    let store = s.store(&s.keyspace).await;
+    let before = checksums(&store).await;
+    assert!(before["receipts"].rows > 30);
+    assert!(before["last_seen"].rows >= 1);
+
+    worker.terminate().await;
+    store.truncate_projections().await.expect("truncate");
+    assert_eq!(checksums(&store).await["messages"].rows, 0);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat"))
+        .args(["reset-group", "--group", &s.projection_group()])
+        .envs(s.env_for(&s.keyspace))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _worker = s.worker().await;
+    s.wait_settled(T).await;
+    let after = wait_for("rebuild complete", T, || async {
+        let c = checksums(&store).await;
+        (c["messages"].rows == before["messages"].rows && c["user_stream"].rows == before["user_stream"].rows).then_some(c)
+    })
+    .await;
+    assert_eq!(before, after);
+}
+
+/// f. Presence: online on the first device, offline (with last seen) after the last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f_presence_follows_the_last_device() {
+    let s = Scope::new("f").await;
+    let gw = s.gateway("n1").await;
+    let _worker = s.worker().await;
+    let alice = gw.register("alice").await;
+    let bob = gw.register("bob").await;
+    let mut a = gw.connect(&alice, "phone").await;
+    a.send_text(&bob.id, "hi", "hi bob").await;
+    // Presence goes to people bob has conversations with: wait until that is projected.
+    wait_for("conversation projected", T, || async {
+        let (_, l) = gw.get(&bob.token, "/v1/conversations").await;
+        (l["conversations"].as_array().map(|c| c.len()) == Some(1)).then_some(())
+    })
+    .await;
+
+    let b1 = gw.connect(&bob, "phone").await;
+    let p = a.expect("online", T, |f| f["type"] == "presence" && f["user_id"] == json!(bob.id)).await;
+    assert_eq!(p["status"], "online");
+    let b2 = gw.connect(&bob, "laptop").await;
+    b1.close().await;
+    assert!(
+        !a.arrives_within(Duration::from_secs(2), |f| f["type"] == "presence" && f["status"] == "offline").await,
+        "bob is still online on his laptop"
+    );
+    let (_, seen) = gw.get(&alice.token, &format!("/v1/users/{}/last-seen", bob.id)).await;
+    assert_eq!(seen["online"], true);
+    b2.close().await;
+    let p = a.expect("offline", T, |f| f["type"] == "presence" && f["status"] == "offline").await;
+    let last_seen = p["last_seen"].as_str().expect("last_seen").to_owned();
+    let seen = wait_for("last seen projected", T, || async {
+        let (_, v) = gw.get(&alice.token, &format!("/v1/users/{}/last-seen", bob.id)).await;
+        (v["online"] == false && v["last_seen"].is_string()).then_some(v)
+    })
+    .await;
+    assert_eq!(seen["last_seen"], json!(last_seen));
+}
+
+/// g. Bad input appends nothing and leaves the server healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_bad_input_is_refused_cleanly() {
+    let s = Scope::new("g").await;
+    let gw = s.gateway("n1").await;
+    let alice = gw.register("alice").await;
+    let _bob = gw.register("bob").await;
+
+    let mut a = gw.connect(&alice, "phone").await;
+    a.send_raw(tokio_tungstenite::tungstenite::Message::Text("{not json".into())).await;
+    let e = a.expect("error", T, is_type("error")).await;
+    assert_eq!(e["code"], "bad_json");
+    let e = a.request(json!({"type": "warp"})).await;
+    assert_eq!(e["code"], "invalid_frame");
+    let e = a.request(json!({"type": "send", "client_msg_id": "x", "to": uuid::Uuid::new_v4().to_string(), "body": "hi"})).await;
+    assert_eq!(e["code"], "unknown_recipient");
+    let e = a.request(json!({"type": "send", "client_msg_id": "x", "to": "not-a-uuid", "body": "hi"})).await;
+    assert_eq!(e["code"], "unknown_recipient");
+    let e = a.request(json!({"type": "send", "client_msg_id": "", "to": alice.id, "body": "hi"})).await;
+    assert_eq!(e["type"], "error");
+    let e = a.request(json!({"type": "sync", "after": "banana"})).await;
+    assert_eq!(e["code"], "invalid_cursor");
+    // Still usable.
+    let p = a.request(json!({"type": "ping"})).await;
+    assert_eq!(p["type"], "pong");
+
+    // Over the frame limit: closed with 1009.
+    let big = "x".repeat(70 * 1024);
+    a.send(json!({"type": "send", "client_msg_id": "big", "to": alice.id, "body": big})).await;
+    let mut closed = None;
+    for _ in 0..50 {
+        if a.arrives_within(Duration::from_millis(200), |_| false).await {
+            continue;
+        }
+        if a.closed.is_some() {
+            closed = a.closed;
+            break;
+        }
+    }
+    assert_eq!(closed, Some(1009));
+
+    // Upgrade without a valid token: 401, never 101.
+    for auth in [None, Some("Bearer nonsense")] {
+        let mut req = gw
+            .http
+            .get(format!("{}/v1/ws", gw.url))
+            .header("Connection", "Upgrade")
+            .header("Upgrade", "websocket")
+            .header("Sec-WebSocket-Version", "13")
+            .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==");
+        if let Some(h) = auth {
+            req = req.header("Authorization", h);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unauthorized");
+    }
+    // HTTP bad input gets JSON errors.
+    let r = gw.http.post(format!("{}/v1/accounts", gw.url)).header("content-type", "application/json").body("{").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "invalid_json");
+    let r = gw.http.post(format!("{}/v1/accounts", gw.url)).json(&json!({"username": "alice", "password": "long enough"})).send().await.unwrap();
+    assert_eq!(r.status(), 409);
+
+    // Nothing was appended to the conversations topic, and the node is healthy.
+    assert!(s.read_topic(TopicKind::Conversations).is_empty());
+    assert_eq!(gw.http.get(format!("{}/healthz", gw.url)).send().await.unwrap().status(), 200);
+    assert_eq!(gw.http.get(format!("{}/readyz", gw.url)).send().await.unwrap().status(), 200);
+    let mut a = gw.connect(&alice, "phone").await;
+    assert_eq!(a.request(json!({"type": "ping"})).await["type"], "pong");
+}
+
+/// Two registrations of one name at the same time: exactly one wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_of_one_name() {
+    let s = Scope::new("reg").await;
+    let gw = s.gateway("n1").await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let http = gw.http.clone();
+        let url = format!("{}/v1/accounts", gw.url);
+        tasks.push(tokio::spawn(async move {
+            http.post(url).json(&json!({"username": "zoe", "password": "correct horse battery"})).send().await.unwrap().status().as_u16()
+        }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    codes.sort();
+    assert_eq!(codes, vec![201, 409, 409, 409]);
+    gw.login("zoe").await;
+}
+
+/// h. carol sees nothing of alice and bob, and the refusals look like "does not exist".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_outsiders_see_nothing() {
+    let s = Scope::new("h").await;
+    let gw = s.gateway("n1").await;
+    let _worker = s.worker().await;
+    let alice = gw.register("alice").await;
+    let bob = gw.register("bob").await;
+    let carol = gw.register("carol").await;
+    let mut a = gw.connect(&alice, "phone").await;
+    let sent = a.send_text(&bob.id, "secret", "for bob only").await;
+    let mid = sent["message_id"].as_str().unwrap().to_owned();
+    let conv = sent["conversation_id"].as_str().unwrap().to_owned();
+    wait_for("projected", T, || async {
+        let (st, _) = gw.get(&alice.token, &format!("/v1/messages/{mid}/receipts")).await;
+        (st == 200).then_some(())
+    })
+    .await;
+
+    let nobody = format!("d.{}.{}", "00000000-0000-4000-8000-000000000001", "00000000-0000-4000-8000-000000000002");
+    let expected_missing = gw.get(&carol.token, &format!("/v1/conversations/{nobody}/messages")).await;
+    assert_eq!(expected_missing.0, 404);
+    assert_eq!(gw.get(&carol.token, &format!("/v1/conversations/{conv}/messages")).await, expected_missing);
+    assert_eq!(gw.get(&carol.token, "/v1/conversations/garbage/messages").await, expected_missing);
+    let missing_receipts = gw.get(&carol.token, &format!("/v1/messages/{}/receipts", uuid::Uuid::now_v7())).await;
+    assert_eq!(missing_receipts, expected_missing);
+    assert_eq!(gw.get(&carol.token, &format!("/v1/messages/{mid}/receipts")).await, expected_missing);
+    assert_eq!(gw.get(&carol.token, &format!("/v1/users/{}/last-seen", alice.id)).await, expected_missing);
+    let (_, list) = gw.get(&carol.token, "/v1/conversations").await;
+    assert_eq!(list["conversations"], json!([]));
+    // Without a token at all: 401.
+    let r = gw.http.get(format!("{}/v1/conversations/{conv}/messages", gw.url)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    let mut c = gw.connect(&carol, "phone").await;
+    for frame in [
+        json!({"type": "read", "conversation_id": conv, "up_to": mid}),
+        json!({"type": "delivered", "conversation_id": conv, "message_ids": [mid]}),
+        json!({"type": "typing", "conversation_id": conv}),
+        json!({"type": "send", "client_msg_id": "x", "conversation_id": conv, "body": "let me in"}),
+    ] {
+        let mine = c.request(frame.clone()).await;
+        let mut other = frame.clone();
+        other["conversation_id"] = json!(nobody);
+        let missing = c.request(other).await;
+        assert_eq!(mine["code"], "not_found", "{frame}: {mine}");
+        assert_eq!(mine["message"], missing["message"]);
+    }
+    let (items, _) = c.sync_until(None, 0, T).await;
+    assert!(items.is_empty());
+    assert!(!c.arrives_within(Duration::from_millis(500), |f| f["type"] == "message").await);
+}
+
+/// i. A gateway restarted between send and delivery: everything acked before is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i_gateway_restart_loses_no_acked_message() {
+    let s = Scope::new("i").await;
+    let gw = s.gateway("n1").await;
+    let _worker = s.worker().await;
+    let alice = gw.register("alice").await;
+    let bob = gw.register("bob").await;
+    let mut a = gw.connect(&alice, "phone").await;
+    let mut ids = Vec::new();
+    for i in 0..25 {
+        ids.push(a.send_text(&bob.id, &format!("i-{i}"), "before the crash").await["message_id"].as_str().unwrap().to_owned());
+    }
+    gw.proc.kill9().await;
+    let gw = s.gateway("n1b").await;
+    let mut b = gw.connect(&bob, "phone").await;
+    let (items, _) = b.sync_until(None, 25, T).await;
+    let got: Vec<&str> = items.iter().map(|i| i["message_id"].as_str().unwrap()).collect();
+    assert_eq!(got, ids.iter().map(String::as_str).collect::<Vec<_>>());
+}
