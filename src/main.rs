@@ -109,6 +109,10 @@ struct GatewayArgs {
     /// Outbound frames queued per connection before it is closed as too slow.
     #[arg(long, env = "CHAT_CONN_QUEUE", default_value_t = 256)]
     conn_queue: usize,
+    /// Seconds a connection's routing entry lives without a heartbeat (a crashed node's users
+    /// go offline after about this long).
+    #[arg(long, env = "CHAT_PRESENCE_TTL_SECS", default_value_t = 30)]
+    presence_ttl_secs: u64,
 }
 
 #[derive(Args)]
@@ -192,10 +196,14 @@ async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
     let log = open_log(&a.common).await?;
     let store = open_store(&a.common).await?;
     let hub = Arc::new(Hub::new());
-    let routing = RedisRouting::connect(&a.redis_url, &a.redis_prefix, &node, chat_gateway::HEARTBEAT * 3, hub.clone())
+    if a.presence_ttl_secs < 3 {
+        bail!("CHAT_PRESENCE_TTL_SECS must be at least 3");
+    }
+    let presence_ttl = Duration::from_secs(a.presence_ttl_secs);
+    let routing = RedisRouting::connect(&a.redis_url, &a.redis_prefix, &node, presence_ttl, hub.clone())
         .await
         .context("connecting to CHAT_REDIS_URL")?;
-    let limits = Limits { max_frame_bytes: a.max_frame_bytes, max_body_bytes: a.max_body_bytes, conn_queue: a.conn_queue.max(8), ..Limits::default() };
+    let limits = Limits { max_frame_bytes: a.max_frame_bytes, max_body_bytes: a.max_body_bytes, conn_queue: a.conn_queue.max(8), presence_ttl, ..Limits::default() };
     let chat = Arc::new(Chat::new(
         log.clone(),
         topics(&a.common),

@@ -144,9 +144,14 @@ impl Scope {
 
     /// Starts a gateway node and waits until it is ready.
     pub async fn gateway(&self, node: &str) -> Gateway {
-        let (mut child, log) = self
-            .spawn(&format!("gateway-{node}"), &["gateway"], &[("CHAT_LISTEN", "127.0.0.1:0".into()), ("CHAT_NODE_ID", node.into())])
-            .await;
+        self.gateway_with(node, &[]).await
+    }
+
+    /// Starts a gateway node with extra settings.
+    pub async fn gateway_with(&self, node: &str, extra: &[(&str, &str)]) -> Gateway {
+        let mut env = vec![("CHAT_LISTEN", "127.0.0.1:0".to_owned()), ("CHAT_NODE_ID", node.to_owned())];
+        env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        let (mut child, log) = self.spawn(&format!("gateway-{node}"), &["gateway"], &env).await;
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let url = tokio::time::timeout(Duration::from_secs(60), async {

@@ -326,6 +326,36 @@ async fn f_presence_follows_the_last_device() {
     assert_eq!(seen["last_seen"], json!(last_seen));
 }
 
+/// f. (continued) A node that dies without closing its sockets: its users go offline after the
+/// presence TTL, declared by a surviving node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f_crashed_node_users_go_offline() {
+    let s = Scope::new("f2").await;
+    let ttl = [("CHAT_PRESENCE_TTL_SECS", "3")];
+    let gw1 = s.gateway_with("n1", &ttl).await;
+    let gw2 = s.gateway_with("n2", &ttl).await;
+    let _worker = s.worker().await;
+    let alice = gw1.register("alice").await;
+    let bob = gw1.register("bob").await;
+    let mut a = gw1.connect(&alice, "phone").await;
+    a.send_text(&bob.id, "hi", "hi bob").await;
+    wait_for("conversation projected", T, || async {
+        let (_, l) = gw1.get(&bob.token, "/v1/conversations").await;
+        (l["conversations"].as_array().map(|c| c.len()) == Some(1)).then_some(())
+    })
+    .await;
+    let _b = gw2.connect(&bob, "phone").await;
+    a.expect("online", T, |f| f["type"] == "presence" && f["status"] == "online").await;
+    gw2.proc.kill9().await;
+    let p = a.expect("offline after the crash", Duration::from_secs(20), |f| f["type"] == "presence" && f["status"] == "offline").await;
+    assert_eq!(p["user_id"], json!(bob.id));
+    wait_for("last seen projected", T, || async {
+        let (_, v) = gw1.get(&alice.token, &format!("/v1/users/{}/last-seen", bob.id)).await;
+        (v["online"] == false && v["last_seen"].is_string()).then_some(())
+    })
+    .await;
+}
+
 /// g. Bad input appends nothing and leaves the server healthy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g_bad_input_is_refused_cleanly() {

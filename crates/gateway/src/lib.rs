@@ -33,10 +33,6 @@ pub use hub::Hub;
 pub use routing::{RedisRouting, Routing};
 pub use service::{Chat, GatewayStore, Limits};
 
-/// How often this node refreshes its connections' routing entries (their TTL is three times
-/// this).
-pub const HEARTBEAT: Duration = Duration::from_secs(10);
-
 /// Serves HTTP and WebSocket on `listener` until `shutdown` becomes true; then closes every
 /// connection (clients reconnect elsewhere and sync) and returns.
 pub async fn serve(chat: Arc<Chat>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
@@ -50,7 +46,7 @@ pub async fn serve(chat: Arc<Chat>, listener: TcpListener, mut shutdown: watch::
         let chat = chat.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(HEARTBEAT);
+            let mut tick = tokio::time::interval(chat.limits.presence_ttl / 3);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
@@ -65,6 +61,7 @@ pub async fn serve(chat: Arc<Chat>, listener: TcpListener, mut shutdown: watch::
                 if let Err(e) = chat.routing.heartbeat(&conns).await {
                     warn!(error = %e, "routing heartbeat failed");
                 }
+                chat.reap_dead_connections().await;
             }
         })
     };

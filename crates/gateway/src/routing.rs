@@ -4,7 +4,10 @@
 //! frames to connections on any node. [`RedisRouting`] implements it on Redis:
 //! - `<prefix>u:<user>`: sorted set of `<node>/<conn>` scored by expiry (ms); heartbeats push
 //!   the expiry forward, so a crashed node's entries fade out after the TTL;
-//! - `<prefix>n:<node>`: the pub/sub channel of a node.
+//! - `<prefix>n:<node>`: the pub/sub channel of a node;
+//! - `<prefix>deadlines`: sorted set of users scored by their latest connection expiry, so that
+//!   any node can find users whose every connection died with a crashed node and declare them
+//!   offline ([`Routing::reap`]).
 //!
 //! Redis holds only what can be rebuilt (connections re-register on their next heartbeat); it is
 //! never the only copy of a message: pushes are the fast path, `sync` is the certain one.
@@ -73,6 +76,9 @@ pub trait Routing: Send + Sync {
     async fn online(&self, users: &[UserId]) -> Result<Vec<bool>, RoutingError>;
     /// Delivers frames to the users' connections, wherever they are.
     async fn push(&self, pushes: Vec<Push>) -> Result<(), RoutingError>;
+    /// Claims users whose connections have all expired without a disconnect (their node died),
+    /// at most `max`; each is claimed by exactly one caller, which declares them offline.
+    async fn reap(&self, max: usize) -> Result<Vec<UserId>, RoutingError>;
     /// Receives pushes addressed to this node and hands them to the hub, until shutdown.
     async fn run_inbound(&self, shutdown: watch::Receiver<bool>);
     /// Whether the routing store answers.
@@ -89,6 +95,7 @@ pub struct RedisRouting {
     hub: Arc<Hub>,
     connect_script: redis::Script,
     disconnect_script: redis::Script,
+    reap_script: redis::Script,
 }
 
 /// On a pub/sub channel: frames for connections of this node.
@@ -102,19 +109,42 @@ struct NodeDelivery {
     f: String,
 }
 
+// KEYS: user key, deadlines. ARGV: member, now, expiry, key ttl, user id.
 const CONNECT_LUA: &str = r"
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 local before = redis.call('ZCARD', KEYS[1])
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[2], 'GT', ARGV[3], ARGV[5])
 return before
 ";
 
+// KEYS: user key, deadlines. ARGV: member, now, user id.
 const DISCONNECT_LUA: &str = r"
 local removed = redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 local left = redis.call('ZCARD', KEYS[1])
+if left == 0 then redis.call('ZREM', KEYS[2], ARGV[3]) end
 return {removed, left}
+";
+
+// KEYS: deadlines. ARGV: now, max, user key prefix. Returns the users whose connections all
+// expired; users that still have live connections get their deadline moved forward.
+const REAP_LUA: &str = r"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local gone = {}
+for _, user in ipairs(due) do
+  local key = ARGV[3] .. user
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[1])
+  if redis.call('ZCARD', key) == 0 then
+    redis.call('ZREM', KEYS[1], user)
+    table.insert(gone, user)
+  else
+    local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+    redis.call('ZADD', KEYS[1], last[2], user)
+  end
+end
+return gone
 ";
 
 fn now_ms() -> i64 {
@@ -134,11 +164,16 @@ impl RedisRouting {
             hub,
             connect_script: redis::Script::new(CONNECT_LUA),
             disconnect_script: redis::Script::new(DISCONNECT_LUA),
+            reap_script: redis::Script::new(REAP_LUA),
         })
     }
 
     fn user_key(&self, user: UserId) -> String {
         format!("{}u:{}", self.prefix, user)
+    }
+
+    fn deadlines_key(&self) -> String {
+        format!("{}deadlines", self.prefix)
     }
 
     fn node_channel(&self, node: &str) -> String {
@@ -158,10 +193,12 @@ impl Routing for RedisRouting {
         let before: i64 = self
             .connect_script
             .key(self.user_key(user))
+            .key(self.deadlines_key())
             .arg(conn.member())
             .arg(now)
             .arg(now + self.ttl.as_millis() as i64)
             .arg(self.ttl.as_millis() as i64 * 2)
+            .arg(user.to_string())
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(before == 0)
@@ -171,8 +208,10 @@ impl Routing for RedisRouting {
         let (removed, left): (i64, i64) = self
             .disconnect_script
             .key(self.user_key(user))
+            .key(self.deadlines_key())
             .arg(conn.member())
             .arg(now_ms())
+            .arg(user.to_string())
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(removed == 1 && left == 0)
@@ -186,6 +225,7 @@ impl Routing for RedisRouting {
                 let key = self.user_key(*user);
                 pipe.cmd("ZADD").arg(&key).arg(expiry).arg(c.member()).ignore();
                 pipe.cmd("PEXPIRE").arg(&key).arg(self.ttl.as_millis() as i64 * 2).ignore();
+                pipe.cmd("ZADD").arg(self.deadlines_key()).arg("GT").arg(expiry).arg(user.to_string()).ignore();
             }
             pipe.query_async::<()>(&mut self.conn.clone()).await?;
         }
@@ -251,6 +291,18 @@ impl Routing for RedisRouting {
             pipe.query_async::<()>(&mut self.conn.clone()).await?;
         }
         Ok(())
+    }
+
+    async fn reap(&self, max: usize) -> Result<Vec<UserId>, RoutingError> {
+        let gone: Vec<String> = self
+            .reap_script
+            .key(self.deadlines_key())
+            .arg(now_ms())
+            .arg(max)
+            .arg(format!("{}u:", self.prefix))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(gone.iter().filter_map(|u| u.parse().ok()).collect())
     }
 
     async fn run_inbound(&self, mut shutdown: watch::Receiver<bool>) {

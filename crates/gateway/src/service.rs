@@ -42,11 +42,14 @@ pub struct Limits {
     pub max_sync: usize,
     /// Messages per history page.
     pub max_page: usize,
+    /// How long a connection's routing entry lives without a heartbeat; a crashed node's users
+    /// are declared offline after about this long. Heartbeats run at a third of it.
+    pub presence_ttl: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_frame_bytes: 64 * 1024, max_body_bytes: 16 * 1024, conn_queue: 256, max_ids_per_ack: 100, max_sync: 500, max_page: 200 }
+        Limits { max_frame_bytes: 64 * 1024, max_body_bytes: 16 * 1024, conn_queue: 256, max_ids_per_ack: 100, max_sync: 500, max_page: 200, presence_ttl: Duration::from_secs(30) }
     }
 }
 
@@ -512,6 +515,18 @@ impl Chat {
             Ok(true) => self.presence_changed(ctx.user, PresenceStatus::Offline).await,
             Ok(false) => {}
             Err(e) => warn!(error = %e, "routing removal failed; the entry expires after the TTL"),
+        }
+    }
+
+    /// Declares offline the users whose every connection died with a crashed node.
+    pub async fn reap_dead_connections(&self) {
+        match self.routing.reap(500).await {
+            Ok(users) => {
+                for u in users {
+                    self.presence_changed(u, PresenceStatus::Offline).await;
+                }
+            }
+            Err(e) => warn!(error = %e, "presence reaper failed"),
         }
     }
 

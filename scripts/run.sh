@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs the platform on this machine: starts Kafka, Cassandra and Redis on 127.0.0.1 (installing
+# and fetching what is missing, see scripts/services.sh), then one projection worker and one
+# gateway node on http://127.0.0.1:${CHAT_PORT:-8080}. Ctrl-C stops the gateway and the worker
+# (the worker commits its offsets first); the services keep running (`scripts/services.sh down`).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash scripts/services.sh up
+eval "$(bash scripts/services.sh env)"
+export CHAT_KAFKA_BROKERS="$CHAT_TEST_KAFKA"
+export CHAT_CASSANDRA_NODES="$CHAT_TEST_CASSANDRA"
+export CHAT_REDIS_URL="$CHAT_TEST_REDIS"
+export CHAT_LISTEN="${CHAT_LISTEN:-127.0.0.1:${CHAT_PORT:-8080}}"
+# A stable secret for this machine, so tokens survive restarts.
+secret_file="${CHAT_SERVICES_HOME:-$HOME/.cache/chat-services}/token-secret"
+if [[ -z ${CHAT_TOKEN_SECRET:-} ]]; then
+  [[ -s $secret_file ]] || head -c 48 /dev/urandom | base64 | tr -d '\n/+=' >"$secret_file"
+  CHAT_TOKEN_SECRET="$(cat "$secret_file")"
+  export CHAT_TOKEN_SECRET
+fi
+
+cargo build --release --locked --bin chat
+bin="${CARGO_TARGET_DIR:-target}/release/chat"
+"$bin" migrate
+"$bin" worker &
+worker=$!
+trap 'kill -TERM $worker 2>/dev/null; wait $worker 2>/dev/null || true' EXIT
+"$bin" gateway
