@@ -45,6 +45,14 @@ async fn a_two_nodes_send_deliver_read_receipts() {
     assert_eq!(r["message_id"], json!(mid));
     assert_eq!(r["by"], json!(bob.id));
 
+    // Only real messages of the conversation, sent by the other member, can be acknowledged.
+    let bogus = b.request(json!({"type": "delivered", "conversation_id": conv, "message_ids": [uuid::Uuid::now_v7().to_string()]})).await;
+    assert_eq!(bogus["code"], "not_found", "{bogus}");
+    let own = a.request(json!({"type": "delivered", "conversation_id": conv, "message_ids": [mid]})).await;
+    assert_eq!(own["code"], "not_found", "{own}");
+    let bogus = b.request(json!({"type": "read", "conversation_id": conv, "up_to": uuid::Uuid::now_v7().to_string()})).await;
+    assert_eq!(bogus["code"], "not_found", "{bogus}");
+
     let ack = b.request(json!({"type": "read", "conversation_id": conv, "up_to": mid})).await;
     assert_eq!(ack["type"], "ack", "{ack}");
     let r = a.expect("seen receipt", T, |f| f["type"] == "receipt" && f["status"] == "seen").await;
@@ -154,6 +162,9 @@ async fn c_retried_send_is_one_message() {
     assert_eq!(second["message_id"], mid);
     assert_eq!(third["message_id"], mid);
     assert_eq!(second["sent_at"], first["sent_at"]);
+    // The same id with another body is a reuse, refused.
+    let reuse = a.request(json!({"type": "send", "client_msg_id": "same-id", "to": bob.id, "body": "something else"})).await;
+    assert_eq!(reuse["code"], "client_msg_id_reused", "{reuse}");
     // A different id is a different message.
     let other = a.send_text(&bob.id, "other-id", "another").await;
     assert_ne!(other["message_id"], mid);
@@ -421,12 +432,27 @@ async fn g_bad_input_is_refused_cleanly() {
     let r = gw.http.post(format!("{}/v1/accounts", gw.url)).json(&json!({"username": "alice", "password": "long enough"})).send().await.unwrap();
     assert_eq!(r.status(), 409);
 
+    let r = gw.http.delete(format!("{}/v1/conversations", gw.url)).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "method_not_allowed");
+
     // Nothing was appended to the conversations topic, and the node is healthy.
     assert!(s.read_topic(TopicKind::Conversations).is_empty());
     assert_eq!(gw.http.get(format!("{}/healthz", gw.url)).send().await.unwrap().status(), 200);
     assert_eq!(gw.http.get(format!("{}/readyz", gw.url)).send().await.unwrap().status(), 200);
     let mut a = gw.connect(&alice, "phone").await;
     assert_eq!(a.request(json!({"type": "ping"})).await["type"], "pong");
+}
+
+/// An open socket is closed when its token expires (1008), so a revoked session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_expiry_closes_the_socket() {
+    let s = Scope::new("ttl").await;
+    let gw = s.gateway_with("n1", &[("CHAT_TOKEN_TTL_SECS", "3")]).await;
+    let alice = gw.register("alice").await;
+    let mut a = gw.connect(&alice, "phone").await;
+    assert!(!a.arrives_within(Duration::from_secs(8), |_| false).await);
+    assert_eq!(a.closed, Some(1008));
 }
 
 /// Two registrations of one name at the same time: exactly one wins.

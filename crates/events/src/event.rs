@@ -136,6 +136,7 @@ pub enum StreamItem {
         #[serde(rename = "message_kind")]
         message_kind: MessageKind,
         body: String,
+        #[serde(serialize_with = "serialize_time")]
         sent_at: DateTime<Utc>,
     },
     /// A receipt for messages the user sent: `by` got (delivered) or read up to (seen)
@@ -145,8 +146,15 @@ pub enum StreamItem {
         message_id: MessageId,
         status: ReceiptStatus,
         by: UserId,
+        #[serde(serialize_with = "serialize_time")]
         at: DateTime<Utc>,
     },
+}
+
+/// Serialises a time in the one wire format (RFC 3339 UTC with milliseconds); chrono's default
+/// drops `.000` on whole seconds.
+pub fn serialize_time<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_time(t))
 }
 
 /// Written by the fan-out stage: an item for one recipient's stream. Its offset in the

@@ -165,11 +165,10 @@ impl fmt::Display for ConversationId {
 impl FromStr for ConversationId {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {
-        let id = ConversationId(s.to_owned());
-        match id.direct_members() {
-            // A direct id must be in canonical order and name two different users, otherwise
-            // two spellings would name one conversation.
-            Some((a, b)) if a < b => Ok(id),
+        match ConversationId(s.to_owned()).direct_members() {
+            // A direct id must name two different users in canonical order; it is rebuilt from
+            // them, so that upper- and lower-case spellings are one conversation.
+            Some((a, b)) if a < b => Ok(ConversationId::direct(a, b)),
             _ => Err(IdError::BadConversation),
         }
     }
@@ -264,6 +263,8 @@ mod tests {
         assert!(format!("d.{lo}.{lo}").parse::<ConversationId>().is_err());
         assert!("x".parse::<ConversationId>().is_err());
         assert!(format!("d.{lo}.{hi}.x").parse::<ConversationId>().is_err());
+        let upper = format!("d.{}.{}", lo.to_string().to_uppercase(), hi.to_string().to_uppercase());
+        assert_eq!(upper.parse::<ConversationId>().unwrap(), ConversationId::direct(lo, hi));
     }
 
     #[test]

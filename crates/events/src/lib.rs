@@ -10,6 +10,8 @@
 //! derived from (sender, client_msg_id), [`log::append_event`] puts it on the conversation's
 //! partition, and projection workers [`Envelope::decode`] it from there.
 
+#[cfg(feature = "embedded")]
+pub mod embedded;
 pub mod event;
 pub mod ids;
 #[cfg(feature = "kafka")]

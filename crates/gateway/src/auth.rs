@@ -29,6 +29,8 @@ struct Claims {
 pub struct Principal {
     pub user_id: UserId,
     pub username: String,
+    /// When the token stops being valid (an open WebSocket is closed then).
+    pub expires_at: DateTime<Utc>,
 }
 
 impl Tokens {
@@ -49,7 +51,11 @@ impl Tokens {
         let mut v = Validation::new(Algorithm::HS256);
         v.leeway = 5;
         let data = decode::<Claims>(token, &self.decoding, &v).ok()?;
-        Some(Principal { user_id: data.claims.sub.parse().ok()?, username: data.claims.name })
+        Some(Principal {
+            user_id: data.claims.sub.parse().ok()?,
+            username: data.claims.name,
+            expires_at: DateTime::from_timestamp(data.claims.exp, 0)?,
+        })
     }
 }
 

@@ -40,6 +40,9 @@ pub fn router(chat: App) -> Router {
         .route("/v1/messages/{message_id}/receipts", get(receipts))
         .route("/v1/ws", get(websocket))
         .fallback(|| async { ApiError::not_found() })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this path does not take that method")
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(chat)
 }
@@ -174,7 +177,9 @@ async fn websocket(
     };
     let ws = match ws {
         Ok(ws) => ws,
-        Err(rejection) => return rejection.into_response(),
+        Err(rejection) => {
+            return ApiError::new(rejection.status(), "invalid_upgrade", rejection.body_text()).into_response();
+        }
     };
     let limit = chat.limits.max_frame_bytes;
     ws.max_message_size(limit)
@@ -183,5 +188,5 @@ async fn websocket(
         // (128 KiB) would dominate the memory of an idle connection.
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
-        .on_upgrade(move |socket| crate::ws::serve(chat, principal.user_id, device, socket))
+        .on_upgrade(move |socket| crate::ws::serve(chat, principal, device, socket))
 }

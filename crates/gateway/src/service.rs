@@ -14,6 +14,7 @@ use chat_events::{
 use chat_store::{Account, CommandStore, InboxRow, MessageRow, ReadStore, ReceiptRow, SendReservation, TableAdmin};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 
 use crate::auth::{hash_password, verify_password, Tokens};
@@ -285,22 +286,24 @@ impl Chat {
         if !self.user_exists(peer).await? {
             return Err(bad("unknown_recipient", "no such user"));
         }
+        let body_sha256 = hex::encode(Sha256::digest(body.as_bytes()));
         let mine = SendReservation {
             sender: ctx.user,
             client_msg_id: client_msg_id.clone(),
             message_id: MessageId::new_v7(),
             conversation_id: conv.clone(),
             sent_at: now_millis(),
+            body_sha256: body_sha256.clone(),
             committed: false,
         };
         let (reservation, must_append) = match self.store.reserve_send(&mine).await? {
             None => (mine, true),
             Some(existing) => {
-                if existing.conversation_id != conv {
+                if existing.conversation_id != conv || existing.body_sha256 != body_sha256 {
                     return Err(ApiError::new(
                         StatusCode::CONFLICT,
                         "client_msg_id_reused",
-                        "this client_msg_id was used for another conversation",
+                        "this client_msg_id was used for another message",
                     ));
                 }
                 if existing.committed {
@@ -326,6 +329,7 @@ impl Chat {
             body,
         };
         if must_append {
+            self.store.put_message_owner(reservation.message_id, &conv, ctx.user).await?;
             let env = Envelope {
                 event_id: derive_id::message_sent(ctx.user, &client_msg_id),
                 occurred_at: reservation.sent_at,
@@ -404,6 +408,14 @@ impl Chat {
             return Err(bad("invalid_frame", format!("give 1-{} message ids", self.limits.max_ids_per_ack)));
         }
         let ids: Vec<MessageId> = message_ids.iter().map(|s| parse_message_id(s)).collect::<Result<_, _>>()?;
+        // Only messages of this conversation sent by the other member can be acknowledged.
+        let owners = futures::future::join_all(ids.iter().map(|m| self.store.message_owner(*m))).await;
+        for owner in owners {
+            match owner? {
+                Some((c, sender)) if c == conv && sender != ctx.user => {}
+                _ => return Err(ApiError::not_found()),
+            }
+        }
         let now = now_millis();
         let envs: Vec<Envelope> = ids
             .iter()
@@ -444,6 +456,10 @@ impl Chat {
     pub async fn read(&self, ctx: &ConnCtx, conversation_id: &str, up_to: &str) -> Result<(), ApiError> {
         let conv = self.member_conv(ctx, conversation_id)?;
         let up_to = parse_message_id(up_to)?;
+        match self.store.message_owner(up_to).await? {
+            Some((c, _)) if c == conv => {}
+            _ => return Err(ApiError::not_found()),
+        }
         let env = Envelope::new(
             derive_id::message_read(&conv, ctx.user, up_to),
             Some(ctx.user),

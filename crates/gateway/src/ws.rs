@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use chat_events::{DeviceId, UserId};
+use chat_events::DeviceId;
 use futures::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_tungstenite::tungstenite;
 use tracing::debug;
 
+use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::frames::{ClientFrame, ServerFrame};
 use crate::hub::Outbound;
@@ -21,6 +22,7 @@ use crate::service::{Chat, ConnCtx, SendCommand};
 /// Close codes (RFC 6455 §7.4.1).
 const CLOSE_NORMAL: u16 = 1000;
 const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 
@@ -45,10 +47,14 @@ fn is_too_big(e: &axum::Error) -> bool {
 }
 
 /// Serves one authenticated connection until it closes.
-pub async fn serve(chat: Arc<Chat>, user: UserId, device: DeviceId, socket: WebSocket) {
+pub async fn serve(chat: Arc<Chat>, principal: Principal, device: DeviceId, socket: WebSocket) {
+    let user = principal.user_id;
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Outbound>(chat.limits.conn_queue);
     let kick = Arc::new(Notify::new());
+    // `welcome` is queued before the connection can receive pushes, so it is always first.
+    let welcome = ServerFrame::Welcome { user_id: user, device_id: device.to_string(), pending: chat.pending(user).await };
+    let _queued = tx.try_send(Arc::from(welcome.to_text()));
     let id = chat.hub.register(user, device.clone(), tx.clone(), kick.clone());
     let ctx = ConnCtx { user, device: device.clone(), conn: ConnRef { node: chat.node.clone(), conn: id } };
     chat.metrics.connections_open.inc();
@@ -86,6 +92,7 @@ pub async fn serve(chat: Arc<Chat>, user: UserId, device: DeviceId, socket: WebS
             CLOSE_TOO_BIG => "frame too large",
             CLOSE_TRY_AGAIN_LATER => "too slow to receive; reconnect and sync",
             CLOSE_GOING_AWAY => "server going away or idle; reconnect",
+            CLOSE_POLICY => "token expired; log in again",
             _ => "",
         };
         let _closing = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
@@ -93,8 +100,8 @@ pub async fn serve(chat: Arc<Chat>, user: UserId, device: DeviceId, socket: WebS
     });
 
     chat.connected(&ctx).await;
-    let welcome = ServerFrame::Welcome { user_id: user, device_id: device.to_string(), pending: chat.pending(user).await };
-    let _queued = tx.try_send(Arc::from(welcome.to_text()));
+    let expiry = tokio::time::Instant::now()
+        + (principal.expires_at - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO);
 
     let mut closing = chat.hub.closing();
     let close_code = loop {
@@ -104,6 +111,7 @@ pub async fn serve(chat: Arc<Chat>, user: UserId, device: DeviceId, socket: WebS
         let next = tokio::select! {
             n = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => n,
             _ = closing.changed() => break Some(CLOSE_GOING_AWAY),
+            _ = tokio::time::sleep_until(expiry) => break Some(CLOSE_POLICY),
         };
         let msg = match next {
             Err(_) => break Some(CLOSE_GOING_AWAY),

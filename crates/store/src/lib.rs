@@ -7,13 +7,15 @@
 //! - [`ReadStore`]: what the gateway reads to answer clients;
 //! - [`TableAdmin`]: schema, truncation and content checksums (rebuild checks).
 //!
-//! [`scylla_store::ScyllaStore`] implements all four on ScyllaDB / Cassandra.
+//! [`scylla_store::ScyllaStore`] implements all four on ScyllaDB / Cassandra,
+//! [`sqlite_store::SqliteStore`] on an embedded SQLite file (the single-process default).
 //!
 //! Life of a message row: the projection worker decodes `message.sent`, calls
 //! [`ProjectionStore::put_message`] (history + bucket + index), and the gateway's history
 //! endpoint pages it back with [`ReadStore::history_page`].
 
 pub mod scylla_store;
+pub mod sqlite_store;
 
 use std::collections::BTreeMap;
 
@@ -23,6 +25,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 pub use scylla_store::{ScyllaConfig, ScyllaStore};
+pub use sqlite_store::SqliteStore;
 
 /// Table-store failures.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +63,8 @@ pub struct SendReservation {
     pub message_id: MessageId,
     pub conversation_id: ConversationId,
     pub sent_at: DateTime<Utc>,
+    /// SHA-256 (hex) of the body: a retry with another body is a reuse, not a retry.
+    pub body_sha256: String,
     /// True once the event is known to be in the log.
     pub committed: bool,
 }
@@ -81,6 +86,10 @@ pub trait CommandStore: Send + Sync {
     async fn commit_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<()>;
     /// Reads a reservation.
     async fn get_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<Option<SendReservation>>;
+    /// Records who sent a message where (before its event is appended).
+    async fn put_message_owner(&self, message: MessageId, conv: &ConversationId, sender: UserId) -> StoreResult<()>;
+    /// The conversation and sender of a message accepted by some gateway.
+    async fn message_owner(&self, message: MessageId) -> StoreResult<Option<(ConversationId, UserId)>>;
 }
 
 /// A message in a conversation's history.

@@ -66,6 +66,8 @@ struct Stmts {
     reserve_send_lwt: PreparedStatement,
     commit_send: PreparedStatement,
     select_send: PreparedStatement,
+    insert_owner: PreparedStatement,
+    select_owner: PreparedStatement,
 
     insert_user: PreparedStatement,
     insert_message: PreparedStatement,
@@ -216,7 +218,7 @@ impl ScyllaStore {
             .await?,
             select_account_by_id: p(format!("SELECT username FROM {ks}.accounts_by_id WHERE user_id = ?")).await?,
             reserve_send_lwt: p(format!(
-                "INSERT INTO {ks}.send_dedup (sender, client_msg_id, message_id, conversation_id, sent_at, committed) VALUES (?, ?, ?, ?, ?, false) IF NOT EXISTS"
+                "INSERT INTO {ks}.send_dedup (sender, client_msg_id, message_id, conversation_id, sent_at, body_sha256, committed) VALUES (?, ?, ?, ?, ?, ?, false) IF NOT EXISTS"
             ))
             .await?,
             commit_send: p(format!(
@@ -224,9 +226,11 @@ impl ScyllaStore {
             ))
             .await?,
             select_send: p(format!(
-                "SELECT message_id, conversation_id, sent_at, committed FROM {ks}.send_dedup WHERE sender = ? AND client_msg_id = ?"
+                "SELECT message_id, conversation_id, sent_at, body_sha256, committed FROM {ks}.send_dedup WHERE sender = ? AND client_msg_id = ?"
             ))
             .await?,
+            insert_owner: p(format!("INSERT INTO {ks}.message_owners (message_id, conversation_id, sender) VALUES (?, ?, ?)")).await?,
+            select_owner: p(format!("SELECT conversation_id, sender FROM {ks}.message_owners WHERE message_id = ?")).await?,
 
             insert_user: p(format!("INSERT INTO {ks}.users (user_id, username, registered_at) VALUES (?, ?, ?)")).await?,
             insert_message: p(format!(
@@ -397,7 +401,7 @@ impl CommandStore for ScyllaStore {
             .session
             .execute_unpaged(
                 &self.stmts.reserve_send_lwt,
-                (r.sender.0, &r.client_msg_id, r.message_id.0, r.conversation_id.as_str(), r.sent_at),
+                (r.sender.0, &r.client_msg_id, r.message_id.0, r.conversation_id.as_str(), r.sent_at, &r.body_sha256),
             )
             .await
             .map_err(unavailable)?;
@@ -419,18 +423,31 @@ impl CommandStore for ScyllaStore {
 
     async fn get_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<Option<SendReservation>> {
         let rows = self
-            .rows::<(Uuid, String, DateTime<Utc>, Option<bool>)>(&self.stmts.select_send, (sender.0, client_msg_id))
+            .rows::<(Uuid, String, DateTime<Utc>, Option<String>, Option<bool>)>(&self.stmts.select_send, (sender.0, client_msg_id))
             .await?;
         match rows.into_iter().next() {
             None => Ok(None),
-            Some((m, c, at, committed)) => Ok(Some(SendReservation {
+            Some((m, c, at, body_sha256, committed)) => Ok(Some(SendReservation {
                 sender,
                 client_msg_id: client_msg_id.to_owned(),
                 message_id: MessageId(m),
                 conversation_id: conv(c)?,
                 sent_at: at,
+                body_sha256: body_sha256.unwrap_or_default(),
                 committed: committed.unwrap_or(false),
             })),
+        }
+    }
+
+    async fn put_message_owner(&self, message: MessageId, c: &ConversationId, sender: UserId) -> StoreResult<()> {
+        self.exec(&self.stmts.insert_owner, (message.0, c.as_str(), sender.0)).await
+    }
+
+    async fn message_owner(&self, message: MessageId) -> StoreResult<Option<(ConversationId, UserId)>> {
+        let rows = self.rows::<(String, Uuid)>(&self.stmts.select_owner, (message.0,)).await?;
+        match rows.into_iter().next() {
+            None => Ok(None),
+            Some((c, s)) => Ok(Some((conv(c)?, UserId(s)))),
         }
     }
 }

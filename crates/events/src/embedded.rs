@@ -1,0 +1,600 @@
+//! The embedded back-end of the event log: Kafka's semantics on SQLite, in one process.
+//!
+//! - One SQLite database (`log.db` in the data directory, WAL journal, `synchronous=FULL`): a
+//!   record is acknowledged only after the transaction that holds it is on disk, so neither a
+//!   SIGKILL nor a power cut loses an acknowledged event.
+//! - A single writer thread assigns offsets (per topic partition, from 0, no gaps) and commits
+//!   appends in groups: every request that arrives while a commit is running goes into the next
+//!   transaction, which is how it keeps up under load with one fsync per group.
+//! - Partitions by key with Kafka's own partitioner (murmur2, seed 0x9747b28c, positive modulo),
+//!   so a key lands in the same partition number here and in Kafka.
+//! - Consumer groups: members of a group in this process share the partitions (round-robin over
+//!   sorted partitions; reassigned when a member joins or leaves); each member reads from its
+//!   group's committed offset; stored offsets are committed every 500 ms and on `commit`.
+//!   Committed offsets live in the same database.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::DateTime;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use tokio::sync::{oneshot, watch};
+use tracing::{error, warn};
+
+use crate::log::{EventLog, LogConsumer, LogError, Position, Record, TopicSpec};
+
+/// Kafka's default partitioner for keyed records.
+pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
+    let h = murmur2::murmur2(key, murmur2::KAFKA_SEED) & 0x7fff_ffff;
+    (h % partitions.max(1) as u32) as i32
+}
+
+type Reply<T> = oneshot::Sender<Result<T, LogError>>;
+
+enum WriteReq {
+    Append { records: Vec<(String, String, Vec<u8>)>, reply: oneshot::Sender<Vec<Result<Position, LogError>>> },
+    CreateTopics { specs: Vec<(String, i32)>, reply: Reply<()> },
+    Commit { group: String, offsets: Vec<(String, i32, i64)>, reply: Reply<()> },
+    DeleteGroup { group: String, reply: Reply<()> },
+}
+
+#[derive(Default)]
+struct GroupState {
+    generation: u64,
+    members: Vec<u64>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: std_mpsc::SyncSender<WriteReq>,
+    /// Partition count per topic.
+    topics: Mutex<HashMap<String, i32>>,
+    /// Next offset per (topic, partition): the end of each partition.
+    ends: Mutex<HashMap<(String, i32), i64>>,
+    /// Bumped after every commit of appends; consumers wait on it.
+    appended: watch::Sender<u64>,
+    groups: Mutex<HashMap<String, GroupState>>,
+    next_member: Mutex<u64>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+/// The embedded event log.
+#[derive(Clone)]
+pub struct EmbeddedLog {
+    inner: Arc<Inner>,
+}
+
+fn fatal(e: impl std::fmt::Display) -> LogError {
+    LogError::Fatal(e.to_string())
+}
+
+fn unavailable(e: impl std::fmt::Display) -> LogError {
+    LogError::Unavailable(e.to_string())
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS topics (
+    topic      TEXT PRIMARY KEY,
+    partitions INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    topic     TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    offset    INTEGER NOT NULL,
+    key       BLOB,
+    payload   BLOB NOT NULL,
+    ts_ms     INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition, offset)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_offsets (
+    grp         TEXT NOT NULL,
+    topic       TEXT NOT NULL,
+    partition   INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (grp, topic, partition)
+) WITHOUT ROWID;
+";
+
+fn open(path: &Path, write: bool) -> rusqlite::Result<Connection> {
+    let flags = if write {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let c = Connection::open_with_flags(path, flags)?;
+    c.busy_timeout(Duration::from_secs(10))?;
+    if write {
+        c.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: the WAL is fsynced at every commit, so an acknowledged append survives power loss.
+        c.pragma_update(None, "synchronous", "FULL")?;
+    }
+    Ok(c)
+}
+
+impl EmbeddedLog {
+    /// Opens (or creates) the log in `dir/log.db`. `queue` bounds the appends waiting for the
+    /// writer; beyond it `append` fails with [`LogError::QueueFull`].
+    pub fn open(dir: &Path, queue: usize) -> Result<Self, LogError> {
+        std::fs::create_dir_all(dir).map_err(|e| fatal(format!("data directory {}: {e}", dir.display())))?;
+        let path = dir.join("log.db");
+        let conn = open(&path, true).map_err(|e| fatal(format!("{}: {e}", path.display())))?;
+        conn.execute_batch(SCHEMA).map_err(fatal)?;
+        let mut topics = HashMap::new();
+        {
+            let mut st = conn.prepare("SELECT topic, partitions FROM topics").map_err(fatal)?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i32>(1)?))).map_err(fatal)?;
+            for r in rows {
+                let (t, p) = r.map_err(fatal)?;
+                topics.insert(t, p);
+            }
+        }
+        let mut ends = HashMap::new();
+        for (t, n) in &topics {
+            for p in 0..*n {
+                let end: Option<i64> = conn
+                    .query_row("SELECT MAX(offset) FROM records WHERE topic = ?1 AND partition = ?2", params![t, p], |r| r.get(0))
+                    .map_err(fatal)?;
+                ends.insert((t.clone(), p), end.map(|e| e + 1).unwrap_or(0));
+            }
+        }
+        let (tx, rx) = std_mpsc::sync_channel(queue.max(1));
+        let inner = Arc::new(Inner {
+            path: path.clone(),
+            writer: tx,
+            topics: Mutex::new(topics),
+            ends: Mutex::new(ends),
+            appended: watch::channel(0).0,
+            groups: Mutex::new(HashMap::new()),
+            next_member: Mutex::new(1),
+            readers: Mutex::new(Vec::new()),
+        });
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("chat-log-writer".into())
+            .spawn(move || writer_loop(conn, rx, weak))
+            .map_err(fatal)?;
+        Ok(EmbeddedLog { inner })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    async fn request<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> WriteReq) -> Result<T, LogError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.writer.try_send(make(tx)).map_err(|e| match e {
+            std_mpsc::TrySendError::Full(_) => LogError::QueueFull,
+            std_mpsc::TrySendError::Disconnected(_) => LogError::Fatal("log writer stopped".into()),
+        })?;
+        rx.await.map_err(|_| LogError::Unavailable("the log's transaction failed".into()))?
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The single writer: takes every request that is waiting, runs them in one transaction,
+/// commits (one fsync), then answers all of them.
+fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<WriteReq>, inner: std::sync::Weak<Inner>) {
+    while let Ok(first) = rx.recv() {
+        let Some(inner) = inner.upgrade() else { return };
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut ends = lock(&inner.ends).clone();
+        let mut topics = lock(&inner.topics).clone();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let result: rusqlite::Result<Vec<Box<dyn FnOnce(Option<&str>) + Send>>> = (|| {
+            let tx = conn.transaction()?;
+            let mut answers: Vec<Box<dyn FnOnce(Option<&str>) + Send>> = Vec::new();
+            for req in batch {
+                match req {
+                    WriteReq::Append { records, reply } => {
+                        let mut out = Vec::with_capacity(records.len());
+                        for (topic, key, payload) in records {
+                            let Some(n) = topics.get(&topic).copied() else {
+                                out.push(Err(LogError::Fatal(format!("unknown topic {topic}"))));
+                                continue;
+                            };
+                            let partition = partition_for(key.as_bytes(), n);
+                            let end = ends.entry((topic.clone(), partition)).or_insert(0);
+                            let offset = *end;
+                            tx.prepare_cached(
+                                "INSERT INTO records (topic, partition, offset, key, payload, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                            )?
+                            .execute(params![topic, partition, offset, key.as_bytes(), payload, now_ms])?;
+                            *end += 1;
+                            out.push(Ok(Position { topic, partition, offset }));
+                        }
+                        answers.push(Box::new(move |err: Option<&str>| {
+                            let out = match err {
+                                None => out,
+                                Some(e) => out.into_iter().map(|_| Err(unavailable(e))).collect(),
+                            };
+                            let _ = reply.send(out);
+                        }));
+                    }
+                    WriteReq::CreateTopics { specs, reply } => {
+                        for (name, partitions) in specs {
+                            tx.execute("INSERT OR IGNORE INTO topics (topic, partitions) VALUES (?1, ?2)", params![name, partitions])?;
+                            let n: i32 = tx.query_row("SELECT partitions FROM topics WHERE topic = ?1", params![name], |r| r.get(0))?;
+                            topics.insert(name.clone(), n);
+                            for p in 0..n {
+                                ends.entry((name.clone(), p)).or_insert(0);
+                            }
+                        }
+                        answers.push(Box::new(move |err| {
+                            let _ = reply.send(err.map_or(Ok(()), |e| Err(unavailable(e))));
+                        }));
+                    }
+                    WriteReq::Commit { group, offsets, reply } => {
+                        for (topic, partition, next) in offsets {
+                            tx.prepare_cached(
+                                "INSERT INTO group_offsets (grp, topic, partition, next_offset) VALUES (?1, ?2, ?3, ?4)
+                                 ON CONFLICT (grp, topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+                            )?
+                            .execute(params![group, topic, partition, next])?;
+                        }
+                        answers.push(Box::new(move |err| {
+                            let _ = reply.send(err.map_or(Ok(()), |e| Err(unavailable(e))));
+                        }));
+                    }
+                    WriteReq::DeleteGroup { group, reply } => {
+                        tx.execute("DELETE FROM group_offsets WHERE grp = ?1", params![group])?;
+                        answers.push(Box::new(move |err| {
+                            let _ = reply.send(err.map_or(Ok(()), |e| Err(unavailable(e))));
+                        }));
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(answers)
+        })();
+        match result {
+            Ok(answers) => {
+                *lock(&inner.ends) = ends;
+                *lock(&inner.topics) = topics;
+                inner.appended.send_modify(|v| *v += 1);
+                for a in answers {
+                    a(None);
+                }
+            }
+            Err(e) => {
+                // The transaction rolled back: nothing of this group is durable and no offset
+                // was used. The requests' reply channels were dropped with it, so every caller
+                // of the group gets an "unavailable" error and may retry.
+                error!(error = %e, "embedded log write failed");
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn reader(&self) -> Result<Connection, LogError> {
+        if let Some(c) = lock(&self.readers).pop() {
+            return Ok(c);
+        }
+        open(&self.path, false).map_err(fatal)
+    }
+
+    fn give_back(&self, c: Connection) {
+        let mut r = lock(&self.readers);
+        if r.len() < 8 {
+            r.push(c);
+        }
+    }
+
+    fn committed(&self, group: &str, topic: &str, partition: i32) -> Result<i64, LogError> {
+        let c = self.reader()?;
+        let v: Option<i64> = c
+            .query_row(
+                "SELECT next_offset FROM group_offsets WHERE grp = ?1 AND topic = ?2 AND partition = ?3",
+                params![group, topic, partition],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(fatal)?;
+        self.give_back(c);
+        Ok(v.unwrap_or(0))
+    }
+}
+
+#[async_trait]
+impl EventLog for EmbeddedLog {
+    async fn append(&self, topic: &str, key: &str, payload: Vec<u8>) -> Result<Position, LogError> {
+        let mut out = self.append_batch(vec![(topic.to_owned(), key.to_owned(), payload)]).await;
+        out.pop().unwrap_or_else(|| Err(LogError::Fatal("empty append result".into())))
+    }
+
+    async fn append_batch(&self, records: Vec<(String, String, Vec<u8>)>) -> Vec<Result<Position, LogError>> {
+        let n = records.len();
+        let (tx, rx) = oneshot::channel();
+        let sent = self.inner.writer.try_send(WriteReq::Append { records, reply: tx });
+        let err = match sent {
+            Ok(()) => match rx.await {
+                Ok(out) => return out,
+                Err(_) => LogError::Unavailable("the append's transaction failed".into()),
+            },
+            Err(std_mpsc::TrySendError::Full(_)) => LogError::QueueFull,
+            Err(std_mpsc::TrySendError::Disconnected(_)) => LogError::Fatal("log writer stopped".into()),
+        };
+        (0..n).map(|_| Err(clone_err(&err))).collect()
+    }
+
+    async fn ensure_topics(&self, specs: &[TopicSpec]) -> Result<(), LogError> {
+        let specs = specs.iter().map(|s| (s.name.clone(), s.partitions)).collect();
+        self.request(|reply| WriteReq::CreateTopics { specs, reply }).await
+    }
+
+    async fn subscribe(&self, group: &str, topics: &[String]) -> Result<Box<dyn LogConsumer>, LogError> {
+        let member = {
+            let mut n = lock(&self.inner.next_member);
+            *n += 1;
+            *n
+        };
+        {
+            let mut groups = lock(&self.inner.groups);
+            let g = groups.entry(group.to_owned()).or_default();
+            g.members.push(member);
+            g.generation += 1;
+        }
+        Ok(Box::new(EmbeddedConsumer {
+            log: self.inner.clone(),
+            group: group.to_owned(),
+            member,
+            topics: topics.to_vec(),
+            generation: 0,
+            positions: BTreeMap::new(),
+            stored: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            last_commit: Instant::now(),
+            appended: self.inner.appended.subscribe(),
+            cursor: 0,
+        }))
+    }
+
+    async fn group_lag(&self, group: &str, topics: &[String]) -> Result<i64, LogError> {
+        let ends = lock(&self.inner.ends).clone();
+        let mut lag = 0;
+        for ((t, p), end) in ends {
+            if topics.contains(&t) {
+                lag += (end - self.inner.committed(group, &t, p)?).max(0);
+            }
+        }
+        Ok(lag)
+    }
+
+    async fn ping(&self) -> bool {
+        true
+    }
+
+    async fn delete_group(&self, group: &str) -> Result<(), LogError> {
+        if lock(&self.inner.groups).get(group).is_some_and(|g| !g.members.is_empty()) {
+            return Err(LogError::Fatal(format!("group {group} has live members")));
+        }
+        let group = group.to_owned();
+        self.request(|reply| WriteReq::DeleteGroup { group, reply }).await
+    }
+}
+
+fn clone_err(e: &LogError) -> LogError {
+    match e {
+        LogError::Unavailable(s) => LogError::Unavailable(s.clone()),
+        LogError::QueueFull => LogError::QueueFull,
+        LogError::Fatal(s) => LogError::Fatal(s.clone()),
+    }
+}
+
+struct EmbeddedConsumer {
+    log: Arc<Inner>,
+    group: String,
+    member: u64,
+    topics: Vec<String>,
+    generation: u64,
+    /// Next offset to read, per assigned partition.
+    positions: BTreeMap<(String, i32), i64>,
+    /// Next offset to commit (stored by the worker after its writes).
+    stored: BTreeMap<(String, i32), i64>,
+    committed: BTreeMap<(String, i32), i64>,
+    last_commit: Instant,
+    appended: watch::Receiver<u64>,
+    /// Round-robin start among partitions, so no partition starves.
+    cursor: usize,
+}
+
+impl EmbeddedConsumer {
+    /// Recomputes this member's partitions after the group changed.
+    async fn rebalance(&mut self) -> Result<(), LogError> {
+        let (generation, members) = {
+            let groups = lock(&self.log.groups);
+            let g = groups.get(&self.group).ok_or_else(|| LogError::Fatal("group vanished".into()))?;
+            (g.generation, g.members.clone())
+        };
+        if generation == self.generation {
+            return Ok(());
+        }
+        // Give up what we had: commit what was stored for it first, like Kafka's
+        // commit-on-revoke.
+        self.commit_stored().await?;
+        let topics = lock(&self.log.topics).clone();
+        let mut all: Vec<(String, i32)> = Vec::new();
+        for t in &self.topics {
+            for p in 0..topics.get(t).copied().unwrap_or(0) {
+                all.push((t.clone(), p));
+            }
+        }
+        all.sort();
+        let mut sorted = members.clone();
+        sorted.sort_unstable();
+        let me = sorted.iter().position(|m| *m == self.member).unwrap_or(0);
+        let mine: Vec<(String, i32)> = all.into_iter().enumerate().filter(|(i, _)| i % sorted.len().max(1) == me).map(|(_, tp)| tp).collect();
+        let mut positions = BTreeMap::new();
+        for (t, p) in mine {
+            let at = self.log.committed(&self.group, &t, p)?;
+            positions.insert((t, p), at);
+        }
+        self.positions = positions;
+        self.stored.clear();
+        self.committed.clear();
+        self.generation = generation;
+        Ok(())
+    }
+
+    async fn commit_stored(&mut self) -> Result<(), LogError> {
+        let offsets: Vec<(String, i32, i64)> = self
+            .stored
+            .iter()
+            .filter(|(k, v)| self.committed.get(*k) != Some(*v))
+            .map(|((t, p), o)| (t.clone(), *p, *o))
+            .collect();
+        self.last_commit = Instant::now();
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        let req = WriteReq::Commit { group: self.group.clone(), offsets: offsets.clone(), reply: tx };
+        // Commits wait for room in the queue rather than fail: they are small and rare.
+        let writer = self.log.writer.clone();
+        tokio::task::spawn_blocking(move || writer.send(req)).await.map_err(fatal)?.map_err(|_| LogError::Fatal("log writer stopped".into()))?;
+        rx.await.map_err(|_| LogError::Unavailable("commit failed".into()))??;
+        for (t, p, o) in offsets {
+            self.committed.insert((t, p), o);
+        }
+        Ok(())
+    }
+
+    /// The assigned partitions that have records past our position.
+    fn readable(&self) -> Vec<((String, i32), i64)> {
+        let ends = lock(&self.log.ends).clone();
+        let mut parts: Vec<((String, i32), i64)> = self
+            .positions
+            .iter()
+            .filter(|(k, pos)| ends.get(*k).copied().unwrap_or(0) > **pos)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        if !parts.is_empty() {
+            let n = parts.len();
+            parts.rotate_left(self.cursor % n);
+        }
+        parts
+    }
+}
+
+/// Reads up to `max` records from the given partitions, starting at the given offsets.
+fn read_records(log: &Inner, parts: &[((String, i32), i64)], max: usize) -> Result<Vec<Record>, LogError> {
+    let conn = log.reader()?;
+    let mut out = Vec::new();
+    {
+        let per = (max / parts.len().max(1)).max(1);
+        let mut st = conn
+            .prepare_cached(
+                "SELECT offset, key, payload, ts_ms FROM records WHERE topic = ?1 AND partition = ?2 AND offset >= ?3 ORDER BY offset LIMIT ?4",
+            )
+            .map_err(fatal)?;
+        for ((topic, partition), pos) in parts {
+            if out.len() >= max {
+                break;
+            }
+            let rows = st
+                .query_map(params![topic, partition, pos, per.min(max - out.len()) as i64], |r| {
+                    Ok(Record {
+                        topic: topic.clone(),
+                        partition: *partition,
+                        offset: r.get(0)?,
+                        key: r.get(1)?,
+                        payload: r.get(2)?,
+                        timestamp: DateTime::from_timestamp_millis(r.get(3)?),
+                    })
+                })
+                .map_err(fatal)?;
+            for r in rows {
+                out.push(r.map_err(fatal)?);
+            }
+        }
+    }
+    log.give_back(conn);
+    Ok(out)
+}
+
+#[async_trait]
+impl LogConsumer for EmbeddedConsumer {
+    async fn poll_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, LogError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            self.rebalance().await?;
+            if self.last_commit.elapsed() >= Duration::from_millis(500) {
+                if let Err(e) = self.commit_stored().await {
+                    warn!(error = %e, "offset auto-commit failed");
+                }
+            }
+            self.appended.borrow_and_update();
+            let parts = self.readable();
+            if !parts.is_empty() {
+                let log = self.log.clone();
+                let batch = tokio::task::spawn_blocking(move || read_records(&log, &parts, max)).await.map_err(fatal)??;
+                self.cursor = self.cursor.wrapping_add(1);
+                for r in &batch {
+                    // Only advance partitions still assigned (a rebalance may have run meanwhile).
+                    if let Some(pos) = self.positions.get_mut(&(r.topic.clone(), r.partition)) {
+                        *pos = (*pos).max(r.offset + 1);
+                    }
+                }
+                if !batch.is_empty() {
+                    return Ok(batch);
+                }
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Ok(Vec::new());
+            }
+            // Wake on the next append (or a group change, checked on the next turn).
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(250)), self.appended.changed()).await;
+        }
+    }
+
+    fn store(&mut self, topic: &str, partition: i32, offset: i64) -> Result<(), LogError> {
+        let key = (topic.to_owned(), partition);
+        if !self.positions.contains_key(&key) {
+            return Err(LogError::Unavailable(format!("{topic}/{partition} is not assigned to this member")));
+        }
+        self.stored.insert(key, offset + 1);
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<(), LogError> {
+        self.commit_stored().await
+    }
+}
+
+impl Drop for EmbeddedConsumer {
+    fn drop(&mut self) {
+        let mut groups = lock(&self.log.groups);
+        if let Some(g) = groups.get_mut(&self.group) {
+            g.members.retain(|m| *m != self.member);
+            g.generation += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_match_kafkas_murmur2() {
+        // Values computed by Kafka's own Utils.murmur2 (toPositive(murmur2(key)) % n), as
+        // published in its test suite: murmur2("21") = -973932308.
+        let h = murmur2::murmur2(b"21", murmur2::KAFKA_SEED) as i32;
+        assert_eq!(h, -973932308);
+        assert_eq!(partition_for(b"21", 1), 0);
+    }
+}

@@ -1,0 +1,731 @@
+//! The embedded back-end of every table trait: SQLite (bundled), one database file
+//! (`tables.db` in the data directory), the same tables and the same idempotence rules as the
+//! Cassandra back-end.
+//!
+//! - One writer thread runs every write; writes that arrive while a commit is running are
+//!   committed together (one fsync per group, `synchronous=FULL`). A write is answered only
+//!   after its transaction committed, so a worker stores its offset only after durable writes.
+//! - Reads run on a small pool of read-only connections (WAL lets them run beside the writer).
+//! - Cassandra's write-time rules become conditional upserts: receipts keep the earliest time,
+//!   a removed pending delivery stays removed, last seen keeps the latest change.
+//! - Lightweight transactions (unique usernames, send reservations) are plain inserts: the single
+//!   writer makes them atomic.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chat_events::{ConversationId, MessageId, ReceiptStatus, UserId};
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transaction};
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+use tracing::error;
+use uuid::Uuid;
+
+use crate::*;
+
+type Job = Box<dyn FnOnce(&Transaction<'_>) -> Box<dyn FnOnce(bool) + Send> + Send>;
+
+struct Inner {
+    path: PathBuf,
+    writer: std_mpsc::SyncSender<Job>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+/// Every table on SQLite.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS accounts_by_name (username TEXT PRIMARY KEY, user_id TEXT NOT NULL, password_hash TEXT NOT NULL, created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS accounts_by_id (user_id TEXT PRIMARY KEY, username TEXT NOT NULL, created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS send_dedup (sender TEXT NOT NULL, client_msg_id TEXT NOT NULL, message_id TEXT NOT NULL, conversation_id TEXT NOT NULL, sent_at INTEGER NOT NULL, body_sha256 TEXT NOT NULL, committed INTEGER NOT NULL, PRIMARY KEY (sender, client_msg_id));
+CREATE TABLE IF NOT EXISTS message_owners (message_id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL, sender TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, username TEXT NOT NULL, registered_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL, sender_device TEXT NOT NULL, client_msg_id TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL, sent_at INTEGER NOT NULL, PRIMARY KEY (conversation_id, message_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS conversation_buckets (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, PRIMARY KEY (conversation_id, bucket)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS message_index (message_id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL, sender TEXT NOT NULL, sent_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS inbox (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, peer_id TEXT, last_message_id TEXT NOT NULL, last_sender TEXT NOT NULL, last_kind TEXT NOT NULL, last_body TEXT NOT NULL, last_at INTEGER NOT NULL, unread INTEGER NOT NULL, applied_offset INTEGER NOT NULL, PRIMARY KEY (user_id, conversation_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS read_markers (conversation_id TEXT NOT NULL, reader TEXT NOT NULL, up_to TEXT NOT NULL, applied_offset INTEGER NOT NULL, PRIMARY KEY (conversation_id, reader)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS user_stream (user_id TEXT NOT NULL, seq INTEGER NOT NULL, item_id TEXT NOT NULL, item TEXT NOT NULL, PRIMARY KEY (user_id, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS user_stream_ids (user_id TEXT NOT NULL, item_id TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (user_id, item_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending_deliveries (user_id TEXT NOT NULL, message_id TEXT NOT NULL, conversation_id TEXT, removed INTEGER NOT NULL, PRIMARY KEY (user_id, message_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS receipts (message_id TEXT NOT NULL, recipient TEXT NOT NULL, status TEXT NOT NULL, device_id TEXT NOT NULL, at INTEGER NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (message_id, recipient, status, device_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS last_seen (user_id TEXT PRIMARY KEY, status TEXT NOT NULL, changed_at INTEGER NOT NULL, last_seen INTEGER);
+";
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn data(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Data(e.to_string())
+}
+
+fn ms(t: &DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn time(v: i64) -> rusqlite::Result<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(v).ok_or_else(|| rusqlite::Error::IntegralValueOutOfRange(0, v))
+}
+
+fn conversion(e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+}
+
+fn uuid_at(r: &Row<'_>, i: usize) -> rusqlite::Result<Uuid> {
+    Uuid::parse_str(&r.get::<_, String>(i)?).map_err(conversion)
+}
+
+fn conv_at(r: &Row<'_>, i: usize) -> rusqlite::Result<ConversationId> {
+    r.get::<_, String>(i)?.parse().map_err(conversion)
+}
+
+fn open(path: &Path, write: bool) -> rusqlite::Result<Connection> {
+    let flags = if write {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let c = Connection::open_with_flags(path, flags)?;
+    c.busy_timeout(Duration::from_secs(10))?;
+    if write {
+        c.pragma_update(None, "journal_mode", "WAL")?;
+        c.pragma_update(None, "synchronous", "FULL")?;
+    }
+    Ok(c)
+}
+
+fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < 512 {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let tx = match conn.transaction() {
+            Ok(tx) => tx,
+            Err(e) => {
+                error!(error = %e, "tables: cannot begin a transaction");
+                // Dropping the jobs drops their reply channels: callers get "unavailable".
+                continue;
+            }
+        };
+        let answers: Vec<_> = jobs.into_iter().map(|job| job(&tx)).collect();
+        let ok = match tx.commit() {
+            Ok(()) => true,
+            Err(e) => {
+                error!(error = %e, "tables: commit failed");
+                false
+            }
+        };
+        for a in answers {
+            a(ok);
+        }
+    }
+}
+
+impl SqliteStore {
+    /// Opens (or creates) `dir/tables.db`.
+    pub fn open(dir: &Path) -> StoreResult<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| data(format!("data directory {}: {e}", dir.display())))?;
+        let path = dir.join("tables.db");
+        let conn = open(&path, true).map_err(|e| data(format!("{}: {e}", path.display())))?;
+        conn.execute_batch(SCHEMA).map_err(data)?;
+        let (tx, rx) = std_mpsc::sync_channel::<Job>(10_000);
+        std::thread::Builder::new().name("chat-tables-writer".into()).spawn(move || writer_loop(conn, rx)).map_err(data)?;
+        Ok(SqliteStore { inner: Arc::new(Inner { path, writer: tx, readers: Mutex::new(Vec::new()) }) })
+    }
+
+    /// Runs `f` in the writer's next transaction; answers after it committed.
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R> + Send + 'static,
+    ) -> StoreResult<R> {
+        let (tx, rx) = oneshot::channel::<StoreResult<R>>();
+        let job: Job = Box::new(move |t: &Transaction<'_>| {
+            // Each job in its own savepoint: a failing job does not take the others down.
+            let result = (|| {
+                t.execute_batch("SAVEPOINT job")?;
+                match f(t) {
+                    Ok(r) => {
+                        t.execute_batch("RELEASE job")?;
+                        Ok(r)
+                    }
+                    Err(e) => {
+                        let _ = t.execute_batch("ROLLBACK TO job; RELEASE job");
+                        Err(e)
+                    }
+                }
+            })();
+            Box::new(move |committed: bool| {
+                let out = match (result, committed) {
+                    (Ok(r), true) => Ok(r),
+                    (Ok(_), false) => Err(StoreError::Unavailable("transaction did not commit".into())),
+                    (Err(e), _) => Err(data(e)),
+                };
+                let _ = tx.send(out);
+            })
+        });
+        let writer = self.inner.writer.clone();
+        match writer.try_send(job) {
+            Ok(()) => {}
+            Err(std_mpsc::TrySendError::Full(job)) => {
+                tokio::task::spawn_blocking(move || writer.send(job)).await.map_err(unavailable)?.map_err(|_| unavailable("writer stopped"))?
+            }
+            Err(std_mpsc::TrySendError::Disconnected(_)) => return Err(unavailable("writer stopped")),
+        }
+        rx.await.map_err(|_| unavailable("transaction failed"))?
+    }
+
+    /// Runs `f` on a read connection.
+    async fn read<R: Send + 'static>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static) -> StoreResult<R> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let conn = match pooled {
+                Some(c) => c,
+                None => open(&inner.path, false).map_err(unavailable)?,
+            };
+            let out = f(&conn).map_err(data);
+            let mut pool = inner.readers.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < 8 {
+                pool.push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
+fn message_row(r: &Row<'_>) -> rusqlite::Result<MessageRow> {
+    Ok(MessageRow {
+        conversation_id: conv_at(r, 0)?,
+        message_id: MessageId(uuid_at(r, 1)?),
+        sender: UserId(uuid_at(r, 2)?),
+        sender_device: r.get(3)?,
+        client_msg_id: r.get(4)?,
+        kind: r.get(5)?,
+        body: r.get(6)?,
+        sent_at: time(r.get(7)?)?,
+    })
+}
+
+const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at";
+const INBOX_COLS: &str = "user_id, conversation_id, peer_id, last_message_id, last_sender, last_kind, last_body, last_at, unread, applied_offset";
+
+fn inbox_row(r: &Row<'_>) -> rusqlite::Result<InboxRow> {
+    Ok(InboxRow {
+        user_id: UserId(uuid_at(r, 0)?),
+        conversation_id: conv_at(r, 1)?,
+        peer_id: match r.get::<_, Option<String>>(2)? {
+            Some(p) => Some(UserId(Uuid::parse_str(&p).map_err(conversion)?)),
+            None => None,
+        },
+        last_message_id: MessageId(uuid_at(r, 3)?),
+        last_sender: UserId(uuid_at(r, 4)?),
+        last_kind: r.get(5)?,
+        last_body: r.get(6)?,
+        last_at: time(r.get(7)?)?,
+        unread: r.get(8)?,
+        applied_offset: r.get(9)?,
+    })
+}
+
+#[async_trait]
+impl CommandStore for SqliteStore {
+    async fn create_account(&self, a: &Account) -> StoreResult<bool> {
+        let a = a.clone();
+        self.write(move |t| {
+            let n = t.execute(
+                "INSERT OR IGNORE INTO accounts_by_name (username, user_id, password_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![a.username, a.user_id.to_string(), a.password_hash, ms(&a.created_at)],
+            )?;
+            if n == 1 {
+                t.execute(
+                    "INSERT OR REPLACE INTO accounts_by_id (user_id, username, created_at) VALUES (?1, ?2, ?3)",
+                    params![a.user_id.to_string(), a.username, ms(&a.created_at)],
+                )?;
+            }
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn remove_account(&self, a: &Account) -> StoreResult<()> {
+        let a = a.clone();
+        self.write(move |t| {
+            t.execute("DELETE FROM accounts_by_id WHERE user_id = ?1", params![a.user_id.to_string()])?;
+            t.execute("DELETE FROM accounts_by_name WHERE username = ?1 AND user_id = ?2", params![a.username, a.user_id.to_string()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn account_by_name(&self, username: &str) -> StoreResult<Option<Account>> {
+        let username = username.to_owned();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT user_id, username, password_hash, created_at FROM accounts_by_name WHERE username = ?1",
+                params![username],
+                |r| Ok(Account { user_id: UserId(uuid_at(r, 0)?), username: r.get(1)?, password_hash: r.get(2)?, created_at: time(r.get(3)?)? }),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn account_by_id(&self, user: UserId) -> StoreResult<Option<String>> {
+        self.read(move |c| {
+            c.query_row("SELECT username FROM accounts_by_id WHERE user_id = ?1", params![user.to_string()], |r| r.get(0)).optional()
+        })
+        .await
+    }
+
+    async fn reserve_send(&self, res: &SendReservation) -> StoreResult<Option<SendReservation>> {
+        let res = res.clone();
+        let inserted = self
+            .write(move |t| {
+                let n = t.execute(
+                    "INSERT OR IGNORE INTO send_dedup (sender, client_msg_id, message_id, conversation_id, sent_at, body_sha256, committed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
+                    params![res.sender.to_string(), res.client_msg_id, res.message_id.to_string(), res.conversation_id.as_str(), ms(&res.sent_at), res.body_sha256],
+                )?;
+                Ok((n == 1, res))
+            })
+            .await?;
+        match inserted {
+            (true, _) => Ok(None),
+            (false, res) => match self.get_send(res.sender, &res.client_msg_id).await? {
+                Some(existing) => Ok(Some(existing)),
+                None => Err(StoreError::Data("send reservation vanished".into())),
+            },
+        }
+    }
+
+    async fn commit_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<()> {
+        let cmid = client_msg_id.to_owned();
+        self.write(move |t| {
+            t.execute("UPDATE send_dedup SET committed = 1 WHERE sender = ?1 AND client_msg_id = ?2", params![sender.to_string(), cmid])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<Option<SendReservation>> {
+        let cmid = client_msg_id.to_owned();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT message_id, conversation_id, sent_at, body_sha256, committed FROM send_dedup WHERE sender = ?1 AND client_msg_id = ?2",
+                params![sender.to_string(), cmid],
+                |r| {
+                    Ok(SendReservation {
+                        sender,
+                        client_msg_id: cmid.clone(),
+                        message_id: MessageId(uuid_at(r, 0)?),
+                        conversation_id: conv_at(r, 1)?,
+                        sent_at: time(r.get(2)?)?,
+                        body_sha256: r.get(3)?,
+                        committed: r.get::<_, i64>(4)? != 0,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn put_message_owner(&self, message: MessageId, c: &ConversationId, sender: UserId) -> StoreResult<()> {
+        let c = c.clone();
+        self.write(move |t| {
+            t.prepare_cached("INSERT OR REPLACE INTO message_owners (message_id, conversation_id, sender) VALUES (?1, ?2, ?3)")?
+                .execute(params![message.to_string(), c.as_str(), sender.to_string()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn message_owner(&self, message: MessageId) -> StoreResult<Option<(ConversationId, UserId)>> {
+        self.read(move |c| {
+            c.query_row("SELECT conversation_id, sender FROM message_owners WHERE message_id = ?1", params![message.to_string()], |r| {
+                Ok((conv_at(r, 0)?, UserId(uuid_at(r, 1)?)))
+            })
+            .optional()
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl ProjectionStore for SqliteStore {
+    async fn put_user(&self, user: UserId, username: &str, at: DateTime<Utc>) -> StoreResult<()> {
+        let username = username.to_owned();
+        self.write(move |t| {
+            t.execute(
+                "INSERT OR REPLACE INTO users (user_id, username, registered_at) VALUES (?1, ?2, ?3)",
+                params![user.to_string(), username, ms(&at)],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_message(&self, m: &MessageRow) -> StoreResult<()> {
+        let m = m.clone();
+        self.write(move |t| {
+            let bucket = bucket_of(m.message_id);
+            t.prepare_cached(&format!("INSERT OR REPLACE INTO messages (bucket, {MESSAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"))?
+                .execute(params![
+                    bucket,
+                    m.conversation_id.as_str(),
+                    m.message_id.to_string(),
+                    m.sender.to_string(),
+                    m.sender_device,
+                    m.client_msg_id,
+                    m.kind,
+                    m.body,
+                    ms(&m.sent_at)
+                ])?;
+            t.prepare_cached("INSERT OR IGNORE INTO conversation_buckets (conversation_id, bucket) VALUES (?1, ?2)")?
+                .execute(params![m.conversation_id.as_str(), bucket])?;
+            t.prepare_cached("INSERT OR REPLACE INTO message_index (message_id, conversation_id, sender, sent_at) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![m.message_id.to_string(), m.conversation_id.as_str(), m.sender.to_string(), ms(&m.sent_at)])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn message_meta(&self, id: MessageId) -> StoreResult<Option<MessageMeta>> {
+        self.find_message(id).await
+    }
+
+    async fn inbox_row(&self, user: UserId, c: &ConversationId) -> StoreResult<Option<InboxRow>> {
+        let c = c.clone();
+        self.read(move |conn| {
+            conn.query_row(
+                &format!("SELECT {INBOX_COLS} FROM inbox WHERE user_id = ?1 AND conversation_id = ?2"),
+                params![user.to_string(), c.as_str()],
+                inbox_row,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn put_inbox_row(&self, r: &InboxRow) -> StoreResult<()> {
+        let r = r.clone();
+        self.write(move |t| {
+            t.prepare_cached(&format!("INSERT OR REPLACE INTO inbox ({INBOX_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"))?
+                .execute(params![
+                    r.user_id.to_string(),
+                    r.conversation_id.as_str(),
+                    r.peer_id.map(|p| p.to_string()),
+                    r.last_message_id.to_string(),
+                    r.last_sender.to_string(),
+                    r.last_kind,
+                    r.last_body,
+                    ms(&r.last_at),
+                    r.unread,
+                    r.applied_offset
+                ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn read_marker(&self, c: &ConversationId, reader: UserId) -> StoreResult<Option<ReadMarker>> {
+        let c = c.clone();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT up_to, applied_offset FROM read_markers WHERE conversation_id = ?1 AND reader = ?2",
+                params![c.as_str(), reader.to_string()],
+                |r| Ok(ReadMarker { conversation_id: c.clone(), reader, up_to: MessageId(uuid_at(r, 0)?), applied_offset: r.get(1)? }),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn put_read_marker(&self, m: &ReadMarker) -> StoreResult<()> {
+        let m = m.clone();
+        self.write(move |t| {
+            t.execute(
+                "INSERT OR REPLACE INTO read_markers (conversation_id, reader, up_to, applied_offset) VALUES (?1, ?2, ?3, ?4)",
+                params![m.conversation_id.as_str(), m.reader.to_string(), m.up_to.to_string(), m.applied_offset],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn messages_between(&self, c: &ConversationId, after: Option<MessageId>, up_to: MessageId) -> StoreResult<Vec<MessageRow>> {
+        let c = c.clone();
+        self.read(move |conn| {
+            // Canonical UUID text sorts like the UUID's bytes, so text comparison is id order.
+            let after = after.map(|a| a.to_string()).unwrap_or_default();
+            let mut st = conn.prepare_cached(&format!(
+                "SELECT {MESSAGE_COLS} FROM messages WHERE conversation_id = ?1 AND message_id > ?2 AND message_id <= ?3 ORDER BY message_id ASC"
+            ))?;
+            let rows = st.query_map(params![c.as_str(), after, up_to.to_string()], message_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn put_receipts(&self, rows: &[ReceiptRow]) -> StoreResult<()> {
+        let rows = rows.to_vec();
+        self.write(move |t| {
+            let mut st = t.prepare_cached(
+                "INSERT INTO receipts (message_id, recipient, status, device_id, at, conversation_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (message_id, recipient, status, device_id) DO UPDATE SET at = excluded.at, conversation_id = excluded.conversation_id
+                 WHERE excluded.at < receipts.at",
+            )?;
+            for r in rows {
+                st.execute(params![
+                    r.message_id.to_string(),
+                    r.recipient.to_string(),
+                    r.status.as_str(),
+                    r.device_id,
+                    ms(&r.at),
+                    r.conversation_id.as_str()
+                ])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn stream_seq_of(&self, user: UserId, item_id: Uuid) -> StoreResult<Option<i64>> {
+        self.read(move |c| {
+            c.query_row(
+                "SELECT seq FROM user_stream_ids WHERE user_id = ?1 AND item_id = ?2",
+                params![user.to_string(), item_id.to_string()],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn put_stream_item(&self, user: UserId, row: &StreamRow) -> StoreResult<()> {
+        let row = row.clone();
+        self.write(move |t| {
+            t.prepare_cached("INSERT OR REPLACE INTO user_stream (user_id, seq, item_id, item) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![user.to_string(), row.seq, row.item_id.to_string(), row.item])?;
+            t.prepare_cached("INSERT OR REPLACE INTO user_stream_ids (user_id, item_id, seq) VALUES (?1, ?2, ?3)")?
+                .execute(params![user.to_string(), row.item_id.to_string(), row.seq])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn add_pending(&self, user: UserId, message: MessageId, c: &ConversationId) -> StoreResult<()> {
+        let c = c.clone();
+        self.write(move |t| {
+            // A removed row stays removed: insert only if no row (live or removed) exists.
+            t.prepare_cached("INSERT OR IGNORE INTO pending_deliveries (user_id, message_id, conversation_id, removed) VALUES (?1, ?2, ?3, 0)")?
+                .execute(params![user.to_string(), message.to_string(), c.as_str()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove_pending(&self, user: UserId, message: MessageId) -> StoreResult<()> {
+        self.write(move |t| {
+            t.prepare_cached(
+                "INSERT INTO pending_deliveries (user_id, message_id, conversation_id, removed) VALUES (?1, ?2, NULL, 1)
+                 ON CONFLICT (user_id, message_id) DO UPDATE SET removed = 1",
+            )?
+            .execute(params![user.to_string(), message.to_string()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_presence(&self, user: UserId, online: bool, at: DateTime<Utc>) -> StoreResult<()> {
+        self.write(move |t| {
+            let status = if online { "online" } else { "offline" };
+            let last_seen: Option<i64> = if online { None } else { Some(ms(&at)) };
+            t.execute(
+                "INSERT INTO last_seen (user_id, status, changed_at, last_seen) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (user_id) DO UPDATE SET
+                   status = CASE WHEN excluded.changed_at >= last_seen.changed_at THEN excluded.status ELSE last_seen.status END,
+                   changed_at = MAX(last_seen.changed_at, excluded.changed_at),
+                   last_seen = CASE WHEN excluded.last_seen IS NULL THEN last_seen.last_seen
+                                    WHEN last_seen.last_seen IS NULL THEN excluded.last_seen
+                                    ELSE MAX(last_seen.last_seen, excluded.last_seen) END",
+                params![user.to_string(), status, ms(&at), last_seen],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl ReadStore for SqliteStore {
+    async fn history_page(&self, c: &ConversationId, before: Option<MessageId>, limit: usize) -> StoreResult<Vec<MessageRow>> {
+        let c = c.clone();
+        self.read(move |conn| {
+            // 'g' sorts after every hex digit and '-': no canonical id is >= it.
+            let before = before.map(|b| b.to_string()).unwrap_or_else(|| "g".into());
+            let mut st = conn.prepare_cached(&format!(
+                "SELECT {MESSAGE_COLS} FROM messages WHERE conversation_id = ?1 AND message_id < ?2 ORDER BY message_id DESC LIMIT ?3"
+            ))?;
+            let rows = st.query_map(params![c.as_str(), before, limit as i64], message_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn inbox(&self, user: UserId, limit: usize) -> StoreResult<Vec<InboxRow>> {
+        self.read(move |conn| {
+            let mut st = conn.prepare_cached(&format!("SELECT {INBOX_COLS} FROM inbox WHERE user_id = ?1 LIMIT ?2"))?;
+            let rows = st.query_map(params![user.to_string(), limit as i64], inbox_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn find_message(&self, id: MessageId) -> StoreResult<Option<MessageMeta>> {
+        self.read(move |c| {
+            c.query_row(
+                "SELECT conversation_id, sender, sent_at FROM message_index WHERE message_id = ?1",
+                params![id.to_string()],
+                |r| Ok(MessageMeta { message_id: id, conversation_id: conv_at(r, 0)?, sender: UserId(uuid_at(r, 1)?), sent_at: time(r.get(2)?)? }),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn receipts(&self, message: MessageId) -> StoreResult<Vec<ReceiptRow>> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT message_id, recipient, status, device_id, at, conversation_id FROM receipts WHERE message_id = ?1 ORDER BY recipient, status, device_id",
+            )?;
+            let rows = st.query_map(params![message.to_string()], |r| {
+                let status: String = r.get(2)?;
+                Ok(ReceiptRow {
+                    message_id: MessageId(uuid_at(r, 0)?),
+                    recipient: UserId(uuid_at(r, 1)?),
+                    status: ReceiptStatus::parse(&status).ok_or_else(|| rusqlite::Error::InvalidColumnName(status.clone()))?,
+                    device_id: r.get(3)?,
+                    at: time(r.get(4)?)?,
+                    conversation_id: conv_at(r, 5)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn stream_after(&self, user: UserId, after: i64, limit: usize) -> StoreResult<Vec<StreamRow>> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached("SELECT seq, item_id, item FROM user_stream WHERE user_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")?;
+            let rows = st.query_map(params![user.to_string(), after, limit.min(10_000) as i64], |r| {
+                Ok(StreamRow { seq: r.get(0)?, item_id: uuid_at(r, 1)?, item: r.get(2)? })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn pending_count(&self, user: UserId, cap: usize) -> StoreResult<usize> {
+        self.read(move |c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM pending_deliveries WHERE user_id = ?1 AND removed = 0 LIMIT ?2)",
+                params![user.to_string(), cap as i64],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .await
+        .map(|n| n as usize)
+    }
+
+    async fn last_seen(&self, user: UserId) -> StoreResult<Option<LastSeenRow>> {
+        self.read(move |c| {
+            c.query_row("SELECT status, changed_at, last_seen FROM last_seen WHERE user_id = ?1", params![user.to_string()], |r| {
+                Ok(LastSeenRow {
+                    user_id: user,
+                    status: r.get(0)?,
+                    changed_at: time(r.get(1)?)?,
+                    last_seen: match r.get::<_, Option<i64>>(2)? {
+                        Some(v) => Some(time(v)?),
+                        None => None,
+                    },
+                })
+            })
+            .optional()
+        })
+        .await
+    }
+
+    async fn in_inbox(&self, user: UserId, c: &ConversationId) -> StoreResult<bool> {
+        Ok(ProjectionStore::inbox_row(self, user, c).await?.is_some())
+    }
+}
+
+#[async_trait]
+impl TableAdmin for SqliteStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        self.write(|t| t.execute_batch(SCHEMA)).await
+    }
+
+    async fn truncate_projections(&self) -> StoreResult<()> {
+        self.write(|t| {
+            for table in PROJECTION_TABLES {
+                t.execute(&format!("DELETE FROM {table}"), [])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn checksums(&self) -> StoreResult<BTreeMap<String, TableChecksum>> {
+        self.read(|c| {
+            let mut out = BTreeMap::new();
+            for table in PROJECTION_TABLES {
+                let filter = if *table == "pending_deliveries" { " WHERE removed = 0" } else { "" };
+                let mut st = c.prepare(&format!("SELECT * FROM {table}{filter}"))?;
+                let n = st.column_count();
+                let mut rows: Vec<String> = st
+                    .query_map([], |r| {
+                        let mut vals = Vec::with_capacity(n);
+                        for i in 0..n {
+                            vals.push(match r.get_ref(i)? {
+                                rusqlite::types::ValueRef::Null => serde_json::Value::Null,
+                                rusqlite::types::ValueRef::Integer(v) => serde_json::json!(v),
+                                rusqlite::types::ValueRef::Real(v) => serde_json::json!(v),
+                                rusqlite::types::ValueRef::Text(t) => serde_json::json!(String::from_utf8_lossy(t)),
+                                rusqlite::types::ValueRef::Blob(b) => serde_json::json!(hex::encode(b)),
+                            });
+                        }
+                        Ok(serde_json::Value::Array(vals).to_string())
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                rows.sort_unstable();
+                let mut h = Sha256::new();
+                for r in &rows {
+                    h.update(r.as_bytes());
+                    h.update(b"\n");
+                }
+                out.insert((*table).to_owned(), TableChecksum { rows: rows.len() as u64, sha256: hex::encode(h.finalize()) });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> bool {
+        self.read(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))).await.is_ok()
+    }
+}
