@@ -1,157 +1,204 @@
 //! `chat`: the platform in one binary.
 //!
-//! - `chat gateway`: a gateway node (HTTP + WebSocket);
-//! - `chat worker`: a projection worker (fan-out stage and projection stage);
-//! - `chat migrate`: creates topics and tables, then exits;
-//! - `chat reset-group`: forgets a consumer group's offsets (for a rebuild);
-//! - `chat checksums`: row counts and hashes of every projection table, as JSON.
+//! - `chat` / `chat run`: gateway + fan-out + projections in one process. With nothing
+//!   configured it runs embedded (event log and tables in SQLite files under `./chat-data`,
+//!   routing in process); with Kafka, Cassandra and Redis configured it runs the same roles on them.
+//! - `chat gateway`, `chat worker`: the cluster roles, any number of each.
+//! - `chat migrate`: creates topics and tables; `chat reset-group`: forgets a consumer group's
+//!   offsets (for a rebuild); `chat checksums`: row counts and hashes of the projection tables.
 //!
-//! Every flag has an environment variable (`CHAT_*`), the names `compose/` and
-//! `scripts/services.sh` use.
+//! Configuration: see [`config`] (defaults → `--config` TOML file → `CHAT_*` → flags).
 
+mod config;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use chat_events::embedded::EmbeddedLog;
 use chat_events::kafka::{KafkaConfig, KafkaLog};
 use chat_events::{EventLog, TopicKind, TopicSpec, Topics};
-use chat_gateway::{Chat, Hub, Limits, RedisRouting, Tokens};
+use chat_gateway::{Chat, Hub, Limits, LocalRouting, RedisRouting, Routing, Tokens};
 use chat_projections::projector::projection_topics;
 use chat_projections::{FanOut, Projector, WorkerStats};
-use chat_store::{ScyllaConfig, ScyllaStore, TableAdmin};
-use clap::{Args, Parser, Subcommand};
+use chat_store::{ScyllaConfig, ScyllaStore, SqliteStore, Tables};
+use clap::{Parser, Subcommand};
+use config::{Backend, Config, Settings};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 #[derive(Parser)]
-#[command(name = "chat", version, about = "Event-sourced messaging platform")]
+#[command(name = "chat", version, about = "Event-sourced messaging platform (embedded by default)")]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    settings: Settings,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a gateway node.
-    Gateway(GatewayArgs),
-    /// Run a projection worker (fan-out and projections).
-    Worker(WorkerArgs),
+    /// Gateway, fan-out and projections in one process (the default command).
+    Run,
+    /// A gateway node (cluster mode).
+    Gateway,
+    /// A projection worker: fan-out and/or projections (cluster mode).
+    Worker,
     /// Create the topics and tables, then exit.
-    Migrate(Common),
-    /// Delete a consumer group so that it starts again from the beginning (stop its workers first).
+    Migrate,
+    /// Delete a consumer group's offsets so that it starts from the beginning (stop its members first).
     ResetGroup {
-        #[command(flatten)]
-        common: Common,
         /// The group to reset.
         #[arg(long)]
         group: String,
     },
     /// Print row counts and SHA-256 of every projection table as JSON.
-    Checksums(Common),
+    Checksums,
 }
 
-/// Settings shared by every command.
-#[derive(Args, Clone)]
-struct Common {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "CHAT_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    kafka_brokers: String,
-    /// Cassandra/ScyllaDB contact points, comma-separated host:port.
-    #[arg(long, env = "CHAT_CASSANDRA_NODES", default_value = "127.0.0.1:9042", value_delimiter = ',')]
-    cassandra_nodes: Vec<String>,
-    /// Keyspace of every table.
-    #[arg(long, env = "CHAT_KEYSPACE", default_value = "chat")]
-    keyspace: String,
-    /// Replication factor of the keyspace when it is created.
-    #[arg(long, env = "CHAT_CASSANDRA_RF", default_value_t = 1)]
-    cassandra_rf: u32,
-    /// Prefix of every topic name.
-    #[arg(long, env = "CHAT_TOPIC_PREFIX", default_value = "chat.")]
-    topic_prefix: String,
-    /// Partitions of each topic when it is created. The deliveries topic's count must never
-    /// change afterwards (sync cursors are offsets within a user's partition).
-    #[arg(long, env = "CHAT_PARTITIONS", default_value_t = 8)]
-    partitions: i32,
-    /// Replication factor of topics when they are created.
-    #[arg(long, env = "CHAT_KAFKA_REPLICATION", default_value_t = 1)]
-    kafka_replication: i32,
+type Opened = (Arc<dyn EventLog>, Option<Arc<KafkaLog>>, Arc<dyn Tables>);
+
+/// The opened back-ends.
+struct Platform {
+    cfg: Config,
+    topics: Topics,
+    log: Arc<dyn EventLog>,
+    kafka: Option<Arc<KafkaLog>>,
+    tables: Arc<dyn Tables>,
 }
 
-#[derive(Args)]
-struct GatewayArgs {
-    #[command(flatten)]
-    common: Common,
-    /// Address to listen on.
-    #[arg(long, env = "CHAT_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: String,
-    /// This node's id in routing (unique per running node; random if not given).
-    #[arg(long, env = "CHAT_NODE_ID")]
-    node_id: Option<String>,
-    /// Redis URL for routing and presence.
-    #[arg(long, env = "CHAT_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
-    redis_url: String,
-    /// Prefix of every Redis key and channel.
-    #[arg(long, env = "CHAT_REDIS_PREFIX", default_value = "chat:")]
-    redis_prefix: String,
-    /// Secret that signs tokens; every node of a cluster needs the same one (at least 32 bytes).
-    #[arg(long, env = "CHAT_TOKEN_SECRET", hide_env_values = true)]
-    token_secret: Option<String>,
-    /// Token lifetime in seconds.
-    #[arg(long, env = "CHAT_TOKEN_TTL_SECS", default_value_t = 86_400)]
-    token_ttl_secs: i64,
-    /// Largest WebSocket message in bytes (bigger ones close the socket with 1009).
-    #[arg(long, env = "CHAT_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
-    max_frame_bytes: usize,
-    /// Largest message body in bytes.
-    #[arg(long, env = "CHAT_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
-    max_body_bytes: usize,
-    /// Outbound frames queued per connection before it is closed as too slow.
-    #[arg(long, env = "CHAT_CONN_QUEUE", default_value_t = 256)]
-    conn_queue: usize,
-    /// Seconds a connection's routing entry lives without a heartbeat (a crashed node's users
-    /// go offline after about this long).
-    #[arg(long, env = "CHAT_PRESENCE_TTL_SECS", default_value_t = 30)]
-    presence_ttl_secs: u64,
-}
-
-#[derive(Args)]
-struct WorkerArgs {
-    #[command(flatten)]
-    common: Common,
-    /// Consumer group of the projection stage.
-    #[arg(long, env = "CHAT_PROJECTION_GROUP", default_value = "chat-projections")]
-    projection_group: String,
-    /// Consumer group of the fan-out stage.
-    #[arg(long, env = "CHAT_FANOUT_GROUP", default_value = "chat-fanout")]
-    fanout_group: String,
-    /// Which stages to run: fanout, projections, or both.
-    #[arg(long, env = "CHAT_STAGES", default_value = "fanout,projections", value_delimiter = ',')]
-    stages: Vec<String>,
-}
-
-fn topics(c: &Common) -> Topics {
-    Topics::new(c.topic_prefix.clone())
-}
-
-async fn open_log(c: &Common) -> anyhow::Result<Arc<KafkaLog>> {
-    if c.partitions < 1 {
-        bail!("CHAT_PARTITIONS must be at least 1 (got {})", c.partitions);
+impl Platform {
+    async fn open(cfg: Config) -> anyhow::Result<Platform> {
+        let topics = Topics::new(cfg.topic_prefix.clone());
+        let (log, kafka, tables): Opened = match &cfg.backend {
+            Backend::Embedded { data_dir } => {
+                let log = EmbeddedLog::open(data_dir, 100_000).context("opening the embedded event log (CHAT_DATA_DIR)")?;
+                let tables = SqliteStore::open(data_dir).context("opening the embedded tables (CHAT_DATA_DIR)")?;
+                (Arc::new(log), None, Arc::new(tables))
+            }
+            Backend::Cluster { kafka_brokers, cassandra_nodes, .. } => {
+                let kafka = Arc::new(KafkaLog::new(KafkaConfig::new(kafka_brokers)).context("CHAT_KAFKA_BROKERS")?);
+                let scylla = ScyllaConfig { nodes: cassandra_nodes.clone(), keyspace: cfg.keyspace.clone(), replication_factor: cfg.cassandra_rf };
+                let store = ScyllaStore::connect(&scylla).await.context("connecting to CHAT_CASSANDRA_NODES")?;
+                (kafka.clone(), Some(kafka), Arc::new(store))
+            }
+        };
+        let mut specs: Vec<TopicSpec> = topics
+            .all()
+            .into_iter()
+            .map(|name| TopicSpec { name, partitions: cfg.partitions, replication: cfg.kafka_replication })
+            .collect();
+        specs.push(TopicSpec { name: topics.dead_letters(), partitions: 1, replication: cfg.kafka_replication });
+        log.ensure_topics(&specs).await.context("creating topics (is Kafka up at CHAT_KAFKA_BROKERS?)")?;
+        Ok(Platform { cfg, topics, log, kafka, tables })
     }
-    let log = Arc::new(KafkaLog::new(KafkaConfig::new(&c.kafka_brokers)).context("CHAT_KAFKA_BROKERS")?);
-    let mut specs: Vec<TopicSpec> = topics(c)
-        .all()
-        .into_iter()
-        .map(|name| TopicSpec { name, partitions: c.partitions, replication: c.kafka_replication })
-        .collect();
-    specs.push(TopicSpec { name: topics(c).dead_letters(), partitions: 1, replication: c.kafka_replication });
-    log.ensure_topics(&specs).await.context("creating topics (is Kafka up at CHAT_KAFKA_BROKERS?)")?;
-    Ok(log)
+
+    fn token_secret(&self) -> anyhow::Result<Vec<u8>> {
+        if let Some(s) = &self.cfg.token_secret {
+            return Ok(s.clone().into_bytes());
+        }
+        match self.cfg.data_dir() {
+            // Embedded: one secret per data directory, so tokens survive restarts.
+            Some(dir) => read_or_create_secret(&dir.join("token-secret")),
+            None => {
+                warn!("CHAT_TOKEN_SECRET not set: using a random secret; tokens will not survive a restart or work on other nodes");
+                Ok(random_secret().into_bytes())
+            }
+        }
+    }
+
+    async fn routing(&self, hub: Arc<Hub>) -> anyhow::Result<Arc<dyn Routing>> {
+        Ok(match &self.cfg.backend {
+            Backend::Embedded { .. } => Arc::new(LocalRouting::new(hub)),
+            Backend::Cluster { redis_url, .. } => Arc::new(
+                RedisRouting::connect(redis_url, &self.cfg.redis_prefix, &self.cfg.node_id, self.cfg.presence_ttl, hub)
+                    .await
+                    .context("connecting to CHAT_REDIS_URL")?,
+            ),
+        })
+    }
+
+    /// Starts the gateway; returns its address and task.
+    async fn start_gateway(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<(std::net::SocketAddr, JoinHandle<std::io::Result<()>>)> {
+        let hub = Arc::new(Hub::new());
+        let routing = self.routing(hub.clone()).await?;
+        let c = &self.cfg;
+        let limits = Limits {
+            max_frame_bytes: c.max_frame_bytes,
+            max_body_bytes: c.max_body_bytes,
+            conn_queue: c.conn_queue,
+            presence_ttl: c.presence_ttl,
+            ..Limits::default()
+        };
+        let store: Arc<dyn chat_gateway::GatewayStore> = self.tables.clone();
+        let chat = Arc::new(Chat::new(
+            self.log.clone(),
+            self.topics.clone(),
+            store,
+            routing,
+            hub,
+            Tokens::new(&self.token_secret()?, chrono::Duration::seconds(c.token_ttl_secs)),
+            c.node_id.clone(),
+            limits,
+            chat_gateway::metrics::Metrics::new()?,
+        ));
+        let listener = TcpListener::bind(&c.listen).await.with_context(|| format!("CHAT_LISTEN={}", c.listen))?;
+        let addr = listener.local_addr()?;
+        Ok((addr, tokio::spawn(chat_gateway::serve(chat, listener, shutdown))))
+    }
+
+    /// Starts the configured worker stages.
+    async fn start_workers(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<Vec<JoinHandle<()>>> {
+        let mut tasks = Vec::new();
+        let t = &self.topics;
+        if self.cfg.stages.iter().any(|s| s == "fanout") {
+            let consumer = self.log.subscribe(&self.cfg.fanout_group, &[t.name(TopicKind::Conversations)]).await?;
+            let handler = Arc::new(FanOut::new(self.log.clone(), t.clone()));
+            let sd = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                chat_projections::run("fanout", consumer, handler, Arc::new(WorkerStats::default()), sd).await
+            }));
+        }
+        if self.cfg.stages.iter().any(|s| s == "projections") {
+            let consumer = self.log.subscribe(&self.cfg.projection_group, &projection_topics(t)).await?;
+            let store: Arc<dyn chat_store::ProjectionStore> = self.tables.clone();
+            let handler = Arc::new(Projector::new(store, self.log.clone(), t.clone()));
+            let sd = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                chat_projections::run("projections", consumer, handler, Arc::new(WorkerStats::default()), sd).await
+            }));
+        }
+        Ok(tasks)
+    }
+
+    fn flush(&self) {
+        if let Some(k) = &self.kafka {
+            k.flush(Duration::from_secs(5));
+        }
+    }
 }
 
-async fn open_store(c: &Common) -> anyhow::Result<Arc<ScyllaStore>> {
-    let cfg = ScyllaConfig { nodes: c.cassandra_nodes.clone(), keyspace: c.keyspace.clone(), replication_factor: c.cassandra_rf };
-    Ok(Arc::new(ScyllaStore::connect(&cfg).await.context("connecting to CHAT_CASSANDRA_NODES")?))
+fn random_secret() -> String {
+    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+}
+
+fn read_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    if let Ok(s) = std::fs::read_to_string(path) {
+        if s.trim().len() >= 32 {
+            return Ok(s.trim().as_bytes().to_vec());
+        }
+    }
+    let secret = random_secret();
+    std::fs::write(path, &secret).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(secret.into_bytes())
 }
 
 fn shutdown_signal() -> watch::Receiver<bool> {
@@ -160,16 +207,15 @@ fn shutdown_signal() -> watch::Receiver<bool> {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+                }
                 Err(e) => {
                     warn!(error = %e, "no SIGTERM handler");
                     let _ = ctrl_c.await;
-                    let _ = tx.send(true);
-                    return;
                 }
-            };
-            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+            }
         }
         #[cfg(not(unix))]
         let _ = ctrl_c.await;
@@ -179,110 +225,80 @@ fn shutdown_signal() -> watch::Receiver<bool> {
     rx
 }
 
-async fn gateway(a: GatewayArgs) -> anyhow::Result<()> {
-    let secret = match &a.token_secret {
-        Some(s) if s.len() >= 32 => s.clone().into_bytes(),
-        Some(_) => bail!("CHAT_TOKEN_SECRET must be at least 32 bytes"),
-        None => {
-            warn!("CHAT_TOKEN_SECRET not set: using a random secret; tokens will not survive a restart or work on other nodes");
-            let mut b = [0u8; 32];
-            for (i, x) in uuid::Uuid::new_v4().as_bytes().iter().chain(uuid::Uuid::new_v4().as_bytes()).enumerate() {
-                b[i] = *x;
-            }
-            b.to_vec()
-        }
-    };
-    let node = a.node_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned());
-    let log = open_log(&a.common).await?;
-    let store = open_store(&a.common).await?;
-    let hub = Arc::new(Hub::new());
-    if a.presence_ttl_secs < 3 {
-        bail!("CHAT_PRESENCE_TTL_SECS must be at least 3");
+fn cluster_only(cfg: &Config, role: &str) -> anyhow::Result<()> {
+    if let Backend::Embedded { .. } = cfg.backend {
+        bail!(
+            "`chat {role}` is a cluster role: set CHAT_KAFKA_BROKERS, CHAT_CASSANDRA_NODES and CHAT_REDIS_URL, or run everything in one process with `chat run`"
+        );
     }
-    let presence_ttl = Duration::from_secs(a.presence_ttl_secs);
-    let routing = RedisRouting::connect(&a.redis_url, &a.redis_prefix, &node, presence_ttl, hub.clone())
-        .await
-        .context("connecting to CHAT_REDIS_URL")?;
-    let limits = Limits { max_frame_bytes: a.max_frame_bytes, max_body_bytes: a.max_body_bytes, conn_queue: a.conn_queue.max(8), presence_ttl, ..Limits::default() };
-    let chat = Arc::new(Chat::new(
-        log.clone(),
-        topics(&a.common),
-        store,
-        Arc::new(routing),
-        hub,
-        Tokens::new(&secret, chrono::Duration::seconds(a.token_ttl_secs)),
-        node.clone(),
-        limits,
-        chat_gateway::metrics::Metrics::new()?,
-    ));
-    let listener = TcpListener::bind(&a.listen).await.with_context(|| format!("CHAT_LISTEN={}", a.listen))?;
-    let addr = listener.local_addr()?;
-    // The first line on stdout says where we listen (tests and scripts read it).
-    println!("chat gateway node {node} listening on http://{addr}");
-    chat_gateway::serve(chat, listener, shutdown_signal()).await?;
-    log.flush(Duration::from_secs(5));
     Ok(())
 }
 
-async fn worker(a: WorkerArgs) -> anyhow::Result<()> {
-    for s in &a.stages {
-        if s != "fanout" && s != "projections" {
-            bail!("CHAT_STAGES: unknown stage {s:?} (use fanout, projections)");
-        }
-    }
-    let log = open_log(&a.common).await?;
-    let store = open_store(&a.common).await?;
-    let t = topics(&a.common);
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let p = Platform::open(cfg).await?;
     let shutdown = shutdown_signal();
-    let mut tasks = Vec::new();
-    if a.stages.iter().any(|s| s == "fanout") {
-        let consumer = log.subscribe(&a.fanout_group, &[t.name(TopicKind::Conversations)]).await?;
-        let handler = Arc::new(FanOut::new(log.clone(), t.clone()));
-        let sd = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            chat_projections::run("fanout", consumer, handler, Arc::new(WorkerStats::default()), sd).await
-        }));
+    let workers = p.start_workers(shutdown.clone()).await?;
+    let (addr, gateway) = p.start_gateway(shutdown).await?;
+    match p.cfg.data_dir() {
+        Some(dir) => {
+            let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+            println!("chat listening on http://{addr} (embedded, data in {})", dir.display());
+        }
+        None => println!("chat listening on http://{addr} (cluster, node {})", p.cfg.node_id),
     }
-    if a.stages.iter().any(|s| s == "projections") {
-        let consumer = log.subscribe(&a.projection_group, &projection_topics(&t)).await?;
-        let handler = Arc::new(Projector::new(store.clone(), log.clone(), t.clone()));
-        let sd = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            chat_projections::run("projections", consumer, handler, Arc::new(WorkerStats::default()), sd).await
-        }));
+    gateway.await??;
+    for w in workers {
+        w.await?;
     }
-    println!("chat worker running stages {:?}", a.stages);
-    for t in tasks {
-        t.await?;
-    }
-    log.flush(Duration::from_secs(5));
+    p.flush();
     Ok(())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CHAT_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CHAT_LOG").unwrap_or_else(|_| "info,scylla=warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Gateway(a) => gateway(a).await,
-        Command::Worker(a) => worker(a).await,
-        Command::Migrate(c) => {
-            open_log(&c).await?;
-            open_store(&c).await?;
+    let cli = Cli::parse();
+    let cfg = cli.settings.resolve()?;
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(cfg).await,
+        Command::Gateway => {
+            cluster_only(&cfg, "gateway")?;
+            let p = Platform::open(cfg).await?;
+            let (addr, gateway) = p.start_gateway(shutdown_signal()).await?;
+            // The first line on stdout says where we listen (tests and scripts read it).
+            println!("chat gateway node {} listening on http://{addr}", p.cfg.node_id);
+            gateway.await??;
+            p.flush();
+            Ok(())
+        }
+        Command::Worker => {
+            cluster_only(&cfg, "worker")?;
+            let p = Platform::open(cfg).await?;
+            let workers = p.start_workers(shutdown_signal()).await?;
+            println!("chat worker running stages {:?}", p.cfg.stages);
+            for w in workers {
+                w.await?;
+            }
+            p.flush();
+            Ok(())
+        }
+        Command::Migrate => {
+            Platform::open(cfg).await?;
             println!("topics and tables are in place");
             Ok(())
         }
-        Command::ResetGroup { common, group } => {
-            let log = Arc::new(KafkaLog::new(KafkaConfig::new(&common.kafka_brokers))?);
-            log.delete_group(&group).await?;
+        Command::ResetGroup { group } => {
+            let p = Platform::open(cfg).await?;
+            p.log.delete_group(&group).await?;
             println!("group {group} reset");
             Ok(())
         }
-        Command::Checksums(c) => {
-            let store = open_store(&c).await?;
-            println!("{}", serde_json::to_string_pretty(&store.checksums().await?)?);
+        Command::Checksums => {
+            let p = Platform::open(cfg).await?;
+            println!("{}", serde_json::to_string_pretty(&p.tables.checksums().await?)?);
             Ok(())
         }
     }

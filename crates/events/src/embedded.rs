@@ -33,6 +33,8 @@ pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
 }
 
 type Reply<T> = oneshot::Sender<Result<T, LogError>>;
+/// Answers a request once its transaction's outcome is known (None: committed; Some: the error).
+type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
 
 enum WriteReq {
     Append { records: Vec<(String, String, Vec<u8>)>, reply: oneshot::Sender<Vec<Result<Position, LogError>>> },
@@ -193,9 +195,9 @@ fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<WriteReq>, inner: st
         let mut ends = lock(&inner.ends).clone();
         let mut topics = lock(&inner.topics).clone();
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let result: rusqlite::Result<Vec<Box<dyn FnOnce(Option<&str>) + Send>>> = (|| {
+        let result: rusqlite::Result<Vec<Answer>> = (|| {
             let tx = conn.transaction()?;
-            let mut answers: Vec<Box<dyn FnOnce(Option<&str>) + Send>> = Vec::new();
+            let mut answers: Vec<Answer> = Vec::new();
             for req in batch {
                 match req {
                     WriteReq::Append { records, reply } => {

@@ -4,7 +4,8 @@
 //! - [`service`]: [`Chat`], what every command and read does (gate → append → answer → push);
 //! - [`frames`]: the wire protocol; [`auth`]: passwords and tokens; [`error`]: error codes;
 //! - [`routing`]: the routing/presence boundary and its Redis back-end; [`hub`]: this node's
-//!   connections; [`metrics`]: Prometheus.
+//!   connections; [`local_routing`]: the in-process routing of the embedded mode; [`metrics`]:
+//!   Prometheus.
 //!
 //! Life of a `send` frame: `ws::serve` reads it → `ws::handle_text` parses a `ClientFrame` →
 //! `Chat::send` checks the recipient, reserves (sender, client_msg_id), appends `message.sent`
@@ -16,6 +17,7 @@ pub mod error;
 pub mod frames;
 pub mod http;
 pub mod hub;
+pub mod local_routing;
 pub mod metrics;
 pub mod routing;
 pub mod service;
@@ -30,6 +32,7 @@ use tracing::{info, warn};
 
 pub use auth::Tokens;
 pub use hub::Hub;
+pub use local_routing::LocalRouting;
 pub use routing::{RedisRouting, Routing};
 pub use service::{Chat, GatewayStore, Limits};
 

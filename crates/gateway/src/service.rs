@@ -11,7 +11,7 @@ use chat_events::{
     MessageId, MessageKind, MessageRead, MessageSent, PresenceChanged, PresenceStatus, ReceiptStatus, StreamItem, Topics,
     UserId, UserRegistered,
 };
-use chat_store::{Account, CommandStore, InboxRow, MessageRow, ReadStore, ReceiptRow, SendReservation, TableAdmin};
+use chat_store::{Account, InboxRow, MessageRow, ReceiptRow, SendReservation};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -24,9 +24,8 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::routing::{ConnRef, Push, Routing};
 
-/// Everything the gateway reads and gates on.
-pub trait GatewayStore: CommandStore + ReadStore + TableAdmin {}
-impl<T: CommandStore + ReadStore + TableAdmin> GatewayStore for T {}
+/// Everything the gateway reads and gates on: a back-end's tables.
+pub use chat_store::Tables as GatewayStore;
 
 /// Bounds on client input.
 #[derive(Clone, Debug)]

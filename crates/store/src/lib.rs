@@ -262,6 +262,10 @@ pub trait TableAdmin: Send + Sync {
     async fn ping(&self) -> bool;
 }
 
+/// Every table trait at once: what a back-end provides.
+pub trait Tables: CommandStore + ProjectionStore + ReadStore + TableAdmin {}
+impl<T: CommandStore + ProjectionStore + ReadStore + TableAdmin> Tables for T {}
+
 /// The projection tables, in the order checksums report them.
 pub const PROJECTION_TABLES: &[&str] = &[
     "users",

@@ -1,0 +1,342 @@
+//! One configuration for every command, loaded in layers: defaults → file (`--config`,
+//! TOML) → environment (`CHAT_*`) → flags. Every key has the same name in all three places
+//! (file key `partitions`, variable `CHAT_PARTITIONS`, flag `--partitions`). Validation names
+//! the offending key.
+//!
+//! The back-end follows from what is set: no Kafka, Cassandra or Redis address → embedded
+//! (one process, data in `data_dir`); all three → cluster; some but not all → an error, never a
+//! silent fallback.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::Args;
+use serde::Deserialize;
+
+/// The settings as given (each may be absent).
+#[derive(Args, Deserialize, Default, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// TOML file with any of these settings (keys as the flag names with `_`).
+    #[arg(long, env = "CHAT_CONFIG", global = true)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Embedded mode: directory of the event log and tables [default: ./chat-data].
+    #[arg(long, env = "CHAT_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Cluster mode: Kafka bootstrap servers (host:port,...).
+    #[arg(long, env = "CHAT_KAFKA_BROKERS", global = true)]
+    pub kafka_brokers: Option<String>,
+    /// Cluster mode: Cassandra/ScyllaDB contact points (host:port,...).
+    #[arg(long, env = "CHAT_CASSANDRA_NODES", global = true)]
+    pub cassandra_nodes: Option<String>,
+    /// Cluster mode: Redis URL for routing and presence.
+    #[arg(long, env = "CHAT_REDIS_URL", global = true)]
+    pub redis_url: Option<String>,
+    /// Keyspace of every table [default: chat].
+    #[arg(long, env = "CHAT_KEYSPACE", global = true)]
+    pub keyspace: Option<String>,
+    /// Replication factor of the keyspace when it is created [default: 1].
+    #[arg(long, env = "CHAT_CASSANDRA_RF", global = true)]
+    pub cassandra_rf: Option<u32>,
+    /// Prefix of every topic name [default: chat.].
+    #[arg(long, env = "CHAT_TOPIC_PREFIX", global = true)]
+    pub topic_prefix: Option<String>,
+    /// Partitions per topic when created; never change it afterwards [default: 8].
+    #[arg(long, env = "CHAT_PARTITIONS", global = true)]
+    pub partitions: Option<i32>,
+    /// Replication factor of topics when created [default: 1].
+    #[arg(long, env = "CHAT_KAFKA_REPLICATION", global = true)]
+    pub kafka_replication: Option<i32>,
+    /// Address the gateway listens on [default: 127.0.0.1:8080].
+    #[arg(long, env = "CHAT_LISTEN", global = true)]
+    pub listen: Option<String>,
+    /// This gateway node's id in routing [default: random].
+    #[arg(long, env = "CHAT_NODE_ID", global = true)]
+    pub node_id: Option<String>,
+    /// Prefix of every Redis key and channel [default: chat:].
+    #[arg(long, env = "CHAT_REDIS_PREFIX", global = true)]
+    pub redis_prefix: Option<String>,
+    /// Secret that signs tokens, ≥ 32 bytes, the same on every node [embedded default: generated
+    /// once into the data directory].
+    #[arg(long, env = "CHAT_TOKEN_SECRET", global = true, hide_env_values = true)]
+    pub token_secret: Option<String>,
+    /// Token lifetime in seconds [default: 86400].
+    #[arg(long, env = "CHAT_TOKEN_TTL_SECS", global = true)]
+    pub token_ttl_secs: Option<i64>,
+    /// Largest WebSocket message in bytes [default: 65536].
+    #[arg(long, env = "CHAT_MAX_FRAME_BYTES", global = true)]
+    pub max_frame_bytes: Option<usize>,
+    /// Largest message body in bytes [default: 16384].
+    #[arg(long, env = "CHAT_MAX_BODY_BYTES", global = true)]
+    pub max_body_bytes: Option<usize>,
+    /// Outbound frames queued per connection before it is closed as too slow [default: 256].
+    #[arg(long, env = "CHAT_CONN_QUEUE", global = true)]
+    pub conn_queue: Option<usize>,
+    /// Seconds a connection's routing entry lives without a heartbeat [default: 30].
+    #[arg(long, env = "CHAT_PRESENCE_TTL_SECS", global = true)]
+    pub presence_ttl_secs: Option<u64>,
+    /// Consumer group of the projection stage [default: chat-projections].
+    #[arg(long, env = "CHAT_PROJECTION_GROUP", global = true)]
+    pub projection_group: Option<String>,
+    /// Consumer group of the fan-out stage [default: chat-fanout].
+    #[arg(long, env = "CHAT_FANOUT_GROUP", global = true)]
+    pub fanout_group: Option<String>,
+    /// Stages a worker runs: fanout, projections [default: fanout,projections].
+    #[arg(long, env = "CHAT_STAGES", global = true)]
+    pub stages: Option<String>,
+}
+
+/// Where the platform keeps its state.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Embedded { data_dir: PathBuf },
+    Cluster { kafka_brokers: String, cassandra_nodes: Vec<String>, redis_url: String },
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub backend: Backend,
+    pub keyspace: String,
+    pub cassandra_rf: u32,
+    pub topic_prefix: String,
+    pub partitions: i32,
+    pub kafka_replication: i32,
+    pub listen: String,
+    pub node_id: String,
+    pub redis_prefix: String,
+    pub token_secret: Option<String>,
+    pub token_ttl_secs: i64,
+    pub max_frame_bytes: usize,
+    pub max_body_bytes: usize,
+    pub conn_queue: usize,
+    pub presence_ttl: Duration,
+    pub projection_group: String,
+    pub fanout_group: String,
+    pub stages: Vec<String>,
+}
+
+macro_rules! overlay {
+    ($hi:expr, $lo:expr, $($f:ident),*) => {
+        Settings { config: $hi.config.clone(), $($f: $hi.$f.clone().or($lo.$f.clone())),* }
+    };
+}
+
+fn key(name: &str) -> String {
+    format!("`{name}` (CHAT_{} / --{})", name.to_uppercase(), name.replace('_', "-"))
+}
+
+fn non_empty(v: Option<String>) -> Option<String> {
+    v.filter(|s| !s.trim().is_empty())
+}
+
+impl Settings {
+    /// Reads the config file (if any) under the settings from environment and flags.
+    pub fn layered(self) -> anyhow::Result<Settings> {
+        let file = match &self.config {
+            None => Settings::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str::<Settings>(&text).map_err(|e| anyhow!("config file {}: {e}", path.display()))?
+            }
+        };
+        Ok(overlay!(
+            self,
+            file,
+            data_dir,
+            kafka_brokers,
+            cassandra_nodes,
+            redis_url,
+            keyspace,
+            cassandra_rf,
+            topic_prefix,
+            partitions,
+            kafka_replication,
+            listen,
+            node_id,
+            redis_prefix,
+            token_secret,
+            token_ttl_secs,
+            max_frame_bytes,
+            max_body_bytes,
+            conn_queue,
+            presence_ttl_secs,
+            projection_group,
+            fanout_group,
+            stages
+        ))
+    }
+
+    /// Applies defaults and validates.
+    pub fn resolve(self) -> anyhow::Result<Config> {
+        let s = self.layered()?;
+        let cluster = [
+            ("kafka_brokers", non_empty(s.kafka_brokers.clone())),
+            ("cassandra_nodes", non_empty(s.cassandra_nodes.clone())),
+            ("redis_url", non_empty(s.redis_url.clone())),
+        ];
+        let set: Vec<&str> = cluster.iter().filter(|(_, v)| v.is_some()).map(|(k, _)| *k).collect();
+        let backend = match set.len() {
+            0 => Backend::Embedded { data_dir: s.data_dir.clone().unwrap_or_else(|| PathBuf::from("chat-data")) },
+            3 => {
+                if s.data_dir.is_some() {
+                    bail!("{} is for the embedded mode, but a cluster is configured; remove one of them", key("data_dir"));
+                }
+                let nodes: Vec<String> =
+                    s.cassandra_nodes.iter().flat_map(|n| n.split(',')).map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()).collect();
+                Backend::Cluster {
+                    kafka_brokers: s.kafka_brokers.clone().unwrap_or_default(),
+                    cassandra_nodes: nodes,
+                    redis_url: s.redis_url.clone().unwrap_or_default(),
+                }
+            }
+            _ => {
+                let missing: Vec<String> = cluster.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| key(k)).collect();
+                bail!(
+                    "half-configured cluster: {} set but {} missing; set all three for cluster mode or none for the embedded mode",
+                    set.join(", "),
+                    missing.join(" and ")
+                );
+            }
+        };
+        let partitions = s.partitions.unwrap_or(8);
+        if !(1..=1024).contains(&partitions) {
+            bail!("{} must be between 1 and 1024, got {partitions}", key("partitions"));
+        }
+        let kafka_replication = s.kafka_replication.unwrap_or(1);
+        if kafka_replication < 1 {
+            bail!("{} must be at least 1, got {kafka_replication}", key("kafka_replication"));
+        }
+        let cassandra_rf = s.cassandra_rf.unwrap_or(1);
+        if cassandra_rf < 1 {
+            bail!("{} must be at least 1", key("cassandra_rf"));
+        }
+        let keyspace = s.keyspace.unwrap_or_else(|| "chat".into());
+        if keyspace.is_empty() || keyspace.len() > 48 || !keyspace.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            bail!("{} must be 1-48 characters of a-z, 0-9 and '_', got {keyspace:?}", key("keyspace"));
+        }
+        let topic_prefix = s.topic_prefix.unwrap_or_else(|| "chat.".into());
+        if !topic_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+            bail!("{} may hold only a-z, 0-9, '.', '_', '-', got {topic_prefix:?}", key("topic_prefix"));
+        }
+        let listen = s.listen.unwrap_or_else(|| "127.0.0.1:8080".into());
+        if listen.parse::<std::net::SocketAddr>().is_err() {
+            bail!("{} must be an address like 127.0.0.1:8080, got {listen:?}", key("listen"));
+        }
+        if let Some(t) = &s.token_secret {
+            if t.len() < 32 {
+                bail!("{} must be at least 32 bytes", key("token_secret"));
+            }
+        }
+        let token_ttl_secs = s.token_ttl_secs.unwrap_or(86_400);
+        if token_ttl_secs < 1 {
+            bail!("{} must be positive", key("token_ttl_secs"));
+        }
+        let max_frame_bytes = s.max_frame_bytes.unwrap_or(64 * 1024);
+        if !(1024..=16 * 1024 * 1024).contains(&max_frame_bytes) {
+            bail!("{} must be between 1 KiB and 16 MiB, got {max_frame_bytes}", key("max_frame_bytes"));
+        }
+        let max_body_bytes = s.max_body_bytes.unwrap_or(16 * 1024);
+        if max_body_bytes < 1 || max_body_bytes >= max_frame_bytes {
+            bail!("{} must be positive and below {} ({max_frame_bytes})", key("max_body_bytes"), key("max_frame_bytes"));
+        }
+        let conn_queue = s.conn_queue.unwrap_or(256);
+        if !(8..=65_536).contains(&conn_queue) {
+            bail!("{} must be between 8 and 65536, got {conn_queue}", key("conn_queue"));
+        }
+        let presence_ttl_secs = s.presence_ttl_secs.unwrap_or(30);
+        if presence_ttl_secs < 3 {
+            bail!("{} must be at least 3", key("presence_ttl_secs"));
+        }
+        let stages: Vec<String> =
+            s.stages.unwrap_or_else(|| "fanout,projections".into()).split(',').map(|x| x.trim().to_owned()).filter(|x| !x.is_empty()).collect();
+        if let Some(bad) = stages.iter().find(|x| *x != "fanout" && *x != "projections") {
+            bail!("{} has an unknown stage {bad:?} (use fanout, projections)", key("stages"));
+        }
+        Ok(Config {
+            backend,
+            keyspace,
+            cassandra_rf,
+            topic_prefix,
+            partitions,
+            kafka_replication,
+            listen,
+            node_id: s.node_id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()),
+            redis_prefix: s.redis_prefix.unwrap_or_else(|| "chat:".into()),
+            token_secret: s.token_secret,
+            token_ttl_secs,
+            max_frame_bytes,
+            max_body_bytes,
+            conn_queue,
+            presence_ttl: Duration::from_secs(presence_ttl_secs),
+            projection_group: s.projection_group.unwrap_or_else(|| "chat-projections".into()),
+            fanout_group: s.fanout_group.unwrap_or_else(|| "chat-fanout".into()),
+            stages,
+        })
+    }
+}
+
+impl Config {
+    pub fn data_dir(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Embedded { data_dir } => Some(data_dir),
+            Backend::Cluster { .. } => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_set_is_embedded_and_all_set_is_cluster() {
+        let c = Settings::default().resolve().unwrap();
+        assert!(matches!(c.backend, Backend::Embedded { .. }));
+        let s = Settings {
+            kafka_brokers: Some("k:9092".into()),
+            cassandra_nodes: Some("c:9042, d:9042".into()),
+            redis_url: Some("redis://r/".into()),
+            ..Default::default()
+        };
+        match s.resolve().unwrap().backend {
+            Backend::Cluster { cassandra_nodes, .. } => assert_eq!(cassandra_nodes, vec!["c:9042", "d:9042"]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_half_configured_cluster_is_an_error_naming_what_is_missing() {
+        let s = Settings { kafka_brokers: Some("k:9092".into()), ..Default::default() };
+        let e = s.resolve().unwrap_err().to_string();
+        assert!(e.contains("half-configured"), "{e}");
+        assert!(e.contains("CHAT_CASSANDRA_NODES") && e.contains("CHAT_REDIS_URL"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = Settings { partitions: Some(0), ..Default::default() }.resolve().unwrap_err().to_string();
+        assert!(e.contains("CHAT_PARTITIONS"), "{e}");
+        let e = Settings { listen: Some("nowhere".into()), ..Default::default() }.resolve().unwrap_err().to_string();
+        assert!(e.contains("CHAT_LISTEN"), "{e}");
+        let e = Settings { stages: Some("fanout,nap".into()), ..Default::default() }.resolve().unwrap_err().to_string();
+        assert!(e.contains("CHAT_STAGES"), "{e}");
+    }
+
+    #[test]
+    fn the_file_is_below_env_and_flags() {
+        let dir = std::env::temp_dir().join(format!("chat-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("chat.toml");
+        std::fs::write(&path, "partitions = 3\nkeyspace = \"from_file\"\n").unwrap();
+        let c = Settings { config: Some(path.clone()), keyspace: Some("from_flag".into()), ..Default::default() }.resolve().unwrap();
+        assert_eq!(c.partitions, 3);
+        assert_eq!(c.keyspace, "from_flag");
+        std::fs::write(&path, "partitons = 3\n").unwrap();
+        let e = Settings { config: Some(path), ..Default::default() }.resolve().unwrap_err().to_string();
+        assert!(e.contains("partitons"), "unknown keys are named: {e}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
