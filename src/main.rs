@@ -57,6 +57,15 @@ enum Command {
     },
     /// Print row counts and SHA-256 of every projection table as JSON.
     Checksums,
+    /// Project the whole log again, from offset zero, into fresh tables and compare their
+    /// checksums with the live tables (exit status 1 if they differ). Embedded: stop `chat run`
+    /// first. Cluster: compare on a quiet system (live tables move while the rebuild runs).
+    Rebuild {
+        /// Where to build: a directory (embedded) or a keyspace (cluster)
+        /// [default: <data_dir>/rebuild-<time> or <keyspace>_rebuild_<time>].
+        #[arg(long)]
+        into: Option<String>,
+    },
 }
 
 type Opened = (Arc<dyn EventLog>, Option<Arc<KafkaLog>>, Arc<dyn Tables>);
@@ -254,6 +263,50 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn rebuild(cfg: Config, into: Option<String>) -> anyhow::Result<bool> {
+    let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
+    let live = Platform::open(cfg.clone()).await?;
+    let (fresh, place): (Arc<dyn Tables>, String) = match &cfg.backend {
+        Backend::Embedded { data_dir } => {
+            let dir = into.map(std::path::PathBuf::from).unwrap_or_else(|| data_dir.join(format!("rebuild-{stamp}")));
+            (Arc::new(SqliteStore::open(&dir)?), dir.display().to_string())
+        }
+        Backend::Cluster { cassandra_nodes, .. } => {
+            let keyspace = into.unwrap_or_else(|| format!("{}_rebuild_{stamp}", cfg.keyspace));
+            let scylla = ScyllaConfig { nodes: cassandra_nodes.clone(), keyspace: keyspace.clone(), replication_factor: cfg.cassandra_rf };
+            (Arc::new(ScyllaStore::connect(&scylla).await.context("creating the rebuild keyspace")?), keyspace)
+        }
+    };
+    let group = format!("{}-rebuild-{stamp}", cfg.projection_group);
+    let topics = projection_topics(&live.topics);
+    let consumer = live.log.subscribe(&group, &topics).await?;
+    let store: Arc<dyn chat_store::ProjectionStore> = fresh.clone();
+    let handler = Arc::new(Projector::new(store, live.log.clone(), live.topics.clone()));
+    let stats = Arc::new(WorkerStats::default());
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(chat_projections::run("rebuild", consumer, handler, stats.clone(), stopped));
+    eprintln!("rebuilding into {place} (group {group})");
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let lag = live.log.group_lag(&group, &topics).await?;
+        eprintln!("rebuild: {} records projected, {lag} to go", stats.records.load(std::sync::atomic::Ordering::Relaxed));
+        if lag == 0 {
+            break;
+        }
+    }
+    let _ = stop.send(true);
+    task.await?;
+    let (a, b) = (live.tables.checksums().await?, fresh.checksums().await?);
+    let mut report = serde_json::Map::new();
+    for (table, live_sum) in &a {
+        report.insert(table.clone(), serde_json::json!({"live": live_sum, "rebuilt": b.get(table), "equal": b.get(table) == Some(live_sum)}));
+    }
+    let equal = a == b;
+    println!("{}", serde_json::to_string_pretty(&serde_json::json!({"rebuilt_into": place, "equal": equal, "tables": report}))?);
+    live.flush();
+    Ok(equal)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -294,6 +347,12 @@ async fn main() -> anyhow::Result<()> {
             let p = Platform::open(cfg).await?;
             p.log.delete_group(&group).await?;
             println!("group {group} reset");
+            Ok(())
+        }
+        Command::Rebuild { into } => {
+            if !rebuild(cfg, into).await? {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Checksums => {

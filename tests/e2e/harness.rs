@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use chat_events::kafka::{KafkaConfig, KafkaLog};
 use chat_events::{EventLog, TopicKind, Topics};
-use chat_store::{ScyllaConfig, ScyllaStore, TableAdmin, TableChecksum};
+use chat_store::{ScyllaConfig, ScyllaStore, SqliteStore, TableChecksum, Tables};
 use futures::{SinkExt, StreamExt};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
@@ -61,35 +61,58 @@ where
     }
 }
 
-/// One test's slice of the shared services.
+/// Which back-ends a scenario runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `chat gateway` / `chat worker` processes on Kafka, Cassandra and Redis.
+    Cluster,
+    /// One `chat run` process on its embedded log and tables, no services.
+    Embedded,
+}
+
+/// One test's slice of the shared services (cluster) or its own data directory (embedded).
 pub struct Scope {
     pub name: String,
-    pub svc: Services,
+    pub mode: Mode,
+    pub svc: Option<Services>,
     pub keyspace: String,
     pub topic_prefix: String,
     pub redis_prefix: String,
     pub log_dir: PathBuf,
+    /// Embedded: the data directory and the fixed port `chat run` listens on across restarts.
+    pub data_dir: PathBuf,
+    pub port: u16,
 }
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_chat")
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
 impl Scope {
-    /// A fresh scope; creates its topics and tables.
-    pub async fn new(name: &str) -> Scope {
-        let svc = services();
-        let tag = format!("{}_{}", name, &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    /// A fresh scope; in cluster mode creates its topics and tables.
+    pub async fn new(name: &str, mode: Mode) -> Scope {
+        let tag = format!("{}_{}_{}", name, if mode == Mode::Cluster { "c" } else { "e" }, &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let log_dir = std::env::temp_dir().join("chat-e2e").join(&tag);
         std::fs::create_dir_all(&log_dir).expect("log dir");
         let scope = Scope {
             name: name.to_owned(),
+            mode,
             keyspace: format!("t_{tag}"),
             topic_prefix: format!("t.{tag}."),
             redis_prefix: format!("t:{tag}:"),
-            svc,
+            svc: (mode == Mode::Cluster).then(services),
+            data_dir: log_dir.join("data"),
+            port: free_port(),
             log_dir,
         };
+        eprintln!("[{name}] {mode:?} scope {tag}, logs in {}", scope.log_dir.display());
+        if mode == Mode::Embedded {
+            return scope;
+        }
         let out = Command::new(bin())
             .arg("migrate")
             .envs(scope.env_for(&scope.keyspace))
@@ -99,15 +122,23 @@ impl Scope {
             .await
             .expect("run chat migrate");
         assert!(out.status.success(), "chat migrate failed: {}", String::from_utf8_lossy(&out.stderr));
-        eprintln!("[{name}] scope {tag}, logs in {}", scope.log_dir.display());
         scope
     }
 
+    fn svc(&self) -> &Services {
+        self.svc.as_ref().expect("cluster mode only")
+    }
+
     pub fn env_for(&self, keyspace: &str) -> Vec<(String, String)> {
-        vec![
-            ("CHAT_KAFKA_BROKERS".into(), self.svc.kafka.clone()),
-            ("CHAT_CASSANDRA_NODES".into(), self.svc.cassandra.clone()),
-            ("CHAT_REDIS_URL".into(), self.svc.redis.clone()),
+        let mut env = match &self.svc {
+            Some(svc) => vec![
+                ("CHAT_KAFKA_BROKERS".to_owned(), svc.kafka.clone()),
+                ("CHAT_CASSANDRA_NODES".to_owned(), svc.cassandra.clone()),
+                ("CHAT_REDIS_URL".to_owned(), svc.redis.clone()),
+            ],
+            None => vec![("CHAT_DATA_DIR".to_owned(), self.data_dir.display().to_string())],
+        };
+        env.extend([
             ("CHAT_KEYSPACE".into(), keyspace.to_owned()),
             ("CHAT_TOPIC_PREFIX".into(), self.topic_prefix.clone()),
             ("CHAT_REDIS_PREFIX".into(), self.redis_prefix.clone()),
@@ -116,7 +147,8 @@ impl Scope {
             ("CHAT_PROJECTION_GROUP".into(), format!("{}projections", self.topic_prefix)),
             ("CHAT_FANOUT_GROUP".into(), format!("{}fanout", self.topic_prefix)),
             ("CHAT_LOG".into(), "info,scylla=warn,rdkafka=warn".into()),
-        ]
+        ]);
+        env
     }
 
     pub fn topics(&self) -> Topics {
@@ -135,6 +167,10 @@ impl Scope {
         let log = self.log_dir.join(format!("{label}-{}.log", uuid::Uuid::new_v4().simple()));
         let file = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(bin());
+        // Whatever the developer's shell holds, the mode is the scope's.
+        for k in ["CHAT_KAFKA_BROKERS", "CHAT_CASSANDRA_NODES", "CHAT_REDIS_URL", "CHAT_DATA_DIR", "CHAT_CONFIG"] {
+            cmd.env_remove(k);
+        }
         cmd.args(args).envs(self.env_for(&self.keyspace)).stdout(Stdio::piped()).stderr(file).kill_on_drop(true);
         for (k, v) in extra_env {
             cmd.env(k, v);
@@ -147,17 +183,21 @@ impl Scope {
         self.gateway_with(node, &[]).await
     }
 
-    /// Starts a gateway node with extra settings.
+    /// Starts a gateway node with extra settings (embedded: the one `chat run` process).
     pub async fn gateway_with(&self, node: &str, extra: &[(&str, &str)]) -> Gateway {
-        let mut env = vec![("CHAT_LISTEN", "127.0.0.1:0".to_owned()), ("CHAT_NODE_ID", node.to_owned())];
+        let (listen, args) = match self.mode {
+            Mode::Cluster => ("127.0.0.1:0".to_owned(), ["gateway"]),
+            Mode::Embedded => (format!("127.0.0.1:{}", self.port), ["run"]),
+        };
+        let mut env = vec![("CHAT_LISTEN", listen), ("CHAT_NODE_ID", node.to_owned())];
         env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
-        let (mut child, log) = self.spawn(&format!("gateway-{node}"), &["gateway"], &env).await;
+        let (mut child, log) = self.spawn(&format!("gateway-{node}"), &args, &env).await;
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let url = tokio::time::timeout(Duration::from_secs(60), async {
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(i) = line.find("http://") {
-                    return Some(line[i..].trim().to_owned());
+                    return line[i..].split_whitespace().next().map(str::to_owned);
                 }
             }
             None
@@ -194,23 +234,51 @@ impl Scope {
         Proc { child, log }
     }
 
-    /// Starts a worker running both stages on the scope's keyspace and groups.
-    pub async fn worker(&self) -> Proc {
-        self.worker_with(&self.keyspace, &self.projection_group(), "fanout,projections").await
+    /// Starts a worker running both stages on the scope's keyspace and groups (cluster mode;
+    /// embedded mode runs them inside `chat run`).
+    pub async fn worker(&self) -> Option<Proc> {
+        match self.mode {
+            Mode::Cluster => Some(self.worker_with(&self.keyspace, &self.projection_group(), "fanout,projections").await),
+            Mode::Embedded => None,
+        }
     }
 
-    pub async fn store(&self, keyspace: &str) -> ScyllaStore {
-        ScyllaStore::connect(&ScyllaConfig { nodes: vec![self.svc.cassandra.clone()], keyspace: keyspace.to_owned(), replication_factor: 1 })
-            .await
-            .expect("connect store")
+    /// The scope's tables (cluster: a keyspace; embedded: the data directory's).
+    pub async fn store(&self, keyspace: &str) -> Arc<dyn Tables> {
+        match self.mode {
+            Mode::Cluster => Arc::new(
+                ScyllaStore::connect(&ScyllaConfig { nodes: vec![self.svc().cassandra.clone()], keyspace: keyspace.to_owned(), replication_factor: 1 })
+                    .await
+                    .expect("connect store"),
+            ),
+            Mode::Embedded => Arc::new(SqliteStore::open(&self.data_dir).expect("open tables")),
+        }
     }
 
     pub fn log(&self) -> KafkaLog {
-        KafkaLog::new(KafkaConfig::new(&self.svc.kafka)).expect("kafka client")
+        KafkaLog::new(KafkaConfig::new(&self.svc().kafka)).expect("kafka client")
+    }
+
+    /// Runs a `chat` subcommand to completion with the scope's settings.
+    pub async fn chat(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(bin());
+        for k in ["CHAT_KAFKA_BROKERS", "CHAT_CASSANDRA_NODES", "CHAT_REDIS_URL", "CHAT_DATA_DIR", "CHAT_CONFIG"] {
+            cmd.env_remove(k);
+        }
+        cmd.args(args).envs(self.env_for(&self.keyspace)).output().await.expect("run chat")
     }
 
     /// Waits until a group has consumed everything in its topics.
     pub async fn wait_lag_zero(&self, group: &str, topics: &[String], timeout: Duration) {
+        if self.mode == Mode::Embedded {
+            let dir = self.data_dir.clone();
+            wait_for(&format!("lag 0 of {group}"), timeout, || {
+                let lag = chat_events::embedded::inspect::group_lag(&dir, group, topics);
+                async move { lag.ok().filter(|l| *l == 0).map(|_| ()) }
+            })
+            .await;
+            return;
+        }
         let log = Arc::new(self.log());
         wait_for(&format!("lag 0 of {group}"), timeout, || {
             let log = log.clone();
@@ -232,8 +300,15 @@ impl Scope {
     /// Every record of a topic, from the beginning to its current end.
     pub fn read_topic(&self, kind: TopicKind) -> Vec<Value> {
         let topic = self.topics().name(kind);
+        if self.mode == Mode::Embedded {
+            return chat_events::embedded::inspect::records(&self.data_dir, &topic)
+                .unwrap_or_default()
+                .iter()
+                .map(|p| serde_json::from_slice(p).expect("json event"))
+                .collect();
+        }
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.svc.kafka)
+            .set("bootstrap.servers", &self.svc().kafka)
             .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
             .set("enable.auto.commit", "false")
             .create()
@@ -269,7 +344,7 @@ impl Scope {
 }
 
 /// Checksums of every projection table.
-pub async fn checksums(store: &ScyllaStore) -> BTreeMap<String, TableChecksum> {
+pub async fn checksums(store: &Arc<dyn Tables>) -> BTreeMap<String, TableChecksum> {
     store.checksums().await.expect("checksums")
 }
 
@@ -372,13 +447,35 @@ pub struct Ws {
 
 impl Ws {
     pub async fn connect(url: &str, token: &str, device: &str) -> Ws {
-        let mut req = format!("{url}?device={device}").into_client_request().expect("request");
-        req.headers_mut().insert("Authorization", format!("Bearer {token}").parse().expect("header"));
-        let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("websocket connect");
+        Self::try_connect(url, token, device).await.expect("websocket connect")
+    }
+
+    /// Connects, or says why not (used by clients that ride out a server restart).
+    pub async fn try_connect(url: &str, token: &str, device: &str) -> Result<Ws, String> {
+        let mut req = format!("{url}?device={device}").into_client_request().map_err(|e| e.to_string())?;
+        req.headers_mut().insert("Authorization", format!("Bearer {token}").parse().map_err(|_| "header")?);
+        let (ws, _) = tokio_tungstenite::connect_async(req).await.map_err(|e| e.to_string())?;
         let (sink, stream) = ws.split();
         let mut ws = Ws { sink, stream, buffered: VecDeque::new(), closed: None, next_ref: 1 };
-        ws.expect("welcome", Duration::from_secs(10), |f| f["type"] == "welcome").await;
-        ws
+        match ws.read(Duration::from_secs(10)).await {
+            Some(f) if f["type"] == "welcome" => Ok(ws),
+            other => Err(format!("no welcome: {other:?}")),
+        }
+    }
+
+    /// Sends a text message; `None` if the connection failed before the `sent` frame.
+    pub async fn try_send_text(&mut self, to: &str, client_msg_id: &str, body: &str) -> Option<Value> {
+        let r = self.next_ref;
+        self.next_ref += 1;
+        let frame = json!({"type": "send", "ref": r, "client_msg_id": client_msg_id, "to": to, "body": body});
+        self.sink.send(Message::Text(frame.to_string().into())).await.ok()?;
+        loop {
+            let f = self.read(Duration::from_secs(30)).await?;
+            if f["ref"] == json!(r) {
+                return (f["type"] == "sent").then_some(f);
+            }
+            self.buffered.push_back(f);
+        }
     }
 
     pub async fn send_raw(&mut self, m: Message) {

@@ -8,7 +8,6 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chat_events::TopicKind;
-use chat_store::TableAdmin;
 use harness::*;
 use serde_json::{json, Value};
 
@@ -20,10 +19,15 @@ fn is_type(t: &'static str) -> impl Fn(&Value) -> bool {
 
 /// a. Two nodes: send on node 1, receive on node 2, delivered and seen receipts back, and the
 /// receipt timeline in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_two_nodes_send_deliver_read_receipts() {
-    let s = Scope::new("a").await;
-    let (gw1, gw2) = (s.gateway("n1").await, s.gateway("n2").await);
+async fn a_two_nodes_send_deliver_read_receipts(mode: Mode) {
+    let s = Scope::new("a", mode).await;
+    let gw1 = s.gateway("n1").await;
+    // Embedded mode has one process: both users on it.
+    let second = match mode {
+        Mode::Cluster => Some(s.gateway("n2").await),
+        Mode::Embedded => None,
+    };
+    let gw2 = second.as_ref().unwrap_or(&gw1);
     let _worker = s.worker().await;
     let alice = gw1.register("alice").await;
     let bob = gw2.register("bob").await;
@@ -101,9 +105,8 @@ async fn a_two_nodes_send_deliver_read_receipts() {
 }
 
 /// b. Offline delivery: 200 messages while bob is away, then sync on two devices.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn b_offline_sync_is_complete_ordered_and_unique() {
-    let s = Scope::new("b").await;
+async fn b_offline_sync_is_complete_ordered_and_unique(mode: Mode) {
+    let s = Scope::new("b", mode).await;
     let gw = s.gateway("n1").await;
     let _worker = s.worker().await;
     let alice = gw.register("alice").await;
@@ -144,9 +147,8 @@ fn check_200(items: &[Value], ids: &[String]) {
 }
 
 /// c. The same client_msg_id three times, once across a reconnect: one id, one event, one row.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn c_retried_send_is_one_message() {
-    let s = Scope::new("c").await;
+async fn c_retried_send_is_one_message(mode: Mode) {
+    let s = Scope::new("c", mode).await;
     let gw = s.gateway("n1").await;
     let _worker = s.worker().await;
     let alice = gw.register("alice").await;
@@ -194,18 +196,34 @@ async fn c_retried_send_is_one_message() {
     assert_eq!(sums["pending_deliveries"].rows, 2);
 }
 
-/// Sends `n` messages from each of several pairs, concurrently.
+/// Sends `n` messages from each of several pairs, concurrently. A sender whose connection
+/// fails (server killed) reconnects and re-sends the same `client_msg_id` until it is acked.
 async fn traffic(ws_url: String, pairs: Vec<(User, User)>, n: usize, tag: &str) {
     let mut tasks = Vec::new();
     for (from, to) in &pairs {
-        let mut ws = Ws::connect(&ws_url, &from.token, "load").await;
-        let to = to.id.clone();
-        let tag = tag.to_owned();
+        let (url, from, to, tag) = (ws_url.clone(), from.clone(), to.id.clone(), tag.to_owned());
         tasks.push(tokio::spawn(async move {
+            let mut ws: Option<Ws> = None;
             for i in 0..n {
-                ws.send_text(&to, &format!("{tag}-{i}"), &format!("{tag} #{i}")).await;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+                loop {
+                    assert!(tokio::time::Instant::now() < deadline, "message {i} of {} never acked", from.name);
+                    let Some(conn) = ws.as_mut() else {
+                        ws = Ws::try_connect(&url, &from.token, "load").await.ok();
+                        if ws.is_none() {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        continue;
+                    };
+                    match conn.try_send_text(&to, &format!("{tag}-{i}"), &format!("{tag} #{i}")).await {
+                        Some(_) => break,
+                        None => ws = None,
+                    }
+                }
             }
-            ws.close().await;
+            if let Some(ws) = ws {
+                ws.close().await;
+            }
         }));
     }
     for t in tasks {
@@ -213,50 +231,65 @@ async fn traffic(ws_url: String, pairs: Vec<(User, User)>, n: usize, tag: &str) 
     }
 }
 
-/// d. SIGKILL of the worker while 2,000 messages flow; after restart and catch-up every table
-/// equals a clean projection of the same log.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn d_worker_sigkill_loses_and_duplicates_nothing() {
-    let s = Scope::new("d").await;
-    let gw = s.gateway("n1").await;
-    let worker = s.worker().await;
+/// Runs `chat rebuild` (projects the whole log into fresh tables) and checks it matches.
+async fn assert_rebuild_matches(s: &Scope, messages: u64) {
+    let out = s.chat(&["rebuild"]).await;
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert!(out.status.success(), "rebuild differs: {report:#}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(report["equal"], true);
+    assert_eq!(report["tables"]["messages"]["rebuilt"]["rows"], json!(messages));
+}
+
+async fn four_pairs(gw: &Gateway) -> Vec<(User, User)> {
     let mut users = Vec::new();
     for i in 0..8 {
         users.push(gw.register(&format!("user{i}")).await);
     }
-    let pairs: Vec<(User, User)> = (0..4).map(|i| (users[2 * i].clone(), users[2 * i + 1].clone())).collect();
+    (0..4).map(|i| (users[2 * i].clone(), users[2 * i + 1].clone())).collect()
+}
+
+/// d. SIGKILL while 2,000 messages flow (the worker in cluster mode; the one process in
+/// embedded mode); after restart and catch-up every table equals a clean projection of the log.
+async fn d_sigkill_loses_and_duplicates_nothing(mode: Mode) {
+    let s = Scope::new("d", mode).await;
+    let gw = s.gateway("n1").await;
+    let worker = s.worker().await;
+    let pairs = four_pairs(&gw).await;
     let sender = tokio::spawn(traffic(gw.ws_url(), pairs, 500, "d"));
-    // Kill the worker mid-stream, once it has made progress.
+    // Kill mid-stream, once projections have made progress.
     let store = s.store(&s.keyspace).await;
     wait_for("some messages projected", T, || async {
         let n = checksums(&store).await["messages"].rows;
         (n > 200).then_some(())
     })
     .await;
-    worker.kill9().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let _worker = s.worker().await;
-    sender.await.expect("traffic");
-    s.wait_settled(Duration::from_secs(180)).await;
-    let after_kill = checksums(&store).await;
-    assert_eq!(after_kill["messages"].rows, 2000);
-
-    // A clean run over the same log: a fresh keyspace and group, projections only.
-    let clean_ks = format!("{}_clean", s.keyspace);
-    let clean_store = s.store(&clean_ks).await;
-    let group = format!("{}clean", s.topic_prefix);
-    let _clean = s.worker_with(&clean_ks, &group, "projections").await;
-    let t = s.topics();
-    let all = vec![t.name(TopicKind::Conversations), t.name(TopicKind::Users), t.name(TopicKind::Deliveries)];
-    s.wait_lag_zero(&group, &all, Duration::from_secs(180)).await;
-    let clean = checksums(&clean_store).await;
-    assert_eq!(after_kill, clean, "tables after a SIGKILL equal a clean projection");
+    let _gateway = match worker {
+        Some(w) => {
+            w.kill9().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _worker = s.worker().await;
+            sender.await.expect("traffic");
+            s.wait_settled(Duration::from_secs(180)).await;
+            gw
+        }
+        None => {
+            gw.proc.kill9().await;
+            let gw = s.gateway("n1b").await;
+            sender.await.expect("traffic");
+            s.wait_settled(Duration::from_secs(180)).await;
+            // `chat rebuild` needs the data directory to itself.
+            gw.proc.terminate().await;
+            assert_eq!(checksums(&store).await["messages"].rows, 2000);
+            return assert_rebuild_matches(&s, 2000).await;
+        }
+    };
+    assert_eq!(checksums(&store).await["messages"].rows, 2000);
+    assert_rebuild_matches(&s, 2000).await;
 }
 
 /// e. Rebuild: truncate the projections, reset the group, replay: identical checksums.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn e_rebuild_gives_identical_tables() {
-    let s = Scope::new("e").await;
+async fn e_rebuild_gives_identical_tables(mode: Mode) {
+    let s = Scope::new("e", mode).await;
     let gw = s.gateway("n1").await;
     let worker = s.worker().await;
     let alice = gw.register("alice").await;
@@ -271,24 +304,34 @@ async fn e_rebuild_gives_identical_tables() {
     b.request(json!({"type": "delivered", "conversation_id": conv, "message_ids": [last]})).await;
     b.request(json!({"type": "read", "conversation_id": conv, "up_to": last})).await;
     b.send_text(&alice.id, "reply", "hello back").await;
+    // Everyone offline, so stopping a process appends nothing more.
     b.close().await;
+    a.close().await;
     s.wait_settled(T).await;
     let store = s.store(&s.keyspace).await;
     let before = checksums(&store).await;
     assert!(before["receipts"].rows > 30);
     assert!(before["last_seen"].rows >= 1);
 
-    worker.terminate().await;
+    // Stop whoever writes projections, empty them, forget the group's offsets, start again.
+    let gw = match worker {
+        Some(w) => {
+            w.terminate().await;
+            Some(gw)
+        }
+        None => {
+            gw.proc.terminate().await;
+            None
+        }
+    };
     store.truncate_projections().await.expect("truncate");
     assert_eq!(checksums(&store).await["messages"].rows, 0);
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat"))
-        .args(["reset-group", "--group", &s.projection_group()])
-        .envs(s.env_for(&s.keyspace))
-        .output()
-        .await
-        .unwrap();
+    let out = s.chat(&["reset-group", "--group", &s.projection_group()]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let _worker = s.worker().await;
+    let _running = match gw {
+        Some(gw) => (gw, s.worker().await),
+        None => (s.gateway("n1b").await, None),
+    };
     s.wait_settled(T).await;
     let after = wait_for("rebuild complete", T, || async {
         let c = checksums(&store).await;
@@ -298,10 +341,35 @@ async fn e_rebuild_gives_identical_tables() {
     assert_eq!(before, after);
 }
 
+/// Embedded: 1,000 acked messages, SIGKILL, restart: a client syncing from zero gets all of
+/// them once each, and the projections are complete.
+async fn sigkill_keeps_every_acked_message(mode: Mode) {
+    let s = Scope::new("k", mode).await;
+    let gw = s.gateway("n1").await;
+    let _worker = s.worker().await;
+    let alice = gw.register("alice").await;
+    let bob = gw.register("bob").await;
+    let mut a = gw.connect(&alice, "phone").await;
+    let mut ids = Vec::new();
+    for i in 0..1000 {
+        ids.push(a.send_text(&bob.id, &format!("k-{i}"), &format!("kept {i}")).await["message_id"].as_str().unwrap().to_owned());
+    }
+    gw.proc.kill9().await;
+    let gw = s.gateway("n1b").await;
+    let mut b = gw.connect(&bob, "phone").await;
+    let (items, _) = b.sync_until(None, 1000, Duration::from_secs(180)).await;
+    let got: Vec<&str> = items.iter().map(|i| i["message_id"].as_str().unwrap()).collect();
+    assert_eq!(got, ids.iter().map(String::as_str).collect::<Vec<_>>(), "all 1,000, once each, in order");
+    s.wait_settled(Duration::from_secs(180)).await;
+    let sums = checksums(&s.store(&s.keyspace).await).await;
+    assert_eq!(sums["messages"].rows, 1000);
+    assert_eq!(sums["user_stream"].rows, 2000, "bob's 1,000 and alice's own 1,000");
+    assert_eq!(sums["inbox"].rows, 2);
+}
+
 /// f. Presence: online on the first device, offline (with last seen) after the last.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn f_presence_follows_the_last_device() {
-    let s = Scope::new("f").await;
+async fn f_presence_follows_the_last_device(mode: Mode) {
+    let s = Scope::new("f", mode).await;
     let gw = s.gateway("n1").await;
     let _worker = s.worker().await;
     let alice = gw.register("alice").await;
@@ -337,11 +405,10 @@ async fn f_presence_follows_the_last_device() {
     assert_eq!(seen["last_seen"], json!(last_seen));
 }
 
-/// f. (continued) A node that dies without closing its sockets: its users go offline after the
+/// f. (continued, cluster only) A node that dies without closing its sockets: its users go offline after the
 /// presence TTL, declared by a surviving node.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn f_crashed_node_users_go_offline() {
-    let s = Scope::new("f2").await;
+async fn f_crashed_node_users_go_offline(mode: Mode) {
+    let s = Scope::new("f2", mode).await;
     let ttl = [("CHAT_PRESENCE_TTL_SECS", "3")];
     let gw1 = s.gateway_with("n1", &ttl).await;
     let gw2 = s.gateway_with("n2", &ttl).await;
@@ -368,9 +435,8 @@ async fn f_crashed_node_users_go_offline() {
 }
 
 /// g. Bad input appends nothing and leaves the server healthy.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn g_bad_input_is_refused_cleanly() {
-    let s = Scope::new("g").await;
+async fn g_bad_input_is_refused_cleanly(mode: Mode) {
+    let s = Scope::new("g", mode).await;
     let gw = s.gateway("n1").await;
     let alice = gw.register("alice").await;
     let _bob = gw.register("bob").await;
@@ -445,9 +511,8 @@ async fn g_bad_input_is_refused_cleanly() {
 }
 
 /// An open socket is closed when its token expires (1008), so a revoked session ends.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_expiry_closes_the_socket() {
-    let s = Scope::new("ttl").await;
+async fn token_expiry_closes_the_socket(mode: Mode) {
+    let s = Scope::new("ttl", mode).await;
     let gw = s.gateway_with("n1", &[("CHAT_TOKEN_TTL_SECS", "3")]).await;
     let alice = gw.register("alice").await;
     let mut a = gw.connect(&alice, "phone").await;
@@ -456,9 +521,8 @@ async fn token_expiry_closes_the_socket() {
 }
 
 /// Two registrations of one name at the same time: exactly one wins.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_registrations_of_one_name() {
-    let s = Scope::new("reg").await;
+async fn concurrent_registrations_of_one_name(mode: Mode) {
+    let s = Scope::new("reg", mode).await;
     let gw = s.gateway("n1").await;
     let mut tasks = Vec::new();
     for _ in 0..4 {
@@ -478,9 +542,8 @@ async fn concurrent_registrations_of_one_name() {
 }
 
 /// h. carol sees nothing of alice and bob, and the refusals look like "does not exist".
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn h_outsiders_see_nothing() {
-    let s = Scope::new("h").await;
+async fn h_outsiders_see_nothing(mode: Mode) {
+    let s = Scope::new("h", mode).await;
     let gw = s.gateway("n1").await;
     let _worker = s.worker().await;
     let alice = gw.register("alice").await;
@@ -531,9 +594,8 @@ async fn h_outsiders_see_nothing() {
 }
 
 /// i. A gateway restarted between send and delivery: everything acked before is delivered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn i_gateway_restart_loses_no_acked_message() {
-    let s = Scope::new("i").await;
+async fn i_gateway_restart_loses_no_acked_message(mode: Mode) {
+    let s = Scope::new("i", mode).await;
     let gw = s.gateway("n1").await;
     let _worker = s.worker().await;
     let alice = gw.register("alice").await;
@@ -549,4 +611,53 @@ async fn i_gateway_restart_loses_no_acked_message() {
     let (items, _) = b.sync_until(None, 25, T).await;
     let got: Vec<&str> = items.iter().map(|i| i["message_id"].as_str().unwrap()).collect();
     assert_eq!(got, ids.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+macro_rules! scenarios {
+    ($mode:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name($mode).await
+            }
+        )*
+    };
+}
+
+/// Gateways and workers as separate processes on Kafka, Cassandra and Redis.
+mod cluster {
+    use super::*;
+    scenarios!(Mode::Cluster;
+        a_two_nodes_send_deliver_read_receipts,
+        b_offline_sync_is_complete_ordered_and_unique,
+        c_retried_send_is_one_message,
+        d_sigkill_loses_and_duplicates_nothing,
+        e_rebuild_gives_identical_tables,
+        f_presence_follows_the_last_device,
+        f_crashed_node_users_go_offline,
+        g_bad_input_is_refused_cleanly,
+        h_outsiders_see_nothing,
+        i_gateway_restart_loses_no_acked_message,
+        token_expiry_closes_the_socket,
+        concurrent_registrations_of_one_name,
+    );
+}
+
+/// One `chat run` process on its embedded log and tables.
+mod embedded {
+    use super::*;
+    scenarios!(Mode::Embedded;
+        a_two_nodes_send_deliver_read_receipts,
+        b_offline_sync_is_complete_ordered_and_unique,
+        c_retried_send_is_one_message,
+        d_sigkill_loses_and_duplicates_nothing,
+        e_rebuild_gives_identical_tables,
+        f_presence_follows_the_last_device,
+        g_bad_input_is_refused_cleanly,
+        h_outsiders_see_nothing,
+        i_gateway_restart_loses_no_acked_message,
+        token_expiry_closes_the_socket,
+        concurrent_registrations_of_one_name,
+        sigkill_keeps_every_acked_message,
+    );
 }

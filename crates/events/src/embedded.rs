@@ -51,6 +51,9 @@ struct GroupState {
 
 struct Inner {
     path: PathBuf,
+    /// Held for the life of the log: one process per data directory (the writer's offsets live
+    /// in its memory, so a second writer would corrupt them).
+    _lock: std::fs::File,
     writer: std_mpsc::SyncSender<WriteReq>,
     /// Partition count per topic.
     topics: Mutex<HashMap<String, i32>>,
@@ -121,6 +124,16 @@ impl EmbeddedLog {
     /// writer; beyond it `append` fails with [`LogError::QueueFull`].
     pub fn open(dir: &Path, queue: usize) -> Result<Self, LogError> {
         std::fs::create_dir_all(dir).map_err(|e| fatal(format!("data directory {}: {e}", dir.display())))?;
+        let lock_path = dir.join("log.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| fatal(format!("{}: {e}", lock_path.display())))?;
+        lock.try_lock().map_err(|_| {
+            fatal(format!("data directory {} is in use by another chat process (stop it first)", dir.display()))
+        })?;
         let path = dir.join("log.db");
         let conn = open(&path, true).map_err(|e| fatal(format!("{}: {e}", path.display())))?;
         conn.execute_batch(SCHEMA).map_err(fatal)?;
@@ -145,6 +158,7 @@ impl EmbeddedLog {
         let (tx, rx) = std_mpsc::sync_channel(queue.max(1));
         let inner = Arc::new(Inner {
             path: path.clone(),
+            _lock: lock,
             writer: tx,
             topics: Mutex::new(topics),
             ends: Mutex::new(ends),
@@ -584,6 +598,43 @@ impl Drop for EmbeddedConsumer {
             g.members.retain(|m| *m != self.member);
             g.generation += 1;
         }
+    }
+}
+
+/// Read-only views of a data directory, usable while another process owns it (tests, tools).
+pub mod inspect {
+    use super::*;
+
+    fn conn(dir: &Path) -> Result<Connection, LogError> {
+        open(&dir.join("log.db"), false).map_err(fatal)
+    }
+
+    /// Records still to be consumed by a group on some topics (end − committed, summed).
+    pub fn group_lag(dir: &Path, group: &str, topics: &[String]) -> Result<i64, LogError> {
+        let c = conn(dir)?;
+        let mut lag = 0;
+        for t in topics {
+            let mut st = c
+                .prepare(
+                    "SELECT r.partition, MAX(r.offset) + 1, COALESCE((SELECT next_offset FROM group_offsets g WHERE g.grp = ?1 AND g.topic = r.topic AND g.partition = r.partition), 0)
+                     FROM records r WHERE r.topic = ?2 GROUP BY r.partition",
+                )
+                .map_err(fatal)?;
+            let rows = st.query_map(params![group, t], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))).map_err(fatal)?;
+            for r in rows {
+                let (end, done) = r.map_err(fatal)?;
+                lag += (end - done).max(0);
+            }
+        }
+        Ok(lag)
+    }
+
+    /// Every record payload of a topic, in (partition, offset) order.
+    pub fn records(dir: &Path, topic: &str) -> Result<Vec<Vec<u8>>, LogError> {
+        let c = conn(dir)?;
+        let mut st = c.prepare("SELECT payload FROM records WHERE topic = ?1 ORDER BY partition, offset").map_err(fatal)?;
+        let rows = st.query_map(params![topic], |r| r.get::<_, Vec<u8>>(0)).map_err(fatal)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(fatal)
     }
 }
 
