@@ -367,21 +367,27 @@ async fn sigkill_keeps_every_acked_message(mode: Mode) {
     assert_eq!(sums["inbox"].rows, 2);
 }
 
-/// f. Presence: online on the first device, offline (with last seen) after the last.
-async fn f_presence_follows_the_last_device(mode: Mode) {
-    let s = Scope::new("f", mode).await;
-    let gw = s.gateway("n1").await;
-    let _worker = s.worker().await;
+/// alice and bob with a projected conversation (presence goes to the people one has
+/// conversations with), alice connected.
+async fn acquainted(gw: &Gateway) -> (User, User, Ws) {
     let alice = gw.register("alice").await;
     let bob = gw.register("bob").await;
     let mut a = gw.connect(&alice, "phone").await;
     a.send_text(&bob.id, "hi", "hi bob").await;
-    // Presence goes to people bob has conversations with: wait until that is projected.
     wait_for("conversation projected", T, || async {
         let (_, l) = gw.get(&bob.token, "/v1/conversations").await;
         (l["conversations"].as_array().map(|c| c.len()) == Some(1)).then_some(())
     })
     .await;
+    (alice, bob, a)
+}
+
+/// f. Presence: online on the first device, offline (with last seen) after the last.
+async fn f_presence_follows_the_last_device(mode: Mode) {
+    let s = Scope::new("f", mode).await;
+    let gw = s.gateway("n1").await;
+    let _worker = s.worker().await;
+    let (alice, bob, mut a) = acquainted(&gw).await;
 
     let b1 = gw.connect(&bob, "phone").await;
     let p = a.expect("online", T, |f| f["type"] == "presence" && f["user_id"] == json!(bob.id)).await;
@@ -413,15 +419,7 @@ async fn f_crashed_node_users_go_offline(mode: Mode) {
     let gw1 = s.gateway_with("n1", &ttl).await;
     let gw2 = s.gateway_with("n2", &ttl).await;
     let _worker = s.worker().await;
-    let alice = gw1.register("alice").await;
-    let bob = gw1.register("bob").await;
-    let mut a = gw1.connect(&alice, "phone").await;
-    a.send_text(&bob.id, "hi", "hi bob").await;
-    wait_for("conversation projected", T, || async {
-        let (_, l) = gw1.get(&bob.token, "/v1/conversations").await;
-        (l["conversations"].as_array().map(|c| c.len()) == Some(1)).then_some(())
-    })
-    .await;
+    let (alice, bob, mut a) = acquainted(&gw1).await;
     let _b = gw2.connect(&bob, "phone").await;
     a.expect("online", T, |f| f["type"] == "presence" && f["status"] == "online").await;
     gw2.proc.kill9().await;

@@ -103,7 +103,10 @@ CREATE TABLE IF NOT EXISTS group_offsets (
 ) WITHOUT ROWID;
 ";
 
-fn open(path: &Path, write: bool) -> rusqlite::Result<Connection> {
+/// Opens a SQLite database the way every embedded back-end does: a writer in WAL mode with
+/// `synchronous=FULL` (a commit is on disk when it returns), or a read-only connection; both wait
+/// up to 10 s for a lock instead of failing.
+pub fn open_sqlite(path: &Path, write: bool) -> rusqlite::Result<Connection> {
     let flags = if write {
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
@@ -135,7 +138,7 @@ impl EmbeddedLog {
             fatal(format!("data directory {} is in use by another chat process (stop it first)", dir.display()))
         })?;
         let path = dir.join("log.db");
-        let conn = open(&path, true).map_err(|e| fatal(format!("{}: {e}", path.display())))?;
+        let conn = open_sqlite(&path, true).map_err(|e| fatal(format!("{}: {e}", path.display())))?;
         conn.execute_batch(SCHEMA).map_err(fatal)?;
         let mut topics = HashMap::new();
         {
@@ -299,7 +302,7 @@ impl Inner {
         if let Some(c) = lock(&self.readers).pop() {
             return Ok(c);
         }
-        open(&self.path, false).map_err(fatal)
+        open_sqlite(&self.path, false).map_err(fatal)
     }
 
     fn give_back(&self, c: Connection) {
@@ -606,7 +609,7 @@ pub mod inspect {
     use super::*;
 
     fn conn(dir: &Path) -> Result<Connection, LogError> {
-        open(&dir.join("log.db"), false).map_err(fatal)
+        open_sqlite(&dir.join("log.db"), false).map_err(fatal)
     }
 
     /// Records still to be consumed by a group on some topics (end − committed, summed).

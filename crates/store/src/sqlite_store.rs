@@ -14,12 +14,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use chat_events::{ConversationId, MessageId, ReceiptStatus, UserId};
 use chrono::{DateTime, Utc};
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transaction};
+use chat_events::embedded::open_sqlite;
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 use tracing::error;
@@ -87,21 +87,6 @@ fn conv_at(r: &Row<'_>, i: usize) -> rusqlite::Result<ConversationId> {
     r.get::<_, String>(i)?.parse().map_err(conversion)
 }
 
-fn open(path: &Path, write: bool) -> rusqlite::Result<Connection> {
-    let flags = if write {
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
-    } else {
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
-    };
-    let c = Connection::open_with_flags(path, flags)?;
-    c.busy_timeout(Duration::from_secs(10))?;
-    if write {
-        c.pragma_update(None, "journal_mode", "WAL")?;
-        c.pragma_update(None, "synchronous", "FULL")?;
-    }
-    Ok(c)
-}
-
 fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
@@ -138,7 +123,7 @@ impl SqliteStore {
     pub fn open(dir: &Path) -> StoreResult<Self> {
         std::fs::create_dir_all(dir).map_err(|e| data(format!("data directory {}: {e}", dir.display())))?;
         let path = dir.join("tables.db");
-        let conn = open(&path, true).map_err(|e| data(format!("{}: {e}", path.display())))?;
+        let conn = open_sqlite(&path, true).map_err(|e| data(format!("{}: {e}", path.display())))?;
         conn.execute_batch(SCHEMA).map_err(data)?;
         let (tx, rx) = std_mpsc::sync_channel::<Job>(10_000);
         std::thread::Builder::new().name("chat-tables-writer".into()).spawn(move || writer_loop(conn, rx)).map_err(data)?;
@@ -193,7 +178,7 @@ impl SqliteStore {
             let pooled = inner.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let conn = match pooled {
                 Some(c) => c,
-                None => open(&inner.path, false).map_err(unavailable)?,
+                None => open_sqlite(&inner.path, false).map_err(unavailable)?,
             };
             let out = f(&conn).map_err(data);
             let mut pool = inner.readers.lock().unwrap_or_else(|p| p.into_inner());
@@ -551,13 +536,18 @@ impl ProjectionStore for SqliteStore {
     }
 
     async fn put_presence(&self, user: UserId, online: bool, at: DateTime<Utc>) -> StoreResult<()> {
+        // Cassandra's rule, so that a replay in any order gives the same row: the later change
+        // wins, and of two changes at the same instant the greater value ('online') does, as
+        // Cassandra resolves two cells with one write time.
         self.write(move |t| {
             let status = if online { "online" } else { "offline" };
             let last_seen: Option<i64> = if online { None } else { Some(ms(&at)) };
             t.execute(
                 "INSERT INTO last_seen (user_id, status, changed_at, last_seen) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (user_id) DO UPDATE SET
-                   status = CASE WHEN excluded.changed_at >= last_seen.changed_at THEN excluded.status ELSE last_seen.status END,
+                   status = CASE WHEN excluded.changed_at > last_seen.changed_at THEN excluded.status
+                                 WHEN excluded.changed_at < last_seen.changed_at THEN last_seen.status
+                                 ELSE MAX(last_seen.status, excluded.status) END,
                    changed_at = MAX(last_seen.changed_at, excluded.changed_at),
                    last_seen = CASE WHEN excluded.last_seen IS NULL THEN last_seen.last_seen
                                     WHEN last_seen.last_seen IS NULL THEN excluded.last_seen

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs the platform on this machine: starts Kafka, Cassandra and Redis on 127.0.0.1 (installing
-# and fetching what is missing, see scripts/services.sh), then one projection worker and one
-# gateway node on http://127.0.0.1:${CHAT_PORT:-8080}. Ctrl-C stops the gateway and the worker
+# Runs the platform in cluster mode on this machine: starts Kafka, Cassandra and Redis on
+# 127.0.0.1 (installing and fetching what is missing, see scripts/services.sh), then one projection
+# worker and one gateway node on http://127.0.0.1:${CHAT_PORT:-8080}. (The default, embedded mode
+# needs none of this: `cargo run --release`.) Ctrl-C stops the gateway and the worker
 # (the worker commits its offsets first); the services keep running (`scripts/services.sh down`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
