@@ -31,6 +31,7 @@
 #   CHAT_REDIS_PORT [6379]  CHAT_KAFKA_PORT [9092]  CHAT_KAFKA_CONTROLLER_PORT [9093]
 #   CHAT_CASSANDRA_PORT [9042]  CHAT_CASSANDRA_STORAGE_PORT [7000]
 #   CHAT_JAVA17_HOME [/usr/lib/jvm/java-17-openjdk-amd64]  (Cassandra 5.0 needs Java 17 exactly)
+#   CHAT_CASSANDRA_HEAP [2g]
 #   CHAT_KAFKA_TIMEOUT [180]  CHAT_CASSANDRA_TIMEOUT [300]  CHAT_REDIS_TIMEOUT [30]  (seconds)
 #
 # Services started by `up` outlive this script (setsid + nohup) and never inherit the caller's
@@ -519,7 +520,9 @@ cassandra_launch() {
   fi
   rotate_log "$CASSANDRA_LOG" "$CASSANDRA_OUT"
   local jvm=(
-    -Xms1g -Xmx1g -Xss256k -XX:+UseG1GC -XX:+ParallelRefProcEnabled
+    # 2 GiB: every table costs heap (memtable, metadata), and a test run creates a keyspace of
+    # 16 tables per scenario; 1 GiB ran out after a few hundred tables.
+    -Xms${CHAT_CASSANDRA_HEAP:-2g} -Xmx${CHAT_CASSANDRA_HEAP:-2g} -Xss256k -XX:+UseG1GC -XX:+ParallelRefProcEnabled
     # Cassandra's start-up checks ask for this: a node that hit OOM may corrupt data if it goes on.
     -XX:+ExitOnOutOfMemoryError
     -Djava.net.preferIPv4Stack=true -Djava.awt.headless=true

@@ -343,6 +343,21 @@ impl Scope {
     }
 }
 
+impl Drop for Scope {
+    /// Drops the scope's keyspaces (its own and any `chat rebuild` made beside it): every table
+    /// costs Cassandra heap, and a run creates many.
+    fn drop(&mut self) {
+        let (Some(svc), Mode::Cluster) = (&self.svc, self.mode) else { return };
+        let nodes = vec![svc.cassandra.clone()];
+        let prefix = self.keyspace.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(ScyllaStore::drop_keyspaces(&nodes, &prefix)).ok()
+        })
+        .join();
+    }
+}
+
 /// Checksums of every projection table.
 pub async fn checksums(store: &Arc<dyn Tables>) -> BTreeMap<String, TableChecksum> {
     store.checksums().await.expect("checksums")

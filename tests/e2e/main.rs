@@ -2,6 +2,7 @@
 //! real `chat` binary (run with `bash scripts/test.sh`). The letters follow the acceptance
 //! list of the core issue.
 
+mod conformance;
 mod harness;
 
 use std::collections::HashSet;

@@ -596,6 +596,17 @@ impl LogConsumer for EmbeddedConsumer {
 
 impl Drop for EmbeddedConsumer {
     fn drop(&mut self) {
+        // Like Kafka's consumer close: commit what was stored (best effort, not awaited).
+        let offsets: Vec<(String, i32, i64)> = self
+            .stored
+            .iter()
+            .filter(|(k, v)| self.committed.get(*k) != Some(*v))
+            .map(|((t, p), o)| (t.clone(), *p, *o))
+            .collect();
+        if !offsets.is_empty() {
+            let (reply, _ignored) = oneshot::channel();
+            let _ = self.log.writer.try_send(WriteReq::Commit { group: self.group.clone(), offsets, reply });
+        }
         let mut groups = lock(&self.log.groups);
         if let Some(g) = groups.get_mut(&self.group) {
             g.members.retain(|m| *m != self.member);

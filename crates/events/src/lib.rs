@@ -4,12 +4,15 @@
 //! - [`event`]: every event type, the [`Envelope`] and its JSON codec (matching `schemas/events/`).
 //! - [`topics`]: which topic and key each event goes to.
 //! - [`log`]: the event-log boundary ([`EventLog`], [`LogConsumer`]); [`kafka`] is its Kafka
-//!   back-end (cargo feature `kafka`).
+//!   back-end (cargo feature `kafka`), `embedded` the SQLite one (cargo feature `embedded`);
+//!   `conformance` is the suite both must pass (cargo feature `conformance`).
 //!
 //! Life of a send: the gateway builds `Event::MessageSent` inside an [`Envelope`] whose id is
 //! derived from (sender, client_msg_id), [`log::append_event`] puts it on the conversation's
 //! partition, and projection workers [`Envelope::decode`] it from there.
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
 #[cfg(feature = "embedded")]
 pub mod embedded;
 pub mod event;

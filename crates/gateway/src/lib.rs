@@ -5,7 +5,8 @@
 //! - [`frames`]: the wire protocol; [`auth`]: passwords and tokens; [`error`]: error codes;
 //! - [`routing`]: the routing/presence boundary and its Redis back-end; [`hub`]: this node's
 //!   connections; [`local_routing`]: the in-process routing of the embedded mode; [`metrics`]:
-//!   Prometheus.
+//!   Prometheus; `conformance`: the suite every routing back-end must pass (cargo feature
+//!   `conformance`).
 //!
 //! Life of a `send` frame: `ws::serve` reads it → `ws::handle_text` parses a `ClientFrame` →
 //! `Chat::send` checks the recipient, reserves (sender, client_msg_id), appends `message.sent`
@@ -13,6 +14,8 @@
 //! `Routing::push` hands the `message` frame to the recipient's node(s).
 
 pub mod auth;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod error;
 pub mod frames;
 pub mod http;

@@ -8,12 +8,15 @@
 //! - [`TableAdmin`]: schema, truncation and content checksums (rebuild checks).
 //!
 //! [`scylla_store::ScyllaStore`] implements all four on ScyllaDB / Cassandra,
-//! [`sqlite_store::SqliteStore`] on an embedded SQLite file (the single-process default).
+//! [`sqlite_store::SqliteStore`] on an embedded SQLite file (the single-process default);
+//! `conformance` is the suite both must pass (cargo feature `conformance`).
 //!
 //! Life of a message row: the projection worker decodes `message.sent`, calls
 //! [`ProjectionStore::put_message`] (history + bucket + index), and the gateway's history
 //! endpoint pages it back with [`ReadStore::history_page`].
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod scylla_store;
 pub mod sqlite_store;
 

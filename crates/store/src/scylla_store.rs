@@ -324,6 +324,32 @@ impl ScyllaStore {
         })
     }
 
+    /// Drops every keyspace whose name starts with `prefix` (test clean-up, and the side-by-side
+    /// keyspaces `chat rebuild` leaves behind). Returns the names dropped.
+    pub async fn drop_keyspaces(nodes: &[String], prefix: &str) -> StoreResult<Vec<String>> {
+        if prefix.len() < 3 || prefix.starts_with("system") {
+            return Err(StoreError::Data(format!("refusing to drop keyspaces by prefix {prefix:?}")));
+        }
+        let session = SessionBuilder::new().known_nodes(nodes).build().await.map_err(unavailable)?;
+        let rows = session
+            .query_unpaged("SELECT keyspace_name FROM system_schema.keyspaces", ())
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(data)?;
+        let names: Vec<String> = rows
+            .rows::<(String,)>()
+            .map_err(data)?
+            .filter_map(Result::ok)
+            .map(|(n,)| n)
+            .filter(|n| n.starts_with(prefix))
+            .collect();
+        for n in &names {
+            session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {n}"), ()).await.map_err(unavailable)?;
+        }
+        Ok(names)
+    }
+
     /// The keyspace this store writes to.
     pub fn keyspace(&self) -> &str {
         &self.keyspace
@@ -643,6 +669,10 @@ impl ReadStore for ScyllaStore {
         before: Option<MessageId>,
         limit: usize,
     ) -> StoreResult<Vec<MessageRow>> {
+        // CQL rejects `LIMIT 0`; an empty page is the answer.
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let top = before.map(bucket_of).unwrap_or(i32::MAX);
         let buckets = self.buckets(&self.stmts.select_buckets_desc, (c.as_str(), top)).await?;
         let mut out = Vec::new();
@@ -666,6 +696,9 @@ impl ReadStore for ScyllaStore {
     }
 
     async fn inbox(&self, user: UserId, limit: usize) -> StoreResult<Vec<InboxRow>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let rows = self
             .rows::<InboxTuple>(&self.stmts.select_inbox, (user.0, limit.min(i32::MAX as usize) as i32))
             .await?;
@@ -701,6 +734,9 @@ impl ReadStore for ScyllaStore {
     }
 
     async fn stream_after(&self, user: UserId, after: i64, limit: usize) -> StoreResult<Vec<StreamRow>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let rows = self
             .rows::<(i64, Uuid, String)>(&self.stmts.select_stream_after, (user.0, after, limit.min(10_000) as i32))
             .await?;
@@ -708,6 +744,9 @@ impl ReadStore for ScyllaStore {
     }
 
     async fn pending_count(&self, user: UserId, cap: usize) -> StoreResult<usize> {
+        if cap == 0 {
+            return Ok(0);
+        }
         let rows = self.rows::<(Uuid,)>(&self.stmts.select_pending, (user.0, cap.min(100_000) as i32)).await?;
         Ok(rows.len())
     }

@@ -1,0 +1,661 @@
+//! The conformance suite of the table-store boundary: what every [`Tables`] back-end must do,
+//! run against Cassandra/ScyllaDB ([`crate::ScyllaStore`], in `tests/e2e/conformance.rs`) and
+//! SQLite ([`crate::SqliteStore`], in `crates/store/tests/conformance.rs`), so the two cannot
+//! drift. Cargo feature `conformance`.
+//!
+//! Every case takes a store and panics with a message naming the broken rule. Cases use fresh
+//! random ids, so they do not see each other's rows; [`checksums_and_truncate`] empties the
+//! projection tables and so must not run beside another case. [`run_all`] runs them in order on
+//! a fresh store (a new keyspace, a new directory).
+//!
+//! Times are whole milliseconds: that is what both back-ends keep.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chat_events::{ConversationId, MessageId, ReceiptStatus, UserId};
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::{
+    bucket_of, Account, InboxRow, MessageMeta, MessageRow, ReadMarker, ReceiptRow, SendReservation, StreamRow, Tables, PROJECTION_TABLES,
+};
+
+/// 2024-05-01T00:00:00Z: the start of a day bucket.
+const DAY0_MS: i64 = 1_714_521_600_000;
+const DAY_MS: i64 = 86_400_000;
+
+/// Runs every case, in order.
+pub async fn run_all(tables: Arc<dyn Tables>) {
+    let t = &*tables;
+    ping_answers(t).await;
+    checksums_and_truncate(t).await;
+    accounts(t).await;
+    send_reservations(t).await;
+    message_owners(t).await;
+    history(t).await;
+    inbox(t).await;
+    read_markers(t).await;
+    receipts(t).await;
+    stream(t).await;
+    pending(t).await;
+    last_seen(t).await;
+    zero_limits(t).await;
+}
+
+fn at(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).expect("a valid time")
+}
+
+/// A UUIDv7 message id minted at `ms`.
+fn msg_id(ms: i64) -> MessageId {
+    let ts = uuid::Timestamp::from_unix(uuid::NoContext, (ms / 1000) as u64, ((ms % 1000) * 1_000_000) as u32);
+    MessageId(Uuid::new_v7(ts))
+}
+
+fn direct() -> (UserId, UserId, ConversationId) {
+    let (a, b) = (UserId::random(), UserId::random());
+    (a, b, ConversationId::direct(a, b))
+}
+
+fn message(conv: &ConversationId, sender: UserId, ms: i64, n: usize) -> MessageRow {
+    MessageRow {
+        conversation_id: conv.clone(),
+        message_id: msg_id(ms),
+        sender,
+        sender_device: "phone".into(),
+        client_msg_id: format!("cm-{n}"),
+        kind: "text".into(),
+        body: format!("héllo ✓ {n}"),
+        sent_at: at(ms),
+    }
+}
+
+fn ids(rows: &[MessageRow]) -> Vec<MessageId> {
+    rows.iter().map(|r| r.message_id).collect()
+}
+
+/// `ping` is true for a working store.
+pub async fn ping_answers(t: &dyn Tables) {
+    assert!(t.ping().await, "ping: a working store must answer true");
+}
+
+/// Usernames: of 8 concurrent claims of one name exactly one wins; the winner reads back by
+/// name and by id; removing a loser's claim changes nothing; removing the winner's frees the name.
+pub async fn accounts(t: &dyn Tables) {
+    let name = format!("user-{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let claims: Vec<Account> = (0..8)
+        .map(|i| Account {
+            user_id: UserId::random(),
+            username: name.clone(),
+            password_hash: format!("$argon2id$hash-{i}"),
+            created_at: at(DAY0_MS + i),
+        })
+        .collect();
+    let results = futures::future::join_all(claims.iter().map(|a| t.create_account(a))).await;
+    let won: Vec<&Account> =
+        claims.iter().zip(results).filter_map(|(a, r)| r.unwrap_or_else(|e| panic!("create_account: {e}")).then_some(a)).collect();
+    assert_eq!(won.len(), 1, "of 8 concurrent create_account of one name exactly one must win, {} did", won.len());
+    let winner = won[0];
+    let check_winner = |got: Option<Account>, what: &str| {
+        let got = got.unwrap_or_else(|| panic!("{what}: account_by_name must find the winner"));
+        assert_eq!(got.user_id, winner.user_id, "{what}: account_by_name returns the winner's user id");
+        assert_eq!(got.username, name);
+        assert_eq!(got.password_hash, winner.password_hash, "{what}: account_by_name returns the winner's password hash");
+        assert_eq!(got.created_at, winner.created_at, "{what}: account_by_name returns the winner's created_at");
+    };
+    check_winner(t.account_by_name(&name).await.expect("account_by_name"), "after the claims");
+    assert_eq!(t.account_by_id(winner.user_id).await.expect("account_by_id"), Some(name.clone()), "account_by_id of the winner");
+    for a in claims.iter().filter(|a| a.user_id != winner.user_id) {
+        assert_eq!(t.account_by_id(a.user_id).await.expect("account_by_id"), None, "a losing claim must leave no account by id");
+    }
+    assert!(t.account_by_name(&format!("{name}-nobody")).await.expect("account_by_name").is_none(), "unknown name");
+    assert!(!t.create_account(winner).await.expect("create_account"), "claiming a taken name again (even by its holder) loses");
+
+    let loser = claims.iter().find(|a| a.user_id != winner.user_id).expect("a loser");
+    t.remove_account(loser).await.expect("remove_account");
+    check_winner(t.account_by_name(&name).await.expect("account_by_name"), "remove_account of a losing claim must not free the name");
+    assert_eq!(t.account_by_id(winner.user_id).await.expect("account_by_id"), Some(name.clone()));
+
+    t.remove_account(winner).await.expect("remove_account");
+    assert!(t.account_by_name(&name).await.expect("account_by_name").is_none(), "remove_account frees the name");
+    assert_eq!(t.account_by_id(winner.user_id).await.expect("account_by_id"), None, "remove_account removes the id");
+    let again = Account { user_id: UserId::random(), username: name.clone(), password_hash: "h".into(), created_at: at(DAY0_MS) };
+    assert!(t.create_account(&again).await.expect("create_account"), "a freed name can be claimed again");
+    assert_eq!(t.account_by_name(&name).await.expect("account_by_name").map(|a| a.user_id), Some(again.user_id));
+}
+
+/// Send reservations: the first wins, later attempts get the first's message id, time and body
+/// hash; `commit_send` marks it committed.
+pub async fn send_reservations(t: &dyn Tables) {
+    let (sender, peer, conv) = direct();
+    let first = SendReservation {
+        sender,
+        client_msg_id: "c-1".into(),
+        message_id: msg_id(DAY0_MS + 1),
+        conversation_id: conv.clone(),
+        sent_at: at(DAY0_MS + 1),
+        body_sha256: "a".repeat(64),
+        committed: false,
+    };
+    assert_eq!(t.get_send(sender, "c-1").await.expect("get_send"), None, "get_send before any reservation");
+    assert_eq!(t.reserve_send(&first).await.expect("reserve_send"), None, "the first reservation is ours");
+    assert_eq!(t.get_send(sender, "c-1").await.expect("get_send"), Some(first.clone()), "get_send reads the reservation back");
+
+    let retry = SendReservation {
+        message_id: msg_id(DAY0_MS + 2),
+        sent_at: at(DAY0_MS + 2),
+        body_sha256: "b".repeat(64),
+        conversation_id: ConversationId::direct(sender, UserId::random()),
+        ..first.clone()
+    };
+    assert_eq!(
+        t.reserve_send(&retry).await.expect("reserve_send"),
+        Some(first.clone()),
+        "a second reservation of (sender, client_msg_id) returns the first one's message id, conversation, time and body hash"
+    );
+    t.commit_send(sender, "c-1").await.expect("commit_send");
+    let committed = SendReservation { committed: true, ..first.clone() };
+    assert_eq!(t.get_send(sender, "c-1").await.expect("get_send"), Some(committed.clone()), "commit_send flips committed");
+    assert_eq!(t.reserve_send(&retry).await.expect("reserve_send"), Some(committed), "a retry after the commit sees committed");
+
+    let other_id = SendReservation { client_msg_id: "c-2".into(), ..retry.clone() };
+    assert_eq!(t.reserve_send(&other_id).await.expect("reserve_send"), None, "another client_msg_id is another reservation");
+    let other_sender = SendReservation { sender: peer, ..retry.clone() };
+    assert_eq!(t.reserve_send(&other_sender).await.expect("reserve_send"), None, "another sender's client_msg_id is theirs");
+
+    // Concurrent attempts of one (sender, client_msg_id): one wins, all others see the winner.
+    let attempts: Vec<SendReservation> =
+        (0..8).map(|i| SendReservation { client_msg_id: "c-race".into(), message_id: msg_id(DAY0_MS + 10 + i), ..first.clone() }).collect();
+    let results: Vec<Option<SendReservation>> = futures::future::join_all(attempts.iter().map(|r| t.reserve_send(r)))
+        .await
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("concurrent reserve_send: {e}")))
+        .collect();
+    let winners: Vec<&SendReservation> = attempts.iter().zip(&results).filter(|(_, r)| r.is_none()).map(|(a, _)| a).collect();
+    assert_eq!(winners.len(), 1, "of 8 concurrent reserve_send of one key exactly one must win, {} did", winners.len());
+    for r in results.into_iter().flatten() {
+        assert_eq!(r.message_id, winners[0].message_id, "every losing reserve_send returns the winner's message id");
+    }
+}
+
+/// Message owners read back; an unknown message has none.
+pub async fn message_owners(t: &dyn Tables) {
+    let (a, _, conv) = direct();
+    let m = msg_id(DAY0_MS + 5);
+    assert_eq!(t.message_owner(m).await.expect("message_owner"), None, "message_owner of an unknown message");
+    t.put_message_owner(m, &conv, a).await.expect("put_message_owner");
+    t.put_message_owner(m, &conv, a).await.expect("put_message_owner is idempotent");
+    assert_eq!(t.message_owner(m).await.expect("message_owner"), Some((conv, a)), "message_owner reads back");
+}
+
+/// History: newest-first pages with `before` across two day buckets, `messages_between`
+/// bounds, `find_message`.
+pub async fn history(t: &dyn Tables) {
+    let (a, b, conv) = direct();
+    let (_, _, other) = direct();
+    // Five messages late on day 0, five early on day 1: two buckets.
+    let rows: Vec<MessageRow> = (0..10)
+        .map(|i| {
+            let ms = if i < 5 { DAY0_MS + 20 * 3_600_000 + i as i64 * 60_000 } else { DAY0_MS + DAY_MS + 3_600_000 + i as i64 * 60_000 };
+            message(&conv, if i % 2 == 0 { a } else { b }, ms, i)
+        })
+        .collect();
+    assert_eq!(bucket_of(rows[4].message_id) + 1, bucket_of(rows[5].message_id), "the fixture spans two day buckets");
+    // Another conversation's messages in the same buckets must never show up.
+    let noise: Vec<MessageRow> = [DAY0_MS + 20 * 3_600_000 + 90_000, DAY0_MS + DAY_MS + 3_600_000 + 390_000]
+        .iter()
+        .enumerate()
+        .map(|(i, ms)| message(&other, a, *ms, 100 + i))
+        .collect();
+    // Written out of order, one of them twice.
+    for i in [7, 2, 9, 0, 5, 3, 8, 1, 6, 4, 7] {
+        t.put_message(&rows[i]).await.expect("put_message");
+    }
+    for n in &noise {
+        t.put_message(n).await.expect("put_message");
+    }
+
+    let newest_first: Vec<MessageRow> = rows.iter().rev().cloned().collect();
+    let c = &conv;
+    let page = |before: Option<MessageId>, limit: usize| async move {
+        t.history_page(c, before, limit).await.unwrap_or_else(|e| panic!("history_page: {e}"))
+    };
+    let p1 = page(None, 4).await;
+    assert_eq!(p1, newest_first[0..4], "history_page(None, 4) is the 4 newest messages, newest first, every field intact");
+    let p2 = page(Some(p1[3].message_id), 4).await;
+    assert_eq!(ids(&p2), ids(&newest_first[4..8]), "history_page with `before` continues strictly older, across the day bucket boundary");
+    let p3 = page(Some(p2[3].message_id), 4).await;
+    assert_eq!(ids(&p3), ids(&newest_first[8..10]), "the last page holds what is left");
+    assert!(page(Some(p3[1].message_id), 4).await.is_empty(), "history_page before the oldest message is empty");
+    assert_eq!(page(None, 100).await, newest_first, "history_page(None, 100) is the whole history, newest first");
+    let between = msg_id(rows[6].sent_at.timestamp_millis() + 30_000);
+    assert_eq!(
+        ids(&page(Some(between), 100).await),
+        ids(&newest_first[3..]),
+        "history_page before an id that is not a message: everything strictly older"
+    );
+    assert_eq!(ids(&page(Some(msg_id(DAY0_MS + 10 * DAY_MS)), 3).await), ids(&newest_first[0..3]), "before a later id");
+
+    let range = |after: Option<MessageId>, up_to: MessageId| async move {
+        t.messages_between(c, after, up_to).await.unwrap_or_else(|e| panic!("messages_between: {e}"))
+    };
+    assert_eq!(
+        range(None, rows[6].message_id).await,
+        rows[0..=6],
+        "messages_between(None, up_to): from the start, up_to included, oldest first"
+    );
+    assert_eq!(
+        ids(&range(Some(rows[2].message_id), rows[7].message_id).await),
+        ids(&rows[3..=7]),
+        "messages_between(after, up_to): after excluded, up_to included, across buckets"
+    );
+    assert!(range(Some(rows[7].message_id), rows[7].message_id).await.is_empty(), "messages_between(x, x) is empty");
+    assert_eq!(ids(&range(None, rows[9].message_id).await), ids(&rows), "messages_between(None, newest) is everything");
+    assert_eq!(
+        ids(&range(Some(rows[0].message_id), msg_id(DAY0_MS + 10 * DAY_MS)).await),
+        ids(&rows[1..]),
+        "messages_between up to an id that is not a message"
+    );
+    assert_eq!(ids(&range(Some(between), rows[9].message_id).await), ids(&rows[7..]), "messages_between after an id that is not a message");
+
+    let meta =
+        MessageMeta { message_id: rows[3].message_id, conversation_id: conv.clone(), sender: rows[3].sender, sent_at: rows[3].sent_at };
+    assert_eq!(t.find_message(rows[3].message_id).await.expect("find_message"), Some(meta.clone()), "find_message");
+    assert_eq!(t.message_meta(rows[3].message_id).await.expect("message_meta"), Some(meta), "message_meta");
+    assert_eq!(t.find_message(between).await.expect("find_message"), None, "find_message of an unknown id");
+}
+
+fn sorted_inbox(mut rows: Vec<InboxRow>) -> Vec<InboxRow> {
+    rows.sort_by(|x, y| x.conversation_id.cmp(&y.conversation_id));
+    rows
+}
+
+/// Inbox rows read back whole (applied offset included), list per user, overwrite.
+pub async fn inbox(t: &dyn Tables) {
+    let (u, p, c1) = direct();
+    let c2 = ConversationId::direct(u, UserId::random());
+    assert_eq!(t.inbox_row(u, &c1).await.expect("inbox_row"), None, "inbox_row before any write");
+    assert!(!t.in_inbox(u, &c1).await.expect("in_inbox"), "in_inbox before any write");
+    assert!(t.inbox(u, 10).await.expect("inbox").is_empty(), "inbox of a new user");
+    let row1 = InboxRow {
+        user_id: u,
+        conversation_id: c1.clone(),
+        peer_id: Some(p),
+        last_message_id: msg_id(DAY0_MS + 100),
+        last_sender: p,
+        last_kind: "text".into(),
+        last_body: "héllo ✓".into(),
+        last_at: at(DAY0_MS + 100),
+        unread: 3,
+        applied_offset: 17,
+    };
+    let row2 = InboxRow {
+        conversation_id: c2.clone(),
+        peer_id: None,
+        last_message_id: msg_id(DAY0_MS + 200),
+        last_sender: u,
+        last_at: at(DAY0_MS + 200),
+        unread: 0,
+        applied_offset: 0,
+        ..row1.clone()
+    };
+    t.put_inbox_row(&row1).await.expect("put_inbox_row");
+    t.put_inbox_row(&row2).await.expect("put_inbox_row");
+    assert_eq!(t.inbox_row(u, &c1).await.expect("inbox_row"), Some(row1.clone()), "inbox_row reads back every field");
+    assert_eq!(t.inbox_row(u, &c2).await.expect("inbox_row"), Some(row2.clone()), "inbox_row with no peer reads back");
+    assert!(t.in_inbox(u, &c1).await.expect("in_inbox"), "in_inbox after put_inbox_row");
+    assert!(!t.in_inbox(p, &c1).await.expect("in_inbox"), "in_inbox is per user: the peer has no row");
+    assert_eq!(
+        sorted_inbox(t.inbox(u, 10).await.expect("inbox")),
+        sorted_inbox(vec![row1.clone(), row2.clone()]),
+        "inbox lists the user's rows"
+    );
+    assert_eq!(t.inbox(u, 1).await.expect("inbox").len(), 1, "inbox honours its limit");
+    assert!(t.inbox(p, 10).await.expect("inbox").is_empty(), "another user's inbox is separate");
+
+    let newer = InboxRow { last_message_id: msg_id(DAY0_MS + 300), last_at: at(DAY0_MS + 300), unread: 4, applied_offset: 18, ..row1 };
+    t.put_inbox_row(&newer).await.expect("put_inbox_row");
+    assert_eq!(t.inbox_row(u, &c1).await.expect("inbox_row"), Some(newer), "put_inbox_row overwrites the row");
+    assert_eq!(t.inbox(u, 10).await.expect("inbox").len(), 2, "an overwrite adds no row");
+}
+
+/// Read markers read back and are overwritten.
+pub async fn read_markers(t: &dyn Tables) {
+    let (u, p, c) = direct();
+    assert_eq!(t.read_marker(&c, u).await.expect("read_marker"), None, "read_marker before any write");
+    let m1 = ReadMarker { conversation_id: c.clone(), reader: u, up_to: msg_id(DAY0_MS + 1), applied_offset: 5 };
+    t.put_read_marker(&m1).await.expect("put_read_marker");
+    assert_eq!(t.read_marker(&c, u).await.expect("read_marker"), Some(m1.clone()), "read_marker reads back");
+    assert_eq!(t.read_marker(&c, p).await.expect("read_marker"), None, "read markers are per reader");
+    let m2 = ReadMarker { up_to: msg_id(DAY0_MS + 2), applied_offset: 6, ..m1 };
+    t.put_read_marker(&m2).await.expect("put_read_marker");
+    assert_eq!(t.read_marker(&c, u).await.expect("read_marker"), Some(m2), "put_read_marker overwrites");
+}
+
+fn receipt(m: MessageId, r: UserId, status: ReceiptStatus, device: &str, ms: i64, c: &ConversationId) -> ReceiptRow {
+    ReceiptRow { message_id: m, recipient: r, status, device_id: device.into(), at: at(ms), conversation_id: c.clone() }
+}
+
+fn sorted_receipts(mut rows: Vec<ReceiptRow>) -> Vec<ReceiptRow> {
+    rows.sort_by(|x, y| (x.recipient, x.status.as_str(), &x.device_id).cmp(&(y.recipient, y.status.as_str(), &y.device_id)));
+    rows
+}
+
+/// Receipts: one row per (message, recipient, status, device), and of two writes of one key the
+/// earliest `at` wins, in either write order, also within one call.
+pub async fn receipts(t: &dyn Tables) {
+    let (sender, r, c) = direct();
+    let m = msg_id(DAY0_MS + 1_000);
+    let other = msg_id(DAY0_MS + 2_000);
+    let (t1, t2, t3) = (DAY0_MS + 10_000, DAY0_MS + 20_000, DAY0_MS + 30_000);
+    let put = |rows: Vec<ReceiptRow>| async move { t.put_receipts(&rows).await.unwrap_or_else(|e| panic!("put_receipts: {e}")) };
+    // Later first, then earlier.
+    put(vec![receipt(m, r, ReceiptStatus::Delivered, "phone", t2, &c)]).await;
+    put(vec![receipt(m, r, ReceiptStatus::Delivered, "phone", t1, &c)]).await;
+    // Earlier first, then later.
+    put(vec![receipt(m, r, ReceiptStatus::Seen, "phone", t1, &c)]).await;
+    put(vec![receipt(m, r, ReceiptStatus::Seen, "phone", t2, &c)]).await;
+    // The same row twice, and another device.
+    put(vec![receipt(m, r, ReceiptStatus::Delivered, "laptop", t3, &c)]).await;
+    put(vec![receipt(m, r, ReceiptStatus::Delivered, "laptop", t3, &c)]).await;
+    // Both times of one key in one call, later first.
+    put(vec![receipt(m, sender, ReceiptStatus::Sent, "", t2, &c), receipt(m, sender, ReceiptStatus::Sent, "", t1, &c)]).await;
+    put(vec![receipt(other, r, ReceiptStatus::Delivered, "phone", t1, &c)]).await;
+
+    let want = sorted_receipts(vec![
+        receipt(m, r, ReceiptStatus::Delivered, "phone", t1, &c),
+        receipt(m, r, ReceiptStatus::Seen, "phone", t1, &c),
+        receipt(m, r, ReceiptStatus::Delivered, "laptop", t3, &c),
+        receipt(m, sender, ReceiptStatus::Sent, "", t1, &c),
+    ]);
+    let got = sorted_receipts(t.receipts(m).await.expect("receipts"));
+    assert_eq!(got, want, "receipts: one row per (message, recipient, status, device), the earliest `at` wins whatever the write order");
+    assert_eq!(t.receipts(other).await.expect("receipts").len(), 1, "receipts are per message");
+    assert!(t.receipts(msg_id(DAY0_MS)).await.expect("receipts").is_empty(), "receipts of an unknown message");
+}
+
+/// Streams: items by seq, in order, with a limit; the item-id index.
+pub async fn stream(t: &dyn Tables) {
+    let (u, v) = (UserId::random(), UserId::random());
+    let rows: Vec<StreamRow> = (1..=5)
+        .map(|seq| StreamRow { seq, item_id: Uuid::new_v4(), item: format!("{{\"kind\":\"message\",\"n\":{seq},\"body\":\"✓\"}}") })
+        .collect();
+    for i in [2, 0, 4, 1, 3, 1] {
+        t.put_stream_item(u, &rows[i]).await.expect("put_stream_item");
+    }
+    t.put_stream_item(v, &StreamRow { seq: 1, item_id: rows[0].item_id, item: "{}".into() }).await.expect("put_stream_item");
+
+    assert_eq!(t.stream_seq_of(u, rows[2].item_id).await.expect("stream_seq_of"), Some(3), "stream_seq_of finds an item's seq");
+    assert_eq!(t.stream_seq_of(u, Uuid::new_v4()).await.expect("stream_seq_of"), None, "stream_seq_of of an unknown item");
+    assert_eq!(t.stream_seq_of(v, rows[2].item_id).await.expect("stream_seq_of"), None, "stream_seq_of is per user");
+    let after =
+        |after: i64, limit: usize| async move { t.stream_after(u, after, limit).await.unwrap_or_else(|e| panic!("stream_after: {e}")) };
+    assert_eq!(after(0, 10).await, rows, "stream_after(0) is every item, in seq order, intact");
+    assert_eq!(after(2, 2).await, rows[2..4], "stream_after(2, limit 2) is seq 3 and 4");
+    assert!(after(5, 10).await.is_empty(), "stream_after the last seq is empty");
+    assert_eq!(t.stream_after(v, 0, 10).await.expect("stream_after").len(), 1, "streams are per user");
+}
+
+/// Pending deliveries: a removed delivery never comes back, whatever the order; counts and caps.
+pub async fn pending(t: &dyn Tables) {
+    let (u, v, c) = direct();
+    let m: Vec<MessageId> = (0..6).map(|i| msg_id(DAY0_MS + i)).collect();
+    let count = |user: UserId, cap: usize| async move { t.pending_count(user, cap).await.unwrap_or_else(|e| panic!("pending_count: {e}")) };
+    assert_eq!(count(u, 100).await, 0, "pending_count of a new user");
+    t.add_pending(u, m[0], &c).await.expect("add_pending");
+    assert_eq!(count(u, 100).await, 1, "add_pending adds one");
+    t.remove_pending(u, m[0]).await.expect("remove_pending");
+    assert_eq!(count(u, 100).await, 0, "add then remove: nothing pending");
+    t.remove_pending(u, m[1]).await.expect("remove_pending");
+    t.add_pending(u, m[1], &c).await.expect("add_pending");
+    assert_eq!(count(u, 100).await, 0, "remove then add (a replay out of order): the removed delivery does not come back");
+    t.add_pending(u, m[0], &c).await.expect("add_pending");
+    assert_eq!(count(u, 100).await, 0, "add after remove: still removed");
+    for i in [2, 3, 4, 2] {
+        t.add_pending(u, m[i], &c).await.expect("add_pending");
+    }
+    assert_eq!(count(u, 100).await, 3, "three distinct pending deliveries (one added twice)");
+    assert_eq!(count(u, 2).await, 2, "pending_count stops at its cap");
+    t.remove_pending(u, m[3]).await.expect("remove_pending");
+    assert_eq!(count(u, 100).await, 2, "remove_pending removes one");
+    t.add_pending(v, m[2], &c).await.expect("add_pending");
+    assert_eq!(count(v, 100).await, 1, "pending deliveries are per user");
+}
+
+/// Last seen: the latest change wins, in any order; last_seen is the latest offline time.
+pub async fn last_seen(t: &dyn Tables) {
+    let (t1, t2, t3) = (DAY0_MS + 1_000, DAY0_MS + 2_000, DAY0_MS + 3_000);
+    // (what, presence writes (online?, at) in write order, then the expected status,
+    // changed_at and last_seen)
+    type Case<'a> = (&'a str, &'a [(bool, i64)], &'a str, i64, Option<i64>);
+    let cases: &[Case<'_>] = &[
+        ("online then a later offline", &[(true, t1), (false, t2)], "offline", t2, Some(t2)),
+        ("a later offline written before an earlier online", &[(false, t2), (true, t1)], "offline", t2, Some(t2)),
+        ("online then an earlier offline", &[(true, t2), (false, t1)], "online", t2, Some(t1)),
+        ("offline then a later online", &[(false, t1), (true, t2)], "online", t2, Some(t1)),
+        ("three offlines out of order", &[(false, t1), (false, t3), (false, t2)], "offline", t3, Some(t3)),
+        ("offline, online, offline, newest first", &[(false, t3), (true, t2), (false, t1)], "offline", t3, Some(t3)),
+        ("online only", &[(true, t1)], "online", t1, None),
+    ];
+    for (what, writes, status, changed, seen) in cases {
+        let u = UserId::random();
+        for (online, ms) in *writes {
+            t.put_presence(u, *online, at(*ms)).await.expect("put_presence");
+        }
+        let got = t.last_seen(u).await.expect("last_seen").unwrap_or_else(|| panic!("last_seen ({what}): no row"));
+        assert_eq!(
+            (got.user_id, got.status.as_str(), got.changed_at, got.last_seen),
+            (u, *status, at(*changed), seen.map(at)),
+            "last_seen ({what}): the latest change wins and last_seen is the latest offline time"
+        );
+    }
+    assert_eq!(t.last_seen(UserId::random()).await.expect("last_seen"), None, "last_seen of a user never seen");
+
+    // An online and an offline at the same instant: the outcome must not depend on the order
+    // they are written in, or a rebuild could disagree with the live projection.
+    let (x, y) = (UserId::random(), UserId::random());
+    t.put_presence(x, true, at(t2)).await.expect("put_presence");
+    t.put_presence(x, false, at(t2)).await.expect("put_presence");
+    t.put_presence(y, false, at(t2)).await.expect("put_presence");
+    t.put_presence(y, true, at(t2)).await.expect("put_presence");
+    let gx = t.last_seen(x).await.expect("last_seen").expect("a row");
+    let gy = t.last_seen(y).await.expect("last_seen").expect("a row");
+    assert_eq!(
+        (&gx.status, gx.changed_at, gx.last_seen),
+        (&gy.status, gy.changed_at, gy.last_seen),
+        "last_seen: an online and an offline at the same time give the same row in either write order"
+    );
+    // Cassandra resolves two cells with one write time by value, the greater ('online') wins;
+    // every back-end must agree on it.
+    assert_eq!(gx.status, "online", "last_seen: of an online and an offline at the same time, online wins");
+}
+
+/// A zero limit or cap is an empty answer, not an error.
+pub async fn zero_limits(t: &dyn Tables) {
+    let (u, p, c) = direct();
+    let row = message(&c, u, DAY0_MS + 5_000, 0);
+    t.put_message(&row).await.expect("put_message");
+    t.put_inbox_row(&InboxRow {
+        user_id: u,
+        conversation_id: c.clone(),
+        peer_id: Some(p),
+        last_message_id: row.message_id,
+        last_sender: u,
+        last_kind: "text".into(),
+        last_body: "x".into(),
+        last_at: row.sent_at,
+        unread: 0,
+        applied_offset: 0,
+    })
+    .await
+    .expect("put_inbox_row");
+    t.put_stream_item(u, &StreamRow { seq: 1, item_id: Uuid::new_v4(), item: "{}".into() }).await.expect("put_stream_item");
+    t.add_pending(u, row.message_id, &c).await.expect("add_pending");
+    let ok = |what: &str, r: Result<usize, crate::StoreError>| match r {
+        Ok(n) => assert_eq!(n, 0, "{what} with limit 0 returns nothing"),
+        Err(e) => panic!("{what} with limit 0 must return nothing, not fail: {e}"),
+    };
+    ok("history_page", t.history_page(&c, None, 0).await.map(|v| v.len()));
+    ok("inbox", t.inbox(u, 0).await.map(|v| v.len()));
+    ok("stream_after", t.stream_after(u, 0, 0).await.map(|v| v.len()));
+    ok("pending_count", t.pending_count(u, 0).await);
+}
+
+/// One write of the fixture, so that it can be replayed in another order.
+enum Write {
+    User(UserId, String, DateTime<Utc>),
+    Message(MessageRow),
+    Inbox(InboxRow),
+    Marker(ReadMarker),
+    Stream(UserId, StreamRow),
+    AddPending(UserId, MessageId, ConversationId),
+    RemovePending(UserId, MessageId),
+    Receipts(Vec<ReceiptRow>),
+    Presence(UserId, bool, DateTime<Utc>),
+}
+
+async fn apply(t: &dyn Tables, w: &Write) {
+    let r = match w {
+        Write::User(u, name, at) => t.put_user(*u, name, *at).await,
+        Write::Message(m) => t.put_message(m).await,
+        Write::Inbox(r) => t.put_inbox_row(r).await,
+        Write::Marker(m) => t.put_read_marker(m).await,
+        Write::Stream(u, r) => t.put_stream_item(*u, r).await,
+        Write::AddPending(u, m, c) => t.add_pending(*u, *m, c).await,
+        Write::RemovePending(u, m) => t.remove_pending(*u, *m).await,
+        Write::Receipts(rows) => t.put_receipts(rows).await,
+        Write::Presence(u, online, at) => t.put_presence(*u, *online, *at).await,
+    };
+    r.unwrap_or_else(|e| panic!("fixture write: {e}"));
+}
+
+/// A small instance of every projection table, and the row count each table must then have.
+fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
+    let (a, b, c) = direct();
+    let m1 = message(&c, a, DAY0_MS + 3_600_000, 1);
+    let m2 = message(&c, b, DAY0_MS + 3_600_000 + 1, 2);
+    let m3 = message(&c, a, DAY0_MS + DAY_MS + 5, 3);
+    let inbox = |user: UserId, peer: UserId, unread: i32| InboxRow {
+        user_id: user,
+        conversation_id: c.clone(),
+        peer_id: Some(peer),
+        last_message_id: m3.message_id,
+        last_sender: a,
+        last_kind: "text".into(),
+        last_body: m3.body.clone(),
+        last_at: m3.sent_at,
+        unread,
+        applied_offset: 3,
+    };
+    let writes = vec![
+        Write::User(a, "alice".into(), at(DAY0_MS)),
+        Write::User(b, "bob".into(), at(DAY0_MS + 1)),
+        Write::Message(m1.clone()),
+        Write::Message(m2.clone()),
+        Write::Message(m3.clone()),
+        Write::Inbox(inbox(a, b, 0)),
+        Write::Inbox(inbox(b, a, 2)),
+        Write::Marker(ReadMarker { conversation_id: c.clone(), reader: b, up_to: m1.message_id, applied_offset: 4 }),
+        Write::Stream(b, StreamRow { seq: 1, item_id: Uuid::new_v4(), item: "{\"n\":1}".into() }),
+        Write::Stream(b, StreamRow { seq: 2, item_id: Uuid::new_v4(), item: "{\"n\":2}".into() }),
+        Write::AddPending(b, m1.message_id, c.clone()),
+        Write::AddPending(b, m3.message_id, c.clone()),
+        Write::RemovePending(b, m1.message_id),
+        Write::Receipts(vec![receipt(m1.message_id, b, ReceiptStatus::Delivered, "phone", DAY0_MS + 7_200_000, &c)]),
+        Write::Receipts(vec![receipt(m1.message_id, b, ReceiptStatus::Delivered, "phone", DAY0_MS + 7_100_000, &c)]),
+        Write::Receipts(vec![receipt(m1.message_id, b, ReceiptStatus::Seen, "phone", DAY0_MS + 7_300_000, &c)]),
+        Write::Presence(b, true, at(DAY0_MS + 1_000)),
+        Write::Presence(b, false, at(DAY0_MS + 2_000)),
+    ];
+    let rows = BTreeMap::from([
+        ("users", 2),
+        ("messages", 3),
+        ("conversation_buckets", 2),
+        ("message_index", 3),
+        ("inbox", 2),
+        ("read_markers", 1),
+        ("user_stream", 2),
+        ("user_stream_ids", 2),
+        ("pending_deliveries", 1),
+        ("receipts", 2),
+        ("last_seen", 1),
+    ]);
+    (writes, rows)
+}
+
+async fn checksums(t: &dyn Tables, what: &str) -> BTreeMap<String, crate::TableChecksum> {
+    let cs = t.checksums().await.unwrap_or_else(|e| panic!("checksums ({what}): {e}"));
+    let names: Vec<&str> = cs.keys().map(String::as_str).collect();
+    let mut want: Vec<&str> = PROJECTION_TABLES.to_vec();
+    want.sort_unstable();
+    assert_eq!(names, want, "checksums ({what}) covers exactly the projection tables");
+    cs
+}
+
+fn row_counts(cs: &BTreeMap<String, crate::TableChecksum>) -> BTreeMap<&str, u64> {
+    cs.iter().map(|(k, v)| (k.as_str(), v.rows)).collect()
+}
+
+/// Checksums count the rows written, a replay of the same writes (in reverse order) leaves them
+/// unchanged, and `truncate_projections` empties the projections but not the command tables.
+/// Empties the projection tables first: do not run it beside other cases.
+pub async fn checksums_and_truncate(t: &dyn Tables) {
+    t.truncate_projections().await.expect("truncate_projections");
+    let empty = checksums(t, "after truncate_projections").await;
+    assert!(row_counts(&empty).values().all(|n| *n == 0), "truncate_projections leaves no rows: {:?}", row_counts(&empty));
+
+    // Command tables, which a truncation must keep.
+    let (sender, _, conv) = direct();
+    let account = Account {
+        user_id: sender,
+        username: format!("keep-{}", &Uuid::new_v4().simple().to_string()[..12]),
+        password_hash: "h".into(),
+        created_at: at(DAY0_MS),
+    };
+    assert!(t.create_account(&account).await.expect("create_account"));
+    let reservation = SendReservation {
+        sender,
+        client_msg_id: "keep".into(),
+        message_id: msg_id(DAY0_MS + 9),
+        conversation_id: conv.clone(),
+        sent_at: at(DAY0_MS + 9),
+        body_sha256: "c".repeat(64),
+        committed: false,
+    };
+    assert_eq!(t.reserve_send(&reservation).await.expect("reserve_send"), None);
+    t.put_message_owner(reservation.message_id, &conv, sender).await.expect("put_message_owner");
+
+    let (writes, want) = fixture();
+    for w in &writes {
+        apply(t, w).await;
+    }
+    let first = checksums(t, "after the fixture").await;
+    assert_eq!(row_counts(&first), want, "checksums count the rows of each projection table");
+    for w in writes.iter().rev() {
+        apply(t, w).await;
+    }
+    let replayed = checksums(t, "after replaying the fixture in reverse").await;
+    assert_eq!(replayed, first, "replaying the same writes (here in reverse order) must leave every table's checksum unchanged");
+
+    t.truncate_projections().await.expect("truncate_projections");
+    let cleared = checksums(t, "after truncate_projections").await;
+    assert!(row_counts(&cleared).values().all(|n| *n == 0), "truncate_projections leaves no rows: {:?}", row_counts(&cleared));
+    assert_eq!(cleared, empty, "empty tables have the same checksums as before");
+    assert_eq!(
+        t.account_by_name(&account.username).await.expect("account_by_name").map(|a| a.user_id),
+        Some(sender),
+        "truncate_projections keeps accounts"
+    );
+    assert_eq!(
+        t.account_by_id(sender).await.expect("account_by_id"),
+        Some(account.username.clone()),
+        "truncate_projections keeps accounts by id"
+    );
+    assert_eq!(t.get_send(sender, "keep").await.expect("get_send"), Some(reservation.clone()), "truncate_projections keeps send_dedup");
+    assert_eq!(
+        t.message_owner(reservation.message_id).await.expect("message_owner"),
+        Some((conv, sender)),
+        "truncate_projections keeps message_owners"
+    );
+}
