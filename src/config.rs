@@ -83,6 +83,9 @@ pub struct Settings {
     /// Consumer group of the fan-out stage [default: chat-fanout].
     #[arg(long, env = "CHAT_FANOUT_GROUP", global = true)]
     pub fanout_group: Option<String>,
+    /// Members per group, the creator included [default: 1024].
+    #[arg(long, env = "CHAT_MAX_GROUP_SIZE", global = true)]
+    pub max_group_size: Option<usize>,
     /// Stages a worker runs: fanout, projections [default: fanout,projections].
     #[arg(long, env = "CHAT_STAGES", global = true)]
     pub stages: Option<String>,
@@ -113,6 +116,7 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub conn_queue: usize,
     pub presence_ttl: Duration,
+    pub max_group_size: usize,
     pub projection_group: String,
     pub fanout_group: String,
     pub stages: Vec<String>,
@@ -163,6 +167,7 @@ impl Settings {
             max_body_bytes,
             conn_queue,
             presence_ttl_secs,
+            max_group_size,
             projection_group,
             fanout_group,
             stages
@@ -250,6 +255,10 @@ impl Settings {
         if presence_ttl_secs < 3 {
             bail!("{} must be at least 3", key("presence_ttl_secs"));
         }
+        let max_group_size = s.max_group_size.unwrap_or(1024);
+        if !(2..=100_000).contains(&max_group_size) {
+            bail!("{} must be between 2 and 100000, got {max_group_size}", key("max_group_size"));
+        }
         let stages: Vec<String> =
             s.stages.unwrap_or_else(|| "fanout,projections".into()).split(',').map(|x| x.trim().to_owned()).filter(|x| !x.is_empty()).collect();
         if let Some(bad) = stages.iter().find(|x| *x != "fanout" && *x != "projections") {
@@ -271,6 +280,7 @@ impl Settings {
             max_body_bytes,
             conn_queue,
             presence_ttl: Duration::from_secs(presence_ttl_secs),
+            max_group_size,
             projection_group: s.projection_group.unwrap_or_else(|| "chat-projections".into()),
             fanout_group: s.fanout_group.unwrap_or_else(|| "chat-fanout".into()),
             stages,

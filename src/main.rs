@@ -19,8 +19,11 @@ use anyhow::{bail, Context};
 use chat_events::embedded::EmbeddedLog;
 use chat_events::kafka::{KafkaConfig, KafkaLog};
 use chat_events::{EventLog, TopicKind, TopicSpec, Topics};
+use chat_gateway::frames::ServerFrame;
+use chat_gateway::routing::Push;
 use chat_gateway::{Chat, Hub, Limits, LocalRouting, RedisRouting, Routing, Tokens};
 use chat_projections::projector::projection_topics;
+use chat_projections::fanout::Pusher;
 use chat_projections::{FanOut, Projector, WorkerStats};
 use chat_store::{ScyllaConfig, ScyllaStore, SqliteStore, Tables};
 use clap::{Parser, Subcommand};
@@ -77,6 +80,27 @@ struct Platform {
     log: Arc<dyn EventLog>,
     kafka: Option<Arc<KafkaLog>>,
     tables: Arc<dyn Tables>,
+    /// This process's connections (none in a worker) and the routing that reaches everyone's;
+    /// shared by the gateway and the fan-out's pushes.
+    hub: Arc<Hub>,
+    routing: Arc<dyn Routing>,
+}
+
+/// Pushes the fan-out's group items through routing, as the gateway's frames.
+struct RoutingPusher(Arc<dyn Routing>);
+
+#[async_trait::async_trait]
+impl Pusher for RoutingPusher {
+    async fn push(&self, items: Vec<(chat_events::UserId, chat_events::StreamItem)>) {
+        let pushes = items
+            .into_iter()
+            .map(|(user, item)| Push { user, text: Arc::from(ServerFrame::from_item(&item).to_text()), except: None })
+            .collect();
+        if let Err(e) = self.0.push(pushes).await {
+            // Sync still delivers; the push is only the fast path.
+            warn!(error = %e, "group push failed");
+        }
+    }
 }
 
 impl Platform {
@@ -102,7 +126,9 @@ impl Platform {
             .collect();
         specs.push(TopicSpec { name: topics.dead_letters(), partitions: 1, replication: cfg.kafka_replication });
         log.ensure_topics(&specs).await.context("creating topics (is Kafka up at CHAT_KAFKA_BROKERS?)")?;
-        Ok(Platform { cfg, topics, log, kafka, tables })
+        let hub = Arc::new(Hub::new());
+        let routing = Self::routing(&cfg, hub.clone()).await?;
+        Ok(Platform { cfg, topics, log, kafka, tables, hub, routing })
     }
 
     fn token_secret(&self) -> anyhow::Result<Vec<u8>> {
@@ -119,11 +145,11 @@ impl Platform {
         }
     }
 
-    async fn routing(&self, hub: Arc<Hub>) -> anyhow::Result<Arc<dyn Routing>> {
-        Ok(match &self.cfg.backend {
+    async fn routing(cfg: &Config, hub: Arc<Hub>) -> anyhow::Result<Arc<dyn Routing>> {
+        Ok(match &cfg.backend {
             Backend::Embedded { .. } => Arc::new(LocalRouting::new(hub)),
             Backend::Cluster { redis_url, .. } => Arc::new(
-                RedisRouting::connect(redis_url, &self.cfg.redis_prefix, &self.cfg.node_id, self.cfg.presence_ttl, hub)
+                RedisRouting::connect(redis_url, &cfg.redis_prefix, &cfg.node_id, cfg.presence_ttl, hub)
                     .await
                     .context("connecting to CHAT_REDIS_URL")?,
             ),
@@ -132,14 +158,14 @@ impl Platform {
 
     /// Starts the gateway; returns its address and task.
     async fn start_gateway(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<(std::net::SocketAddr, JoinHandle<std::io::Result<()>>)> {
-        let hub = Arc::new(Hub::new());
-        let routing = self.routing(hub.clone()).await?;
+        let (hub, routing) = (self.hub.clone(), self.routing.clone());
         let c = &self.cfg;
         let limits = Limits {
             max_frame_bytes: c.max_frame_bytes,
             max_body_bytes: c.max_body_bytes,
             conn_queue: c.conn_queue,
             presence_ttl: c.presence_ttl,
+            max_group_size: c.max_group_size,
             ..Limits::default()
         };
         let store: Arc<dyn chat_gateway::GatewayStore> = self.tables.clone();
@@ -165,7 +191,9 @@ impl Platform {
         let t = &self.topics;
         if self.cfg.stages.iter().any(|s| s == "fanout") {
             let consumer = self.log.subscribe(&self.cfg.fanout_group, &[t.name(TopicKind::Conversations)]).await?;
-            let handler = Arc::new(FanOut::new(self.log.clone(), t.clone()));
+            let store: Arc<dyn chat_store::FanoutStore> = self.tables.clone();
+            let pusher: Arc<dyn Pusher> = Arc::new(RoutingPusher(self.routing.clone()));
+            let handler = Arc::new(FanOut::new(self.log.clone(), t.clone(), store, Some(pusher), self.cfg.max_group_size));
             let sd = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 chat_projections::run("fanout", consumer, handler, Arc::new(WorkerStats::default()), sd).await
@@ -173,8 +201,7 @@ impl Platform {
         }
         if self.cfg.stages.iter().any(|s| s == "projections") {
             let consumer = self.log.subscribe(&self.cfg.projection_group, &projection_topics(t)).await?;
-            let store: Arc<dyn chat_store::ProjectionStore> = self.tables.clone();
-            let handler = Arc::new(Projector::new(store, self.log.clone(), t.clone()));
+            let handler = Arc::new(Projector::new(self.tables.clone(), self.log.clone(), t.clone()));
             let sd = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 chat_projections::run("projections", consumer, handler, Arc::new(WorkerStats::default()), sd).await
@@ -280,8 +307,7 @@ async fn rebuild(cfg: Config, into: Option<String>) -> anyhow::Result<bool> {
     let group = format!("{}-rebuild-{stamp}", cfg.projection_group);
     let topics = projection_topics(&live.topics);
     let consumer = live.log.subscribe(&group, &topics).await?;
-    let store: Arc<dyn chat_store::ProjectionStore> = fresh.clone();
-    let handler = Arc::new(Projector::new(store, live.log.clone(), live.topics.clone()));
+    let handler = Arc::new(Projector::new(fresh.clone(), live.log.clone(), live.topics.clone()));
     let stats = Arc::new(WorkerStats::default());
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(chat_projections::run("rebuild", consumer, handler, stats.clone(), stopped));

@@ -8,7 +8,7 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ConversationId, DeviceId, EventId, MessageId, UserId};
+use crate::ids::{ConversationId, DeviceId, EventId, GroupId, MessageId, UserId};
 use crate::topics::TopicKind;
 
 /// A user account was created.
@@ -66,6 +66,69 @@ pub struct MessageRead {
     pub reader: UserId,
     pub device_id: DeviceId,
     pub up_to: MessageId,
+}
+
+/// A member's role in a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupRole {
+    /// May rename the group and add and remove members.
+    Admin,
+    Member,
+}
+
+impl GroupRole {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            GroupRole::Admin => "admin",
+            GroupRole::Member => "member",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "admin" => Some(GroupRole::Admin),
+            "member" => Some(GroupRole::Member),
+            _ => None,
+        }
+    }
+}
+
+/// A group was created; the creator is its first admin. The envelope's actor is the creator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupCreated {
+    pub conversation_id: ConversationId,
+    pub group_id: GroupId,
+    pub name: String,
+    pub creator: UserId,
+    /// The other initial members.
+    pub members: Vec<UserId>,
+}
+
+/// An admin (the envelope's actor) renamed a group.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupRenamed {
+    pub conversation_id: ConversationId,
+    pub name: String,
+}
+
+/// An admin (the envelope's actor) added a member.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupMemberAdded {
+    pub conversation_id: ConversationId,
+    pub member: UserId,
+    pub role: GroupRole,
+}
+
+/// An admin removed a member, or a member left (actor == member).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupMemberRemoved {
+    pub conversation_id: ConversationId,
+    pub member: UserId,
 }
 
 /// Online or offline.
@@ -138,9 +201,13 @@ pub enum StreamItem {
         body: String,
         #[serde(serialize_with = "serialize_time")]
         sent_at: DateTime<Utc>,
+        /// Offset of the `message.sent` in the conversation's partition (set for groups, where
+        /// membership is decided by position).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        position: Option<i64>,
     },
     /// A receipt for messages the user sent: `by` got (delivered) or read up to (seen)
-    /// `message_id`.
+    /// `message_id`. With `all`, every recipient of a group message has reached `status`.
     Receipt {
         conversation_id: ConversationId,
         message_id: MessageId,
@@ -148,7 +215,51 @@ pub enum StreamItem {
         by: UserId,
         #[serde(serialize_with = "serialize_time")]
         at: DateTime<Utc>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        all: bool,
+        /// The device that acknowledged a delivery (group receipts).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device_id: Option<String>,
     },
+    /// The user (on some device) read a conversation up to a message: lets the user's other
+    /// devices and the user's unread counts follow.
+    Read {
+        conversation_id: ConversationId,
+        up_to: MessageId,
+        #[serde(serialize_with = "serialize_time")]
+        at: DateTime<Utc>,
+    },
+    /// A change of a group the user is (or was just) in.
+    Group {
+        conversation_id: ConversationId,
+        /// created | renamed | member_added | member_removed
+        change: GroupChange,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        member: Option<UserId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        role: Option<GroupRole>,
+        by: UserId,
+        #[serde(serialize_with = "serialize_time")]
+        at: DateTime<Utc>,
+        /// Offset of the change in the group's partition.
+        position: i64,
+    },
+}
+
+/// What happened to a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupChange {
+    Created,
+    Renamed,
+    MemberAdded,
+    MemberRemoved,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Serialises a time in the one wire format (RFC 3339 UTC with milliseconds); chrono's default
@@ -175,6 +286,10 @@ pub enum Event {
     MessageRead(MessageRead),
     PresenceChanged(PresenceChanged),
     DeliveryQueued(DeliveryQueued),
+    GroupCreated(GroupCreated),
+    GroupRenamed(GroupRenamed),
+    GroupMemberAdded(GroupMemberAdded),
+    GroupMemberRemoved(GroupMemberRemoved),
 }
 
 /// The (type name, current version) of every event type, for schema tests and docs.
@@ -185,6 +300,10 @@ pub const EVENT_TYPES: &[(&str, u32)] = &[
     ("message.read", 1),
     ("presence.changed", 1),
     ("delivery.queued", 1),
+    ("group.created", 1),
+    ("group.renamed", 1),
+    ("group.member_added", 1),
+    ("group.member_removed", 1),
 ];
 
 impl Event {
@@ -197,6 +316,10 @@ impl Event {
             Event::MessageRead(_) => "message.read",
             Event::PresenceChanged(_) => "presence.changed",
             Event::DeliveryQueued(_) => "delivery.queued",
+            Event::GroupCreated(_) => "group.created",
+            Event::GroupRenamed(_) => "group.renamed",
+            Event::GroupMemberAdded(_) => "group.member_added",
+            Event::GroupMemberRemoved(_) => "group.member_removed",
         }
     }
 
@@ -208,7 +331,11 @@ impl Event {
             | Event::MessageDelivered(_)
             | Event::MessageRead(_)
             | Event::PresenceChanged(_)
-            | Event::DeliveryQueued(_) => 1,
+            | Event::DeliveryQueued(_)
+            | Event::GroupCreated(_)
+            | Event::GroupRenamed(_)
+            | Event::GroupMemberAdded(_)
+            | Event::GroupMemberRemoved(_) => 1,
         }
     }
 
@@ -216,9 +343,13 @@ impl Event {
     pub fn topic_kind(&self) -> TopicKind {
         match self {
             Event::UserRegistered(_) | Event::PresenceChanged(_) => TopicKind::Users,
-            Event::MessageSent(_) | Event::MessageDelivered(_) | Event::MessageRead(_) => {
-                TopicKind::Conversations
-            }
+            Event::MessageSent(_)
+            | Event::MessageDelivered(_)
+            | Event::MessageRead(_)
+            | Event::GroupCreated(_)
+            | Event::GroupRenamed(_)
+            | Event::GroupMemberAdded(_)
+            | Event::GroupMemberRemoved(_) => TopicKind::Conversations,
             Event::DeliveryQueued(_) => TopicKind::Deliveries,
         }
     }
@@ -233,6 +364,10 @@ impl Event {
             Event::MessageDelivered(e) => e.conversation_id.to_string(),
             Event::MessageRead(e) => e.conversation_id.to_string(),
             Event::DeliveryQueued(e) => e.recipient.to_string(),
+            Event::GroupCreated(e) => e.conversation_id.to_string(),
+            Event::GroupRenamed(e) => e.conversation_id.to_string(),
+            Event::GroupMemberAdded(e) => e.conversation_id.to_string(),
+            Event::GroupMemberRemoved(e) => e.conversation_id.to_string(),
         }
     }
 
@@ -244,6 +379,10 @@ impl Event {
             Event::MessageRead(e) => serde_json::to_value(e),
             Event::PresenceChanged(e) => serde_json::to_value(e),
             Event::DeliveryQueued(e) => serde_json::to_value(e),
+            Event::GroupCreated(e) => serde_json::to_value(e),
+            Event::GroupRenamed(e) => serde_json::to_value(e),
+            Event::GroupMemberAdded(e) => serde_json::to_value(e),
+            Event::GroupMemberRemoved(e) => serde_json::to_value(e),
         }
     }
 
@@ -260,6 +399,10 @@ impl Event {
             ("message.read", 1) => serde_json::from_value(data).map(Event::MessageRead).map_err(bad),
             ("presence.changed", 1) => serde_json::from_value(data).map(Event::PresenceChanged).map_err(bad),
             ("delivery.queued", 1) => serde_json::from_value(data).map(Event::DeliveryQueued).map_err(bad),
+            ("group.created", 1) => serde_json::from_value(data).map(Event::GroupCreated).map_err(bad),
+            ("group.renamed", 1) => serde_json::from_value(data).map(Event::GroupRenamed).map_err(bad),
+            ("group.member_added", 1) => serde_json::from_value(data).map(Event::GroupMemberAdded).map_err(bad),
+            ("group.member_removed", 1) => serde_json::from_value(data).map(Event::GroupMemberRemoved).map_err(bad),
             _ => Err(CodecError::Unknown {
                 type_name: type_name.to_owned(),
                 version,
@@ -398,20 +541,25 @@ pub mod derive_id {
 
     /// `delivery.queued`: one per (recipient, item identity). Receipts collapse per
     /// (message, reader, status): a second device's delivery does not notify the sender again.
-    pub fn delivery_queued(recipient: UserId, item: &StreamItem) -> EventId {
+    pub fn delivery_queued(recipient: UserId, item: &StreamItem, source: EventId) -> EventId {
         let r = recipient.to_string();
         match item {
             StreamItem::Message { message_id, .. } => {
                 EventId::derived(&["delivery.queued", &r, "message", &message_id.to_string()])
             }
-            StreamItem::Receipt { message_id, status, by, .. } => EventId::derived(&[
+            StreamItem::Receipt { message_id, status, by, all, .. } => EventId::derived(&[
                 "delivery.queued",
                 &r,
-                "receipt",
+                if *all { "receipt-all" } else { "receipt" },
                 status.as_str(),
                 &message_id.to_string(),
                 &by.to_string(),
             ]),
+            StreamItem::Read { conversation_id, up_to, .. } => {
+                EventId::derived(&["delivery.queued", &r, "read", conversation_id.as_str(), &up_to.to_string()])
+            }
+            // One group change is one source event; the caller passes its id.
+            StreamItem::Group { .. } => EventId::derived(&["delivery.queued", &r, "group", &source.to_string()]),
         }
     }
 }
@@ -432,6 +580,7 @@ pub fn fixtures() -> Vec<Envelope> {
         message_kind: MessageKind::Text,
         body: "hello".into(),
         sent_at: at,
+        position: None,
     };
     let receipt = StreamItem::Receipt {
         conversation_id: conv.clone(),
@@ -439,7 +588,23 @@ pub fn fixtures() -> Vec<Envelope> {
         status: ReceiptStatus::Seen,
         by: bob,
         at,
+        all: false,
+        device_id: None,
     };
+    let group = GroupId(uuid::Uuid::from_u128(0x5a1e_0000_4000_8000_0000_0000_0000_0001));
+    let gconv = ConversationId::group(group);
+    let gitem = StreamItem::Group {
+        conversation_id: gconv.clone(),
+        change: GroupChange::MemberAdded,
+        name: None,
+        member: Some(bob),
+        role: Some(GroupRole::Member),
+        by: alice,
+        at,
+        position: 7,
+    };
+    let src = EventId::new_v7();
+    let ritem = StreamItem::Read { conversation_id: conv.clone(), up_to: msg, at };
     vec![
         Envelope::new(
             derive_id::user_registered(alice),
@@ -480,15 +645,43 @@ pub fn fixtures() -> Vec<Envelope> {
             Event::PresenceChanged(PresenceChanged { user_id: bob, status: PresenceStatus::Offline }),
         ),
         Envelope::new(
-            derive_id::delivery_queued(bob, &item),
+            derive_id::delivery_queued(bob, &item, src),
             None,
             Event::DeliveryQueued(DeliveryQueued { recipient: bob, item }),
         ),
         Envelope::new(
-            derive_id::delivery_queued(alice, &receipt),
+            derive_id::delivery_queued(alice, &receipt, src),
             None,
             Event::DeliveryQueued(DeliveryQueued { recipient: alice, item: receipt }),
         ),
+        Envelope::new(
+            derive_id::delivery_queued(bob, &ritem, src),
+            None,
+            Event::DeliveryQueued(DeliveryQueued { recipient: bob, item: ritem }),
+        ),
+        Envelope::new(
+            derive_id::delivery_queued(bob, &gitem, src),
+            None,
+            Event::DeliveryQueued(DeliveryQueued { recipient: bob, item: gitem }),
+        ),
+        Envelope::new(
+            EventId::new_v7(),
+            Some(alice),
+            Event::GroupCreated(GroupCreated {
+                conversation_id: gconv.clone(),
+                group_id: group,
+                name: "climbers".into(),
+                creator: alice,
+                members: vec![bob],
+            }),
+        ),
+        Envelope::new(EventId::new_v7(), Some(alice), Event::GroupRenamed(GroupRenamed { conversation_id: gconv.clone(), name: "boulderers".into() })),
+        Envelope::new(
+            EventId::new_v7(),
+            Some(alice),
+            Event::GroupMemberAdded(GroupMemberAdded { conversation_id: gconv.clone(), member: bob, role: GroupRole::Admin }),
+        ),
+        Envelope::new(EventId::new_v7(), Some(bob), Event::GroupMemberRemoved(GroupMemberRemoved { conversation_id: gconv, member: bob })),
     ]
 }
 

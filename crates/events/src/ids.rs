@@ -74,6 +74,18 @@ uuid_id!(
     EventId
 );
 
+uuid_id!(
+    /// A group (its conversation id is `g.<group id>`). Random (v4).
+    GroupId
+);
+
+impl GroupId {
+    /// A fresh random group id.
+    pub fn random() -> Self {
+        GroupId(Uuid::new_v4())
+    }
+}
+
 impl UserId {
     /// A fresh random user id.
     pub fn random() -> Self {
@@ -114,7 +126,8 @@ impl EventId {
 
 /// A conversation. A direct (one-to-one) conversation's id is derived from its two members,
 /// order-independent (`d.<smaller user id>.<larger user id>`), so both sides and every node agree
-/// on it without a lookup and its members can be read off the id.
+/// on it without a lookup and its members can be read off the id. A group conversation's id is
+/// `g.<group id>`; its members are whoever the log says they are at a given position.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct ConversationId(String);
@@ -126,6 +139,21 @@ impl ConversationId {
         ConversationId(format!("d.{lo}.{hi}"))
     }
 
+    /// The conversation of a group.
+    pub fn group(g: GroupId) -> Self {
+        ConversationId(format!("g.{g}"))
+    }
+
+    /// The group of a group conversation.
+    pub fn group_id(&self) -> Option<GroupId> {
+        self.0.strip_prefix("g.")?.parse().ok()
+    }
+
+    /// Whether this is a group conversation.
+    pub fn is_group(&self) -> bool {
+        self.group_id().is_some()
+    }
+
     /// The two members of a direct conversation.
     pub fn direct_members(&self) -> Option<(UserId, UserId)> {
         let rest = self.0.strip_prefix("d.")?;
@@ -133,7 +161,8 @@ impl ConversationId {
         Some((a.parse().ok()?, b.parse().ok()?))
     }
 
-    /// Whether `user` is a member, for the conversation kinds whose members the id itself names.
+    /// Whether `user` is a member of a *direct* conversation (its id names its members). Always
+    /// false for groups, whose membership needs a lookup.
     pub fn has_member(&self, user: UserId) -> bool {
         matches!(self.direct_members(), Some((a, b)) if a == user || b == user)
     }
@@ -165,6 +194,9 @@ impl fmt::Display for ConversationId {
 impl FromStr for ConversationId {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {
+        if let Some(g) = ConversationId(s.to_owned()).group_id() {
+            return Ok(ConversationId::group(g));
+        }
         match ConversationId(s.to_owned()).direct_members() {
             // A direct id must name two different users in canonical order; it is rebuilt from
             // them, so that upper- and lower-case spellings are one conversation.
@@ -265,6 +297,17 @@ mod tests {
         assert!(format!("d.{lo}.{hi}.x").parse::<ConversationId>().is_err());
         let upper = format!("d.{}.{}", lo.to_string().to_uppercase(), hi.to_string().to_uppercase());
         assert_eq!(upper.parse::<ConversationId>().unwrap(), ConversationId::direct(lo, hi));
+    }
+
+    #[test]
+    fn group_conversations() {
+        let g = GroupId::random();
+        let c = ConversationId::group(g);
+        assert!(c.is_group());
+        assert_eq!(c.group_id(), Some(g));
+        assert!(!c.has_member(UserId::random()));
+        assert_eq!(c.as_str().to_uppercase().replacen('G', "g", 1).parse::<ConversationId>().unwrap(), c);
+        assert!("g.nope".parse::<ConversationId>().is_err());
     }
 
     #[test]

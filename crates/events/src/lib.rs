@@ -23,9 +23,10 @@ pub mod log;
 pub mod topics;
 
 pub use event::{
-    derive_id, format_time, now_millis, CodecError, DeliveryQueued, Envelope, Event, MessageDelivered, MessageKind,
-    MessageRead, MessageSent, PresenceChanged, PresenceStatus, ReceiptStatus, StreamItem, UserRegistered,
+    derive_id, format_time, now_millis, CodecError, DeliveryQueued, Envelope, Event, GroupChange, GroupCreated,
+    GroupMemberAdded, GroupMemberRemoved, GroupRenamed, GroupRole, MessageDelivered, MessageKind, MessageRead, MessageSent,
+    PresenceChanged, PresenceStatus, ReceiptStatus, StreamItem, UserRegistered,
 };
-pub use ids::{ConversationId, DeviceId, EventId, IdError, MessageId, UserId};
+pub use ids::{ConversationId, DeviceId, EventId, GroupId, IdError, MessageId, UserId};
 pub use log::{append_event, EventLog, LogConsumer, LogError, Position, Record, TopicSpec};
 pub use topics::{TopicKind, Topics};

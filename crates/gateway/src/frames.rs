@@ -2,7 +2,7 @@
 //! may send, `ServerFrame` what the server sends; `schemas/frames/` and `docs/protocol.md`
 //! describe both.
 
-use chat_events::{format_time, ConversationId, MessageId, ReceiptStatus, StreamItem, UserId};
+use chat_events::{format_time, ConversationId, GroupChange, GroupRole, MessageId, ReceiptStatus, StreamItem, UserId};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -126,12 +126,38 @@ pub enum ServerFrame {
         #[serde(serialize_with = "time")]
         sent_at: DateTime<Utc>,
     },
-    /// A receipt for a message this user sent.
+    /// A receipt for a message this user sent. With `all`, every recipient of a group message
+    /// has reached `status`.
     Receipt {
         conversation_id: ConversationId,
         message_id: MessageId,
         status: ReceiptStatus,
         by: UserId,
+        #[serde(serialize_with = "time")]
+        at: DateTime<Utc>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        all: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        device_id: Option<String>,
+    },
+    /// A group this user is in changed (created, renamed, member added or removed).
+    Group {
+        conversation_id: ConversationId,
+        change: GroupChange,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        member: Option<UserId>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        role: Option<GroupRole>,
+        by: UserId,
+        #[serde(serialize_with = "time")]
+        at: DateTime<Utc>,
+    },
+    /// This user read a conversation up to a message on another device.
+    Read {
+        conversation_id: ConversationId,
+        up_to: MessageId,
         #[serde(serialize_with = "time")]
         at: DateTime<Utc>,
     },
@@ -182,7 +208,7 @@ impl ServerFrame {
     /// The push frame of a stream item.
     pub fn from_item(item: &StreamItem) -> ServerFrame {
         match item.clone() {
-            StreamItem::Message { message_id, conversation_id, sender, client_msg_id, message_kind, body, sent_at } => {
+            StreamItem::Message { message_id, conversation_id, sender, client_msg_id, message_kind, body, sent_at, .. } => {
                 ServerFrame::Message {
                     message_id,
                     conversation_id,
@@ -193,9 +219,13 @@ impl ServerFrame {
                     sent_at,
                 }
             }
-            StreamItem::Receipt { conversation_id, message_id, status, by, at } => {
-                ServerFrame::Receipt { conversation_id, message_id, status, by, at }
+            StreamItem::Receipt { conversation_id, message_id, status, by, at, all, device_id } => {
+                ServerFrame::Receipt { conversation_id, message_id, status, by, at, all, device_id }
             }
+            StreamItem::Group { conversation_id, change, name, member, role, by, at, .. } => {
+                ServerFrame::Group { conversation_id, change, name, member, role, by, at }
+            }
+            StreamItem::Read { conversation_id, up_to, at } => ServerFrame::Read { conversation_id, up_to, at },
         }
     }
 }

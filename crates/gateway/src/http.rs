@@ -10,7 +10,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use chat_events::DeviceId;
 use serde::de::DeserializeOwned;
@@ -38,6 +38,10 @@ pub fn router(chat: App) -> Router {
         .route("/v1/conversations", get(conversations))
         .route("/v1/conversations/{conversation_id}/messages", get(history))
         .route("/v1/messages/{message_id}/receipts", get(receipts))
+        .route("/v1/groups", post(create_group).get(my_groups))
+        .route("/v1/groups/{conversation_id}", get(group_info).patch(rename_group))
+        .route("/v1/groups/{conversation_id}/members", post(add_member))
+        .route("/v1/groups/{conversation_id}/members/{user_id}", delete(remove_member))
         .route("/v1/ws", get(websocket))
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async {
@@ -152,6 +156,75 @@ async fn history(
 
 async fn receipts(State(chat): State<App>, Caller(p): Caller, Path(message_id): Path<String>) -> Result<Response, ApiError> {
     Ok(Json(chat.receipts(p.user_id, &message_id).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewGroup {
+    name: String,
+    #[serde(default)]
+    members: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupName {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewMember {
+    user_id: String,
+    #[serde(default)]
+    role: Option<String>,
+}
+
+/// Group changes are decided by the fan-out at their position in the log: 202, and the outcome
+/// arrives as a `group` frame / stream item.
+fn accepted() -> Response {
+    (StatusCode::ACCEPTED, Json(serde_json::json!({"status": "accepted"}))).into_response()
+}
+
+async fn create_group(State(chat): State<App>, Caller(p): Caller, ApiJson(g): ApiJson<NewGroup>) -> Result<Response, ApiError> {
+    Ok((StatusCode::CREATED, Json(chat.create_group(p.user_id, &g.name, &g.members).await?)).into_response())
+}
+
+async fn my_groups(State(chat): State<App>, Caller(p): Caller) -> Result<Response, ApiError> {
+    Ok(Json(serde_json::json!({ "groups": chat.my_groups(p.user_id).await? })).into_response())
+}
+
+async fn group_info(State(chat): State<App>, Caller(p): Caller, Path(conversation_id): Path<String>) -> Result<Response, ApiError> {
+    Ok(Json(chat.group_info(p.user_id, &conversation_id).await?).into_response())
+}
+
+async fn rename_group(
+    State(chat): State<App>,
+    Caller(p): Caller,
+    Path(conversation_id): Path<String>,
+    ApiJson(g): ApiJson<GroupName>,
+) -> Result<Response, ApiError> {
+    chat.rename_group(p.user_id, &conversation_id, &g.name).await?;
+    Ok(accepted())
+}
+
+async fn add_member(
+    State(chat): State<App>,
+    Caller(p): Caller,
+    Path(conversation_id): Path<String>,
+    ApiJson(m): ApiJson<NewMember>,
+) -> Result<Response, ApiError> {
+    chat.add_member(p.user_id, &conversation_id, &m.user_id, m.role.as_deref()).await?;
+    Ok(accepted())
+}
+
+async fn remove_member(
+    State(chat): State<App>,
+    Caller(p): Caller,
+    Path((conversation_id, user_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    chat.remove_member(p.user_id, &conversation_id, &user_id).await?;
+    Ok(accepted())
 }
 
 /// The WebSocket upgrade: the token is checked before anything else, so an unauthenticated

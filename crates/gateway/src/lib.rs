@@ -18,6 +18,7 @@ pub mod auth;
 pub mod conformance;
 pub mod error;
 pub mod frames;
+pub mod groups;
 pub mod http;
 pub mod hub;
 pub mod local_routing;

@@ -40,6 +40,8 @@ pub struct Limits {
     pub max_ids_per_ack: usize,
     /// Items per `sync` answer.
     pub max_sync: usize,
+    /// Members per group, the creator included (WhatsApp's is 1024).
+    pub max_group_size: usize,
     /// Messages per history page.
     pub max_page: usize,
     /// How long a connection's routing entry lives without a heartbeat; a crashed node's users
@@ -49,7 +51,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_frame_bytes: 64 * 1024, max_body_bytes: 16 * 1024, conn_queue: 256, max_ids_per_ack: 100, max_sync: 500, max_page: 200, presence_ttl: Duration::from_secs(30) }
+        Limits { max_frame_bytes: 64 * 1024, max_body_bytes: 16 * 1024, conn_queue: 256, max_ids_per_ack: 100, max_sync: 500, max_page: 200, max_group_size: 1024, presence_ttl: Duration::from_secs(30) }
     }
 }
 
@@ -123,7 +125,49 @@ pub struct MessageReceipts {
     pub message_id: MessageId,
     pub conversation_id: ConversationId,
     pub sender: UserId,
+    pub summary: ReceiptSummary,
     pub receipts: Vec<ReceiptRow>,
+}
+
+/// Counts over a message's recipients, and when the last of them got there.
+#[derive(Debug, Serialize)]
+pub struct ReceiptSummary {
+    pub recipients: usize,
+    pub delivered: usize,
+    pub seen: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered_to_all_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seen_by_all_at: Option<String>,
+}
+
+impl ReceiptSummary {
+    /// Recipients are those with a `sent` row; a recipient's time for a status is their first
+    /// row of it (any device); "all" is reached at the latest of those.
+    pub fn of(rows: &[ReceiptRow]) -> Self {
+        use std::collections::BTreeMap;
+        let first = |status: ReceiptStatus| {
+            let mut m: BTreeMap<UserId, DateTime<Utc>> = BTreeMap::new();
+            for r in rows.iter().filter(|r| r.status == status) {
+                let e = m.entry(r.recipient).or_insert(r.at);
+                *e = (*e).min(r.at);
+            }
+            m
+        };
+        let (sent, delivered, seen) = (first(ReceiptStatus::Sent), first(ReceiptStatus::Delivered), first(ReceiptStatus::Seen));
+        let all = |m: &BTreeMap<UserId, DateTime<Utc>>| {
+            (!sent.is_empty() && sent.keys().all(|k| m.contains_key(k)))
+                .then(|| m.values().max().map(chat_events::format_time))
+                .flatten()
+        };
+        ReceiptSummary {
+            recipients: sent.len(),
+            delivered: delivered.len(),
+            seen: seen.len(),
+            delivered_to_all_at: all(&delivered),
+            seen_by_all_at: all(&seen),
+        }
+    }
 }
 
 /// Presence of a user as another user may see it.
@@ -233,7 +277,7 @@ impl Chat {
         }
     }
 
-    async fn user_exists(&self, user: UserId) -> Result<bool, ApiError> {
+    pub(crate) async fn user_exists(&self, user: UserId) -> Result<bool, ApiError> {
         if self.known_users.lock().unwrap_or_else(|p| p.into_inner()).contains(&user) {
             return Ok(true);
         }
@@ -272,18 +316,14 @@ impl Chat {
                 }
                 ConversationId::direct(ctx.user, peer)
             }
-            (None, Some(c)) => {
-                let c = parse_conv(&c)?;
-                if !c.has_member(ctx.user) {
-                    return Err(ApiError::not_found());
-                }
-                c
-            }
+            (None, Some(c)) => self.member_conv(ctx.user, &c).await?,
             _ => return Err(bad("invalid_frame", "give exactly one of `to` and `conversation_id`")),
         };
-        let peer = conv.peer_of(ctx.user).ok_or_else(ApiError::not_found)?;
-        if !self.user_exists(peer).await? {
-            return Err(bad("unknown_recipient", "no such user"));
+        if !conv.is_group() {
+            let peer = conv.peer_of(ctx.user).ok_or_else(ApiError::not_found)?;
+            if !self.user_exists(peer).await? {
+                return Err(bad("unknown_recipient", "no such user"));
+            }
         }
         let body_sha256 = hex::encode(Sha256::digest(body.as_bytes()));
         let mine = SendReservation {
@@ -342,7 +382,11 @@ impl Chat {
                 warn!(error = %e, "send reservation not marked committed");
             }
             self.metrics.messages_sent.inc();
-            self.push_message(ctx, &event, reservation.sent_at).await;
+            // Group messages are pushed by the fan-out, which alone knows the members at the
+            // message's position.
+            if !conv.is_group() {
+                self.push_message(ctx, &event, reservation.sent_at).await;
+            }
         }
         self.metrics.send_seconds.observe(started.elapsed().as_secs_f64());
         Ok(ServerFrame::Sent {
@@ -375,6 +419,7 @@ impl Chat {
             message_kind: m.kind,
             body: m.body.clone(),
             sent_at,
+            position: None,
         });
         let text: Arc<str> = Arc::from(frame.to_text());
         let mut pushes = vec![Push { user: ctx.user, text: text.clone(), except: Some(ctx.conn.clone()) }];
@@ -391,9 +436,12 @@ impl Chat {
         }
     }
 
-    fn member_conv(&self, ctx: &ConnCtx, conversation_id: &str) -> Result<ConversationId, ApiError> {
+    /// The conversation, if `user` is a member of it now (groups: per the projection, waiting
+    /// briefly for a group that was just created).
+    pub(crate) async fn member_conv(&self, user: UserId, conversation_id: &str) -> Result<ConversationId, ApiError> {
         let c = parse_conv(conversation_id)?;
-        if !c.has_member(ctx.user) {
+        let member = if c.is_group() { self.active_member(&c, user).await?.is_some() } else { c.has_member(user) };
+        if !member {
             return Err(ApiError::not_found());
         }
         Ok(c)
@@ -402,7 +450,7 @@ impl Chat {
     /// This device received these messages: one `message.delivered` each, then receipts pushed
     /// to the sender.
     pub async fn delivered(&self, ctx: &ConnCtx, conversation_id: &str, message_ids: &[String]) -> Result<(), ApiError> {
-        let conv = self.member_conv(ctx, conversation_id)?;
+        let conv = self.member_conv(ctx.user, conversation_id).await?;
         if message_ids.is_empty() || message_ids.len() > self.limits.max_ids_per_ack {
             return Err(bad("invalid_frame", format!("give 1-{} message ids", self.limits.max_ids_per_ack)));
         }
@@ -440,8 +488,16 @@ impl Chat {
                 .map(|m| Push {
                     user: peer,
                     text: Arc::from(
-                        ServerFrame::Receipt { conversation_id: conv.clone(), message_id: *m, status: ReceiptStatus::Delivered, by: ctx.user, at: now }
-                            .to_text(),
+                        ServerFrame::Receipt {
+                            conversation_id: conv.clone(),
+                            message_id: *m,
+                            status: ReceiptStatus::Delivered,
+                            by: ctx.user,
+                            at: now,
+                            all: false,
+                            device_id: None,
+                        }
+                        .to_text(),
                     ),
                     except: None,
                 })
@@ -453,7 +509,7 @@ impl Chat {
 
     /// The user read the conversation up to a message.
     pub async fn read(&self, ctx: &ConnCtx, conversation_id: &str, up_to: &str) -> Result<(), ApiError> {
-        let conv = self.member_conv(ctx, conversation_id)?;
+        let conv = self.member_conv(ctx.user, conversation_id).await?;
         let up_to = parse_message_id(up_to)?;
         match self.store.message_owner(up_to).await? {
             Some((c, _)) if c == conv => {}
@@ -470,8 +526,16 @@ impl Chat {
             pushes.push(Push {
                 user: peer,
                 text: Arc::from(
-                    ServerFrame::Receipt { conversation_id: conv, message_id: up_to, status: ReceiptStatus::Seen, by: ctx.user, at: env.occurred_at }
-                        .to_text(),
+                    ServerFrame::Receipt {
+                        conversation_id: conv,
+                        message_id: up_to,
+                        status: ReceiptStatus::Seen,
+                        by: ctx.user,
+                        at: env.occurred_at,
+                        all: false,
+                        device_id: None,
+                    }
+                    .to_text(),
                 ),
                 except: None,
             });
@@ -505,11 +569,13 @@ impl Chat {
 
     /// Tells the other member that this user is typing. Ephemeral: nothing is appended.
     pub async fn typing(&self, ctx: &ConnCtx, conversation_id: &str) -> Result<(), ApiError> {
-        let conv = self.member_conv(ctx, conversation_id)?;
-        if let Some(peer) = conv.peer_of(ctx.user) {
-            let text = Arc::from(ServerFrame::Typing { conversation_id: conv, from: ctx.user }.to_text());
-            self.push(vec![Push { user: peer, text, except: None }]).await;
-        }
+        let conv = self.member_conv(ctx.user, conversation_id).await?;
+        let others: Vec<UserId> = match conv.peer_of(ctx.user) {
+            Some(peer) => vec![peer],
+            None => self.active_members(&conv).await?.into_iter().map(|m| m.member).filter(|m| *m != ctx.user).collect(),
+        };
+        let text: Arc<str> = Arc::from(ServerFrame::Typing { conversation_id: conv, from: ctx.user }.to_text());
+        self.push(others.into_iter().map(|u| Push { user: u, text: text.clone(), except: None }).collect()).await;
         Ok(())
     }
 
@@ -579,6 +645,9 @@ impl Chat {
 
     pub async fn history(&self, user: UserId, conversation_id: &str, before: Option<&str>, limit: Option<usize>) -> Result<HistoryPage, ApiError> {
         let conv = parse_conv(conversation_id)?;
+        if conv.is_group() {
+            return self.group_history(user, &conv, before, limit).await;
+        }
         if !conv.has_member(user) {
             return Err(ApiError::not_found());
         }
@@ -597,12 +666,18 @@ impl Chat {
     pub async fn receipts(&self, user: UserId, message_id: &str) -> Result<MessageReceipts, ApiError> {
         let id: MessageId = message_id.parse().map_err(|_| ApiError::not_found())?;
         let meta = self.store.find_message(id).await?.ok_or_else(ApiError::not_found)?;
-        if !meta.conversation_id.has_member(user) {
+        let visible = if meta.conversation_id.is_group() {
+            meta.sender == user || self.saw_position(user, &meta.conversation_id, meta.position).await?
+        } else {
+            meta.conversation_id.has_member(user)
+        };
+        if !visible {
             return Err(ApiError::not_found());
         }
         let mut receipts = self.store.receipts(id).await?;
         receipts.sort_by(|a, b| a.at.cmp(&b.at).then(a.status.cmp(&b.status)).then(a.device_id.cmp(&b.device_id)));
-        Ok(MessageReceipts { message_id: id, conversation_id: meta.conversation_id, sender: meta.sender, receipts })
+        let summary = ReceiptSummary::of(&receipts);
+        Ok(MessageReceipts { message_id: id, conversation_id: meta.conversation_id, sender: meta.sender, summary, receipts })
     }
 
     pub async fn last_seen(&self, viewer: UserId, user_id: &str) -> Result<LastSeen, ApiError> {

@@ -2,33 +2,56 @@
 //!
 //! It is the single writer of every recipient's stream: the offset of a `delivery.queued` in the
 //! recipient's partition is that recipient's sync cursor, so a cursor never skips an item that is
-//! written later (no holes). It reads each conversation in log order, which is also where a
-//! group's membership as of a message's position will be decided.
+//! written later (no holes).
+//!
+//! It is also the group aggregate. It reads each group's events in log order and decides, at
+//! each event's position, who is a member, whether a membership change is allowed (admins only,
+//! size limit), whether a sender may post, and who gets a message — membership as of the
+//! message's position, so a member removed before a message never gets it and a member added
+//! after it never gets it. Its state is positional (member intervals `[since, until)` in the
+//! `fanout_*` tables), so handling any event again after a crash gives the same answer whatever
+//! later state is already written. Everything downstream (projections, pushes of group items) sees
+//! only its validated output.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chat_events::{
-    derive_id, DeliveryQueued, Envelope, Event, EventLog, ReceiptStatus, Record, StreamItem, Topics, UserId,
+    derive_id, ConversationId, DeliveryQueued, Envelope, Event, EventLog, GroupChange, GroupRole, MessageDelivered,
+    MessageRead, MessageSent, ReceiptStatus, Record, StreamItem, Topics, UserId,
 };
+use chat_store::{FanoutGroup, FanoutMessage, FanoutStore, MemberInterval, StoreError};
+use tracing::debug;
 
 use crate::worker::{dead_letter, Handler, HandlerError};
+
+/// Best-effort delivery of stream items to their recipients' live connections (the fast path of
+/// group items, which only the fan-out can address correctly).
+#[async_trait]
+pub trait Pusher: Send + Sync {
+    async fn push(&self, items: Vec<(UserId, StreamItem)>);
+}
+
+/// Groups whose member lists are kept in memory, at most.
+const MEMBER_CACHE_GROUPS: usize = 10_000;
 
 /// The fan-out stage.
 pub struct FanOut {
     log: Arc<dyn EventLog>,
     topics: Topics,
+    store: Arc<dyn FanoutStore>,
+    pusher: Option<Arc<dyn Pusher>>,
+    max_group_size: usize,
+    /// Member intervals per group, valid while the group's `membership_version` is unchanged.
+    members: Mutex<HashMap<ConversationId, (i64, Arc<Vec<MemberInterval>>)>>,
 }
 
-impl FanOut {
-    pub fn new(log: Arc<dyn EventLog>, topics: Topics) -> Self {
-        FanOut { log, topics }
-    }
-}
+type R<T> = Result<T, StoreError>;
 
 fn queued(source: &Envelope, recipient: UserId, item: StreamItem) -> Envelope {
     Envelope {
-        event_id: derive_id::delivery_queued(recipient, &item),
+        event_id: derive_id::delivery_queued(recipient, &item, source.event_id),
         // The source's time, so that a replayed fan-out writes identical events.
         occurred_at: source.occurred_at,
         actor: None,
@@ -36,22 +59,35 @@ fn queued(source: &Envelope, recipient: UserId, item: StreamItem) -> Envelope {
     }
 }
 
-/// What one event of the conversations topic puts into users' streams.
-pub fn route(env: &Envelope) -> Vec<Envelope> {
+fn message_item(env: &Envelope, m: &MessageSent, position: Option<i64>) -> StreamItem {
+    StreamItem::Message {
+        message_id: m.message_id,
+        conversation_id: m.conversation_id.clone(),
+        sender: m.sender,
+        client_msg_id: m.client_msg_id.clone(),
+        message_kind: m.kind,
+        body: m.body.clone(),
+        sent_at: env.occurred_at,
+        position,
+    }
+}
+
+fn read_item(env: &Envelope, r: &MessageRead) -> StreamItem {
+    StreamItem::Read { conversation_id: r.conversation_id.clone(), up_to: r.up_to, at: env.occurred_at }
+}
+
+/// What one event of a direct conversation puts into users' streams (no state needed: the
+/// conversation id names both members).
+pub fn route_direct(env: &Envelope) -> Vec<Envelope> {
     match &env.event {
         Event::MessageSent(m) => {
             let Some((a, b)) = m.conversation_id.direct_members() else {
                 return Vec::new();
             };
-            let item = StreamItem::Message {
-                message_id: m.message_id,
-                conversation_id: m.conversation_id.clone(),
-                sender: m.sender,
-                client_msg_id: m.client_msg_id.clone(),
-                message_kind: m.kind,
-                body: m.body.clone(),
-                sent_at: env.occurred_at,
-            };
+            if m.sender != a && m.sender != b {
+                return Vec::new();
+            }
+            let item = message_item(env, m, None);
             // Recipient first, then the sender's own stream (for the sender's other devices).
             let recipient = if a == m.sender { b } else { a };
             vec![queued(env, recipient, item.clone()), queued(env, m.sender, item)]
@@ -66,78 +102,394 @@ pub fn route(env: &Envelope) -> Vec<Envelope> {
                     status: ReceiptStatus::Delivered,
                     by: d.recipient,
                     at: env.occurred_at,
+                    all: false,
+                    device_id: None,
                 },
             )],
             None => Vec::new(),
         },
         Event::MessageRead(r) => match r.conversation_id.peer_of(r.reader) {
-            Some(peer) => vec![queued(
-                env,
-                peer,
-                StreamItem::Receipt {
-                    conversation_id: r.conversation_id.clone(),
-                    message_id: r.up_to,
-                    status: ReceiptStatus::Seen,
-                    by: r.reader,
-                    at: env.occurred_at,
-                },
-            )],
+            Some(peer) => vec![
+                queued(
+                    env,
+                    peer,
+                    StreamItem::Receipt {
+                        conversation_id: r.conversation_id.clone(),
+                        message_id: r.up_to,
+                        status: ReceiptStatus::Seen,
+                        by: r.reader,
+                        at: env.occurred_at,
+                        all: false,
+                        device_id: None,
+                    },
+                ),
+                queued(env, r.reader, read_item(env, r)),
+            ],
             None => Vec::new(),
         },
-        // Not on the conversations topic; nothing to fan out.
-        Event::UserRegistered(_) | Event::PresenceChanged(_) | Event::DeliveryQueued(_) => Vec::new(),
+        // Group events never carry a direct conversation id; the rest are not on this topic.
+        Event::GroupCreated(_)
+        | Event::GroupRenamed(_)
+        | Event::GroupMemberAdded(_)
+        | Event::GroupMemberRemoved(_)
+        | Event::UserRegistered(_)
+        | Event::PresenceChanged(_)
+        | Event::DeliveryQueued(_) => Vec::new(),
+    }
+}
+
+/// The conversation an event of the conversations topic belongs to.
+fn conversation_of(e: &Event) -> Option<&ConversationId> {
+    match e {
+        Event::MessageSent(m) => Some(&m.conversation_id),
+        Event::MessageDelivered(d) => Some(&d.conversation_id),
+        Event::MessageRead(r) => Some(&r.conversation_id),
+        Event::GroupCreated(g) => Some(&g.conversation_id),
+        Event::GroupRenamed(g) => Some(&g.conversation_id),
+        Event::GroupMemberAdded(g) => Some(&g.conversation_id),
+        Event::GroupMemberRemoved(g) => Some(&g.conversation_id),
+        Event::UserRegistered(_) | Event::PresenceChanged(_) | Event::DeliveryQueued(_) => None,
+    }
+}
+
+impl FanOut {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        topics: Topics,
+        store: Arc<dyn FanoutStore>,
+        pusher: Option<Arc<dyn Pusher>>,
+        max_group_size: usize,
+    ) -> Self {
+        FanOut { log, topics, store, pusher, max_group_size, members: Mutex::new(HashMap::new()) }
+    }
+
+    /// Every membership interval of a group (from the cache while its version is current).
+    async fn intervals(&self, group: &FanoutGroup) -> R<Arc<Vec<MemberInterval>>> {
+        if let Some((v, list)) = self.members.lock().unwrap_or_else(|p| p.into_inner()).get(&group.conversation_id) {
+            if *v == group.membership_version {
+                return Ok(list.clone());
+            }
+        }
+        let list = Arc::new(self.store.fanout_members(&group.conversation_id).await?);
+        let mut cache = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MEMBER_CACHE_GROUPS {
+            cache.clear();
+        }
+        cache.insert(group.conversation_id.clone(), (group.membership_version, list.clone()));
+        Ok(list)
+    }
+
+    /// Members at position `p` (the state after every event before `p`).
+    async fn members_at(&self, group: &FanoutGroup, p: i64) -> R<Vec<MemberInterval>> {
+        Ok(self.intervals(group).await?.iter().filter(|i| i.since < p && i.until.is_none_or(|u| p < u)).cloned().collect())
+    }
+
+    /// Writes member intervals, then the group row with its new membership version (the row
+    /// last: a cached member list is reloaded once the version moves).
+    async fn write_members(&self, group: &mut FanoutGroup, members: &[MemberInterval], position: i64) -> R<()> {
+        futures::future::try_join_all(members.iter().map(|m| self.store.put_fanout_member(&group.conversation_id, m))).await?;
+        group.membership_version = group.membership_version.max(position);
+        self.store.put_fanout_group(group).await
+    }
+
+    fn group_item(env: &Envelope, conv: &ConversationId, change: GroupChange, name: Option<String>, member: Option<UserId>, role: Option<GroupRole>, by: UserId, o: i64) -> StreamItem {
+        StreamItem::Group { conversation_id: conv.clone(), change, name, member, role, by, at: env.occurred_at, position: o }
+    }
+
+    /// What one event of a group puts into users' streams, deciding at position `o`.
+    async fn route_group(&self, env: &Envelope, o: i64) -> R<Vec<Envelope>> {
+        let Some(conv) = conversation_of(&env.event).cloned() else { return Ok(Vec::new()) };
+        let existing = self.store.fanout_group(&conv).await?;
+        let actor = env.actor;
+        let to_all = |members: &[MemberInterval], item: StreamItem| -> Vec<Envelope> {
+            members.iter().map(|m| queued(env, m.member, item.clone())).collect()
+        };
+        match &env.event {
+            Event::GroupCreated(g) => {
+                let replay = matches!(&existing, Some(e) if e.created_at == o);
+                if (existing.is_some() && !replay) || actor != Some(g.creator) || g.conversation_id.group_id() != Some(g.group_id) {
+                    debug!(conversation = %conv, "group.created refused");
+                    return Ok(Vec::new());
+                }
+                let mut members = vec![g.creator];
+                for m in &g.members {
+                    if !members.contains(m) {
+                        members.push(*m);
+                    }
+                }
+                if members.len() > self.max_group_size {
+                    return Ok(Vec::new());
+                }
+                let mut group = FanoutGroup { conversation_id: conv.clone(), name: g.name.clone(), created_at: o, membership_version: o };
+                let intervals: Vec<MemberInterval> = members
+                    .iter()
+                    .map(|m| MemberInterval {
+                        member: *m,
+                        since: o,
+                        until: None,
+                        role: if *m == g.creator { GroupRole::Admin } else { GroupRole::Member },
+                    })
+                    .collect();
+                self.write_members(&mut group, &intervals, o).await?;
+                let item = Self::group_item(env, &conv, GroupChange::Created, Some(g.name.clone()), None, None, g.creator, o);
+                Ok(members.iter().map(|m| queued(env, *m, item.clone())).collect())
+            }
+            Event::GroupRenamed(r) => {
+                let (Some(mut group), Some(actor)) = (existing, actor) else { return Ok(Vec::new()) };
+                let members = self.members_at(&group, o).await?;
+                if !members.iter().any(|m| m.member == actor && m.role == GroupRole::Admin) {
+                    return Ok(Vec::new());
+                }
+                group.name = r.name.clone();
+                self.store.put_fanout_group(&group).await?;
+                let item = Self::group_item(env, &conv, GroupChange::Renamed, Some(r.name.clone()), None, None, actor, o);
+                Ok(to_all(&members, item))
+            }
+            Event::GroupMemberAdded(a) => {
+                let (Some(mut group), Some(actor)) = (existing, actor) else { return Ok(Vec::new()) };
+                let members = self.members_at(&group, o).await?;
+                let replay = self.intervals(&group).await?.iter().any(|i| i.member == a.member && i.since == o);
+                let allowed = members.iter().any(|m| m.member == actor && m.role == GroupRole::Admin)
+                    && !members.iter().any(|m| m.member == a.member)
+                    && members.len() < self.max_group_size;
+                if !allowed && !replay {
+                    return Ok(Vec::new());
+                }
+                self.write_members(&mut group, &[MemberInterval { member: a.member, since: o, until: None, role: a.role }], o).await?;
+                let item = Self::group_item(env, &conv, GroupChange::MemberAdded, Some(group.name.clone()), Some(a.member), Some(a.role), actor, o);
+                let mut out = to_all(&members, item.clone());
+                out.push(queued(env, a.member, item));
+                Ok(out)
+            }
+            Event::GroupMemberRemoved(r) => {
+                let (Some(mut group), Some(actor)) = (existing, actor) else { return Ok(Vec::new()) };
+                let members = self.members_at(&group, o).await?;
+                let intervals = self.intervals(&group).await?;
+                let open = members.iter().find(|m| m.member == r.member).cloned();
+                let replayed = intervals.iter().find(|i| i.member == r.member && i.until == Some(o)).cloned();
+                let allowed = open.is_some() && (actor == r.member || members.iter().any(|m| m.member == actor && m.role == GroupRole::Admin));
+                let Some(mut interval) = (if allowed { open } else { replayed }) else { return Ok(Vec::new()) };
+                interval.until = Some(o);
+                let role = interval.role;
+                self.write_members(&mut group, &[interval], o).await?;
+                let item = Self::group_item(env, &conv, GroupChange::MemberRemoved, Some(group.name.clone()), Some(r.member), Some(role), actor, o);
+                // Everyone who was a member, the removed one included, learns of it.
+                let mut out = to_all(&members, item.clone());
+                if !members.iter().any(|m| m.member == r.member) {
+                    out.push(queued(env, r.member, item));
+                }
+                Ok(out)
+            }
+            Event::MessageSent(m) => {
+                let Some(group) = existing else { return Ok(Vec::new()) };
+                let members = self.members_at(&group, o).await?;
+                if !members.iter().any(|i| i.member == m.sender) {
+                    // Not a member at this position (a removal won the race): never delivered.
+                    debug!(message = %m.message_id, "sender not a member at the message's position; dropped");
+                    return Ok(Vec::new());
+                }
+                self.store
+                    .put_fanout_message(&FanoutMessage {
+                        conversation_id: conv.clone(),
+                        message_id: m.message_id,
+                        sender: m.sender,
+                        position: o,
+                        recipients: (members.len() - 1) as i32,
+                    })
+                    .await?;
+                Ok(to_all(&members, message_item(env, m, Some(o))))
+            }
+            Event::MessageDelivered(d) => self.group_delivered(env, &conv, d).await,
+            Event::MessageRead(r) => {
+                let Some(group) = existing else { return Ok(Vec::new()) };
+                self.group_read(env, &group, r, o).await
+            }
+            Event::UserRegistered(_) | Event::PresenceChanged(_) | Event::DeliveryQueued(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// A member's receipt for one group message: the per-member receipt to the sender, and the
+    /// aggregate once every recipient has reached the status.
+    async fn receipt(
+        &self,
+        env: &Envelope,
+        msg: &FanoutMessage,
+        status: ReceiptStatus,
+        by: UserId,
+        device_id: Option<String>,
+    ) -> R<Vec<Envelope>> {
+        self.store.add_fanout_ack(msg.message_id, status, by).await?;
+        let mut out = vec![queued(
+            env,
+            msg.sender,
+            StreamItem::Receipt {
+                conversation_id: msg.conversation_id.clone(),
+                message_id: msg.message_id,
+                status,
+                by,
+                at: env.occurred_at,
+                all: false,
+                device_id,
+            },
+        )];
+        let count = self.store.fanout_ack_count(msg.message_id, status).await?;
+        if count as i64 >= msg.recipients as i64 {
+            // Derived ids make the aggregate one item however often this is reached again.
+            out.push(queued(
+                env,
+                msg.sender,
+                StreamItem::Receipt {
+                    conversation_id: msg.conversation_id.clone(),
+                    message_id: msg.message_id,
+                    status,
+                    by: msg.sender,
+                    at: env.occurred_at,
+                    all: true,
+                    device_id: None,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    async fn was_member_at(&self, conv: &ConversationId, user: UserId, p: i64) -> R<bool> {
+        let Some(group) = self.store.fanout_group(conv).await? else { return Ok(false) };
+        Ok(self.members_at(&group, p).await?.iter().any(|m| m.member == user))
+    }
+
+    async fn group_delivered(&self, env: &Envelope, conv: &ConversationId, d: &MessageDelivered) -> R<Vec<Envelope>> {
+        let Some(msg) = self.store.fanout_message(conv, d.message_id).await? else { return Ok(Vec::new()) };
+        if msg.sender == d.recipient || !self.was_member_at(conv, d.recipient, msg.position).await? {
+            return Ok(Vec::new());
+        }
+        self.receipt(env, &msg, ReceiptStatus::Delivered, d.recipient, Some(d.device_id.to_string())).await
+    }
+
+    async fn group_read(&self, env: &Envelope, group: &FanoutGroup, r: &MessageRead, o: i64) -> R<Vec<Envelope>> {
+        let conv = &group.conversation_id;
+        if !self.members_at(group, o).await?.iter().any(|m| m.member == r.reader) {
+            return Ok(Vec::new());
+        }
+        let marker = self.store.fanout_read_marker(conv, r.reader).await?;
+        let lower = match marker {
+            Some((_, p)) if p > o => return Ok(Vec::new()),
+            // This very read again (after a crash): start from the beginning; receipts already
+            // emitted collapse by their derived ids downstream.
+            Some((_, p)) if p == o => None,
+            Some((up_to, _)) if up_to >= r.up_to => return Ok(vec![queued(env, r.reader, read_item(env, r))]),
+            Some((up_to, _)) => Some(up_to),
+            None => None,
+        };
+        let mut out = Vec::new();
+        for msg in self.store.fanout_messages_between(conv, lower, r.up_to).await? {
+            if msg.sender == r.reader || !self.was_member_at(conv, r.reader, msg.position).await? {
+                continue;
+            }
+            out.extend(self.receipt(env, &msg, ReceiptStatus::Seen, r.reader, None).await?);
+        }
+        out.push(queued(env, r.reader, read_item(env, r)));
+        self.store.put_fanout_read_marker(conv, r.reader, r.up_to, o).await?;
+        Ok(out)
+    }
+
+    async fn route(&self, env: &Envelope, offset: i64) -> R<Vec<Envelope>> {
+        match conversation_of(&env.event) {
+            Some(c) if c.is_group() => self.route_group(env, offset).await,
+            _ => Ok(route_direct(env)),
+        }
     }
 }
 
 #[async_trait]
 impl Handler for FanOut {
     async fn handle(&self, records: &[Record]) -> Result<(), HandlerError> {
-        // (index of the source record, output) for every output of the slice.
+        // (index of the source record, output) for every output of the slice. State is written
+        // while routing (positional, so safe to write before the outputs are appended).
         let mut outputs: Vec<(usize, Envelope)> = Vec::new();
         for (i, rec) in records.iter().enumerate() {
             match Envelope::decode(&rec.payload) {
-                Ok(env) => outputs.extend(route(&env).into_iter().map(|o| (i, o))),
+                Ok(env) => match self.route(&env, rec.offset).await {
+                    Ok(out) => outputs.extend(out.into_iter().map(|o| (i, o))),
+                    Err(e) => {
+                        return self
+                            .append_outputs(&outputs[..])
+                            .await
+                            .and(Err(HandlerError { done: i, reason: e.to_string() }));
+                    }
+                },
                 Err(e) => {
                     if let Err(le) = dead_letter(self.log.as_ref(), &self.topics, rec, &e.to_string()).await {
+                        self.append_outputs(&outputs[..]).await?;
                         return Err(HandlerError { done: i, reason: le.to_string() });
                     }
                 }
             }
         }
-        let batch = outputs
-            .iter()
-            .map(|(_, env)| (self.topics.name(env.event.topic_kind()), env.key(), env.encode()))
-            .collect();
+        self.append_outputs(&outputs).await
+    }
+}
+
+impl FanOut {
+    /// Appends outputs in order; on failure reports how many source records are fully done.
+    async fn append_outputs(&self, outputs: &[(usize, Envelope)]) -> Result<(), HandlerError> {
+        if outputs.is_empty() {
+            return Ok(());
+        }
+        let batch = outputs.iter().map(|(_, env)| (self.topics.name(env.event.topic_kind()), env.key(), env.encode())).collect();
         let results = self.log.append_batch(batch).await;
         // The first failed output decides how far the slice got; everything after it is
         // retried (outputs that did land are collapsed downstream by their derived ids).
         if let Some(pos) = results.iter().position(|r| r.is_err()) {
-            let done = outputs[pos].0;
             let reason = match &results[pos] {
                 Err(e) => e.to_string(),
                 Ok(_) => String::new(),
             };
-            return Err(HandlerError { done, reason });
+            return Err(HandlerError { done: outputs[pos].0, reason });
+        }
+        // Group items are pushed by the fan-out: only it knows who may get them. (Direct
+        // conversations are pushed by the gateway right after the append.)
+        if let Some(pusher) = &self.pusher {
+            let pushes: Vec<(UserId, StreamItem)> = outputs
+                .iter()
+                .filter_map(|(_, env)| match &env.event {
+                    Event::DeliveryQueued(q) if is_group_push(&q.item) => Some((q.recipient, q.item.clone())),
+                    _ => None,
+                })
+                .collect();
+            if !pushes.is_empty() {
+                pusher.push(pushes).await;
+            }
         }
         Ok(())
+    }
+}
+
+fn is_group_push(item: &StreamItem) -> bool {
+    match item {
+        StreamItem::Message { conversation_id, .. }
+        | StreamItem::Receipt { conversation_id, .. }
+        | StreamItem::Group { conversation_id, .. } => conversation_id.is_group(),
+        StreamItem::Read { .. } => false,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chat_events::{ConversationId, DeviceId, EventId, MessageDelivered, MessageId, MessageKind, MessageRead, MessageSent};
+    use chat_events::{
+        DeviceId, EventId, GroupCreated, GroupId, GroupMemberAdded, GroupMemberRemoved, MessageId, MessageKind,
+    };
 
-    fn sent(a: UserId, b: UserId) -> Envelope {
+    fn sent(conv: &ConversationId, from: UserId, cmid: &str) -> Envelope {
         Envelope::new(
             EventId::new_v7(),
-            Some(a),
+            Some(from),
             Event::MessageSent(MessageSent {
                 message_id: MessageId::new_v7(),
-                conversation_id: ConversationId::direct(a, b),
-                sender: a,
+                conversation_id: conv.clone(),
+                sender: from,
                 sender_device: DeviceId::default_device(),
-                client_msg_id: "x".into(),
+                client_msg_id: cmid.into(),
                 kind: MessageKind::Text,
                 body: "hi".into(),
             }),
@@ -145,53 +497,129 @@ mod tests {
     }
 
     fn recipients(out: &[Envelope]) -> Vec<UserId> {
-        out.iter()
+        let mut r: Vec<UserId> = out
+            .iter()
             .map(|e| match &e.event {
                 Event::DeliveryQueued(d) => d.recipient,
                 other => panic!("unexpected {other:?}"),
             })
-            .collect()
+            .collect();
+        r.sort();
+        r
+    }
+
+    fn sorted(mut v: Vec<UserId>) -> Vec<UserId> {
+        v.sort();
+        v
     }
 
     #[test]
-    fn a_message_goes_to_the_recipient_and_the_sender() {
-        let (a, b) = (UserId::random(), UserId::random());
-        let out = route(&sent(a, b));
-        assert_eq!(recipients(&out), vec![b, a]);
-        // Same input, same ids: a replayed fan-out collapses downstream.
-        let env = sent(a, b);
-        assert_eq!(route(&env), route(&env));
-    }
-
-    #[test]
-    fn receipts_go_to_the_other_member() {
+    fn a_direct_message_goes_to_the_recipient_and_the_sender() {
         let (a, b) = (UserId::random(), UserId::random());
         let conv = ConversationId::direct(a, b);
-        let m = MessageId::new_v7();
-        let d = Envelope::new(
+        let env = sent(&conv, a, "x");
+        assert_eq!(recipients(&route_direct(&env)), sorted(vec![a, b]));
+        // Same input, same ids: a replayed fan-out collapses downstream.
+        assert_eq!(route_direct(&env), route_direct(&env));
+        let read = Envelope::new(
             EventId::new_v7(),
             Some(b),
-            Event::MessageDelivered(MessageDelivered {
-                message_id: m,
-                conversation_id: conv.clone(),
-                recipient: b,
-                device_id: DeviceId::default_device(),
-            }),
+            Event::MessageRead(MessageRead { conversation_id: conv, reader: b, device_id: DeviceId::default_device(), up_to: MessageId::new_v7() }),
         );
-        assert_eq!(recipients(&route(&d)), vec![a]);
-        let phone: DeviceId = "phone".parse().unwrap();
-        let d2 = Envelope::new(
-            EventId::new_v7(),
-            Some(b),
-            Event::MessageDelivered(MessageDelivered { message_id: m, conversation_id: conv.clone(), recipient: b, device_id: phone }),
+        // A seen receipt to the sender, and a read marker to the reader's other devices.
+        assert_eq!(recipients(&route_direct(&read)), sorted(vec![a, b]));
+    }
+
+    fn fanout(dir: &std::path::Path, max: usize) -> FanOut {
+        let store = Arc::new(chat_store::SqliteStore::open(dir).expect("store"));
+        let log = Arc::new(chat_events::embedded::EmbeddedLog::open(&dir.join("log"), 10).expect("log"));
+        FanOut::new(log, Topics::default(), store, None, max)
+    }
+
+    fn event(actor: UserId, e: Event) -> Envelope {
+        Envelope::new(EventId::new_v7(), Some(actor), e)
+    }
+
+    #[tokio::test]
+    async fn group_membership_is_decided_at_each_position() {
+        let dir = std::env::temp_dir().join(format!("chat-fanout-{}", uuid::Uuid::new_v4()));
+        let f = fanout(&dir, 4);
+        let (admin, bob, carol, dave, eve) = (UserId::random(), UserId::random(), UserId::random(), UserId::random(), UserId::random());
+        let g = GroupId::random();
+        let conv = ConversationId::group(g);
+        let created = event(
+            admin,
+            Event::GroupCreated(GroupCreated { conversation_id: conv.clone(), group_id: g, name: "g".into(), creator: admin, members: vec![bob, carol] }),
         );
-        // A second device's delivery maps to the same stream item id.
-        assert_eq!(route(&d)[0].event_id, route(&d2)[0].event_id);
-        let r = Envelope::new(
-            EventId::new_v7(),
-            Some(b),
-            Event::MessageRead(MessageRead { conversation_id: conv, reader: b, device_id: DeviceId::default_device(), up_to: m }),
+        assert_eq!(recipients(&f.route(&created, 1).await.unwrap()), sorted(vec![admin, bob, carol]));
+
+        let m2 = sent(&conv, bob, "m2");
+        assert_eq!(recipients(&f.route(&m2, 2).await.unwrap()), sorted(vec![admin, bob, carol]));
+        // An outsider's message is dropped.
+        assert!(f.route(&sent(&conv, dave, "x"), 3).await.unwrap().is_empty());
+
+        // A non-admin cannot add; the admin can, up to the size limit (4).
+        let by_bob = event(bob, Event::GroupMemberAdded(GroupMemberAdded { conversation_id: conv.clone(), member: dave, role: GroupRole::Member }));
+        assert!(f.route(&by_bob, 4).await.unwrap().is_empty());
+        let add_dave = event(admin, Event::GroupMemberAdded(GroupMemberAdded { conversation_id: conv.clone(), member: dave, role: GroupRole::Member }));
+        assert_eq!(recipients(&f.route(&add_dave, 5).await.unwrap()), sorted(vec![admin, bob, carol, dave]));
+        let add_eve = event(admin, Event::GroupMemberAdded(GroupMemberAdded { conversation_id: conv.clone(), member: eve, role: GroupRole::Member }));
+        assert!(f.route(&add_eve, 6).await.unwrap().is_empty(), "group full");
+
+        // carol is removed at 7: she hears of it, and gets nothing positioned after it.
+        let remove = event(admin, Event::GroupMemberRemoved(GroupMemberRemoved { conversation_id: conv.clone(), member: carol }));
+        assert_eq!(recipients(&f.route(&remove, 7).await.unwrap()), sorted(vec![admin, bob, carol, dave]));
+        let m8 = sent(&conv, bob, "m8");
+        assert_eq!(recipients(&f.route(&m8, 8).await.unwrap()), sorted(vec![admin, bob, dave]));
+        // carol can no longer post.
+        assert!(f.route(&sent(&conv, carol, "late"), 9).await.unwrap().is_empty());
+
+        // Handling earlier events again (after a crash) gives the same answers, whatever later
+        // state is already written: membership is positional.
+        assert_eq!(recipients(&f.route(&m2, 2).await.unwrap()), sorted(vec![admin, bob, carol]));
+        assert_eq!(recipients(&f.route(&add_dave, 5).await.unwrap()), sorted(vec![admin, bob, carol, dave]));
+        assert_eq!(recipients(&f.route(&remove, 7).await.unwrap()), sorted(vec![admin, bob, carol, dave]));
+        assert_eq!(recipients(&f.route(&created, 1).await.unwrap()), sorted(vec![admin, bob, carol]));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn group_receipts_are_per_member_then_for_all() {
+        let dir = std::env::temp_dir().join(format!("chat-fanout-{}", uuid::Uuid::new_v4()));
+        let f = fanout(&dir, 10);
+        let (admin, bob, carol) = (UserId::random(), UserId::random(), UserId::random());
+        let g = GroupId::random();
+        let conv = ConversationId::group(g);
+        let created = event(
+            admin,
+            Event::GroupCreated(GroupCreated { conversation_id: conv.clone(), group_id: g, name: "g".into(), creator: admin, members: vec![bob, carol] }),
         );
-        assert_eq!(recipients(&route(&r)), vec![a]);
+        f.route(&created, 1).await.unwrap();
+        let m = sent(&conv, admin, "m");
+        let Event::MessageSent(ms) = &m.event else { unreachable!() };
+        let mid = ms.message_id;
+        f.route(&m, 2).await.unwrap();
+        let delivered = |who: UserId| {
+            event(who, Event::MessageDelivered(MessageDelivered { message_id: mid, conversation_id: conv.clone(), recipient: who, device_id: DeviceId::default_device() }))
+        };
+        let items = |out: Vec<Envelope>| -> Vec<(UserId, bool)> {
+            out.into_iter()
+                .filter_map(|e| match e.event {
+                    Event::DeliveryQueued(DeliveryQueued { recipient, item: StreamItem::Receipt { all, .. } }) => Some((recipient, all)),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(items(f.route(&delivered(bob), 3).await.unwrap()), vec![(admin, false)]);
+        assert_eq!(items(f.route(&delivered(bob), 4).await.unwrap()), vec![(admin, false)], "a second device: no aggregate yet");
+        assert_eq!(items(f.route(&delivered(carol), 5).await.unwrap()), vec![(admin, false), (admin, true)], "then delivered to all");
+        // The sender's own ack is not a receipt.
+        assert!(items(f.route(&delivered(admin), 6).await.unwrap()).is_empty());
+        let read = |who: UserId| {
+            event(who, Event::MessageRead(MessageRead { conversation_id: conv.clone(), reader: who, device_id: DeviceId::default_device(), up_to: mid }))
+        };
+        assert_eq!(items(f.route(&read(bob), 7).await.unwrap()), vec![(admin, false)]);
+        assert_eq!(items(f.route(&read(carol), 8).await.unwrap()), vec![(admin, false), (admin, true)], "seen by all");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -8,17 +8,19 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chat_events::{
-    ConversationId, Envelope, Event, EventLog, MessageDelivered, MessageId, MessageRead, MessageSent, PresenceStatus,
-    ReceiptStatus, Record, StreamItem, TopicKind, Topics, UserId,
+    ConversationId, Envelope, Event, EventLog, GroupChange, GroupRole, MessageDelivered, MessageId, MessageRead,
+    MessageSent, PresenceStatus, ReceiptStatus, Record, StreamItem, TopicKind, Topics, UserId,
 };
-use chat_store::{InboxRow, MessageRow, ProjectionStore, ReadMarker, ReceiptRow, StoreError, StreamRow};
+use chat_store::{
+    GroupMemberRow, GroupRow, InboxRow, MessageRow, ReadMarker, ReceiptRow, StoreError, StreamRow, Tables, UserGroupRow,
+};
 use tracing::debug;
 
 use crate::worker::{dead_letter, Handler, HandlerError};
 
 /// The projection stage.
 pub struct Projector {
-    store: Arc<dyn ProjectionStore>,
+    store: Arc<dyn Tables>,
     log: Arc<dyn EventLog>,
     topics: Topics,
 }
@@ -26,7 +28,7 @@ pub struct Projector {
 type R<T> = Result<T, StoreError>;
 
 impl Projector {
-    pub fn new(store: Arc<dyn ProjectionStore>, log: Arc<dyn EventLog>, topics: Topics) -> Self {
+    pub fn new(store: Arc<dyn Tables>, log: Arc<dyn EventLog>, topics: Topics) -> Self {
         Projector { store, log, topics }
     }
 
@@ -34,9 +36,20 @@ impl Projector {
     pub async fn apply(&self, env: &Envelope, offset: i64) -> R<()> {
         match &env.event {
             Event::UserRegistered(u) => self.store.put_user(u.user_id, &u.username, env.occurred_at).await,
+            // Group conversations are projected from the fan-out's validated output (the
+            // stream items below), never from their raw events: only the fan-out knows who was a
+            // member at each position.
+            Event::MessageSent(m) if m.conversation_id.is_group() => Ok(()),
+            Event::MessageRead(r) if r.conversation_id.is_group() => Ok(()),
+            Event::MessageDelivered(d) if d.conversation_id.is_group() => {
+                // The acknowledging member has it now, whatever the fan-out decides about the
+                // receipt (the gateway checked the message is of this group).
+                self.store.remove_pending(d.recipient, d.message_id).await
+            }
             Event::MessageSent(m) => self.message_sent(env, m, offset).await,
             Event::MessageDelivered(d) => self.message_delivered(env, d).await,
             Event::MessageRead(r) => self.message_read(env, r, offset).await,
+            Event::GroupCreated(_) | Event::GroupRenamed(_) | Event::GroupMemberAdded(_) | Event::GroupMemberRemoved(_) => Ok(()),
             Event::PresenceChanged(p) => {
                 self.store.put_presence(p.user_id, p.status == PresenceStatus::Online, env.occurred_at).await
             }
@@ -63,6 +76,7 @@ impl Projector {
                 kind: m.kind.as_str().to_owned(),
                 body: m.body.clone(),
                 sent_at: env.occurred_at,
+                position: offset,
             })
             .await?;
         self.store
@@ -190,9 +204,165 @@ impl Projector {
                 self.store.add_pending(recipient, *message_id, conversation_id).await?;
             }
         }
+        self.group_views(recipient, item, offset).await?;
         let json = serde_json::to_string(item).map_err(|e| StoreError::Data(e.to_string()))?;
+        // The stream row last: once it is there, everything this item causes is written.
         self.store.put_stream_item(recipient, &StreamRow { seq: offset, item_id: env.event_id.0, item: json }).await
     }
+
+    /// Group views written from one user's stream items: this writer owns that user's rows
+    /// (inbox, memberships), processes them in stream order, and guards read-modify-writes with
+    /// the stream offset.
+    async fn group_views(&self, user: UserId, item: &StreamItem, offset: i64) -> R<()> {
+        match item {
+            StreamItem::Message { message_id, conversation_id, sender, client_msg_id, message_kind, body, sent_at, position }
+                if conversation_id.is_group() =>
+            {
+                let position = position.unwrap_or_default();
+                if *sender == user {
+                    // The sender's own copy writes history: once per message, and only for
+                    // messages the fan-out accepted.
+                    self.store
+                        .put_message(&MessageRow {
+                            conversation_id: conversation_id.clone(),
+                            message_id: *message_id,
+                            sender: *sender,
+                            sender_device: String::new(),
+                            client_msg_id: client_msg_id.clone(),
+                            kind: message_kind.as_str().to_owned(),
+                            body: body.clone(),
+                            sent_at: *sent_at,
+                            position,
+                        })
+                        .await?;
+                } else {
+                    self.store
+                        .put_receipts(&[ReceiptRow {
+                            message_id: *message_id,
+                            recipient: user,
+                            status: ReceiptStatus::Sent,
+                            device_id: String::new(),
+                            at: *sent_at,
+                            conversation_id: conversation_id.clone(),
+                        }])
+                        .await?;
+                }
+                let row = self.store.inbox_row(user, conversation_id).await?;
+                if matches!(&row, Some(r) if r.applied_offset >= offset) {
+                    return Ok(());
+                }
+                let unread = row.as_ref().map(|r| r.unread).unwrap_or(0) + i32::from(*sender != user);
+                self.store
+                    .put_inbox_row(&InboxRow {
+                        user_id: user,
+                        conversation_id: conversation_id.clone(),
+                        peer_id: None,
+                        last_message_id: *message_id,
+                        last_sender: *sender,
+                        last_kind: message_kind.as_str().to_owned(),
+                        last_body: preview(body),
+                        last_at: *sent_at,
+                        unread,
+                        applied_offset: offset,
+                    })
+                    .await
+            }
+            StreamItem::Receipt { conversation_id, message_id, status, by, at, all, device_id } if conversation_id.is_group() && !*all => {
+                self.store
+                    .put_receipts(&[ReceiptRow {
+                        message_id: *message_id,
+                        recipient: *by,
+                        status: *status,
+                        device_id: device_id.clone().unwrap_or_default(),
+                        at: *at,
+                        conversation_id: conversation_id.clone(),
+                    }])
+                    .await
+            }
+            StreamItem::Read { conversation_id, up_to, .. } if conversation_id.is_group() => {
+                let Some(mut row) = self.store.inbox_row(user, conversation_id).await? else { return Ok(()) };
+                if row.applied_offset >= offset {
+                    return Ok(());
+                }
+                row.unread = self.unread_in_stream(user, conversation_id, *up_to).await?;
+                row.applied_offset = offset;
+                self.store.put_inbox_row(&row).await
+            }
+            StreamItem::Group { conversation_id, change, name, member, role, by, at, position } => {
+                let p = *position;
+                let name = name.clone().unwrap_or_default();
+                if *change == GroupChange::Created {
+                    self.store
+                        .put_group(&GroupRow { conversation_id: conversation_id.clone(), name: name.clone(), creator: *by, created_at: *at, position: p })
+                        .await?;
+                } else {
+                    self.store.put_group_name(conversation_id, &name, p).await?;
+                }
+                // Who this item is about: the member it names, or (created) the recipient.
+                let (subject, active) = match change {
+                    GroupChange::Created => (user, true),
+                    GroupChange::MemberAdded => (member.unwrap_or(user), true),
+                    GroupChange::MemberRemoved => (member.unwrap_or(user), false),
+                    GroupChange::Renamed => return Ok(()),
+                };
+                let role = role.unwrap_or(if *change == GroupChange::Created && *by == user { GroupRole::Admin } else { GroupRole::Member });
+                self.store
+                    .put_group_member(&GroupMemberRow { conversation_id: conversation_id.clone(), member: subject, role, active, position: p })
+                    .await?;
+                if subject == user {
+                    self.store
+                        .put_user_group(&UserGroupRow { user_id: user, conversation_id: conversation_id.clone(), role, active, position: p })
+                        .await?;
+                    let (since, until) = if active { (p, None) } else { (self.open_since(user, conversation_id).await?, Some(p)) };
+                    if let Some(since) = since_known(since) {
+                        self.store.put_user_group_interval(user, conversation_id, since, until).await?;
+                    }
+                }
+                Ok(())
+            }
+            StreamItem::Message { .. } | StreamItem::Receipt { .. } | StreamItem::Read { .. } => Ok(()),
+        }
+    }
+
+    /// The `since` of the user's open interval in a group (the one a removal closes).
+    async fn open_since(&self, user: UserId, conv: &ConversationId) -> R<i64> {
+        let intervals = self.store.user_group_intervals(user, conv).await?;
+        Ok(intervals.iter().rev().find(|(_, until)| until.is_none()).map(|(since, _)| *since).unwrap_or(-1))
+    }
+
+    /// Unread messages of a group for a user who read up to `up_to`: the user's own stream
+    /// holds every message they got, in order, written by this same writer.
+    async fn unread_in_stream(&self, user: UserId, conv: &ConversationId, up_to: MessageId) -> R<i32> {
+        let probe = StreamItem::Message {
+            message_id: up_to,
+            conversation_id: conv.clone(),
+            sender: user,
+            client_msg_id: String::new(),
+            message_kind: chat_events::MessageKind::Text,
+            body: String::new(),
+            sent_at: chrono::Utc::now(),
+            position: None,
+        };
+        let id = chat_events::derive_id::delivery_queued(user, &probe, chat_events::EventId::new_v7());
+        let Some(seq) = self.store.stream_seq_of(user, id.0).await? else { return Ok(0) };
+        let mut unread = 0;
+        for row in self.store.stream_after(user, seq, UNREAD_SCAN).await? {
+            if let Ok(StreamItem::Message { conversation_id, sender, .. }) = serde_json::from_str::<StreamItem>(&row.item) {
+                if &conversation_id == conv && sender != user {
+                    unread += 1;
+                }
+            }
+        }
+        Ok(unread)
+    }
+}
+
+/// How many stream items after a read marker are scanned to count a group's unread messages
+/// (beyond it the count is a lower bound, shown as such by clients).
+const UNREAD_SCAN: usize = 2_000;
+
+fn since_known(since: i64) -> Option<i64> {
+    (since >= 0).then_some(since)
 }
 
 /// The conversation list shows at most this many characters of the last message.

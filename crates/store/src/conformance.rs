@@ -13,12 +13,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use chat_events::{ConversationId, MessageId, ReceiptStatus, UserId};
+use chat_events::{ConversationId, GroupId, GroupRole, MessageId, ReceiptStatus, UserId};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::{
-    bucket_of, Account, InboxRow, MessageMeta, MessageRow, ReadMarker, ReceiptRow, SendReservation, StreamRow, Tables, PROJECTION_TABLES,
+    bucket_of, Account, FanoutGroup, FanoutMessage, GroupMemberRow, GroupRow, InboxRow, MemberInterval, MessageMeta, MessageRow,
+    ReadMarker, ReceiptRow, SendReservation, StreamRow, Tables, UserGroupRow, PROJECTION_TABLES,
 };
 
 /// 2024-05-01T00:00:00Z: the start of a day bucket.
@@ -41,6 +42,13 @@ pub async fn run_all(tables: Arc<dyn Tables>) {
     pending(t).await;
     last_seen(t).await;
     zero_limits(t).await;
+    fanout_groups(t).await;
+    fanout_member_intervals(t).await;
+    fanout_messages(t).await;
+    fanout_acks(t).await;
+    fanout_read_markers(t).await;
+    group_rows_highest_position_wins(t).await;
+    user_group_intervals(t).await;
 }
 
 fn at(ms: i64) -> DateTime<Utc> {
@@ -58,6 +66,11 @@ fn direct() -> (UserId, UserId, ConversationId) {
     (a, b, ConversationId::direct(a, b))
 }
 
+/// A fresh group conversation.
+fn group() -> ConversationId {
+    ConversationId::group(GroupId::random())
+}
+
 fn message(conv: &ConversationId, sender: UserId, ms: i64, n: usize) -> MessageRow {
     MessageRow {
         conversation_id: conv.clone(),
@@ -68,6 +81,7 @@ fn message(conv: &ConversationId, sender: UserId, ms: i64, n: usize) -> MessageR
         kind: "text".into(),
         body: format!("héllo ✓ {n}"),
         sent_at: at(ms),
+        position: 1_000 + n as i64,
     }
 }
 
@@ -259,8 +273,13 @@ pub async fn history(t: &dyn Tables) {
     );
     assert_eq!(ids(&range(Some(between), rows[9].message_id).await), ids(&rows[7..]), "messages_between after an id that is not a message");
 
-    let meta =
-        MessageMeta { message_id: rows[3].message_id, conversation_id: conv.clone(), sender: rows[3].sender, sent_at: rows[3].sent_at };
+    let meta = MessageMeta {
+        message_id: rows[3].message_id,
+        conversation_id: conv.clone(),
+        sender: rows[3].sender,
+        sent_at: rows[3].sent_at,
+        position: rows[3].position,
+    };
     assert_eq!(t.find_message(rows[3].message_id).await.expect("find_message"), Some(meta.clone()), "find_message");
     assert_eq!(t.message_meta(rows[3].message_id).await.expect("message_meta"), Some(meta), "message_meta");
     assert_eq!(t.find_message(between).await.expect("find_message"), None, "find_message of an unknown id");
@@ -502,6 +521,303 @@ pub async fn zero_limits(t: &dyn Tables) {
     ok("pending_count", t.pending_count(u, 0).await);
 }
 
+/// The fan-out's group record reads back whole and is overwritten; groups are separate.
+pub async fn fanout_groups(t: &dyn Tables) {
+    let (c, other) = (group(), group());
+    assert_eq!(t.fanout_group(&c).await.expect("fanout_group"), None, "fanout_group of an unknown group");
+    let g = FanoutGroup { conversation_id: c.clone(), name: "climbers ✓".into(), created_at: 3, membership_version: 3 };
+    t.put_fanout_group(&g).await.expect("put_fanout_group");
+    t.put_fanout_group(&g).await.expect("put_fanout_group is idempotent");
+    assert_eq!(t.fanout_group(&c).await.expect("fanout_group"), Some(g.clone()), "fanout_group reads back every field");
+    let renamed = FanoutGroup { name: "boulderers".into(), membership_version: 9, ..g };
+    t.put_fanout_group(&renamed).await.expect("put_fanout_group");
+    assert_eq!(t.fanout_group(&c).await.expect("fanout_group"), Some(renamed), "put_fanout_group overwrites");
+    assert_eq!(t.fanout_group(&other).await.expect("fanout_group"), None, "fanout groups are per group");
+}
+
+fn interval(member: UserId, since: i64, until: Option<i64>, role: GroupRole) -> MemberInterval {
+    MemberInterval { member, since, until, role }
+}
+
+fn sorted_intervals(mut v: Vec<MemberInterval>) -> Vec<MemberInterval> {
+    v.sort_by_key(|m| (m.member.0, m.since));
+    v
+}
+
+/// Membership intervals: keyed by (group, member, since); open then close and close then open
+/// both give the closed interval; an open written again after the close does not reopen it;
+/// `fanout_members` lists every interval of the group (several per member), role intact.
+pub async fn fanout_member_intervals(t: &dyn Tables) {
+    let (c, other) = (group(), group());
+    let (a, b, d) = (UserId::random(), UserId::random(), UserId::random());
+    let members = |c: ConversationId| async move { t.fanout_members(&c).await.unwrap_or_else(|e| panic!("fanout_members: {e}")) };
+    let put = |m: MemberInterval| {
+        let c = c.clone();
+        async move { t.put_fanout_member(&c, &m).await.unwrap_or_else(|e| panic!("put_fanout_member: {e}")) }
+    };
+    assert!(members(c.clone()).await.is_empty(), "fanout_members of an unknown group");
+
+    // a: open, read, then close.
+    put(interval(a, 0, None, GroupRole::Admin)).await;
+    assert_eq!(members(c.clone()).await, vec![interval(a, 0, None, GroupRole::Admin)], "an open interval reads back with no until");
+    put(interval(a, 0, Some(5), GroupRole::Admin)).await;
+    assert_eq!(members(c.clone()).await, vec![interval(a, 0, Some(5), GroupRole::Admin)], "writing until closes the interval");
+    put(interval(a, 0, None, GroupRole::Admin)).await;
+    assert_eq!(
+        members(c.clone()).await,
+        vec![interval(a, 0, Some(5), GroupRole::Admin)],
+        "the open written again after the close (a replay) leaves the interval closed"
+    );
+    // a rejoins: a second interval of the same member.
+    put(interval(a, 8, None, GroupRole::Member)).await;
+    // b: the close is written before the open (a replay out of order).
+    put(interval(b, 2, Some(6), GroupRole::Member)).await;
+    put(interval(b, 2, None, GroupRole::Member)).await;
+    // d: open, twice.
+    put(interval(d, 4, None, GroupRole::Member)).await;
+    put(interval(d, 4, None, GroupRole::Member)).await;
+    t.put_fanout_member(&other, &interval(a, 1, None, GroupRole::Member)).await.expect("put_fanout_member");
+
+    let want = sorted_intervals(vec![
+        interval(a, 0, Some(5), GroupRole::Admin),
+        interval(a, 8, None, GroupRole::Member),
+        interval(b, 2, Some(6), GroupRole::Member),
+        interval(d, 4, None, GroupRole::Member),
+    ]);
+    assert_eq!(
+        sorted_intervals(members(c.clone()).await),
+        want,
+        "fanout_members lists every interval of the group (close before open gives the closed interval, repeats add nothing)"
+    );
+    assert_eq!(members(other).await, vec![interval(a, 1, None, GroupRole::Member)], "intervals are per group");
+}
+
+fn fanout_ids(rows: &[FanoutMessage]) -> Vec<MessageId> {
+    rows.iter().map(|r| r.message_id).collect()
+}
+
+/// Group messages: round trip; `fanout_messages_between` has the bounds and the order of
+/// `messages_between` (after excluded, up_to included, oldest first, across days).
+pub async fn fanout_messages(t: &dyn Tables) {
+    let (c, other) = (group(), group());
+    let (a, b) = (UserId::random(), UserId::random());
+    // Three late on day 0, three early on day 1.
+    let rows: Vec<FanoutMessage> = (0..6)
+        .map(|i| {
+            let ms = if i < 3 { DAY0_MS + 20 * 3_600_000 + i * 60_000 } else { DAY0_MS + DAY_MS + 3_600_000 + i * 60_000 };
+            FanoutMessage {
+                conversation_id: c.clone(),
+                message_id: msg_id(ms),
+                sender: if i % 2 == 0 { a } else { b },
+                position: 10 + i,
+                recipients: i as i32,
+            }
+        })
+        .collect();
+    let noise = FanoutMessage {
+        conversation_id: other.clone(),
+        message_id: msg_id(DAY0_MS + 20 * 3_600_000 + 90_000),
+        sender: a,
+        position: 3,
+        recipients: 7,
+    };
+    assert_eq!(t.fanout_message(&c, rows[0].message_id).await.expect("fanout_message"), None, "fanout_message before any write");
+    for i in [4, 1, 5, 0, 3, 2, 4] {
+        t.put_fanout_message(&rows[i]).await.expect("put_fanout_message");
+    }
+    t.put_fanout_message(&noise).await.expect("put_fanout_message");
+    for r in &rows {
+        assert_eq!(
+            t.fanout_message(&c, r.message_id).await.expect("fanout_message"),
+            Some(r.clone()),
+            "fanout_message reads back every field"
+        );
+    }
+    assert_eq!(t.fanout_message(&other, rows[0].message_id).await.expect("fanout_message"), None, "fanout messages are per group");
+
+    let cc = &c;
+    let range = |after: Option<MessageId>, up_to: MessageId| async move {
+        t.fanout_messages_between(cc, after, up_to).await.unwrap_or_else(|e| panic!("fanout_messages_between: {e}"))
+    };
+    assert_eq!(
+        range(None, rows[3].message_id).await,
+        rows[0..=3],
+        "fanout_messages_between(None, up_to): from the start, up_to included, oldest first, intact"
+    );
+    assert_eq!(
+        fanout_ids(&range(Some(rows[1].message_id), rows[4].message_id).await),
+        fanout_ids(&rows[2..=4]),
+        "fanout_messages_between(after, up_to): after excluded, up_to included, across days"
+    );
+    assert!(range(Some(rows[2].message_id), rows[2].message_id).await.is_empty(), "fanout_messages_between(x, x) is empty");
+    assert_eq!(
+        fanout_ids(&range(None, rows[5].message_id).await),
+        fanout_ids(&rows),
+        "fanout_messages_between(None, newest) is everything"
+    );
+    let between = msg_id(rows[1].message_id.unix_millis() + 30_000);
+    assert_eq!(
+        fanout_ids(&range(Some(between), msg_id(DAY0_MS + 10 * DAY_MS)).await),
+        fanout_ids(&rows[2..]),
+        "fanout_messages_between with bounds that are not messages"
+    );
+    assert!(range(None, msg_id(DAY0_MS)).await.is_empty(), "fanout_messages_between up to before the first message is empty");
+}
+
+/// Acknowledgements are a set per (message, status): adding one twice counts once.
+pub async fn fanout_acks(t: &dyn Tables) {
+    let (m, other) = (msg_id(DAY0_MS + 1), msg_id(DAY0_MS + 2));
+    let (a, b) = (UserId::random(), UserId::random());
+    let count =
+        |m: MessageId, s: ReceiptStatus| async move { t.fanout_ack_count(m, s).await.unwrap_or_else(|e| panic!("fanout_ack_count: {e}")) };
+    assert_eq!(count(m, ReceiptStatus::Delivered).await, 0, "fanout_ack_count before any ack");
+    for (s, u) in [(ReceiptStatus::Delivered, a), (ReceiptStatus::Delivered, a), (ReceiptStatus::Delivered, b), (ReceiptStatus::Seen, a)] {
+        t.add_fanout_ack(m, s, u).await.expect("add_fanout_ack");
+    }
+    t.add_fanout_ack(other, ReceiptStatus::Seen, b).await.expect("add_fanout_ack");
+    assert_eq!(count(m, ReceiptStatus::Delivered).await, 2, "two members delivered (one of them acknowledged twice)");
+    assert_eq!(count(m, ReceiptStatus::Seen).await, 1, "acks are counted per status");
+    assert_eq!(count(m, ReceiptStatus::Sent).await, 0, "a status nobody reached counts zero");
+    assert_eq!(count(other, ReceiptStatus::Seen).await, 1, "acks are per message");
+}
+
+/// The fan-out's read markers read back (with their position) and are overwritten.
+pub async fn fanout_read_markers(t: &dyn Tables) {
+    let (c, other) = (group(), group());
+    let (u, v) = (UserId::random(), UserId::random());
+    let (m1, m2) = (msg_id(DAY0_MS + 1), msg_id(DAY0_MS + 2));
+    assert_eq!(t.fanout_read_marker(&c, u).await.expect("fanout_read_marker"), None, "fanout_read_marker before any write");
+    t.put_fanout_read_marker(&c, u, m1, 4).await.expect("put_fanout_read_marker");
+    assert_eq!(t.fanout_read_marker(&c, u).await.expect("fanout_read_marker"), Some((m1, 4)), "fanout_read_marker reads back");
+    assert_eq!(t.fanout_read_marker(&c, v).await.expect("fanout_read_marker"), None, "fanout read markers are per reader");
+    assert_eq!(t.fanout_read_marker(&other, u).await.expect("fanout_read_marker"), None, "fanout read markers are per group");
+    t.put_fanout_read_marker(&c, u, m2, 7).await.expect("put_fanout_read_marker");
+    assert_eq!(t.fanout_read_marker(&c, u).await.expect("fanout_read_marker"), Some((m2, 7)), "put_fanout_read_marker overwrites");
+}
+
+/// Group projections keep, per row, the write with the highest position, in either write order;
+/// a write repeated at the same position changes nothing; reads return what was written.
+pub async fn group_rows_highest_position_wins(t: &dyn Tables) {
+    let (creator, u, v) = (UserId::random(), UserId::random(), UserId::random());
+    let unknown = group();
+    assert_eq!(t.group(&unknown).await.expect("group"), None, "group of an unknown group");
+    assert!(t.group_members(&unknown).await.expect("group_members").is_empty(), "group_members of an unknown group");
+    assert_eq!(t.group_member(&unknown, u).await.expect("group_member"), None, "group_member of an unknown group");
+    assert!(t.user_groups(UserId::random()).await.expect("user_groups").is_empty(), "user_groups of an unknown user");
+
+    // groups: (lower, higher) written in both orders.
+    for (what, higher_first) in [("lower then higher", false), ("higher then lower", true)] {
+        let c = group();
+        let low = GroupRow { conversation_id: c.clone(), name: "climbers".into(), creator, created_at: at(DAY0_MS + 7), position: 3 };
+        let high = GroupRow { name: "bouldérers ✓".into(), position: 11, ..low.clone() };
+        let order = if higher_first { [&high, &low, &high] } else { [&low, &high, &high] };
+        for g in order {
+            t.put_group(g).await.expect("put_group");
+        }
+        assert_eq!(t.group(&c).await.expect("group"), Some(high), "put_group ({what}): the highest position wins");
+    }
+
+    // Renames change only the name, keep the latest, and may arrive before the creation.
+    let c = group();
+    t.put_group_name(&c, "late name", 20).await.expect("put_group_name");
+    assert_eq!(t.group(&c).await.expect("group"), None, "a rename alone is not a group yet");
+    let created = GroupRow { conversation_id: c.clone(), name: "original".into(), creator, created_at: at(DAY0_MS + 9), position: 5 };
+    t.put_group(&created).await.expect("put_group");
+    t.put_group_name(&c, "older rename", 10).await.expect("put_group_name");
+    assert_eq!(
+        t.group(&c).await.expect("group"),
+        Some(GroupRow { name: "late name".into(), ..created.clone() }),
+        "the latest rename wins over the creation's name and an older rename, in any order"
+    );
+    t.put_group_name(&c, "newest", 30).await.expect("put_group_name");
+    assert_eq!(t.group(&c).await.expect("group").map(|g| g.name), Some("newest".to_owned()), "a later rename wins");
+
+    // group_members: member u in both orders, member v written once, in one group.
+    let c = group();
+    let member = |m: UserId, role: GroupRole, active: bool, position: i64| GroupMemberRow {
+        conversation_id: c.clone(),
+        member: m,
+        role,
+        active,
+        position,
+    };
+    for w in [member(u, GroupRole::Admin, false, 9), member(u, GroupRole::Member, true, 2)] {
+        t.put_group_member(&w).await.expect("put_group_member");
+    }
+    assert_eq!(
+        t.group_member(&c, u).await.expect("group_member"),
+        Some(member(u, GroupRole::Admin, false, 9)),
+        "put_group_member (higher then lower): the highest position wins"
+    );
+    for w in [member(v, GroupRole::Member, true, 4), member(v, GroupRole::Admin, true, 6), member(v, GroupRole::Admin, true, 6)] {
+        t.put_group_member(&w).await.expect("put_group_member");
+    }
+    assert_eq!(
+        t.group_member(&c, v).await.expect("group_member"),
+        Some(member(v, GroupRole::Admin, true, 6)),
+        "put_group_member (lower then higher): the highest position wins"
+    );
+    let mut got = t.group_members(&c).await.expect("group_members");
+    got.sort_by_key(|m| m.member.0);
+    let mut want = vec![member(u, GroupRole::Admin, false, 9), member(v, GroupRole::Admin, true, 6)];
+    want.sort_by_key(|m| m.member.0);
+    assert_eq!(got, want, "group_members lists current and former members, one row each");
+    assert_eq!(t.group_member(&c, creator).await.expect("group_member"), None, "group_member of a user who never was one");
+
+    // user_groups: two groups of u, one in each order.
+    let (g1, g2) = (group(), group());
+    let row = |g: &ConversationId, role: GroupRole, active: bool, position: i64| UserGroupRow {
+        user_id: u,
+        conversation_id: g.clone(),
+        role,
+        active,
+        position,
+    };
+    for w in [row(&g1, GroupRole::Member, true, 1), row(&g1, GroupRole::Member, false, 8)] {
+        t.put_user_group(&w).await.expect("put_user_group");
+    }
+    for w in [row(&g2, GroupRole::Admin, true, 12), row(&g2, GroupRole::Member, true, 5), row(&g2, GroupRole::Admin, true, 12)] {
+        t.put_user_group(&w).await.expect("put_user_group");
+    }
+    let mut got = t.user_groups(u).await.expect("user_groups");
+    got.sort_by(|x, y| x.conversation_id.cmp(&y.conversation_id));
+    let mut want = vec![row(&g1, GroupRole::Member, false, 8), row(&g2, GroupRole::Admin, true, 12)];
+    want.sort_by(|x, y| x.conversation_id.cmp(&y.conversation_id));
+    assert_eq!(got, want, "put_user_group: the highest position wins in either order; user_groups lists every group of the user");
+    assert!(t.user_groups(v).await.expect("user_groups").is_empty(), "user groups are per user");
+}
+
+/// A user's intervals in a group, by `since`: a close written before its open gives the closed
+/// interval, an open written after its close does not reopen it.
+pub async fn user_group_intervals(t: &dyn Tables) {
+    let (u, v) = (UserId::random(), UserId::random());
+    let (c, other) = (group(), group());
+    let put = |since: i64, until: Option<i64>| {
+        let c = c.clone();
+        async move { t.put_user_group_interval(u, &c, since, until).await.unwrap_or_else(|e| panic!("put_user_group_interval: {e}")) }
+    };
+    let get = |user: UserId, c: ConversationId| async move {
+        t.user_group_intervals(user, &c).await.unwrap_or_else(|e| panic!("user_group_intervals: {e}"))
+    };
+    assert!(get(u, c.clone()).await.is_empty(), "user_group_intervals before any write");
+    put(20, None).await;
+    assert_eq!(get(u, c.clone()).await, vec![(20, None)], "an open interval reads back with no until");
+    // Open then close.
+    put(0, None).await;
+    put(0, Some(4)).await;
+    // Close then open (a replay out of order), then the open again.
+    put(10, Some(12)).await;
+    put(10, None).await;
+    put(10, None).await;
+    assert_eq!(
+        get(u, c.clone()).await,
+        vec![(0, Some(4)), (10, Some(12)), (20, None)],
+        "user_group_intervals by since; a close wins over an open in either order"
+    );
+    assert!(get(v, c.clone()).await.is_empty(), "intervals are per user");
+    assert!(get(u, other).await.is_empty(), "intervals are per group");
+}
+
 /// One write of the fixture, so that it can be replayed in another order.
 enum Write {
     User(UserId, String, DateTime<Utc>),
@@ -513,6 +829,10 @@ enum Write {
     RemovePending(UserId, MessageId),
     Receipts(Vec<ReceiptRow>),
     Presence(UserId, bool, DateTime<Utc>),
+    Group(GroupRow),
+    GroupMember(GroupMemberRow),
+    UserGroup(UserGroupRow),
+    Interval(UserId, ConversationId, i64, Option<i64>),
 }
 
 async fn apply(t: &dyn Tables, w: &Write) {
@@ -526,6 +846,10 @@ async fn apply(t: &dyn Tables, w: &Write) {
         Write::RemovePending(u, m) => t.remove_pending(*u, *m).await,
         Write::Receipts(rows) => t.put_receipts(rows).await,
         Write::Presence(u, online, at) => t.put_presence(*u, *online, *at).await,
+        Write::Group(g) => t.put_group(g).await,
+        Write::GroupMember(m) => t.put_group_member(m).await,
+        Write::UserGroup(g) => t.put_user_group(g).await,
+        Write::Interval(u, c, since, until) => t.put_user_group_interval(*u, c, *since, *until).await,
     };
     r.unwrap_or_else(|e| panic!("fixture write: {e}"));
 }
@@ -533,6 +857,7 @@ async fn apply(t: &dyn Tables, w: &Write) {
 /// A small instance of every projection table, and the row count each table must then have.
 fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
     let (a, b, c) = direct();
+    let g = group();
     let m1 = message(&c, a, DAY0_MS + 3_600_000, 1);
     let m2 = message(&c, b, DAY0_MS + 3_600_000 + 1, 2);
     let m3 = message(&c, a, DAY0_MS + DAY_MS + 5, 3);
@@ -567,6 +892,18 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         Write::Receipts(vec![receipt(m1.message_id, b, ReceiptStatus::Seen, "phone", DAY0_MS + 7_300_000, &c)]),
         Write::Presence(b, true, at(DAY0_MS + 1_000)),
         Write::Presence(b, false, at(DAY0_MS + 2_000)),
+        // A group made by a with b, renamed, then b removed: rows at several positions.
+        Write::Group(GroupRow { conversation_id: g.clone(), name: "climbers".into(), creator: a, created_at: at(DAY0_MS), position: 0 }),
+        Write::GroupMember(GroupMemberRow { conversation_id: g.clone(), member: a, role: GroupRole::Admin, active: true, position: 0 }),
+        Write::GroupMember(GroupMemberRow { conversation_id: g.clone(), member: b, role: GroupRole::Member, active: true, position: 0 }),
+        Write::UserGroup(UserGroupRow { user_id: a, conversation_id: g.clone(), role: GroupRole::Admin, active: true, position: 0 }),
+        Write::UserGroup(UserGroupRow { user_id: b, conversation_id: g.clone(), role: GroupRole::Member, active: true, position: 0 }),
+        Write::Interval(a, g.clone(), 0, None),
+        Write::Interval(b, g.clone(), 0, None),
+        Write::Group(GroupRow { conversation_id: g.clone(), name: "boulderers".into(), creator: a, created_at: at(DAY0_MS), position: 2 }),
+        Write::GroupMember(GroupMemberRow { conversation_id: g.clone(), member: b, role: GroupRole::Member, active: false, position: 5 }),
+        Write::UserGroup(UserGroupRow { user_id: b, conversation_id: g.clone(), role: GroupRole::Member, active: false, position: 5 }),
+        Write::Interval(b, g.clone(), 0, Some(5)),
     ];
     let rows = BTreeMap::from([
         ("users", 2),
@@ -580,6 +917,10 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         ("pending_deliveries", 1),
         ("receipts", 2),
         ("last_seen", 1),
+        ("groups", 1),
+        ("group_members", 2),
+        ("user_groups", 2),
+        ("user_group_intervals", 2),
     ]);
     (writes, rows)
 }
@@ -598,7 +939,9 @@ fn row_counts(cs: &BTreeMap<String, crate::TableChecksum>) -> BTreeMap<&str, u64
 }
 
 /// Checksums count the rows written, a replay of the same writes (in reverse order) leaves them
-/// unchanged, and `truncate_projections` empties the projections but not the command tables.
+/// unchanged, the same writes applied in reverse order to empty tables (a rebuild that sees them
+/// in another order) give the same checksums, and `truncate_projections` empties the
+/// projections but neither the command tables nor the fan-out's state.
 /// Empties the projection tables first: do not run it beside other cases.
 pub async fn checksums_and_truncate(t: &dyn Tables) {
     t.truncate_projections().await.expect("truncate_projections");
@@ -626,6 +969,17 @@ pub async fn checksums_and_truncate(t: &dyn Tables) {
     assert_eq!(t.reserve_send(&reservation).await.expect("reserve_send"), None);
     t.put_message_owner(reservation.message_id, &conv, sender).await.expect("put_message_owner");
 
+    // The fan-out's state, which a truncation must keep too.
+    let g = group();
+    let fgroup = FanoutGroup { conversation_id: g.clone(), name: "keep".into(), created_at: 0, membership_version: 1 };
+    let fmember = interval(sender, 1, Some(3), GroupRole::Member);
+    let fmessage = FanoutMessage { conversation_id: g.clone(), message_id: msg_id(DAY0_MS + 11), sender, position: 2, recipients: 1 };
+    t.put_fanout_group(&fgroup).await.expect("put_fanout_group");
+    t.put_fanout_member(&g, &fmember).await.expect("put_fanout_member");
+    t.put_fanout_message(&fmessage).await.expect("put_fanout_message");
+    t.add_fanout_ack(fmessage.message_id, ReceiptStatus::Delivered, sender).await.expect("add_fanout_ack");
+    t.put_fanout_read_marker(&g, sender, fmessage.message_id, 2).await.expect("put_fanout_read_marker");
+
     let (writes, want) = fixture();
     for w in &writes {
         apply(t, w).await;
@@ -637,6 +991,13 @@ pub async fn checksums_and_truncate(t: &dyn Tables) {
     }
     let replayed = checksums(t, "after replaying the fixture in reverse").await;
     assert_eq!(replayed, first, "replaying the same writes (here in reverse order) must leave every table's checksum unchanged");
+
+    t.truncate_projections().await.expect("truncate_projections");
+    for w in writes.iter().rev() {
+        apply(t, w).await;
+    }
+    let reversed = checksums(t, "after the fixture in reverse order on empty tables").await;
+    assert_eq!(reversed, first, "the same writes in reverse order on empty tables (a rebuild) must give the same checksums");
 
     t.truncate_projections().await.expect("truncate_projections");
     let cleared = checksums(t, "after truncate_projections").await;
@@ -657,5 +1018,22 @@ pub async fn checksums_and_truncate(t: &dyn Tables) {
         t.message_owner(reservation.message_id).await.expect("message_owner"),
         Some((conv, sender)),
         "truncate_projections keeps message_owners"
+    );
+    assert_eq!(t.fanout_group(&g).await.expect("fanout_group"), Some(fgroup), "truncate_projections keeps fanout_groups");
+    assert_eq!(t.fanout_members(&g).await.expect("fanout_members"), vec![fmember], "truncate_projections keeps fanout_members");
+    assert_eq!(
+        t.fanout_message(&g, fmessage.message_id).await.expect("fanout_message"),
+        Some(fmessage.clone()),
+        "truncate_projections keeps fanout_messages"
+    );
+    assert_eq!(
+        t.fanout_ack_count(fmessage.message_id, ReceiptStatus::Delivered).await.expect("fanout_ack_count"),
+        1,
+        "truncate_projections keeps fanout_acks"
+    );
+    assert_eq!(
+        t.fanout_read_marker(&g, sender).await.expect("fanout_read_marker"),
+        Some((fmessage.message_id, 2)),
+        "truncate_projections keeps fanout_read_markers"
     );
 }

@@ -17,6 +17,7 @@
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod groups;
 pub mod scylla_store;
 pub mod sqlite_store;
 
@@ -27,6 +28,7 @@ use chat_events::{ConversationId, DeviceId, MessageId, ReceiptStatus, UserId};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+pub use groups::{FanoutGroup, FanoutMessage, FanoutStore, GroupMemberRow, GroupRow, GroupStore, MemberInterval, UserGroupRow};
 pub use scylla_store::{ScyllaConfig, ScyllaStore};
 pub use sqlite_store::SqliteStore;
 
@@ -107,6 +109,10 @@ pub struct MessageRow {
     pub body: String,
     #[serde(serialize_with = "ser_time")]
     pub sent_at: DateTime<Utc>,
+    /// Offset of its `message.sent` in the conversation's partition (group history is shown to a
+    /// member only for positions inside their membership).
+    #[serde(skip)]
+    pub position: i64,
 }
 
 /// Where a message lives.
@@ -116,6 +122,7 @@ pub struct MessageMeta {
     pub conversation_id: ConversationId,
     pub sender: UserId,
     pub sent_at: DateTime<Utc>,
+    pub position: i64,
 }
 
 /// One conversation in a user's conversation list.
@@ -177,7 +184,7 @@ pub struct StreamRow {
     pub item: String,
 }
 
-fn ser_time<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn ser_time<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&chat_events::format_time(t))
 }
 
@@ -266,8 +273,8 @@ pub trait TableAdmin: Send + Sync {
 }
 
 /// Every table trait at once: what a back-end provides.
-pub trait Tables: CommandStore + ProjectionStore + ReadStore + TableAdmin {}
-impl<T: CommandStore + ProjectionStore + ReadStore + TableAdmin> Tables for T {}
+pub trait Tables: CommandStore + ProjectionStore + ReadStore + TableAdmin + FanoutStore + GroupStore {}
+impl<T: CommandStore + ProjectionStore + ReadStore + TableAdmin + FanoutStore + GroupStore> Tables for T {}
 
 /// The projection tables, in the order checksums report them.
 pub const PROJECTION_TABLES: &[&str] = &[
@@ -282,6 +289,10 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "pending_deliveries",
     "receipts",
     "last_seen",
+    "groups",
+    "group_members",
+    "user_groups",
+    "user_group_intervals",
 ];
 
 /// Convenience: a device id as stored in the receipts table.

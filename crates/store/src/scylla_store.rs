@@ -8,7 +8,7 @@ use std::fmt::Display;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chat_events::{ConversationId, MessageId, ReceiptStatus, UserId};
+use chat_events::{ConversationId, GroupRole, MessageId, ReceiptStatus, UserId};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use scylla::client::session::Session;
@@ -56,6 +56,16 @@ fn micros(t: &DateTime<Utc>) -> i64 {
     t.timestamp_micros()
 }
 
+fn role(s: String) -> StoreResult<GroupRole> {
+    GroupRole::parse(&s).ok_or_else(|| StoreError::Data(format!("bad group role {s:?}")))
+}
+
+/// Write time of a membership interval write: the open at `since`, the close at `until` (see
+/// `fanout_members` in `schemas/cql/tables.cql`).
+fn interval_ts(since: i64, until: Option<i64>) -> i64 {
+    until.unwrap_or(since)
+}
+
 struct Stmts {
     insert_account_lwt: PreparedStatement,
     insert_account_by_id: PreparedStatement,
@@ -98,6 +108,32 @@ struct Stmts {
     insert_presence_online: PreparedStatement,
     insert_presence_offline: PreparedStatement,
     select_last_seen: PreparedStatement,
+
+    insert_fanout_group: PreparedStatement,
+    select_fanout_group: PreparedStatement,
+    open_fanout_member: PreparedStatement,
+    close_fanout_member: PreparedStatement,
+    select_fanout_members: PreparedStatement,
+    insert_fanout_message: PreparedStatement,
+    select_fanout_message: PreparedStatement,
+    select_fanout_messages_range: PreparedStatement,
+    select_fanout_messages_upto: PreparedStatement,
+    insert_fanout_ack: PreparedStatement,
+    count_fanout_acks: PreparedStatement,
+    insert_fanout_read_marker: PreparedStatement,
+    select_fanout_read_marker: PreparedStatement,
+
+    insert_group: PreparedStatement,
+    update_group_name: PreparedStatement,
+    select_group: PreparedStatement,
+    insert_group_member: PreparedStatement,
+    select_group_members: PreparedStatement,
+    select_group_member: PreparedStatement,
+    insert_user_group: PreparedStatement,
+    select_user_groups: PreparedStatement,
+    open_user_group_interval: PreparedStatement,
+    close_user_group_interval: PreparedStatement,
+    select_user_group_intervals: PreparedStatement,
 }
 
 /// Every table of the platform on one ScyllaDB/Cassandra keyspace.
@@ -108,8 +144,8 @@ pub struct ScyllaStore {
     stmts: Stmts,
 }
 
-const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at";
-type MessageTuple = (String, Uuid, Uuid, String, String, String, String, DateTime<Utc>);
+const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position";
+type MessageTuple = (String, Uuid, Uuid, String, String, String, String, DateTime<Utc>, Option<i64>);
 
 fn message_from(t: MessageTuple) -> StoreResult<MessageRow> {
     Ok(MessageRow {
@@ -121,6 +157,7 @@ fn message_from(t: MessageTuple) -> StoreResult<MessageRow> {
         kind: t.5,
         body: t.6,
         sent_at: t.7,
+        position: t.8.unwrap_or(0),
     })
 }
 
@@ -234,16 +271,16 @@ impl ScyllaStore {
 
             insert_user: p(format!("INSERT INTO {ks}.users (user_id, username, registered_at) VALUES (?, ?, ?)")).await?,
             insert_message: p(format!(
-                "INSERT INTO {ks}.messages (conversation_id, bucket, message_id, sender, sender_device, client_msg_id, kind, body, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT INTO {ks}.messages (conversation_id, bucket, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             ))
             .await?,
             insert_bucket: p(format!("INSERT INTO {ks}.conversation_buckets (conversation_id, bucket) VALUES (?, ?)")).await?,
             insert_message_index: p(format!(
-                "INSERT INTO {ks}.message_index (message_id, conversation_id, sender, sent_at) VALUES (?, ?, ?, ?)"
+                "INSERT INTO {ks}.message_index (message_id, conversation_id, sender, sent_at, position) VALUES (?, ?, ?, ?, ?)"
             ))
             .await?,
             select_message_index: p(format!(
-                "SELECT conversation_id, sender, sent_at FROM {ks}.message_index WHERE message_id = ?"
+                "SELECT conversation_id, sender, sent_at, position FROM {ks}.message_index WHERE message_id = ?"
             ))
             .await?,
             select_inbox_row: p(format!("SELECT {INBOX_COLS} FROM {ks}.inbox WHERE user_id = ? AND conversation_id = ?")).await?,
@@ -321,6 +358,95 @@ impl ScyllaStore {
                 "SELECT status, changed_at, last_seen FROM {ks}.last_seen WHERE user_id = ?"
             ))
             .await?,
+
+            insert_fanout_group: p(format!(
+                "INSERT INTO {ks}.fanout_groups (conversation_id, name, created_at, membership_version) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            select_fanout_group: p(format!(
+                "SELECT name, created_at, membership_version FROM {ks}.fanout_groups WHERE conversation_id = ?"
+            ))
+            .await?,
+            // The open never names `until` (a NULL would delete a close written before it).
+            open_fanout_member: p(format!(
+                "INSERT INTO {ks}.fanout_members (conversation_id, member, since, role) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            close_fanout_member: p(format!(
+                "INSERT INTO {ks}.fanout_members (conversation_id, member, since, until, role) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            select_fanout_members: p(format!(
+                "SELECT member, since, until, role FROM {ks}.fanout_members WHERE conversation_id = ?"
+            ))
+            .await?,
+            insert_fanout_message: p(format!(
+                "INSERT INTO {ks}.fanout_messages (conversation_id, message_id, sender, position, recipients) VALUES (?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            select_fanout_message: p(format!(
+                "SELECT message_id, sender, position, recipients FROM {ks}.fanout_messages WHERE conversation_id = ? AND message_id = ?"
+            ))
+            .await?,
+            select_fanout_messages_range: p(format!(
+                "SELECT message_id, sender, position, recipients FROM {ks}.fanout_messages WHERE conversation_id = ? AND message_id > ? AND message_id <= ?"
+            ))
+            .await?,
+            select_fanout_messages_upto: p(format!(
+                "SELECT message_id, sender, position, recipients FROM {ks}.fanout_messages WHERE conversation_id = ? AND message_id <= ?"
+            ))
+            .await?,
+            insert_fanout_ack: p(format!("INSERT INTO {ks}.fanout_acks (message_id, status, member) VALUES (?, ?, ?)")).await?,
+            count_fanout_acks: p(format!("SELECT COUNT(*) FROM {ks}.fanout_acks WHERE message_id = ? AND status = ?")).await?,
+            insert_fanout_read_marker: p(format!(
+                "INSERT INTO {ks}.fanout_read_markers (conversation_id, reader, up_to, position) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            select_fanout_read_marker: p(format!(
+                "SELECT up_to, position FROM {ks}.fanout_read_markers WHERE conversation_id = ? AND reader = ?"
+            ))
+            .await?,
+
+            // Write time = position: the highest position wins, in any write order.
+            insert_group: p(format!(
+                "INSERT INTO {ks}.groups (conversation_id, name, creator, created_at, position) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            // A rename updates only the name cell, at its own position as write time.
+            update_group_name: p(format!("UPDATE {ks}.groups USING TIMESTAMP ? SET name = ? WHERE conversation_id = ?")).await?,
+            select_group: p(format!("SELECT name, creator, created_at, position FROM {ks}.groups WHERE conversation_id = ?")).await?,
+            insert_group_member: p(format!(
+                "INSERT INTO {ks}.group_members (conversation_id, member, role, active, position) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            select_group_members: p(format!(
+                "SELECT member, role, active, position FROM {ks}.group_members WHERE conversation_id = ?"
+            ))
+            .await?,
+            select_group_member: p(format!(
+                "SELECT member, role, active, position FROM {ks}.group_members WHERE conversation_id = ? AND member = ?"
+            ))
+            .await?,
+            insert_user_group: p(format!(
+                "INSERT INTO {ks}.user_groups (user_id, conversation_id, role, active, position) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            select_user_groups: p(format!(
+                "SELECT conversation_id, role, active, position FROM {ks}.user_groups WHERE user_id = ?"
+            ))
+            .await?,
+            open_user_group_interval: p(format!(
+                "INSERT INTO {ks}.user_group_intervals (user_id, conversation_id, since) VALUES (?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            close_user_group_interval: p(format!(
+                "INSERT INTO {ks}.user_group_intervals (user_id, conversation_id, since, until) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            select_user_group_intervals: p(format!(
+                "SELECT since, until FROM {ks}.user_group_intervals WHERE user_id = ? AND conversation_id = ?"
+            ))
+            .await?,
         })
     }
 
@@ -373,6 +499,25 @@ impl ScyllaStore {
     async fn exec(&self, stmt: &PreparedStatement, values: impl scylla::serialize::row::SerializeRow + Send) -> StoreResult<()> {
         self.session.execute_unpaged(stmt, values).await.map_err(unavailable)?;
         Ok(())
+    }
+
+    /// Every row of a query, page by page (for partitions that may be large).
+    async fn all_rows<T>(&self, stmt: &PreparedStatement, values: impl scylla::serialize::row::SerializeRow) -> StoreResult<Vec<T>>
+    where
+        T: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm> + 'static,
+    {
+        let mut st = self
+            .session
+            .execute_iter(stmt.clone(), values)
+            .await
+            .map_err(unavailable)?
+            .rows_stream::<T>()
+            .map_err(data)?;
+        let mut out = Vec::new();
+        while let Some(t) = st.try_next().await.map_err(unavailable)? {
+            out.push(t);
+        }
+        Ok(out)
     }
 
     async fn buckets(&self, stmt: &PreparedStatement, values: impl scylla::serialize::row::SerializeRow + Send) -> StoreResult<Vec<i32>> {
@@ -499,6 +644,7 @@ impl ProjectionStore for ScyllaStore {
                 &m.kind,
                 &m.body,
                 m.sent_at,
+                m.position,
             ),
         );
         self.session.batch(&batch, values).await.map_err(unavailable)?;
@@ -507,7 +653,7 @@ impl ProjectionStore for ScyllaStore {
             self.exec(&self.stmts.insert_bucket, (m.conversation_id.as_str(), bucket)),
             self.exec(
                 &self.stmts.insert_message_index,
-                (m.message_id.0, m.conversation_id.as_str(), m.sender.0, m.sent_at)
+                (m.message_id.0, m.conversation_id.as_str(), m.sender.0, m.sent_at, m.position)
             )
         );
         a?;
@@ -707,11 +853,17 @@ impl ReadStore for ScyllaStore {
 
     async fn find_message(&self, id: MessageId) -> StoreResult<Option<MessageMeta>> {
         let rows = self
-            .rows::<(String, Uuid, DateTime<Utc>)>(&self.stmts.select_message_index, (id.0,))
+            .rows::<(String, Uuid, DateTime<Utc>, Option<i64>)>(&self.stmts.select_message_index, (id.0,))
             .await?;
         match rows.into_iter().next() {
             None => Ok(None),
-            Some((c, s, at)) => Ok(Some(MessageMeta { message_id: id, conversation_id: conv(c)?, sender: UserId(s), sent_at: at })),
+            Some((c, s, at, p)) => Ok(Some(MessageMeta {
+                message_id: id,
+                conversation_id: conv(c)?,
+                sender: UserId(s),
+                sent_at: at,
+                position: p.unwrap_or(0),
+            })),
         }
     }
 
@@ -762,6 +914,184 @@ impl ReadStore for ScyllaStore {
 
     async fn in_inbox(&self, user: UserId, c: &ConversationId) -> StoreResult<bool> {
         Ok(ProjectionStore::inbox_row(self, user, c).await?.is_some())
+    }
+}
+
+type FanoutMessageTuple = (Uuid, Uuid, i64, i32);
+
+fn fanout_message_from(c: &ConversationId, (message_id, sender, position, recipients): FanoutMessageTuple) -> FanoutMessage {
+    FanoutMessage { conversation_id: c.clone(), message_id: MessageId(message_id), sender: UserId(sender), position, recipients }
+}
+
+#[async_trait]
+impl FanoutStore for ScyllaStore {
+    async fn fanout_group(&self, c: &ConversationId) -> StoreResult<Option<FanoutGroup>> {
+        let rows = self.rows::<(String, i64, i64)>(&self.stmts.select_fanout_group, (c.as_str(),)).await?;
+        Ok(rows.into_iter().next().map(|(name, created_at, membership_version)| FanoutGroup {
+            conversation_id: c.clone(),
+            name,
+            created_at,
+            membership_version,
+        }))
+    }
+
+    async fn put_fanout_group(&self, g: &FanoutGroup) -> StoreResult<()> {
+        self.exec(&self.stmts.insert_fanout_group, (g.conversation_id.as_str(), &g.name, g.created_at, g.membership_version)).await
+    }
+
+    async fn fanout_members(&self, c: &ConversationId) -> StoreResult<Vec<MemberInterval>> {
+        let rows = self.all_rows::<(Uuid, i64, Option<i64>, String)>(&self.stmts.select_fanout_members, (c.as_str(),)).await?;
+        let mut out = rows
+            .into_iter()
+            .map(|(member, since, until, r)| Ok(MemberInterval { member: UserId(member), since, until, role: role(r)? }))
+            .collect::<StoreResult<Vec<_>>>()?;
+        // Cassandra orders `uuid` clustering keys its own way (version first, then per version);
+        // sort by bytes, as SQLite's text order does, so both back-ends answer alike.
+        out.sort_by_key(|m| (m.member.0, m.since));
+        Ok(out)
+    }
+
+    async fn put_fanout_member(&self, c: &ConversationId, m: &MemberInterval) -> StoreResult<()> {
+        let ts = interval_ts(m.since, m.until);
+        match m.until {
+            None => self.exec(&self.stmts.open_fanout_member, (c.as_str(), m.member.0, m.since, m.role.as_str(), ts)).await,
+            Some(until) => {
+                self.exec(&self.stmts.close_fanout_member, (c.as_str(), m.member.0, m.since, until, m.role.as_str(), ts)).await
+            }
+        }
+    }
+
+    async fn fanout_message(&self, c: &ConversationId, message: MessageId) -> StoreResult<Option<FanoutMessage>> {
+        let rows = self.rows::<FanoutMessageTuple>(&self.stmts.select_fanout_message, (c.as_str(), message.0)).await?;
+        Ok(rows.into_iter().next().map(|t| fanout_message_from(c, t)))
+    }
+
+    async fn put_fanout_message(&self, m: &FanoutMessage) -> StoreResult<()> {
+        self.exec(
+            &self.stmts.insert_fanout_message,
+            (m.conversation_id.as_str(), m.message_id.0, m.sender.0, m.position, m.recipients),
+        )
+        .await
+    }
+
+    async fn fanout_messages_between(
+        &self,
+        c: &ConversationId,
+        after: Option<MessageId>,
+        up_to: MessageId,
+    ) -> StoreResult<Vec<FanoutMessage>> {
+        // One partition per group, clustered by message id ascending: already oldest first.
+        let rows = match after {
+            Some(a) => {
+                self.all_rows::<FanoutMessageTuple>(&self.stmts.select_fanout_messages_range, (c.as_str(), a.0, up_to.0)).await?
+            }
+            None => self.all_rows::<FanoutMessageTuple>(&self.stmts.select_fanout_messages_upto, (c.as_str(), up_to.0)).await?,
+        };
+        Ok(rows.into_iter().map(|t| fanout_message_from(c, t)).collect())
+    }
+
+    async fn add_fanout_ack(&self, message: MessageId, status: ReceiptStatus, member: UserId) -> StoreResult<()> {
+        self.exec(&self.stmts.insert_fanout_ack, (message.0, status.as_str(), member.0)).await
+    }
+
+    async fn fanout_ack_count(&self, message: MessageId, status: ReceiptStatus) -> StoreResult<usize> {
+        let rows = self.rows::<(i64,)>(&self.stmts.count_fanout_acks, (message.0, status.as_str())).await?;
+        Ok(rows.into_iter().next().map_or(0, |(n,)| n.max(0) as usize))
+    }
+
+    async fn fanout_read_marker(&self, c: &ConversationId, reader: UserId) -> StoreResult<Option<(MessageId, i64)>> {
+        let rows = self.rows::<(Uuid, i64)>(&self.stmts.select_fanout_read_marker, (c.as_str(), reader.0)).await?;
+        Ok(rows.into_iter().next().map(|(up_to, position)| (MessageId(up_to), position)))
+    }
+
+    async fn put_fanout_read_marker(&self, c: &ConversationId, reader: UserId, up_to: MessageId, position: i64) -> StoreResult<()> {
+        self.exec(&self.stmts.insert_fanout_read_marker, (c.as_str(), reader.0, up_to.0, position)).await
+    }
+}
+
+#[async_trait]
+impl GroupStore for ScyllaStore {
+    async fn put_group(&self, g: &GroupRow) -> StoreResult<()> {
+        self.exec(
+            &self.stmts.insert_group,
+            (g.conversation_id.as_str(), &g.name, g.creator.0, g.created_at, g.position, g.position),
+        )
+        .await
+    }
+
+    async fn put_group_name(&self, c: &ConversationId, name: &str, position: i64) -> StoreResult<()> {
+        self.exec(&self.stmts.update_group_name, (position, name, c.as_str())).await
+    }
+
+    async fn put_group_member(&self, m: &GroupMemberRow) -> StoreResult<()> {
+        self.exec(
+            &self.stmts.insert_group_member,
+            (m.conversation_id.as_str(), m.member.0, m.role.as_str(), m.active, m.position, m.position),
+        )
+        .await
+    }
+
+    async fn put_user_group(&self, g: &UserGroupRow) -> StoreResult<()> {
+        self.exec(
+            &self.stmts.insert_user_group,
+            (g.user_id.0, g.conversation_id.as_str(), g.role.as_str(), g.active, g.position, g.position),
+        )
+        .await
+    }
+
+    async fn put_user_group_interval(&self, user: UserId, c: &ConversationId, since: i64, until: Option<i64>) -> StoreResult<()> {
+        let ts = interval_ts(since, until);
+        match until {
+            None => self.exec(&self.stmts.open_user_group_interval, (user.0, c.as_str(), since, ts)).await,
+            Some(u) => self.exec(&self.stmts.close_user_group_interval, (user.0, c.as_str(), since, u, ts)).await,
+        }
+    }
+
+    async fn group(&self, c: &ConversationId) -> StoreResult<Option<GroupRow>> {
+        type Row = (Option<String>, Option<Uuid>, Option<DateTime<Utc>>, Option<i64>);
+        let rows = self.rows::<Row>(&self.stmts.select_group, (c.as_str(),)).await?;
+        Ok(rows.into_iter().next().and_then(|(name, creator, created_at, position)| {
+            Some(GroupRow {
+                conversation_id: c.clone(),
+                name: name.unwrap_or_default(),
+                creator: UserId(creator?),
+                created_at: created_at?,
+                position: position?,
+            })
+        }))
+    }
+
+    async fn group_members(&self, c: &ConversationId) -> StoreResult<Vec<GroupMemberRow>> {
+        let rows = self.all_rows::<(Uuid, String, bool, i64)>(&self.stmts.select_group_members, (c.as_str(),)).await?;
+        let mut out = rows
+            .into_iter()
+            .map(|(member, r, active, position)| {
+                Ok(GroupMemberRow { conversation_id: c.clone(), member: UserId(member), role: role(r)?, active, position })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        out.sort_by_key(|m| m.member.0);
+        Ok(out)
+    }
+
+    async fn group_member(&self, c: &ConversationId, user: UserId) -> StoreResult<Option<GroupMemberRow>> {
+        let rows = self.rows::<(Uuid, String, bool, i64)>(&self.stmts.select_group_member, (c.as_str(), user.0)).await?;
+        rows.into_iter()
+            .next()
+            .map(|(member, r, active, position)| {
+                Ok(GroupMemberRow { conversation_id: c.clone(), member: UserId(member), role: role(r)?, active, position })
+            })
+            .transpose()
+    }
+
+    async fn user_groups(&self, user: UserId) -> StoreResult<Vec<UserGroupRow>> {
+        let rows = self.all_rows::<(String, String, bool, i64)>(&self.stmts.select_user_groups, (user.0,)).await?;
+        rows.into_iter()
+            .map(|(c, r, active, position)| Ok(UserGroupRow { user_id: user, conversation_id: conv(c)?, role: role(r)?, active, position }))
+            .collect()
+    }
+
+    async fn user_group_intervals(&self, user: UserId, c: &ConversationId) -> StoreResult<Vec<(i64, Option<i64>)>> {
+        self.all_rows::<(i64, Option<i64>)>(&self.stmts.select_user_group_intervals, (user.0, c.as_str())).await
     }
 }
 

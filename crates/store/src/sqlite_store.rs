@@ -7,7 +7,8 @@
 //!   after its transaction committed, so a worker stores its offset only after durable writes.
 //! - Reads run on a small pool of read-only connections (WAL lets them run beside the writer).
 //! - Cassandra's write-time rules become conditional upserts: receipts keep the earliest time,
-//!   a removed pending delivery stays removed, last seen keeps the latest change.
+//!   a removed pending delivery stays removed, last seen keeps the latest change, group rows
+//!   keep the highest position, a closed membership interval stays closed.
 //! - Lightweight transactions (unique usernames, send reservations) are plain inserts: the single
 //!   writer makes them atomic.
 
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 
 use async_trait::async_trait;
-use chat_events::{ConversationId, MessageId, ReceiptStatus, UserId};
+use chat_events::{ConversationId, GroupRole, MessageId, ReceiptStatus, UserId};
 use chrono::{DateTime, Utc};
 use chat_events::embedded::open_sqlite;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
@@ -47,9 +48,9 @@ CREATE TABLE IF NOT EXISTS accounts_by_id (user_id TEXT PRIMARY KEY, username TE
 CREATE TABLE IF NOT EXISTS send_dedup (sender TEXT NOT NULL, client_msg_id TEXT NOT NULL, message_id TEXT NOT NULL, conversation_id TEXT NOT NULL, sent_at INTEGER NOT NULL, body_sha256 TEXT NOT NULL, committed INTEGER NOT NULL, PRIMARY KEY (sender, client_msg_id));
 CREATE TABLE IF NOT EXISTS message_owners (message_id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL, sender TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, username TEXT NOT NULL, registered_at INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS messages (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL, sender_device TEXT NOT NULL, client_msg_id TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL, sent_at INTEGER NOT NULL, PRIMARY KEY (conversation_id, message_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS messages (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL, sender_device TEXT NOT NULL, client_msg_id TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (conversation_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS conversation_buckets (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, PRIMARY KEY (conversation_id, bucket)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS message_index (message_id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL, sender TEXT NOT NULL, sent_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS message_index (message_id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL, sender TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS inbox (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, peer_id TEXT, last_message_id TEXT NOT NULL, last_sender TEXT NOT NULL, last_kind TEXT NOT NULL, last_body TEXT NOT NULL, last_at INTEGER NOT NULL, unread INTEGER NOT NULL, applied_offset INTEGER NOT NULL, PRIMARY KEY (user_id, conversation_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS read_markers (conversation_id TEXT NOT NULL, reader TEXT NOT NULL, up_to TEXT NOT NULL, applied_offset INTEGER NOT NULL, PRIMARY KEY (conversation_id, reader)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS user_stream (user_id TEXT NOT NULL, seq INTEGER NOT NULL, item_id TEXT NOT NULL, item TEXT NOT NULL, PRIMARY KEY (user_id, seq)) WITHOUT ROWID;
@@ -57,6 +58,15 @@ CREATE TABLE IF NOT EXISTS user_stream_ids (user_id TEXT NOT NULL, item_id TEXT 
 CREATE TABLE IF NOT EXISTS pending_deliveries (user_id TEXT NOT NULL, message_id TEXT NOT NULL, conversation_id TEXT, removed INTEGER NOT NULL, PRIMARY KEY (user_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS receipts (message_id TEXT NOT NULL, recipient TEXT NOT NULL, status TEXT NOT NULL, device_id TEXT NOT NULL, at INTEGER NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (message_id, recipient, status, device_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS last_seen (user_id TEXT PRIMARY KEY, status TEXT NOT NULL, changed_at INTEGER NOT NULL, last_seen INTEGER);
+CREATE TABLE IF NOT EXISTS fanout_groups (conversation_id TEXT PRIMARY KEY, name TEXT NOT NULL, created_at INTEGER NOT NULL, membership_version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS fanout_members (conversation_id TEXT NOT NULL, member TEXT NOT NULL, since INTEGER NOT NULL, until INTEGER, role TEXT NOT NULL, PRIMARY KEY (conversation_id, member, since)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fanout_messages (conversation_id TEXT NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL, position INTEGER NOT NULL, recipients INTEGER NOT NULL, PRIMARY KEY (conversation_id, message_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fanout_acks (message_id TEXT NOT NULL, status TEXT NOT NULL, member TEXT NOT NULL, PRIMARY KEY (message_id, status, member)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fanout_read_markers (conversation_id TEXT NOT NULL, reader TEXT NOT NULL, up_to TEXT NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (conversation_id, reader)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS groups (conversation_id TEXT PRIMARY KEY, name TEXT NOT NULL, name_position INTEGER NOT NULL, creator TEXT, created_at INTEGER, position INTEGER);
+CREATE TABLE IF NOT EXISTS group_members (conversation_id TEXT NOT NULL, member TEXT NOT NULL, role TEXT NOT NULL, active INTEGER NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (conversation_id, member)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS user_groups (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, role TEXT NOT NULL, active INTEGER NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (user_id, conversation_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS user_group_intervals (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, since INTEGER NOT NULL, until INTEGER, PRIMARY KEY (user_id, conversation_id, since)) WITHOUT ROWID;
 ";
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -86,6 +96,17 @@ fn uuid_at(r: &Row<'_>, i: usize) -> rusqlite::Result<Uuid> {
 fn conv_at(r: &Row<'_>, i: usize) -> rusqlite::Result<ConversationId> {
     r.get::<_, String>(i)?.parse().map_err(conversion)
 }
+
+fn role_at(r: &Row<'_>, i: usize) -> rusqlite::Result<GroupRole> {
+    let s: String = r.get(i)?;
+    GroupRole::parse(&s).ok_or_else(|| rusqlite::Error::InvalidColumnName(format!("bad group role {s:?}")))
+}
+
+/// The `until` of an interval after a write, as Cassandra resolves it (the open never writes
+/// `until`; of two closes the one with the higher write time, i.e. the higher `until`, wins).
+const UNTIL_MERGE: &str = "CASE WHEN excluded.until IS NULL THEN {t}.until
+                               WHEN {t}.until IS NULL THEN excluded.until
+                               ELSE MAX({t}.until, excluded.until) END";
 
 fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
@@ -202,10 +223,11 @@ fn message_row(r: &Row<'_>) -> rusqlite::Result<MessageRow> {
         kind: r.get(5)?,
         body: r.get(6)?,
         sent_at: time(r.get(7)?)?,
+        position: r.get(8)?,
     })
 }
 
-const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at";
+const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position";
 const INBOX_COLS: &str = "user_id, conversation_id, peer_id, last_message_id, last_sender, last_kind, last_body, last_at, unread, applied_offset";
 
 fn inbox_row(r: &Row<'_>) -> rusqlite::Result<InboxRow> {
@@ -367,7 +389,7 @@ impl ProjectionStore for SqliteStore {
         let m = m.clone();
         self.write(move |t| {
             let bucket = bucket_of(m.message_id);
-            t.prepare_cached(&format!("INSERT OR REPLACE INTO messages (bucket, {MESSAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"))?
+            t.prepare_cached(&format!("INSERT OR REPLACE INTO messages (bucket, {MESSAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"))?
                 .execute(params![
                     bucket,
                     m.conversation_id.as_str(),
@@ -377,12 +399,13 @@ impl ProjectionStore for SqliteStore {
                     m.client_msg_id,
                     m.kind,
                     m.body,
-                    ms(&m.sent_at)
+                    ms(&m.sent_at),
+                    m.position
                 ])?;
             t.prepare_cached("INSERT OR IGNORE INTO conversation_buckets (conversation_id, bucket) VALUES (?1, ?2)")?
                 .execute(params![m.conversation_id.as_str(), bucket])?;
-            t.prepare_cached("INSERT OR REPLACE INTO message_index (message_id, conversation_id, sender, sent_at) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(params![m.message_id.to_string(), m.conversation_id.as_str(), m.sender.to_string(), ms(&m.sent_at)])?;
+            t.prepare_cached("INSERT OR REPLACE INTO message_index (message_id, conversation_id, sender, sent_at, position) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                .execute(params![m.message_id.to_string(), m.conversation_id.as_str(), m.sender.to_string(), ms(&m.sent_at), m.position])?;
             Ok(())
         })
         .await
@@ -588,9 +611,17 @@ impl ReadStore for SqliteStore {
     async fn find_message(&self, id: MessageId) -> StoreResult<Option<MessageMeta>> {
         self.read(move |c| {
             c.query_row(
-                "SELECT conversation_id, sender, sent_at FROM message_index WHERE message_id = ?1",
+                "SELECT conversation_id, sender, sent_at, position FROM message_index WHERE message_id = ?1",
                 params![id.to_string()],
-                |r| Ok(MessageMeta { message_id: id, conversation_id: conv_at(r, 0)?, sender: UserId(uuid_at(r, 1)?), sent_at: time(r.get(2)?)? }),
+                |r| {
+                    Ok(MessageMeta {
+                        message_id: id,
+                        conversation_id: conv_at(r, 0)?,
+                        sender: UserId(uuid_at(r, 1)?),
+                        sent_at: time(r.get(2)?)?,
+                        position: r.get(3)?,
+                    })
+                },
             )
             .optional()
         })
@@ -661,6 +692,328 @@ impl ReadStore for SqliteStore {
 
     async fn in_inbox(&self, user: UserId, c: &ConversationId) -> StoreResult<bool> {
         Ok(ProjectionStore::inbox_row(self, user, c).await?.is_some())
+    }
+}
+
+const FANOUT_MESSAGE_COLS: &str = "conversation_id, message_id, sender, position, recipients";
+
+fn fanout_message_row(r: &Row<'_>) -> rusqlite::Result<FanoutMessage> {
+    Ok(FanoutMessage {
+        conversation_id: conv_at(r, 0)?,
+        message_id: MessageId(uuid_at(r, 1)?),
+        sender: UserId(uuid_at(r, 2)?),
+        position: r.get(3)?,
+        recipients: r.get(4)?,
+    })
+}
+
+#[async_trait]
+impl FanoutStore for SqliteStore {
+    async fn fanout_group(&self, c: &ConversationId) -> StoreResult<Option<FanoutGroup>> {
+        let c = c.clone();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT name, created_at, membership_version FROM fanout_groups WHERE conversation_id = ?1",
+                params![c.as_str()],
+                |r| Ok(FanoutGroup { conversation_id: c.clone(), name: r.get(0)?, created_at: r.get(1)?, membership_version: r.get(2)? }),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn put_fanout_group(&self, g: &FanoutGroup) -> StoreResult<()> {
+        let g = g.clone();
+        self.write(move |t| {
+            t.prepare_cached("INSERT OR REPLACE INTO fanout_groups (conversation_id, name, created_at, membership_version) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![g.conversation_id.as_str(), g.name, g.created_at, g.membership_version])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn fanout_members(&self, c: &ConversationId) -> StoreResult<Vec<MemberInterval>> {
+        let c = c.clone();
+        self.read(move |conn| {
+            let mut st = conn.prepare_cached(
+                "SELECT member, since, until, role FROM fanout_members WHERE conversation_id = ?1 ORDER BY member, since",
+            )?;
+            let rows = st.query_map(params![c.as_str()], |r| {
+                Ok(MemberInterval { member: UserId(uuid_at(r, 0)?), since: r.get(1)?, until: r.get(2)?, role: role_at(r, 3)? })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn put_fanout_member(&self, c: &ConversationId, m: &MemberInterval) -> StoreResult<()> {
+        let (c, m) = (c.clone(), m.clone());
+        self.write(move |t| {
+            // Cassandra's rule (write time `until` for a close, `since` for an open): the close
+            // keeps its `until` whatever the order, and the write at the higher position decides
+            // the role (equal write times: the greater value, as Cassandra breaks ties).
+            let until = UNTIL_MERGE.replace("{t}", "fanout_members");
+            t.prepare_cached(&format!(
+                "INSERT INTO fanout_members (conversation_id, member, since, until, role) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (conversation_id, member, since) DO UPDATE SET
+                   until = {until},
+                   role = CASE WHEN COALESCE(excluded.until, excluded.since) > COALESCE(fanout_members.until, fanout_members.since) THEN excluded.role
+                               WHEN COALESCE(excluded.until, excluded.since) < COALESCE(fanout_members.until, fanout_members.since) THEN fanout_members.role
+                               ELSE MAX(fanout_members.role, excluded.role) END"
+            ))?
+            .execute(params![c.as_str(), m.member.to_string(), m.since, m.until, m.role.as_str()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn fanout_message(&self, c: &ConversationId, message: MessageId) -> StoreResult<Option<FanoutMessage>> {
+        let c = c.clone();
+        self.read(move |conn| {
+            conn.query_row(
+                &format!("SELECT {FANOUT_MESSAGE_COLS} FROM fanout_messages WHERE conversation_id = ?1 AND message_id = ?2"),
+                params![c.as_str(), message.to_string()],
+                fanout_message_row,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn put_fanout_message(&self, m: &FanoutMessage) -> StoreResult<()> {
+        let m = m.clone();
+        self.write(move |t| {
+            t.prepare_cached(&format!("INSERT OR REPLACE INTO fanout_messages ({FANOUT_MESSAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5)"))?
+                .execute(params![m.conversation_id.as_str(), m.message_id.to_string(), m.sender.to_string(), m.position, m.recipients])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn fanout_messages_between(
+        &self,
+        c: &ConversationId,
+        after: Option<MessageId>,
+        up_to: MessageId,
+    ) -> StoreResult<Vec<FanoutMessage>> {
+        let c = c.clone();
+        self.read(move |conn| {
+            // As in messages_between: canonical UUID text sorts like the ids (UUIDv7: by time),
+            // and '' sorts before every id.
+            let after = after.map(|a| a.to_string()).unwrap_or_default();
+            let mut st = conn.prepare_cached(&format!(
+                "SELECT {FANOUT_MESSAGE_COLS} FROM fanout_messages WHERE conversation_id = ?1 AND message_id > ?2 AND message_id <= ?3 ORDER BY message_id ASC"
+            ))?;
+            let rows = st.query_map(params![c.as_str(), after, up_to.to_string()], fanout_message_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn add_fanout_ack(&self, message: MessageId, status: ReceiptStatus, member: UserId) -> StoreResult<()> {
+        self.write(move |t| {
+            t.prepare_cached("INSERT OR IGNORE INTO fanout_acks (message_id, status, member) VALUES (?1, ?2, ?3)")?
+                .execute(params![message.to_string(), status.as_str(), member.to_string()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn fanout_ack_count(&self, message: MessageId, status: ReceiptStatus) -> StoreResult<usize> {
+        self.read(move |c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM fanout_acks WHERE message_id = ?1 AND status = ?2",
+                params![message.to_string(), status.as_str()],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .await
+        .map(|n| n.max(0) as usize)
+    }
+
+    async fn fanout_read_marker(&self, c: &ConversationId, reader: UserId) -> StoreResult<Option<(MessageId, i64)>> {
+        let c = c.clone();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT up_to, position FROM fanout_read_markers WHERE conversation_id = ?1 AND reader = ?2",
+                params![c.as_str(), reader.to_string()],
+                |r| Ok((MessageId(uuid_at(r, 0)?), r.get(1)?)),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn put_fanout_read_marker(&self, c: &ConversationId, reader: UserId, up_to: MessageId, position: i64) -> StoreResult<()> {
+        let c = c.clone();
+        self.write(move |t| {
+            t.prepare_cached("INSERT OR REPLACE INTO fanout_read_markers (conversation_id, reader, up_to, position) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![c.as_str(), reader.to_string(), up_to.to_string(), position])?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl GroupStore for SqliteStore {
+    // Cassandra writes these rows with write time = position; here a conditional upsert keeps
+    // the row with the highest position (equal positions carry identical content).
+    async fn put_group(&self, g: &GroupRow) -> StoreResult<()> {
+        let g = g.clone();
+        self.write(move |t| {
+            // The name has its own position (Cassandra: its own cell write time), so a rename
+            // projected before the creation keeps its name.
+            t.prepare_cached(
+                "INSERT INTO groups (conversation_id, name, name_position, creator, created_at, position) VALUES (?1, ?2, ?5, ?3, ?4, ?5)
+                 ON CONFLICT (conversation_id) DO UPDATE SET
+                   creator = CASE WHEN groups.position IS NULL OR excluded.position >= groups.position THEN excluded.creator ELSE groups.creator END,
+                   created_at = CASE WHEN groups.position IS NULL OR excluded.position >= groups.position THEN excluded.created_at ELSE groups.created_at END,
+                   position = MAX(COALESCE(groups.position, excluded.position), excluded.position),
+                   name = CASE WHEN excluded.name_position >= groups.name_position THEN excluded.name ELSE groups.name END,
+                   name_position = MAX(groups.name_position, excluded.name_position)",
+            )?
+            .execute(params![g.conversation_id.as_str(), g.name, g.creator.to_string(), ms(&g.created_at), g.position])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_group_name(&self, c: &ConversationId, name: &str, position: i64) -> StoreResult<()> {
+        let (c, name) = (c.clone(), name.to_owned());
+        self.write(move |t| {
+            t.prepare_cached(
+                "INSERT INTO groups (conversation_id, name, name_position) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (conversation_id) DO UPDATE SET name = excluded.name, name_position = excluded.name_position
+                 WHERE excluded.name_position >= groups.name_position",
+            )?
+            .execute(params![c.as_str(), name, position])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_group_member(&self, m: &GroupMemberRow) -> StoreResult<()> {
+        let m = m.clone();
+        self.write(move |t| {
+            t.prepare_cached(
+                "INSERT INTO group_members (conversation_id, member, role, active, position) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (conversation_id, member) DO UPDATE SET
+                   role = excluded.role, active = excluded.active, position = excluded.position
+                 WHERE excluded.position >= group_members.position",
+            )?
+            .execute(params![m.conversation_id.as_str(), m.member.to_string(), m.role.as_str(), m.active, m.position])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_user_group(&self, g: &UserGroupRow) -> StoreResult<()> {
+        let g = g.clone();
+        self.write(move |t| {
+            t.prepare_cached(
+                "INSERT INTO user_groups (user_id, conversation_id, role, active, position) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (user_id, conversation_id) DO UPDATE SET
+                   role = excluded.role, active = excluded.active, position = excluded.position
+                 WHERE excluded.position >= user_groups.position",
+            )?
+            .execute(params![g.user_id.to_string(), g.conversation_id.as_str(), g.role.as_str(), g.active, g.position])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_user_group_interval(&self, user: UserId, c: &ConversationId, since: i64, until: Option<i64>) -> StoreResult<()> {
+        let c = c.clone();
+        self.write(move |t| {
+            let merged = UNTIL_MERGE.replace("{t}", "user_group_intervals");
+            t.prepare_cached(&format!(
+                "INSERT INTO user_group_intervals (user_id, conversation_id, since, until) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (user_id, conversation_id, since) DO UPDATE SET until = {merged}"
+            ))?
+            .execute(params![user.to_string(), c.as_str(), since, until])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn group(&self, c: &ConversationId) -> StoreResult<Option<GroupRow>> {
+        let c = c.clone();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT name, creator, created_at, position FROM groups WHERE conversation_id = ?1 AND creator IS NOT NULL",
+                params![c.as_str()],
+                |r| {
+                    Ok(GroupRow {
+                        conversation_id: c.clone(),
+                        name: r.get(0)?,
+                        creator: UserId(uuid_at(r, 1)?),
+                        created_at: time(r.get(2)?)?,
+                        position: r.get(3)?,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn group_members(&self, c: &ConversationId) -> StoreResult<Vec<GroupMemberRow>> {
+        let c = c.clone();
+        self.read(move |conn| {
+            let mut st = conn.prepare_cached(
+                "SELECT member, role, active, position FROM group_members WHERE conversation_id = ?1 ORDER BY member",
+            )?;
+            let rows = st.query_map(params![c.as_str()], |r| {
+                Ok(GroupMemberRow {
+                    conversation_id: c.clone(),
+                    member: UserId(uuid_at(r, 0)?),
+                    role: role_at(r, 1)?,
+                    active: r.get(2)?,
+                    position: r.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn group_member(&self, c: &ConversationId, user: UserId) -> StoreResult<Option<GroupMemberRow>> {
+        let c = c.clone();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT role, active, position FROM group_members WHERE conversation_id = ?1 AND member = ?2",
+                params![c.as_str(), user.to_string()],
+                |r| Ok(GroupMemberRow { conversation_id: c.clone(), member: user, role: role_at(r, 0)?, active: r.get(1)?, position: r.get(2)? }),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn user_groups(&self, user: UserId) -> StoreResult<Vec<UserGroupRow>> {
+        self.read(move |conn| {
+            let mut st = conn.prepare_cached(
+                "SELECT conversation_id, role, active, position FROM user_groups WHERE user_id = ?1 ORDER BY conversation_id",
+            )?;
+            let rows = st.query_map(params![user.to_string()], |r| {
+                Ok(UserGroupRow { user_id: user, conversation_id: conv_at(r, 0)?, role: role_at(r, 1)?, active: r.get(2)?, position: r.get(3)? })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn user_group_intervals(&self, user: UserId, c: &ConversationId) -> StoreResult<Vec<(i64, Option<i64>)>> {
+        let c = c.clone();
+        self.read(move |conn| {
+            let mut st = conn.prepare_cached(
+                "SELECT since, until FROM user_group_intervals WHERE user_id = ?1 AND conversation_id = ?2 ORDER BY since",
+            )?;
+            let rows = st.query_map(params![user.to_string(), c.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+        .await
     }
 }
 

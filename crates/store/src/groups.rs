@@ -1,0 +1,145 @@
+//! Group tables: the fan-out stage's own positional state ([`FanoutStore`]) and the per-user
+//! projections of groups ([`GroupStore`]).
+//!
+//! Positions are offsets of events in the group's partition of the conversations topic. The
+//! fan-out is the group aggregate: it reads a group's events in log order and decides, at each
+//! position, who is a member, whether a membership change is allowed and who gets a message.
+//! Its state is positional (member intervals `[since, until)`), so re-reading any event after a
+//! crash gives the same decision whatever later state is already written. Projections only
+//! ever see the fan-out's validated output (stream items carrying positions) and keep the
+//! latest position per row, so they converge in any replay order.
+
+use async_trait::async_trait;
+use chat_events::{ConversationId, GroupRole, MessageId, ReceiptStatus, UserId};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::StoreResult;
+
+/// A membership interval: member from position `since` (inclusive) to `until` (exclusive).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberInterval {
+    pub member: UserId,
+    pub since: i64,
+    pub until: Option<i64>,
+    pub role: GroupRole,
+}
+
+impl MemberInterval {
+    /// Whether the member was in the group for an event at position `p` (the state after
+    /// every event before `p`: the event that added them is at `since`, so strictly after it).
+    pub fn covers(&self, p: i64) -> bool {
+        self.since < p && self.until.is_none_or(|u| p < u)
+    }
+}
+
+/// The fan-out's record of a group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FanoutGroup {
+    pub conversation_id: ConversationId,
+    pub name: String,
+    /// Position of the `group.created` event.
+    pub created_at: i64,
+    /// Position of the last membership change applied: a cache of the members is valid while
+    /// this is unchanged.
+    pub membership_version: i64,
+}
+
+/// The fan-out's record of a group message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FanoutMessage {
+    pub conversation_id: ConversationId,
+    pub message_id: MessageId,
+    pub sender: UserId,
+    pub position: i64,
+    /// Members at `position` other than the sender.
+    pub recipients: i32,
+}
+
+/// The fan-out stage's own state (not a projection: never truncated by a rebuild, since the
+/// fan-out's offsets are not reset with the projections').
+#[async_trait]
+pub trait FanoutStore: Send + Sync {
+    async fn fanout_group(&self, conv: &ConversationId) -> StoreResult<Option<FanoutGroup>>;
+    async fn put_fanout_group(&self, g: &FanoutGroup) -> StoreResult<()>;
+    /// Every membership interval of a group.
+    async fn fanout_members(&self, conv: &ConversationId) -> StoreResult<Vec<MemberInterval>>;
+    /// Writes an interval, keyed by (group, member, since); writing it again with `until` set
+    /// closes it.
+    async fn put_fanout_member(&self, conv: &ConversationId, m: &MemberInterval) -> StoreResult<()>;
+    async fn fanout_message(&self, conv: &ConversationId, message: MessageId) -> StoreResult<Option<FanoutMessage>>;
+    async fn put_fanout_message(&self, m: &FanoutMessage) -> StoreResult<()>;
+    /// Group messages with `after < id <= up_to` (from the start when `after` is None), oldest
+    /// first.
+    async fn fanout_messages_between(
+        &self,
+        conv: &ConversationId,
+        after: Option<MessageId>,
+        up_to: MessageId,
+    ) -> StoreResult<Vec<FanoutMessage>>;
+    /// Records that `member` reached `status` for a message (a set: repeats change nothing).
+    async fn add_fanout_ack(&self, message: MessageId, status: ReceiptStatus, member: UserId) -> StoreResult<()>;
+    /// How many members reached `status` for a message.
+    async fn fanout_ack_count(&self, message: MessageId, status: ReceiptStatus) -> StoreResult<usize>;
+    /// How far a member has read a group, and the position of that read.
+    async fn fanout_read_marker(&self, conv: &ConversationId, reader: UserId) -> StoreResult<Option<(MessageId, i64)>>;
+    async fn put_fanout_read_marker(&self, conv: &ConversationId, reader: UserId, up_to: MessageId, position: i64) -> StoreResult<()>;
+}
+
+/// A group as its members see it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GroupRow {
+    pub conversation_id: ConversationId,
+    pub name: String,
+    pub creator: UserId,
+    #[serde(serialize_with = "crate::ser_time")]
+    pub created_at: DateTime<Utc>,
+    /// Position of the change this row reflects.
+    #[serde(skip)]
+    pub position: i64,
+}
+
+/// A member of a group (current, or former when `active` is false).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GroupMemberRow {
+    pub conversation_id: ConversationId,
+    pub member: UserId,
+    pub role: GroupRole,
+    pub active: bool,
+    #[serde(skip)]
+    pub position: i64,
+}
+
+/// A group of a user (current, or former when `active` is false).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct UserGroupRow {
+    pub user_id: UserId,
+    pub conversation_id: ConversationId,
+    pub role: GroupRole,
+    pub active: bool,
+    #[serde(skip)]
+    pub position: i64,
+}
+
+/// Group projections and their reads. Every write keeps, per row, the one with the highest
+/// position (equal positions: identical content), so the rows converge whatever order items
+/// from different users' streams are applied in.
+#[async_trait]
+pub trait GroupStore: Send + Sync {
+    /// The group as created (position of `group.created`); its name may be overtaken by renames.
+    async fn put_group(&self, g: &GroupRow) -> StoreResult<()>;
+    /// A rename at `position`: only the name changes, and only if no later rename is there.
+    async fn put_group_name(&self, conv: &ConversationId, name: &str, position: i64) -> StoreResult<()>;
+    async fn put_group_member(&self, m: &GroupMemberRow) -> StoreResult<()>;
+    async fn put_user_group(&self, g: &UserGroupRow) -> StoreResult<()>;
+    /// A user's membership interval in a group, keyed by (user, group, since); a write with
+    /// `until` set wins over one without.
+    async fn put_user_group_interval(&self, user: UserId, conv: &ConversationId, since: i64, until: Option<i64>) -> StoreResult<()>;
+    /// The group, once its creation is projected (a rename seen first is kept but not enough).
+    async fn group(&self, conv: &ConversationId) -> StoreResult<Option<GroupRow>>;
+    async fn group_members(&self, conv: &ConversationId) -> StoreResult<Vec<GroupMemberRow>>;
+    async fn group_member(&self, conv: &ConversationId, user: UserId) -> StoreResult<Option<GroupMemberRow>>;
+    async fn user_groups(&self, user: UserId) -> StoreResult<Vec<UserGroupRow>>;
+    /// A user's intervals `(since, until)` in a group, by `since`.
+    async fn user_group_intervals(&self, user: UserId, conv: &ConversationId) -> StoreResult<Vec<(i64, Option<i64>)>>;
+}
