@@ -446,6 +446,17 @@ impl Gateway {
         (status, body)
     }
 
+    /// Any method with a bearer token and an optional JSON body: (status, JSON body).
+    pub async fn call(&self, method: reqwest::Method, token: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{}", self.url, path)).bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn connect(&self, user: &User, device: &str) -> Ws {
         Ws::connect(&self.ws_url(), &user.token, device).await
     }

@@ -3,12 +3,14 @@
 //! list of the core issue.
 
 mod conformance;
+mod groups;
 mod harness;
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use chat_events::TopicKind;
+use groups::*;
 use harness::*;
 use serde_json::{json, Value};
 
@@ -640,6 +642,12 @@ mod cluster {
         token_expiry_closes_the_socket,
         concurrent_registrations_of_one_name,
     );
+    scenarios!(Mode::Cluster;
+        groups_membership_as_of_each_message,
+        group_receipts_per_member_and_for_all,
+        group_removal_races_with_sends,
+        group_of_1024_members,
+    );
 }
 
 /// One `chat run` process on its embedded log and tables.
@@ -658,5 +666,11 @@ mod embedded {
         token_expiry_closes_the_socket,
         concurrent_registrations_of_one_name,
         sigkill_keeps_every_acked_message,
+    );
+    scenarios!(Mode::Embedded;
+        groups_membership_as_of_each_message,
+        group_receipts_per_member_and_for_all,
+        group_removal_races_with_sends,
+        group_of_1024_members,
     );
 }
