@@ -44,10 +44,16 @@ pub struct FanOut {
     pusher: Option<Arc<dyn Pusher>>,
     max_group_size: usize,
     /// Member intervals per group, valid while the group's `membership_version` is unchanged.
-    members: Mutex<HashMap<ConversationId, (i64, Arc<Vec<MemberInterval>>)>>,
+    members: Mutex<HashMap<ConversationId, CachedMembers>>,
 }
 
 type R<T> = Result<T, StoreError>;
+
+/// A group's member intervals and the membership version they were read at.
+type CachedMembers = (i64, Arc<Vec<MemberInterval>>);
+
+/// What a group item says besides its change: (name, member, role).
+type GroupDetail = (Option<String>, Option<UserId>, Option<GroupRole>);
 
 fn queued(source: &Envelope, recipient: UserId, item: StreamItem) -> Envelope {
     Envelope {
@@ -192,7 +198,8 @@ impl FanOut {
         self.store.put_fanout_group(group).await
     }
 
-    fn group_item(env: &Envelope, conv: &ConversationId, change: GroupChange, name: Option<String>, member: Option<UserId>, role: Option<GroupRole>, by: UserId, o: i64) -> StreamItem {
+    fn group_item(env: &Envelope, conv: &ConversationId, change: GroupChange, detail: GroupDetail, by: UserId, o: i64) -> StreamItem {
+        let (name, member, role) = detail;
         StreamItem::Group { conversation_id: conv.clone(), change, name, member, role, by, at: env.occurred_at, position: o }
     }
 
@@ -231,7 +238,7 @@ impl FanOut {
                     })
                     .collect();
                 self.write_members(&mut group, &intervals, o).await?;
-                let item = Self::group_item(env, &conv, GroupChange::Created, Some(g.name.clone()), None, None, g.creator, o);
+                let item = Self::group_item(env, &conv, GroupChange::Created, (Some(g.name.clone()), None, None), g.creator, o);
                 Ok(members.iter().map(|m| queued(env, *m, item.clone())).collect())
             }
             Event::GroupRenamed(r) => {
@@ -242,7 +249,7 @@ impl FanOut {
                 }
                 group.name = r.name.clone();
                 self.store.put_fanout_group(&group).await?;
-                let item = Self::group_item(env, &conv, GroupChange::Renamed, Some(r.name.clone()), None, None, actor, o);
+                let item = Self::group_item(env, &conv, GroupChange::Renamed, (Some(r.name.clone()), None, None), actor, o);
                 Ok(to_all(&members, item))
             }
             Event::GroupMemberAdded(a) => {
@@ -256,7 +263,7 @@ impl FanOut {
                     return Ok(Vec::new());
                 }
                 self.write_members(&mut group, &[MemberInterval { member: a.member, since: o, until: None, role: a.role }], o).await?;
-                let item = Self::group_item(env, &conv, GroupChange::MemberAdded, Some(group.name.clone()), Some(a.member), Some(a.role), actor, o);
+                let item = Self::group_item(env, &conv, GroupChange::MemberAdded, (Some(group.name.clone()), Some(a.member), Some(a.role)), actor, o);
                 let mut out = to_all(&members, item.clone());
                 out.push(queued(env, a.member, item));
                 Ok(out)
@@ -272,7 +279,7 @@ impl FanOut {
                 interval.until = Some(o);
                 let role = interval.role;
                 self.write_members(&mut group, &[interval], o).await?;
-                let item = Self::group_item(env, &conv, GroupChange::MemberRemoved, Some(group.name.clone()), Some(r.member), Some(role), actor, o);
+                let item = Self::group_item(env, &conv, GroupChange::MemberRemoved, (Some(group.name.clone()), Some(r.member), Some(role)), actor, o);
                 // Everyone who was a member, the removed one included, learns of it.
                 let mut out = to_all(&members, item.clone());
                 if !members.iter().any(|m| m.member == r.member) {
