@@ -60,6 +60,10 @@ enum Command {
     },
     /// Print row counts and SHA-256 of every projection table as JSON.
     Checksums,
+    /// Stream events as JSON lines to stdout (progress on stderr), from the log's beginning up to
+    /// its end when the command starts, filtered. Reads without a consumer group; in embedded
+    /// mode it reads the data directory read-only, so `chat run` may keep running.
+    Replay(ReplayArgs),
     /// Project the whole log again, from offset zero, into fresh tables and compare their
     /// checksums with the live tables (exit status 1 if they differ). Embedded: stop `chat run`
     /// first. Cluster: compare on a quiet system (live tables move while the rebuild runs).
@@ -72,6 +76,28 @@ enum Command {
 }
 
 type Opened = (Arc<dyn EventLog>, Option<Arc<KafkaLog>>, Arc<dyn Tables>);
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// Only these event types (repeatable), e.g. `--type message.sent`.
+    #[arg(long = "type")]
+    types: Vec<String>,
+    /// Only events at or after this time (RFC 3339).
+    #[arg(long)]
+    from: Option<String>,
+    /// Only events before this time (RFC 3339).
+    #[arg(long)]
+    to: Option<String>,
+    /// Only events of this conversation.
+    #[arg(long)]
+    conversation: Option<String>,
+    /// Only events by or naming this user.
+    #[arg(long)]
+    user: Option<String>,
+    /// Topics to read: conversations, users, deliveries (comma-separated).
+    #[arg(long, default_value = "conversations,users")]
+    topics: String,
+}
 
 /// The opened back-ends.
 struct Platform {
@@ -290,6 +316,83 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_time(flag: &str, v: &Option<String>) -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
+    v.as_deref()
+        .map(|t| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .with_context(|| format!("--{flag} must be an RFC 3339 time, got {t:?}"))
+        })
+        .transpose()
+}
+
+async fn replay(cfg: Config, a: ReplayArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let (from, to) = (parse_time("from", &a.from)?, parse_time("to", &a.to)?);
+    let conversation: Option<chat_events::ConversationId> =
+        a.conversation.as_deref().map(|c| c.parse()).transpose().map_err(|_| anyhow::anyhow!("--conversation is not a conversation id"))?;
+    let user: Option<chat_events::UserId> = a.user.as_deref().map(|u| u.parse()).transpose().map_err(|_| anyhow::anyhow!("--user is not a user id"))?;
+    for t in &a.types {
+        if !chat_events::event::EVENT_TYPES.iter().any(|(name, _)| name == t) {
+            bail!("--type {t:?} is not an event type");
+        }
+    }
+    let names = Topics::new(cfg.topic_prefix.clone());
+    let mut topics = Vec::new();
+    for t in a.topics.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let kind = match t {
+            "conversations" => TopicKind::Conversations,
+            "users" => TopicKind::Users,
+            "deliveries" => TopicKind::Deliveries,
+            other => bail!("--topics: unknown topic {other:?} (conversations, users, deliveries)"),
+        };
+        topics.push(names.name(kind));
+    }
+    let mut reader = match &cfg.backend {
+        Backend::Embedded { data_dir } => chat_events::embedded::inspect::reader(data_dir, &topics)?,
+        Backend::Cluster { kafka_brokers, .. } => KafkaLog::new(KafkaConfig::new(kafka_brokers))?.read_all(&topics).await?,
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let (mut written, mut undecodable) = (0u64, 0u64);
+    let mut last_report = std::time::Instant::now();
+    loop {
+        let batch = reader.next_batch(1000).await?;
+        if batch.is_empty() {
+            break;
+        }
+        for rec in batch {
+            let env = match chat_events::Envelope::decode(&rec.payload) {
+                Ok(env) => env,
+                Err(_) => {
+                    undecodable += 1;
+                    continue;
+                }
+            };
+            let keep = (a.types.is_empty() || a.types.iter().any(|t| t == env.event.type_name()))
+                && from.is_none_or(|f| env.occurred_at >= f)
+                && to.is_none_or(|t| env.occurred_at < t)
+                && conversation.as_ref().is_none_or(|c| env.event.conversation_id() == Some(c))
+                && user.is_none_or(|u| env.actor == Some(u) || env.event.users().contains(&u));
+            if keep {
+                // The record as stored: plain JSON, one event per line.
+                out.write_all(&rec.payload)?;
+                out.write_all(b"\n")?;
+                written += 1;
+            }
+        }
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            let (read, total) = reader.progress();
+            eprintln!("replay: {read}/{total} read, {written} written");
+            last_report = std::time::Instant::now();
+        }
+    }
+    out.flush()?;
+    let (read, total) = reader.progress();
+    eprintln!("replay: done, {read}/{total} read, {written} written, {undecodable} undecodable skipped");
+    Ok(())
+}
+
 async fn rebuild(cfg: Config, into: Option<String>) -> anyhow::Result<bool> {
     let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
     let live = Platform::open(cfg.clone()).await?;
@@ -381,6 +484,7 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Replay(a) => replay(cfg, a).await,
         Command::Checksums => {
             let p = Platform::open(cfg).await?;
             println!("{}", serde_json::to_string_pretty(&p.tables.checksums().await?)?);

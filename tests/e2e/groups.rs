@@ -253,3 +253,44 @@ pub async fn group_of_1024_members(mode: Mode) {
     .await;
     assert_eq!(got.len(), 1023);
 }
+
+/// `chat replay`: filtered events as JSON lines, while the platform runs.
+pub async fn replay_streams_filtered_json_lines(mode: Mode) {
+    let s = Scope::new("replay", mode).await;
+    let gw = s.gateway("n1").await;
+    let _worker = s.worker().await;
+    let (alice, bob, carol) = (gw.register("alice").await, gw.register("bob").await, gw.register("carol").await);
+    let mut a = gw.connect(&alice, "p").await;
+    let mut b = gw.connect(&bob, "p").await;
+    let mut conv = String::new();
+    for i in 0..30 {
+        conv = a.send_text(&bob.id, &format!("r{i}"), "x").await["conversation_id"].as_str().unwrap().to_owned();
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let split = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for i in 0..5 {
+        b.send_text(&alice.id, &format!("b{i}"), "y").await;
+    }
+    a.send_text(&carol.id, "c0", "z").await;
+
+    let lines = |out: std::process::Output| -> Vec<Value> {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("replay: done"));
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).expect("each line is JSON")).collect()
+    };
+    let all = lines(s.chat(&["replay", "--type", "message.sent"]).await);
+    assert_eq!(all.len(), 36);
+    assert!(all.iter().all(|e| e["type"] == "message.sent" && e["data"]["body"].is_string()));
+    let conv_only = lines(s.chat(&["replay", "--type", "message.sent", "--conversation", &conv]).await);
+    assert_eq!(conv_only.len(), 35);
+    let later = lines(s.chat(&["replay", "--type", "message.sent", "--conversation", &conv, "--from", &split]).await);
+    assert_eq!(later.len(), 5);
+    let earlier = lines(s.chat(&["replay", "--type", "message.sent", "--to", &split]).await);
+    assert_eq!(earlier.len(), 30);
+    let carol_events = lines(s.chat(&["replay", "--user", &carol.id]).await);
+    assert!(carol_events.iter().any(|e| e["type"] == "user.registered"));
+    assert_eq!(carol_events.iter().filter(|e| e["type"] == "message.sent").count(), 1);
+    let bad = s.chat(&["replay", "--type", "message.nope"]).await;
+    assert!(!bad.status.success());
+}

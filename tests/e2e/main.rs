@@ -647,6 +647,7 @@ mod cluster {
         group_receipts_per_member_and_for_all,
         group_removal_races_with_sends,
         group_of_1024_members,
+        replay_streams_filtered_json_lines,
     );
 }
 
@@ -672,5 +673,6 @@ mod embedded {
         group_receipts_per_member_and_for_all,
         group_removal_races_with_sends,
         group_of_1024_members,
+        replay_streams_filtered_json_lines,
     );
 }

@@ -24,7 +24,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{oneshot, watch};
 use tracing::{error, warn};
 
-use crate::log::{EventLog, LogConsumer, LogError, Position, Record, TopicSpec};
+use crate::log::{EventLog, LogConsumer, LogError, LogReader, Position, Record, TopicSpec};
 
 /// Kafka's default partitioner for keyed records.
 pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
@@ -392,6 +392,10 @@ impl EventLog for EmbeddedLog {
         Ok(lag)
     }
 
+    async fn read_all(&self, topics: &[String]) -> Result<Box<dyn LogReader>, LogError> {
+        inspect::reader(self.inner.path.parent().unwrap_or(Path::new(".")), topics)
+    }
+
     async fn ping(&self) -> bool {
         true
     }
@@ -615,6 +619,65 @@ impl Drop for EmbeddedConsumer {
     }
 }
 
+/// Reads partitions one after the other, in pages, on a read-only connection.
+struct SnapshotReader {
+    dir: PathBuf,
+    /// (topic, partition, next offset, end) still to read.
+    parts: Vec<(String, i32, i64, i64)>,
+    total: i64,
+    read: i64,
+}
+
+#[async_trait]
+impl LogReader for SnapshotReader {
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Record>, LogError> {
+        let Some((topic, partition, from, end)) = self.parts.first().cloned() else { return Ok(Vec::new()) };
+        let dir = self.dir.clone();
+        let page = tokio::task::spawn_blocking(move || {
+            read_records_from(&dir, &topic, partition, from, end, max)
+        })
+        .await
+        .map_err(fatal)??;
+        let next = page.last().map(|r| r.offset + 1).unwrap_or(end);
+        self.read += page.len() as i64;
+        if next >= end {
+            self.parts.remove(0);
+        } else if let Some(p) = self.parts.first_mut() {
+            p.2 = next;
+        }
+        if page.is_empty() && !self.parts.is_empty() {
+            return Box::pin(self.next_batch(max)).await;
+        }
+        Ok(page)
+    }
+
+    fn progress(&self) -> (i64, i64) {
+        (self.read, self.total)
+    }
+}
+
+fn read_records_from(dir: &Path, topic: &str, partition: i32, from: i64, end: i64, max: usize) -> Result<Vec<Record>, LogError> {
+    let c = open_sqlite(&dir.join("log.db"), false).map_err(fatal)?;
+    let mut st = c
+        .prepare_cached(
+            "SELECT offset, key, payload, ts_ms FROM records WHERE topic = ?1 AND partition = ?2 AND offset >= ?3 AND offset < ?4 ORDER BY offset LIMIT ?5",
+        )
+        .map_err(fatal)?;
+    let rows = st
+        .query_map(params![topic, partition, from, end, max as i64], |r| {
+            Ok(Record {
+                topic: topic.to_owned(),
+                partition,
+                offset: r.get(0)?,
+                key: r.get(1)?,
+                payload: r.get(2)?,
+                timestamp: DateTime::from_timestamp_millis(r.get(3)?),
+            })
+        })
+        .map_err(fatal)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(fatal)
+}
+
 /// Read-only views of a data directory, usable while another process owns it (tests, tools).
 pub mod inspect {
     use super::*;
@@ -641,6 +704,26 @@ pub mod inspect {
             }
         }
         Ok(lag)
+    }
+
+    /// A one-pass reader over a snapshot of topics (read-only: works while `chat run` owns the
+    /// directory).
+    pub fn reader(dir: &Path, topics: &[String]) -> Result<Box<dyn LogReader>, LogError> {
+        let c = conn(dir)?;
+        let mut parts = Vec::new();
+        let mut total = 0;
+        for t in topics {
+            let mut st = c.prepare("SELECT partition, MIN(offset), MAX(offset) FROM records WHERE topic = ?1 GROUP BY partition ORDER BY partition").map_err(fatal)?;
+            let rows = st
+                .query_map(params![t], |r| Ok((r.get::<_, i32>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+                .map_err(fatal)?;
+            for r in rows {
+                let (p, lo, hi) = r.map_err(fatal)?;
+                parts.push((t.clone(), p, lo, hi + 1));
+                total += hi + 1 - lo;
+            }
+        }
+        Ok(Box::new(SnapshotReader { dir: dir.to_path_buf(), parts, total, read: 0 }))
     }
 
     /// Every record payload of a topic, in (partition, offset) order.

@@ -371,6 +371,52 @@ impl Event {
         }
     }
 
+    /// The conversation an event belongs to, if any.
+    pub fn conversation_id(&self) -> Option<&ConversationId> {
+        match self {
+            Event::MessageSent(m) => Some(&m.conversation_id),
+            Event::MessageDelivered(d) => Some(&d.conversation_id),
+            Event::MessageRead(r) => Some(&r.conversation_id),
+            Event::GroupCreated(g) => Some(&g.conversation_id),
+            Event::GroupRenamed(g) => Some(&g.conversation_id),
+            Event::GroupMemberAdded(g) => Some(&g.conversation_id),
+            Event::GroupMemberRemoved(g) => Some(&g.conversation_id),
+            Event::DeliveryQueued(q) => Some(match &q.item {
+                StreamItem::Message { conversation_id, .. }
+                | StreamItem::Receipt { conversation_id, .. }
+                | StreamItem::Read { conversation_id, .. }
+                | StreamItem::Group { conversation_id, .. } => conversation_id,
+            }),
+            Event::UserRegistered(_) | Event::PresenceChanged(_) => None,
+        }
+    }
+
+    /// Every user an event names (sender, recipient, reader, member, ...), for filtering.
+    pub fn users(&self) -> Vec<UserId> {
+        match self {
+            Event::UserRegistered(e) => vec![e.user_id],
+            Event::MessageSent(e) => {
+                let mut v = vec![e.sender];
+                if let Some((a, b)) = e.conversation_id.direct_members() {
+                    v.extend([a, b]);
+                }
+                v
+            }
+            Event::MessageDelivered(e) => vec![e.recipient],
+            Event::MessageRead(e) => vec![e.reader],
+            Event::PresenceChanged(e) => vec![e.user_id],
+            Event::DeliveryQueued(e) => vec![e.recipient],
+            Event::GroupCreated(e) => {
+                let mut v = vec![e.creator];
+                v.extend(e.members.iter().copied());
+                v
+            }
+            Event::GroupRenamed(_) => Vec::new(),
+            Event::GroupMemberAdded(e) => vec![e.member],
+            Event::GroupMemberRemoved(e) => vec![e.member],
+        }
+    }
+
     fn data(&self) -> Result<serde_json::Value, serde_json::Error> {
         match self {
             Event::UserRegistered(e) => serde_json::to_value(e),

@@ -24,7 +24,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, warn};
 
-use crate::log::{EventLog, LogConsumer, LogError, Position, Record, TopicSpec};
+use crate::log::{EventLog, LogConsumer, LogError, LogReader, Position, Record, TopicSpec};
 
 /// Settings of the Kafka back-end.
 #[derive(Clone, Debug)]
@@ -243,6 +243,44 @@ impl EventLog for KafkaLog {
         .map_err(|e| LogError::Fatal(e.to_string()))?
     }
 
+    async fn read_all(&self, topics: &[String]) -> Result<Box<dyn LogReader>, LogError> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.brokers)
+            // A throw-away id: partitions are assigned by hand, nothing is ever committed.
+            .set("group.id", format!("chat-replay-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .create()
+            .map_err(|e| LogError::Fatal(format!("consumer: {e}")))?;
+        let topics = topics.to_vec();
+        let (consumer, ends, total) = tokio::task::spawn_blocking(move || {
+            let timeout = Duration::from_secs(10);
+            let mut tpl = TopicPartitionList::new();
+            let mut ends = HashMap::new();
+            let mut total = 0i64;
+            for t in &topics {
+                let md = consumer.fetch_metadata(Some(t), timeout).map_err(unavailable)?;
+                for mt in md.topics() {
+                    for p in mt.partitions() {
+                        let (low, high) = consumer.fetch_watermarks(t, p.id(), timeout).map_err(unavailable)?;
+                        if high > low {
+                            tpl.add_partition_offset(t, p.id(), Offset::Offset(low)).map_err(unavailable)?;
+                            ends.insert((t.clone(), p.id()), high);
+                            total += high - low;
+                        }
+                    }
+                }
+            }
+            if tpl.count() > 0 {
+                consumer.assign(&tpl).map_err(unavailable)?;
+            }
+            Ok::<_, LogError>((consumer, ends, total))
+        })
+        .await
+        .map_err(|e| LogError::Fatal(e.to_string()))??;
+        Ok(Box::new(KafkaReader { consumer, ends, total, read: 0 }))
+    }
+
     async fn ping(&self) -> bool {
         let producer = self.producer.clone();
         tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, Duration::from_secs(2)).is_ok())
@@ -260,6 +298,42 @@ impl EventLog for KafkaLog {
             }
         }
         Ok(())
+    }
+}
+
+struct KafkaReader {
+    consumer: StreamConsumer,
+    /// Partitions not yet read to their end, and that end.
+    ends: HashMap<(String, i32), i64>,
+    total: i64,
+    read: i64,
+}
+
+#[async_trait]
+impl LogReader for KafkaReader {
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Record>, LogError> {
+        let mut out = Vec::new();
+        while out.len() < max && !self.ends.is_empty() {
+            let m = match tokio::time::timeout(Duration::from_secs(30), self.consumer.recv()).await {
+                Err(_) => return Err(LogError::Unavailable("no record within 30 s".into())),
+                Ok(Err(e)) => return Err(unavailable(e)),
+                Ok(Ok(m)) => m,
+            };
+            let key = (m.topic().to_owned(), m.partition());
+            let Some(end) = self.ends.get(&key).copied() else { continue };
+            if m.offset() < end {
+                out.push(to_record(&m));
+                self.read += 1;
+            }
+            if m.offset() + 1 >= end {
+                self.ends.remove(&key);
+            }
+        }
+        Ok(out)
+    }
+
+    fn progress(&self) -> (i64, i64) {
+        (self.read, self.total)
     }
 }
 

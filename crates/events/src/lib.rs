@@ -28,5 +28,5 @@ pub use event::{
     PresenceChanged, PresenceStatus, ReceiptStatus, StreamItem, UserRegistered,
 };
 pub use ids::{ConversationId, DeviceId, EventId, GroupId, IdError, MessageId, UserId};
-pub use log::{append_event, EventLog, LogConsumer, LogError, Position, Record, TopicSpec};
+pub use log::{append_event, EventLog, LogConsumer, LogError, LogReader, Position, Record, TopicSpec};
 pub use topics::{TopicKind, Topics};

@@ -77,6 +77,11 @@ pub trait EventLog: Send + Sync + 'static {
     /// The sum over partitions of (end offset - committed offset) for a group: its lag.
     async fn group_lag(&self, group: &str, topics: &[String]) -> Result<i64, LogError>;
 
+    /// Reads topics from their beginning up to their ends as of this call, partition by
+    /// partition in offset order, outside any consumer group (for `replay`: nothing is
+    /// committed, nothing is held in memory beyond one batch).
+    async fn read_all(&self, topics: &[String]) -> Result<Box<dyn LogReader>, LogError>;
+
     /// Whether the log answers (for readiness checks).
     async fn ping(&self) -> bool;
 
@@ -97,6 +102,15 @@ pub trait LogConsumer: Send {
 
     /// Commits what was stored (synchronously; used on shutdown).
     async fn commit(&mut self) -> Result<(), LogError>;
+}
+
+/// A one-pass reader over a snapshot of some topics.
+#[async_trait]
+pub trait LogReader: Send {
+    /// The next records, at most `max`; empty once everything up to the snapshot was read.
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<Record>, LogError>;
+    /// (records read, records in the snapshot).
+    fn progress(&self) -> (i64, i64);
 }
 
 /// Appends an event to its topic.

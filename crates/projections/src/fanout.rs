@@ -144,20 +144,6 @@ pub fn route_direct(env: &Envelope) -> Vec<Envelope> {
     }
 }
 
-/// The conversation an event of the conversations topic belongs to.
-fn conversation_of(e: &Event) -> Option<&ConversationId> {
-    match e {
-        Event::MessageSent(m) => Some(&m.conversation_id),
-        Event::MessageDelivered(d) => Some(&d.conversation_id),
-        Event::MessageRead(r) => Some(&r.conversation_id),
-        Event::GroupCreated(g) => Some(&g.conversation_id),
-        Event::GroupRenamed(g) => Some(&g.conversation_id),
-        Event::GroupMemberAdded(g) => Some(&g.conversation_id),
-        Event::GroupMemberRemoved(g) => Some(&g.conversation_id),
-        Event::UserRegistered(_) | Event::PresenceChanged(_) | Event::DeliveryQueued(_) => None,
-    }
-}
-
 impl FanOut {
     pub fn new(
         log: Arc<dyn EventLog>,
@@ -205,7 +191,7 @@ impl FanOut {
 
     /// What one event of a group puts into users' streams, deciding at position `o`.
     async fn route_group(&self, env: &Envelope, o: i64) -> R<Vec<Envelope>> {
-        let Some(conv) = conversation_of(&env.event).cloned() else { return Ok(Vec::new()) };
+        let Some(conv) = env.event.conversation_id().cloned() else { return Ok(Vec::new()) };
         let existing = self.store.fanout_group(&conv).await?;
         let actor = env.actor;
         let to_all = |members: &[MemberInterval], item: StreamItem| -> Vec<Envelope> {
@@ -400,7 +386,7 @@ impl FanOut {
     }
 
     async fn route(&self, env: &Envelope, offset: i64) -> R<Vec<Envelope>> {
-        match conversation_of(&env.event) {
+        match env.event.conversation_id() {
             Some(c) if c.is_group() => self.route_group(env, offset).await,
             _ => Ok(route_direct(env)),
         }
