@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Run the real back-end services on 127.0.0.1 without Docker:
 #   Redis (Debian's redis-server), Apache Kafka 4.x (KRaft, one node acting as broker and
-#   controller) and Apache Cassandra 5.0 (standing in for ScyllaDB: same CQL protocol).
+#   controller), Apache Cassandra 5.0 (standing in for ScyllaDB: same CQL protocol) and an
+#   S3-compatible object store for media: SeaweedFS (Apache-2.0; MinIO is AGPL) as `weed mini`
+#   (master + volume + filer + S3 gateway in one process), built from source with Go.
 #
 # Usage:
-#   scripts/services.sh up            start whatever is not running yet, wait until all three answer
-#   scripts/services.sh down          stop the three services (SIGTERM, then SIGKILL after a deadline)
+#   scripts/services.sh up            start whatever is not running yet, wait until all four answer
+#   scripts/services.sh down          stop the four services (SIGTERM, then SIGKILL after a deadline)
 #   scripts/services.sh down --wipe   ... and delete their data directories
-#   scripts/services.sh status        print up/down for each one (exit 0 only if all three are up)
+#   scripts/services.sh status        print up/down for each one (exit 0 only if all four are up)
 #   scripts/services.sh env           print `export CHAT_TEST_*=...` lines, for `eval "$(... env)"`
 #
 # Everything lives outside the clone, in ${CHAT_SERVICES_HOME:-$HOME/.cache/chat-services}:
@@ -18,13 +20,18 @@
 #               stdout.log), tmp/ (java.io.tmpdir: JNA unpacks native code there), triggers/,
 #               cassandra.pid
 #   redis/      data/, logs/redis.log, redis.pid
+#   seaweedfs/  weed (the binary), weed.version (marker naming the module version it was built
+#               from), build/ (throwaway copy of the module source), build.log, conf/s3.json
+#               (S3 identities: rewritten on every start), data/ (volumes, filer metadata,
+#               buckets), logs/weed.log, weed.pid
 # Kafka and Cassandra get one folder of jars each because their logging stacks conflict
 # (Kafka: log4j2 behind SLF4J 1.7; Cassandra: logback behind SLF4J 2).
 #
-# Data is KEPT across `down`/`up` (Kafka storage is formatted once), which makes a restart quick
-# and lets a developer look at what a test left behind. Set CHAT_SERVICES_FRESH=1 to stop the
-# services and wipe their data before starting (.ci/run does), or use `down --wipe`. Redis always runs
-# without persistence (--save "" --appendonly no): it only holds rebuildable state.
+# Data is KEPT across `down`/`up` (Kafka storage is formatted once, S3 objects stay), which makes
+# a restart quick and lets a developer look at what a test left behind. Set CHAT_SERVICES_FRESH=1
+# to stop the services and wipe their data before starting (.ci/run does), or use `down --wipe`.
+# Redis always runs without persistence (--save "" --appendonly no): it only holds rebuildable
+# state. The SeaweedFS binary is kept by a wipe (only its data/ goes).
 #
 # Environment knobs (defaults in brackets):
 #   CHAT_SERVICES_HOME [~/.cache/chat-services]   CHAT_SERVICES_FRESH [0]
@@ -32,7 +39,13 @@
 #   CHAT_CASSANDRA_PORT [9042]  CHAT_CASSANDRA_STORAGE_PORT [7000]
 #   CHAT_JAVA17_HOME [/usr/lib/jvm/java-17-openjdk-amd64]  (Cassandra 5.0 needs Java 17 exactly)
 #   CHAT_CASSANDRA_HEAP [2g]
+#   CHAT_S3_PORT [8333] (the S3 API; its gRPC port is 10000 above). SeaweedFS-internal HTTP ports,
+#   each also with a gRPC port 10000 above (mini moves one on its own if it is taken):
+#   CHAT_S3_MASTER_PORT [9333]  CHAT_S3_VOLUME_PORT [9340]  CHAT_S3_FILER_PORT [8888]
+#   CHAT_S3_ADMIN_PORT [12535]
+#   CHAT_GO [`go` on PATH, else /usr/local/go/bin/go, else /usr/lib/go/bin/go]  (builds SeaweedFS)
 #   CHAT_KAFKA_TIMEOUT [180]  CHAT_CASSANDRA_TIMEOUT [300]  CHAT_REDIS_TIMEOUT [30]  (seconds)
+#   CHAT_S3_TIMEOUT [60]
 #
 # Services started by `up` outlive this script (setsid + nohup) and never inherit the caller's
 # stdout/stderr (they write to log files), so a CI job that captures our output does not hang.
@@ -47,6 +60,16 @@ KAFKA_LOG4J_VERSION=2.25.4
 CASSANDRA_VERSION=5.0.8
 # Pinned so a new plugin release cannot change how the jars are fetched (Maven 3.8 would pick 2.8).
 MVN_DEP_PLUGIN=org.apache.maven.plugins:maven-dependency-plugin:3.8.1
+# SeaweedFS from the Go module proxy (its releases are not semver tags, hence a pseudo-version;
+# this commit reports itself as 4.53). `go install ...@version` is refused because its go.mod
+# has a replace directive, so the module is downloaded and built as the main module instead.
+SEAWEEDFS_MODULE=github.com/seaweedfs/seaweedfs
+SEAWEEDFS_VERSION=v0.0.0-20261109003541-7506e5f91cd6
+# The test bucket and key pair (tests only; anonymous requests are refused).
+S3_BUCKET=chat-media
+S3_ACCESS_KEY=chat-test
+S3_SECRET_KEY=chat-test-secret
+S3_REGION=us-east-1
 
 HOME_DIR="${CHAT_SERVICES_HOME:-$HOME/.cache/chat-services}"
 REDIS_PORT="${CHAT_REDIS_PORT:-6379}"
@@ -59,11 +82,18 @@ JAVA17="$JAVA17_HOME/bin/java"
 KAFKA_TIMEOUT="${CHAT_KAFKA_TIMEOUT:-180}"
 CASSANDRA_TIMEOUT="${CHAT_CASSANDRA_TIMEOUT:-300}"
 REDIS_TIMEOUT="${CHAT_REDIS_TIMEOUT:-30}"
+S3_PORT="${CHAT_S3_PORT:-8333}"
+S3_MASTER_PORT="${CHAT_S3_MASTER_PORT:-9333}"
+S3_VOLUME_PORT="${CHAT_S3_VOLUME_PORT:-9340}"
+S3_FILER_PORT="${CHAT_S3_FILER_PORT:-8888}"
+S3_ADMIN_PORT="${CHAT_S3_ADMIN_PORT:-12535}"
+S3_TIMEOUT="${CHAT_S3_TIMEOUT:-60}"
 STOP_TIMEOUT=60
 
 KAFKA_DIR="$HOME_DIR/kafka"
 CASSANDRA_DIR="$HOME_DIR/cassandra"
 REDIS_DIR="$HOME_DIR/redis"
+S3_DIR=$(realpath -m "$HOME_DIR/seaweedfs")   # absolute: the build and the server cd elsewhere
 
 # Progress goes to stderr so that `env` output on stdout stays eval-able.
 say() { printf '[services] %s\n' "$*" >&2; }
@@ -569,6 +599,153 @@ cassandra_launch() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# S3: SeaweedFS `weed mini` (master, volume server, filer and S3 gateway in one process)
+
+S3_BIN="$S3_DIR/weed"
+S3_MARKER="$S3_DIR/weed.version"
+S3_PID="$S3_DIR/weed.pid"
+S3_LOG="$S3_DIR/logs/weed.log"          # everything (-logtostderr): no glog files in /tmp
+S3_PATTERN="mini -dir=$S3_DIR/data"     # how live_pid recognises our server
+
+# Prints the go command to use, or fails.
+find_go() {
+  if [[ -n ${CHAT_GO:-} ]]; then
+    [[ -x $CHAT_GO ]] || return 1
+    printf '%s\n' "$CHAT_GO"
+    return 0
+  fi
+  local g
+  for g in "$(command -v go || true)" /usr/local/go/bin/go /usr/lib/go/bin/go; do
+    if [[ -n $g && -x $g ]]; then
+      printf '%s\n' "$g"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# Builds $S3_BIN from the pinned module unless the marker says it already was. The module cache
+# is read-only, hence the writable copy. It is always made at the same path (build/src): without
+# -trimpath the Go build cache keys SeaweedFS's own packages by their folder, so a fixed folder
+# lets a rebuild reuse them.
+s3_build() {
+  local want="$SEAWEEDFS_MODULE@$SEAWEEDFS_VERSION"
+  if [[ -x $S3_BIN && -f $S3_MARKER && "$(<"$S3_MARKER")" == "$want" ]]; then
+    return 0
+  fi
+  local go
+  go=$(find_go) || die "SeaweedFS (the S3 store) is built from source with Go, and no go command was found (PATH, /usr/local/go/bin, /usr/lib/go/bin); install Go >= 1.26 or set CHAT_GO"
+  local log="$S3_DIR/build.log" out="$S3_BIN.tmp" start=$SECONDS
+  mkdir -p "$S3_DIR"
+  say "building SeaweedFS $want with $("$go" version) into $S3_BIN (first time only: about 5 min on 2 cores; log $log)"
+  rm -f "$S3_MARKER" "$out"
+  if [[ -d $S3_DIR/build ]]; then
+    chmod -R u+w "$S3_DIR/build"
+    rm -rf "$S3_DIR/build"
+  fi
+  mkdir -p "$S3_DIR/build"
+  # In a subshell: cd + exports stay local. GOWORK=off: no go.work from a parent folder applies.
+  if ! (
+      set -euo pipefail
+      cd "$S3_DIR/build"
+      export GOWORK=off GO111MODULE=on
+      json=$("$go" mod download -json "$want")
+      dir=$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p' <<<"$json")
+      if [[ -z $dir || ! -f $dir/go.mod ]]; then
+        echo "go mod download did not name a module directory:"
+        echo "$json"
+        exit 1
+      fi
+      echo "module source: $dir"
+      cp -r "$dir" src
+      chmod -R u+w src
+      cd src
+      # -s -w: no symbol table / DWARF (about a third smaller); stack traces still work.
+      "$go" build -ldflags "-s -w" -o "$out" ./weed
+    ) >"$log" 2>&1 </dev/null; then
+    say "SeaweedFS build failed; last lines of $log:"
+    tail -n 40 "$log" >&2
+    exit 1
+  fi
+  mv -f "$out" "$S3_BIN"
+  printf '%s' "$want" >"$S3_MARKER"
+  rm -rf "$S3_DIR/build"
+  local v
+  v=$("$S3_BIN" version 2>/dev/null || true)
+  say "built SeaweedFS (${v%%$'\n'*}) in $((SECONDS - start)) s"
+}
+
+# HTTP status of a GET (ListObjects) on the test bucket; extra curl arguments add the signature.
+s3_code() {
+  curl -s -o /dev/null -w '%{http_code}' --max-time 3 "$@" \
+    "http://127.0.0.1:$S3_PORT/$S3_BUCKET" 2>/dev/null || true
+}
+
+# Ready = the bucket exists and answers a signed request, and an anonymous one is refused.
+s3_ready() {
+  [[ "$(s3_code --aws-sigv4 "aws:amz:$S3_REGION:s3" --user "$S3_ACCESS_KEY:$S3_SECRET_KEY")" == 200 ]] &&
+    [[ "$(s3_code)" == 403 ]]
+}
+
+S3_STARTED=0
+S3_T0=$SECONDS
+s3_launch() {
+  local pid
+  if pid=$(live_pid "$S3_PID" "$S3_PATTERN"); then
+    if s3_ready; then
+      say "s3 already running on 127.0.0.1:$S3_PORT"
+    else
+      say "s3 (pid $pid) is running but not ready on 127.0.0.1:$S3_PORT yet; waiting for it"
+      S3_STARTED=1
+      S3_T0=$SECONDS
+    fi
+    return 0
+  fi
+  if port_open "$S3_PORT"; then
+    say "WARNING: port $S3_PORT is taken by a process this script did not start; using it as S3"
+    return 0
+  fi
+  mkdir -p "$S3_DIR/conf" "$S3_DIR/data" "$S3_DIR/logs"
+  # Static identities. Naming a config file turns authentication on: a request without a valid
+  # signature (anonymous included) is refused. "Admin" lets tests create their own buckets.
+  (umask 077 && cat >"$S3_DIR/conf/s3.json" <<EOF
+{
+  "identities": [
+    {
+      "name": "$S3_ACCESS_KEY",
+      "credentials": [{ "accessKey": "$S3_ACCESS_KEY", "secretKey": "$S3_SECRET_KEY" }],
+      "actions": ["Admin", "Read", "Write", "List", "Tagging"]
+    }
+  ]
+}
+EOF
+  )
+  rotate_log "$S3_LOG"
+  # The server must not pick up settings from the caller: AWS_ACCESS_KEY_ID/SECRET would add an
+  # admin identity (maybe a developer's real keys), S3_* pre-create buckets, WEED_* override
+  # config. It runs in its own folder, so no stray ./security.toml or ./filer.toml is read.
+  local clean=(-u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SESSION_TOKEN
+               -u S3_BUCKET -u S3_TABLE_BUCKET -u S3_EXTERNAL_URL) v
+  for v in $(compgen -e); do
+    if [[ $v == WEED_* ]]; then clean+=(-u "$v"); fi
+  done
+  S3_T0=$SECONDS
+  # Every listener on 127.0.0.1 (-ip.bind; -ip is the address the parts give each other). Not
+  # needed here, so off: WebDAV, Iceberg/Lance catalogs, the admin UI (its HTTP port still
+  # answers, with 404), the legacy admin port, and telemetry to seaweedfs.com.
+  launch "$S3_PID" "$S3_LOG" env -C "$S3_DIR" "${clean[@]}" \
+    "$S3_BIN" -logtostderr mini -dir="$S3_DIR/data" \
+    -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+    -s3.port="$S3_PORT" -master.port="$S3_MASTER_PORT" -volume.port="$S3_VOLUME_PORT" \
+    -filer.port="$S3_FILER_PORT" -admin.port="$S3_ADMIN_PORT" \
+    -s3.config="$S3_DIR/conf/s3.json" -bucket="$S3_BUCKET" \
+    -webdav=false -s3.port.iceberg=0 -s3.port.lance=0 \
+    -admin.ui=false -admin.port.legacy=0 -master.telemetry=false
+  S3_STARTED=1
+  say "s3: launched SeaweedFS (pid $(<"$S3_PID")), log $S3_LOG"
+}
+
+# ---------------------------------------------------------------------------------------------
 # Commands
 
 cmd_up() {
@@ -583,13 +760,23 @@ cmd_up() {
     "org.apache.logging.log4j:log4j-slf4j-impl:$KAFKA_LOG4J_VERSION"
   fetch_jars "$CASSANDRA_DIR" "cassandra-all $CASSANDRA_VERSION" \
     "org.apache.cassandra:cassandra-all:$CASSANDRA_VERSION"
+  command -v curl >/dev/null || apt_install curl ca-certificates   # the S3 readiness check
+  s3_build
 
   redis_start
 
   # Cassandra is by far the slowest: launch it first, and let Kafka's format + start overlap.
   cassandra_launch
   kafka_launch
+  s3_launch
   local ok=1
+  if (( S3_STARTED )); then
+    if ! wait_ready s3 "$S3_PID" "$S3_PATTERN" "$S3_T0" "$S3_TIMEOUT" "$S3_LOG" s3_ready; then
+      ok=0
+      say "s3: a signed request got $(s3_code --aws-sigv4 "aws:amz:$S3_REGION:s3" \
+        --user "$S3_ACCESS_KEY:$S3_SECRET_KEY") (want 200), an anonymous one $(s3_code) (want 403)"
+    fi
+  fi
   if (( KAFKA_STARTED )); then
     wait_ready kafka "$KAFKA_PID" kafka.Kafka "$KAFKA_T0" "$KAFKA_TIMEOUT" "$KAFKA_LOG" kafka_ready || ok=0
   fi
@@ -612,10 +799,12 @@ cmd_down() {
   stop_service kafka "$KAFKA_PID" kafka.Kafka "$KAFKA_PORT" &
   stop_service cassandra "$CASSANDRA_PID" CassandraDaemon "$CASSANDRA_PORT" &
   stop_service redis "$REDIS_PID" redis-server "$REDIS_PORT" &
+  stop_service s3 "$S3_PID" "$S3_PATTERN" "$S3_PORT" &
   wait
   if (( wipe )); then
-    say "wiping data: $KAFKA_DIR/data $CASSANDRA_DIR/data $REDIS_DIR/data"
-    rm -rf "$KAFKA_DIR/data" "$KAFKA_DIR/cluster-id" "$CASSANDRA_DIR/data" "$REDIS_DIR/data"
+    say "wiping data: $KAFKA_DIR/data $CASSANDRA_DIR/data $REDIS_DIR/data $S3_DIR/data"
+    rm -rf "$KAFKA_DIR/data" "$KAFKA_DIR/cluster-id" "$CASSANDRA_DIR/data" "$REDIS_DIR/data" \
+      "$S3_DIR/data"
   fi
 }
 
@@ -642,6 +831,7 @@ cmd_status() {
   status_line redis "$REDIS_PID" redis-server "$REDIS_PORT" || rc=1
   status_line kafka "$KAFKA_PID" kafka.Kafka "$KAFKA_PORT" || rc=1
   status_line cassandra "$CASSANDRA_PID" CassandraDaemon "$CASSANDRA_PORT" || rc=1
+  status_line s3 "$S3_PID" "$S3_PATTERN" "$S3_PORT" || rc=1
   return $rc
 }
 
@@ -649,6 +839,11 @@ cmd_env() {
   echo "export CHAT_TEST_KAFKA=127.0.0.1:$KAFKA_PORT"
   echo "export CHAT_TEST_CASSANDRA=127.0.0.1:$CASSANDRA_PORT"
   echo "export CHAT_TEST_REDIS=redis://127.0.0.1:$REDIS_PORT/"
+  echo "export CHAT_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT"
+  echo "export CHAT_TEST_S3_BUCKET=$S3_BUCKET"
+  echo "export CHAT_TEST_S3_ACCESS_KEY=$S3_ACCESS_KEY"
+  echo "export CHAT_TEST_S3_SECRET_KEY=$S3_SECRET_KEY"
+  echo "export CHAT_TEST_S3_REGION=$S3_REGION"
 }
 
 case "${1:-}" in

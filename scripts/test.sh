@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The project's test command: starts the real services (Kafka, Cassandra, Redis on 127.0.0.1,
-# see scripts/services.sh), points the tests at them through CHAT_TEST_* variables, runs the
+# The project's test command: starts the real services (Kafka, Cassandra, Redis and an
+# S3-compatible store, SeaweedFS, on 127.0.0.1: see scripts/services.sh), points the tests at
+# them through CHAT_TEST_* variables (CHAT_TEST_S3_* for media), runs the
 # whole workspace's tests, and stops the services again on exit.
 #
 #   scripts/test.sh                          all tests

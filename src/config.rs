@@ -86,6 +86,35 @@ pub struct Settings {
     /// Members per group, the creator included [default: 1024].
     #[arg(long, env = "CHAT_MAX_GROUP_SIZE", global = true)]
     pub max_group_size: Option<usize>,
+    /// Media in an S3-compatible store (cluster mode): endpoint URL, e.g. http://127.0.0.1:8333.
+    #[arg(long, env = "CHAT_S3_ENDPOINT", global = true)]
+    pub s3_endpoint: Option<String>,
+    #[arg(long, env = "CHAT_S3_BUCKET", global = true)]
+    pub s3_bucket: Option<String>,
+    #[arg(long, env = "CHAT_S3_ACCESS_KEY", global = true)]
+    pub s3_access_key: Option<String>,
+    #[arg(long, env = "CHAT_S3_SECRET_KEY", global = true, hide_env_values = true)]
+    pub s3_secret_key: Option<String>,
+    /// [default: us-east-1]
+    #[arg(long, env = "CHAT_S3_REGION", global = true)]
+    pub s3_region: Option<String>,
+    /// Media on a filesystem path instead (shared by every gateway node) [embedded default:
+    /// <data_dir>/media].
+    #[arg(long, env = "CHAT_MEDIA_DIR", global = true)]
+    pub media_dir: Option<PathBuf>,
+    /// Largest image upload in bytes [default: 16 MiB].
+    #[arg(long, env = "CHAT_MAX_IMAGE_BYTES", global = true)]
+    pub max_image_bytes: Option<u64>,
+    /// Largest audio upload in bytes [default: 16 MiB].
+    #[arg(long, env = "CHAT_MAX_AUDIO_BYTES", global = true)]
+    pub max_audio_bytes: Option<u64>,
+    /// Largest video upload in bytes [default: 100 MiB].
+    #[arg(long, env = "CHAT_MAX_VIDEO_BYTES", global = true)]
+    pub max_video_bytes: Option<u64>,
+    /// Words whose mentions analytics count as topics, besides hashtags (comma-separated; a
+    /// rebuild with another list counts other topics).
+    #[arg(long, env = "CHAT_ANALYTICS_KEYWORDS", global = true)]
+    pub analytics_keywords: Option<String>,
     /// Stages a worker runs: fanout, projections [default: fanout,projections].
     #[arg(long, env = "CHAT_STAGES", global = true)]
     pub stages: Option<String>,
@@ -96,6 +125,15 @@ pub struct Settings {
 pub enum Backend {
     Embedded { data_dir: PathBuf },
     Cluster { kafka_brokers: String, cassandra_nodes: Vec<String>, redis_url: String },
+}
+
+/// Where media objects are stored.
+#[derive(Clone, Debug)]
+pub enum MediaBackend {
+    S3 { endpoint: String, bucket: String, access_key: String, secret_key: String, region: String },
+    Dir(PathBuf),
+    /// Cluster mode with neither: gateways refuse to start (workers and tools do not need it).
+    None,
 }
 
 /// The validated configuration.
@@ -117,6 +155,10 @@ pub struct Config {
     pub conn_queue: usize,
     pub presence_ttl: Duration,
     pub max_group_size: usize,
+    pub analytics_keywords: Vec<String>,
+    pub media: MediaBackend,
+    /// (image, audio, video) upload limits in bytes.
+    pub media_limits: (u64, u64, u64),
     pub projection_group: String,
     pub fanout_group: String,
     pub stages: Vec<String>,
@@ -168,6 +210,16 @@ impl Settings {
             conn_queue,
             presence_ttl_secs,
             max_group_size,
+            analytics_keywords,
+            s3_endpoint,
+            s3_bucket,
+            s3_access_key,
+            s3_secret_key,
+            s3_region,
+            media_dir,
+            max_image_bytes,
+            max_audio_bytes,
+            max_video_bytes,
             projection_group,
             fanout_group,
             stages
@@ -255,6 +307,42 @@ impl Settings {
         if presence_ttl_secs < 3 {
             bail!("{} must be at least 3", key("presence_ttl_secs"));
         }
+        let s3 = [
+            ("s3_endpoint", non_empty(s.s3_endpoint.clone())),
+            ("s3_bucket", non_empty(s.s3_bucket.clone())),
+            ("s3_access_key", non_empty(s.s3_access_key.clone())),
+            ("s3_secret_key", non_empty(s.s3_secret_key.clone())),
+        ];
+        let s3_set = s3.iter().filter(|(_, v)| v.is_some()).count();
+        let media = if s3_set == s3.len() {
+            if s.media_dir.is_some() {
+                bail!("{} and the S3 settings are both set; choose one place for media", key("media_dir"));
+            }
+            let v = |i: usize| s3[i].1.clone().unwrap_or_default();
+            MediaBackend::S3 { endpoint: v(0), bucket: v(1), access_key: v(2), secret_key: v(3), region: s.s3_region.clone().unwrap_or_else(|| "us-east-1".into()) }
+        } else if s3_set > 0 {
+            let missing: Vec<String> = s3.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| key(k)).collect();
+            bail!("half-configured media store: {} missing", missing.join(", "));
+        } else if let Some(d) = &s.media_dir {
+            MediaBackend::Dir(d.clone())
+        } else {
+            match &backend {
+                Backend::Embedded { data_dir } => MediaBackend::Dir(data_dir.join("media")),
+                Backend::Cluster { .. } => MediaBackend::None,
+            }
+        };
+        let limit = |v: Option<u64>, default: u64, name: &str| -> anyhow::Result<u64> {
+            let v = v.unwrap_or(default);
+            if v == 0 || v > 10 << 30 {
+                bail!("{} must be between 1 byte and 10 GiB", key(name));
+            }
+            Ok(v)
+        };
+        let media_limits = (
+            limit(s.max_image_bytes, 16 << 20, "max_image_bytes")?,
+            limit(s.max_audio_bytes, 16 << 20, "max_audio_bytes")?,
+            limit(s.max_video_bytes, 100 << 20, "max_video_bytes")?,
+        );
         let max_group_size = s.max_group_size.unwrap_or(1024);
         if !(2..=100_000).contains(&max_group_size) {
             bail!("{} must be between 2 and 100000, got {max_group_size}", key("max_group_size"));
@@ -281,6 +369,12 @@ impl Settings {
             conn_queue,
             presence_ttl: Duration::from_secs(presence_ttl_secs),
             max_group_size,
+            media,
+            media_limits,
+            analytics_keywords: s
+                .analytics_keywords
+                .map(|k| k.split(',').map(|w| w.trim().to_lowercase()).filter(|w| !w.is_empty()).collect())
+                .unwrap_or_default(),
             projection_group: s.projection_group.unwrap_or_else(|| "chat-projections".into()),
             fanout_group: s.fanout_group.unwrap_or_else(|| "chat-fanout".into()),
             stages,

@@ -60,6 +60,21 @@ enum Command {
     },
     /// Print row counts and SHA-256 of every projection table as JSON.
     Checksums,
+    /// Grant or revoke a role (analyst, auditor); it takes effect at the user's next log-in.
+    Role {
+        #[command(subcommand)]
+        action: RoleAction,
+    },
+    /// Analytics as JSON (reads the tables; in embedded mode it may run beside `chat run`).
+    Analytics {
+        #[command(subcommand)]
+        query: AnalyticsQuery,
+    },
+    /// Audit queries as JSON; each is recorded as an `audit.accessed` event first.
+    Audit {
+        #[command(subcommand)]
+        query: AuditQuery,
+    },
     /// Stream events as JSON lines to stdout (progress on stderr), from the log's beginning up to
     /// its end when the command starts, filtered. Reads without a consumer group; in embedded
     /// mode it reads the data directory read-only, so `chat run` may keep running.
@@ -76,6 +91,83 @@ enum Command {
 }
 
 type Opened = (Arc<dyn EventLog>, Option<Arc<KafkaLog>>, Arc<dyn Tables>);
+
+#[derive(Subcommand)]
+enum RoleAction {
+    Grant {
+        #[arg(long)]
+        username: String,
+        /// analyst or auditor
+        #[arg(long)]
+        role: String,
+    },
+    Revoke {
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        role: String,
+    },
+}
+
+/// Days are YYYY-MM-DD (default: the last 7 days).
+#[derive(Subcommand)]
+enum AnalyticsQuery {
+    /// Messages per day by kind and scope (direct, group).
+    Messages {
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Distinct active users per day.
+    ActiveUsers {
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Views of one user's profile per day, with the viewers.
+    ProfileViews {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Topics (hashtags and configured keywords) per day.
+    Topics {
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditQuery {
+    /// The receipt timeline of one message.
+    Receipts {
+        #[arg(long)]
+        message: String,
+    },
+    /// The receipts of one user as a recipient; times are RFC 3339 (default: the last 7 days).
+    UserReceipts {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Daily message metrics by kind.
+    Daily {
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+    },
+}
 
 #[derive(clap::Args)]
 struct ReplayArgs {
@@ -195,7 +287,8 @@ impl Platform {
             ..Limits::default()
         };
         let store: Arc<dyn chat_gateway::GatewayStore> = self.tables.clone();
-        let chat = Arc::new(Chat::new(
+        let chat = Arc::new(
+            Chat::new(
             self.log.clone(),
             self.topics.clone(),
             store,
@@ -205,7 +298,9 @@ impl Platform {
             c.node_id.clone(),
             limits,
             chat_gateway::metrics::Metrics::new()?,
-        ));
+        )
+            .with_media(self.media_storage()?),
+        );
         let listener = TcpListener::bind(&c.listen).await.with_context(|| format!("CHAT_LISTEN={}", c.listen))?;
         let addr = listener.local_addr()?;
         Ok((addr, tokio::spawn(chat_gateway::serve(chat, listener, shutdown))))
@@ -227,13 +322,61 @@ impl Platform {
         }
         if self.cfg.stages.iter().any(|s| s == "projections") {
             let consumer = self.log.subscribe(&self.cfg.projection_group, &projection_topics(t)).await?;
-            let handler = Arc::new(Projector::new(self.tables.clone(), self.log.clone(), t.clone()));
+            let handler = Arc::new(Projector::new(self.tables.clone(), self.log.clone(), t.clone(), self.cfg.analytics_keywords.clone()));
             let sd = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 chat_projections::run("projections", consumer, handler, Arc::new(WorkerStats::default()), sd).await
             }));
         }
         Ok(tasks)
+    }
+
+    /// The media store of a gateway: S3, a directory, or (cluster without either) an error.
+    fn media_storage(&self) -> anyhow::Result<chat_gateway::media::MediaStorage> {
+        use config::MediaBackend;
+        use object_store::aws::AmazonS3Builder;
+        use object_store::local::LocalFileSystem;
+        let store: Arc<dyn object_store::ObjectStore> = match &self.cfg.media {
+            MediaBackend::S3 { endpoint, bucket, access_key, secret_key, region } => Arc::new(
+                AmazonS3Builder::new()
+                    .with_endpoint(endpoint)
+                    .with_bucket_name(bucket)
+                    .with_access_key_id(access_key)
+                    .with_secret_access_key(secret_key)
+                    .with_region(region)
+                    .with_allow_http(endpoint.starts_with("http://"))
+                    .with_virtual_hosted_style_request(false)
+                    .build()
+                    .context("CHAT_S3_* settings")?,
+            ),
+            MediaBackend::Dir(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| format!("media directory {}", dir.display()))?;
+                Arc::new(LocalFileSystem::new_with_prefix(dir).with_context(|| format!("media directory {}", dir.display()))?)
+            }
+            MediaBackend::None => bail!(
+                "a gateway in cluster mode needs a media store: set CHAT_S3_ENDPOINT, CHAT_S3_BUCKET, CHAT_S3_ACCESS_KEY and CHAT_S3_SECRET_KEY (or CHAT_MEDIA_DIR on a filesystem every node shares)"
+            ),
+        };
+        let (image, audio, video) = self.cfg.media_limits;
+        Ok(chat_gateway::media::MediaStorage { store, limits: chat_gateway::media::MediaLimits { image, audio, video } })
+    }
+
+    /// Waits (up to `limit`) until this process's worker stages have consumed the whole log.
+    async fn drain_workers(&self, limit: Duration) {
+        let t = &self.topics;
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let fanout = self.log.group_lag(&self.cfg.fanout_group, &[t.name(TopicKind::Conversations)]).await;
+            let projections = self.log.group_lag(&self.cfg.projection_group, &projection_topics(t)).await;
+            match (fanout, projections) {
+                (Ok(0), Ok(0)) => return,
+                _ if tokio::time::Instant::now() >= deadline => {
+                    warn!("stopping before the workers caught up; they resume from their stored offsets");
+                    return;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     fn flush(&self) {
@@ -298,9 +441,12 @@ fn cluster_only(cfg: &Config, role: &str) -> anyhow::Result<()> {
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
     let p = Platform::open(cfg).await?;
-    let shutdown = shutdown_signal();
-    let workers = p.start_workers(shutdown.clone()).await?;
-    let (addr, gateway) = p.start_gateway(shutdown).await?;
+    let signal = shutdown_signal();
+    // Workers stop after the gateway: what the gateway appends while closing (presence going
+    // offline) is projected before the process exits, and offsets are stored last.
+    let (stop_workers, workers_stopped) = watch::channel(false);
+    let workers = p.start_workers(workers_stopped).await?;
+    let (addr, gateway) = p.start_gateway(signal).await?;
     match p.cfg.data_dir() {
         Some(dir) => {
             let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
@@ -309,11 +455,114 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         None => println!("chat listening on http://{addr} (cluster, node {})", p.cfg.node_id),
     }
     gateway.await??;
+    p.drain_workers(Duration::from_secs(10)).await;
+    let _ = stop_workers.send(true);
     for w in workers {
         w.await?;
     }
     p.flush();
     Ok(())
+}
+
+/// Only the tables (no log): read-only tools may run beside `chat run` in embedded mode.
+async fn open_tables(cfg: &Config) -> anyhow::Result<Arc<dyn Tables>> {
+    Ok(match &cfg.backend {
+        Backend::Embedded { data_dir } => Arc::new(SqliteStore::open(data_dir)?),
+        Backend::Cluster { cassandra_nodes, .. } => {
+            let scylla = ScyllaConfig { nodes: cassandra_nodes.clone(), keyspace: cfg.keyspace.clone(), replication_factor: cfg.cassandra_rf };
+            Arc::new(ScyllaStore::connect(&scylla).await.context("connecting to CHAT_CASSANDRA_NODES")?)
+        }
+    })
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn cli_error(e: chat_gateway::error::ApiError) -> anyhow::Error {
+    anyhow::anyhow!("{}: {}", e.code, e.message)
+}
+
+async fn role(cfg: Config, action: RoleAction) -> anyhow::Result<()> {
+    let (username, role, granted) = match action {
+        RoleAction::Grant { username, role } => (username, role, true),
+        RoleAction::Revoke { username, role } => (username, role, false),
+    };
+    if role != "analyst" && role != "auditor" {
+        bail!("--role must be analyst or auditor, got {role:?}");
+    }
+    let p = Platform::open(cfg).await?;
+    let account = p.tables.account_by_name(&username.to_ascii_lowercase()).await?.with_context(|| format!("no user {username:?}"))?;
+    p.tables.set_role(account.user_id, &role, granted).await?;
+    let env = chat_events::Envelope::new(
+        chat_events::EventId::new_v7(),
+        None,
+        chat_events::Event::UserRoleChanged(chat_events::UserRoleChanged { user_id: account.user_id, role: role.clone(), granted }),
+    );
+    chat_events::append_event(p.log.as_ref(), &p.topics, &env).await?;
+    p.flush();
+    println!("{} {role} for {username} ({}); it applies from their next log-in", if granted { "granted" } else { "revoked" }, account.user_id);
+    Ok(())
+}
+
+async fn analytics(cfg: Config, q: AnalyticsQuery) -> anyhow::Result<()> {
+    use chat_gateway::insights::day_range;
+    let t = open_tables(&cfg).await?;
+    match q {
+        AnalyticsQuery::Messages { from, to } => {
+            let (from, to) = day_range(from.as_deref(), to.as_deref()).map_err(cli_error)?;
+            print_json(&t.message_counts(from, to).await?)
+        }
+        AnalyticsQuery::ActiveUsers { from, to } => {
+            let (from, to) = day_range(from.as_deref(), to.as_deref()).map_err(cli_error)?;
+            let rows: Vec<serde_json::Value> =
+                t.active_users(from, to).await?.into_iter().map(|(day, users)| serde_json::json!({"day": day, "users": users})).collect();
+            print_json(&rows)
+        }
+        AnalyticsQuery::ProfileViews { user, from, to } => {
+            let (from, to) = day_range(from.as_deref(), to.as_deref()).map_err(cli_error)?;
+            let user: chat_events::UserId = user.parse().map_err(|_| anyhow::anyhow!("--user is not a user id"))?;
+            print_json(&t.profile_views(user, from, to).await?)
+        }
+        AnalyticsQuery::Topics { from, to } => {
+            let (from, to) = day_range(from.as_deref(), to.as_deref()).map_err(cli_error)?;
+            print_json(&t.topic_counts(from, to).await?)
+        }
+    }
+}
+
+async fn audit(cfg: Config, q: AuditQuery) -> anyhow::Result<()> {
+    use chat_gateway::insights::{day_range, time_range};
+    let p = Platform::open(cfg).await?;
+    let (action, target, from, to) = match &q {
+        AuditQuery::Receipts { message } => ("message_receipts", Some(message.clone()), None, None),
+        AuditQuery::UserReceipts { user, from, to } => ("user_receipts", Some(user.clone()), from.clone(), to.clone()),
+        AuditQuery::Daily { from, to } => ("daily_metrics", None, from.clone(), to.clone()),
+    };
+    // The record first: no audit read without it.
+    let record = chat_events::AuditAccessed { auditor: None, via: "cli".into(), action: action.into(), target, from: from.clone(), to: to.clone() };
+    let env = chat_events::Envelope::new(chat_events::EventId::new_v7(), None, chat_events::Event::AuditAccessed(record));
+    chat_events::append_event(p.log.as_ref(), &p.topics, &env).await?;
+    p.flush();
+    match q {
+        AuditQuery::Receipts { message } => {
+            let id: chat_events::MessageId = message.parse().map_err(|_| anyhow::anyhow!("--message is not a message id"))?;
+            let meta = p.tables.find_message(id).await?.with_context(|| format!("no message {id}"))?;
+            let receipts = p.tables.receipts(id).await?;
+            let summary = chat_gateway::service::ReceiptSummary::of(&receipts);
+            print_json(&serde_json::json!({"message_id": id, "conversation_id": meta.conversation_id, "sender": meta.sender, "summary": summary, "receipts": receipts}))
+        }
+        AuditQuery::UserReceipts { user, .. } => {
+            let (from, to) = time_range(from.as_deref(), to.as_deref()).map_err(cli_error)?;
+            let user: chat_events::UserId = user.parse().map_err(|_| anyhow::anyhow!("--user is not a user id"))?;
+            print_json(&p.tables.receipts_of_user(user, from, to).await?)
+        }
+        AuditQuery::Daily { .. } => {
+            let (from, to) = day_range(from.as_deref(), to.as_deref()).map_err(cli_error)?;
+            print_json(&p.tables.message_counts(from, to).await?)
+        }
+    }
 }
 
 fn parse_time(flag: &str, v: &Option<String>) -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
@@ -410,7 +659,7 @@ async fn rebuild(cfg: Config, into: Option<String>) -> anyhow::Result<bool> {
     let group = format!("{}-rebuild-{stamp}", cfg.projection_group);
     let topics = projection_topics(&live.topics);
     let consumer = live.log.subscribe(&group, &topics).await?;
-    let handler = Arc::new(Projector::new(fresh.clone(), live.log.clone(), live.topics.clone()));
+    let handler = Arc::new(Projector::new(fresh.clone(), live.log.clone(), live.topics.clone(), cfg.analytics_keywords.clone()));
     let stats = Arc::new(WorkerStats::default());
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(chat_projections::run("rebuild", consumer, handler, stats.clone(), stopped));
@@ -485,6 +734,9 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Replay(a) => replay(cfg, a).await,
+        Command::Role { action } => role(cfg, action).await,
+        Command::Analytics { query } => analytics(cfg, query).await,
+        Command::Audit { query } => audit(cfg, query).await,
         Command::Checksums => {
             let p = Platform::open(cfg).await?;
             println!("{}", serde_json::to_string_pretty(&p.tables.checksums().await?)?);

@@ -32,6 +32,8 @@ pub struct Services {
     pub kafka: String,
     pub cassandra: String,
     pub redis: String,
+    /// S3 endpoint, bucket, access key, secret key, region.
+    pub s3: [String; 5],
 }
 
 pub fn services() -> Services {
@@ -40,7 +42,18 @@ pub fn services() -> Services {
             panic!("{k} is not set: end-to-end tests need the real services; run them with `bash scripts/test.sh`")
         })
     };
-    Services { kafka: get("CHAT_TEST_KAFKA"), cassandra: get("CHAT_TEST_CASSANDRA"), redis: get("CHAT_TEST_REDIS") }
+    Services {
+        kafka: get("CHAT_TEST_KAFKA"),
+        cassandra: get("CHAT_TEST_CASSANDRA"),
+        redis: get("CHAT_TEST_REDIS"),
+        s3: [
+            get("CHAT_TEST_S3_ENDPOINT"),
+            get("CHAT_TEST_S3_BUCKET"),
+            get("CHAT_TEST_S3_ACCESS_KEY"),
+            get("CHAT_TEST_S3_SECRET_KEY"),
+            get("CHAT_TEST_S3_REGION"),
+        ],
+    }
 }
 
 /// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.
@@ -87,6 +100,20 @@ pub struct Scope {
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_chat")
 }
+
+/// Settings that choose back-ends: whatever the developer's shell holds, the scope decides.
+const CLEARED_ENV: &[&str] = &[
+    "CHAT_KAFKA_BROKERS",
+    "CHAT_CASSANDRA_NODES",
+    "CHAT_REDIS_URL",
+    "CHAT_DATA_DIR",
+    "CHAT_CONFIG",
+    "CHAT_S3_ENDPOINT",
+    "CHAT_S3_BUCKET",
+    "CHAT_S3_ACCESS_KEY",
+    "CHAT_S3_SECRET_KEY",
+    "CHAT_MEDIA_DIR",
+];
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
@@ -135,6 +162,11 @@ impl Scope {
                 ("CHAT_KAFKA_BROKERS".to_owned(), svc.kafka.clone()),
                 ("CHAT_CASSANDRA_NODES".to_owned(), svc.cassandra.clone()),
                 ("CHAT_REDIS_URL".to_owned(), svc.redis.clone()),
+                ("CHAT_S3_ENDPOINT".to_owned(), svc.s3[0].clone()),
+                ("CHAT_S3_BUCKET".to_owned(), svc.s3[1].clone()),
+                ("CHAT_S3_ACCESS_KEY".to_owned(), svc.s3[2].clone()),
+                ("CHAT_S3_SECRET_KEY".to_owned(), svc.s3[3].clone()),
+                ("CHAT_S3_REGION".to_owned(), svc.s3[4].clone()),
             ],
             None => vec![("CHAT_DATA_DIR".to_owned(), self.data_dir.display().to_string())],
         };
@@ -147,6 +179,7 @@ impl Scope {
             ("CHAT_PROJECTION_GROUP".into(), format!("{}projections", self.topic_prefix)),
             ("CHAT_FANOUT_GROUP".into(), format!("{}fanout", self.topic_prefix)),
             ("CHAT_LOG".into(), "info,scylla=warn,rdkafka=warn".into()),
+            ("CHAT_ANALYTICS_KEYWORDS".into(), "rain,sun".into()),
         ]);
         env
     }
@@ -167,8 +200,7 @@ impl Scope {
         let log = self.log_dir.join(format!("{label}-{}.log", uuid::Uuid::new_v4().simple()));
         let file = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(bin());
-        // Whatever the developer's shell holds, the mode is the scope's.
-        for k in ["CHAT_KAFKA_BROKERS", "CHAT_CASSANDRA_NODES", "CHAT_REDIS_URL", "CHAT_DATA_DIR", "CHAT_CONFIG"] {
+        for k in CLEARED_ENV {
             cmd.env_remove(k);
         }
         cmd.args(args).envs(self.env_for(&self.keyspace)).stdout(Stdio::piped()).stderr(file).kill_on_drop(true);
@@ -262,7 +294,7 @@ impl Scope {
     /// Runs a `chat` subcommand to completion with the scope's settings.
     pub async fn chat(&self, args: &[&str]) -> std::process::Output {
         let mut cmd = Command::new(bin());
-        for k in ["CHAT_KAFKA_BROKERS", "CHAT_CASSANDRA_NODES", "CHAT_REDIS_URL", "CHAT_DATA_DIR", "CHAT_CONFIG"] {
+        for k in CLEARED_ENV {
             cmd.env_remove(k);
         }
         cmd.args(args).envs(self.env_for(&self.keyspace)).output().await.expect("run chat")
@@ -455,6 +487,30 @@ impl Gateway {
         let r = req.send().await.expect("request");
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Uploads bytes as media of a kind: (status, JSON body).
+    pub async fn upload(&self, token: &str, kind: &str, bytes: Vec<u8>) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/media?kind={kind}", self.url))
+            .bearer_auth(token)
+            .header("content-type", "application/octet-stream")
+            .body(bytes)
+            .send()
+            .await
+            .expect("upload");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A raw GET (for downloads), with an optional Range header.
+    pub async fn fetch(&self, token: &str, path: &str, range: Option<&str>) -> reqwest::Response {
+        let mut req = self.http.get(format!("{}{}", self.url, path)).bearer_auth(token);
+        if let Some(r) = range {
+            req = req.header("range", r);
+        }
+        req.send().await.expect("get")
     }
 
     pub async fn connect(&self, user: &User, device: &str) -> Ws {

@@ -5,6 +5,7 @@
 mod conformance;
 mod groups;
 mod harness;
+mod product;
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use chat_events::TopicKind;
 use groups::*;
 use harness::*;
+use product::*;
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
@@ -648,6 +650,8 @@ mod cluster {
         group_removal_races_with_sends,
         group_of_1024_members,
         replay_streams_filtered_json_lines,
+        media_round_trip_with_ranges,
+        profiles_analytics_and_audit,
     );
 }
 
@@ -674,5 +678,7 @@ mod embedded {
         group_removal_races_with_sends,
         group_of_1024_members,
         replay_streams_filtered_json_lines,
+        media_round_trip_with_ranges,
+        profiles_analytics_and_audit,
     );
 }

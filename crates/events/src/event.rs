@@ -24,14 +24,61 @@ pub struct UserRegistered {
 #[serde(rename_all = "snake_case")]
 pub enum MessageKind {
     Text,
+    Image,
+    Audio,
+    Video,
 }
 
 impl MessageKind {
     pub fn as_str(&self) -> &'static str {
         match self {
             MessageKind::Text => "text",
+            MessageKind::Image => "image",
+            MessageKind::Audio => "audio",
+            MessageKind::Video => "video",
         }
     }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "text" => Some(MessageKind::Text),
+            "image" => Some(MessageKind::Image),
+            "audio" => Some(MessageKind::Audio),
+            "video" => Some(MessageKind::Video),
+            _ => None,
+        }
+    }
+}
+
+/// The media a message of kind image, audio or video refers to, with what the client said
+/// about it (dimensions, duration) and what the server measured (type, size).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediaAttachment {
+    pub media_id: uuid::Uuid,
+    /// Detected from the bytes at upload.
+    pub content_type: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+}
+
+/// A file was uploaded and stored (the object is in the media store before this is appended).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediaUploaded {
+    pub media_id: uuid::Uuid,
+    pub uploader: UserId,
+    /// image, audio or video
+    pub kind: MessageKind,
+    pub content_type: String,
+    pub size: u64,
+    /// Hex SHA-256 of the bytes.
+    pub sha256: String,
 }
 
 /// A message was accepted: the broker acknowledged this append before the sender got its ack.
@@ -45,7 +92,10 @@ pub struct MessageSent {
     /// The sender's idempotency key: a retried send with the same key is the same message.
     pub client_msg_id: String,
     pub kind: MessageKind,
+    /// The text, or the caption of a media message (may be empty then).
     pub body: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<MediaAttachment>,
 }
 
 /// A device of a recipient acknowledged receipt of a message.
@@ -131,6 +181,53 @@ pub struct GroupMemberRemoved {
     pub member: UserId,
 }
 
+/// An operator granted or revoked a role (`analyst`, `auditor`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserRoleChanged {
+    pub user_id: UserId,
+    pub role: String,
+    pub granted: bool,
+}
+
+/// A user changed their profile.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileUpdated {
+    pub user_id: UserId,
+    pub display_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar_media_id: Option<uuid::Uuid>,
+}
+
+/// A user opened another user's profile.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileViewed {
+    pub viewer: UserId,
+    pub viewed: UserId,
+}
+
+/// An auditor read audit data (the access itself is on the record).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditAccessed {
+    /// The auditor's account (absent when an operator used the CLI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auditor: Option<UserId>,
+    /// http or cli
+    pub via: String,
+    /// What was read, e.g. `message_receipts`, `user_receipts`, `daily_metrics`.
+    pub action: String,
+    /// The message or user read about, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+}
+
 /// Online or offline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -205,6 +302,8 @@ pub enum StreamItem {
         /// membership is decided by position).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         position: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        media: Option<MediaAttachment>,
     },
     /// A receipt for messages the user sent: `by` got (delivered) or read up to (seen)
     /// `message_id`. With `all`, every recipient of a group message has reached `status`.
@@ -290,6 +389,11 @@ pub enum Event {
     GroupRenamed(GroupRenamed),
     GroupMemberAdded(GroupMemberAdded),
     GroupMemberRemoved(GroupMemberRemoved),
+    UserRoleChanged(UserRoleChanged),
+    ProfileUpdated(ProfileUpdated),
+    ProfileViewed(ProfileViewed),
+    AuditAccessed(AuditAccessed),
+    MediaUploaded(MediaUploaded),
 }
 
 /// The (type name, current version) of every event type, for schema tests and docs.
@@ -304,6 +408,11 @@ pub const EVENT_TYPES: &[(&str, u32)] = &[
     ("group.renamed", 1),
     ("group.member_added", 1),
     ("group.member_removed", 1),
+    ("user.role_changed", 1),
+    ("profile.updated", 1),
+    ("profile.viewed", 1),
+    ("audit.accessed", 1),
+    ("media.uploaded", 1),
 ];
 
 impl Event {
@@ -320,6 +429,11 @@ impl Event {
             Event::GroupRenamed(_) => "group.renamed",
             Event::GroupMemberAdded(_) => "group.member_added",
             Event::GroupMemberRemoved(_) => "group.member_removed",
+            Event::UserRoleChanged(_) => "user.role_changed",
+            Event::ProfileUpdated(_) => "profile.updated",
+            Event::ProfileViewed(_) => "profile.viewed",
+            Event::AuditAccessed(_) => "audit.accessed",
+            Event::MediaUploaded(_) => "media.uploaded",
         }
     }
 
@@ -335,14 +449,25 @@ impl Event {
             | Event::GroupCreated(_)
             | Event::GroupRenamed(_)
             | Event::GroupMemberAdded(_)
-            | Event::GroupMemberRemoved(_) => 1,
+            | Event::GroupMemberRemoved(_)
+            | Event::UserRoleChanged(_)
+            | Event::ProfileUpdated(_)
+            | Event::ProfileViewed(_)
+            | Event::AuditAccessed(_)
+            | Event::MediaUploaded(_) => 1,
         }
     }
 
     /// The topic this event belongs to.
     pub fn topic_kind(&self) -> TopicKind {
         match self {
-            Event::UserRegistered(_) | Event::PresenceChanged(_) => TopicKind::Users,
+            Event::UserRegistered(_)
+            | Event::PresenceChanged(_)
+            | Event::UserRoleChanged(_)
+            | Event::ProfileUpdated(_)
+            | Event::ProfileViewed(_)
+            | Event::AuditAccessed(_)
+            | Event::MediaUploaded(_) => TopicKind::Users,
             Event::MessageSent(_)
             | Event::MessageDelivered(_)
             | Event::MessageRead(_)
@@ -368,6 +493,11 @@ impl Event {
             Event::GroupRenamed(e) => e.conversation_id.to_string(),
             Event::GroupMemberAdded(e) => e.conversation_id.to_string(),
             Event::GroupMemberRemoved(e) => e.conversation_id.to_string(),
+            Event::UserRoleChanged(e) => e.user_id.to_string(),
+            Event::ProfileUpdated(e) => e.user_id.to_string(),
+            Event::ProfileViewed(e) => e.viewed.to_string(),
+            Event::AuditAccessed(e) => e.auditor.map(|a| a.to_string()).unwrap_or_else(|| "cli".into()),
+            Event::MediaUploaded(e) => e.uploader.to_string(),
         }
     }
 
@@ -387,7 +517,13 @@ impl Event {
                 | StreamItem::Read { conversation_id, .. }
                 | StreamItem::Group { conversation_id, .. } => conversation_id,
             }),
-            Event::UserRegistered(_) | Event::PresenceChanged(_) => None,
+            Event::UserRegistered(_)
+            | Event::PresenceChanged(_)
+            | Event::UserRoleChanged(_)
+            | Event::ProfileUpdated(_)
+            | Event::ProfileViewed(_)
+            | Event::AuditAccessed(_)
+            | Event::MediaUploaded(_) => None,
         }
     }
 
@@ -414,6 +550,11 @@ impl Event {
             Event::GroupRenamed(_) => Vec::new(),
             Event::GroupMemberAdded(e) => vec![e.member],
             Event::GroupMemberRemoved(e) => vec![e.member],
+            Event::UserRoleChanged(e) => vec![e.user_id],
+            Event::ProfileUpdated(e) => vec![e.user_id],
+            Event::ProfileViewed(e) => vec![e.viewer, e.viewed],
+            Event::AuditAccessed(e) => e.auditor.into_iter().collect(),
+            Event::MediaUploaded(e) => vec![e.uploader],
         }
     }
 
@@ -429,6 +570,11 @@ impl Event {
             Event::GroupRenamed(e) => serde_json::to_value(e),
             Event::GroupMemberAdded(e) => serde_json::to_value(e),
             Event::GroupMemberRemoved(e) => serde_json::to_value(e),
+            Event::UserRoleChanged(e) => serde_json::to_value(e),
+            Event::ProfileUpdated(e) => serde_json::to_value(e),
+            Event::ProfileViewed(e) => serde_json::to_value(e),
+            Event::AuditAccessed(e) => serde_json::to_value(e),
+            Event::MediaUploaded(e) => serde_json::to_value(e),
         }
     }
 
@@ -449,6 +595,11 @@ impl Event {
             ("group.renamed", 1) => serde_json::from_value(data).map(Event::GroupRenamed).map_err(bad),
             ("group.member_added", 1) => serde_json::from_value(data).map(Event::GroupMemberAdded).map_err(bad),
             ("group.member_removed", 1) => serde_json::from_value(data).map(Event::GroupMemberRemoved).map_err(bad),
+            ("user.role_changed", 1) => serde_json::from_value(data).map(Event::UserRoleChanged).map_err(bad),
+            ("profile.updated", 1) => serde_json::from_value(data).map(Event::ProfileUpdated).map_err(bad),
+            ("profile.viewed", 1) => serde_json::from_value(data).map(Event::ProfileViewed).map_err(bad),
+            ("audit.accessed", 1) => serde_json::from_value(data).map(Event::AuditAccessed).map_err(bad),
+            ("media.uploaded", 1) => serde_json::from_value(data).map(Event::MediaUploaded).map_err(bad),
             _ => Err(CodecError::Unknown {
                 type_name: type_name.to_owned(),
                 version,
@@ -627,6 +778,7 @@ pub fn fixtures() -> Vec<Envelope> {
         body: "hello".into(),
         sent_at: at,
         position: None,
+        media: None,
     };
     let receipt = StreamItem::Receipt {
         conversation_id: conv.clone(),
@@ -668,6 +820,7 @@ pub fn fixtures() -> Vec<Envelope> {
                 client_msg_id: "c-1".into(),
                 kind: MessageKind::Text,
                 body: "hello".into(),
+                media: None,
             }),
         ),
         Envelope::new(
@@ -728,6 +881,58 @@ pub fn fixtures() -> Vec<Envelope> {
             Event::GroupMemberAdded(GroupMemberAdded { conversation_id: gconv.clone(), member: bob, role: GroupRole::Admin }),
         ),
         Envelope::new(EventId::new_v7(), Some(bob), Event::GroupMemberRemoved(GroupMemberRemoved { conversation_id: gconv, member: bob })),
+        Envelope::new(
+            EventId::new_v7(),
+            Some(alice),
+            Event::MediaUploaded(MediaUploaded {
+                media_id: uuid::Uuid::from_u128(7),
+                uploader: alice,
+                kind: MessageKind::Image,
+                content_type: "image/png".into(),
+                size: 1234,
+                sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+            }),
+        ),
+        Envelope::new(
+            derive_id::message_sent(alice, "c-2"),
+            Some(alice),
+            Event::MessageSent(MessageSent {
+                message_id: MessageId(uuid::Uuid::from_u128(0x0193_2c07_8a4e_7b3c_9d2e_1f0a_9b8c_7d6f)),
+                conversation_id: conv.clone(),
+                sender: alice,
+                sender_device: DeviceId::default_device(),
+                client_msg_id: "c-2".into(),
+                kind: MessageKind::Image,
+                body: "the crag".into(),
+                media: Some(MediaAttachment {
+                    media_id: uuid::Uuid::from_u128(7),
+                    content_type: "image/png".into(),
+                    size: 1234,
+                    width: Some(640),
+                    height: Some(480),
+                    duration_ms: None,
+                }),
+            }),
+        ),
+        Envelope::new(EventId::new_v7(), None, Event::UserRoleChanged(UserRoleChanged { user_id: bob, role: "auditor".into(), granted: true })),
+        Envelope::new(
+            EventId::new_v7(),
+            Some(alice),
+            Event::ProfileUpdated(ProfileUpdated { user_id: alice, display_name: "Alice A.".into(), avatar_media_id: Some(uuid::Uuid::from_u128(7)) }),
+        ),
+        Envelope::new(EventId::new_v7(), Some(bob), Event::ProfileViewed(ProfileViewed { viewer: bob, viewed: alice })),
+        Envelope::new(
+            EventId::new_v7(),
+            Some(bob),
+            Event::AuditAccessed(AuditAccessed {
+                auditor: Some(bob),
+                via: "http".into(),
+                action: "user_receipts".into(),
+                target: Some(alice.to_string()),
+                from: Some("2026-01-01T00:00:00.000Z".into()),
+                to: Some("2026-02-01T00:00:00.000Z".into()),
+            }),
+        ),
     ]
 }
 

@@ -23,9 +23,11 @@ pub mod log;
 pub mod topics;
 
 pub use event::{
-    derive_id, format_time, now_millis, CodecError, DeliveryQueued, Envelope, Event, GroupChange, GroupCreated,
-    GroupMemberAdded, GroupMemberRemoved, GroupRenamed, GroupRole, MessageDelivered, MessageKind, MessageRead, MessageSent,
-    PresenceChanged, PresenceStatus, ReceiptStatus, StreamItem, UserRegistered,
+    derive_id, format_time, now_millis, AuditAccessed, CodecError, DeliveryQueued, Envelope, Event, GroupChange, GroupCreated,
+    GroupMemberAdded, GroupMemberRemoved, GroupRenamed, GroupRole, MediaAttachment, MediaUploaded, MessageDelivered, MessageKind,
+    MessageRead, MessageSent,
+    PresenceChanged, PresenceStatus, ProfileUpdated, ProfileViewed, ReceiptStatus, StreamItem, UserRegistered,
+    UserRoleChanged,
 };
 pub use ids::{ConversationId, DeviceId, EventId, GroupId, IdError, MessageId, UserId};
 pub use log::{append_event, EventLog, LogConsumer, LogError, LogReader, Position, Record, TopicSpec};

@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use chat_events::event::{fixtures, Envelope, Event, GroupChange, GroupRole, StreamItem, EVENT_TYPES};
+use chat_events::event::{
+    fixtures, AuditAccessed, Envelope, Event, GroupChange, GroupRole, MediaAttachment, MessageKind, StreamItem, EVENT_TYPES,
+};
 use chat_events::{ConversationId, GroupId};
 use serde_json::{json, Value};
 
@@ -41,8 +43,22 @@ fn item_kind(item: &StreamItem) -> &'static str {
     }
 }
 
+/// Every message kind, by wire name. A new kind is a compile error here until it has a name and
+/// is in the `message_kind` definition.
+fn kind_name(kind: MessageKind) -> &'static str {
+    match kind {
+        MessageKind::Text => "text",
+        MessageKind::Image => "image",
+        MessageKind::Audio => "audio",
+        MessageKind::Video => "video",
+    }
+}
+
+const ALL_KINDS: [MessageKind; 4] = [MessageKind::Text, MessageKind::Image, MessageKind::Audio, MessageKind::Video];
+
 /// The fixture of an event type, or with `delivery.queued#<kind>` the `delivery.queued` fixture
-/// carrying that kind of item.
+/// carrying that kind of item, or with `message.sent#<kind>` the `message.sent` fixture of that
+/// message kind.
 fn fixture(which: &str) -> Envelope {
     let (type_name, kind) = match which.split_once('#') {
         Some((t, k)) => (t, Some(k)),
@@ -55,6 +71,7 @@ fn fixture(which: &str) -> Envelope {
                 && match (&e.event, kind) {
                     (_, None) => true,
                     (Event::DeliveryQueued(d), Some(k)) => item_kind(&d.item) == k,
+                    (Event::MessageSent(m), Some(k)) => kind_name(m.kind) == k,
                     (_, Some(_)) => false,
                 }
         })
@@ -126,6 +143,26 @@ fn shared_definitions_are_identical_in_every_schema_file() {
     assert!(seen.contains_key("uuid") && seen.contains_key("time"), "no shared definitions found");
 }
 
+/// The `enum` of a definition, as strings.
+fn enum_of(def: &Value) -> BTreeSet<String> {
+    def["enum"].as_array().expect("an enum").iter().map(|v| v.as_str().expect("a string").to_owned()).collect()
+}
+
+/// Every message kind is in the `message_kind` definition (identical in every file, see above)
+/// and round-trips through its name; `media.uploaded` takes every kind but text.
+#[test]
+fn every_message_kind_is_in_the_schemas() {
+    let names: BTreeSet<String> = ALL_KINDS.iter().map(|k| kind_name(*k).to_owned()).collect();
+    for k in ALL_KINDS {
+        assert_eq!(k.as_str(), kind_name(k));
+        assert_eq!(MessageKind::parse(kind_name(k)), Some(k));
+        assert_eq!(serde_json::to_value(k).expect("kind"), json!(kind_name(k)));
+    }
+    assert_eq!(enum_of(&event_schema("message.sent")["$defs"]["message_kind"]), names, "message_kind vs MessageKind");
+    let media: BTreeSet<String> = names.iter().filter(|n| *n != "text").cloned().collect();
+    assert_eq!(enum_of(&event_schema("media.uploaded")["properties"]["data"]["properties"]["kind"]), media, "media.uploaded kind");
+}
+
 /// Every kind of stream item has a fixture and a branch of `stream_item`, and nothing else does.
 #[test]
 fn every_stream_item_kind_has_a_fixture_and_a_schema_branch() {
@@ -162,12 +199,43 @@ fn optional_fields_validate_when_present() {
             variants.push(v);
         };
         match &d.item {
-            StreamItem::Message { .. } => changed(|item, g| {
-                if let StreamItem::Message { position, conversation_id, .. } = item {
-                    *position = Some(0);
-                    *conversation_id = g.clone();
-                }
-            }),
+            StreamItem::Message { .. } => {
+                changed(|item, g| {
+                    if let StreamItem::Message { position, conversation_id, .. } = item {
+                        *position = Some(0);
+                        *conversation_id = g.clone();
+                    }
+                });
+                changed(|item, g| {
+                    if let StreamItem::Message { position, conversation_id, message_kind, body, media, .. } = item {
+                        *position = Some(3);
+                        *conversation_id = g.clone();
+                        *message_kind = MessageKind::Video;
+                        *body = String::new();
+                        *media = Some(MediaAttachment {
+                            media_id: uuid::Uuid::from_u128(8),
+                            content_type: "video/mp4".into(),
+                            size: 0,
+                            width: Some(1920),
+                            height: Some(1080),
+                            duration_ms: Some(86_400_000),
+                        });
+                    }
+                });
+                changed(|item, _| {
+                    if let StreamItem::Message { message_kind, media, .. } = item {
+                        *message_kind = MessageKind::Audio;
+                        *media = Some(MediaAttachment {
+                            media_id: uuid::Uuid::from_u128(9),
+                            content_type: "audio/ogg".into(),
+                            size: 4096,
+                            width: None,
+                            height: None,
+                            duration_ms: Some(0),
+                        });
+                    }
+                });
+            }
             StreamItem::Receipt { .. } => {
                 changed(|item, g| {
                     if let StreamItem::Receipt { all, device_id, conversation_id, .. } = item {
@@ -213,13 +281,80 @@ fn optional_fields_validate_when_present() {
             }
         }
     }
-    assert!(variants.len() >= 7, "not every stream item kind was varied");
+    assert!(variants.len() >= 9, "not every stream item kind was varied");
     for env in variants {
         let json = env.to_json();
         let errs = errors(&event_schema("delivery.queued"), &json);
         assert!(errs.is_empty(), "{}\n{json:#}", errs.join("\n"));
         assert_eq!(Envelope::decode(&env.encode()).expect("decodes"), env, "round trip of {json}");
     }
+}
+
+/// The same for the other events whose fixtures set their optional fields: the variants leave them
+/// out (or use another kind), and the key follows `Event::partition_key`.
+#[test]
+fn optional_fields_of_events_validate_when_absent() {
+    let mut variants = Vec::new();
+    for env in fixtures() {
+        let mut v = env.clone();
+        match &mut v.event {
+            Event::MessageSent(m) if m.media.is_some() => {
+                // A caption-less audio message with only a duration.
+                m.kind = MessageKind::Audio;
+                m.body = String::new();
+                if let Some(media) = &mut m.media {
+                    media.content_type = "video/mp4".into();
+                    media.width = None;
+                    media.height = None;
+                    media.duration_ms = Some(12_000);
+                }
+            }
+            Event::ProfileUpdated(p) => p.avatar_media_id = None,
+            Event::AuditAccessed(_) => {
+                // The CLI form: no auditor and no actor, so the key is `cli`.
+                v.actor = None;
+                v.event = Event::AuditAccessed(AuditAccessed {
+                    auditor: None,
+                    via: "cli".into(),
+                    action: "daily_metrics".into(),
+                    target: None,
+                    from: None,
+                    to: None,
+                });
+                assert_eq!(v.key(), "cli");
+            }
+            Event::UserRoleChanged(r) => {
+                r.role = "analyst".into();
+                r.granted = false;
+            }
+            Event::MediaUploaded(m) => {
+                m.kind = MessageKind::Video;
+                m.content_type = "video/webm".into();
+                m.size = 1;
+            }
+            _ => continue,
+        }
+        variants.push(v);
+    }
+    let covered: BTreeSet<&str> = variants.iter().map(|v| v.event.type_name()).collect();
+    let expected = BTreeSet::from(["message.sent", "profile.updated", "audit.accessed", "user.role_changed", "media.uploaded"]);
+    assert_eq!(covered, expected, "variants");
+    for env in variants {
+        let name = env.event.type_name();
+        let json = env.to_json();
+        let errs = errors(&event_schema(name), &json);
+        assert!(errs.is_empty(), "{name}:\n{}\n{json:#}", errs.join("\n"));
+        assert_eq!(json["key"], json!(env.event.partition_key()));
+        assert_eq!(Envelope::decode(&env.encode()).expect("decodes"), env, "round trip of {json}");
+    }
+    // The audit record of an auditor over HTTP is keyed by the auditor.
+    let audit = fixture("audit.accessed");
+    let Event::AuditAccessed(a) = &audit.event else { unreachable!() };
+    assert_eq!(audit.key(), a.auditor.expect("the fixture has an auditor").to_string());
+    // A profile view is keyed by the viewed user.
+    let view = fixture("profile.viewed");
+    let Event::ProfileViewed(p) = &view.event else { unreachable!() };
+    assert_eq!(view.key(), p.viewed.to_string());
 }
 
 /// Each mutation must be refused by the schema, so a too-loose schema fails this test; where the
@@ -235,7 +370,22 @@ fn malformed_envelopes_are_refused() {
                 d.remove("body");
             }
         }, true),
-        ("message.sent", "bad kind", |v| v["data"]["kind"] = json!("image"), true),
+        ("message.sent", "unknown kind", |v| v["data"]["kind"] = json!("sticker"), true),
+        ("message.sent", "image without media", |v| v["data"]["kind"] = json!("image"), false),
+        ("message.sent", "text with media", |v| v["data"]["media"] = media_json(), false),
+        ("message.sent#image", "media with a bad uuid", |v| v["data"]["media"]["media_id"] = json!("not-a-uuid"), true),
+        ("message.sent#image", "media with an upper-case uuid", |v| v["data"]["media"]["media_id"] = json!("0B6E3A5C-8D7F-4E21-9A3B-5C6D7E8F9A01"), false),
+        ("message.sent#image", "media with an extra field", |v| v["data"]["media"]["sha256"] = json!("00"), true),
+        ("message.sent#image", "media without content_type", |v| remove(&mut v["data"]["media"], "content_type"), true),
+        ("message.sent#image", "media without size", |v| remove(&mut v["data"]["media"], "size"), true),
+        ("message.sent#image", "negative size", |v| v["data"]["media"]["size"] = json!(-1), true),
+        ("message.sent#image", "size as a string", |v| v["data"]["media"]["size"] = json!("1234"), true),
+        ("message.sent#image", "zero width", |v| v["data"]["media"]["width"] = json!(0), false),
+        ("message.sent#image", "null height", |v| v["data"]["media"]["height"] = Value::Null, false),
+        ("message.sent#image", "duration over a day", |v| v["data"]["media"]["duration_ms"] = json!(86_400_001), false),
+        ("message.sent#image", "content type not a media type", |v| v["data"]["media"]["content_type"] = json!("application/pdf"), false),
+        ("message.sent#image", "image without media", |v| remove(&mut v["data"], "media"), false),
+        ("message.sent#image", "media not an object", |v| v["data"]["media"] = json!("00000000-0000-0000-0000-000000000007"), true),
         ("message.sent", "bad device id", |v| v["data"]["sender_device"] = json!("my phone"), true),
         ("message.sent", "g. conversation id with a bad uuid", |v| v["data"]["conversation_id"] = json!("g.5a1e0000-4000-8000-0000-00000000001"), true),
         ("message.sent", "unknown conversation kind", |v| v["data"]["conversation_id"] = json!("c.5a1e0000-4000-8000-0000-000000000001"), true),
@@ -254,6 +404,24 @@ fn malformed_envelopes_are_refused() {
         ("delivery.queued#message", "non-integer position", |v| v["data"]["item"]["position"] = json!(1.5), true),
         ("delivery.queued#message", "position as a string", |v| v["data"]["item"]["position"] = json!("7"), true),
         ("delivery.queued#message", "negative position", |v| v["data"]["item"]["position"] = json!(-1), false),
+        ("delivery.queued#message", "unknown message kind", |v| v["data"]["item"]["message_kind"] = json!("sticker"), true),
+        ("delivery.queued#message", "text item with media", |v| v["data"]["item"]["media"] = media_json(), false),
+        ("delivery.queued#message", "video item without media", |v| v["data"]["item"]["message_kind"] = json!("video"), false),
+        ("delivery.queued#message", "item media with a bad uuid", |v| {
+            v["data"]["item"]["message_kind"] = json!("image");
+            v["data"]["item"]["media"] = media_json();
+            v["data"]["item"]["media"]["media_id"] = json!("00000000-0000-0000-0000-00000000000g");
+        }, true),
+        ("delivery.queued#message", "item media with an unknown field", |v| {
+            v["data"]["item"]["message_kind"] = json!("image");
+            v["data"]["item"]["media"] = media_json();
+            v["data"]["item"]["media"]["caption"] = json!("x");
+        }, true),
+        ("delivery.queued#message", "item media with a fractional duration", |v| {
+            v["data"]["item"]["message_kind"] = json!("audio");
+            v["data"]["item"]["media"] = media_json();
+            v["data"]["item"]["media"]["duration_ms"] = json!(1.5);
+        }, true),
         ("delivery.queued#receipt", "all written as false", |v| v["data"]["item"]["all"] = json!(false), false),
         ("delivery.queued#receipt", "all not a boolean", |v| v["data"]["item"]["all"] = json!("yes"), true),
         ("delivery.queued#receipt", "bad device id", |v| v["data"]["item"]["device_id"] = json!("my phone"), false),
@@ -288,6 +456,56 @@ fn malformed_envelopes_are_refused() {
         ("group.member_removed", "bad member", |v| v["data"]["member"] = json!("bob"), true),
         ("group.member_removed", "role given", |v| v["data"]["role"] = json!("member"), true),
         ("group.member_removed", "other type", |v| v["type"] = json!("group.member_left"), true),
+        ("user.role_changed", "unknown role", |v| v["data"]["role"] = json!("admin"), false),
+        ("user.role_changed", "granted not a boolean", |v| v["data"]["granted"] = json!("yes"), true),
+        ("user.role_changed", "missing granted", |v| remove(&mut v["data"], "granted"), true),
+        ("user.role_changed", "bad user id", |v| v["data"]["user_id"] = json!("bob"), true),
+        ("user.role_changed", "cli key", |v| v["key"] = json!("cli"), false),
+        ("profile.updated", "bad avatar uuid", |v| v["data"]["avatar_media_id"] = json!("avatar.png"), true),
+        ("profile.updated", "null avatar", |v| v["data"]["avatar_media_id"] = Value::Null, false),
+        ("profile.updated", "empty display name", |v| v["data"]["display_name"] = json!(""), false),
+        ("profile.updated", "display name too long", |v| v["data"]["display_name"] = json!("é".repeat(65)), false),
+        ("profile.updated", "missing display name", |v| remove(&mut v["data"], "display_name"), true),
+        ("profile.updated", "missing actor", |v| remove(v, "actor"), false),
+        ("profile.viewed", "bad viewer", |v| v["data"]["viewer"] = json!(42), true),
+        ("profile.viewed", "missing viewed", |v| remove(&mut v["data"], "viewed"), true),
+        ("profile.viewed", "extra data field", |v| v["data"]["at"] = json!("2026-01-01T00:00:00.000Z"), true),
+        ("profile.viewed", "key not a user id", |v| v["key"] = json!("cli"), false),
+        ("audit.accessed", "unknown via", |v| v["data"]["via"] = json!("grpc"), false),
+        ("audit.accessed", "unknown action", |v| v["data"]["action"] = json!("read_messages"), false),
+        ("audit.accessed", "missing action", |v| remove(&mut v["data"], "action"), true),
+        ("audit.accessed", "bad auditor", |v| v["data"]["auditor"] = json!("not-a-uuid"), true),
+        ("audit.accessed", "target not a string", |v| v["data"]["target"] = json!(7), true),
+        ("audit.accessed", "extra data field", |v| v["data"]["rows"] = json!(3), true),
+        ("audit.accessed", "http access without auditor", |v| remove(&mut v["data"], "auditor"), false),
+        ("audit.accessed", "http access keyed cli", |v| v["key"] = json!("cli"), false),
+        ("audit.accessed", "http access without actor", |v| remove(v, "actor"), false),
+        ("audit.accessed", "cli access with an auditor", |v| {
+            v["data"]["via"] = json!("cli");
+            v["key"] = json!("cli");
+            remove(v, "actor");
+        }, false),
+        ("audit.accessed", "cli access keyed by a user", |v| {
+            v["data"]["via"] = json!("cli");
+            remove(&mut v["data"], "auditor");
+            remove(v, "actor");
+        }, false),
+        ("audit.accessed", "other key", |v| v["key"] = json!("http"), false),
+        ("media.uploaded", "bad media id", |v| v["data"]["media_id"] = json!("7"), true),
+        ("media.uploaded", "bad uploader", |v| v["data"]["uploader"] = json!("alice"), true),
+        ("media.uploaded", "unknown kind", |v| v["data"]["kind"] = json!("document"), true),
+        ("media.uploaded", "text kind", |v| v["data"]["kind"] = json!("text"), false),
+        ("media.uploaded", "short sha256", |v| v["data"]["sha256"] = json!("9f86d081884c7d659a2feaa0c55ad015"), false),
+        ("media.uploaded", "upper-case sha256", |v| {
+            let upper = v["data"]["sha256"].as_str().map(str::to_ascii_uppercase);
+            v["data"]["sha256"] = json!(upper);
+        }, false),
+        ("media.uploaded", "sha256 not hex", |v| v["data"]["sha256"] = json!("z".repeat(64)), false),
+        ("media.uploaded", "missing sha256", |v| remove(&mut v["data"], "sha256"), true),
+        ("media.uploaded", "negative size", |v| v["data"]["size"] = json!(-1), true),
+        ("media.uploaded", "empty upload", |v| v["data"]["size"] = json!(0), false),
+        ("media.uploaded", "content type not a media type", |v| v["data"]["content_type"] = json!("text/plain"), false),
+        ("media.uploaded", "missing actor", |v| remove(v, "actor"), false),
     ];
     for (type_name, what, mutate, decoder_refuses) in cases {
         let mut json = fixture_json(type_name);
@@ -326,6 +544,11 @@ fn remove(v: &mut Value, field: &str) {
     if let Some(o) = v.as_object_mut() {
         o.remove(field);
     }
+}
+
+/// A valid media attachment (of an image).
+fn media_json() -> Value {
+    json!({"media_id": "00000000-0000-0000-0000-000000000007", "content_type": "image/png", "size": 1234, "width": 640, "height": 480})
 }
 
 /// A valid direct conversation id (of the fixtures' two users).

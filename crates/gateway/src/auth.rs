@@ -22,6 +22,9 @@ struct Claims {
     name: String,
     iat: i64,
     exp: i64,
+    /// analyst, auditor (as granted when the token was issued).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    roles: Vec<String>,
 }
 
 /// Who a valid token names.
@@ -31,6 +34,18 @@ pub struct Principal {
     pub username: String,
     /// When the token stops being valid (an open WebSocket is closed then).
     pub expires_at: DateTime<Utc>,
+    pub roles: Vec<String>,
+}
+
+impl Principal {
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+
+    /// Auditors read; they never send or change anything.
+    pub fn read_only(&self) -> bool {
+        self.has_role("auditor")
+    }
 }
 
 impl Tokens {
@@ -39,10 +54,10 @@ impl Tokens {
     }
 
     /// A token for a user, and when it expires.
-    pub fn issue(&self, user: UserId, username: &str) -> Result<(String, DateTime<Utc>), jsonwebtoken::errors::Error> {
+    pub fn issue(&self, user: UserId, username: &str, roles: Vec<String>) -> Result<(String, DateTime<Utc>), jsonwebtoken::errors::Error> {
         let now = Utc::now();
         let exp = now + self.ttl;
-        let claims = Claims { sub: user.to_string(), name: username.to_owned(), iat: now.timestamp(), exp: exp.timestamp() };
+        let claims = Claims { sub: user.to_string(), name: username.to_owned(), iat: now.timestamp(), exp: exp.timestamp(), roles };
         Ok((encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?, exp))
     }
 
@@ -55,6 +70,7 @@ impl Tokens {
             user_id: data.claims.sub.parse().ok()?,
             username: data.claims.name,
             expires_at: DateTime::from_timestamp(data.claims.exp, 0)?,
+            roles: data.claims.roles,
         })
     }
 }
@@ -83,8 +99,10 @@ mod tests {
     fn tokens_round_trip_and_reject_tampering() {
         let t = Tokens::new(b"secret-secret-secret-secret-1234", chrono::Duration::hours(1));
         let u = UserId::random();
-        let (tok, _) = t.issue(u, "alice").unwrap();
-        assert_eq!(t.verify(&tok).unwrap().user_id, u);
+        let (tok, _) = t.issue(u, "alice", vec!["auditor".into()]).unwrap();
+        let p = t.verify(&tok).unwrap();
+        assert_eq!(p.user_id, u);
+        assert!(p.has_role("auditor") && p.read_only() && !p.has_role("analyst"));
         let other = Tokens::new(b"another-secret-another-secret-12", chrono::Duration::hours(1));
         assert!(other.verify(&tok).is_none());
         assert!(t.verify("garbage").is_none());
@@ -93,7 +111,7 @@ mod tests {
     #[test]
     fn expired_tokens_are_refused() {
         let t = Tokens::new(b"secret-secret-secret-secret-1234", chrono::Duration::seconds(-60));
-        let (tok, _) = t.issue(UserId::random(), "alice").unwrap();
+        let (tok, _) = t.issue(UserId::random(), "alice", Vec::new()).unwrap();
         assert!(t.verify(&tok).is_none());
     }
 

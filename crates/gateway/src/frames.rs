@@ -2,12 +2,43 @@
 //! may send, `ServerFrame` what the server sends; `schemas/frames/` and `docs/protocol.md`
 //! describe both.
 
-use chat_events::{format_time, ConversationId, GroupChange, GroupRole, MessageId, ReceiptStatus, StreamItem, UserId};
+use chat_events::{format_time, ConversationId, GroupChange, GroupRole, MediaAttachment, MessageId, ReceiptStatus, StreamItem, UserId};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// A client-chosen correlation value, echoed in the answer.
 pub type Ref = Option<serde_json::Value>;
+
+/// Dimensions and duration a client states for its media (a JSON object only: it goes through
+/// a map first, so the array form that serde would otherwise accept for a struct is refused).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, try_from = "serde_json::Map<String, serde_json::Value>")]
+pub struct MediaMetadata {
+    #[serde(default)]
+    pub width: Option<u32>,
+    #[serde(default)]
+    pub height: Option<u32>,
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
+}
+
+impl TryFrom<serde_json::Map<String, serde_json::Value>> for MediaMetadata {
+    type Error = String;
+    fn try_from(m: serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Fields {
+            #[serde(default)]
+            width: Option<u32>,
+            #[serde(default)]
+            height: Option<u32>,
+            #[serde(default)]
+            duration_ms: Option<u64>,
+        }
+        let f: Fields = serde_json::from_value(serde_json::Value::Object(m)).map_err(|e| e.to_string())?;
+        Ok(MediaMetadata { width: f.width, height: f.height, duration_ms: f.duration_ms })
+    }
+}
 
 /// Frames a client sends.
 #[derive(Debug, Deserialize)]
@@ -22,9 +53,18 @@ pub enum ClientFrame {
         to: Option<String>,
         #[serde(default)]
         conversation_id: Option<String>,
+        /// text (default), image, audio or video.
         #[serde(default)]
         kind: Option<String>,
+        /// The text, or a media message's caption (may be empty then).
+        #[serde(default)]
         body: String,
+        /// For image, audio and video: an uploaded media id.
+        #[serde(default)]
+        media_id: Option<String>,
+        /// What the client knows about the media.
+        #[serde(default)]
+        metadata: Option<MediaMetadata>,
     },
     /// This device received these messages.
     Delivered {
@@ -125,6 +165,8 @@ pub enum ServerFrame {
         body: String,
         #[serde(serialize_with = "time")]
         sent_at: DateTime<Utc>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        media: Option<MediaAttachment>,
     },
     /// A receipt for a message this user sent. With `all`, every recipient of a group message
     /// has reached `status`.
@@ -208,7 +250,7 @@ impl ServerFrame {
     /// The push frame of a stream item.
     pub fn from_item(item: &StreamItem) -> ServerFrame {
         match item.clone() {
-            StreamItem::Message { message_id, conversation_id, sender, client_msg_id, message_kind, body, sent_at, .. } => {
+            StreamItem::Message { message_id, conversation_id, sender, client_msg_id, message_kind, body, sent_at, media, .. } => {
                 ServerFrame::Message {
                     message_id,
                     conversation_id,
@@ -217,6 +259,7 @@ impl ServerFrame {
                     kind: message_kind.as_str().to_owned(),
                     body,
                     sent_at,
+                    media,
                 }
             }
             StreamItem::Receipt { conversation_id, message_id, status, by, at, all, device_id } => {

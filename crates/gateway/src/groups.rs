@@ -22,7 +22,7 @@ use crate::service::{Chat, HistoryPage};
 
 /// How long a command on a group that is not projected yet waits for it (a client that created
 /// a group and posts to it at once).
-const NEW_GROUP_WAIT: Duration = Duration::from_secs(3);
+const NEW_GROUP_WAIT: Duration = Duration::from_secs(10);
 
 /// A created group.
 #[derive(Debug, Serialize)]

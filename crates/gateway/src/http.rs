@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::insights::{day_range, require, time_range, writer};
 use crate::service::Chat;
 
 type App = Arc<Chat>;
@@ -42,6 +43,17 @@ pub fn router(chat: App) -> Router {
         .route("/v1/groups/{conversation_id}", get(group_info).patch(rename_group))
         .route("/v1/groups/{conversation_id}/members", post(add_member))
         .route("/v1/groups/{conversation_id}/members/{user_id}", delete(remove_member))
+        .route("/v1/media", post(upload_media).layer(DefaultBodyLimit::disable()))
+        .route("/v1/media/{media_id}", get(download_media))
+        .route("/v1/profile", axum::routing::put(update_profile))
+        .route("/v1/users/{user_id}/profile", get(view_profile))
+        .route("/v1/analytics/messages", get(analytics_messages))
+        .route("/v1/analytics/active-users", get(analytics_active_users))
+        .route("/v1/analytics/profile-views", get(analytics_profile_views))
+        .route("/v1/analytics/topics", get(analytics_topics))
+        .route("/v1/audit/messages/{message_id}/receipts", get(audit_message))
+        .route("/v1/audit/users/{user_id}/receipts", get(audit_user))
+        .route("/v1/audit/metrics/daily", get(audit_daily))
         .route("/v1/ws", get(websocket))
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async {
@@ -187,6 +199,7 @@ fn accepted() -> Response {
 }
 
 async fn create_group(State(chat): State<App>, Caller(p): Caller, ApiJson(g): ApiJson<NewGroup>) -> Result<Response, ApiError> {
+    writer(&p)?;
     Ok((StatusCode::CREATED, Json(chat.create_group(p.user_id, &g.name, &g.members).await?)).into_response())
 }
 
@@ -204,6 +217,7 @@ async fn rename_group(
     Path(conversation_id): Path<String>,
     ApiJson(g): ApiJson<GroupName>,
 ) -> Result<Response, ApiError> {
+    writer(&p)?;
     chat.rename_group(p.user_id, &conversation_id, &g.name).await?;
     Ok(accepted())
 }
@@ -214,6 +228,7 @@ async fn add_member(
     Path(conversation_id): Path<String>,
     ApiJson(m): ApiJson<NewMember>,
 ) -> Result<Response, ApiError> {
+    writer(&p)?;
     chat.add_member(p.user_id, &conversation_id, &m.user_id, m.role.as_deref()).await?;
     Ok(accepted())
 }
@@ -223,8 +238,92 @@ async fn remove_member(
     Caller(p): Caller,
     Path((conversation_id, user_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    writer(&p)?;
     chat.remove_member(p.user_id, &conversation_id, &user_id).await?;
     Ok(accepted())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfileUpdate {
+    display_name: String,
+    #[serde(default)]
+    avatar_media_id: Option<String>,
+}
+
+type QueryMap = Result<Query<HashMap<String, String>>, QueryRejection>;
+
+/// Streams the body into the media store; `?kind=image|audio|video`. The size limit of the kind
+/// is enforced while streaming (the default body limit is off for this route).
+async fn upload_media(State(chat): State<App>, Caller(p): Caller, q: QueryMap, body: axum::body::Body) -> Result<Response, ApiError> {
+    writer(&p)?;
+    let q = query_map(q)?;
+    let kind = q.get("kind").map(String::as_str).unwrap_or("");
+    Ok((StatusCode::CREATED, Json(chat.upload(p.user_id, kind, body).await?)).into_response())
+}
+
+async fn download_media(State(chat): State<App>, Caller(p): Caller, Path(media_id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+    chat.download(p.user_id, &media_id, &headers).await
+}
+
+async fn update_profile(State(chat): State<App>, Caller(p): Caller, ApiJson(u): ApiJson<ProfileUpdate>) -> Result<Response, ApiError> {
+    writer(&p)?;
+    chat.update_profile(p.user_id, &u.display_name, u.avatar_media_id.as_deref()).await?;
+    Ok(accepted())
+}
+
+async fn view_profile(State(chat): State<App>, Caller(p): Caller, Path(user_id): Path<String>) -> Result<Response, ApiError> {
+    Ok(Json(chat.view_profile(p.user_id, &user_id).await?).into_response())
+}
+
+fn days(q: &HashMap<String, String>) -> Result<(chrono::NaiveDate, chrono::NaiveDate), ApiError> {
+    day_range(q.get("from").map(String::as_str), q.get("to").map(String::as_str))
+}
+
+async fn analytics_messages(State(chat): State<App>, Caller(p): Caller, q: QueryMap) -> Result<Response, ApiError> {
+    require(&p, "analyst")?;
+    let (from, to) = days(&query_map(q)?)?;
+    Ok(Json(serde_json::json!({ "days": chat.message_counts(from, to).await? })).into_response())
+}
+
+async fn analytics_active_users(State(chat): State<App>, Caller(p): Caller, q: QueryMap) -> Result<Response, ApiError> {
+    require(&p, "analyst")?;
+    let (from, to) = days(&query_map(q)?)?;
+    let rows: Vec<serde_json::Value> =
+        chat.active_users(from, to).await?.into_iter().map(|(day, users)| serde_json::json!({"day": day, "users": users})).collect();
+    Ok(Json(serde_json::json!({ "days": rows })).into_response())
+}
+
+async fn analytics_profile_views(State(chat): State<App>, Caller(p): Caller, q: QueryMap) -> Result<Response, ApiError> {
+    require(&p, "analyst")?;
+    let q = query_map(q)?;
+    let (from, to) = days(&q)?;
+    let user = q.get("user").ok_or_else(|| ApiError::bad_request("invalid_user", "give ?user=<user id>"))?;
+    Ok(Json(serde_json::json!({ "days": chat.profile_views(user, from, to).await? })).into_response())
+}
+
+async fn analytics_topics(State(chat): State<App>, Caller(p): Caller, q: QueryMap) -> Result<Response, ApiError> {
+    require(&p, "analyst")?;
+    let (from, to) = days(&query_map(q)?)?;
+    Ok(Json(serde_json::json!({ "topics": chat.topic_counts(from, to).await? })).into_response())
+}
+
+async fn audit_message(State(chat): State<App>, Caller(p): Caller, Path(message_id): Path<String>) -> Result<Response, ApiError> {
+    require(&p, "auditor")?;
+    Ok(Json(chat.audit_message(&p, &message_id).await?).into_response())
+}
+
+async fn audit_user(State(chat): State<App>, Caller(p): Caller, Path(user_id): Path<String>, q: QueryMap) -> Result<Response, ApiError> {
+    require(&p, "auditor")?;
+    let q = query_map(q)?;
+    let (from, to) = time_range(q.get("from").map(String::as_str), q.get("to").map(String::as_str))?;
+    Ok(Json(serde_json::json!({ "user_id": user_id, "receipts": chat.audit_user(&p, &user_id, from, to).await? })).into_response())
+}
+
+async fn audit_daily(State(chat): State<App>, Caller(p): Caller, q: QueryMap) -> Result<Response, ApiError> {
+    require(&p, "auditor")?;
+    let (from, to) = days(&query_map(q)?)?;
+    Ok(Json(serde_json::json!({ "days": chat.audit_daily(&p, from, to).await? })).into_response())
 }
 
 /// The WebSocket upgrade: the token is checked before anything else, so an unauthenticated

@@ -25,6 +25,8 @@ pub struct Hub {
     conns: RwLock<HashMap<UserId, Vec<LocalConn>>>,
     next_id: AtomicU64,
     count: AtomicU64,
+    /// Connection tasks not finished yet (their disconnect handling included).
+    sessions: AtomicU64,
     closing: watch::Sender<bool>,
 }
 
@@ -40,6 +42,7 @@ impl Hub {
             conns: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             count: AtomicU64::new(0),
+            sessions: AtomicU64::new(0),
             closing: watch::channel(false).0,
         }
     }
@@ -60,7 +63,18 @@ impl Hub {
         let mut map = self.conns.write().unwrap_or_else(|p| p.into_inner());
         map.entry(user).or_default().push(LocalConn { id, device, tx, kick });
         self.count.fetch_add(1, Ordering::Relaxed);
+        self.sessions.fetch_add(1, Ordering::Relaxed);
         id
+    }
+
+    /// A connection task finished everything, its disconnect handling included.
+    pub fn session_ended(&self) {
+        self.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Connection tasks still running (a shutdown waits for them).
+    pub fn sessions(&self) -> u64 {
+        self.sessions.load(Ordering::Relaxed)
     }
 
     pub fn unregister(&self, user: UserId, id: u64) {

@@ -21,7 +21,9 @@ pub mod frames;
 pub mod groups;
 pub mod http;
 pub mod hub;
+pub mod insights;
 pub mod local_routing;
+pub mod media;
 pub mod metrics;
 pub mod routing;
 pub mod service;
@@ -84,9 +86,10 @@ pub async fn serve(chat: Arc<Chat>, listener: TcpListener, mut shutdown: watch::
         hub.close_all();
     };
     let result = axum::serve(listener, app).with_graceful_shutdown(graceful).await;
-    // Upgraded sockets outlive the HTTP server; give them a moment to close and go offline.
+    // Upgraded sockets outlive the HTTP server; give them a moment to close and go offline
+    // (their presence events appended).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !chat.hub.is_empty() && tokio::time::Instant::now() < deadline {
+    while chat.hub.sessions() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _stopped = stop_tx.send(true);

@@ -64,6 +64,8 @@ pub struct SendCommand {
     pub conversation_id: Option<String>,
     pub kind: Option<String>,
     pub body: String,
+    pub media_id: Option<String>,
+    pub metadata: Option<crate::frames::MediaMetadata>,
 }
 
 /// One WebSocket connection's identity.
@@ -72,6 +74,8 @@ pub struct ConnCtx {
     pub user: UserId,
     pub device: DeviceId,
     pub conn: ConnRef,
+    /// An auditor's connection: it may sync and read, never send, acknowledge or type.
+    pub read_only: bool,
 }
 
 /// The gateway's service.
@@ -85,6 +89,8 @@ pub struct Chat {
     pub node: String,
     pub limits: Limits,
     pub metrics: Metrics,
+    /// Where media objects live (absent: uploads answer `media_unavailable`).
+    pub media: Option<crate::media::MediaStorage>,
     /// Users known to exist (they never stop existing): saves a read per send.
     known_users: Mutex<HashSet<UserId>>,
 }
@@ -205,7 +211,13 @@ impl Chat {
         limits: Limits,
         metrics: Metrics,
     ) -> Self {
-        Chat { log, topics, store, routing, hub, tokens, node, limits, metrics, known_users: Mutex::new(HashSet::new()) }
+        Chat { log, topics, store, routing, hub, tokens, node, limits, metrics, media: None, known_users: Mutex::new(HashSet::new()) }
+    }
+
+    /// With media storage.
+    pub fn with_media(mut self, media: crate::media::MediaStorage) -> Self {
+        self.media = Some(media);
+        self
     }
 
     async fn append(&self, env: &Envelope) -> Result<(), ApiError> {
@@ -266,7 +278,8 @@ impl Chat {
             (true, Some(a)) => a,
             _ => return Err(invalid()),
         };
-        let (token, exp) = self.tokens.issue(account.user_id, &account.username).map_err(|e| ApiError::internal("token", &e))?;
+        let roles = self.store.roles(account.user_id).await?;
+        let (token, exp) = self.tokens.issue(account.user_id, &account.username, roles).map_err(|e| ApiError::internal("token", &e))?;
         Ok(Session { token, user_id: account.user_id, username: account.username, expires_at: chat_events::format_time(&exp) })
     }
 
@@ -296,17 +309,22 @@ impl Chat {
 
     /// Accepts a message: gate on (sender, client_msg_id), append, then ack; push afterwards.
     pub async fn send(&self, ctx: &ConnCtx, cmd: SendCommand) -> Result<ServerFrame, ApiError> {
-        let SendCommand { r#ref, client_msg_id, to, conversation_id, kind, body } = cmd;
+        let SendCommand { r#ref, client_msg_id, to, conversation_id, kind, body, media_id, metadata } = cmd;
         let started = Instant::now();
         if client_msg_id.is_empty() || client_msg_id.len() > 64 {
             return Err(bad("invalid_client_msg_id", "client_msg_id must be 1-64 bytes"));
         }
-        match kind.as_deref() {
-            None | Some("text") => {}
-            Some(_) => return Err(bad("unsupported_kind", "only text messages are supported")),
-        }
-        if body.is_empty() || body.len() > self.limits.max_body_bytes {
+        let kind = match kind.as_deref() {
+            None => MessageKind::Text,
+            Some(k) => MessageKind::parse(k).ok_or_else(|| bad("unsupported_kind", "kind is text, image, audio or video"))?,
+        };
+        // A text needs a body; a media message needs a media id and may have a caption.
+        let empty_ok = kind != MessageKind::Text;
+        if (body.is_empty() && !empty_ok) || body.len() > self.limits.max_body_bytes {
             return Err(bad("invalid_body", format!("body must be 1-{} bytes", self.limits.max_body_bytes)));
+        }
+        if (kind == MessageKind::Text) != media_id.is_none() || (kind == MessageKind::Text && metadata.is_some()) {
+            return Err(bad("invalid_frame", "media_id (and metadata) go with kind image, audio or video, and only with them"));
         }
         let conv = match (to, conversation_id) {
             (Some(to), None) => {
@@ -325,7 +343,29 @@ impl Chat {
                 return Err(bad("unknown_recipient", "no such user"));
             }
         }
-        let body_sha256 = hex::encode(Sha256::digest(body.as_bytes()));
+        let media = match &media_id {
+            None => None,
+            Some(id) => {
+                let object = self.attachable(ctx.user, id, kind).await?;
+                let meta = metadata.clone().unwrap_or_default();
+                if meta.width.is_some_and(|w| w == 0 || w > 100_000)
+                    || meta.height.is_some_and(|h| h == 0 || h > 100_000)
+                    || meta.duration_ms.is_some_and(|d| d > 86_400_000)
+                {
+                    return Err(bad("invalid_metadata", "width/height are 1-100000, duration_ms at most a day"));
+                }
+                Some(chat_events::MediaAttachment {
+                    media_id: object.media_id,
+                    content_type: object.content_type,
+                    size: object.size.max(0) as u64,
+                    width: meta.width,
+                    height: meta.height,
+                    duration_ms: meta.duration_ms,
+                })
+            }
+        };
+        // The idempotency key covers what the message says: body and attachment.
+        let body_sha256 = hex::encode(Sha256::digest(format!("{body}\u{1f}{}", media_id.as_deref().unwrap_or("")).as_bytes()));
         let mine = SendReservation {
             sender: ctx.user,
             client_msg_id: client_msg_id.clone(),
@@ -364,11 +404,15 @@ impl Chat {
             sender: ctx.user,
             sender_device: ctx.device.clone(),
             client_msg_id: client_msg_id.clone(),
-            kind: MessageKind::Text,
+            kind,
             body,
+            media,
         };
         if must_append {
             self.store.put_message_owner(reservation.message_id, &conv, ctx.user).await?;
+            if let Some(m) = &event.media {
+                self.share(m.media_id, &conv).await?;
+            }
             let env = Envelope {
                 event_id: derive_id::message_sent(ctx.user, &client_msg_id),
                 occurred_at: reservation.sent_at,
@@ -420,6 +464,7 @@ impl Chat {
             body: m.body.clone(),
             sent_at,
             position: None,
+            media: m.media.clone(),
         });
         let text: Arc<str> = Arc::from(frame.to_text());
         let mut pushes = vec![Push { user: ctx.user, text: text.clone(), except: Some(ctx.conn.clone()) }];

@@ -56,7 +56,7 @@ pub async fn serve(chat: Arc<Chat>, principal: Principal, device: DeviceId, sock
     let welcome = ServerFrame::Welcome { user_id: user, device_id: device.to_string(), pending: chat.pending(user).await };
     let _queued = tx.try_send(Arc::from(welcome.to_text()));
     let id = chat.hub.register(user, device.clone(), tx.clone(), kick.clone());
-    let ctx = ConnCtx { user, device: device.clone(), conn: ConnRef { node: chat.node.clone(), conn: id } };
+    let ctx = ConnCtx { user, device: device.clone(), conn: ConnRef { node: chat.node.clone(), conn: id }, read_only: principal.read_only() };
     chat.metrics.connections_open.inc();
     chat.metrics.connections_total.inc();
 
@@ -155,6 +155,7 @@ pub async fn serve(chat: Arc<Chat>, principal: Principal, device: DeviceId, sock
     let _done = writer.await;
     chat.metrics.connections_open.dec();
     chat.disconnected(&ctx).await;
+    chat.hub.session_ended();
 }
 
 /// Handles one text frame; returns the reply to queue, if any.
@@ -176,9 +177,15 @@ async fn handle_text(chat: &Chat, ctx: &ConnCtx, text: &str) -> Option<Outbound>
         }
     };
     chat.metrics.frames_in.with_label_values(&[frame.type_name()]).inc();
+    let writes = matches!(frame, ClientFrame::Send { .. } | ClientFrame::Delivered { .. } | ClientFrame::Read { .. } | ClientFrame::Typing { .. });
+    if writes && ctx.read_only {
+        let e = ApiError::new(axum::http::StatusCode::FORBIDDEN, "forbidden", "auditor accounts are read-only");
+        chat.metrics.errors.with_label_values(&[e.code]).inc();
+        return Some(error_frame(&e, r#ref));
+    }
     let result = match frame {
-        ClientFrame::Send { r#ref, client_msg_id, to, conversation_id, kind, body } => {
-            chat.send(ctx, SendCommand { r#ref, client_msg_id, to, conversation_id, kind, body }).await
+        ClientFrame::Send { r#ref, client_msg_id, to, conversation_id, kind, body, media_id, metadata } => {
+            chat.send(ctx, SendCommand { r#ref, client_msg_id, to, conversation_id, kind, body, media_id, metadata }).await
         }
         ClientFrame::Delivered { r#ref, conversation_id, message_ids } => chat
             .delivered(ctx, &conversation_id, &message_ids)

@@ -7,7 +7,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use chat_events::{
-    ConversationId, GroupChange, GroupId, GroupRole, MessageId, MessageKind, PresenceStatus, ReceiptStatus, StreamItem, UserId,
+    ConversationId, GroupChange, GroupId, GroupRole, MediaAttachment, MessageId, MessageKind, PresenceStatus, ReceiptStatus, StreamItem,
+    UserId,
 };
 use chat_gateway::error::ApiError;
 use chat_gateway::frames::{ClientFrame, ServerFrame, SyncItem};
@@ -86,6 +87,7 @@ const ALICE: &str = "0b6e3a5c-8d7f-4e21-9a3b-5c6d7e8f9a01";
 const BOB: &str = "7f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9";
 const MSG: &str = "01932c07-8a4e-7b3c-9d2e-1f0a9b8c7d6e";
 const GROUP: &str = "5a1e0000-4000-8000-0000-000000000001";
+const MEDIA: &str = "00000000-0000-0000-0000-000000000007";
 
 fn ids() -> (UserId, UserId, ConversationId, MessageId) {
     let alice: UserId = ALICE.parse().expect("id");
@@ -113,6 +115,10 @@ fn at() -> DateTime<Utc> {
 struct Items {
     message: StreamItem,
     group_message: StreamItem,
+    /// An image with its media, in a group.
+    image_message: StreamItem,
+    /// A caption-less audio message with only a duration.
+    audio_message: StreamItem,
     receipt: StreamItem,
     group_receipt: StreamItem,
     all_receipt: StreamItem,
@@ -126,6 +132,8 @@ impl Items {
         vec![
             self.message.clone(),
             self.group_message.clone(),
+            self.image_message.clone(),
+            self.audio_message.clone(),
             self.receipt.clone(),
             self.group_receipt.clone(),
             self.all_receipt.clone(),
@@ -148,6 +156,20 @@ fn items() -> Items {
         body: "hello".into(),
         sent_at: at(),
         position,
+        media: None,
+    };
+    let media_message = |conversation_id: ConversationId, position: Option<i64>, message_kind: MessageKind, body: &str, media: MediaAttachment| {
+        StreamItem::Message {
+            message_id: msg,
+            conversation_id,
+            sender: alice,
+            client_msg_id: "c-m".into(),
+            message_kind,
+            body: body.into(),
+            sent_at: at(),
+            position,
+            media: Some(media),
+        }
     };
     let receipt = |conversation_id: ConversationId, by: UserId, all: bool, device_id: Option<String>| StreamItem::Receipt {
         conversation_id,
@@ -161,6 +183,34 @@ fn items() -> Items {
     Items {
         message: message(conv.clone(), None),
         group_message: message(g.clone(), Some(12)),
+        image_message: media_message(
+            g.clone(),
+            Some(13),
+            MessageKind::Image,
+            "the crag",
+            MediaAttachment {
+                media_id: MEDIA.parse().expect("id"),
+                content_type: "image/png".into(),
+                size: 1234,
+                width: Some(640),
+                height: Some(480),
+                duration_ms: None,
+            },
+        ),
+        audio_message: media_message(
+            conv.clone(),
+            None,
+            MessageKind::Audio,
+            "",
+            MediaAttachment {
+                media_id: MEDIA.parse().expect("id"),
+                content_type: "audio/ogg".into(),
+                size: 0,
+                width: None,
+                height: None,
+                duration_ms: Some(3_000),
+            },
+        ),
         receipt: receipt(conv.clone(), bob, false, None),
         group_receipt: receipt(g.clone(), bob, false, Some("phone".into())),
         all_receipt: receipt(g.clone(), alice, true, None),
@@ -304,6 +354,29 @@ fn push_frames_of_group_items() {
     assert_eq!(device["device_id"], json!("phone"));
 }
 
+/// The push frame of a media message carries its media as the stream item has it; a text has
+/// none.
+#[test]
+fn push_frames_carry_media() {
+    let items = items();
+    let image = server_json(&ServerFrame::from_item(&items.image_message));
+    assert_eq!(image["kind"], json!("image"));
+    assert_eq!(
+        image["media"],
+        json!({"media_id": MEDIA, "content_type": "image/png", "size": 1234, "width": 640, "height": 480}),
+        "{image}"
+    );
+    let audio = server_json(&ServerFrame::from_item(&items.audio_message));
+    assert_eq!(audio["media"], json!({"media_id": MEDIA, "content_type": "audio/ogg", "size": 0, "duration_ms": 3000}), "{audio}");
+    assert_eq!(audio["body"], json!(""));
+    let text = server_json(&ServerFrame::from_item(&items.message));
+    assert!(text.get("media").is_none(), "{text}");
+    // And the sync item is the stream item as is.
+    let sync = server_json(&sync_of(vec![items.image_message.clone()]));
+    assert_eq!(sync["items"][0]["media"], image["media"]);
+    assert_eq!(sync["items"][0]["message_kind"], json!("image"));
+}
+
 fn client_examples() -> Vec<Value> {
     let c = conv();
     let g = group_conv().to_string();
@@ -311,6 +384,12 @@ fn client_examples() -> Vec<Value> {
         json!({"type": "send", "ref": 1, "client_msg_id": "c-1", "to": BOB, "body": "hi"}),
         json!({"type": "send", "client_msg_id": "c-2", "conversation_id": c, "kind": "text", "body": "hi", "to": null}),
         json!({"type": "send", "client_msg_id": "c-3", "conversation_id": g, "body": "hi all"}),
+        json!({"type": "send", "client_msg_id": "c-4", "to": BOB, "kind": null, "body": "hi", "media_id": null, "metadata": null}),
+        json!({"type": "send", "client_msg_id": "c-5", "to": BOB, "kind": "image", "body": "the crag", "media_id": MEDIA, "metadata": {"width": 640, "height": 480}}),
+        json!({"type": "send", "client_msg_id": "c-6", "conversation_id": g, "kind": "audio", "media_id": MEDIA}),
+        json!({"type": "send", "client_msg_id": "c-7", "conversation_id": c, "kind": "video", "body": "", "media_id": MEDIA, "metadata": {"width": 1920, "height": 1080, "duration_ms": 86_400_000}}),
+        json!({"type": "send", "client_msg_id": "c-8", "to": BOB, "kind": "image", "media_id": MEDIA, "metadata": {"width": null}}),
+        json!({"type": "send", "client_msg_id": "c-9", "to": BOB, "kind": "audio", "media_id": MEDIA, "metadata": {}}),
         json!({"type": "delivered", "ref": "d-1", "conversation_id": c, "message_ids": [MSG]}),
         json!({"type": "delivered", "conversation_id": g, "message_ids": [MSG]}),
         json!({"type": "read", "conversation_id": c, "up_to": MSG}),
@@ -346,8 +425,14 @@ fn malformed_client_frames_are_refused_by_serde_and_schema() {
         json!({"type": "subscribe", "conversation_id": c}),
         json!({"conversation_id": c}),
         json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "body": "hi", "extra": 1}),
-        json!({"type": "send", "client_msg_id": "c-1", "to": BOB}),
         json!({"type": "ping", "extra": true}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "body": null}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "kind": 1, "body": "hi"}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "kind": "image", "media_id": 7}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "kind": "image", "media_id": MEDIA, "metadata": {"width": 640, "format": "png"}}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "kind": "image", "media_id": MEDIA, "metadata": {"width": -1}}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "kind": "image", "media_id": MEDIA, "metadata": {"height": 1.5}}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "kind": "image", "media": {"media_id": MEDIA}}),
         json!({"type": "read", "conversation_id": c, "up_to": 5}),
         json!({"type": "delivered", "conversation_id": c, "message_ids": MSG}),
         json!({"type": "sync", "limit": -1}),
@@ -370,7 +455,22 @@ fn client_json_states_the_content_rules() {
         json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "conversation_id": c, "body": "hi"}),
         json!({"type": "send", "client_msg_id": "", "to": BOB, "body": "hi"}),
         json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "body": ""}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "kind": null}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "kind": "text", "body": ""}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "kind": "sticker", "body": "hi"}),
         json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "kind": "image", "body": "hi"}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "kind": "video", "media_id": null}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "kind": "audio", "metadata": {"duration_ms": 1000}}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "kind": "text", "body": "hi", "media_id": MEDIA}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "body": "hi", "media_id": MEDIA}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "body": "hi", "metadata": {"width": 1}}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "body": "hi", "metadata": {}}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "kind": "image", "media_id": "not-a-uuid"}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "kind": "image", "media_id": MEDIA, "metadata": {"width": 0}}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "kind": "image", "media_id": MEDIA, "metadata": {"height": 100_001}}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "kind": "video", "media_id": MEDIA, "metadata": {"duration_ms": 86_400_001}}),
+        json!({"type": "send", "client_msg_id": "c-1", "kind": "image", "media_id": MEDIA}),
         json!({"type": "send", "client_msg_id": "c-1", "to": "bob", "body": "hi"}),
         json!({"type": "read", "conversation_id": "g.1", "up_to": MSG}),
         json!({"type": "read", "conversation_id": format!("g.{GROUP}x"), "up_to": MSG}),
@@ -399,6 +499,17 @@ fn server_json_refuses_drifted_frames() {
         (ServerFrame::from_item(&i.message), "time without milliseconds", |v| v["sent_at"] = json!("2026-01-01T00:00:00Z")),
         (ServerFrame::from_item(&i.message), "position in a message frame", |v| v["position"] = json!(3)),
         (ServerFrame::from_item(&i.message), "g. conversation id with a bad uuid", |v| v["conversation_id"] = json!("g.5a1e0000-4000-8000-0000-00000000000")),
+        (ServerFrame::from_item(&i.message), "unknown kind", |v| v["kind"] = json!("sticker")),
+        (ServerFrame::from_item(&i.message), "text with media", |v| v["media"] = json!({"media_id": MEDIA, "content_type": "image/png", "size": 1})),
+        (ServerFrame::from_item(&i.message), "image without media", |v| v["kind"] = json!("image")),
+        (ServerFrame::from_item(&i.image_message), "media with a bad uuid", |v| v["media"]["media_id"] = json!("not-a-uuid")),
+        (ServerFrame::from_item(&i.image_message), "media with an unknown field", |v| v["media"]["thumbnail"] = json!("x")),
+        (ServerFrame::from_item(&i.image_message), "media without size", |v| remove(&mut v["media"], "size")),
+        (ServerFrame::from_item(&i.image_message), "media with a negative size", |v| v["media"]["size"] = json!(-1)),
+        (ServerFrame::from_item(&i.image_message), "media with a null width", |v| v["media"]["width"] = Value::Null),
+        (ServerFrame::from_item(&i.image_message), "media with a bad content type", |v| v["media"]["content_type"] = json!("image")),
+        (ServerFrame::from_item(&i.audio_message), "media with a fractional duration", |v| v["media"]["duration_ms"] = json!(2.5)),
+        (ServerFrame::from_item(&i.image_message), "image without media", |v| remove(v, "media")),
         (ServerFrame::from_item(&i.receipt), "bad status", |v| v["status"] = json!("read")),
         (ServerFrame::from_item(&i.receipt), "all written as false", |v| v["all"] = json!(false)),
         (ServerFrame::from_item(&i.group_receipt), "bad device id", |v| v["device_id"] = json!("my phone")),
@@ -416,6 +527,11 @@ fn server_json_refuses_drifted_frames() {
         (sync_of(vec![i.member_added.clone()]), "group sync item without position", |v| remove(&mut v["items"][0], "position")),
         (sync_of(vec![i.group_created.clone()]), "group sync item with an unknown change", |v| v["items"][0]["change"] = json!("archived")),
         (sync_of(vec![i.group_message.clone()]), "non-integer message position", |v| v["items"][0]["position"] = json!("12")),
+        (sync_of(vec![i.image_message.clone()]), "sync item media with a bad uuid", |v| v["items"][0]["media"]["media_id"] = json!("g.1")),
+        (sync_of(vec![i.image_message.clone()]), "sync item media with an unknown field", |v| v["items"][0]["media"]["cursor"] = json!("1")),
+        (sync_of(vec![i.image_message.clone()]), "sync item image without media", |v| remove(&mut v["items"][0], "media")),
+        (sync_of(vec![i.message.clone()]), "sync item text with media", |v| v["items"][0]["media"] = json!({"media_id": MEDIA, "content_type": "image/png", "size": 1})),
+        (sync_of(vec![i.message.clone()]), "sync item with an unknown message kind", |v| v["items"][0]["message_kind"] = json!("sticker")),
         (sync_of(vec![i.read.clone()]), "read sync item without at", |v| remove(&mut v["items"][0], "at")),
         (sync_of(vec![i.read.clone()]), "unknown sync item kind", |v| v["items"][0]["kind"] = json!("typing")),
         (sync_of(vec![i.read.clone()]), "sync item as a push frame", |v| v["items"][0]["type"] = json!("read")),

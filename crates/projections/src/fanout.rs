@@ -75,6 +75,7 @@ fn message_item(env: &Envelope, m: &MessageSent, position: Option<i64>) -> Strea
         body: m.body.clone(),
         sent_at: env.occurred_at,
         position,
+        media: m.media.clone(),
     }
 }
 
@@ -140,7 +141,12 @@ pub fn route_direct(env: &Envelope) -> Vec<Envelope> {
         | Event::GroupMemberRemoved(_)
         | Event::UserRegistered(_)
         | Event::PresenceChanged(_)
-        | Event::DeliveryQueued(_) => Vec::new(),
+        | Event::DeliveryQueued(_)
+        | Event::UserRoleChanged(_)
+        | Event::ProfileUpdated(_)
+        | Event::ProfileViewed(_)
+        | Event::AuditAccessed(_)
+        | Event::MediaUploaded(_) => Vec::new(),
     }
 }
 
@@ -297,7 +303,14 @@ impl FanOut {
                 let Some(group) = existing else { return Ok(Vec::new()) };
                 self.group_read(env, &group, r, o).await
             }
-            Event::UserRegistered(_) | Event::PresenceChanged(_) | Event::DeliveryQueued(_) => Ok(Vec::new()),
+            Event::UserRegistered(_)
+            | Event::PresenceChanged(_)
+            | Event::DeliveryQueued(_)
+            | Event::UserRoleChanged(_)
+            | Event::ProfileUpdated(_)
+            | Event::ProfileViewed(_)
+            | Event::AuditAccessed(_)
+            | Event::MediaUploaded(_) => Ok(Vec::new()),
         }
     }
 
@@ -485,6 +498,7 @@ mod tests {
                 client_msg_id: cmid.into(),
                 kind: MessageKind::Text,
                 body: "hi".into(),
+                media: None,
             }),
         )
     }

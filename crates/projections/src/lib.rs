@@ -12,6 +12,7 @@
 //! reads it, writes history/index/inbox/receipts, and stores offset 41 of partition 3; later it
 //! reads each `delivery.queued` and writes the user-stream row whose seq is that record's offset.
 
+pub mod analytics;
 pub mod fanout;
 pub mod projector;
 pub mod worker;

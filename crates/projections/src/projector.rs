@@ -12,8 +12,11 @@ use chat_events::{
     MessageSent, PresenceStatus, ReceiptStatus, Record, StreamItem, TopicKind, Topics, UserId,
 };
 use chat_store::{
-    GroupMemberRow, GroupRow, InboxRow, MessageRow, ReadMarker, ReceiptRow, StoreError, StreamRow, Tables, UserGroupRow,
+    GroupMemberRow, GroupRow, InboxRow, MessageRow, ProfileRow, ReadMarker, ReceiptRow, StoreError, StreamRow, Tables,
+    UserGroupRow,
 };
+
+use crate::analytics::{day_of, topics_of};
 use tracing::debug;
 
 use crate::worker::{dead_letter, Handler, HandlerError};
@@ -23,18 +26,54 @@ pub struct Projector {
     store: Arc<dyn Tables>,
     log: Arc<dyn EventLog>,
     topics: Topics,
+    /// Analytics keywords (configuration: a rebuild with other keywords counts other topics).
+    keywords: Vec<String>,
 }
 
 type R<T> = Result<T, StoreError>;
 
 impl Projector {
-    pub fn new(store: Arc<dyn Tables>, log: Arc<dyn EventLog>, topics: Topics) -> Self {
-        Projector { store, log, topics }
+    pub fn new(store: Arc<dyn Tables>, log: Arc<dyn EventLog>, topics: Topics, keywords: Vec<String>) -> Self {
+        Projector { store, log, topics, keywords }
+    }
+
+    /// Analytics of one accepted message: counted once per (day, kind, scope), its sender active
+    /// that day, its topics.
+    async fn message_stats(&self, id: MessageId, sender: UserId, kind: &str, group: bool, body: &str, at: &chrono::DateTime<chrono::Utc>) -> R<()> {
+        let day = day_of(at);
+        self.store.add_message_stat(day, kind, if group { "group" } else { "direct" }, id).await?;
+        self.store.add_active_user(day, sender).await?;
+        for t in topics_of(body, &self.keywords) {
+            self.store.add_topic(day, &t, id).await?;
+        }
+        Ok(())
     }
 
     /// Applies one event read at `offset` of its partition.
     pub async fn apply(&self, env: &Envelope, offset: i64) -> R<()> {
+        // Whoever acknowledges or reads is active that day (sending is counted with the message).
         match &env.event {
+            Event::MessageDelivered(d) => self.store.add_active_user(day_of(&env.occurred_at), d.recipient).await?,
+            Event::MessageRead(r) => self.store.add_active_user(day_of(&env.occurred_at), r.reader).await?,
+            Event::PresenceChanged(p) if p.status == PresenceStatus::Online => {
+                self.store.add_active_user(day_of(&env.occurred_at), p.user_id).await?
+            }
+            _ => {}
+        }
+        match &env.event {
+            // Facts kept in the log itself (and, for roles and media, in command-side tables).
+            Event::UserRoleChanged(_) | Event::AuditAccessed(_) | Event::MediaUploaded(_) => Ok(()),
+            Event::ProfileUpdated(p) => {
+                self.store
+                    .put_profile(&ProfileRow {
+                        user_id: p.user_id,
+                        display_name: p.display_name.clone(),
+                        avatar_media_id: p.avatar_media_id,
+                        updated_at: env.occurred_at,
+                    })
+                    .await
+            }
+            Event::ProfileViewed(v) => self.store.add_profile_view(v.viewed, day_of(&env.occurred_at), v.viewer, env.event_id).await,
             Event::UserRegistered(u) => self.store.put_user(u.user_id, &u.username, env.occurred_at).await,
             // Group conversations are projected from the fan-out's validated output (the
             // stream items below), never from their raw events: only the fan-out knows who was a
@@ -77,8 +116,10 @@ impl Projector {
                 body: m.body.clone(),
                 sent_at: env.occurred_at,
                 position: offset,
+                media: m.media.clone(),
             })
             .await?;
+        self.message_stats(m.message_id, m.sender, m.kind.as_str(), false, &m.body, &env.occurred_at).await?;
         self.store
             .put_receipts(&[ReceiptRow {
                 message_id: m.message_id,
@@ -215,7 +256,7 @@ impl Projector {
     /// the stream offset.
     async fn group_views(&self, user: UserId, item: &StreamItem, offset: i64) -> R<()> {
         match item {
-            StreamItem::Message { message_id, conversation_id, sender, client_msg_id, message_kind, body, sent_at, position }
+            StreamItem::Message { message_id, conversation_id, sender, client_msg_id, message_kind, body, sent_at, position, media }
                 if conversation_id.is_group() =>
             {
                 let position = position.unwrap_or_default();
@@ -233,8 +274,10 @@ impl Projector {
                             body: body.clone(),
                             sent_at: *sent_at,
                             position,
+                            media: media.clone(),
                         })
                         .await?;
+                    self.message_stats(*message_id, *sender, message_kind.as_str(), true, body, sent_at).await?;
                 } else {
                     self.store
                         .put_receipts(&[ReceiptRow {
@@ -342,6 +385,7 @@ impl Projector {
             body: String::new(),
             sent_at: chrono::Utc::now(),
             position: None,
+            media: None,
         };
         let id = chat_events::derive_id::delivery_queued(user, &probe, chat_events::EventId::new_v7());
         let Some(seq) = self.store.stream_seq_of(user, id.0).await? else { return Ok(0) };

@@ -4,22 +4,24 @@
 //! drift. Cargo feature `conformance`.
 //!
 //! Every case takes a store and panics with a message naming the broken rule. Cases use fresh
-//! random ids, so they do not see each other's rows; [`checksums_and_truncate`] empties the
+//! random ids, so they do not see each other's rows (analytics sets are per day for every user,
+//! so each analytics case writes days of its own); [`checksums_and_truncate`] empties the
 //! projection tables and so must not run beside another case. [`run_all`] runs them in order on
 //! a fresh store (a new keyspace, a new directory).
 //!
 //! Times are whole milliseconds: that is what both back-ends keep.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use chat_events::{ConversationId, GroupId, GroupRole, MessageId, ReceiptStatus, UserId};
-use chrono::{DateTime, Utc};
+use chat_events::{ConversationId, EventId, GroupId, GroupRole, MessageId, ReceiptStatus, UserId};
+use chrono::{DateTime, Days, NaiveDate, Utc};
 use uuid::Uuid;
 
 use crate::{
-    bucket_of, Account, FanoutGroup, FanoutMessage, GroupMemberRow, GroupRow, InboxRow, MemberInterval, MessageMeta, MessageRow,
-    ReadMarker, ReceiptRow, SendReservation, StreamRow, Tables, UserGroupRow, PROJECTION_TABLES,
+    bucket_of, Account, FanoutGroup, FanoutMessage, GroupMemberRow, GroupRow, InboxRow, MemberInterval, MessageCount, MessageMeta,
+    MessageRow, ProfileRow, ProfileViews, ReadMarker, ReceiptRow, SendReservation, StoreError, StreamRow, Tables, TopicCount,
+    UserGroupRow, PROJECTION_TABLES,
 };
 
 /// 2024-05-01T00:00:00Z: the start of a day bucket.
@@ -34,6 +36,7 @@ pub async fn run_all(tables: Arc<dyn Tables>) {
     accounts(t).await;
     send_reservations(t).await;
     message_owners(t).await;
+    media_objects(t).await;
     history(t).await;
     inbox(t).await;
     read_markers(t).await;
@@ -49,6 +52,35 @@ pub async fn run_all(tables: Arc<dyn Tables>) {
     fanout_read_markers(t).await;
     group_rows_highest_position_wins(t).await;
     user_group_intervals(t).await;
+    roles(t).await;
+    profiles_latest_wins(t).await;
+    message_counts(t).await;
+    active_users(t).await;
+    profile_views(t).await;
+    topic_counts(t).await;
+    receipts_of_user(t).await;
+}
+
+/// The first of a few days that only the analytics case `slot` (0, 1, 2, ...) writes: analytics
+/// sets are per day for every user, so cases keep apart by day, and runs on one store by a random
+/// base (some time in the 22nd to 27th centuries).
+fn case_day(slot: u64) -> NaiveDate {
+    static BASE: OnceLock<NaiveDate> = OnceLock::new();
+    let base = *BASE.get_or_init(|| {
+        let start = NaiveDate::from_ymd_opt(2100, 1, 1).expect("a valid date");
+        start + Days::new((Uuid::new_v4().as_u128() % 200_000) as u64)
+    });
+    base + Days::new(slot * 100)
+}
+
+fn plus_days(d: NaiveDate, n: u64) -> NaiveDate {
+    d + Days::new(n)
+}
+
+/// A UUIDv7 message id minted at the start of `day` plus `ms`.
+fn msg_on(day: NaiveDate, ms: i64) -> MessageId {
+    let start = day.and_hms_opt(0, 0, 0).expect("a valid time").and_utc().timestamp_millis();
+    msg_id(start + ms)
 }
 
 fn at(ms: i64) -> DateTime<Utc> {
@@ -82,7 +114,46 @@ fn message(conv: &ConversationId, sender: UserId, ms: i64, n: usize) -> MessageR
         body: format!("héllo ✓ {n}"),
         sent_at: at(ms),
         position: 1_000 + n as i64,
+        // Every third message carries an attachment, which must come back as written.
+        media: n.is_multiple_of(3).then(|| chat_events::MediaAttachment {
+            media_id: uuid::Uuid::from_u128(n as u128 + 1),
+            content_type: "image/png".into(),
+            size: 1_000 + n as u64,
+            width: Some(640),
+            height: None,
+            duration_ms: Some(n as u64),
+        }),
     }
+}
+
+/// Media objects read back as written; `public` flips once; shares are a set per object.
+pub async fn media_objects(t: &dyn Tables) {
+    let id = uuid::Uuid::new_v4();
+    assert_eq!(t.media(id).await.expect("media"), None, "an unknown media object");
+    let m = crate::MediaObject {
+        media_id: id,
+        uploader: UserId::random(),
+        kind: "video".into(),
+        content_type: "video/mp4".into(),
+        size: 6 << 20,
+        sha256: "ab".repeat(32),
+        created_at: at(DAY0_MS + 3),
+        public: false,
+    };
+    t.put_media(&m).await.expect("put_media");
+    assert_eq!(t.media(id).await.expect("media"), Some(m.clone()), "put_media reads back");
+    t.set_media_public(id).await.expect("set_media_public");
+    assert_eq!(t.media(id).await.expect("media").map(|x| x.public), Some(true), "set_media_public");
+    assert!(t.media_shares(id).await.expect("media_shares").is_empty(), "no shares yet");
+    let (c1, c2) = (group(), group());
+    for c in [&c1, &c2, &c1] {
+        t.share_media(id, c).await.expect("share_media");
+    }
+    let mut got = t.media_shares(id).await.expect("media_shares");
+    got.sort();
+    let mut want = vec![c1, c2];
+    want.sort();
+    assert_eq!(got, want, "shares are a set");
 }
 
 fn ids(rows: &[MessageRow]) -> Vec<MessageId> {
@@ -818,6 +889,288 @@ pub async fn user_group_intervals(t: &dyn Tables) {
     assert!(get(u, other).await.is_empty(), "intervals are per group");
 }
 
+/// Roles: a grant adds the role once however often it is repeated, a revoke removes it (also
+/// when repeated or when the role was never granted), roles are per user, listed by name.
+pub async fn roles(t: &dyn Tables) {
+    let (u, v) = (UserId::random(), UserId::random());
+    let roles = |user: UserId| async move { t.roles(user).await.unwrap_or_else(|e| panic!("roles: {e}")) };
+    let set = |role: &'static str, granted: bool| async move {
+        t.set_role(u, role, granted).await.unwrap_or_else(|e| panic!("set_role({role}, {granted}): {e}"))
+    };
+    assert!(roles(u).await.is_empty(), "roles of a user never granted one");
+    set("auditor", true).await;
+    set("analyst", true).await;
+    set("auditor", true).await;
+    assert_eq!(roles(u).await, ["analyst", "auditor"], "roles lists each granted role once, by name");
+    assert!(roles(v).await.is_empty(), "roles are per user");
+    set("auditor", false).await;
+    assert_eq!(roles(u).await, ["analyst"], "a revoke removes the role");
+    set("auditor", false).await;
+    set("admin", false).await;
+    assert_eq!(roles(u).await, ["analyst"], "revoking a role the user does not have changes nothing");
+    set("auditor", true).await;
+    assert_eq!(roles(u).await, ["analyst", "auditor"], "a revoked role can be granted again");
+}
+
+/// Profiles: the latest `updated_at` wins whatever the write order (a later update without an
+/// avatar clears an older one's avatar); repeats change nothing; two updates with one
+/// `updated_at` give the same row in either order.
+pub async fn profiles_latest_wins(t: &dyn Tables) {
+    assert_eq!(t.profile(UserId::random()).await.expect("profile"), None, "profile of a user with none");
+    let profile = |user: UserId, name: &str, avatar: Option<Uuid>, ms: i64| ProfileRow {
+        user_id: user,
+        display_name: name.into(),
+        avatar_media_id: avatar,
+        updated_at: at(ms),
+    };
+    let (t1, t2) = (DAY0_MS + 1_000, DAY0_MS + 2_000);
+    let (a1, a2) = (Uuid::new_v4(), Uuid::new_v4());
+    // (what, older, newer)
+    let cases = [
+        ("the newer clears the avatar", (Some(a1), "Old name"), (None, "Néw ✓")),
+        ("the newer sets an avatar", (None, "Old name"), (Some(a2), "Néw ✓")),
+        ("the newer changes the avatar", (Some(a1), "Same"), (Some(a2), "Same")),
+    ];
+    for (what, (old_avatar, old_name), (new_avatar, new_name)) in cases {
+        for newer_first in [false, true] {
+            let u = UserId::random();
+            let older = profile(u, old_name, old_avatar, t1);
+            let newer = profile(u, new_name, new_avatar, t2);
+            let order = if newer_first { [&newer, &older, &newer] } else { [&older, &newer, &newer] };
+            for p in order {
+                t.put_profile(p).await.expect("put_profile");
+            }
+            let order = if newer_first { "newer first" } else { "older first" };
+            assert_eq!(t.profile(u).await.expect("profile"), Some(newer), "put_profile ({what}, {order}): the latest updated_at wins");
+        }
+    }
+
+    // One updated_at, two contents: whatever the back-end picks, the order must not matter.
+    let (x, y) = (UserId::random(), UserId::random());
+    let one = |u: UserId| profile(u, "Ann", Some(a1), t1);
+    let other = |u: UserId| profile(u, "Bob", None, t1);
+    for p in [one(x), other(x)] {
+        t.put_profile(&p).await.expect("put_profile");
+    }
+    for p in [other(y), one(y)] {
+        t.put_profile(&p).await.expect("put_profile");
+    }
+    let gx = t.profile(x).await.expect("profile").expect("a profile");
+    let gy = t.profile(y).await.expect("profile").expect("a profile");
+    assert_eq!(
+        (&gx.display_name, gx.avatar_media_id, gx.updated_at),
+        (&gy.display_name, gy.avatar_media_id, gy.updated_at),
+        "put_profile: two updates with one updated_at give the same profile in either write order"
+    );
+}
+
+/// Message counts: a message counts once however often it is written, per (day, kind, scope);
+/// a range covers its first and last day and nothing else, days and keys with nothing are
+/// left out; an unknown kind or scope is refused.
+pub async fn message_counts(t: &dyn Tables) {
+    let d0 = case_day(0);
+    let (d1, d2, d3) = (plus_days(d0, 1), plus_days(d0, 2), plus_days(d0, 3));
+    let before = d0.pred_opt().expect("a day before");
+    let add = |day: NaiveDate, kind: &'static str, scope: &'static str, m: MessageId| async move {
+        t.add_message_stat(day, kind, scope, m).await.unwrap_or_else(|e| panic!("add_message_stat: {e}"))
+    };
+    let m: Vec<MessageId> = (0..10).map(|i| msg_on(d0, i)).collect();
+    add(d0, "text", "direct", m[0]).await;
+    add(d0, "text", "direct", m[1]).await;
+    add(d0, "text", "direct", m[0]).await;
+    add(d0, "image", "group", m[2]).await;
+    add(d2, "video", "direct", m[3]).await;
+    add(d2, "text", "group", m[4]).await;
+    add(d2, "text", "group", m[5]).await;
+    add(d2, "text", "group", m[5]).await;
+    add(d2, "audio", "direct", m[6]).await;
+    add(d3, "text", "direct", m[7]).await;
+    add(before, "text", "direct", m[8]).await;
+
+    let counts = |from: NaiveDate, to: NaiveDate| async move {
+        t.message_counts(from, to).await.unwrap_or_else(|e| panic!("message_counts: {e}"))
+    };
+    let count = |day: NaiveDate, kind: &str, scope: &str, messages: u64| MessageCount { day, kind: kind.into(), scope: scope.into(), messages };
+    assert_eq!(
+        counts(d0, d2).await,
+        vec![
+            count(d0, "text", "direct", 2),
+            count(d0, "image", "group", 1),
+            count(d2, "text", "group", 2),
+            count(d2, "audio", "direct", 1),
+            count(d2, "video", "direct", 1),
+        ],
+        "message_counts: each message once per (day, kind, scope), both ends of the range included, empty days and keys left \
+         out, by day then kind and scope in the order of MESSAGE_KINDS and MESSAGE_SCOPES"
+    );
+    assert!(counts(d1, d1).await.is_empty(), "message_counts of a day with no messages is empty");
+    assert_eq!(counts(d3, d3).await, vec![count(d3, "text", "direct", 1)], "message_counts of one day");
+
+    for (kind, scope) in [("sticker", "direct"), ("text", "channel")] {
+        match t.add_message_stat(d1, kind, scope, m[9]).await {
+            Err(StoreError::Data(_)) => {}
+            other => panic!("add_message_stat({kind}, {scope}) must be refused as a data error, got {other:?}"),
+        }
+    }
+    assert!(counts(d1, d1).await.is_empty(), "a refused add_message_stat writes nothing");
+}
+
+/// Active users: a user counts once per day, per day in the range, days with none left out.
+pub async fn active_users(t: &dyn Tables) {
+    let d0 = case_day(1);
+    let (d1, d2, d3) = (plus_days(d0, 1), plus_days(d0, 2), plus_days(d0, 3));
+    let (u, v, w) = (UserId::random(), UserId::random(), UserId::random());
+    for (day, user) in [(d0, u), (d0, v), (d0, u), (d2, u), (d2, u), (d3, w)] {
+        t.add_active_user(day, user).await.expect("add_active_user");
+    }
+    let active = |from: NaiveDate, to: NaiveDate| async move {
+        t.active_users(from, to).await.unwrap_or_else(|e| panic!("active_users: {e}"))
+    };
+    assert_eq!(active(d0, d2).await, vec![(d0, 2), (d2, 1)], "active_users: distinct users per day, oldest first, empty days left out");
+    assert!(active(d1, d1).await.is_empty(), "active_users of a day with none is empty");
+    assert_eq!(active(d0, d3).await.len(), 3, "active_users includes the last day of the range");
+}
+
+/// Profile views: one per view event however often it is written, per viewed user and day;
+/// distinct viewers with their views, most views first (equal views by viewer id).
+pub async fn profile_views(t: &dyn Tables) {
+    let d0 = case_day(2);
+    let (d1, d2, d3) = (plus_days(d0, 1), plus_days(d0, 2), plus_days(d0, 3));
+    let (viewed, other) = (UserId::random(), UserId::random());
+    let (a, b, c) = (UserId::random(), UserId::random(), UserId::random());
+    let e: Vec<EventId> = (0..10).map(|_| EventId(Uuid::new_v4())).collect();
+    let writes = [
+        (viewed, d0, a, e[0]),
+        (viewed, d0, a, e[1]),
+        (viewed, d0, a, e[0]),
+        (viewed, d0, b, e[2]),
+        (viewed, d0, a, e[3]),
+        (viewed, d0, c, e[4]),
+        (viewed, d2, b, e[5]),
+        (viewed, d2, b, e[6]),
+        (viewed, d3, c, e[7]),
+        (other, d0, a, e[8]),
+    ];
+    for (viewed, day, viewer, view) in writes {
+        t.add_profile_view(viewed, day, viewer, view).await.expect("add_profile_view");
+    }
+    let views = |user: UserId, from: NaiveDate, to: NaiveDate| async move {
+        t.profile_views(user, from, to).await.unwrap_or_else(|e| panic!("profile_views: {e}"))
+    };
+    let mut tied = vec![(b, 1), (c, 1)];
+    tied.sort_by_key(|(u, _)| *u);
+    let mut day0 = vec![(a, 3)];
+    day0.extend(tied);
+    assert_eq!(
+        views(viewed, d0, d2).await,
+        vec![ProfileViews { day: d0, views: 5, viewers: day0 }, ProfileViews { day: d2, views: 2, viewers: vec![(b, 2)] }],
+        "profile_views: each view once, per day, empty days left out, viewers by views (most first, then by id)"
+    );
+    assert!(views(viewed, d1, d1).await.is_empty(), "profile_views of a day with none is empty");
+    assert_eq!(
+        views(other, d0, d3).await,
+        vec![ProfileViews { day: d0, views: 1, viewers: vec![(a, 1)] }],
+        "profile views are per viewed user"
+    );
+    assert!(views(UserId::random(), d0, d3).await.is_empty(), "profile_views of a user nobody viewed");
+}
+
+/// Topic counts: a message counts once per topic and day; most mentioned first within a day,
+/// equal counts by topic.
+pub async fn topic_counts(t: &dyn Tables) {
+    let d0 = case_day(3);
+    let (d1, d2, d3) = (plus_days(d0, 1), plus_days(d0, 2), plus_days(d0, 3));
+    let m: Vec<MessageId> = (0..8).map(|i| msg_on(d0, i)).collect();
+    let writes = [
+        (d0, "#climb", m[0]),
+        (d0, "#climb", m[1]),
+        (d0, "#climb", m[0]),
+        (d0, "rain", m[0]),
+        (d0, "#über", m[1]),
+        (d0, "#climb", m[2]),
+        (d0, "#über", m[2]),
+        (d2, "b", m[3]),
+        (d2, "a", m[4]),
+        (d3, "rain", m[5]),
+    ];
+    for (day, topic, msg) in writes {
+        t.add_topic(day, topic, msg).await.expect("add_topic");
+    }
+    let topics = |from: NaiveDate, to: NaiveDate| async move {
+        t.topic_counts(from, to).await.unwrap_or_else(|e| panic!("topic_counts: {e}"))
+    };
+    let tc = |day: NaiveDate, topic: &str, messages: u64| TopicCount { day, topic: topic.into(), messages };
+    assert_eq!(
+        topics(d0, d2).await,
+        vec![tc(d0, "#climb", 3), tc(d0, "#über", 2), tc(d0, "rain", 1), tc(d2, "a", 1), tc(d2, "b", 1)],
+        "topic_counts: each message once per topic, by day, most mentioned first, equal counts by topic, empty days left out"
+    );
+    assert!(topics(d1, d1).await.is_empty(), "topic_counts of a day with none is empty");
+    assert_eq!(topics(d3, d3).await, vec![tc(d3, "rain", 1)], "topic_counts of one day");
+}
+
+/// The receipts of one recipient: filled by `put_receipts`, with the earliest `at` per key in
+/// either write order; `from` included, `to` excluded (also between milliseconds); ordered by
+/// time, then message id, status (sent, delivered, seen) and device.
+pub async fn receipts_of_user(t: &dyn Tables) {
+    let (s, r, c) = direct();
+    let base = DAY0_MS + 40 * DAY_MS;
+    let (m1, m2, m3) = (msg_id(base), msg_id(base + 1_000), msg_id(base + 2_000));
+    let (t1, t2, t3, t4, t5) = (base + 10_000, base + 20_000, base + 30_000, base + 40_000, base + 50_000);
+    let put = |rows: Vec<ReceiptRow>| async move { t.put_receipts(&rows).await.unwrap_or_else(|e| panic!("put_receipts: {e}")) };
+    use ReceiptStatus::{Delivered, Seen, Sent};
+    // m1 delivered: later first, then earlier (t1 wins).
+    put(vec![receipt(m1, r, Delivered, "phone", t3, &c)]).await;
+    put(vec![receipt(m1, r, Delivered, "phone", t1, &c)]).await;
+    // m1 seen: earlier first, then later (t2 wins).
+    put(vec![receipt(m1, r, Seen, "phone", t2, &c)]).await;
+    put(vec![receipt(m1, r, Seen, "phone", t4, &c)]).await;
+    // m2 delivered on the laptop at t2 too (a tie in time: m1 before m2), written twice.
+    put(vec![receipt(m2, r, Delivered, "laptop", t2, &c)]).await;
+    put(vec![receipt(m2, r, Delivered, "laptop", t2, &c)]).await;
+    // m3: delivered on two devices and seen, all at t4, in one call, with a later duplicate first.
+    put(vec![
+        receipt(m3, r, Seen, "phone", t5, &c),
+        receipt(m3, r, Seen, "phone", t4, &c),
+        receipt(m3, r, Delivered, "phone", t4, &c),
+        receipt(m3, r, Delivered, "laptop", t4, &c),
+    ])
+    .await;
+    // The sender's own receipt is theirs, not r's.
+    put(vec![receipt(m1, s, Sent, "", t1, &c)]).await;
+
+    let of = |user: UserId, from: DateTime<Utc>, to: DateTime<Utc>| async move {
+        t.receipts_of_user(user, from, to).await.unwrap_or_else(|e| panic!("receipts_of_user: {e}"))
+    };
+    let all = vec![
+        receipt(m1, r, Delivered, "phone", t1, &c),
+        receipt(m1, r, Seen, "phone", t2, &c),
+        receipt(m2, r, Delivered, "laptop", t2, &c),
+        receipt(m3, r, Delivered, "laptop", t4, &c),
+        receipt(m3, r, Delivered, "phone", t4, &c),
+        receipt(m3, r, Seen, "phone", t4, &c),
+    ];
+    assert_eq!(
+        of(r, at(base), at(base + DAY_MS)).await,
+        all,
+        "receipts_of_user: every receipt of the recipient, the earliest `at` per key whatever the write order, \
+         by time, then message id, status and device"
+    );
+    assert_eq!(of(r, at(t2), at(t4)).await, all[1..3], "receipts_of_user: `from` included, `to` excluded");
+    assert_eq!(of(r, at(t2), at(t4 + 1)).await, all[1..], "receipts_of_user: up to just after the last");
+    let half_ms = chrono::Duration::microseconds(500);
+    assert_eq!(
+        of(r, at(t2) + half_ms, at(t4) + half_ms).await,
+        all[3..],
+        "receipts_of_user: bounds between milliseconds (a row at t2 is before `from`, one at t4 before `to`)"
+    );
+    assert!(of(r, at(base), at(t1)).await.is_empty(), "receipts_of_user before the first receipt is empty");
+    assert!(of(r, at(t5), at(base + DAY_MS)).await.is_empty(), "receipts_of_user after the last receipt is empty");
+    assert_eq!(of(s, at(base), at(base + DAY_MS)).await, vec![receipt(m1, s, Sent, "", t1, &c)], "receipts are per recipient");
+    assert!(of(UserId::random(), at(base), at(base + DAY_MS)).await.is_empty(), "receipts_of_user of a user with none");
+    assert_eq!(t.receipts(m3).await.expect("receipts").len(), 3, "put_receipts still writes the timeline by message");
+}
+
 /// One write of the fixture, so that it can be replayed in another order.
 enum Write {
     User(UserId, String, DateTime<Utc>),
@@ -833,6 +1186,11 @@ enum Write {
     GroupMember(GroupMemberRow),
     UserGroup(UserGroupRow),
     Interval(UserId, ConversationId, i64, Option<i64>),
+    Profile(ProfileRow),
+    MessageStat(NaiveDate, &'static str, &'static str, MessageId),
+    ActiveUser(NaiveDate, UserId),
+    ProfileView(UserId, NaiveDate, UserId, EventId),
+    Topic(NaiveDate, &'static str, MessageId),
 }
 
 async fn apply(t: &dyn Tables, w: &Write) {
@@ -850,6 +1208,11 @@ async fn apply(t: &dyn Tables, w: &Write) {
         Write::GroupMember(m) => t.put_group_member(m).await,
         Write::UserGroup(g) => t.put_user_group(g).await,
         Write::Interval(u, c, since, until) => t.put_user_group_interval(*u, c, *since, *until).await,
+        Write::Profile(p) => t.put_profile(p).await,
+        Write::MessageStat(day, kind, scope, m) => t.add_message_stat(*day, kind, scope, *m).await,
+        Write::ActiveUser(day, u) => t.add_active_user(*day, *u).await,
+        Write::ProfileView(viewed, day, viewer, view) => t.add_profile_view(*viewed, *day, *viewer, *view).await,
+        Write::Topic(day, topic, m) => t.add_topic(*day, topic, *m).await,
     };
     r.unwrap_or_else(|e| panic!("fixture write: {e}"));
 }
@@ -861,6 +1224,9 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
     let m1 = message(&c, a, DAY0_MS + 3_600_000, 1);
     let m2 = message(&c, b, DAY0_MS + 3_600_000 + 1, 2);
     let m3 = message(&c, a, DAY0_MS + DAY_MS + 5, 3);
+    let day0 = m1.sent_at.date_naive();
+    let day1 = m3.sent_at.date_naive();
+    let (view1, view2) = (EventId(Uuid::new_v4()), EventId(Uuid::new_v4()));
     let inbox = |user: UserId, peer: UserId, unread: i32| InboxRow {
         user_id: user,
         conversation_id: c.clone(),
@@ -904,6 +1270,23 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         Write::GroupMember(GroupMemberRow { conversation_id: g.clone(), member: b, role: GroupRole::Member, active: false, position: 5 }),
         Write::UserGroup(UserGroupRow { user_id: b, conversation_id: g.clone(), role: GroupRole::Member, active: false, position: 5 }),
         Write::Interval(b, g.clone(), 0, Some(5)),
+        // Profiles, analytics sets (each with a repeat) and, through the receipts above, the
+        // receipts of each recipient.
+        Write::Profile(ProfileRow { user_id: a, display_name: "Alice".into(), avatar_media_id: Some(Uuid::new_v4()), updated_at: at(DAY0_MS) }),
+        Write::Profile(ProfileRow { user_id: a, display_name: "Alice ✓".into(), avatar_media_id: None, updated_at: at(DAY0_MS + 5) }),
+        Write::MessageStat(day0, "text", "direct", m1.message_id),
+        Write::MessageStat(day0, "text", "direct", m2.message_id),
+        Write::MessageStat(day0, "text", "direct", m1.message_id),
+        Write::MessageStat(day1, "text", "direct", m3.message_id),
+        Write::ActiveUser(day0, a),
+        Write::ActiveUser(day0, b),
+        Write::ActiveUser(day0, a),
+        Write::ProfileView(a, day0, b, view1),
+        Write::ProfileView(a, day0, b, view2),
+        Write::ProfileView(a, day0, b, view1),
+        Write::Topic(day0, "#climb", m1.message_id),
+        Write::Topic(day0, "#climb", m2.message_id),
+        Write::Topic(day0, "#climb", m1.message_id),
     ];
     let rows = BTreeMap::from([
         ("users", 2),
@@ -921,6 +1304,12 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         ("group_members", 2),
         ("user_groups", 2),
         ("user_group_intervals", 2),
+        ("profiles", 1),
+        ("analytics_messages", 3),
+        ("analytics_active_users", 2),
+        ("analytics_profile_views", 2),
+        ("analytics_topics", 2),
+        ("receipts_by_user", 2),
     ]);
     (writes, rows)
 }
@@ -968,6 +1357,7 @@ pub async fn checksums_and_truncate(t: &dyn Tables) {
     };
     assert_eq!(t.reserve_send(&reservation).await.expect("reserve_send"), None);
     t.put_message_owner(reservation.message_id, &conv, sender).await.expect("put_message_owner");
+    t.set_role(sender, "auditor", true).await.expect("set_role");
 
     // The fan-out's state, which a truncation must keep too.
     let g = group();
@@ -1036,4 +1426,5 @@ pub async fn checksums_and_truncate(t: &dyn Tables) {
         Some((fmessage.message_id, 2)),
         "truncate_projections keeps fanout_read_markers"
     );
+    assert_eq!(t.roles(sender).await.expect("roles"), ["auditor"], "truncate_projections keeps user_roles");
 }

@@ -18,6 +18,7 @@
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod groups;
+pub mod insights;
 pub mod scylla_store;
 pub mod sqlite_store;
 
@@ -28,6 +29,7 @@ use chat_events::{ConversationId, DeviceId, MessageId, ReceiptStatus, UserId};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+pub use insights::{InsightStore, MessageCount, ProfileRow, ProfileViews, TopicCount, MESSAGE_KINDS, MESSAGE_SCOPES};
 pub use groups::{FanoutGroup, FanoutMessage, FanoutStore, GroupMemberRow, GroupRow, GroupStore, MemberInterval, UserGroupRow};
 pub use scylla_store::{ScyllaConfig, ScyllaStore};
 pub use sqlite_store::SqliteStore;
@@ -95,6 +97,31 @@ pub trait CommandStore: Send + Sync {
     async fn put_message_owner(&self, message: MessageId, conv: &ConversationId, sender: UserId) -> StoreResult<()>;
     /// The conversation and sender of a message accepted by some gateway.
     async fn message_owner(&self, message: MessageId) -> StoreResult<Option<(ConversationId, UserId)>>;
+    /// Records an uploaded media object (after it is stored, before its event).
+    async fn put_media(&self, m: &MediaObject) -> StoreResult<()>;
+    async fn media(&self, id: uuid::Uuid) -> StoreResult<Option<MediaObject>>;
+    /// Makes a media object readable by every user (it became an avatar).
+    async fn set_media_public(&self, id: uuid::Uuid) -> StoreResult<()>;
+    /// Records that a media object was sent in a conversation (before the message's append).
+    async fn share_media(&self, id: uuid::Uuid, conv: &ConversationId) -> StoreResult<()>;
+    /// The conversations a media object was sent in.
+    async fn media_shares(&self, id: uuid::Uuid) -> StoreResult<Vec<ConversationId>>;
+}
+
+/// An uploaded media object (command side: who may attach and read it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MediaObject {
+    pub media_id: uuid::Uuid,
+    pub uploader: UserId,
+    /// image, audio or video
+    pub kind: String,
+    /// Detected from the bytes.
+    pub content_type: String,
+    pub size: i64,
+    pub sha256: String,
+    pub created_at: DateTime<Utc>,
+    /// Readable by every user (an avatar).
+    pub public: bool,
 }
 
 /// A message in a conversation's history.
@@ -113,6 +140,8 @@ pub struct MessageRow {
     /// member only for positions inside their membership).
     #[serde(skip)]
     pub position: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub media: Option<chat_events::MediaAttachment>,
 }
 
 /// Where a message lives.
@@ -273,8 +302,8 @@ pub trait TableAdmin: Send + Sync {
 }
 
 /// Every table trait at once: what a back-end provides.
-pub trait Tables: CommandStore + ProjectionStore + ReadStore + TableAdmin + FanoutStore + GroupStore {}
-impl<T: CommandStore + ProjectionStore + ReadStore + TableAdmin + FanoutStore + GroupStore> Tables for T {}
+pub trait Tables: CommandStore + ProjectionStore + ReadStore + TableAdmin + FanoutStore + GroupStore + InsightStore {}
+impl<T: CommandStore + ProjectionStore + ReadStore + TableAdmin + FanoutStore + GroupStore + InsightStore> Tables for T {}
 
 /// The projection tables, in the order checksums report them.
 pub const PROJECTION_TABLES: &[&str] = &[
@@ -293,6 +322,12 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "group_members",
     "user_groups",
     "user_group_intervals",
+    "profiles",
+    "analytics_messages",
+    "analytics_active_users",
+    "analytics_profile_views",
+    "analytics_topics",
+    "receipts_by_user",
 ];
 
 /// Convenience: a device id as stored in the receipts table.

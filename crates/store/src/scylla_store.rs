@@ -8,9 +8,9 @@ use std::fmt::Display;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chat_events::{ConversationId, GroupRole, MessageId, ReceiptStatus, UserId};
-use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
+use chat_events::{ConversationId, EventId, GroupRole, MessageId, ReceiptStatus, UserId};
+use chrono::{DateTime, NaiveDate, Utc};
+use futures::{StreamExt, TryStreamExt};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::batch::{Batch, BatchType};
@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use tracing::info;
 use uuid::Uuid;
 
+use crate::insights::{check_message_stat, days, profile_views_from, sort_message_counts, sort_receipts_of_user, sort_topic_counts};
 use crate::*;
 
 /// Connection settings.
@@ -78,6 +79,11 @@ struct Stmts {
     select_send: PreparedStatement,
     insert_owner: PreparedStatement,
     select_owner: PreparedStatement,
+    insert_media: PreparedStatement,
+    select_media: PreparedStatement,
+    publish_media: PreparedStatement,
+    insert_media_share: PreparedStatement,
+    select_media_shares: PreparedStatement,
 
     insert_user: PreparedStatement,
     insert_message: PreparedStatement,
@@ -134,6 +140,22 @@ struct Stmts {
     open_user_group_interval: PreparedStatement,
     close_user_group_interval: PreparedStatement,
     select_user_group_intervals: PreparedStatement,
+
+    insert_role: PreparedStatement,
+    delete_role: PreparedStatement,
+    select_roles: PreparedStatement,
+    insert_profile: PreparedStatement,
+    select_profile: PreparedStatement,
+    insert_analytics_message: PreparedStatement,
+    count_analytics_messages: PreparedStatement,
+    insert_active_user: PreparedStatement,
+    count_active_users: PreparedStatement,
+    insert_profile_view: PreparedStatement,
+    count_profile_views_by_viewer: PreparedStatement,
+    insert_topic: PreparedStatement,
+    count_topics: PreparedStatement,
+    insert_receipt_by_user: PreparedStatement,
+    select_receipts_by_user_upto: PreparedStatement,
 }
 
 /// Every table of the platform on one ScyllaDB/Cassandra keyspace.
@@ -144,8 +166,8 @@ pub struct ScyllaStore {
     stmts: Stmts,
 }
 
-const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position";
-type MessageTuple = (String, Uuid, Uuid, String, String, String, String, DateTime<Utc>, Option<i64>);
+const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media";
+type MessageTuple = (String, Uuid, Uuid, String, String, String, String, DateTime<Utc>, Option<i64>, Option<String>);
 
 fn message_from(t: MessageTuple) -> StoreResult<MessageRow> {
     Ok(MessageRow {
@@ -158,6 +180,10 @@ fn message_from(t: MessageTuple) -> StoreResult<MessageRow> {
         body: t.6,
         sent_at: t.7,
         position: t.8.unwrap_or(0),
+        media: match t.9 {
+            Some(j) => Some(serde_json::from_str(&j).map_err(data)?),
+            None => None,
+        },
     })
 }
 
@@ -268,10 +294,21 @@ impl ScyllaStore {
             .await?,
             insert_owner: p(format!("INSERT INTO {ks}.message_owners (message_id, conversation_id, sender) VALUES (?, ?, ?)")).await?,
             select_owner: p(format!("SELECT conversation_id, sender FROM {ks}.message_owners WHERE message_id = ?")).await?,
+            insert_media: p(format!(
+                "INSERT INTO {ks}.media_objects (media_id, uploader, kind, content_type, size, sha256, created_at, public) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            select_media: p(format!(
+                "SELECT uploader, kind, content_type, size, sha256, created_at, public FROM {ks}.media_objects WHERE media_id = ?"
+            ))
+            .await?,
+            publish_media: p(format!("UPDATE {ks}.media_objects SET public = true WHERE media_id = ?")).await?,
+            insert_media_share: p(format!("INSERT INTO {ks}.media_shares (media_id, conversation_id) VALUES (?, ?)")).await?,
+            select_media_shares: p(format!("SELECT conversation_id FROM {ks}.media_shares WHERE media_id = ?")).await?,
 
             insert_user: p(format!("INSERT INTO {ks}.users (user_id, username, registered_at) VALUES (?, ?, ?)")).await?,
             insert_message: p(format!(
-                "INSERT INTO {ks}.messages (conversation_id, bucket, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT INTO {ks}.messages (conversation_id, bucket, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             ))
             .await?,
             insert_bucket: p(format!("INSERT INTO {ks}.conversation_buckets (conversation_id, bucket) VALUES (?, ?)")).await?,
@@ -445,6 +482,47 @@ impl ScyllaStore {
             .await?,
             select_user_group_intervals: p(format!(
                 "SELECT since, until FROM {ks}.user_group_intervals WHERE user_id = ? AND conversation_id = ?"
+            ))
+            .await?,
+
+            insert_role: p(format!("INSERT INTO {ks}.user_roles (user_id, role) VALUES (?, ?)")).await?,
+            delete_role: p(format!("DELETE FROM {ks}.user_roles WHERE user_id = ? AND role = ?")).await?,
+            select_roles: p(format!("SELECT role FROM {ks}.user_roles WHERE user_id = ?")).await?,
+            // Write time = updated_at: the latest update wins, in any order.
+            insert_profile: p(format!(
+                "INSERT INTO {ks}.profiles (user_id, display_name, avatar_media_id, updated_at) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            select_profile: p(format!(
+                "SELECT display_name, avatar_media_id, updated_at FROM {ks}.profiles WHERE user_id = ?"
+            ))
+            .await?,
+            insert_analytics_message: p(format!(
+                "INSERT INTO {ks}.analytics_messages (day, kind, scope, message_id) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            count_analytics_messages: p(format!(
+                "SELECT COUNT(*) FROM {ks}.analytics_messages WHERE day = ? AND kind = ? AND scope = ?"
+            ))
+            .await?,
+            insert_active_user: p(format!("INSERT INTO {ks}.analytics_active_users (day, user_id) VALUES (?, ?)")).await?,
+            count_active_users: p(format!("SELECT COUNT(*) FROM {ks}.analytics_active_users WHERE day = ?")).await?,
+            insert_profile_view: p(format!(
+                "INSERT INTO {ks}.analytics_profile_views (viewed, day, viewer, view_id) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            count_profile_views_by_viewer: p(format!(
+                "SELECT viewer, COUNT(*) FROM {ks}.analytics_profile_views WHERE viewed = ? AND day = ? GROUP BY viewer"
+            ))
+            .await?,
+            insert_topic: p(format!("INSERT INTO {ks}.analytics_topics (day, topic, message_id) VALUES (?, ?, ?)")).await?,
+            count_topics: p(format!("SELECT topic, COUNT(*) FROM {ks}.analytics_topics WHERE day = ? GROUP BY topic")).await?,
+            insert_receipt_by_user: p(format!(
+                "INSERT INTO {ks}.receipts_by_user (recipient, message_id, status, device_id, at, conversation_id) VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            select_receipts_by_user_upto: p(format!(
+                "SELECT message_id, status, device_id, at, conversation_id FROM {ks}.receipts_by_user WHERE recipient = ? AND message_id <= ?"
             ))
             .await?,
         })
@@ -621,6 +699,41 @@ impl CommandStore for ScyllaStore {
             Some((c, s)) => Ok(Some((conv(c)?, UserId(s)))),
         }
     }
+
+    async fn put_media(&self, m: &MediaObject) -> StoreResult<()> {
+        self.exec(
+            &self.stmts.insert_media,
+            (m.media_id, m.uploader.0, &m.kind, &m.content_type, m.size, &m.sha256, m.created_at, m.public),
+        )
+        .await
+    }
+
+    async fn media(&self, id: Uuid) -> StoreResult<Option<MediaObject>> {
+        type Row = (Uuid, String, String, i64, String, DateTime<Utc>, Option<bool>);
+        let rows = self.rows::<Row>(&self.stmts.select_media, (id,)).await?;
+        Ok(rows.into_iter().next().map(|(uploader, kind, content_type, size, sha256, created_at, public)| MediaObject {
+            media_id: id,
+            uploader: UserId(uploader),
+            kind,
+            content_type,
+            size,
+            sha256,
+            created_at,
+            public: public.unwrap_or(false),
+        }))
+    }
+
+    async fn set_media_public(&self, id: Uuid) -> StoreResult<()> {
+        self.exec(&self.stmts.publish_media, (id,)).await
+    }
+
+    async fn share_media(&self, id: Uuid, c: &ConversationId) -> StoreResult<()> {
+        self.exec(&self.stmts.insert_media_share, (id, c.as_str())).await
+    }
+
+    async fn media_shares(&self, id: Uuid) -> StoreResult<Vec<ConversationId>> {
+        self.rows::<(String,)>(&self.stmts.select_media_shares, (id,)).await?.into_iter().map(|(c,)| conv(c)).collect()
+    }
 }
 
 #[async_trait]
@@ -645,6 +758,7 @@ impl ProjectionStore for ScyllaStore {
                 &m.body,
                 m.sent_at,
                 m.position,
+                m.media.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default()),
             ),
         );
         self.session.batch(&batch, values).await.map_err(unavailable)?;
@@ -758,19 +872,20 @@ impl ProjectionStore for ScyllaStore {
     }
 
     async fn put_receipts(&self, rows: &[ReceiptRow]) -> StoreResult<()> {
-        let futs = rows.iter().map(|r| {
-            self.exec(
-                &self.stmts.insert_receipt,
-                (
-                    r.message_id.0,
-                    r.recipient.0,
-                    r.status.as_str(),
-                    &r.device_id,
-                    r.at,
-                    r.conversation_id.as_str(),
-                    RECEIPT_TS_BASE - micros(&r.at),
+        // Each row twice: by message and by recipient (the audit of one user), with one write
+        // time, so both views keep the same earliest transition.
+        let futs = rows.iter().flat_map(|r| {
+            let ts = RECEIPT_TS_BASE - micros(&r.at);
+            [
+                self.exec(
+                    &self.stmts.insert_receipt,
+                    (r.message_id.0, r.recipient.0, r.status.as_str(), &r.device_id, r.at, r.conversation_id.as_str(), ts),
                 ),
-            )
+                self.exec(
+                    &self.stmts.insert_receipt_by_user,
+                    (r.recipient.0, r.message_id.0, r.status.as_str(), &r.device_id, r.at, r.conversation_id.as_str(), ts),
+                ),
+            ]
         });
         for res in futures::future::join_all(futs).await {
             res?;
@@ -1095,6 +1210,161 @@ impl GroupStore for ScyllaStore {
     }
 }
 
+/// How many partition reads an analytics query runs at once: a year of message counts is 2,928
+/// partitions (366 days x 4 kinds x 2 scopes), which one by one would be slow and all at once
+/// would flood the coordinator.
+const ANALYTICS_CONCURRENCY: usize = 16;
+
+/// The greatest UUIDv7 of the millisecond `ms` (every random bit set): `id <= max_v7(ms)` for
+/// every v7 id minted at or before `ms`. Cassandra orders uuids of one version by their bytes and
+/// puts lower versions first, so this bound also keeps any non-v7 id of a lower version.
+fn max_v7(ms: i64) -> Uuid {
+    let ms = ms.clamp(0, (1 << 48) - 1) as u128;
+    Uuid::from_u128((ms << 80) | (0x7 << 76) | (0xfff << 64) | (0b10 << 62) | ((1 << 62) - 1))
+}
+
+fn status(s: String) -> StoreResult<ReceiptStatus> {
+    ReceiptStatus::parse(&s).ok_or_else(|| StoreError::Data(format!("bad receipt status {s:?}")))
+}
+
+impl ScyllaStore {
+    /// The single `COUNT(*)` of an aggregate query.
+    async fn count(&self, stmt: &PreparedStatement, values: impl scylla::serialize::row::SerializeRow + Send) -> StoreResult<u64> {
+        let rows = self.rows::<(i64,)>(stmt, values).await?;
+        Ok(rows.into_iter().next().map_or(0, |(n,)| n.max(0) as u64))
+    }
+}
+
+#[async_trait]
+impl InsightStore for ScyllaStore {
+    async fn set_role(&self, user: UserId, role: &str, granted: bool) -> StoreResult<()> {
+        if granted {
+            self.exec(&self.stmts.insert_role, (user.0, role)).await
+        } else {
+            self.exec(&self.stmts.delete_role, (user.0, role)).await
+        }
+    }
+
+    async fn roles(&self, user: UserId) -> StoreResult<Vec<String>> {
+        // Clustered by role (text: by its UTF-8 bytes, as Rust and SQLite order strings).
+        let rows = self.all_rows::<(String,)>(&self.stmts.select_roles, (user.0,)).await?;
+        Ok(rows.into_iter().map(|(r,)| r).collect())
+    }
+
+    async fn put_profile(&self, p: &ProfileRow) -> StoreResult<()> {
+        self.exec(
+            &self.stmts.insert_profile,
+            (p.user_id.0, &p.display_name, p.avatar_media_id, p.updated_at, micros(&p.updated_at)),
+        )
+        .await
+    }
+
+    async fn profile(&self, user: UserId) -> StoreResult<Option<ProfileRow>> {
+        let rows = self
+            .rows::<(Option<String>, Option<Uuid>, Option<DateTime<Utc>>)>(&self.stmts.select_profile, (user.0,))
+            .await?;
+        Ok(rows.into_iter().next().and_then(|(display_name, avatar_media_id, updated_at)| {
+            Some(ProfileRow { user_id: user, display_name: display_name.unwrap_or_default(), avatar_media_id, updated_at: updated_at? })
+        }))
+    }
+
+    async fn add_message_stat(&self, day: NaiveDate, kind: &str, scope: &str, message: MessageId) -> StoreResult<()> {
+        check_message_stat(kind, scope)?;
+        self.exec(&self.stmts.insert_analytics_message, (day, kind, scope, message.0)).await
+    }
+
+    async fn add_active_user(&self, day: NaiveDate, user: UserId) -> StoreResult<()> {
+        self.exec(&self.stmts.insert_active_user, (day, user.0)).await
+    }
+
+    async fn add_profile_view(&self, viewed: UserId, day: NaiveDate, viewer: UserId, view: EventId) -> StoreResult<()> {
+        self.exec(&self.stmts.insert_profile_view, (viewed.0, day, viewer.0, view.0)).await
+    }
+
+    async fn add_topic(&self, day: NaiveDate, topic: &str, message: MessageId) -> StoreResult<()> {
+        self.exec(&self.stmts.insert_topic, (day, topic, message.0)).await
+    }
+
+    async fn message_counts(&self, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<MessageCount>> {
+        // One partition per (day, kind, scope): count each known one.
+        // Indices in a Vec, not an iterator of borrowed names: those trip rustc's inference of
+        // `Send` for the `async_trait` future (rust-lang/rust#102211).
+        let mut keys: Vec<(NaiveDate, usize, usize)> = Vec::new();
+        for day in days(from, to) {
+            for k in 0..MESSAGE_KINDS.len() {
+                keys.extend((0..MESSAGE_SCOPES.len()).map(|s| (day, k, s)));
+            }
+        }
+        let counts: Vec<MessageCount> = futures::stream::iter(keys)
+            .map(|(day, k, s)| async move {
+                let (kind, scope) = (MESSAGE_KINDS[k], MESSAGE_SCOPES[s]);
+                let n = self.count(&self.stmts.count_analytics_messages, (day, kind, scope)).await?;
+                Ok::<_, StoreError>(MessageCount { day, kind: kind.to_owned(), scope: scope.to_owned(), messages: n })
+            })
+            .buffered(ANALYTICS_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let mut rows: Vec<MessageCount> = counts.into_iter().filter(|c| c.messages > 0).collect();
+        sort_message_counts(&mut rows);
+        Ok(rows)
+    }
+
+    async fn active_users(&self, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<(NaiveDate, u64)>> {
+        let counts: Vec<(NaiveDate, u64)> = futures::stream::iter(days(from, to))
+            .map(|day| async move { Ok::<_, StoreError>((day, self.count(&self.stmts.count_active_users, (day,)).await?)) })
+            .buffered(ANALYTICS_CONCURRENCY)
+            .try_collect()
+            .await?;
+        Ok(counts.into_iter().filter(|(_, n)| *n > 0).collect())
+    }
+
+    async fn profile_views(&self, viewed: UserId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<ProfileViews>> {
+        let per_day: Vec<Vec<(NaiveDate, UserId, u64)>> = futures::stream::iter(days(from, to))
+            .map(|day| async move {
+                let rows = self.all_rows::<(Uuid, i64)>(&self.stmts.count_profile_views_by_viewer, (viewed.0, day)).await?;
+                Ok::<_, StoreError>(rows.into_iter().map(|(viewer, n)| (day, UserId(viewer), n.max(0) as u64)).collect())
+            })
+            .buffered(ANALYTICS_CONCURRENCY)
+            .try_collect()
+            .await?;
+        Ok(profile_views_from(per_day.into_iter().flatten()))
+    }
+
+    async fn topic_counts(&self, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<TopicCount>> {
+        let per_day: Vec<Vec<TopicCount>> = futures::stream::iter(days(from, to))
+            .map(|day| async move {
+                let rows = self.all_rows::<(String, i64)>(&self.stmts.count_topics, (day,)).await?;
+                Ok::<_, StoreError>(
+                    rows.into_iter().map(|(topic, n)| TopicCount { day, topic, messages: n.max(0) as u64 }).collect(),
+                )
+            })
+            .buffered(ANALYTICS_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let mut rows: Vec<TopicCount> = per_day.into_iter().flatten().collect();
+        sort_topic_counts(&mut rows);
+        Ok(rows)
+    }
+
+    async fn receipts_of_user(&self, user: UserId, from: DateTime<Utc>, to: DateTime<Utc>) -> StoreResult<Vec<ReceiptRow>> {
+        // A receipt is never earlier than its message, so a receipt before `to` belongs to a
+        // message minted at or before `to`: the clustering order bounds the scan; `at` is
+        // filtered here.
+        let upto = max_v7(to.timestamp_millis());
+        let rows = self
+            .all_rows::<(Uuid, String, String, DateTime<Utc>, String)>(&self.stmts.select_receipts_by_user_upto, (user.0, upto))
+            .await?;
+        let mut out = Vec::new();
+        for (m, s, device_id, at, c) in rows {
+            if at >= from && at < to {
+                out.push(ReceiptRow { message_id: MessageId(m), recipient: user, status: status(s)?, device_id, at, conversation_id: conv(c)? });
+            }
+        }
+        sort_receipts_of_user(&mut out);
+        Ok(out)
+    }
+}
+
 #[async_trait]
 impl TableAdmin for ScyllaStore {
     async fn migrate(&self) -> StoreResult<()> {
@@ -1139,5 +1409,26 @@ impl TableAdmin for ScyllaStore {
 
     async fn ping(&self) -> bool {
         self.session.query_unpaged("SELECT release_version FROM system.local", ()).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_v7_bounds_every_v7_id_of_its_millisecond() {
+        let ms = 1_714_521_600_123;
+        let max = max_v7(ms);
+        assert_eq!(max.get_version_num(), 7);
+        assert_eq!(max.get_variant(), uuid::Variant::RFC4122);
+        assert_eq!(MessageId(max).unix_millis(), ms);
+        for _ in 0..100 {
+            let ts = uuid::Timestamp::from_unix(uuid::NoContext, (ms / 1000) as u64, ((ms % 1000) * 1_000_000) as u32);
+            let id = Uuid::new_v7(ts);
+            assert!(id <= max, "{id} <= {max}");
+            let next = Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, ((ms + 1) / 1000) as u64, (((ms + 1) % 1000) * 1_000_000) as u32));
+            assert!(next > max, "{next} > {max}");
+        }
     }
 }

@@ -8,7 +8,9 @@
 //! - Reads run on a small pool of read-only connections (WAL lets them run beside the writer).
 //! - Cassandra's write-time rules become conditional upserts: receipts keep the earliest time,
 //!   a removed pending delivery stays removed, last seen keeps the latest change, group rows
-//!   keep the highest position, a closed membership interval stays closed.
+//!   keep the highest position, a closed membership interval stays closed, a profile keeps its
+//!   latest update. Analytics sets are `INSERT OR IGNORE`; days are `YYYY-MM-DD` text, which
+//!   sorts like the dates.
 //! - Lightweight transactions (unique usernames, send reservations) are plain inserts: the single
 //!   writer makes them atomic.
 
@@ -17,8 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 
 use async_trait::async_trait;
-use chat_events::{ConversationId, GroupRole, MessageId, ReceiptStatus, UserId};
-use chrono::{DateTime, Utc};
+use chat_events::{ConversationId, EventId, GroupRole, MessageId, ReceiptStatus, UserId};
+use chrono::{DateTime, NaiveDate, Utc};
 use chat_events::embedded::open_sqlite;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 use sha2::{Digest, Sha256};
@@ -26,6 +28,7 @@ use tokio::sync::oneshot;
 use tracing::error;
 use uuid::Uuid;
 
+use crate::insights::{check_message_stat, profile_views_from, sort_message_counts, sort_receipts_of_user, sort_topic_counts};
 use crate::*;
 
 type Job = Box<dyn FnOnce(&Transaction<'_>) -> Box<dyn FnOnce(bool) + Send> + Send>;
@@ -47,8 +50,10 @@ CREATE TABLE IF NOT EXISTS accounts_by_name (username TEXT PRIMARY KEY, user_id 
 CREATE TABLE IF NOT EXISTS accounts_by_id (user_id TEXT PRIMARY KEY, username TEXT NOT NULL, created_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS send_dedup (sender TEXT NOT NULL, client_msg_id TEXT NOT NULL, message_id TEXT NOT NULL, conversation_id TEXT NOT NULL, sent_at INTEGER NOT NULL, body_sha256 TEXT NOT NULL, committed INTEGER NOT NULL, PRIMARY KEY (sender, client_msg_id));
 CREATE TABLE IF NOT EXISTS message_owners (message_id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL, sender TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS media_objects (media_id TEXT PRIMARY KEY, uploader TEXT NOT NULL, kind TEXT NOT NULL, content_type TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL, created_at INTEGER NOT NULL, public INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS media_shares (media_id TEXT NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (media_id, conversation_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, username TEXT NOT NULL, registered_at INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS messages (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL, sender_device TEXT NOT NULL, client_msg_id TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (conversation_id, message_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS messages (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL, sender_device TEXT NOT NULL, client_msg_id TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL, media TEXT, PRIMARY KEY (conversation_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS conversation_buckets (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, PRIMARY KEY (conversation_id, bucket)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS message_index (message_id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL, sender TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS inbox (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, peer_id TEXT, last_message_id TEXT NOT NULL, last_sender TEXT NOT NULL, last_kind TEXT NOT NULL, last_body TEXT NOT NULL, last_at INTEGER NOT NULL, unread INTEGER NOT NULL, applied_offset INTEGER NOT NULL, PRIMARY KEY (user_id, conversation_id)) WITHOUT ROWID;
@@ -67,6 +72,14 @@ CREATE TABLE IF NOT EXISTS groups (conversation_id TEXT PRIMARY KEY, name TEXT N
 CREATE TABLE IF NOT EXISTS group_members (conversation_id TEXT NOT NULL, member TEXT NOT NULL, role TEXT NOT NULL, active INTEGER NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (conversation_id, member)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS user_groups (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, role TEXT NOT NULL, active INTEGER NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (user_id, conversation_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS user_group_intervals (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, since INTEGER NOT NULL, until INTEGER, PRIMARY KEY (user_id, conversation_id, since)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS user_roles (user_id TEXT NOT NULL, role TEXT NOT NULL, PRIMARY KEY (user_id, role)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS profiles (user_id TEXT PRIMARY KEY, display_name TEXT NOT NULL, avatar_media_id TEXT, updated_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS analytics_messages (day TEXT NOT NULL, kind TEXT NOT NULL, scope TEXT NOT NULL, message_id TEXT NOT NULL, PRIMARY KEY (day, kind, scope, message_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS analytics_active_users (day TEXT NOT NULL, user_id TEXT NOT NULL, PRIMARY KEY (day, user_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS analytics_profile_views (viewed TEXT NOT NULL, day TEXT NOT NULL, viewer TEXT NOT NULL, view_id TEXT NOT NULL, PRIMARY KEY (viewed, day, viewer, view_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS analytics_topics (day TEXT NOT NULL, topic TEXT NOT NULL, message_id TEXT NOT NULL, PRIMARY KEY (day, topic, message_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS receipts_by_user (recipient TEXT NOT NULL, message_id TEXT NOT NULL, status TEXT NOT NULL, device_id TEXT NOT NULL, at INTEGER NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (recipient, message_id, status, device_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS receipts_by_user_at ON receipts_by_user (recipient, at);
 ";
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -79,6 +92,29 @@ fn data(e: impl std::fmt::Display) -> StoreError {
 
 fn ms(t: &DateTime<Utc>) -> i64 {
     t.timestamp_millis()
+}
+
+/// The first whole millisecond at or after `t`: rows keep whole milliseconds, so for a stored
+/// `at`, `at >= t` exactly when `ms(at) >= ceil_ms(t)` (and `at < t` when `ms(at) < ceil_ms(t)`).
+fn ceil_ms(t: &DateTime<Utc>) -> i64 {
+    ms(t) + i64::from(!t.timestamp_subsec_nanos().is_multiple_of(1_000_000))
+}
+
+fn day_text(d: NaiveDate) -> String {
+    d.format("%Y-%m-%d").to_string()
+}
+
+fn day_at(r: &Row<'_>, i: usize) -> rusqlite::Result<NaiveDate> {
+    NaiveDate::parse_from_str(&r.get::<_, String>(i)?, "%Y-%m-%d").map_err(conversion)
+}
+
+fn count_at(r: &Row<'_>, i: usize) -> rusqlite::Result<u64> {
+    Ok(r.get::<_, i64>(i)?.max(0) as u64)
+}
+
+fn status_at(r: &Row<'_>, i: usize) -> rusqlite::Result<ReceiptStatus> {
+    let s: String = r.get(i)?;
+    ReceiptStatus::parse(&s).ok_or_else(|| rusqlite::Error::InvalidColumnName(format!("bad receipt status {s:?}")))
 }
 
 fn time(v: i64) -> rusqlite::Result<DateTime<Utc>> {
@@ -224,10 +260,14 @@ fn message_row(r: &Row<'_>) -> rusqlite::Result<MessageRow> {
         body: r.get(6)?,
         sent_at: time(r.get(7)?)?,
         position: r.get(8)?,
+        media: match r.get::<_, Option<String>>(9)? {
+            Some(j) => Some(serde_json::from_str(&j).map_err(conversion)?),
+            None => None,
+        },
     })
 }
 
-const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position";
+const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media";
 const INBOX_COLS: &str = "user_id, conversation_id, peer_id, last_message_id, last_sender, last_kind, last_body, last_at, unread, applied_offset";
 
 fn inbox_row(r: &Row<'_>) -> rusqlite::Result<InboxRow> {
@@ -369,6 +409,67 @@ impl CommandStore for SqliteStore {
         })
         .await
     }
+
+    async fn put_media(&self, m: &MediaObject) -> StoreResult<()> {
+        let m = m.clone();
+        self.write(move |t| {
+            t.execute(
+                "INSERT OR REPLACE INTO media_objects (media_id, uploader, kind, content_type, size, sha256, created_at, public) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![m.media_id.to_string(), m.uploader.to_string(), m.kind, m.content_type, m.size, m.sha256, ms(&m.created_at), m.public],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn media(&self, id: Uuid) -> StoreResult<Option<MediaObject>> {
+        self.read(move |c| {
+            c.query_row(
+                "SELECT uploader, kind, content_type, size, sha256, created_at, public FROM media_objects WHERE media_id = ?1",
+                params![id.to_string()],
+                |r| {
+                    Ok(MediaObject {
+                        media_id: id,
+                        uploader: UserId(uuid_at(r, 0)?),
+                        kind: r.get(1)?,
+                        content_type: r.get(2)?,
+                        size: r.get(3)?,
+                        sha256: r.get(4)?,
+                        created_at: time(r.get(5)?)?,
+                        public: r.get::<_, i64>(6)? != 0,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn set_media_public(&self, id: Uuid) -> StoreResult<()> {
+        self.write(move |t| {
+            t.execute("UPDATE media_objects SET public = 1 WHERE media_id = ?1", params![id.to_string()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn share_media(&self, id: Uuid, c: &ConversationId) -> StoreResult<()> {
+        let c = c.clone();
+        self.write(move |t| {
+            t.execute("INSERT OR IGNORE INTO media_shares (media_id, conversation_id) VALUES (?1, ?2)", params![id.to_string(), c.as_str()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn media_shares(&self, id: Uuid) -> StoreResult<Vec<ConversationId>> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached("SELECT conversation_id FROM media_shares WHERE media_id = ?1 ORDER BY conversation_id")?;
+            let rows = st.query_map(params![id.to_string()], |r| conv_at(r, 0))?;
+            rows.collect()
+        })
+        .await
+    }
 }
 
 #[async_trait]
@@ -389,7 +490,7 @@ impl ProjectionStore for SqliteStore {
         let m = m.clone();
         self.write(move |t| {
             let bucket = bucket_of(m.message_id);
-            t.prepare_cached(&format!("INSERT OR REPLACE INTO messages (bucket, {MESSAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"))?
+            t.prepare_cached(&format!("INSERT OR REPLACE INTO messages (bucket, {MESSAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"))?
                 .execute(params![
                     bucket,
                     m.conversation_id.as_str(),
@@ -400,7 +501,8 @@ impl ProjectionStore for SqliteStore {
                     m.kind,
                     m.body,
                     ms(&m.sent_at),
-                    m.position
+                    m.position,
+                    m.media.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default())
                 ])?;
             t.prepare_cached("INSERT OR IGNORE INTO conversation_buckets (conversation_id, bucket) VALUES (?1, ?2)")?
                 .execute(params![m.conversation_id.as_str(), bucket])?;
@@ -496,15 +598,16 @@ impl ProjectionStore for SqliteStore {
                  ON CONFLICT (message_id, recipient, status, device_id) DO UPDATE SET at = excluded.at, conversation_id = excluded.conversation_id
                  WHERE excluded.at < receipts.at",
             )?;
+            // The same rows by recipient, with the same rule (the audit of one user).
+            let mut by_user = t.prepare_cached(
+                "INSERT INTO receipts_by_user (recipient, message_id, status, device_id, at, conversation_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (recipient, message_id, status, device_id) DO UPDATE SET at = excluded.at, conversation_id = excluded.conversation_id
+                 WHERE excluded.at < receipts_by_user.at",
+            )?;
             for r in rows {
-                st.execute(params![
-                    r.message_id.to_string(),
-                    r.recipient.to_string(),
-                    r.status.as_str(),
-                    r.device_id,
-                    ms(&r.at),
-                    r.conversation_id.as_str()
-                ])?;
+                let (message, recipient) = (r.message_id.to_string(), r.recipient.to_string());
+                st.execute(params![message, recipient, r.status.as_str(), r.device_id, ms(&r.at), r.conversation_id.as_str()])?;
+                by_user.execute(params![recipient, message, r.status.as_str(), r.device_id, ms(&r.at), r.conversation_id.as_str()])?;
             }
             Ok(())
         })
@@ -1014,6 +1117,199 @@ impl GroupStore for SqliteStore {
             rows.collect()
         })
         .await
+    }
+}
+
+#[async_trait]
+impl InsightStore for SqliteStore {
+    async fn set_role(&self, user: UserId, role: &str, granted: bool) -> StoreResult<()> {
+        let role = role.to_owned();
+        self.write(move |t| {
+            let sql = if granted {
+                "INSERT OR IGNORE INTO user_roles (user_id, role) VALUES (?1, ?2)"
+            } else {
+                "DELETE FROM user_roles WHERE user_id = ?1 AND role = ?2"
+            };
+            t.prepare_cached(sql)?.execute(params![user.to_string(), role])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn roles(&self, user: UserId) -> StoreResult<Vec<String>> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached("SELECT role FROM user_roles WHERE user_id = ?1 ORDER BY role")?;
+            let rows = st.query_map(params![user.to_string()], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn put_profile(&self, p: &ProfileRow) -> StoreResult<()> {
+        let p = p.clone();
+        self.write(move |t| {
+            // Cassandra's rule (write time = updated_at): the later update wins; of two with one
+            // updated_at, each cell resolves alone, the greater value winning and a null (no
+            // avatar, written as a tombstone) winning over a value.
+            t.prepare_cached(
+                "INSERT INTO profiles (user_id, display_name, avatar_media_id, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (user_id) DO UPDATE SET
+                   display_name = CASE WHEN excluded.updated_at > profiles.updated_at THEN excluded.display_name
+                                       WHEN excluded.updated_at < profiles.updated_at THEN profiles.display_name
+                                       ELSE MAX(profiles.display_name, excluded.display_name) END,
+                   avatar_media_id = CASE WHEN excluded.updated_at > profiles.updated_at THEN excluded.avatar_media_id
+                                          WHEN excluded.updated_at < profiles.updated_at THEN profiles.avatar_media_id
+                                          WHEN excluded.avatar_media_id IS NULL OR profiles.avatar_media_id IS NULL THEN NULL
+                                          ELSE MAX(profiles.avatar_media_id, excluded.avatar_media_id) END,
+                   updated_at = MAX(profiles.updated_at, excluded.updated_at)",
+            )?
+            .execute(params![p.user_id.to_string(), p.display_name, p.avatar_media_id.map(|a| a.to_string()), ms(&p.updated_at)])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn profile(&self, user: UserId) -> StoreResult<Option<ProfileRow>> {
+        self.read(move |c| {
+            c.query_row(
+                "SELECT display_name, avatar_media_id, updated_at FROM profiles WHERE user_id = ?1",
+                params![user.to_string()],
+                |r| {
+                    Ok(ProfileRow {
+                        user_id: user,
+                        display_name: r.get(0)?,
+                        avatar_media_id: match r.get::<_, Option<String>>(1)? {
+                            Some(a) => Some(Uuid::parse_str(&a).map_err(conversion)?),
+                            None => None,
+                        },
+                        updated_at: time(r.get(2)?)?,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn add_message_stat(&self, day: NaiveDate, kind: &str, scope: &str, message: MessageId) -> StoreResult<()> {
+        check_message_stat(kind, scope)?;
+        let (kind, scope) = (kind.to_owned(), scope.to_owned());
+        self.write(move |t| {
+            t.prepare_cached("INSERT OR IGNORE INTO analytics_messages (day, kind, scope, message_id) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![day_text(day), kind, scope, message.to_string()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn add_active_user(&self, day: NaiveDate, user: UserId) -> StoreResult<()> {
+        self.write(move |t| {
+            t.prepare_cached("INSERT OR IGNORE INTO analytics_active_users (day, user_id) VALUES (?1, ?2)")?
+                .execute(params![day_text(day), user.to_string()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn add_profile_view(&self, viewed: UserId, day: NaiveDate, viewer: UserId, view: EventId) -> StoreResult<()> {
+        self.write(move |t| {
+            t.prepare_cached("INSERT OR IGNORE INTO analytics_profile_views (viewed, day, viewer, view_id) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![viewed.to_string(), day_text(day), viewer.to_string(), view.to_string()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn add_topic(&self, day: NaiveDate, topic: &str, message: MessageId) -> StoreResult<()> {
+        let topic = topic.to_owned();
+        self.write(move |t| {
+            t.prepare_cached("INSERT OR IGNORE INTO analytics_topics (day, topic, message_id) VALUES (?1, ?2, ?3)")?
+                .execute(params![day_text(day), topic, message.to_string()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn message_counts(&self, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<MessageCount>> {
+        let mut rows = self
+            .read(move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT day, kind, scope, COUNT(*) FROM analytics_messages WHERE day >= ?1 AND day <= ?2 GROUP BY day, kind, scope",
+                )?;
+                let rows = st.query_map(params![day_text(from), day_text(to)], |r| {
+                    Ok(MessageCount { day: day_at(r, 0)?, kind: r.get(1)?, scope: r.get(2)?, messages: count_at(r, 3)? })
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        sort_message_counts(&mut rows);
+        Ok(rows)
+    }
+
+    async fn active_users(&self, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<(NaiveDate, u64)>> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT day, COUNT(*) FROM analytics_active_users WHERE day >= ?1 AND day <= ?2 GROUP BY day ORDER BY day",
+            )?;
+            let rows = st.query_map(params![day_text(from), day_text(to)], |r| Ok((day_at(r, 0)?, count_at(r, 1)?)))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn profile_views(&self, viewed: UserId, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<ProfileViews>> {
+        let rows = self
+            .read(move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT day, viewer, COUNT(*) FROM analytics_profile_views WHERE viewed = ?1 AND day >= ?2 AND day <= ?3 GROUP BY day, viewer",
+                )?;
+                let rows = st.query_map(params![viewed.to_string(), day_text(from), day_text(to)], |r| {
+                    Ok((day_at(r, 0)?, UserId(uuid_at(r, 1)?), count_at(r, 2)?))
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        Ok(profile_views_from(rows))
+    }
+
+    async fn topic_counts(&self, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<TopicCount>> {
+        let mut rows = self
+            .read(move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT day, topic, COUNT(*) FROM analytics_topics WHERE day >= ?1 AND day <= ?2 GROUP BY day, topic",
+                )?;
+                let rows = st.query_map(params![day_text(from), day_text(to)], |r| {
+                    Ok(TopicCount { day: day_at(r, 0)?, topic: r.get(1)?, messages: count_at(r, 2)? })
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        sort_topic_counts(&mut rows);
+        Ok(rows)
+    }
+
+    async fn receipts_of_user(&self, user: UserId, from: DateTime<Utc>, to: DateTime<Utc>) -> StoreResult<Vec<ReceiptRow>> {
+        let mut rows = self
+            .read(move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT message_id, status, device_id, at, conversation_id FROM receipts_by_user
+                     WHERE recipient = ?1 AND at >= ?2 AND at < ?3",
+                )?;
+                let rows = st.query_map(params![user.to_string(), ceil_ms(&from), ceil_ms(&to)], |r| {
+                    Ok(ReceiptRow {
+                        message_id: MessageId(uuid_at(r, 0)?),
+                        recipient: user,
+                        status: status_at(r, 1)?,
+                        device_id: r.get(2)?,
+                        at: time(r.get(3)?)?,
+                        conversation_id: conv_at(r, 4)?,
+                    })
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        sort_receipts_of_user(&mut rows);
+        Ok(rows)
     }
 }
 

@@ -1,0 +1,208 @@
+//! Profiles, analytics (role `analyst`) and audit (role `auditor`).
+//!
+//! Opening someone's profile is an event (`profile.viewed`), so analysts can see who opens a
+//! person's profile often. Every audit read appends `audit.accessed` *before* answering: an
+//! auditor never reads without a record of it.
+
+use axum::http::StatusCode;
+use chat_events::{
+    format_time, AuditAccessed, ConversationId, Envelope, Event, EventId, MessageId, ProfileUpdated, ProfileViewed, UserId,
+};
+use chat_store::{MessageCount, ProfileRow, ProfileViews, ReceiptRow, TopicCount};
+use chrono::{DateTime, Duration as Days, NaiveDate, Utc};
+use serde::Serialize;
+
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::service::{Chat, ReceiptSummary};
+
+/// The longest date range an analytics or audit query may span.
+const MAX_DAYS: i64 = 366;
+
+/// A profile as others see it.
+#[derive(Debug, Serialize)]
+pub struct Profile {
+    pub user_id: UserId,
+    pub username: String,
+    pub display_name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub avatar_media_id: Option<uuid::Uuid>,
+}
+
+/// The receipt timeline of a message, for auditors.
+#[derive(Debug, Serialize)]
+pub struct AuditTimeline {
+    pub message_id: MessageId,
+    pub conversation_id: ConversationId,
+    pub sender: UserId,
+    #[serde(serialize_with = "ser_time")]
+    pub sent_at: DateTime<Utc>,
+    pub summary: ReceiptSummary,
+    pub receipts: Vec<ReceiptRow>,
+}
+
+fn ser_time<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_time(t))
+}
+
+fn forbidden(what: &str) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("this needs the {what} role"))
+}
+
+/// Requires a role.
+pub fn require(p: &Principal, role: &str) -> Result<(), ApiError> {
+    if p.has_role(role) {
+        Ok(())
+    } else {
+        Err(forbidden(role))
+    }
+}
+
+/// Refuses read-only (auditor) callers.
+pub fn writer(p: &Principal) -> Result<(), ApiError> {
+    if p.read_only() {
+        Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "auditor accounts are read-only"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A `[from, to]` day range from `YYYY-MM-DD` parameters (default: the last 7 days).
+pub fn day_range(from: Option<&str>, to: Option<&str>) -> Result<(NaiveDate, NaiveDate), ApiError> {
+    let parse = |v: &str| {
+        NaiveDate::parse_from_str(v, "%Y-%m-%d").map_err(|_| ApiError::bad_request("invalid_date", format!("{v:?} is not a YYYY-MM-DD date")))
+    };
+    let to = match to {
+        Some(t) => parse(t)?,
+        None => Utc::now().date_naive(),
+    };
+    let from = match from {
+        Some(f) => parse(f)?,
+        None => to - Days::days(6),
+    };
+    if from > to || (to - from).num_days() >= MAX_DAYS {
+        return Err(ApiError::bad_request("invalid_range", format!("from must not be after to, and a range spans at most {MAX_DAYS} days")));
+    }
+    Ok((from, to))
+}
+
+/// A `[from, to)` time range from RFC 3339 parameters (default: the last 7 days).
+pub fn time_range(from: Option<&str>, to: Option<&str>) -> Result<(DateTime<Utc>, DateTime<Utc>), ApiError> {
+    let parse = |v: &str| {
+        DateTime::parse_from_rfc3339(v)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|_| ApiError::bad_request("invalid_time", format!("{v:?} is not an RFC 3339 time")))
+    };
+    let to = match to {
+        Some(t) => parse(t)?,
+        None => Utc::now(),
+    };
+    let from = match from {
+        Some(f) => parse(f)?,
+        None => to - Days::days(7),
+    };
+    if from >= to || (to - from).num_days() >= MAX_DAYS {
+        return Err(ApiError::bad_request("invalid_range", format!("from must be before to, and a range spans at most {MAX_DAYS} days")));
+    }
+    Ok((from, to))
+}
+
+impl Chat {
+    async fn append_event(&self, actor: Option<UserId>, event: Event) -> Result<Envelope, ApiError> {
+        let env = Envelope::new(EventId::new_v7(), actor, event);
+        chat_events::append_event(self.log.as_ref(), &self.topics, &env).await.map_err(ApiError::from)?;
+        Ok(env)
+    }
+
+    /// Sets the caller's display name and avatar (an image the caller uploaded).
+    pub async fn update_profile(&self, user: UserId, display_name: &str, avatar: Option<&str>) -> Result<(), ApiError> {
+        let display_name = display_name.trim().to_owned();
+        if display_name.is_empty() || display_name.chars().count() > 64 {
+            return Err(ApiError::bad_request("invalid_display_name", "display names are 1-64 characters"));
+        }
+        let avatar_media_id = match avatar {
+            None => None,
+            Some(a) => Some(self.own_image(user, a).await?),
+        };
+        self.append_event(Some(user), Event::ProfileUpdated(ProfileUpdated { user_id: user, display_name, avatar_media_id })).await?;
+        Ok(())
+    }
+
+    /// A user's profile; opening someone else's is recorded (`profile.viewed`).
+    pub async fn view_profile(&self, viewer: UserId, user_id: &str) -> Result<Profile, ApiError> {
+        let user: UserId = user_id.parse().map_err(|_| ApiError::not_found())?;
+        let username = self.store.account_by_id(user).await?.ok_or_else(ApiError::not_found)?;
+        if viewer != user {
+            self.append_event(Some(viewer), Event::ProfileViewed(ProfileViewed { viewer, viewed: user })).await?;
+        }
+        let row: Option<ProfileRow> = self.store.profile(user).await?;
+        Ok(Profile {
+            user_id: user,
+            display_name: row.as_ref().map(|r| r.display_name.clone()).unwrap_or_else(|| username.clone()),
+            avatar_media_id: row.and_then(|r| r.avatar_media_id),
+            username,
+        })
+    }
+
+    pub async fn message_counts(&self, from: NaiveDate, to: NaiveDate) -> Result<Vec<MessageCount>, ApiError> {
+        Ok(self.store.message_counts(from, to).await?)
+    }
+
+    pub async fn active_users(&self, from: NaiveDate, to: NaiveDate) -> Result<Vec<(NaiveDate, u64)>, ApiError> {
+        Ok(self.store.active_users(from, to).await?)
+    }
+
+    pub async fn profile_views(&self, user: &str, from: NaiveDate, to: NaiveDate) -> Result<Vec<ProfileViews>, ApiError> {
+        let user: UserId = user.parse().map_err(|_| ApiError::bad_request("invalid_user", "user is a user id"))?;
+        Ok(self.store.profile_views(user, from, to).await?)
+    }
+
+    pub async fn topic_counts(&self, from: NaiveDate, to: NaiveDate) -> Result<Vec<TopicCount>, ApiError> {
+        Ok(self.store.topic_counts(from, to).await?)
+    }
+
+    async fn audit_record(&self, auditor: &Principal, action: &str, target: Option<String>, from: Option<String>, to: Option<String>) -> Result<(), ApiError> {
+        let event = AuditAccessed { auditor: Some(auditor.user_id), via: "http".into(), action: action.into(), target, from, to };
+        self.append_event(Some(auditor.user_id), Event::AuditAccessed(event)).await.map(|_| ())
+    }
+
+    /// Every recipient's every transition for one message (any message: auditors are not
+    /// limited to their own conversations).
+    pub async fn audit_message(&self, auditor: &Principal, message_id: &str) -> Result<AuditTimeline, ApiError> {
+        let id: MessageId = message_id.parse().map_err(|_| ApiError::not_found())?;
+        self.audit_record(auditor, "message_receipts", Some(id.to_string()), None, None).await?;
+        let meta = self.store.find_message(id).await?.ok_or_else(ApiError::not_found)?;
+        let mut receipts = self.store.receipts(id).await?;
+        receipts.sort_by(|a, b| a.at.cmp(&b.at).then(a.recipient.cmp(&b.recipient)).then(a.status.cmp(&b.status)));
+        let summary = ReceiptSummary::of(&receipts);
+        Ok(AuditTimeline { message_id: id, conversation_id: meta.conversation_id, sender: meta.sender, sent_at: meta.sent_at, summary, receipts })
+    }
+
+    /// Every receipt of one user (as a recipient) in a time range.
+    pub async fn audit_user(&self, auditor: &Principal, user_id: &str, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<ReceiptRow>, ApiError> {
+        let user: UserId = user_id.parse().map_err(|_| ApiError::not_found())?;
+        self.audit_record(auditor, "user_receipts", Some(user.to_string()), Some(format_time(&from)), Some(format_time(&to))).await?;
+        Ok(self.store.receipts_of_user(user, from, to).await?)
+    }
+
+    /// Daily message metrics by kind and scope.
+    pub async fn audit_daily(&self, auditor: &Principal, from: NaiveDate, to: NaiveDate) -> Result<Vec<MessageCount>, ApiError> {
+        self.audit_record(auditor, "daily_metrics", None, Some(from.to_string()), Some(to.to_string())).await?;
+        Ok(self.store.message_counts(from, to).await?)
+    }
+
+    /// An image the user uploaded, for an avatar: it becomes readable by every user.
+    pub(crate) async fn own_image(&self, user: UserId, media_id: &str) -> Result<uuid::Uuid, ApiError> {
+        let unknown = || ApiError::bad_request("unknown_media", "no such media");
+        let id: uuid::Uuid = media_id.parse().map_err(|_| unknown())?;
+        let m = self.store.media(id).await?.ok_or_else(unknown)?;
+        if m.uploader != user {
+            return Err(unknown());
+        }
+        if m.kind != "image" {
+            return Err(ApiError::bad_request("media_kind_mismatch", "an avatar is an image"));
+        }
+        self.store.set_media_public(id).await?;
+        Ok(id)
+    }
+}

@@ -1,0 +1,232 @@
+//! Media, profiles, analytics, audit and rebuild scenarios (both modes).
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::harness::*;
+
+const T: Duration = Duration::from_secs(60);
+
+/// A PNG's signature and header chunk, padded to `len` bytes (content detection reads the start).
+fn png(len: usize) -> Vec<u8> {
+    let mut b = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A, 0, 0, 0, 0x0D, b'I', b'H', b'D', b'R'];
+    b.extend((0..len.saturating_sub(b.len())).map(|i| (i * 31 % 251) as u8));
+    b
+}
+
+/// An MP4 (ISO base media) file start, padded.
+fn mp4(len: usize) -> Vec<u8> {
+    let mut b = vec![0, 0, 0, 0x18, b'f', b't', b'y', b'p', b'i', b's', b'o', b'm', 0, 0, 2, 0, b'i', b's', b'o', b'm', b'i', b's', b'o', b'2'];
+    b.extend((0..len.saturating_sub(b.len())).map(|i| (i * 7 % 253) as u8));
+    b
+}
+
+/// Upload, send, receive, download whole and by ranges; outsiders see nothing; refusals.
+pub async fn media_round_trip_with_ranges(mode: Mode) {
+    let s = Scope::new("media", mode).await;
+    let gw = s.gateway_with("n1", &[("CHAT_MAX_IMAGE_BYTES", "2000000")]).await;
+    let _worker = s.worker().await;
+    let (alice, bob, carol) = (gw.register("alice").await, gw.register("bob").await, gw.register("carol").await);
+    let mut a = gw.connect(&alice, "p").await;
+    let mut b = gw.connect(&bob, "p").await;
+
+    // An image bigger than one multipart part (5 MiB parts: use 6 MiB video below for that).
+    let image = png(300_000);
+    let (st, up) = gw.upload(&alice.token, "image", image.clone()).await;
+    assert_eq!(st, 201, "{up}");
+    assert_eq!(up["content_type"], "image/png");
+    assert_eq!(up["size"], json!(image.len()));
+    assert_eq!(up["sha256"], json!(hex::encode(Sha256::digest(&image))));
+    let media_id = up["media_id"].as_str().unwrap().to_owned();
+
+    let sent = a
+        .request(json!({"type": "send", "client_msg_id": "pic", "to": bob.id, "kind": "image", "media_id": media_id,
+                        "body": "the crag", "metadata": {"width": 640, "height": 480}}))
+        .await;
+    assert_eq!(sent["type"], "sent", "{sent}");
+    let m = b.expect("image message", T, |f| f["type"] == "message" && f["kind"] == "image").await;
+    assert_eq!(m["media"]["media_id"], json!(media_id));
+    assert_eq!(m["media"]["width"], 640);
+    assert_eq!(m["body"], "the crag");
+
+    let path = format!("/v1/media/{media_id}");
+    let r = gw.fetch(&bob.token, &path, None).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/png");
+    assert_eq!(r.headers()["accept-ranges"], "bytes");
+    assert_eq!(r.bytes().await.unwrap().to_vec(), image, "the recipient downloads the same bytes");
+    let r = gw.fetch(&bob.token, &path, Some("bytes=10-19")).await;
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.headers()["content-range"], format!("bytes 10-19/{}", image.len()).as_str());
+    assert_eq!(r.bytes().await.unwrap().to_vec(), image[10..20].to_vec());
+    let r = gw.fetch(&alice.token, &path, Some("bytes=-7")).await;
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap().to_vec(), image[image.len() - 7..].to_vec());
+    assert_eq!(gw.fetch(&bob.token, &path, Some(&format!("bytes={}-", image.len()))).await.status(), 416);
+
+    // carol: the same 404 as for an id that does not exist.
+    let r = gw.fetch(&carol.token, &path, None).await;
+    let missing = gw.fetch(&carol.token, &format!("/v1/media/{}", uuid::Uuid::new_v4()), None).await;
+    assert_eq!((r.status(), missing.status()), (reqwest::StatusCode::NOT_FOUND, reqwest::StatusCode::NOT_FOUND));
+    assert_eq!(r.text().await.unwrap(), missing.text().await.unwrap());
+    // ...and cannot forward what she cannot read.
+    let mut c = gw.connect(&carol, "p").await;
+    let no = c.request(json!({"type": "send", "client_msg_id": "steal", "to": bob.id, "kind": "image", "media_id": media_id})).await;
+    assert_eq!(no["code"], "unknown_media");
+
+    // A video larger than one 5 MiB part, with a seek into its middle.
+    let video = mp4(6 << 20);
+    let (st, up) = gw.upload(&alice.token, "video", video.clone()).await;
+    assert_eq!(st, 201, "{up}");
+    assert_eq!(up["content_type"], "video/mp4");
+    let vid = up["media_id"].as_str().unwrap().to_owned();
+    let sent = a.request(json!({"type": "send", "client_msg_id": "vid", "to": bob.id, "kind": "video", "media_id": vid, "metadata": {"duration_ms": 12000}})).await;
+    assert_eq!(sent["type"], "sent", "{sent}");
+    let seek = 5_500_000usize;
+    let r = gw.fetch(&bob.token, &format!("/v1/media/{vid}"), Some(&format!("bytes={seek}-{}", seek + 99_999))).await;
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap().to_vec(), video[seek..seek + 100_000].to_vec());
+
+    // Refusals: bytes that are not the declared kind, too large, unknown kind, kind mismatch.
+    let (st, e) = gw.upload(&alice.token, "image", b"this is plainly text, not an image at all".to_vec()).await;
+    assert_eq!((st, e["error"]["code"].clone()), (415, json!("unsupported_media")));
+    let (st, e) = gw.upload(&alice.token, "image", png(2_500_000)).await;
+    assert_eq!((st, e["error"]["code"].clone()), (413, json!("media_too_large")));
+    let (st, e) = gw.upload(&alice.token, "document", png(100)).await;
+    assert_eq!((st, e["error"]["code"].clone()), (400, json!("invalid_kind")));
+    let no = a.request(json!({"type": "send", "client_msg_id": "mismatch", "to": bob.id, "kind": "video", "media_id": media_id})).await;
+    assert_eq!(no["code"], "media_kind_mismatch");
+    let no = a.request(json!({"type": "send", "client_msg_id": "nomedia", "to": bob.id, "kind": "image"})).await;
+    assert_eq!(no["code"], "invalid_frame");
+
+    // History keeps the attachment.
+    s.wait_settled(T).await;
+    let conv = sent["conversation_id"].as_str().unwrap();
+    let (_, page) = gw.get(&bob.token, &format!("/v1/conversations/{conv}/messages")).await;
+    let kinds: Vec<&str> = page["messages"].as_array().unwrap().iter().map(|m| m["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, vec!["video", "image"]);
+    assert_eq!(page["messages"][1]["media"]["media_id"], json!(media_id));
+}
+
+/// Grants a role with the CLI (embedded: the data directory must be free, so the process is
+/// stopped and started again). Returns the (possibly new) gateway.
+async fn grant(s: &Scope, gw: Gateway, username: &str, role: &str) -> Gateway {
+    let gw = match s.mode {
+        Mode::Cluster => gw,
+        Mode::Embedded => {
+            gw.proc.terminate().await;
+            let out = s.chat(&["role", "grant", "--username", username, "--role", role]).await;
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            return s.gateway("n1b").await;
+        }
+    };
+    let out = s.chat(&["role", "grant", "--username", username, "--role", role]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    gw
+}
+
+/// Profiles and who views them; analytics for analysts; audit for auditors (recorded, read-only);
+/// a rebuild gives the same numbers.
+pub async fn profiles_analytics_and_audit(mode: Mode) {
+    let s = Scope::new("insight", mode).await;
+    let gw = s.gateway("n1").await;
+    let _worker = s.worker().await;
+    let (alice, bob, carol) = (gw.register("alice").await, gw.register("bob").await, gw.register("carol").await);
+    let _ = (gw.register("dana").await, gw.register("erin").await);
+    let gw = grant(&s, gw, "dana", "analyst").await;
+    let gw = grant(&s, gw, "erin", "auditor").await;
+    let (alice, bob, carol) = (relog(&gw, alice).await, relog(&gw, bob).await, relog(&gw, carol).await);
+    let dana = relog(&gw, User { id: String::new(), name: "dana".into(), token: String::new() }).await;
+    let erin = relog(&gw, User { id: String::new(), name: "erin".into(), token: String::new() }).await;
+
+    // Profile with an avatar; anyone may fetch the avatar.
+    let (_, up) = gw.upload(&alice.token, "image", png(5_000)).await;
+    let avatar = up["media_id"].as_str().unwrap().to_owned();
+    let (st, body) = gw.call(Method::PUT, &alice.token, "/v1/profile", Some(json!({"display_name": "Alice A.", "avatar_media_id": avatar}))).await;
+    assert_eq!(st, 202, "{body}");
+    let p = wait_for("profile projected", T, || async {
+        let (_, p) = gw.get(&bob.token, &format!("/v1/users/{}/profile", alice.id)).await;
+        (p["display_name"] == "Alice A.").then_some(p)
+    })
+    .await;
+    assert_eq!(p["avatar_media_id"], json!(avatar));
+    assert_eq!(gw.fetch(&carol.token, &format!("/v1/media/{avatar}"), None).await.status(), 200);
+    // More views: bob has viewed alice at least once above; two more, and carol once.
+    for _ in 0..2 {
+        gw.get(&bob.token, &format!("/v1/users/{}/profile", alice.id)).await;
+    }
+    gw.get(&carol.token, &format!("/v1/users/{}/profile", alice.id)).await;
+    let (_, own) = gw.get(&alice.token, &format!("/v1/users/{}/profile", alice.id)).await;
+    assert_eq!(own["username"], "alice", "one's own view is not counted");
+
+    // Messages with topics.
+    let mut a = gw.connect(&alice, "p").await;
+    let mut b = gw.connect(&bob, "p").await;
+    let mid = a.send_text(&bob.id, "t1", "off to #Climb, no rain today").await["message_id"].as_str().unwrap().to_owned();
+    a.send_text(&bob.id, "t2", "#climb again #rope").await;
+    b.send_text(&alice.id, "t3", "sun!").await;
+    let conv = b.expect("msg", T, |f| f["type"] == "message" && f["message_id"] == json!(mid)).await["conversation_id"].as_str().unwrap().to_owned();
+    b.request(json!({"type": "delivered", "conversation_id": conv, "message_ids": [mid]})).await;
+    b.request(json!({"type": "read", "conversation_id": conv, "up_to": mid})).await;
+    s.wait_settled(T).await;
+
+    // Analytics: analysts only.
+    assert_eq!(gw.get(&bob.token, "/v1/analytics/messages").await.0, 403);
+    let (st, views) = gw.get(&dana.token, &format!("/v1/analytics/profile-views?user={}", alice.id)).await;
+    assert_eq!(st, 200, "{views}");
+    let day = &views["days"][0];
+    assert_eq!(day["views"], 4, "{views}");
+    assert_eq!(day["viewers"][0], json!([bob.id, 3]));
+    assert_eq!(day["viewers"][1], json!([carol.id, 1]));
+    let (_, topics) = gw.get(&dana.token, "/v1/analytics/topics").await;
+    let counted: Vec<(String, u64)> =
+        topics["topics"].as_array().unwrap().iter().map(|t| (t["topic"].as_str().unwrap().to_owned(), t["messages"].as_u64().unwrap())).collect();
+    assert_eq!(counted, vec![("#climb".to_owned(), 2), ("#rope".to_owned(), 1), ("rain".to_owned(), 1), ("sun".to_owned(), 1)], "{topics}");
+    let (_, msgs) = gw.get(&dana.token, "/v1/analytics/messages").await;
+    let text_direct: u64 = msgs["days"].as_array().unwrap().iter().filter(|d| d["kind"] == "text" && d["scope"] == "direct").map(|d| d["messages"].as_u64().unwrap()).sum();
+    assert_eq!(text_direct, 3, "{msgs}");
+    let (_, active) = gw.get(&dana.token, "/v1/analytics/active-users").await;
+    assert!(active["days"][0]["users"].as_u64().unwrap() >= 2, "{active}");
+
+    // Audit: auditors only, every read recorded, auditors cannot write.
+    assert_eq!(gw.get(&dana.token, &format!("/v1/audit/messages/{mid}/receipts")).await.0, 403);
+    let (st, tl) = gw.get(&erin.token, &format!("/v1/audit/messages/{mid}/receipts")).await;
+    assert_eq!(st, 200, "{tl}");
+    let statuses: Vec<&str> = tl["receipts"].as_array().unwrap().iter().map(|r| r["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, vec!["sent", "delivered", "seen"]);
+    let (st, ur) = gw.get(&erin.token, &format!("/v1/audit/users/{}/receipts", bob.id)).await;
+    assert_eq!(st, 200, "{ur}");
+    assert!(ur["receipts"].as_array().unwrap().len() >= 3, "{ur}");
+    assert_eq!(gw.get(&erin.token, "/v1/audit/metrics/daily").await.0, 200);
+    let mut e = gw.connect(&erin, "p").await;
+    assert_eq!(e.request(json!({"type": "send", "client_msg_id": "x", "to": bob.id, "body": "hi"})).await["code"], "forbidden");
+    assert_eq!(gw.call(Method::POST, &erin.token, "/v1/groups", Some(json!({"name": "g"}))).await.0, 403);
+    s.wait_settled(T).await;
+    let out = s.chat(&["replay", "--type", "audit.accessed"]).await;
+    let records: Vec<Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), 3, "one record per audit read");
+    assert!(records.iter().all(|r| r["data"]["auditor"] == json!(erin.id)));
+
+    // A rebuild gives the same analytics (and every other table).
+    if mode == Mode::Embedded {
+        gw.proc.terminate().await;
+    }
+    let out = s.chat(&["rebuild"]).await;
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert!(out.status.success(), "rebuild differs: {report:#}");
+    for t in ["analytics_messages", "analytics_topics", "analytics_profile_views", "analytics_active_users", "profiles", "receipts_by_user"] {
+        assert_eq!(report["tables"][t]["equal"], true, "{t}");
+    }
+}
+
+async fn relog(gw: &Gateway, mut u: User) -> User {
+    u.token = gw.login(&u.name).await;
+    if u.id.is_empty() {
+        let (_, me) = gw.get(&u.token, &format!("/v1/users/by-username/{}", u.name)).await;
+        u.id = me["user_id"].as_str().unwrap().to_owned();
+    }
+    u
+}
