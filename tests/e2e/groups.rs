@@ -167,6 +167,24 @@ pub async fn group_receipts_per_member_and_for_all(mode: Mode) {
     assert_eq!(r["receipts"].as_array().unwrap().len(), 6, "sent, delivered, seen for each of two members: {r}");
     assert_eq!(gw.get(&carol.token, &format!("/v1/messages/{mid}/receipts")).await.0, 200, "a recipient may read them");
     assert_eq!(gw.get(&dave.token, &format!("/v1/messages/{mid}/receipts")).await.0, 404, "an outsider may not");
+    // Media sent to the group: members download it, an outsider gets the same 404 as for nothing.
+    let mut png = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A, 0, 0, 0, 0x0D, b'I', b'H', b'D', b'R'];
+    png.resize(4_000, 7);
+    let (st, up) = gw.upload(&alice.token, "image", png.clone()).await;
+    assert_eq!(st, 201, "{up}");
+    let media = up["media_id"].as_str().unwrap().to_owned();
+    let f = a.request(json!({"type": "send", "client_msg_id": "gpic", "conversation_id": conv, "kind": "image", "media_id": media})).await;
+    assert_eq!(f["type"], "sent", "{f}");
+    c.expect("group image", T, |f| f["type"] == "message" && f["kind"] == "image").await;
+    let got = wait_for("member download", T, || async {
+        let r = gw.fetch(&carol.token, &format!("/v1/media/{media}"), None).await;
+        (r.status() == 200).then_some(())
+    });
+    got.await;
+    let outsider = gw.fetch(&dave.token, &format!("/v1/media/{media}"), None).await;
+    assert_eq!(outsider.status(), 404, "a non-member cannot fetch the group's media");
+    assert_eq!(gw.get(&dave.token, &format!("/v1/conversations/{conv}/messages")).await.0, 404, "nor its history");
+
     // A member cannot acknowledge for a message that is not of the group.
     let no = b.request(json!({"type": "delivered", "conversation_id": conv, "message_ids": [uuid::Uuid::now_v7().to_string()]})).await;
     assert_eq!(no["code"], "not_found");

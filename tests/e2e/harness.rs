@@ -238,7 +238,9 @@ impl Scope {
         .ok()
         .flatten()
         .unwrap_or_else(|| panic!("gateway {node} did not start; see {}", log.display()));
-        let gw = Gateway { proc: Proc { child, log }, url, http: reqwest::Client::new() };
+        // Every request has a deadline: a server that never answers fails the test, not hangs it.
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("http client");
+        let gw = Gateway { proc: Proc { child, log }, url, http };
         let ready_url = format!("{}/readyz", gw.url);
         let http = gw.http.clone();
         wait_for("gateway ready", Duration::from_secs(30), || {
@@ -570,8 +572,10 @@ impl Ws {
 
     /// Reads the next frame from the socket (not the buffer).
     async fn read(&mut self, timeout: Duration) -> Option<Value> {
+        // One deadline for the whole read: server pings (every 30 s) must not restart it.
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let m = tokio::time::timeout(timeout, self.stream.next()).await.ok()??;
+            let m = tokio::time::timeout_at(deadline, self.stream.next()).await.ok()??;
             match m {
                 Ok(Message::Text(t)) => return Some(serde_json::from_str(t.as_str()).expect("server frame is JSON")),
                 Ok(Message::Close(c)) => {

@@ -186,12 +186,36 @@ pub async fn profiles_analytics_and_audit(mode: Mode) {
         topics["topics"].as_array().unwrap().iter().map(|t| (t["topic"].as_str().unwrap().to_owned(), t["messages"].as_u64().unwrap())).collect();
     assert_eq!(counted, vec![("#climb".to_owned(), 2), ("#rope".to_owned(), 1), ("rain".to_owned(), 1), ("sun".to_owned(), 1)], "{topics}");
     let (_, msgs) = gw.get(&dana.token, "/v1/analytics/messages").await;
-    let text_direct: u64 = msgs["days"].as_array().unwrap().iter().filter(|d| d["kind"] == "text" && d["scope"] == "direct").map(|d| d["messages"].as_u64().unwrap()).sum();
-    assert_eq!(text_direct, 3, "{msgs}");
+    let count = |kind: &str, scope: &str| -> u64 {
+        msgs["days"].as_array().unwrap().iter().filter(|d| d["kind"] == kind && d["scope"] == scope).map(|d| d["messages"].as_u64().unwrap()).sum()
+    };
+    assert_eq!(count("text", "direct"), 3, "{msgs}");
     let (_, active) = gw.get(&dana.token, "/v1/analytics/active-users").await;
     assert!(active["days"][0]["users"].as_u64().unwrap() >= 2, "{active}");
 
+    // A group message, delivered and read by both members, for the auditor below.
+    let (st, g) = gw.call(Method::POST, &alice.token, "/v1/groups", Some(json!({"name": "audited", "members": [bob.id, carol.id]}))).await;
+    assert_eq!(st, 201, "{g}");
+    let gconv = g["conversation_id"].as_str().unwrap().to_owned();
+    // Connected before the send: pushes go to the connections that exist at the time.
+    let mut c = gw.connect(&carol, "p").await;
+    let gf = a.request(json!({"type": "send", "client_msg_id": "g1", "conversation_id": gconv, "body": "to the group"})).await;
+    assert_eq!(gf["type"], "sent", "{gf}");
+    let gmid = gf["message_id"].as_str().unwrap().to_owned();
+    for ws in [&mut b, &mut c] {
+        ws.expect("group message", T, |f| f["message_id"] == json!(gmid) && f["type"] == "message").await;
+        ws.request(json!({"type": "delivered", "conversation_id": gconv, "message_ids": [gmid]})).await;
+        ws.request(json!({"type": "read", "conversation_id": gconv, "up_to": gmid})).await;
+    }
+    a.expect("seen by all", T, |f| f["type"] == "receipt" && f["status"] == "seen" && f["all"] == true).await;
+    s.wait_settled(T).await;
+
     // Audit: auditors only, every read recorded, auditors cannot write.
+    let (st, gtl) = gw.get(&erin.token, &format!("/v1/audit/messages/{gmid}/receipts")).await;
+    assert_eq!(st, 200, "{gtl}");
+    assert_eq!(gtl["receipts"].as_array().unwrap().len(), 6, "every member, every transition: {gtl}");
+    assert_eq!(gtl["summary"]["recipients"], 2);
+    assert!(gtl["summary"]["seen_by_all_at"].is_string(), "{gtl}");
     assert_eq!(gw.get(&dana.token, &format!("/v1/audit/messages/{mid}/receipts")).await.0, 403);
     let (st, tl) = gw.get(&erin.token, &format!("/v1/audit/messages/{mid}/receipts")).await;
     assert_eq!(st, 200, "{tl}");
@@ -207,7 +231,7 @@ pub async fn profiles_analytics_and_audit(mode: Mode) {
     s.wait_settled(T).await;
     let out = s.chat(&["replay", "--type", "audit.accessed"]).await;
     let records: Vec<Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(records.len(), 3, "one record per audit read");
+    assert_eq!(records.len(), 4, "one record per audit read");
     assert!(records.iter().all(|r| r["data"]["auditor"] == json!(erin.id)));
 
     // A rebuild gives the same analytics (and every other table).

@@ -339,6 +339,10 @@ pub enum StreamItem {
         member: Option<UserId>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         role: Option<GroupRole>,
+        /// created: every initial member, the creator included (so any member's copy of the
+        /// item can project the whole membership).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        members: Option<Vec<UserId>>,
         by: UserId,
         #[serde(serialize_with = "serialize_time")]
         at: DateTime<Utc>,
@@ -797,6 +801,7 @@ pub fn fixtures() -> Vec<Envelope> {
         name: None,
         member: Some(bob),
         role: Some(GroupRole::Member),
+        members: None,
         by: alice,
         at,
         position: 7,

@@ -32,6 +32,7 @@ pub fn router(chat: App) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
         .route("/v1/accounts", post(register))
         .route("/v1/sessions", post(login))
         .route("/v1/users/by-username/{username}", get(lookup_user))
@@ -120,6 +121,12 @@ async fn readyz(State(chat): State<App>) -> Response {
 
 async fn metrics(State(chat): State<App>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], chat.metrics.render()).into_response()
+}
+
+/// The OpenAPI description of these routes (`schemas/openapi.json`; `tests/openapi.rs` keeps the
+/// two in step). No authentication.
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], include_str!("../../../schemas/openapi.json")).into_response()
 }
 
 #[derive(Deserialize)]

@@ -192,7 +192,7 @@ impl FanOut {
 
     fn group_item(env: &Envelope, conv: &ConversationId, change: GroupChange, detail: GroupDetail, by: UserId, o: i64) -> StreamItem {
         let (name, member, role) = detail;
-        StreamItem::Group { conversation_id: conv.clone(), change, name, member, role, by, at: env.occurred_at, position: o }
+        StreamItem::Group { conversation_id: conv.clone(), change, name, member, role, members: None, by, at: env.occurred_at, position: o }
     }
 
     /// What one event of a group puts into users' streams, deciding at position `o`.
@@ -230,7 +230,10 @@ impl FanOut {
                     })
                     .collect();
                 self.write_members(&mut group, &intervals, o).await?;
-                let item = Self::group_item(env, &conv, GroupChange::Created, (Some(g.name.clone()), None, None), g.creator, o);
+                let mut item = Self::group_item(env, &conv, GroupChange::Created, (Some(g.name.clone()), None, None), g.creator, o);
+                if let StreamItem::Group { members: m, .. } = &mut item {
+                    *m = Some(members.clone());
+                }
                 Ok(members.iter().map(|m| queued(env, *m, item.clone())).collect())
             }
             Event::GroupRenamed(r) => {

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use chat_events::{
     ConversationId, Envelope, Event, EventLog, GroupChange, GroupRole, MessageDelivered, MessageId, MessageRead,
     MessageSent, PresenceStatus, ReceiptStatus, Record, StreamItem, TopicKind, Topics, UserId,
@@ -331,37 +332,48 @@ impl Projector {
                 row.applied_offset = offset;
                 self.store.put_inbox_row(&row).await
             }
-            StreamItem::Group { conversation_id, change, name, member, role, by, at, position } => {
+            StreamItem::Group { conversation_id, change, name, member, role, members, by, at, position } => {
                 let p = *position;
                 let name = name.clone().unwrap_or_default();
+                // Member rows before the group row: once a reader sees the group, it sees every
+                // membership the creation made (the gateway's membership check relies on it).
                 if *change == GroupChange::Created {
-                    self.store
-                        .put_group(&GroupRow { conversation_id: conversation_id.clone(), name: name.clone(), creator: *by, created_at: *at, position: p })
-                        .await?;
-                } else {
-                    self.store.put_group_name(conversation_id, &name, p).await?;
-                }
-                // Who this item is about: the member it names, or (created) the recipient.
-                let (subject, active) = match change {
-                    GroupChange::Created => (user, true),
-                    GroupChange::MemberAdded => (member.unwrap_or(user), true),
-                    GroupChange::MemberRemoved => (member.unwrap_or(user), false),
-                    GroupChange::Renamed => return Ok(()),
-                };
-                let role = role.unwrap_or(if *change == GroupChange::Created && *by == user { GroupRole::Admin } else { GroupRole::Member });
-                self.store
-                    .put_group_member(&GroupMemberRow { conversation_id: conversation_id.clone(), member: subject, role, active, position: p })
-                    .await?;
-                if subject == user {
-                    self.store
-                        .put_user_group(&UserGroupRow { user_id: user, conversation_id: conversation_id.clone(), role, active, position: p })
-                        .await?;
-                    let (since, until) = if active { (p, None) } else { (self.open_since(user, conversation_id).await?, Some(p)) };
-                    if let Some(since) = since_known(since) {
-                        self.store.put_user_group_interval(user, conversation_id, since, until).await?;
+                    for m in members.iter().flatten() {
+                        let role = if m == by { GroupRole::Admin } else { GroupRole::Member };
+                        self.store
+                            .put_group_member(&GroupMemberRow { conversation_id: conversation_id.clone(), member: *m, role, active: true, position: p })
+                            .await?;
                     }
                 }
-                Ok(())
+                // Who this item is about: the member it names, or (created) the recipient.
+                let subject = match change {
+                    GroupChange::Created => Some((user, true)),
+                    GroupChange::MemberAdded => Some((member.unwrap_or(user), true)),
+                    GroupChange::MemberRemoved => Some((member.unwrap_or(user), false)),
+                    GroupChange::Renamed => None,
+                };
+                if let Some((subject, active)) = subject {
+                    let role = role.unwrap_or(if *change == GroupChange::Created && *by == user { GroupRole::Admin } else { GroupRole::Member });
+                    self.store
+                        .put_group_member(&GroupMemberRow { conversation_id: conversation_id.clone(), member: subject, role, active, position: p })
+                        .await?;
+                    if subject == user {
+                        self.store
+                            .put_user_group(&UserGroupRow { user_id: user, conversation_id: conversation_id.clone(), role, active, position: p })
+                            .await?;
+                        let (since, until) = if active { (p, None) } else { (self.open_since(user, conversation_id).await?, Some(p)) };
+                        if let Some(since) = since_known(since) {
+                            self.store.put_user_group_interval(user, conversation_id, since, until).await?;
+                        }
+                    }
+                }
+                if *change == GroupChange::Created {
+                    self.store
+                        .put_group(&GroupRow { conversation_id: conversation_id.clone(), name, creator: *by, created_at: *at, position: p })
+                        .await
+                } else {
+                    self.store.put_group_name(conversation_id, &name, p).await
+                }
             }
             StreamItem::Message { .. } | StreamItem::Receipt { .. } | StreamItem::Read { .. } => Ok(()),
         }
@@ -416,32 +428,68 @@ fn preview(body: &str) -> String {
     body.chars().take(PREVIEW_CHARS).collect()
 }
 
+impl Projector {
+    /// Projects one record (dead-letters it if it cannot be read).
+    async fn one(&self, rec: &Record) -> Result<(), String> {
+        let env = match Envelope::decode(&rec.payload) {
+            Ok(env) => env,
+            Err(e) => return dead_letter(self.log.as_ref(), &self.topics, rec, &e.to_string()).await.map_err(|le| le.to_string()),
+        };
+        // An event on a topic it does not belong to would break the single-writer rules.
+        if self.topics.kind_of(&rec.topic) != Some(env.event.topic_kind()) {
+            let reason = format!("{} found on topic {}", env.event.type_name(), rec.topic);
+            return dead_letter(self.log.as_ref(), &self.topics, rec, &reason).await.map_err(|le| le.to_string());
+        }
+        self.apply(&env, rec.offset).await.map_err(|e| e.to_string())
+    }
+}
+
+/// Users of one deliveries partition projected at once.
+const USERS_IN_FLIGHT: usize = 32;
+
 #[async_trait]
 impl Handler for Projector {
     async fn handle(&self, records: &[Record]) -> Result<(), HandlerError> {
-        for (i, rec) in records.iter().enumerate() {
-            let env = match Envelope::decode(&rec.payload) {
-                Ok(env) => env,
-                Err(e) => {
-                    dead_letter(self.log.as_ref(), &self.topics, rec, &e.to_string())
-                        .await
-                        .map_err(|le| HandlerError { done: i, reason: le.to_string() })?;
-                    continue;
-                }
-            };
-            // An event on a topic it does not belong to would break the single-writer rules.
-            if self.topics.kind_of(&rec.topic) != Some(env.event.topic_kind()) {
-                let reason = format!("{} found on topic {}", env.event.type_name(), rec.topic);
-                dead_letter(self.log.as_ref(), &self.topics, rec, &reason)
-                    .await
-                    .map_err(|le| HandlerError { done: i, reason: le.to_string() })?;
-                continue;
+        let deliveries = records.first().is_some_and(|r| self.topics.kind_of(&r.topic) == Some(TopicKind::Deliveries));
+        if !deliveries {
+            for (i, rec) in records.iter().enumerate() {
+                self.one(rec).await.map_err(|reason| HandlerError { done: i, reason })?;
             }
-            if let Err(e) = self.apply(&env, rec.offset).await {
-                return Err(HandlerError { done: i, reason: e.to_string() });
-            }
+            return Ok(());
         }
-        Ok(())
+        // A deliveries partition interleaves many users' streams. Each user's rows have a
+        // single writer and need order only among themselves, so users are projected
+        // concurrently (a message to a 1,024-member group is 1,024 records here), each user's
+        // records in order.
+        let mut users: Vec<Vec<usize>> = Vec::new();
+        let mut index: std::collections::HashMap<&[u8], usize> = std::collections::HashMap::new();
+        for (i, rec) in records.iter().enumerate() {
+            let key = rec.key.as_deref().unwrap_or_default();
+            let slot = *index.entry(key).or_insert_with(|| {
+                users.push(Vec::new());
+                users.len() - 1
+            });
+            users[slot].push(i);
+        }
+        let failures: Vec<(usize, String)> = futures::stream::iter(users)
+            .map(|idxs| async move {
+                for i in idxs {
+                    if let Err(reason) = self.one(&records[i]).await {
+                        return Some((i, reason));
+                    }
+                }
+                None
+            })
+            .buffer_unordered(USERS_IN_FLIGHT)
+            .filter_map(|f| async move { f })
+            .collect()
+            .await;
+        // Every record before the first failure (in partition order) is done, whichever user
+        // it belongs to; what follows is handled again (idempotently) on the retry.
+        match failures.into_iter().min_by_key(|(i, _)| *i) {
+            None => Ok(()),
+            Some((done, reason)) => Err(HandlerError { done, reason }),
+        }
     }
 }
 
