@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the platform in cluster mode on this machine: starts Kafka, Cassandra and Redis on
+# Runs the platform in cluster mode on this machine: starts Kafka, Cassandra, Redis and S3 on
 # 127.0.0.1 (installing and fetching what is missing, see scripts/services.sh), then one projection
 # worker and one gateway node on http://127.0.0.1:${CHAT_PORT:-8080}. (The default, embedded mode
 # needs none of this: `cargo run --release`.) Ctrl-C stops the gateway and the worker
@@ -12,6 +12,9 @@ eval "$(bash scripts/services.sh env)"
 export CHAT_KAFKA_BROKERS="$CHAT_TEST_KAFKA"
 export CHAT_CASSANDRA_NODES="$CHAT_TEST_CASSANDRA"
 export CHAT_REDIS_URL="$CHAT_TEST_REDIS"
+export CHAT_S3_ENDPOINT="$CHAT_TEST_S3_ENDPOINT" CHAT_S3_BUCKET="$CHAT_TEST_S3_BUCKET"
+export CHAT_S3_ACCESS_KEY="$CHAT_TEST_S3_ACCESS_KEY" CHAT_S3_SECRET_KEY="$CHAT_TEST_S3_SECRET_KEY"
+export CHAT_S3_REGION="$CHAT_TEST_S3_REGION"
 export CHAT_LISTEN="${CHAT_LISTEN:-127.0.0.1:${CHAT_PORT:-8080}}"
 # A stable secret for this machine, so tokens survive restarts.
 secret_file="${CHAT_SERVICES_HOME:-$HOME/.cache/chat-services}/token-secret"

@@ -244,6 +244,21 @@ pub async fn profiles_analytics_and_audit(mode: Mode) {
     for t in ["analytics_messages", "analytics_topics", "analytics_profile_views", "analytics_active_users", "profiles", "receipts_by_user"] {
         assert_eq!(report["tables"][t]["equal"], true, "{t}");
     }
+
+    // The same queries from the command line (JSON out); an operator's audit read is recorded too.
+    let json_of = |out: std::process::Output| -> Value {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("JSON output")
+    };
+    let topics = json_of(s.chat(&["analytics", "topics"]).await);
+    assert_eq!(topics[0]["topic"], "#climb", "{topics}");
+    let views = json_of(s.chat(&["analytics", "profile-views", "--user", &alice.id]).await);
+    assert_eq!(views[0]["views"], 4, "{views}");
+    let timeline = json_of(s.chat(&["audit", "receipts", "--message", &mid]).await);
+    assert_eq!(timeline["receipts"].as_array().unwrap().len(), 3, "{timeline}");
+    let out = s.chat(&["replay", "--type", "audit.accessed"]).await;
+    let records: Vec<Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.iter().filter(|r| r["data"]["via"] == "cli").count(), 1, "the CLI read is on the record");
 }
 
 async fn relog(gw: &Gateway, mut u: User) -> User {

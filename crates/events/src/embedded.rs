@@ -472,13 +472,13 @@ impl EmbeddedConsumer {
         Ok(())
     }
 
+    /// Stored offsets not committed yet.
+    fn uncommitted(&self) -> Vec<(String, i32, i64)> {
+        self.stored.iter().filter(|(k, v)| self.committed.get(*k) != Some(*v)).map(|((t, p), o)| (t.clone(), *p, *o)).collect()
+    }
+
     async fn commit_stored(&mut self) -> Result<(), LogError> {
-        let offsets: Vec<(String, i32, i64)> = self
-            .stored
-            .iter()
-            .filter(|(k, v)| self.committed.get(*k) != Some(*v))
-            .map(|((t, p), o)| (t.clone(), *p, *o))
-            .collect();
+        let offsets = self.uncommitted();
         self.last_commit = Instant::now();
         if offsets.is_empty() {
             return Ok(());
@@ -601,12 +601,7 @@ impl LogConsumer for EmbeddedConsumer {
 impl Drop for EmbeddedConsumer {
     fn drop(&mut self) {
         // Like Kafka's consumer close: commit what was stored (best effort, not awaited).
-        let offsets: Vec<(String, i32, i64)> = self
-            .stored
-            .iter()
-            .filter(|(k, v)| self.committed.get(*k) != Some(*v))
-            .map(|((t, p), o)| (t.clone(), *p, *o))
-            .collect();
+        let offsets = self.uncommitted();
         if !offsets.is_empty() {
             let (reply, _ignored) = oneshot::channel();
             let _ = self.log.writer.try_send(WriteReq::Commit { group: self.group.clone(), offsets, reply });
