@@ -11,6 +11,11 @@
 
 mod config;
 
+/// mimalloc instead of the C library's allocator: a connection's many small, long-lived
+/// allocations pack tighter and freed memory goes back to the system (see docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;

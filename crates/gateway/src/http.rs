@@ -363,9 +363,10 @@ async fn websocket(
     let limit = chat.limits.max_frame_bytes;
     ws.max_message_size(limit)
         .max_frame_size(limit)
-        // Small per-connection buffers: most chat frames are tiny, and the default read buffer
-        // (128 KiB) would dominate the memory of an idle connection.
-        .read_buffer_size(4 * 1024)
+        // Small per-connection buffers: chat frames are small, and the read buffer is allocated
+        // (and zero-filled) per connection: the default 128 KiB would dominate an idle
+        // connection's memory. A larger frame grows the buffer to its size while it is read.
+        .read_buffer_size(512)
         .write_buffer_size(0)
         .on_upgrade(move |socket| crate::ws::serve(chat, principal, device, socket))
 }

@@ -17,7 +17,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 
-use crate::auth::{hash_password, verify_password, Tokens};
+use crate::auth::{hash_password, verify_password, KdfPool, Tokens};
 use crate::error::ApiError;
 use crate::frames::{Ref, ServerFrame, SyncItem};
 use crate::hub::Hub;
@@ -93,6 +93,8 @@ pub struct Chat {
     pub media: Option<crate::media::MediaStorage>,
     /// Users known to exist (they never stop existing): saves a read per send.
     known_users: Mutex<HashSet<UserId>>,
+    /// Password hashing, bounded (see [`KdfPool`]).
+    kdf: KdfPool,
 }
 
 const KNOWN_USERS_MAX: usize = 100_000;
@@ -211,7 +213,7 @@ impl Chat {
         limits: Limits,
         metrics: Metrics,
     ) -> Self {
-        Chat { log, topics, store, routing, hub, tokens, node, limits, metrics, media: None, known_users: Mutex::new(HashSet::new()) }
+        Chat { log, topics, store, routing, hub, tokens, node, limits, metrics, media: None, known_users: Mutex::new(HashSet::new()), kdf: KdfPool::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2), 256) }
     }
 
     /// With media storage.
@@ -235,10 +237,7 @@ impl Chat {
             return Err(bad("invalid_password", "passwords are 8-128 characters"));
         }
         let pw = password.to_owned();
-        let hash = tokio::task::spawn_blocking(move || hash_password(&pw))
-            .await
-            .map_err(|e| ApiError::internal("hash task", &e))?
-            .map_err(|e| ApiError::internal("hash", &e))?;
+        let hash = self.kdf.run(move || hash_password(&pw)).await.ok_or_else(ApiError::overloaded)?.map_err(|e| ApiError::internal("hash", &e))?;
         let account = Account { user_id: UserId::random(), username: username.clone(), password_hash: hash, created_at: now_millis() };
         if !self.store.create_account(&account).await? {
             return Err(ApiError::new(StatusCode::CONFLICT, "username_taken", "that username is taken"));
@@ -265,15 +264,17 @@ impl Chat {
         let hash = account.as_ref().map(|a| a.password_hash.clone());
         // Verify against something even for an unknown name, so timing does not reveal
         // which usernames exist.
-        let ok = tokio::task::spawn_blocking(move || match hash {
-            Some(h) => verify_password(&pw, &h),
-            None => {
-                let _ = verify_password(&pw, DUMMY_HASH);
-                false
-            }
-        })
-        .await
-        .map_err(|e| ApiError::internal("verify task", &e))?;
+        let ok = self
+            .kdf
+            .run(move || match hash {
+                Some(h) => verify_password(&pw, &h),
+                None => {
+                    let _ = verify_password(&pw, DUMMY_HASH);
+                    false
+                }
+            })
+            .await
+            .ok_or_else(ApiError::overloaded)?;
         let account = match (ok, account) {
             (true, Some(a)) => a,
             _ => return Err(invalid()),
@@ -375,8 +376,16 @@ impl Chat {
             body_sha256: body_sha256.clone(),
             committed: false,
         };
-        let (reservation, must_append) = match self.store.reserve_send(&mine).await? {
-            None => (mine, true),
+        // The owner row (who may see the message's receipts) is written beside the reservation,
+        // not after it: one round of durable writes instead of two. A reservation that loses to
+        // an earlier one leaves an owner row for a message id that never exists, which nothing
+        // reads.
+        let (reserved, owner) = tokio::join!(self.store.reserve_send(&mine), self.store.put_message_owner(mine.message_id, &conv, ctx.user));
+        let (reservation, must_append) = match reserved? {
+            None => {
+                owner?;
+                (mine, true)
+            }
             Some(existing) => {
                 if existing.conversation_id != conv || existing.body_sha256 != body_sha256 {
                     return Err(ApiError::new(
@@ -393,7 +402,10 @@ impl Chat {
                     let settled = self.wait_committed(ctx.user, &client_msg_id).await?;
                     match settled {
                         Some(done) => (done, false),
-                        None => (existing, true),
+                        None => {
+                            self.store.put_message_owner(existing.message_id, &conv, ctx.user).await?;
+                            (existing, true)
+                        }
                     }
                 }
             }
@@ -409,7 +421,6 @@ impl Chat {
             media,
         };
         if must_append {
-            self.store.put_message_owner(reservation.message_id, &conv, ctx.user).await?;
             if let Some(m) = &event.media {
                 self.share(m.media_id, &conv).await?;
             }
@@ -420,11 +431,16 @@ impl Chat {
                 event: Event::MessageSent(event.clone()),
             };
             self.append(&env).await?;
-            if let Err(e) = self.store.commit_send(ctx.user, &client_msg_id).await {
-                // The event is durable; a retry would append a duplicate that every consumer
-                // collapses by its derived id.
-                warn!(error = %e, "send reservation not marked committed");
-            }
+            // Marked committed in the background: the ack does not wait for it. A retry that
+            // comes before the mark waits for it (`wait_committed`); if the mark is lost, the
+            // retry appends again with the same derived event id, which every consumer collapses.
+            let store = self.store.clone();
+            let (sender, cmid) = (ctx.user, client_msg_id.clone());
+            tokio::spawn(async move {
+                if let Err(e) = store.commit_send(sender, &cmid).await {
+                    warn!(error = %e, "send reservation not marked committed");
+                }
+            });
             self.metrics.messages_sent.inc();
             // Group messages are pushed by the fan-out, which alone knows the members at the
             // message's position.
@@ -443,8 +459,13 @@ impl Chat {
     }
 
     async fn wait_committed(&self, sender: UserId, client_msg_id: &str) -> Result<Option<SendReservation>, ApiError> {
-        for _ in 0..20 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        // About 2 s in all: 5, 10, 20, 40, 80, then 100 ms steps (the mark usually follows the
+        // ack within milliseconds).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut step = Duration::from_millis(5);
+        while Instant::now() < deadline {
+            tokio::time::sleep(step).await;
+            step = (step * 2).min(Duration::from_millis(100));
             if let Some(r) = self.store.get_send(sender, client_msg_id).await? {
                 if r.committed {
                     return Ok(Some(r));

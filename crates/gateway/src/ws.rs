@@ -46,14 +46,27 @@ fn is_too_big(e: &axum::Error) -> bool {
     e.to_string().contains("Space limit exceeded")
 }
 
-/// Serves one authenticated connection until it closes.
-pub async fn serve(chat: Arc<Chat>, principal: Principal, device: DeviceId, socket: WebSocket) {
+/// Serves one authenticated connection until it closes: splits the socket and hands the halves
+/// to a task of their own, so that the upgrade task (which holds the whole socket and the
+/// handler's state, about 2 KB) ends at once and an idle connection keeps only what it uses.
+pub fn serve(chat: Arc<Chat>, principal: Principal, device: DeviceId, socket: WebSocket) -> std::future::Ready<()> {
+    let (sink, stream) = socket.split();
+    tokio::spawn(connection(chat, principal, device, sink, stream));
+    std::future::ready(())
+}
+
+async fn connection(
+    chat: Arc<Chat>,
+    principal: Principal,
+    device: DeviceId,
+    mut sink: futures::stream::SplitSink<WebSocket, Message>,
+    mut stream: futures::stream::SplitStream<WebSocket>,
+) {
     let user = principal.user_id;
-    let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Outbound>(chat.limits.conn_queue);
     let kick = Arc::new(Notify::new());
     // `welcome` is queued before the connection can receive pushes, so it is always first.
-    let welcome = ServerFrame::Welcome { user_id: user, device_id: device.to_string(), pending: chat.pending(user).await };
+    let welcome = ServerFrame::Welcome { user_id: user, device_id: device.to_string(), pending: Box::pin(chat.pending(user)).await };
     let _queued = tx.try_send(Arc::from(welcome.to_text()));
     let id = chat.hub.register(user, device.clone(), tx.clone(), kick.clone());
     let ctx = ConnCtx { user, device: device.clone(), conn: ConnRef { node: chat.node.clone(), conn: id }, read_only: principal.read_only() };
@@ -99,7 +112,7 @@ pub async fn serve(chat: Arc<Chat>, principal: Principal, device: DeviceId, sock
         let _closed = sink.close().await;
     });
 
-    chat.connected(&ctx).await;
+    Box::pin(chat.connected(&ctx)).await;
     let expiry = tokio::time::Instant::now()
         + (principal.expires_at - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO);
 
@@ -128,7 +141,9 @@ pub async fn serve(chat: Arc<Chat>, principal: Principal, device: DeviceId, sock
         };
         match msg {
             Message::Text(text) => {
-                if let Some(reply) = handle_text(&chat, &ctx, text.as_str()).await {
+                // Boxed: the futures of frame handling are large and live only while a frame is
+                // handled, so an idle connection does not carry their space.
+                if let Some(reply) = Box::pin(handle_text(&chat, &ctx, text.as_str())).await {
                     // Replies go through the same bounded queue as pushes, in order.
                     if tx.send(reply).await.is_err() {
                         break None;
@@ -154,7 +169,7 @@ pub async fn serve(chat: Arc<Chat>, principal: Principal, device: DeviceId, sock
     }
     let _done = writer.await;
     chat.metrics.connections_open.dec();
-    chat.disconnected(&ctx).await;
+    Box::pin(chat.disconnected(&ctx)).await;
     chat.hub.session_ended();
 }
 

@@ -42,12 +42,16 @@ impl Projector {
     /// that day, its topics.
     async fn message_stats(&self, id: MessageId, sender: UserId, kind: &str, group: bool, body: &str, at: &chrono::DateTime<chrono::Utc>) -> R<()> {
         let day = day_of(at);
-        self.store.add_message_stat(day, kind, if group { "group" } else { "direct" }, id).await?;
-        self.store.add_active_user(day, sender).await?;
-        for t in topics_of(body, &self.keywords) {
-            self.store.add_topic(day, &t, id).await?;
-        }
-        Ok(())
+        // Set inserts that commute: issued together, so that they share one commit.
+        let topics = topics_of(body, &self.keywords);
+        let (stat, active, topics) = futures::join!(
+            self.store.add_message_stat(day, kind, if group { "group" } else { "direct" }, id),
+            self.store.add_active_user(day, sender),
+            futures::future::join_all(topics.iter().map(|t| self.store.add_topic(day, t, id))),
+        );
+        stat?;
+        active?;
+        topics.into_iter().collect()
     }
 
     /// Applies one event read at `offset` of its partition.
@@ -106,35 +110,32 @@ impl Projector {
             return Ok(());
         }
         let peer = if m.sender == a { b } else { a };
-        self.store
-            .put_message(&MessageRow {
-                conversation_id: m.conversation_id.clone(),
-                message_id: m.message_id,
-                sender: m.sender,
-                sender_device: m.sender_device.to_string(),
-                client_msg_id: m.client_msg_id.clone(),
-                kind: m.kind.as_str().to_owned(),
-                body: m.body.clone(),
-                sent_at: env.occurred_at,
-                position: offset,
-                media: m.media.clone(),
-            })
-            .await?;
-        self.message_stats(m.message_id, m.sender, m.kind.as_str(), false, &m.body, &env.occurred_at).await?;
-        self.store
-            .put_receipts(&[ReceiptRow {
-                message_id: m.message_id,
-                recipient: peer,
-                status: ReceiptStatus::Sent,
-                device_id: String::new(),
-                at: env.occurred_at,
-                conversation_id: m.conversation_id.clone(),
-            }])
-            .await?;
-        for (user, other, unread_inc) in [(m.sender, peer, 0), (peer, m.sender, 1)] {
+        // The history row, the analytics, the "sent" receipt and both inbox rows are independent
+        // (each guarded on its own), so they are written together and share commits.
+        let row = MessageRow {
+            conversation_id: m.conversation_id.clone(),
+            message_id: m.message_id,
+            sender: m.sender,
+            sender_device: m.sender_device.to_string(),
+            client_msg_id: m.client_msg_id.clone(),
+            kind: m.kind.as_str().to_owned(),
+            body: m.body.clone(),
+            sent_at: env.occurred_at,
+            position: offset,
+            media: m.media.clone(),
+        };
+        let sent = [ReceiptRow {
+            message_id: m.message_id,
+            recipient: peer,
+            status: ReceiptStatus::Sent,
+            device_id: String::new(),
+            at: env.occurred_at,
+            conversation_id: m.conversation_id.clone(),
+        }];
+        let inbox = |user: UserId, other: UserId, unread_inc: i32| async move {
             let row = self.store.inbox_row(user, &m.conversation_id).await?;
             if matches!(&row, Some(r) if r.applied_offset >= offset) {
-                continue;
+                return Ok(());
             }
             let unread = row.as_ref().map(|r| r.unread).unwrap_or(0) + unread_inc;
             self.store
@@ -150,9 +151,16 @@ impl Projector {
                     unread,
                     applied_offset: offset,
                 })
-                .await?;
-        }
-        Ok(())
+                .await
+        };
+        let (history, stats, receipt, inbox_sender, inbox_peer) = futures::join!(
+            self.store.put_message(&row),
+            self.message_stats(m.message_id, m.sender, m.kind.as_str(), false, &m.body, &env.occurred_at),
+            self.store.put_receipts(&sent),
+            inbox(m.sender, peer, 0),
+            inbox(peer, m.sender, 1),
+        );
+        history.and(stats).and(receipt).and(inbox_sender).and(inbox_peer)
     }
 
     async fn message_delivered(&self, env: &Envelope, d: &MessageDelivered) -> R<()> {
@@ -444,23 +452,17 @@ impl Projector {
     }
 }
 
-/// Users of one deliveries partition projected at once.
+/// Keys of one partition projected at once.
 const USERS_IN_FLIGHT: usize = 32;
 
 #[async_trait]
 impl Handler for Projector {
     async fn handle(&self, records: &[Record]) -> Result<(), HandlerError> {
-        let deliveries = records.first().is_some_and(|r| self.topics.kind_of(&r.topic) == Some(TopicKind::Deliveries));
-        if !deliveries {
-            for (i, rec) in records.iter().enumerate() {
-                self.one(rec).await.map_err(|reason| HandlerError { done: i, reason })?;
-            }
-            return Ok(());
-        }
-        // A deliveries partition interleaves many users' streams. Each user's rows have a
-        // single writer and need order only among themselves, so users are projected
-        // concurrently (a message to a 1,024-member group is 1,024 records here), each user's
-        // records in order.
+        // A partition interleaves many keys: conversations (conversations topic), users (users
+        // and deliveries topics). Every row has a single writer keyed like the record that
+        // writes it and needs order only among that key's records, so keys are projected
+        // concurrently (a message to a 1,024-member group is 1,024 deliveries records), each
+        // key's records in order; their writes share the store's commits.
         let mut users: Vec<Vec<usize>> = Vec::new();
         let mut index: std::collections::HashMap<&[u8], usize> = std::collections::HashMap::new();
         for (i, rec) in records.iter().enumerate() {

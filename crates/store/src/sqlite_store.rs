@@ -31,6 +31,22 @@ use uuid::Uuid;
 use crate::insights::{check_message_stat, profile_views_from, sort_message_counts, sort_receipts_of_user, sort_topic_counts};
 use crate::*;
 
+/// `execute` and `query_row` through the connection's statement cache.
+trait Cached {
+    fn exec<P: rusqlite::Params>(&self, sql: &str, p: P) -> rusqlite::Result<usize>;
+    fn row<T, P: rusqlite::Params, F: FnOnce(&Row<'_>) -> rusqlite::Result<T>>(&self, sql: &str, p: P, f: F) -> rusqlite::Result<T>;
+}
+
+impl Cached for Connection {
+    fn exec<P: rusqlite::Params>(&self, sql: &str, p: P) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(p)
+    }
+
+    fn row<T, P: rusqlite::Params, F: FnOnce(&Row<'_>) -> rusqlite::Result<T>>(&self, sql: &str, p: P, f: F) -> rusqlite::Result<T> {
+        self.prepare_cached(sql)?.query_row(p, f)
+    }
+}
+
 type Job = Box<dyn FnOnce(&Transaction<'_>) -> Box<dyn FnOnce(bool) + Send> + Send>;
 
 struct Inner {
@@ -293,12 +309,12 @@ impl CommandStore for SqliteStore {
     async fn create_account(&self, a: &Account) -> StoreResult<bool> {
         let a = a.clone();
         self.write(move |t| {
-            let n = t.execute(
+            let n = t.exec(
                 "INSERT OR IGNORE INTO accounts_by_name (username, user_id, password_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
                 params![a.username, a.user_id.to_string(), a.password_hash, ms(&a.created_at)],
             )?;
             if n == 1 {
-                t.execute(
+                t.exec(
                     "INSERT OR REPLACE INTO accounts_by_id (user_id, username, created_at) VALUES (?1, ?2, ?3)",
                     params![a.user_id.to_string(), a.username, ms(&a.created_at)],
                 )?;
@@ -311,8 +327,8 @@ impl CommandStore for SqliteStore {
     async fn remove_account(&self, a: &Account) -> StoreResult<()> {
         let a = a.clone();
         self.write(move |t| {
-            t.execute("DELETE FROM accounts_by_id WHERE user_id = ?1", params![a.user_id.to_string()])?;
-            t.execute("DELETE FROM accounts_by_name WHERE username = ?1 AND user_id = ?2", params![a.username, a.user_id.to_string()])?;
+            t.exec("DELETE FROM accounts_by_id WHERE user_id = ?1", params![a.user_id.to_string()])?;
+            t.exec("DELETE FROM accounts_by_name WHERE username = ?1 AND user_id = ?2", params![a.username, a.user_id.to_string()])?;
             Ok(())
         })
         .await
@@ -321,7 +337,7 @@ impl CommandStore for SqliteStore {
     async fn account_by_name(&self, username: &str) -> StoreResult<Option<Account>> {
         let username = username.to_owned();
         self.read(move |c| {
-            c.query_row(
+            c.row(
                 "SELECT user_id, username, password_hash, created_at FROM accounts_by_name WHERE username = ?1",
                 params![username],
                 |r| Ok(Account { user_id: UserId(uuid_at(r, 0)?), username: r.get(1)?, password_hash: r.get(2)?, created_at: time(r.get(3)?)? }),
@@ -333,7 +349,7 @@ impl CommandStore for SqliteStore {
 
     async fn account_by_id(&self, user: UserId) -> StoreResult<Option<String>> {
         self.read(move |c| {
-            c.query_row("SELECT username FROM accounts_by_id WHERE user_id = ?1", params![user.to_string()], |r| r.get(0)).optional()
+            c.row("SELECT username FROM accounts_by_id WHERE user_id = ?1", params![user.to_string()], |r| r.get(0)).optional()
         })
         .await
     }
@@ -342,7 +358,7 @@ impl CommandStore for SqliteStore {
         let res = res.clone();
         let inserted = self
             .write(move |t| {
-                let n = t.execute(
+                let n = t.exec(
                     "INSERT OR IGNORE INTO send_dedup (sender, client_msg_id, message_id, conversation_id, sent_at, body_sha256, committed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
                     params![res.sender.to_string(), res.client_msg_id, res.message_id.to_string(), res.conversation_id.as_str(), ms(&res.sent_at), res.body_sha256],
                 )?;
@@ -361,7 +377,7 @@ impl CommandStore for SqliteStore {
     async fn commit_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<()> {
         let cmid = client_msg_id.to_owned();
         self.write(move |t| {
-            t.execute("UPDATE send_dedup SET committed = 1 WHERE sender = ?1 AND client_msg_id = ?2", params![sender.to_string(), cmid])?;
+            t.exec("UPDATE send_dedup SET committed = 1 WHERE sender = ?1 AND client_msg_id = ?2", params![sender.to_string(), cmid])?;
             Ok(())
         })
         .await
@@ -370,7 +386,7 @@ impl CommandStore for SqliteStore {
     async fn get_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<Option<SendReservation>> {
         let cmid = client_msg_id.to_owned();
         self.read(move |c| {
-            c.query_row(
+            c.row(
                 "SELECT message_id, conversation_id, sent_at, body_sha256, committed FROM send_dedup WHERE sender = ?1 AND client_msg_id = ?2",
                 params![sender.to_string(), cmid],
                 |r| {
@@ -402,7 +418,7 @@ impl CommandStore for SqliteStore {
 
     async fn message_owner(&self, message: MessageId) -> StoreResult<Option<(ConversationId, UserId)>> {
         self.read(move |c| {
-            c.query_row("SELECT conversation_id, sender FROM message_owners WHERE message_id = ?1", params![message.to_string()], |r| {
+            c.row("SELECT conversation_id, sender FROM message_owners WHERE message_id = ?1", params![message.to_string()], |r| {
                 Ok((conv_at(r, 0)?, UserId(uuid_at(r, 1)?)))
             })
             .optional()
@@ -413,7 +429,7 @@ impl CommandStore for SqliteStore {
     async fn put_media(&self, m: &MediaObject) -> StoreResult<()> {
         let m = m.clone();
         self.write(move |t| {
-            t.execute(
+            t.exec(
                 "INSERT OR REPLACE INTO media_objects (media_id, uploader, kind, content_type, size, sha256, created_at, public) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![m.media_id.to_string(), m.uploader.to_string(), m.kind, m.content_type, m.size, m.sha256, ms(&m.created_at), m.public],
             )?;
@@ -424,7 +440,7 @@ impl CommandStore for SqliteStore {
 
     async fn media(&self, id: Uuid) -> StoreResult<Option<MediaObject>> {
         self.read(move |c| {
-            c.query_row(
+            c.row(
                 "SELECT uploader, kind, content_type, size, sha256, created_at, public FROM media_objects WHERE media_id = ?1",
                 params![id.to_string()],
                 |r| {
@@ -447,7 +463,7 @@ impl CommandStore for SqliteStore {
 
     async fn set_media_public(&self, id: Uuid) -> StoreResult<()> {
         self.write(move |t| {
-            t.execute("UPDATE media_objects SET public = 1 WHERE media_id = ?1", params![id.to_string()])?;
+            t.exec("UPDATE media_objects SET public = 1 WHERE media_id = ?1", params![id.to_string()])?;
             Ok(())
         })
         .await
@@ -456,7 +472,7 @@ impl CommandStore for SqliteStore {
     async fn share_media(&self, id: Uuid, c: &ConversationId) -> StoreResult<()> {
         let c = c.clone();
         self.write(move |t| {
-            t.execute("INSERT OR IGNORE INTO media_shares (media_id, conversation_id) VALUES (?1, ?2)", params![id.to_string(), c.as_str()])?;
+            t.exec("INSERT OR IGNORE INTO media_shares (media_id, conversation_id) VALUES (?1, ?2)", params![id.to_string(), c.as_str()])?;
             Ok(())
         })
         .await
@@ -477,7 +493,7 @@ impl ProjectionStore for SqliteStore {
     async fn put_user(&self, user: UserId, username: &str, at: DateTime<Utc>) -> StoreResult<()> {
         let username = username.to_owned();
         self.write(move |t| {
-            t.execute(
+            t.exec(
                 "INSERT OR REPLACE INTO users (user_id, username, registered_at) VALUES (?1, ?2, ?3)",
                 params![user.to_string(), username, ms(&at)],
             )?;
@@ -520,7 +536,7 @@ impl ProjectionStore for SqliteStore {
     async fn inbox_row(&self, user: UserId, c: &ConversationId) -> StoreResult<Option<InboxRow>> {
         let c = c.clone();
         self.read(move |conn| {
-            conn.query_row(
+            conn.row(
                 &format!("SELECT {INBOX_COLS} FROM inbox WHERE user_id = ?1 AND conversation_id = ?2"),
                 params![user.to_string(), c.as_str()],
                 inbox_row,
@@ -554,7 +570,7 @@ impl ProjectionStore for SqliteStore {
     async fn read_marker(&self, c: &ConversationId, reader: UserId) -> StoreResult<Option<ReadMarker>> {
         let c = c.clone();
         self.read(move |conn| {
-            conn.query_row(
+            conn.row(
                 "SELECT up_to, applied_offset FROM read_markers WHERE conversation_id = ?1 AND reader = ?2",
                 params![c.as_str(), reader.to_string()],
                 |r| Ok(ReadMarker { conversation_id: c.clone(), reader, up_to: MessageId(uuid_at(r, 0)?), applied_offset: r.get(1)? }),
@@ -567,7 +583,7 @@ impl ProjectionStore for SqliteStore {
     async fn put_read_marker(&self, m: &ReadMarker) -> StoreResult<()> {
         let m = m.clone();
         self.write(move |t| {
-            t.execute(
+            t.exec(
                 "INSERT OR REPLACE INTO read_markers (conversation_id, reader, up_to, applied_offset) VALUES (?1, ?2, ?3, ?4)",
                 params![m.conversation_id.as_str(), m.reader.to_string(), m.up_to.to_string(), m.applied_offset],
             )?;
@@ -616,7 +632,7 @@ impl ProjectionStore for SqliteStore {
 
     async fn stream_seq_of(&self, user: UserId, item_id: Uuid) -> StoreResult<Option<i64>> {
         self.read(move |c| {
-            c.query_row(
+            c.row(
                 "SELECT seq FROM user_stream_ids WHERE user_id = ?1 AND item_id = ?2",
                 params![user.to_string(), item_id.to_string()],
                 |r| r.get(0),
@@ -668,7 +684,7 @@ impl ProjectionStore for SqliteStore {
         self.write(move |t| {
             let status = if online { "online" } else { "offline" };
             let last_seen: Option<i64> = if online { None } else { Some(ms(&at)) };
-            t.execute(
+            t.exec(
                 "INSERT INTO last_seen (user_id, status, changed_at, last_seen) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (user_id) DO UPDATE SET
                    status = CASE WHEN excluded.changed_at > last_seen.changed_at THEN excluded.status
@@ -713,7 +729,7 @@ impl ReadStore for SqliteStore {
 
     async fn find_message(&self, id: MessageId) -> StoreResult<Option<MessageMeta>> {
         self.read(move |c| {
-            c.query_row(
+            c.row(
                 "SELECT conversation_id, sender, sent_at, position FROM message_index WHERE message_id = ?1",
                 params![id.to_string()],
                 |r| {
@@ -765,7 +781,7 @@ impl ReadStore for SqliteStore {
 
     async fn pending_count(&self, user: UserId, cap: usize) -> StoreResult<usize> {
         self.read(move |c| {
-            c.query_row(
+            c.row(
                 "SELECT COUNT(*) FROM (SELECT 1 FROM pending_deliveries WHERE user_id = ?1 AND removed = 0 LIMIT ?2)",
                 params![user.to_string(), cap as i64],
                 |r| r.get::<_, i64>(0),
@@ -777,7 +793,7 @@ impl ReadStore for SqliteStore {
 
     async fn last_seen(&self, user: UserId) -> StoreResult<Option<LastSeenRow>> {
         self.read(move |c| {
-            c.query_row("SELECT status, changed_at, last_seen FROM last_seen WHERE user_id = ?1", params![user.to_string()], |r| {
+            c.row("SELECT status, changed_at, last_seen FROM last_seen WHERE user_id = ?1", params![user.to_string()], |r| {
                 Ok(LastSeenRow {
                     user_id: user,
                     status: r.get(0)?,
@@ -815,7 +831,7 @@ impl FanoutStore for SqliteStore {
     async fn fanout_group(&self, c: &ConversationId) -> StoreResult<Option<FanoutGroup>> {
         let c = c.clone();
         self.read(move |conn| {
-            conn.query_row(
+            conn.row(
                 "SELECT name, created_at, membership_version FROM fanout_groups WHERE conversation_id = ?1",
                 params![c.as_str()],
                 |r| Ok(FanoutGroup { conversation_id: c.clone(), name: r.get(0)?, created_at: r.get(1)?, membership_version: r.get(2)? }),
@@ -873,7 +889,7 @@ impl FanoutStore for SqliteStore {
     async fn fanout_message(&self, c: &ConversationId, message: MessageId) -> StoreResult<Option<FanoutMessage>> {
         let c = c.clone();
         self.read(move |conn| {
-            conn.query_row(
+            conn.row(
                 &format!("SELECT {FANOUT_MESSAGE_COLS} FROM fanout_messages WHERE conversation_id = ?1 AND message_id = ?2"),
                 params![c.as_str(), message.to_string()],
                 fanout_message_row,
@@ -924,7 +940,7 @@ impl FanoutStore for SqliteStore {
 
     async fn fanout_ack_count(&self, message: MessageId, status: ReceiptStatus) -> StoreResult<usize> {
         self.read(move |c| {
-            c.query_row(
+            c.row(
                 "SELECT COUNT(*) FROM fanout_acks WHERE message_id = ?1 AND status = ?2",
                 params![message.to_string(), status.as_str()],
                 |r| r.get::<_, i64>(0),
@@ -937,7 +953,7 @@ impl FanoutStore for SqliteStore {
     async fn fanout_read_marker(&self, c: &ConversationId, reader: UserId) -> StoreResult<Option<(MessageId, i64)>> {
         let c = c.clone();
         self.read(move |conn| {
-            conn.query_row(
+            conn.row(
                 "SELECT up_to, position FROM fanout_read_markers WHERE conversation_id = ?1 AND reader = ?2",
                 params![c.as_str(), reader.to_string()],
                 |r| Ok((MessageId(uuid_at(r, 0)?), r.get(1)?)),
@@ -1043,7 +1059,7 @@ impl GroupStore for SqliteStore {
     async fn group(&self, c: &ConversationId) -> StoreResult<Option<GroupRow>> {
         let c = c.clone();
         self.read(move |conn| {
-            conn.query_row(
+            conn.row(
                 "SELECT name, creator, created_at, position FROM groups WHERE conversation_id = ?1 AND creator IS NOT NULL",
                 params![c.as_str()],
                 |r| {
@@ -1084,7 +1100,7 @@ impl GroupStore for SqliteStore {
     async fn group_member(&self, c: &ConversationId, user: UserId) -> StoreResult<Option<GroupMemberRow>> {
         let c = c.clone();
         self.read(move |conn| {
-            conn.query_row(
+            conn.row(
                 "SELECT role, active, position FROM group_members WHERE conversation_id = ?1 AND member = ?2",
                 params![c.as_str(), user.to_string()],
                 |r| Ok(GroupMemberRow { conversation_id: c.clone(), member: user, role: role_at(r, 0)?, active: r.get(1)?, position: r.get(2)? }),
@@ -1171,7 +1187,7 @@ impl InsightStore for SqliteStore {
 
     async fn profile(&self, user: UserId) -> StoreResult<Option<ProfileRow>> {
         self.read(move |c| {
-            c.query_row(
+            c.row(
                 "SELECT display_name, avatar_media_id, updated_at FROM profiles WHERE user_id = ?1",
                 params![user.to_string()],
                 |r| {
@@ -1365,6 +1381,6 @@ impl TableAdmin for SqliteStore {
     }
 
     async fn ping(&self) -> bool {
-        self.read(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))).await.is_ok()
+        self.read(|c| c.row("SELECT 1", [], |r| r.get::<_, i64>(0))).await.is_ok()
     }
 }
