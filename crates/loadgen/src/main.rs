@@ -277,6 +277,8 @@ impl Client {
 /// What the receivers saw.
 struct Receipts {
     latency: Mutex<Histogram<u64>>,
+    /// When the latest first-time delivery arrived (for the delivered rate).
+    last_at: Mutex<Option<Instant>>,
     delivered: AtomicU64,
     duplicated: AtomicU64,
     /// Distinct (receiver, client_msg_id) deliveries, to compute losses.
@@ -289,6 +291,7 @@ impl Receipts {
     fn new(c: &Common) -> Arc<Self> {
         Arc::new(Receipts {
             latency: Mutex::new(histogram()),
+            last_at: Mutex::new(None),
             delivered: AtomicU64::new(0),
             duplicated: AtomicU64::new(0),
             seen: Mutex::new(HashSet::new()),
@@ -319,6 +322,9 @@ impl Receipts {
                 continue;
             }
             self.delivered.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut last) = self.last_at.lock() {
+                *last = Some(Instant::now());
+            }
             if let Ok(sent) = sent.parse::<u128>() {
                 let micros = now_nanos().saturating_sub(sent) / 1000;
                 if let Ok(mut h) = self.latency.lock() {
@@ -698,7 +704,7 @@ async fn direct(c: &Common, client: &Client, pairs: usize, rate: f64, duration: 
         Some(p) => p.await.unwrap_or(Value::Null),
         None => Value::Null,
     };
-    Ok(summary("direct", &sends, &receipts, acked, rate, duration, m, json!({"pairs": pairs, "projection_delay_ms": projection})))
+    Ok(summary("direct", &sends, &receipts, acked, rate, duration, measured.started, m, json!({"pairs": pairs, "projection_delay_ms": projection})))
 }
 
 /// Every 200 ms: the latest acknowledged message, polled on the receipts endpoint (its sender
@@ -773,12 +779,17 @@ async fn group(c: &Common, client: &Client, groups: usize, size: usize, rate: f6
     for t in rx_tasks {
         let _ = t.await;
     }
-    Ok(summary("group", &sends, &receipts, expected, rate, duration, m, json!({"groups": groups, "size": size})))
+    Ok(summary("group", &sends, &receipts, expected, rate, duration, measured.started, m, json!({"groups": groups, "size": size})))
 }
 
 #[allow(clippy::too_many_arguments)]
-fn summary(scenario: &str, sends: &Sends, r: &Receipts, expected: u64, rate: f64, duration: Duration, measured: Value, extra: Value) -> Value {
+fn summary(scenario: &str, sends: &Sends, r: &Receipts, expected: u64, rate: f64, duration: Duration, started: Instant, measured: Value, extra: Value) -> Value {
     let delivered = r.delivered.load(Ordering::Relaxed);
+    // Deliveries per second over the time they really took: from the first send to the last
+    // delivery, or the sending time if that is longer (a server that falls behind delivers
+    // during the drain, and dividing by the sending time would overstate its rate).
+    let last = r.last_at.lock().ok().and_then(|l| *l).map(|l| l.saturating_duration_since(started)).unwrap_or_default();
+    let span = last.max(duration).as_secs_f64();
     let latency = r.latency.lock().map(|h| percentiles(&h)).unwrap_or(Value::Null);
     let mut v = json!({
         "scenario": scenario,
@@ -791,7 +802,8 @@ fn summary(scenario: &str, sends: &Sends, r: &Receipts, expected: u64, rate: f64
         "delivered": delivered,
         "lost": expected.saturating_sub(delivered),
         "duplicated": r.duplicated.load(Ordering::Relaxed),
-        "delivered_per_second": (delivered as f64 / duration.as_secs_f64()).round(),
+        "delivered_per_second": (delivered as f64 / span).round(),
+        "delivery_seconds": span,
         "latency_ms": latency,
         "measured": measured,
     });

@@ -51,7 +51,7 @@ type Job = Box<dyn FnOnce(&Transaction<'_>) -> Box<dyn FnOnce(bool) + Send> + Se
 
 struct Inner {
     path: PathBuf,
-    writer: std_mpsc::SyncSender<Job>,
+    writer: std_mpsc::SyncSender<(Lane, Job)>,
     readers: Mutex<Vec<Connection>>,
 }
 
@@ -160,15 +160,32 @@ const UNTIL_MERGE: &str = "CASE WHEN excluded.until IS NULL THEN {t}.until
                                WHEN {t}.until IS NULL THEN excluded.until
                                ELSE MAX({t}.until, excluded.until) END";
 
-fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < 512 {
+/// Jobs per transaction, at most.
+const JOBS_PER_COMMIT: usize = 512;
+
+/// The tables' single writer: every job that is waiting when a transaction starts goes into it
+/// (group commit: one fsync for all of them), urgent jobs (a user waits for them) ahead of the
+/// projection writes, so a send never waits for more than one transaction of projection writes.
+fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<(Lane, Job)>) {
+    let mut urgent: Vec<Job> = Vec::new();
+    let mut background: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
+    loop {
+        if urgent.is_empty() && background.is_empty() {
+            match rx.recv() {
+                Ok((Lane::Urgent, job)) => urgent.push(job),
+                Ok((Lane::Background, job)) => background.push_back(job),
+                Err(_) => return,
+            }
+        }
+        while urgent.len() + background.len() < 4 * JOBS_PER_COMMIT {
             match rx.try_recv() {
-                Ok(j) => jobs.push(j),
+                Ok((Lane::Urgent, job)) => urgent.push(job),
+                Ok((Lane::Background, job)) => background.push_back(job),
                 Err(_) => break,
             }
         }
+        let take = background.len().min(JOBS_PER_COMMIT.saturating_sub(urgent.len()));
+        let jobs: Vec<Job> = urgent.drain(..).chain(background.drain(..take)).collect();
         let tx = match conn.transaction() {
             Ok(tx) => tx,
             Err(e) => {
@@ -191,6 +208,15 @@ fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<Job>) {
     }
 }
 
+/// Which queue of the writer a job goes to.
+#[derive(Clone, Copy)]
+enum Lane {
+    /// A user waits for it (commands of the gateway).
+    Urgent,
+    /// Projection writes: throughput matters, not the latency of one.
+    Background,
+}
+
 impl SqliteStore {
     /// Opens (or creates) `dir/tables.db`.
     pub fn open(dir: &Path) -> StoreResult<Self> {
@@ -198,24 +224,42 @@ impl SqliteStore {
         let path = dir.join("tables.db");
         let conn = open_sqlite(&path, true).map_err(|e| data(format!("{}: {e}", path.display())))?;
         conn.execute_batch(SCHEMA).map_err(data)?;
-        let (tx, rx) = std_mpsc::sync_channel::<Job>(10_000);
+        let (tx, rx) = std_mpsc::sync_channel::<(Lane, Job)>(10_000);
         std::thread::Builder::new().name("chat-tables-writer".into()).spawn(move || writer_loop(conn, rx)).map_err(data)?;
         Ok(SqliteStore { inner: Arc::new(Inner { path, writer: tx, readers: Mutex::new(Vec::new()) }) })
     }
 
-    /// Runs `f` in the writer's next transaction; answers after it committed.
+    /// Runs `f` in one of the writer's next transactions; answers after it committed.
     async fn write<R: Send + 'static>(
         &self,
+        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R> + Send + 'static,
+    ) -> StoreResult<R> {
+        self.write_in(Lane::Background, f).await
+    }
+
+    /// Like [`Self::write`], ahead of the projection writes: for the gateway's commands.
+    async fn write_urgent<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R> + Send + 'static,
+    ) -> StoreResult<R> {
+        self.write_in(Lane::Urgent, f).await
+    }
+
+    async fn write_in<R: Send + 'static>(
+        &self,
+        lane: Lane,
         f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R> + Send + 'static,
     ) -> StoreResult<R> {
         let (tx, rx) = oneshot::channel::<StoreResult<R>>();
         let job: Job = Box::new(move |t: &Transaction<'_>| {
             // Each job in its own savepoint: a failing job does not take the others down.
+            // (Both statements come from the statement cache: parsing them for every job cost
+            // as much as the job's own statement.)
             let result = (|| {
-                t.execute_batch("SAVEPOINT job")?;
+                t.exec("SAVEPOINT job", [])?;
                 match f(t) {
                     Ok(r) => {
-                        t.execute_batch("RELEASE job")?;
+                        t.exec("RELEASE job", [])?;
                         Ok(r)
                     }
                     Err(e) => {
@@ -234,7 +278,7 @@ impl SqliteStore {
             })
         });
         let writer = self.inner.writer.clone();
-        match writer.try_send(job) {
+        match writer.try_send((lane, job)) {
             Ok(()) => {}
             Err(std_mpsc::TrySendError::Full(job)) => {
                 tokio::task::spawn_blocking(move || writer.send(job)).await.map_err(unavailable)?.map_err(|_| unavailable("writer stopped"))?
@@ -308,7 +352,7 @@ fn inbox_row(r: &Row<'_>) -> rusqlite::Result<InboxRow> {
 impl CommandStore for SqliteStore {
     async fn create_account(&self, a: &Account) -> StoreResult<bool> {
         let a = a.clone();
-        self.write(move |t| {
+        self.write_urgent(move |t| {
             let n = t.exec(
                 "INSERT OR IGNORE INTO accounts_by_name (username, user_id, password_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
                 params![a.username, a.user_id.to_string(), a.password_hash, ms(&a.created_at)],
@@ -326,7 +370,7 @@ impl CommandStore for SqliteStore {
 
     async fn remove_account(&self, a: &Account) -> StoreResult<()> {
         let a = a.clone();
-        self.write(move |t| {
+        self.write_urgent(move |t| {
             t.exec("DELETE FROM accounts_by_id WHERE user_id = ?1", params![a.user_id.to_string()])?;
             t.exec("DELETE FROM accounts_by_name WHERE username = ?1 AND user_id = ?2", params![a.username, a.user_id.to_string()])?;
             Ok(())
@@ -376,7 +420,7 @@ impl CommandStore for SqliteStore {
 
     async fn commit_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<()> {
         let cmid = client_msg_id.to_owned();
-        self.write(move |t| {
+        self.write_urgent(move |t| {
             t.exec("UPDATE send_dedup SET committed = 1 WHERE sender = ?1 AND client_msg_id = ?2", params![sender.to_string(), cmid])?;
             Ok(())
         })
@@ -408,7 +452,7 @@ impl CommandStore for SqliteStore {
 
     async fn put_message_owner(&self, message: MessageId, c: &ConversationId, sender: UserId) -> StoreResult<()> {
         let c = c.clone();
-        self.write(move |t| {
+        self.write_urgent(move |t| {
             t.prepare_cached("INSERT OR REPLACE INTO message_owners (message_id, conversation_id, sender) VALUES (?1, ?2, ?3)")?
                 .execute(params![message.to_string(), c.as_str(), sender.to_string()])?;
             Ok(())
@@ -428,7 +472,7 @@ impl CommandStore for SqliteStore {
 
     async fn put_media(&self, m: &MediaObject) -> StoreResult<()> {
         let m = m.clone();
-        self.write(move |t| {
+        self.write_urgent(move |t| {
             t.exec(
                 "INSERT OR REPLACE INTO media_objects (media_id, uploader, kind, content_type, size, sha256, created_at, public) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![m.media_id.to_string(), m.uploader.to_string(), m.kind, m.content_type, m.size, m.sha256, ms(&m.created_at), m.public],
@@ -462,7 +506,7 @@ impl CommandStore for SqliteStore {
     }
 
     async fn set_media_public(&self, id: Uuid) -> StoreResult<()> {
-        self.write(move |t| {
+        self.write_urgent(move |t| {
             t.exec("UPDATE media_objects SET public = 1 WHERE media_id = ?1", params![id.to_string()])?;
             Ok(())
         })
@@ -471,7 +515,7 @@ impl CommandStore for SqliteStore {
 
     async fn share_media(&self, id: Uuid, c: &ConversationId) -> StoreResult<()> {
         let c = c.clone();
-        self.write(move |t| {
+        self.write_urgent(move |t| {
             t.exec("INSERT OR IGNORE INTO media_shares (media_id, conversation_id) VALUES (?1, ?2)", params![id.to_string(), c.as_str()])?;
             Ok(())
         })
