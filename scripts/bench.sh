@@ -5,6 +5,8 @@
 #   scripts/bench.sh              embedded and cluster, full length (about 35 minutes)
 #   scripts/bench.sh --quick      shorter runs (about 15 minutes; the sustained run lasts 1 minute)
 #   BENCH_MODES=embedded scripts/bench.sh --quick
+#   BENCH_ONLY="idle group" scripts/bench.sh   some of the parts (idle, direct, group, sustain),
+#                                              into an existing $BENCH_OUT to update its table
 #
 # Every run is `chat-loadgen` (crates/loadgen) against a freshly started `chat` process on
 # 127.0.0.1:8190, with the clients on 127.0.0.2-5. Cluster mode starts Kafka, Cassandra and Redis
@@ -17,6 +19,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 quick=0
 [[ ${1:-} == --quick ]] && quick=1
 modes="${BENCH_MODES:-embedded cluster}"
+only=" ${BENCH_ONLY:-idle direct group sustain} "
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/chat-target}"
 out="${BENCH_OUT:-$HOME/.cache/chat-bench/$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$out"
@@ -91,33 +94,40 @@ for mode in $modes; do
   [[ $mode == cluster ]] && goal=10000
 
   # Idle connections: memory per connection at 19,000, then accepts while they are held.
-  start_server "$mode" idle
-  lg "$mode" idle idle --connections 19000 --processes 2 --hold 15s --churn 4000
+  if [[ $only == *" idle "* ]]; then
+    start_server "$mode" idle
+    lg "$mode" idle idle --connections 19000 --processes 2 --hold 15s --churn 4000
+  fi
 
   # One-to-one: a ladder of offered rates (stops once the server no longer keeps up), then the
   # goal rate whatever the ladder found.
-  start_server "$mode" direct
-  best=0
-  for rate in 250 500 1000 2000 4000 8000 16000; do
-    ((rate >= goal)) && break
-    lg "$mode" "direct-$rate" direct --pairs 200 --rate "$rate" --duration "$step" --probe-projections
-    if ok "$out/$mode-direct-$rate.json"; then best=$rate; else break; fi
-  done
-  lg "$mode" "direct-$goal" --drain 180s direct --pairs 200 --rate "$goal" --duration 10s
-  ok "$out/$mode-direct-$goal.json" && best=$goal
-  echo "$best" >"$out/$mode-best-rate"
+  if [[ $only == *" direct "* ]]; then
+    start_server "$mode" direct
+    best=0
+    for rate in 250 500 1000 2000 4000 8000 16000; do
+      ((rate >= goal)) && break
+      lg "$mode" "direct-$rate" direct --pairs 200 --rate "$rate" --duration "$step" --probe-projections
+      if ok "$out/$mode-direct-$rate.json"; then best=$rate; else break; fi
+    done
+    lg "$mode" "direct-$goal" --drain 180s direct --pairs 200 --rate "$goal" --duration 10s
+    ok "$out/$mode-direct-$goal.json" && best=$goal
+    echo "$best" >"$out/$mode-best-rate"
 
-  # The loss and duplicate counters catch what they should: 5 deliveries dropped, 3 doubled.
-  lg "$mode" selftest --inject-loss 5 --inject-dup 3 direct --pairs 10 --rate 100 --duration 5s
+    # The loss and duplicate counters catch what they should: 5 deliveries dropped, 3 doubled.
+    lg "$mode" selftest --inject-loss 5 --inject-dup 3 direct --pairs 10 --rate 100 --duration 5s
+  fi
 
   # Group fan-out: a message to 100 and to 1,024 members.
-  start_server "$mode" group
-  lg "$mode" group-100 group --groups 1 --size 100 --rate 20 --duration "$step"
-  lg "$mode" group-1024 group --groups 1 --size 1024 --rate 2 --duration "$step"
+  if [[ $only == *" group "* ]]; then
+    start_server "$mode" group
+    lg "$mode" group-100 group --groups 1 --size 100 --rate 20 --duration "$step"
+    lg "$mode" group-1024 group --groups 1 --size 1024 --rate 2 --duration "$step"
+  fi
 
   # The whole pipeline for a sustained period at the best rate the ladder found, with the
   # projection delay sampled (ack -> the receipts table has the message).
-  if ((best > 0)); then
+  best="$(cat "$out/$mode-best-rate" 2>/dev/null || echo 0)"
+  if [[ $only == *" sustain "* ]] && ((best > 0)); then
     start_server "$mode" sustain
     lg "$mode" sustain direct --pairs 200 --rate "$best" --duration "$sustain" --probe-projections
   fi

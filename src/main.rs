@@ -11,6 +11,25 @@
 
 mod config;
 
+/// Connections waiting to be accepted, at most (the kernel caps it at `net.core.somaxconn`). The
+/// default listener had 128: a burst of reconnects overflowed it, the kernel dropped SYNs and
+/// those clients waited a whole second for their retransmit (`nstat` ListenOverflows).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr` (host:port) with [`LISTEN_BACKLOG`].
+async fn listen(addr: &str) -> anyhow::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("{addr} resolves to no address")))
+}
+
 /// mimalloc instead of the C library's allocator: a connection's many small, long-lived
 /// allocations pack tighter and freed memory goes back to the system (see docs/benchmarks.md).
 #[global_allocator]
@@ -306,7 +325,7 @@ impl Platform {
         )
             .with_media(self.media_storage()?),
         );
-        let listener = TcpListener::bind(&c.listen).await.with_context(|| format!("CHAT_LISTEN={}", c.listen))?;
+        let listener = listen(&c.listen).await.with_context(|| format!("CHAT_LISTEN={}", c.listen))?;
         let addr = listener.local_addr()?;
         Ok((addr, tokio::spawn(chat_gateway::serve(chat, listener, shutdown))))
     }

@@ -167,6 +167,10 @@ async fn connection(
     if let Some(code) = close_code {
         let _sent = close_tx.send(code);
     }
+    // The socket is closed (both halves dropped) before the disconnect is handled: that appends
+    // a presence event and pushes to contacts, and holding the descriptor meanwhile let a burst of
+    // reconnects run the process out of descriptors (the accept loop then pauses for a second).
+    drop(stream);
     let _done = writer.await;
     chat.metrics.connections_open.dec();
     Box::pin(chat.disconnected(&ctx)).await;

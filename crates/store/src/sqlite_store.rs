@@ -53,6 +53,10 @@ struct Inner {
     path: PathBuf,
     writer: std_mpsc::SyncSender<(Lane, Job)>,
     readers: Mutex<Vec<Connection>>,
+    /// Reads running at once (and read connections kept open), at most [`READERS`]: a burst of
+    /// reads waits for a pooled connection instead of opening (and parsing the schema of) one
+    /// connection per read.
+    read_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Every table on SQLite.
@@ -160,6 +164,9 @@ const UNTIL_MERGE: &str = "CASE WHEN excluded.until IS NULL THEN {t}.until
                                WHEN {t}.until IS NULL THEN excluded.until
                                ELSE MAX({t}.until, excluded.until) END";
 
+/// Read connections of the tables database (reads running at once).
+const READERS: usize = 16;
+
 /// Jobs per transaction, at most.
 const JOBS_PER_COMMIT: usize = 512;
 
@@ -226,7 +233,14 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA).map_err(data)?;
         let (tx, rx) = std_mpsc::sync_channel::<(Lane, Job)>(10_000);
         std::thread::Builder::new().name("chat-tables-writer".into()).spawn(move || writer_loop(conn, rx)).map_err(data)?;
-        Ok(SqliteStore { inner: Arc::new(Inner { path, writer: tx, readers: Mutex::new(Vec::new()) }) })
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                path,
+                writer: tx,
+                readers: Mutex::new(Vec::new()),
+                read_slots: Arc::new(tokio::sync::Semaphore::new(READERS)),
+            }),
+        })
     }
 
     /// Runs `f` in one of the writer's next transactions; answers after it committed.
@@ -291,7 +305,9 @@ impl SqliteStore {
     /// Runs `f` on a read connection.
     async fn read<R: Send + 'static>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static) -> StoreResult<R> {
         let inner = self.inner.clone();
+        let slot = inner.read_slots.clone().acquire_owned().await.map_err(unavailable)?;
         tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             let pooled = inner.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let conn = match pooled {
                 Some(c) => c,
@@ -299,7 +315,7 @@ impl SqliteStore {
             };
             let out = f(&conn).map_err(data);
             let mut pool = inner.readers.lock().unwrap_or_else(|p| p.into_inner());
-            if pool.len() < 8 {
+            if pool.len() < READERS {
                 pool.push(conn);
             }
             out
