@@ -436,6 +436,9 @@ impl Handler for FanOut {
         }
         self.append_outputs(&outputs).await
     }
+    async fn sync(&self) -> Result<(), String> {
+        self.store.sync().await.map_err(|e| e.to_string())
+    }
 }
 
 impl FanOut {

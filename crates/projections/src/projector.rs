@@ -493,6 +493,9 @@ impl Handler for Projector {
             Some((done, reason)) => Err(HandlerError { done, reason }),
         }
     }
+    async fn sync(&self) -> Result<(), String> {
+        self.store.sync().await.map_err(|e| e.to_string())
+    }
 }
 
 /// Which topics the projection stage reads.

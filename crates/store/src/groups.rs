@@ -59,7 +59,7 @@ pub struct FanoutMessage {
 /// The fan-out stage's own state (not a projection: never truncated by a rebuild, since the
 /// fan-out's offsets are not reset with the projections').
 #[async_trait]
-pub trait FanoutStore: Send + Sync {
+pub trait FanoutStore: crate::Durable {
     async fn fanout_group(&self, conv: &ConversationId) -> StoreResult<Option<FanoutGroup>>;
     async fn put_fanout_group(&self, g: &FanoutGroup) -> StoreResult<()>;
     /// Every membership interval of a group.

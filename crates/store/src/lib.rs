@@ -224,10 +224,22 @@ fn ser_opt_time<S: serde::Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result
     }
 }
 
+/// Making answered writes durable. A worker calls [`Durable::sync`] before it stores the offsets
+/// of the records whose writes were answered, so a committed offset never points past rows a
+/// power cut could take back.
+#[async_trait]
+pub trait Durable: Send + Sync {
+    /// Returns once every write answered before the call is on disk. Cassandra/ScyllaDB: a write
+    /// is answered once the replicas required by the consistency level have it in their commit
+    /// logs, so there is nothing more to wait for. SQLite (`tables.db`, unsynced commits): one
+    /// synced commit.
+    async fn sync(&self) -> StoreResult<()>;
+}
+
 /// Idempotent projection writes, and the reads projections need. Every write may be repeated
 /// with the same arguments without changing the outcome.
 #[async_trait]
-pub trait ProjectionStore: Send + Sync {
+pub trait ProjectionStore: Durable {
     async fn put_user(&self, user: UserId, username: &str, at: DateTime<Utc>) -> StoreResult<()>;
     /// Writes a message to history, its bucket and its index.
     async fn put_message(&self, m: &MessageRow) -> StoreResult<()>;

@@ -1,11 +1,14 @@
-//! The embedded back-end of every table trait: SQLite (bundled), one database file
-//! (`tables.db` in the data directory), the same tables and the same idempotence rules as the
-//! Cassandra back-end.
+//! The embedded back-end of every table trait: SQLite (bundled), the same tables and the same
+//! idempotence rules as the Cassandra back-end, in two files of the data directory:
+//! `commands.db` (the gateway's gates) and `tables.db` (projections and the fan-out's state).
 //!
-//! - One writer thread runs every write; writes that arrive while a commit is running are
-//!   committed together (one fsync per group, `synchronous=FULL`). A write is answered only
-//!   after its transaction committed, so a worker stores its offset only after durable writes.
-//! - Reads run on a small pool of read-only connections (WAL lets them run beside the writer).
+//! - Each file has one writer thread that runs every write; writes that arrive while a commit is
+//!   running are committed together. A write is answered only after its transaction committed:
+//!   on disk for `commands.db` (`synchronous=FULL`), in the WAL for `tables.db`
+//!   (`synchronous=NORMAL`; [`Durable::sync`] makes everything before it durable, and workers
+//!   call it before they store offsets).
+//! - Reads run on a small pool of read-only connections per file (WAL lets them run beside the
+//!   writer).
 //! - Cassandra's write-time rules become conditional upserts: receipts keep the earliest time,
 //!   a removed pending delivery stays removed, last seen keeps the latest change, group rows
 //!   keep the highest position, a closed membership interval stays closed, a profile keeps its
@@ -49,7 +52,8 @@ impl Cached for Connection {
 
 type Job = Box<dyn FnOnce(&Transaction<'_>) -> Box<dyn FnOnce(bool) + Send> + Send>;
 
-struct Inner {
+/// One database file: its writer thread and its pool of read connections.
+struct Db {
     path: PathBuf,
     writer: std_mpsc::SyncSender<(Lane, Job)>,
     readers: Mutex<Vec<Connection>>,
@@ -59,19 +63,35 @@ struct Inner {
     read_slots: Arc<tokio::sync::Semaphore>,
 }
 
-/// Every table on SQLite.
+/// Every table on SQLite, in two files with a writer each:
+///
+/// - `commands.db` (the gateway's gates: accounts, send reservations, owner rows, media):
+///   `synchronous=FULL`, every commit on disk before it is answered, because an acknowledged
+///   send depends on its reservation surviving a power cut. Small transactions, never behind a
+///   projection write.
+/// - `tables.db` (projections and the fan-out's state): `synchronous=NORMAL`. A commit survives
+///   a killed process but a power cut may take the last ones back (the database stays
+///   consistent). That is safe because these rows are derived from the log and a worker stores
+///   an offset only after [`Durable::sync`] made the writes before it durable: after a power cut
+///   the worker replays from its last committed offset and writes the same rows again.
 #[derive(Clone)]
 pub struct SqliteStore {
-    inner: Arc<Inner>,
+    commands: Arc<Db>,
+    tables: Arc<Db>,
 }
 
-const SCHEMA: &str = "
+/// The command side's tables (`commands.db`): the gates the gateway checks before it appends.
+const COMMAND_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS accounts_by_name (username TEXT PRIMARY KEY, user_id TEXT NOT NULL, password_hash TEXT NOT NULL, created_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS accounts_by_id (user_id TEXT PRIMARY KEY, username TEXT NOT NULL, created_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS send_dedup (sender TEXT NOT NULL, client_msg_id TEXT NOT NULL, message_id TEXT NOT NULL, conversation_id TEXT NOT NULL, sent_at INTEGER NOT NULL, body_sha256 TEXT NOT NULL, committed INTEGER NOT NULL, PRIMARY KEY (sender, client_msg_id));
 CREATE TABLE IF NOT EXISTS message_owners (message_id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL, sender TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS media_objects (media_id TEXT PRIMARY KEY, uploader TEXT NOT NULL, kind TEXT NOT NULL, content_type TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL, created_at INTEGER NOT NULL, public INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS media_shares (media_id TEXT NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (media_id, conversation_id)) WITHOUT ROWID;
+";
+
+/// The projections and the fan-out's state (`tables.db`): everything the workers write.
+const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, username TEXT NOT NULL, registered_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL, sender_device TEXT NOT NULL, client_msg_id TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL, media TEXT, PRIMARY KEY (conversation_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS conversation_buckets (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, PRIMARY KEY (conversation_id, bucket)) WITHOUT ROWID;
@@ -100,6 +120,7 @@ CREATE TABLE IF NOT EXISTS analytics_profile_views (viewed TEXT NOT NULL, day TE
 CREATE TABLE IF NOT EXISTS analytics_topics (day TEXT NOT NULL, topic TEXT NOT NULL, message_id TEXT NOT NULL, PRIMARY KEY (day, topic, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS receipts_by_user (recipient TEXT NOT NULL, message_id TEXT NOT NULL, status TEXT NOT NULL, device_id TEXT NOT NULL, at INTEGER NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (recipient, message_id, status, device_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS receipts_by_user_at ON receipts_by_user (recipient, at);
+CREATE TABLE IF NOT EXISTS sync_marks (id INTEGER PRIMARY KEY, n INTEGER NOT NULL);
 ";
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -164,39 +185,61 @@ const UNTIL_MERGE: &str = "CASE WHEN excluded.until IS NULL THEN {t}.until
                                WHEN {t}.until IS NULL THEN excluded.until
                                ELSE MAX({t}.until, excluded.until) END";
 
-/// Read connections of the tables database (reads running at once).
+/// Read connections of a database file (reads running at once).
 const READERS: usize = 16;
 
 /// Jobs per transaction, at most.
 const JOBS_PER_COMMIT: usize = 512;
 
-/// The tables' single writer: every job that is waiting when a transaction starts goes into it
-/// (group commit: one fsync for all of them), urgent jobs (a user waits for them) ahead of the
-/// projection writes, so a send never waits for more than one transaction of projection writes.
-fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<(Lane, Job)>) {
+/// Command tables that older versions kept in `tables.db`; [`SqliteStore::open`] moves them.
+const COMMAND_TABLES: &[&str] = &["accounts_by_name", "accounts_by_id", "send_dedup", "message_owners", "media_objects", "media_shares"];
+
+/// A database's single writer: every job that is waiting when a transaction starts goes into it
+/// (group commit: one commit for all of them), urgent jobs (a user waits for them) ahead of the
+/// others. With `relaxed`, commits are not synced (`synchronous=NORMAL`) except those of a
+/// transaction that holds a [`Lane::Sync`] job: that one is synced, and with it the whole WAL,
+/// i.e. every commit before it.
+fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<(Lane, Job)>, name: &'static str, relaxed: bool) {
     let mut urgent: Vec<Job> = Vec::new();
-    let mut background: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
+    let mut background: std::collections::VecDeque<(bool, Job)> = std::collections::VecDeque::new();
+    let take_job = |lane: Lane, job: Job, urgent: &mut Vec<Job>, background: &mut std::collections::VecDeque<(bool, Job)>| match lane {
+        Lane::Urgent => urgent.push(job),
+        Lane::Background => background.push_back((false, job)),
+        Lane::Sync => background.push_back((true, job)),
+    };
     loop {
         if urgent.is_empty() && background.is_empty() {
             match rx.recv() {
-                Ok((Lane::Urgent, job)) => urgent.push(job),
-                Ok((Lane::Background, job)) => background.push_back(job),
+                Ok((lane, job)) => take_job(lane, job, &mut urgent, &mut background),
                 Err(_) => return,
             }
         }
         while urgent.len() + background.len() < 4 * JOBS_PER_COMMIT {
             match rx.try_recv() {
-                Ok((Lane::Urgent, job)) => urgent.push(job),
-                Ok((Lane::Background, job)) => background.push_back(job),
+                Ok((lane, job)) => take_job(lane, job, &mut urgent, &mut background),
                 Err(_) => break,
             }
         }
         let take = background.len().min(JOBS_PER_COMMIT.saturating_sub(urgent.len()));
-        let jobs: Vec<Job> = urgent.drain(..).chain(background.drain(..take)).collect();
+        let mut sync = false;
+        let jobs: Vec<Job> = urgent
+            .drain(..)
+            .chain(background.drain(..take).map(|(s, job)| {
+                sync |= s;
+                job
+            }))
+            .collect();
+        let sync = relaxed && sync;
+        if sync {
+            if let Err(e) = conn.pragma_update(None, "synchronous", "FULL") {
+                error!(db = name, error = %e, "cannot switch to synchronous commits");
+                continue;
+            }
+        }
         let tx = match conn.transaction() {
             Ok(tx) => tx,
             Err(e) => {
-                error!(error = %e, "tables: cannot begin a transaction");
+                error!(db = name, error = %e, "cannot begin a transaction");
                 // Dropping the jobs drops their reply channels: callers get "unavailable".
                 continue;
             }
@@ -205,10 +248,15 @@ fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<(Lane, Job)>) {
         let ok = match tx.commit() {
             Ok(()) => true,
             Err(e) => {
-                error!(error = %e, "tables: commit failed");
+                error!(db = name, error = %e, "commit failed");
                 false
             }
         };
+        if sync {
+            if let Err(e) = conn.pragma_update(None, "synchronous", "NORMAL") {
+                error!(db = name, error = %e, "cannot switch back to unsynced commits");
+            }
+        }
         for a in answers {
             a(ok);
         }
@@ -222,44 +270,31 @@ enum Lane {
     Urgent,
     /// Projection writes: throughput matters, not the latency of one.
     Background,
+    /// A background job whose transaction must be on disk (with every one before it) when it
+    /// is answered.
+    Sync,
 }
 
-impl SqliteStore {
-    /// Opens (or creates) `dir/tables.db`.
-    pub fn open(dir: &Path) -> StoreResult<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| data(format!("data directory {}: {e}", dir.display())))?;
-        let path = dir.join("tables.db");
-        let conn = open_sqlite(&path, true).map_err(|e| data(format!("{}: {e}", path.display())))?;
-        conn.execute_batch(SCHEMA).map_err(data)?;
+/// Opens a database file's writer connection and creates its tables.
+fn open_db(path: &Path, schema: &str, relaxed: bool) -> StoreResult<Connection> {
+    let conn = open_sqlite(path, true).map_err(|e| data(format!("{}: {e}", path.display())))?;
+    if relaxed {
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(data)?;
+    }
+    conn.execute_batch(schema).map_err(data)?;
+    Ok(conn)
+}
+
+impl Db {
+    /// Starts the writer thread on `conn`.
+    fn start(path: PathBuf, conn: Connection, name: &'static str, relaxed: bool) -> StoreResult<Arc<Self>> {
         let (tx, rx) = std_mpsc::sync_channel::<(Lane, Job)>(10_000);
-        std::thread::Builder::new().name("chat-tables-writer".into()).spawn(move || writer_loop(conn, rx)).map_err(data)?;
-        Ok(SqliteStore {
-            inner: Arc::new(Inner {
-                path,
-                writer: tx,
-                readers: Mutex::new(Vec::new()),
-                read_slots: Arc::new(tokio::sync::Semaphore::new(READERS)),
-            }),
-        })
+        std::thread::Builder::new().name(format!("chat-{name}-writer")).spawn(move || writer_loop(conn, rx, name, relaxed)).map_err(data)?;
+        Ok(Arc::new(Db { path, writer: tx, readers: Mutex::new(Vec::new()), read_slots: Arc::new(tokio::sync::Semaphore::new(READERS)) }))
     }
 
     /// Runs `f` in one of the writer's next transactions; answers after it committed.
     async fn write<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R> + Send + 'static,
-    ) -> StoreResult<R> {
-        self.write_in(Lane::Background, f).await
-    }
-
-    /// Like [`Self::write`], ahead of the projection writes: for the gateway's commands.
-    async fn write_urgent<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R> + Send + 'static,
-    ) -> StoreResult<R> {
-        self.write_in(Lane::Urgent, f).await
-    }
-
-    async fn write_in<R: Send + 'static>(
         &self,
         lane: Lane,
         f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R> + Send + 'static,
@@ -291,7 +326,7 @@ impl SqliteStore {
                 let _ = tx.send(out);
             })
         });
-        let writer = self.inner.writer.clone();
+        let writer = self.writer.clone();
         match writer.try_send((lane, job)) {
             Ok(()) => {}
             Err(std_mpsc::TrySendError::Full(job)) => {
@@ -303,18 +338,18 @@ impl SqliteStore {
     }
 
     /// Runs `f` on a read connection.
-    async fn read<R: Send + 'static>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static) -> StoreResult<R> {
-        let inner = self.inner.clone();
-        let slot = inner.read_slots.clone().acquire_owned().await.map_err(unavailable)?;
+    async fn read<R: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static) -> StoreResult<R> {
+        let db = self.clone();
+        let slot = db.read_slots.clone().acquire_owned().await.map_err(unavailable)?;
         tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            let pooled = inner.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let pooled = db.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let conn = match pooled {
                 Some(c) => c,
-                None => open_sqlite(&inner.path, false).map_err(unavailable)?,
+                None => open_sqlite(&db.path, false).map_err(unavailable)?,
             };
             let out = f(&conn).map_err(data);
-            let mut pool = inner.readers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pool = db.readers.lock().unwrap_or_else(|p| p.into_inner());
             if pool.len() < READERS {
                 pool.push(conn);
             }
@@ -323,6 +358,77 @@ impl SqliteStore {
         .await
         .map_err(unavailable)?
     }
+}
+
+impl SqliteStore {
+    /// Opens (or creates) `dir/commands.db` and `dir/tables.db`. A directory written by a
+    /// version that kept the command tables in `tables.db` has them moved to `commands.db`.
+    pub fn open(dir: &Path) -> StoreResult<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| data(format!("data directory {}: {e}", dir.display())))?;
+        let (cmd_path, tables_path) = (dir.join("commands.db"), dir.join("tables.db"));
+        let mut cmd_conn = open_db(&cmd_path, COMMAND_SCHEMA, false)?;
+        let tables_conn = open_db(&tables_path, SCHEMA, true)?;
+        move_command_tables(&mut cmd_conn, &tables_conn, &tables_path)?;
+        Ok(SqliteStore {
+            commands: Db::start(cmd_path, cmd_conn, "commands", false)?,
+            tables: Db::start(tables_path, tables_conn, "tables", true)?,
+        })
+    }
+
+    /// A projection write (tables.db), answered once committed (not necessarily synced).
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R> + Send + 'static,
+    ) -> StoreResult<R> {
+        self.tables.write(Lane::Background, f).await
+    }
+
+    /// A read of tables.db.
+    async fn read<R: Send + 'static>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static) -> StoreResult<R> {
+        self.tables.read(f).await
+    }
+
+    /// A command write (commands.db), answered once on disk.
+    async fn command<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R> + Send + 'static,
+    ) -> StoreResult<R> {
+        self.commands.write(Lane::Urgent, f).await
+    }
+
+    /// A read of commands.db.
+    async fn command_read<R: Send + 'static>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static) -> StoreResult<R> {
+        self.commands.read(f).await
+    }
+}
+
+/// Moves the command tables of an older `tables.db` into `commands.db`: copies their rows
+/// (committed and synced), then drops them from `tables.db`. Safe to repeat after a crash in
+/// between (the copy ignores rows already there).
+fn move_command_tables(cmd: &mut Connection, tables: &Connection, tables_path: &Path) -> StoreResult<()> {
+    let present: Vec<&str> = COMMAND_TABLES
+        .iter()
+        .copied()
+        .filter(|t| tables.row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1", [t], |r| r.get::<_, i64>(0)).unwrap_or(0) > 0)
+        .collect();
+    if present.is_empty() {
+        return Ok(());
+    }
+    cmd.execute("ATTACH DATABASE ?1 AS old", [tables_path.to_string_lossy()]).map_err(data)?;
+    let copied = (|| {
+        let tx = cmd.transaction()?;
+        for t in &present {
+            tx.execute(&format!("INSERT OR IGNORE INTO main.{t} SELECT * FROM old.{t}"), [])?;
+        }
+        tx.commit()
+    })();
+    let detached = cmd.execute("DETACH DATABASE old", []);
+    copied.map_err(|e| data(format!("moving the command tables to commands.db: {e}")))?;
+    detached.map_err(data)?;
+    for t in &present {
+        tables.execute(&format!("DROP TABLE {t}"), []).map_err(data)?;
+    }
+    Ok(())
 }
 
 fn message_row(r: &Row<'_>) -> rusqlite::Result<MessageRow> {
@@ -368,7 +474,7 @@ fn inbox_row(r: &Row<'_>) -> rusqlite::Result<InboxRow> {
 impl CommandStore for SqliteStore {
     async fn create_account(&self, a: &Account) -> StoreResult<bool> {
         let a = a.clone();
-        self.write_urgent(move |t| {
+        self.command(move |t| {
             let n = t.exec(
                 "INSERT OR IGNORE INTO accounts_by_name (username, user_id, password_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
                 params![a.username, a.user_id.to_string(), a.password_hash, ms(&a.created_at)],
@@ -386,7 +492,7 @@ impl CommandStore for SqliteStore {
 
     async fn remove_account(&self, a: &Account) -> StoreResult<()> {
         let a = a.clone();
-        self.write_urgent(move |t| {
+        self.command(move |t| {
             t.exec("DELETE FROM accounts_by_id WHERE user_id = ?1", params![a.user_id.to_string()])?;
             t.exec("DELETE FROM accounts_by_name WHERE username = ?1 AND user_id = ?2", params![a.username, a.user_id.to_string()])?;
             Ok(())
@@ -396,7 +502,7 @@ impl CommandStore for SqliteStore {
 
     async fn account_by_name(&self, username: &str) -> StoreResult<Option<Account>> {
         let username = username.to_owned();
-        self.read(move |c| {
+        self.command_read(move |c| {
             c.row(
                 "SELECT user_id, username, password_hash, created_at FROM accounts_by_name WHERE username = ?1",
                 params![username],
@@ -408,7 +514,7 @@ impl CommandStore for SqliteStore {
     }
 
     async fn account_by_id(&self, user: UserId) -> StoreResult<Option<String>> {
-        self.read(move |c| {
+        self.command_read(move |c| {
             c.row("SELECT username FROM accounts_by_id WHERE user_id = ?1", params![user.to_string()], |r| r.get(0)).optional()
         })
         .await
@@ -417,7 +523,7 @@ impl CommandStore for SqliteStore {
     async fn reserve_send(&self, res: &SendReservation) -> StoreResult<Option<SendReservation>> {
         let res = res.clone();
         let inserted = self
-            .write(move |t| {
+            .command(move |t| {
                 let n = t.exec(
                     "INSERT OR IGNORE INTO send_dedup (sender, client_msg_id, message_id, conversation_id, sent_at, body_sha256, committed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
                     params![res.sender.to_string(), res.client_msg_id, res.message_id.to_string(), res.conversation_id.as_str(), ms(&res.sent_at), res.body_sha256],
@@ -436,7 +542,7 @@ impl CommandStore for SqliteStore {
 
     async fn commit_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<()> {
         let cmid = client_msg_id.to_owned();
-        self.write_urgent(move |t| {
+        self.command(move |t| {
             t.exec("UPDATE send_dedup SET committed = 1 WHERE sender = ?1 AND client_msg_id = ?2", params![sender.to_string(), cmid])?;
             Ok(())
         })
@@ -445,7 +551,7 @@ impl CommandStore for SqliteStore {
 
     async fn get_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<Option<SendReservation>> {
         let cmid = client_msg_id.to_owned();
-        self.read(move |c| {
+        self.command_read(move |c| {
             c.row(
                 "SELECT message_id, conversation_id, sent_at, body_sha256, committed FROM send_dedup WHERE sender = ?1 AND client_msg_id = ?2",
                 params![sender.to_string(), cmid],
@@ -468,7 +574,7 @@ impl CommandStore for SqliteStore {
 
     async fn put_message_owner(&self, message: MessageId, c: &ConversationId, sender: UserId) -> StoreResult<()> {
         let c = c.clone();
-        self.write_urgent(move |t| {
+        self.command(move |t| {
             t.prepare_cached("INSERT OR REPLACE INTO message_owners (message_id, conversation_id, sender) VALUES (?1, ?2, ?3)")?
                 .execute(params![message.to_string(), c.as_str(), sender.to_string()])?;
             Ok(())
@@ -477,7 +583,7 @@ impl CommandStore for SqliteStore {
     }
 
     async fn message_owner(&self, message: MessageId) -> StoreResult<Option<(ConversationId, UserId)>> {
-        self.read(move |c| {
+        self.command_read(move |c| {
             c.row("SELECT conversation_id, sender FROM message_owners WHERE message_id = ?1", params![message.to_string()], |r| {
                 Ok((conv_at(r, 0)?, UserId(uuid_at(r, 1)?)))
             })
@@ -488,7 +594,7 @@ impl CommandStore for SqliteStore {
 
     async fn put_media(&self, m: &MediaObject) -> StoreResult<()> {
         let m = m.clone();
-        self.write_urgent(move |t| {
+        self.command(move |t| {
             t.exec(
                 "INSERT OR REPLACE INTO media_objects (media_id, uploader, kind, content_type, size, sha256, created_at, public) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![m.media_id.to_string(), m.uploader.to_string(), m.kind, m.content_type, m.size, m.sha256, ms(&m.created_at), m.public],
@@ -499,7 +605,7 @@ impl CommandStore for SqliteStore {
     }
 
     async fn media(&self, id: Uuid) -> StoreResult<Option<MediaObject>> {
-        self.read(move |c| {
+        self.command_read(move |c| {
             c.row(
                 "SELECT uploader, kind, content_type, size, sha256, created_at, public FROM media_objects WHERE media_id = ?1",
                 params![id.to_string()],
@@ -522,7 +628,7 @@ impl CommandStore for SqliteStore {
     }
 
     async fn set_media_public(&self, id: Uuid) -> StoreResult<()> {
-        self.write_urgent(move |t| {
+        self.command(move |t| {
             t.exec("UPDATE media_objects SET public = 1 WHERE media_id = ?1", params![id.to_string()])?;
             Ok(())
         })
@@ -531,7 +637,7 @@ impl CommandStore for SqliteStore {
 
     async fn share_media(&self, id: Uuid, c: &ConversationId) -> StoreResult<()> {
         let c = c.clone();
-        self.write_urgent(move |t| {
+        self.command(move |t| {
             t.exec("INSERT OR IGNORE INTO media_shares (media_id, conversation_id) VALUES (?1, ?2)", params![id.to_string(), c.as_str()])?;
             Ok(())
         })
@@ -539,7 +645,7 @@ impl CommandStore for SqliteStore {
     }
 
     async fn media_shares(&self, id: Uuid) -> StoreResult<Vec<ConversationId>> {
-        self.read(move |c| {
+        self.command_read(move |c| {
             let mut st = c.prepare_cached("SELECT conversation_id FROM media_shares WHERE media_id = ?1 ORDER BY conversation_id")?;
             let rows = st.query_map(params![id.to_string()], |r| conv_at(r, 0))?;
             rows.collect()
@@ -1392,6 +1498,7 @@ impl InsightStore for SqliteStore {
 #[async_trait]
 impl TableAdmin for SqliteStore {
     async fn migrate(&self) -> StoreResult<()> {
+        self.command(|t| t.execute_batch(COMMAND_SCHEMA)).await?;
         self.write(|t| t.execute_batch(SCHEMA)).await
     }
 
@@ -1442,5 +1549,19 @@ impl TableAdmin for SqliteStore {
 
     async fn ping(&self) -> bool {
         self.read(|c| c.row("SELECT 1", [], |r| r.get::<_, i64>(0))).await.is_ok()
+            && self.command_read(|c| c.row("SELECT 1", [], |r| r.get::<_, i64>(0))).await.is_ok()
+    }
+}
+
+#[async_trait]
+impl Durable for SqliteStore {
+    async fn sync(&self) -> StoreResult<()> {
+        // A synced commit of one small row: syncing the WAL syncs every commit before it.
+        self.tables
+            .write(Lane::Sync, |t| {
+                t.exec("INSERT INTO sync_marks (id, n) VALUES (1, 1) ON CONFLICT (id) DO UPDATE SET n = n + 1", [])?;
+                Ok(())
+            })
+            .await
     }
 }
