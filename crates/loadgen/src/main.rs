@@ -374,15 +374,27 @@ struct Sends {
 }
 
 /// Sends open-loop on one connection: one frame every `interval` until `until`, never waiting
-/// for acks (a reader task counts them).
-fn spawn_sender(ws: Ws, sender: usize, target: Value, interval: Duration, until: Instant, sends: Arc<Sends>) -> tokio::task::JoinHandle<()> {
+/// for acks (a reader task counts them); then waits (up to `grace`) until every frame it sent
+/// was answered, so that the expected deliveries count every acknowledged message.
+fn spawn_sender(
+    ws: Ws,
+    sender: usize,
+    target: Value,
+    (interval, until, grace): (Duration, Instant, Duration),
+    sends: Arc<Sends>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let (mut sink, mut stream) = ws.split();
         let s2 = sends.clone();
+        let answered = Arc::new(AtomicU64::new(0));
+        let a2 = answered.clone();
         let reader = tokio::spawn(async move {
             while let Some(Ok(m)) = stream.next().await {
                 if let Message::Text(t) = m {
                     if let Ok(v) = serde_json::from_str::<Value>(t.as_str()) {
+                        if matches!(v["type"].as_str(), Some("sent" | "error")) {
+                            a2.fetch_add(1, Ordering::Relaxed);
+                        }
                         match v["type"].as_str() {
                             Some("sent") => {
                                 s2.acked.fetch_add(1, Ordering::Relaxed);
@@ -423,7 +435,10 @@ fn spawn_sender(ws: Ws, sender: usize, target: Value, interval: Duration, until:
             seq += 1;
         }
         // Leave the socket open while the acks of the last frames arrive.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        let deadline = Instant::now() + grace.max(Duration::from_secs(2));
+        while answered.load(Ordering::Relaxed) < seq && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let _ = sink.close().await;
         let _ = reader.await;
     })
@@ -687,7 +702,7 @@ async fn direct(c: &Common, client: &Client, pairs: usize, rate: f64, duration: 
     let until = Instant::now() + duration;
     let mut tx_tasks = Vec::new();
     for (i, (s, r)) in senders.iter().zip(&receivers).enumerate() {
-        tx_tasks.push(spawn_sender(client.connect(&s.token, "tx").await?, i, json!({"to": r.id}), interval, until, sends.clone()));
+        tx_tasks.push(spawn_sender(client.connect(&s.token, "tx").await?, i, json!({"to": r.id}), (interval, until, c.drain), sends.clone()));
     }
     let probes = if probe { Some(tokio::spawn(probe_projections(client.http.clone(), client.base.clone(), senders[0].token.clone(), sends.clone(), until))) } else { None };
     for t in tx_tasks {
@@ -766,7 +781,7 @@ async fn group(c: &Common, client: &Client, groups: usize, size: usize, rate: f6
     let until = Instant::now() + duration;
     let mut tx_tasks = Vec::new();
     for (i, (admin, conv)) in admins.iter().zip(&convs).enumerate() {
-        tx_tasks.push(spawn_sender(client.connect(&admin.token, "tx").await?, i, json!({"conversation_id": conv}), interval, until, sends.clone()));
+        tx_tasks.push(spawn_sender(client.connect(&admin.token, "tx").await?, i, json!({"conversation_id": conv}), (interval, until, c.drain), sends.clone()));
     }
     for t in tx_tasks {
         let _ = t.await;
