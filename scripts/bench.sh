@@ -83,6 +83,12 @@ ok() {
   python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); sys.exit(0 if d["lost"]==0 and d["delivered_per_second"]>=0.98*d["offered_rate"] and d["latency_ms"]["p99"]<1000 else 1)' "$1"
 }
 
+# projections_ok JSON: the projections kept up as the sustained goal asks (projection lag p99
+# at most 100 ms).
+projections_ok() {
+  python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); p=d.get("projection_delay_ms") or {}; sys.exit(0 if p.get("p99") is not None and p["p99"]<=100 else 1)' "$1"
+}
+
 for mode in $modes; do
   service_pids=""
   if [[ $mode == cluster ]]; then
@@ -104,14 +110,17 @@ for mode in $modes; do
   if [[ $only == *" direct "* ]]; then
     start_server "$mode" direct
     best=0
+    sustainable=0
     for rate in 250 500 1000 2000 4000 8000 16000; do
       ((rate >= goal)) && break
       lg "$mode" "direct-$rate" direct --pairs 200 --rate "$rate" --duration "$step" --probe-projections
       if ok "$out/$mode-direct-$rate.json"; then best=$rate; else break; fi
+      projections_ok "$out/$mode-direct-$rate.json" && sustainable=$rate
     done
     lg "$mode" "direct-$goal" --drain 180s direct --pairs 200 --rate "$goal" --duration 10s
     ok "$out/$mode-direct-$goal.json" && best=$goal
     echo "$best" >"$out/$mode-best-rate"
+    echo "$sustainable" >"$out/$mode-sustainable-rate"
 
     # The loss and duplicate counters catch what they should: 5 deliveries dropped, 3 doubled.
     lg "$mode" selftest --inject-loss 5 --inject-dup 3 direct --pairs 10 --rate 100 --duration 5s
@@ -124,9 +133,10 @@ for mode in $modes; do
     lg "$mode" group-1024 group --groups 1 --size 1024 --rate 2 --duration "$step"
   fi
 
-  # The whole pipeline for a sustained period at the best rate the ladder found, with the
-  # projection delay sampled (ack -> the receipts table has the message).
-  best="$(cat "$out/$mode-best-rate" 2>/dev/null || echo 0)"
+  # The whole pipeline for a sustained period at the highest rate of the ladder at which the
+  # projections kept up too, with the projection delay sampled (ack -> the receipts table has
+  # the message). BENCH_SUSTAIN_RATE overrides the rate.
+  best="${BENCH_SUSTAIN_RATE:-$(cat "$out/$mode-sustainable-rate" 2>/dev/null || echo 0)}"
   if [[ $only == *" sustain "* ]] && ((best > 0)); then
     start_server "$mode" sustain
     lg "$mode" sustain direct --pairs 200 --rate "$best" --duration "$sustain" --probe-projections

@@ -67,8 +67,6 @@ def main():
         if idle is None:
             continue
         goal = 20000 if mode == "embedded" else 10000
-        best_path = os.path.join(d, f"{mode}-best-rate")
-        best = int(open(best_path).read().strip()) if os.path.exists(best_path) else 0
         per_conn = idle.get("server_rss_bytes_per_connection")
         churn = idle.get("churn") or {}
         rows.append((f"memory per idle WebSocket connection, 19,000 held ({mode})", "≤ 5 KB",
@@ -100,7 +98,7 @@ def main():
                          f"{s['offered_rate']:,.0f}/s for {s['duration_seconds']:.0f} s: delivered {rate(s):,.0f}/s, "
                          f"lost {s['lost']}, projection lag p50 {ms(pd.get('p50'))} p99 {ms(pd.get('p99'))}, send→deliver p99 {ms(lat(s, 'p99'))}",
                          verdict(ok and s["offered_rate"] >= 10000),
-                         f"`chat-loadgen direct --pairs 200 --rate {best} --duration {s['duration_seconds']:.0f}s --probe-projections`"))
+                         f"`chat-loadgen direct --pairs 200 --rate {s['offered_rate']:.0f} --duration {s['duration_seconds']:.0f}s --probe-projections`"))
         # Details: the ladder, groups, self-test.
         for path in sorted(glob.glob(os.path.join(d, f"{mode}-direct-*.json")), key=lambda p: int(p.rsplit("-", 1)[1][:-5])):
             r = json.load(open(path))

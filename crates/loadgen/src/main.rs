@@ -369,8 +369,9 @@ struct Sends {
     sent: AtomicU64,
     acked: AtomicU64,
     errors: AtomicU64,
-    /// The latest acknowledged message id of sender 0 and when, for projection probes.
-    last_ack: Mutex<Option<(String, Instant)>>,
+    /// The latest acknowledged message id of sender 0 and when, for projection probes (a watch,
+    /// so a probe starts polling the moment an ack arrives).
+    last_ack: tokio::sync::watch::Sender<Option<(String, Instant)>>,
 }
 
 /// Sends open-loop on one connection: one frame every `interval` until `until`, never waiting
@@ -399,8 +400,8 @@ fn spawn_sender(
                             Some("sent") => {
                                 s2.acked.fetch_add(1, Ordering::Relaxed);
                                 // Probes read the receipts of sender 0's messages with its token.
-                                if let (0, Some(id), Ok(mut last)) = (sender, v["message_id"].as_str(), s2.last_ack.lock()) {
-                                    *last = Some((id.to_owned(), Instant::now()));
+                                if let (0, Some(id)) = (sender, v["message_id"].as_str()) {
+                                    s2.last_ack.send_replace(Some((id.to_owned(), Instant::now())));
                                 }
                             }
                             Some("error") => {
@@ -722,19 +723,21 @@ async fn direct(c: &Common, client: &Client, pairs: usize, rate: f64, duration: 
     Ok(summary("direct", &sends, &receipts, acked, rate, duration, measured.started, m, json!({"pairs": pairs, "projection_delay_ms": projection})))
 }
 
-/// Every 200 ms: the latest acknowledged message, polled on the receipts endpoint (its sender
-/// may read it) until the projections have it; the time from its ack is the projection delay.
+/// Sender 0's acknowledged messages, one at a time: polled on the receipts endpoint (its sender
+/// may read it) every 2 ms from the moment of the ack until the projections have it; the time
+/// from the ack is the projection delay.
 async fn probe_projections(http: reqwest::Client, base: String, token: String, sends: Arc<Sends>, until: Instant) -> Value {
     let mut h = histogram();
-    let mut last_probed = String::new();
-    while Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let latest = sends.last_ack.lock().ok().and_then(|l| l.clone());
-        let Some((id, acked_at)) = latest else { continue };
-        if id == last_probed {
-            continue;
+    let mut acks = sends.last_ack.subscribe();
+    loop {
+        // Only an ack that arrives while no probe runs is probed: its lag is measured from the
+        // ack, and polling starts right then (an ack noticed late would add the wait to its lag).
+        acks.borrow_and_update();
+        let now = Instant::now();
+        if now >= until || tokio::time::timeout(until - now, acks.changed()).await.map_or(true, |r| r.is_err()) {
+            break;
         }
-        last_probed = id.clone();
+        let Some((id, acked_at)) = acks.borrow_and_update().clone() else { continue };
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             let ok = http

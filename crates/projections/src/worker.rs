@@ -253,7 +253,7 @@ mod tests {
         assert!(failed < synced && synced < first_store, "{trace:?}");
         assert!(!trace[..first_store].iter().any(|t| t.starts_with("store")));
         // Everything handled is stored in the end, then committed; never an offset before its sync.
-        assert_eq!(trace.iter().filter(|t| t.starts_with("store")).last().map(String::as_str), Some("store t/0@2"), "{trace:?}");
+        assert_eq!(trace.iter().rfind(|t| t.starts_with("store")).map(String::as_str), Some("store t/0@2"), "{trace:?}");
         assert_eq!(trace.last().map(String::as_str), Some("commit"));
         for (i, t) in trace.iter().enumerate() {
             if t.starts_with("store") {
