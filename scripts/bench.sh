@@ -134,9 +134,11 @@ for mode in $modes; do
   fi
 
   # The whole pipeline for a sustained period at the highest rate of the ladder at which the
-  # projections kept up too, with the projection delay sampled (ack -> the receipts table has
-  # the message). BENCH_SUSTAIN_RATE overrides the rate.
-  best="${BENCH_SUSTAIN_RATE:-$(cat "$out/$mode-sustainable-rate" 2>/dev/null || echo 0)}"
+  # projections kept up too (else the highest at which deliveries kept up), with the projection
+  # delay sampled (ack -> the receipts table has the message). BENCH_SUSTAIN_RATE overrides it.
+  best="$(cat "$out/$mode-sustainable-rate" 2>/dev/null || echo 0)"
+  ((best > 0)) || best="$(cat "$out/$mode-best-rate" 2>/dev/null || echo 0)"
+  best="${BENCH_SUSTAIN_RATE:-$best}"
   if [[ $only == *" sustain "* ]] && ((best > 0)); then
     start_server "$mode" sustain
     lg "$mode" sustain direct --pairs 200 --rate "$best" --duration "$sustain" --probe-projections
