@@ -114,7 +114,7 @@ enum Command {
     },
 }
 
-type Opened = (Arc<dyn EventLog>, Option<Arc<KafkaLog>>, Arc<dyn Tables>);
+type Opened = (Arc<dyn EventLog>, Option<Arc<KafkaLog>>, Arc<dyn Tables>, Arc<dyn Tables>);
 
 #[derive(Subcommand)]
 enum RoleAction {
@@ -222,6 +222,8 @@ struct Platform {
     log: Arc<dyn EventLog>,
     kafka: Option<Arc<KafkaLog>>,
     tables: Arc<dyn Tables>,
+    /// The handle worker stages write through (embedded: pipelined, see `SqliteStore::pipelined`).
+    worker_tables: Arc<dyn Tables>,
     /// This process's connections (none in a worker) and the routing that reaches everyone's;
     /// shared by the gateway and the fan-out's pushes.
     hub: Arc<Hub>,
@@ -248,17 +250,18 @@ impl Pusher for RoutingPusher {
 impl Platform {
     async fn open(cfg: Config) -> anyhow::Result<Platform> {
         let topics = Topics::new(cfg.topic_prefix.clone());
-        let (log, kafka, tables): Opened = match &cfg.backend {
+        let (log, kafka, tables, worker_tables): Opened = match &cfg.backend {
             Backend::Embedded { data_dir } => {
                 let log = EmbeddedLog::open(data_dir, 100_000).context("opening the embedded event log (CHAT_DATA_DIR)")?;
                 let tables = SqliteStore::open(data_dir).context("opening the embedded tables (CHAT_DATA_DIR)")?;
-                (Arc::new(log), None, Arc::new(tables))
+                let workers = Arc::new(tables.pipelined());
+                (Arc::new(log), None, Arc::new(tables), workers)
             }
             Backend::Cluster { kafka_brokers, cassandra_nodes, .. } => {
                 let kafka = Arc::new(KafkaLog::new(KafkaConfig::new(kafka_brokers)).context("CHAT_KAFKA_BROKERS")?);
                 let scylla = ScyllaConfig { nodes: cassandra_nodes.clone(), keyspace: cfg.keyspace.clone(), replication_factor: cfg.cassandra_rf };
-                let store = ScyllaStore::connect(&scylla).await.context("connecting to CHAT_CASSANDRA_NODES")?;
-                (kafka.clone(), Some(kafka), Arc::new(store))
+                let store: Arc<dyn Tables> = Arc::new(ScyllaStore::connect(&scylla).await.context("connecting to CHAT_CASSANDRA_NODES")?);
+                (kafka.clone(), Some(kafka), store.clone(), store)
             }
         };
         let mut specs: Vec<TopicSpec> = topics
@@ -270,7 +273,7 @@ impl Platform {
         log.ensure_topics(&specs).await.context("creating topics (is Kafka up at CHAT_KAFKA_BROKERS?)")?;
         let hub = Arc::new(Hub::new());
         let routing = Self::routing(&cfg, hub.clone()).await?;
-        Ok(Platform { cfg, topics, log, kafka, tables, hub, routing })
+        Ok(Platform { cfg, topics, log, kafka, tables, worker_tables, hub, routing })
     }
 
     fn token_secret(&self) -> anyhow::Result<Vec<u8>> {
@@ -336,7 +339,7 @@ impl Platform {
         let t = &self.topics;
         if self.cfg.stages.iter().any(|s| s == "fanout") {
             let consumer = self.log.subscribe(&self.cfg.fanout_group, &[t.name(TopicKind::Conversations)]).await?;
-            let store: Arc<dyn chat_store::FanoutStore> = self.tables.clone();
+            let store: Arc<dyn chat_store::FanoutStore> = self.worker_tables.clone();
             let pusher: Arc<dyn Pusher> = Arc::new(RoutingPusher(self.routing.clone()));
             let handler = Arc::new(FanOut::new(self.log.clone(), t.clone(), store, Some(pusher), self.cfg.max_group_size));
             let sd = shutdown.clone();
@@ -346,7 +349,7 @@ impl Platform {
         }
         if self.cfg.stages.iter().any(|s| s == "projections") {
             let consumer = self.log.subscribe(&self.cfg.projection_group, &projection_topics(t)).await?;
-            let handler = Arc::new(Projector::new(self.tables.clone(), self.log.clone(), t.clone(), self.cfg.analytics_keywords.clone()));
+            let handler = Arc::new(Projector::new(self.worker_tables.clone(), self.log.clone(), t.clone(), self.cfg.analytics_keywords.clone()));
             let sd = shutdown.clone();
             tasks.push(tokio::spawn(async move {
                 chat_projections::run("projections", consumer, handler, Arc::new(WorkerStats::default()), sd).await
@@ -672,7 +675,7 @@ async fn rebuild(cfg: Config, into: Option<String>) -> anyhow::Result<bool> {
     let (fresh, place): (Arc<dyn Tables>, String) = match &cfg.backend {
         Backend::Embedded { data_dir } => {
             let dir = into.map(std::path::PathBuf::from).unwrap_or_else(|| data_dir.join(format!("rebuild-{stamp}")));
-            (Arc::new(SqliteStore::open(&dir)?), dir.display().to_string())
+            (Arc::new(SqliteStore::open(&dir)?.pipelined()), dir.display().to_string())
         }
         Backend::Cluster { cassandra_nodes, .. } => {
             let keyspace = into.unwrap_or_else(|| format!("{}_rebuild_{stamp}", cfg.keyspace));

@@ -70,10 +70,15 @@ impl Chat {
     pub(crate) async fn active_member(&self, conv: &ConversationId, user: UserId) -> Result<Option<GroupMemberRow>, ApiError> {
         let deadline = tokio::time::Instant::now() + NEW_GROUP_WAIT;
         loop {
+            // The group row first: the projection writes it after every membership row the
+            // creation made, so once it is visible a missing membership really is missing. (Read
+            // the other way round, a commit of both between the two reads answered "not a
+            // member" to a member.)
+            let projected = self.store.group(conv).await?.is_some();
             if let Some(m) = self.store.group_member(conv, user).await? {
                 return Ok(m.active.then_some(m));
             }
-            if self.store.group(conv).await?.is_some() || tokio::time::Instant::now() >= deadline {
+            if projected || tokio::time::Instant::now() >= deadline {
                 return Ok(None);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

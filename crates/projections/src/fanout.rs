@@ -412,6 +412,22 @@ impl FanOut {
 #[async_trait]
 impl Handler for FanOut {
     async fn handle(&self, records: &[Record]) -> Result<(), HandlerError> {
+        let mark = self.store.write_mark();
+        let result = self.route_and_append(records).await;
+        // Nothing is done before its state writes are committed: if a commit failed, the whole
+        // slice is routed again (positional state, outputs collapsed by their derived ids).
+        if let Err(e) = self.store.settle(mark).await {
+            return Err(HandlerError { done: 0, reason: e.to_string() });
+        }
+        result
+    }
+    async fn sync(&self) -> Result<(), String> {
+        self.store.sync().await.map_err(|e| e.to_string())
+    }
+}
+
+impl FanOut {
+    async fn route_and_append(&self, records: &[Record]) -> Result<(), HandlerError> {
         // (index of the source record, output) for every output of the slice. State is written
         // while routing (positional, so safe to write before the outputs are appended).
         let mut outputs: Vec<(usize, Envelope)> = Vec::new();
@@ -436,12 +452,7 @@ impl Handler for FanOut {
         }
         self.append_outputs(&outputs).await
     }
-    async fn sync(&self) -> Result<(), String> {
-        self.store.sync().await.map_err(|e| e.to_string())
-    }
-}
 
-impl FanOut {
     /// Appends outputs in order; on failure reports how many source records are fully done.
     async fn append_outputs(&self, outputs: &[(usize, Envelope)]) -> Result<(), HandlerError> {
         if outputs.is_empty() {
@@ -544,7 +555,8 @@ mod tests {
     }
 
     fn fanout(dir: &std::path::Path, max: usize) -> FanOut {
-        let store = Arc::new(chat_store::SqliteStore::open(dir).expect("store"));
+        // The handle a worker gets in production: pipelined.
+        let store = Arc::new(chat_store::SqliteStore::open(dir).expect("store").pipelined());
         let log = Arc::new(chat_events::embedded::EmbeddedLog::open(&dir.join("log"), 10).expect("log"));
         FanOut::new(log, Topics::default(), store, None, max)
     }

@@ -57,14 +57,22 @@ impl Projector {
     /// Applies one event read at `offset` of its partition.
     pub async fn apply(&self, env: &Envelope, offset: i64) -> R<()> {
         // Whoever acknowledges or reads is active that day (sending is counted with the message).
-        match &env.event {
-            Event::MessageDelivered(d) => self.store.add_active_user(day_of(&env.occurred_at), d.recipient).await?,
-            Event::MessageRead(r) => self.store.add_active_user(day_of(&env.occurred_at), r.reader).await?,
-            Event::PresenceChanged(p) if p.status == PresenceStatus::Online => {
-                self.store.add_active_user(day_of(&env.occurred_at), p.user_id).await?
+        // A set insert that depends on nothing else: issued beside the event's own writes.
+        let active = async {
+            match &env.event {
+                Event::MessageDelivered(d) => self.store.add_active_user(day_of(&env.occurred_at), d.recipient).await,
+                Event::MessageRead(r) => self.store.add_active_user(day_of(&env.occurred_at), r.reader).await,
+                Event::PresenceChanged(p) if p.status == PresenceStatus::Online => {
+                    self.store.add_active_user(day_of(&env.occurred_at), p.user_id).await
+                }
+                _ => Ok(()),
             }
-            _ => {}
-        }
+        };
+        let (active, rest) = futures::join!(active, self.apply_event(env, offset));
+        active.and(rest)
+    }
+
+    async fn apply_event(&self, env: &Envelope, offset: i64) -> R<()> {
         match &env.event {
             // Facts kept in the log itself (and, for roles and media, in command-side tables).
             Event::UserRoleChanged(_) | Event::AuditAccessed(_) | Event::MediaUploaded(_) => Ok(()),
@@ -174,17 +182,17 @@ impl Projector {
         {
             return Ok(());
         }
-        self.store
-            .put_receipts(&[ReceiptRow {
-                message_id: d.message_id,
-                recipient: d.recipient,
-                status: ReceiptStatus::Delivered,
-                device_id: d.device_id.to_string(),
-                at: env.occurred_at,
-                conversation_id: d.conversation_id.clone(),
-            }])
-            .await?;
-        self.store.remove_pending(d.recipient, d.message_id).await
+        // Independent and idempotent: issued together.
+        let receipt = [ReceiptRow {
+            message_id: d.message_id,
+            recipient: d.recipient,
+            status: ReceiptStatus::Delivered,
+            device_id: d.device_id.to_string(),
+            at: env.occurred_at,
+            conversation_id: d.conversation_id.clone(),
+        }];
+        let (receipt, pending) = futures::join!(self.store.put_receipts(&receipt), self.store.remove_pending(d.recipient, d.message_id));
+        receipt.and(pending)
     }
 
     async fn message_read(&self, env: &Envelope, r: &MessageRead, offset: i64) -> R<()> {
@@ -452,8 +460,9 @@ impl Projector {
     }
 }
 
-/// Keys of one partition projected at once.
-const USERS_IN_FLIGHT: usize = 32;
+/// Keys of one partition projected at once (on a pipelined store their statements share the
+/// writer's transactions, so many keys in flight cost little).
+const USERS_IN_FLIGHT: usize = 256;
 
 #[async_trait]
 impl Handler for Projector {
@@ -473,6 +482,7 @@ impl Handler for Projector {
             });
             users[slot].push(i);
         }
+        let mark = self.store.write_mark();
         let failures: Vec<(usize, String)> = futures::stream::iter(users)
             .map(|idxs| async move {
                 for i in idxs {
@@ -486,6 +496,11 @@ impl Handler for Projector {
             .filter_map(|f| async move { f })
             .collect()
             .await;
+        // Nothing is done before its writes are committed: if a commit failed, every record
+        // of the slice is handled again (idempotently).
+        if let Err(e) = self.store.settle(mark).await {
+            return Err(HandlerError { done: 0, reason: e.to_string() });
+        }
         // Every record before the first failure (in partition order) is done, whichever user
         // it belongs to; what follows is handled again (idempotently) on the retry.
         match failures.into_iter().min_by_key(|(i, _)| *i) {

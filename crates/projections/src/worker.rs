@@ -73,6 +73,28 @@ impl Unsynced {
     }
 }
 
+/// What a worker did over a while (logged at debug level every 10 s).
+struct Window {
+    since: Instant,
+    batches: u64,
+    records: u64,
+    busy: Duration,
+    max: Duration,
+}
+
+impl Window {
+    fn new() -> Self {
+        Window { since: Instant::now(), batches: 0, records: 0, busy: Duration::ZERO, max: Duration::ZERO }
+    }
+
+    fn add(&mut self, records: usize, took: Duration) {
+        self.batches += 1;
+        self.records += records as u64;
+        self.busy += took;
+        self.max = self.max.max(took);
+    }
+}
+
 /// Runs a stage until `shutdown` becomes true, then commits what was stored and returns.
 pub async fn run(
     name: &str,
@@ -82,6 +104,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut unsynced = Unsynced { offsets: BTreeMap::new(), last_sync: Instant::now() };
+    let mut window = Window::new();
     while !*shutdown.borrow() {
         if unsynced.last_sync.elapsed() >= SYNC_EVERY {
             unsynced.store(name, consumer.as_mut(), handler.as_ref()).await;
@@ -103,6 +126,8 @@ pub async fn run(
             continue;
         }
         stats.batches.fetch_add(1, Ordering::Relaxed);
+        let handling = Instant::now();
+        let size = batch.len();
         let mut parts: BTreeMap<(String, i32), Vec<Record>> = BTreeMap::new();
         for r in batch {
             parts.entry((r.topic.clone(), r.partition)).or_default().push(r);
@@ -141,6 +166,11 @@ pub async fn run(
                 break;
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        window.add(size, handling.elapsed());
+        if window.since.elapsed() >= Duration::from_secs(10) {
+            debug!(stage = name, batches = window.batches, records = window.records, handling_ms = window.busy.as_millis() as u64, max_ms = window.max.as_millis() as u64, "worker in the last 10 s");
+            window = Window::new();
         }
     }
     unsynced.store(name, consumer.as_mut(), handler.as_ref()).await;

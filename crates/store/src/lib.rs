@@ -234,6 +234,21 @@ pub trait Durable: Send + Sync {
     /// logs, so there is nothing more to wait for. SQLite (`tables.db`, unsynced commits): one
     /// synced commit.
     async fn sync(&self) -> StoreResult<()>;
+
+    /// A mark to pass to [`Durable::settle`] at the end of a unit of work (a worker's slice of
+    /// records). Back-ends that answer a write only once it is committed return 0.
+    fn write_mark(&self) -> u64 {
+        0
+    }
+
+    /// Returns once every write answered so far is committed (not necessarily synced). An error
+    /// means a commit that may hold writes answered since `mark` failed: those writes are gone
+    /// and the work must be done again (every projection write is idempotent). Only a pipelined
+    /// handle ([`sqlite_store::SqliteStore::pipelined`]) answers writes before their commit;
+    /// elsewhere this returns at once.
+    async fn settle(&self, _mark: u64) -> StoreResult<()> {
+        Ok(())
+    }
 }
 
 /// Idempotent projection writes, and the reads projections need. Every write may be repeated

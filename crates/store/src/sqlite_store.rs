@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 
 use async_trait::async_trait;
@@ -27,8 +28,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use chat_events::embedded::open_sqlite;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
-use tracing::error;
+use tokio::sync::{oneshot, watch};
+use tracing::{debug, error};
 use uuid::Uuid;
 
 use crate::insights::{check_message_stat, profile_views_from, sort_message_counts, sort_receipts_of_user, sort_topic_counts};
@@ -50,17 +51,47 @@ impl Cached for Connection {
     }
 }
 
-type Job = Box<dyn FnOnce(&Transaction<'_>) -> Box<dyn FnOnce(bool) + Send> + Send>;
+type Job = Box<dyn FnOnce(&Transaction<'_>) -> Outcome + Send>;
+
+/// What a job leaves for after its transaction.
+enum Outcome {
+    /// Called with whether the transaction committed.
+    Answer(Box<dyn FnOnce(bool) + Send>),
+    /// Nothing: its caller already has its answer.
+    Answered,
+    /// A pipelined write failed: the whole transaction must roll back.
+    Poison,
+}
 
 /// One database file: its writer thread and its pool of read connections.
 struct Db {
     path: PathBuf,
     writer: std_mpsc::SyncSender<(Lane, Job)>,
+    progress: Arc<Progress>,
     readers: Mutex<Vec<Connection>>,
     /// Reads running at once (and read connections kept open), at most [`READERS`]: a burst of
     /// reads waits for a pooled connection instead of opening (and parsing the schema of) one
     /// connection per read.
     read_slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// Where the writer thread is: transactions are numbered from 1 in the order they begin.
+struct Progress {
+    /// The number of the last transaction begun.
+    begun: AtomicU64,
+    /// The number of the last transaction that finished (committed or failed).
+    settled: watch::Sender<u64>,
+    /// The number of the last transaction whose commit failed (0: none).
+    last_failed: AtomicU64,
+}
+
+/// When the caller of a write gets its answer.
+#[derive(Clone, Copy, PartialEq)]
+enum Answer {
+    /// After the transaction holding it committed.
+    Committed,
+    /// Right after it ran, inside a transaction not yet committed ([`SqliteStore::pipelined`]).
+    Ran,
 }
 
 /// Every table on SQLite, in two files with a writer each:
@@ -74,10 +105,15 @@ struct Db {
 ///   consistent). That is safe because these rows are derived from the log and a worker stores
 ///   an offset only after [`Durable::sync`] made the writes before it durable: after a power cut
 ///   the worker replays from its last committed offset and writes the same rows again.
+///
+/// A projection worker writes through a [`SqliteStore::pipelined`] handle: its writes and reads
+/// run in the writer's transaction, in the order they were issued, and are answered before the
+/// commit; [`Durable::settle`] waits for the commit once per slice of records.
 #[derive(Clone)]
 pub struct SqliteStore {
     commands: Arc<Db>,
     tables: Arc<Db>,
+    pipelined: bool,
 }
 
 /// The command side's tables (`commands.db`): the gates the gateway checks before it appends.
@@ -195,45 +231,41 @@ const READERS: usize = 16;
 /// Jobs per transaction, at most.
 const JOBS_PER_COMMIT: usize = 512;
 
+/// How long a relaxed writer keeps a transaction open while jobs keep coming, and how many jobs
+/// it takes at most.
+const TXN_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
+const JOBS_PER_TXN: usize = 8192;
+
 /// Command tables that older versions kept in `tables.db`; [`SqliteStore::open`] moves them.
 const COMMAND_TABLES: &[&str] = &["accounts_by_name", "accounts_by_id", "send_dedup", "message_owners", "media_objects", "media_shares"];
 
 /// A database's single writer: every job that is waiting when a transaction starts goes into it
 /// (group commit: one commit for all of them), urgent jobs (a user waits for them) ahead of the
-/// others. With `relaxed`, commits are not synced (`synchronous=NORMAL`) except those of a
-/// transaction that holds a [`Lane::Sync`] job: that one is synced, and with it the whole WAL,
-/// i.e. every commit before it.
-fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<(Lane, Job)>, name: &'static str, relaxed: bool) {
-    let mut urgent: Vec<Job> = Vec::new();
-    let mut background: std::collections::VecDeque<(bool, Job)> = std::collections::VecDeque::new();
-    let take_job = |lane: Lane, job: Job, urgent: &mut Vec<Job>, background: &mut std::collections::VecDeque<(bool, Job)>| match lane {
-        Lane::Urgent => urgent.push(job),
-        Lane::Background => background.push_back((false, job)),
-        Lane::Sync => background.push_back((true, job)),
-    };
+/// others. With `relaxed` (`tables.db`), commits are not synced (`synchronous=NORMAL`) except
+/// those of a transaction that begins with a [`Lane::Sync`] job: that one is synced, and with it
+/// the whole WAL, i.e. every commit before it. A relaxed transaction also stays open while jobs
+/// keep coming (up to [`TXN_WINDOW`] or [`JOBS_PER_TXN`]): a pipelined worker's next statement,
+/// issued when the previous one was answered, joins the same transaction instead of waiting for
+/// its commit.
+fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<(Lane, Job)>, name: &'static str, relaxed: bool, progress: Arc<Progress>) {
+    let mut queue = WriterQueue::default();
+    let (mut commits, mut jobs_done, mut since) = (0u64, 0u64, std::time::Instant::now());
+    let (mut in_jobs, mut in_commit) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
     loop {
-        if urgent.is_empty() && background.is_empty() {
+        if since.elapsed() >= std::time::Duration::from_secs(10) {
+            debug!(db = name, commits, jobs = jobs_done, per_commit = jobs_done as f64 / commits.max(1) as f64, jobs_ms = in_jobs.as_millis() as u64, commit_ms = in_commit.as_millis() as u64, "writer in the last 10 s");
+            (commits, jobs_done, since) = (0, 0, std::time::Instant::now());
+            (in_jobs, in_commit) = Default::default();
+        }
+        if queue.is_empty() {
             match rx.recv() {
-                Ok((lane, job)) => take_job(lane, job, &mut urgent, &mut background),
+                Ok((lane, job)) => queue.push(lane, job),
                 Err(_) => return,
             }
         }
-        while urgent.len() + background.len() < 4 * JOBS_PER_COMMIT {
-            match rx.try_recv() {
-                Ok((lane, job)) => take_job(lane, job, &mut urgent, &mut background),
-                Err(_) => break,
-            }
-        }
-        let take = background.len().min(JOBS_PER_COMMIT.saturating_sub(urgent.len()));
-        let mut sync = false;
-        let jobs: Vec<Job> = urgent
-            .drain(..)
-            .chain(background.drain(..take).map(|(s, job)| {
-                sync |= s;
-                job
-            }))
-            .collect();
-        let sync = relaxed && sync;
+        queue.fill(&rx);
+        let sync = relaxed && queue.sync_first();
+        let jobs = queue.next_jobs(JOBS_PER_COMMIT, true);
         if sync {
             if let Err(e) = conn.pragma_update(None, "synchronous", "FULL") {
                 error!(db = name, error = %e, "cannot switch to synchronous commits");
@@ -248,22 +280,117 @@ fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<(Lane, Job)>, name: 
                 continue;
             }
         };
-        let answers: Vec<_> = jobs.into_iter().map(|job| job(&tx)).collect();
-        let ok = match tx.commit() {
-            Ok(()) => true,
-            Err(e) => {
-                error!(db = name, error = %e, "commit failed");
-                false
+        commits += 1;
+        let number = progress.begun.fetch_add(1, Ordering::SeqCst) + 1;
+        let began = std::time::Instant::now();
+        let mut ran = jobs.len();
+        let mut answers: Vec<Outcome> = Vec::with_capacity(ran);
+        let mut poison = run_jobs(&tx, jobs, &mut answers);
+        while relaxed && !sync && !poison && ran < JOBS_PER_TXN && began.elapsed() < TXN_WINDOW {
+            queue.fill(&rx);
+            // A sync job begins a transaction of its own (it must be synced with all before it).
+            let more = queue.next_jobs(JOBS_PER_COMMIT.min(JOBS_PER_TXN - ran), false);
+            if more.is_empty() {
+                break;
+            }
+            ran += more.len();
+            poison |= run_jobs(&tx, more, &mut answers);
+        }
+        jobs_done += ran as u64;
+        in_jobs += began.elapsed();
+        let committing = std::time::Instant::now();
+        let ok = if poison {
+            // The failing write logged why; its caller learns it from `settle`.
+            error!(db = name, transaction = number, "a pipelined write failed: the transaction is rolled back");
+            drop(tx);
+            false
+        } else {
+            match tx.commit() {
+                Ok(()) => true,
+                Err(e) => {
+                    error!(db = name, error = %e, "commit failed");
+                    false
+                }
             }
         };
+        if !ok {
+            progress.last_failed.store(number, Ordering::SeqCst);
+        }
+        in_commit += committing.elapsed();
+        progress.settled.send_replace(number);
         if sync {
             if let Err(e) = conn.pragma_update(None, "synchronous", "NORMAL") {
                 error!(db = name, error = %e, "cannot switch back to unsynced commits");
             }
         }
         for a in answers {
-            a(ok);
+            if let Outcome::Answer(a) = a {
+                a(ok);
+            }
         }
+    }
+}
+
+/// Runs jobs in `tx`, keeping what is left to do after it; true if one of them poisoned it.
+fn run_jobs(tx: &Transaction<'_>, jobs: Vec<Job>, outcomes: &mut Vec<Outcome>) -> bool {
+    let mut poison = false;
+    for job in jobs {
+        let o = job(tx);
+        poison |= matches!(o, Outcome::Poison);
+        outcomes.push(o);
+    }
+    poison
+}
+
+/// The jobs a writer has taken off its channel: urgent ones, then the others in order (with
+/// whether each is a sync job).
+#[derive(Default)]
+struct WriterQueue {
+    urgent: Vec<Job>,
+    background: std::collections::VecDeque<(bool, Job)>,
+}
+
+impl WriterQueue {
+    fn is_empty(&self) -> bool {
+        self.urgent.is_empty() && self.background.is_empty()
+    }
+
+    fn push(&mut self, lane: Lane, job: Job) {
+        match lane {
+            Lane::Urgent => self.urgent.push(job),
+            Lane::Background => self.background.push_back((false, job)),
+            Lane::Sync => self.background.push_back((true, job)),
+        }
+    }
+
+    /// Takes what waits on the channel, up to a bound.
+    fn fill(&mut self, rx: &std_mpsc::Receiver<(Lane, Job)>) {
+        while self.urgent.len() + self.background.len() < 4 * JOBS_PER_COMMIT {
+            match rx.try_recv() {
+                Ok((lane, job)) => self.push(lane, job),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Whether the next transaction holds a sync job (no urgent job goes ahead of it).
+    fn sync_first(&self) -> bool {
+        let take = self.background.len().min(JOBS_PER_COMMIT.saturating_sub(self.urgent.len()));
+        self.background.iter().take(take).any(|(s, _)| *s)
+    }
+
+    /// The next jobs, at most `max`: every urgent one, then background ones in order (stopping
+    /// before a sync job unless `sync_ok`).
+    fn next_jobs(&mut self, max: usize, sync_ok: bool) -> Vec<Job> {
+        let mut jobs: Vec<Job> = self.urgent.drain(..).collect();
+        while jobs.len() < max {
+            match self.background.front() {
+                Some((true, _)) if !sync_ok => break,
+                Some(_) => jobs.push(self.background.pop_front().expect("a front job").1),
+                None => break,
+            }
+        }
+        jobs
     }
 }
 
@@ -298,8 +425,16 @@ impl Db {
     /// Starts the writer thread on `conn`.
     fn start(path: PathBuf, conn: Connection, name: &'static str, relaxed: bool) -> StoreResult<Arc<Self>> {
         let (tx, rx) = std_mpsc::sync_channel::<(Lane, Job)>(10_000);
-        std::thread::Builder::new().name(format!("chat-{name}-writer")).spawn(move || writer_loop(conn, rx, name, relaxed)).map_err(data)?;
-        Ok(Arc::new(Db { path, writer: tx, readers: Mutex::new(Vec::new()), read_slots: Arc::new(tokio::sync::Semaphore::new(READERS)) }))
+        let progress = Arc::new(Progress { begun: AtomicU64::new(0), settled: watch::Sender::new(0), last_failed: AtomicU64::new(0) });
+        let p = progress.clone();
+        std::thread::Builder::new().name(format!("chat-{name}-writer")).spawn(move || writer_loop(conn, rx, name, relaxed, p)).map_err(data)?;
+        Ok(Arc::new(Db {
+            path,
+            writer: tx,
+            progress,
+            readers: Mutex::new(Vec::new()),
+            read_slots: Arc::new(tokio::sync::Semaphore::new(READERS)),
+        }))
     }
 
     /// Runs `f` in one of the writer's next transactions; answers after it committed.
@@ -308,33 +443,73 @@ impl Db {
         lane: Lane,
         f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R> + Send + 'static,
     ) -> StoreResult<R> {
+        self.run(lane, Answer::Committed, true, f).await
+    }
+
+    /// Runs `f` in the writer's transaction after every job submitted before it; with
+    /// `savepoint`, a failing `f` leaves nothing behind (and takes no other job down).
+    async fn run<R: Send + 'static>(
+        &self,
+        lane: Lane,
+        answer: Answer,
+        savepoint: bool,
+        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R> + Send + 'static,
+    ) -> StoreResult<R> {
         let (tx, rx) = oneshot::channel::<StoreResult<R>>();
         let job: Job = Box::new(move |t: &Transaction<'_>| {
-            // Each job in its own savepoint: a failing job does not take the others down.
+            // Each write in its own savepoint: a failing job does not take the others down.
             // (Both statements come from the statement cache: parsing them for every job cost
             // as much as the job's own statement.)
-            let result = (|| {
-                t.exec("SAVEPOINT job", [])?;
-                match f(t) {
-                    Ok(r) => {
-                        t.exec("RELEASE job", [])?;
-                        Ok(r)
+            let result = if !savepoint {
+                f(t)
+            } else {
+                (|| {
+                    t.exec("SAVEPOINT job", [])?;
+                    match f(t) {
+                        Ok(r) => {
+                            t.exec("RELEASE job", [])?;
+                            Ok(r)
+                        }
+                        Err(e) => {
+                            let _ = t.execute_batch("ROLLBACK TO job; RELEASE job");
+                            Err(e)
+                        }
                     }
-                    Err(e) => {
-                        let _ = t.execute_batch("ROLLBACK TO job; RELEASE job");
-                        Err(e)
-                    }
-                }
-            })();
-            Box::new(move |committed: bool| {
+                })()
+            };
+            if answer == Answer::Ran {
+                let _ = tx.send(result.map_err(data));
+                return Outcome::Answered;
+            }
+            Outcome::Answer(Box::new(move |committed: bool| {
                 let out = match (result, committed) {
                     (Ok(r), true) => Ok(r),
                     (Ok(_), false) => Err(StoreError::Unavailable("transaction did not commit".into())),
                     (Err(e), _) => Err(data(e)),
                 };
                 let _ = tx.send(out);
-            })
+            }))
         });
+        self.submit(lane, job).await?;
+        rx.await.map_err(|_| unavailable("transaction failed"))?
+    }
+
+    /// Queues a pipelined write and returns: it runs after every job queued before it, and if it
+    /// fails, its whole transaction rolls back (the error is logged here and reported by
+    /// [`Durable::settle`] to every caller with writes in that transaction).
+    async fn put(&self, name: &'static str, f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<()> + Send + 'static) -> StoreResult<()> {
+        let job: Job = Box::new(move |t: &Transaction<'_>| match f(t) {
+            Ok(()) => Outcome::Answered,
+            Err(e) => {
+                error!(write = name, error = %e, "pipelined write failed");
+                Outcome::Poison
+            }
+        });
+        self.submit(Lane::Background, job).await
+    }
+
+    /// Hands a job to the writer (waiting for room if its channel is full).
+    async fn submit(&self, lane: Lane, job: Job) -> StoreResult<()> {
         let writer = self.writer.clone();
         match writer.try_send((lane, job)) {
             Ok(()) => {}
@@ -343,7 +518,7 @@ impl Db {
             }
             Err(std_mpsc::TrySendError::Disconnected(_)) => return Err(unavailable("writer stopped")),
         }
-        rx.await.map_err(|_| unavailable("transaction failed"))?
+        Ok(())
     }
 
     /// Runs `f` on a read connection.
@@ -381,19 +556,35 @@ impl SqliteStore {
         Ok(SqliteStore {
             commands: Db::start(cmd_path, cmd_conn, "commands", false)?,
             tables: Db::start(tables_path, tables_conn, "tables", true)?,
+            pipelined: false,
         })
     }
 
-    /// A projection write (tables.db), answered once committed (not necessarily synced).
-    async fn write<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R> + Send + 'static,
-    ) -> StoreResult<R> {
+    /// A handle on the same files for a projection worker: its `tables.db` writes return once
+    /// queued to the writer, and its `tables.db` reads run in the writer's open transaction after
+    /// everything queued before them (so they see those writes). A record costs one round trip
+    /// to the writer per read instead of one commit per write; the worker calls
+    /// [`Durable::settle`] before it counts a slice of records as done, and a failed write rolls
+    /// its whole transaction back. Not for the gateway: its reads would see writes that may
+    /// still be rolled back.
+    pub fn pipelined(&self) -> SqliteStore {
+        SqliteStore { pipelined: true, ..self.clone() }
+    }
+
+    /// A projection write (tables.db), answered once committed (not necessarily synced); on a
+    /// pipelined handle, once queued (see [`Db::put`]).
+    async fn write(&self, f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<()> + Send + 'static) -> StoreResult<()> {
+        if self.pipelined {
+            return self.tables.put("projection", f).await;
+        }
         self.tables.write(Lane::Background, f).await
     }
 
-    /// A read of tables.db.
+    /// A read of tables.db (in the writer's transaction if this handle is pipelined).
     async fn read<R: Send + 'static>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static) -> StoreResult<R> {
+        if self.pipelined {
+            return self.tables.run(Lane::Background, Answer::Ran, false, move |t| f(t)).await;
+        }
         self.tables.read(f).await
     }
 
@@ -1508,11 +1699,11 @@ impl InsightStore for SqliteStore {
 impl TableAdmin for SqliteStore {
     async fn migrate(&self) -> StoreResult<()> {
         self.command(|t| t.execute_batch(COMMAND_SCHEMA)).await?;
-        self.write(|t| t.execute_batch(SCHEMA)).await
+        self.tables.write(Lane::Background, |t| t.execute_batch(SCHEMA)).await
     }
 
     async fn truncate_projections(&self) -> StoreResult<()> {
-        self.write(|t| {
+        self.tables.write(Lane::Background, |t| {
             for table in PROJECTION_TABLES {
                 t.execute(&format!("DELETE FROM {table}"), [])?;
             }
@@ -1572,5 +1763,25 @@ impl Durable for SqliteStore {
                 Ok(())
             })
             .await
+    }
+
+    fn write_mark(&self) -> u64 {
+        if self.pipelined { self.tables.progress.begun.load(Ordering::SeqCst) } else { 0 }
+    }
+
+    async fn settle(&self, mark: u64) -> StoreResult<()> {
+        if !self.pipelined {
+            return Ok(());
+        }
+        let p = self.tables.progress.clone();
+        // A barrier behind every write queued so far: the transaction it runs in holds the last
+        // of them (or a later one does not matter: it is the last to wait for).
+        let progress = p.clone();
+        let last = self.tables.run(Lane::Background, Answer::Ran, false, move |_| Ok(progress.begun.load(Ordering::SeqCst))).await?;
+        p.settled.subscribe().wait_for(|s| *s >= last).await.map_err(|_| unavailable("writer stopped"))?;
+        match p.last_failed.load(Ordering::SeqCst) {
+            f if f != 0 && f >= mark => Err(unavailable(format!("transaction {f} did not commit; its writes are redone"))),
+            _ => Ok(()),
+        }
     }
 }
