@@ -222,7 +222,8 @@ struct Platform {
     log: Arc<dyn EventLog>,
     kafka: Option<Arc<KafkaLog>>,
     tables: Arc<dyn Tables>,
-    /// The handle worker stages write through (embedded: pipelined, see `SqliteStore::pipelined`).
+    /// The handle the projection stage writes through (embedded: pipelined, see
+    /// `SqliteStore::pipelined`).
     worker_tables: Arc<dyn Tables>,
     /// This process's connections (none in a worker) and the routing that reaches everyone's;
     /// shared by the gateway and the fan-out's pushes.
@@ -339,7 +340,10 @@ impl Platform {
         let t = &self.topics;
         if self.cfg.stages.iter().any(|s| s == "fanout") {
             let consumer = self.log.subscribe(&self.cfg.fanout_group, &[t.name(TopicKind::Conversations)]).await?;
-            let store: Arc<dyn chat_store::FanoutStore> = self.worker_tables.clone();
+            // The plain handle: the fan-out's reads (group state) must not queue behind the
+            // projections' writes in the pipelined writer (a 1,024-member message is thousands of
+            // them), and it writes little.
+            let store: Arc<dyn chat_store::FanoutStore> = self.tables.clone();
             let pusher: Arc<dyn Pusher> = Arc::new(RoutingPusher(self.routing.clone()));
             let handler = Arc::new(FanOut::new(self.log.clone(), t.clone(), store, Some(pusher), self.cfg.max_group_size));
             let sd = shutdown.clone();

@@ -555,8 +555,7 @@ mod tests {
     }
 
     fn fanout(dir: &std::path::Path, max: usize) -> FanOut {
-        // The handle a worker gets in production: pipelined.
-        let store = Arc::new(chat_store::SqliteStore::open(dir).expect("store").pipelined());
+        let store = Arc::new(chat_store::SqliteStore::open(dir).expect("store"));
         let log = Arc::new(chat_events::embedded::EmbeddedLog::open(&dir.join("log"), 10).expect("log"));
         FanOut::new(log, Topics::default(), store, None, max)
     }

@@ -68,6 +68,8 @@ struct Db {
     path: PathBuf,
     writer: std_mpsc::SyncSender<(Lane, Job)>,
     progress: Arc<Progress>,
+    /// Pipelined writes queued and not yet run (see [`Db::put`]).
+    queued: Arc<tokio::sync::Semaphore>,
     readers: Mutex<Vec<Connection>>,
     /// Reads running at once (and read connections kept open), at most [`READERS`]: a burst of
     /// reads waits for a pooled connection instead of opening (and parsing the schema of) one
@@ -235,6 +237,9 @@ const JOBS_PER_COMMIT: usize = 512;
 /// it takes at most.
 const TXN_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
 const JOBS_PER_TXN: usize = 8192;
+
+/// Pipelined writes that may wait for the writer at once.
+const PIPELINED_QUEUED: usize = 1024;
 
 /// Command tables that older versions kept in `tables.db`; [`SqliteStore::open`] moves them.
 const COMMAND_TABLES: &[&str] = &["accounts_by_name", "accounts_by_id", "send_dedup", "message_owners", "media_objects", "media_shares"];
@@ -432,6 +437,7 @@ impl Db {
             path,
             writer: tx,
             progress,
+            queued: Arc::new(tokio::sync::Semaphore::new(PIPELINED_QUEUED)),
             readers: Mutex::new(Vec::new()),
             read_slots: Arc::new(tokio::sync::Semaphore::new(READERS)),
         }))
@@ -497,12 +503,20 @@ impl Db {
     /// Queues a pipelined write and returns: it runs after every job queued before it, and if it
     /// fails, its whole transaction rolls back (the error is logged here and reported by
     /// [`Durable::settle`] to every caller with writes in that transaction).
+    ///
+    /// At most [`PIPELINED_QUEUED`] such writes wait for the writer at once: beyond that `put`
+    /// waits too, so that a burst (a 1,024-member group's deliveries) cannot queue thousands of
+    /// jobs ahead of everyone else's.
     async fn put(&self, name: &'static str, f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<()> + Send + 'static) -> StoreResult<()> {
-        let job: Job = Box::new(move |t: &Transaction<'_>| match f(t) {
-            Ok(()) => Outcome::Answered,
-            Err(e) => {
-                error!(write = name, error = %e, "pipelined write failed");
-                Outcome::Poison
+        let permit = self.queued.clone().acquire_owned().await.map_err(unavailable)?;
+        let job: Job = Box::new(move |t: &Transaction<'_>| {
+            drop(permit);
+            match f(t) {
+                Ok(()) => Outcome::Answered,
+                Err(e) => {
+                    error!(write = name, error = %e, "pipelined write failed");
+                    Outcome::Poison
+                }
             }
         });
         self.submit(Lane::Background, job).await
