@@ -263,7 +263,15 @@ impl ScyllaStore {
     }
 
     async fn prepare_all(s: &Session, ks: &str) -> StoreResult<Stmts> {
-        let p = |q: String| async move { s.prepare(q).await.map_err(unavailable) };
+        // Results are decoded with the metadata cached at preparation, so Cassandra does not
+        // encode it into every response (~5 % of its CPU in a profile at 1,000 msgs/s). Safe
+        // because every SELECT names its columns and the schema only ever gains tables; not for
+        // the conditional statements, whose result columns depend on whether they applied.
+        let p = |q: String| async move {
+            let mut stmt = s.prepare(q.as_str()).await.map_err(unavailable)?;
+            stmt.set_use_cached_result_metadata(!q.contains(" IF "));
+            Ok::<_, StoreError>(stmt)
+        };
         Ok(Stmts {
             insert_account_lwt: p(format!(
                 "INSERT INTO {ks}.accounts_by_name (username, user_id, password_hash, created_at) VALUES (?, ?, ?, ?) IF NOT EXISTS"
