@@ -48,6 +48,15 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// The greatest UUIDv7 of the millisecond `ms` (every random bit set): `id <= max_v7(ms)` for
+/// every v7 id minted at or before `ms`. Cassandra orders uuids of one version by their bytes and
+/// puts lower versions first, so this bound also keeps any non-v7 id of a lower version; SQLite
+/// compares the canonical text, which for v7 ids is the same order.
+pub(crate) fn max_v7(ms: i64) -> uuid::Uuid {
+    let ms = ms.clamp(0, (1 << 48) - 1) as u128;
+    uuid::Uuid::from_u128((ms << 80) | (0x7 << 76) | (0xfff << 64) | (0b10 << 62) | ((1 << 62) - 1))
+}
+
 /// The day bucket of a message id, for history partitions.
 pub fn bucket_of(id: MessageId) -> i32 {
     (id.unix_millis().max(0) / 86_400_000) as i32
@@ -370,4 +379,28 @@ pub const PROJECTION_TABLES: &[&str] = &[
 /// Convenience: a device id as stored in the receipts table.
 pub fn device_column(d: &DeviceId) -> String {
     d.as_str().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    #[test]
+    fn max_v7_bounds_every_v7_id_of_its_millisecond() {
+        let ms = 1_714_521_600_123;
+        let max = max_v7(ms);
+        assert_eq!(max.get_version_num(), 7);
+        assert_eq!(max.get_variant(), uuid::Variant::RFC4122);
+        assert_eq!(MessageId(max).unix_millis(), ms);
+        for _ in 0..100 {
+            let ts = uuid::Timestamp::from_unix(uuid::NoContext, (ms / 1000) as u64, ((ms % 1000) * 1_000_000) as u32);
+            let id = Uuid::new_v7(ts);
+            assert!(id <= max, "{id} <= {max}");
+            assert!(id.to_string() <= max.to_string(), "as text too (SQLite): {id} <= {max}");
+            let next = Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, ((ms + 1) / 1000) as u64, (((ms + 1) % 1000) * 1_000_000) as u32));
+            assert!(next > max, "{next} > {max}");
+            assert!(next.to_string() > max.to_string(), "as text too (SQLite): {next} > {max}");
+        }
+    }
 }

@@ -1250,14 +1250,6 @@ impl GroupStore for ScyllaStore {
 /// would flood the coordinator.
 const ANALYTICS_CONCURRENCY: usize = 16;
 
-/// The greatest UUIDv7 of the millisecond `ms` (every random bit set): `id <= max_v7(ms)` for
-/// every v7 id minted at or before `ms`. Cassandra orders uuids of one version by their bytes and
-/// puts lower versions first, so this bound also keeps any non-v7 id of a lower version.
-fn max_v7(ms: i64) -> Uuid {
-    let ms = ms.clamp(0, (1 << 48) - 1) as u128;
-    Uuid::from_u128((ms << 80) | (0x7 << 76) | (0xfff << 64) | (0b10 << 62) | ((1 << 62) - 1))
-}
-
 fn status(s: String) -> StoreResult<ReceiptStatus> {
     ReceiptStatus::parse(&s).ok_or_else(|| StoreError::Data(format!("bad receipt status {s:?}")))
 }
@@ -1453,26 +1445,5 @@ impl TableAdmin for ScyllaStore {
 
     async fn ping(&self) -> bool {
         self.session.query_unpaged("SELECT release_version FROM system.local", ()).await.is_ok()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn max_v7_bounds_every_v7_id_of_its_millisecond() {
-        let ms = 1_714_521_600_123;
-        let max = max_v7(ms);
-        assert_eq!(max.get_version_num(), 7);
-        assert_eq!(max.get_variant(), uuid::Variant::RFC4122);
-        assert_eq!(MessageId(max).unix_millis(), ms);
-        for _ in 0..100 {
-            let ts = uuid::Timestamp::from_unix(uuid::NoContext, (ms / 1000) as u64, ((ms % 1000) * 1_000_000) as u32);
-            let id = Uuid::new_v7(ts);
-            assert!(id <= max, "{id} <= {max}");
-            let next = Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, ((ms + 1) / 1000) as u64, (((ms + 1) % 1000) * 1_000_000) as u32));
-            assert!(next > max, "{next} > {max}");
-        }
     }
 }
