@@ -257,15 +257,15 @@ impl Projector {
             // the first position stays the only one.
             return Ok(());
         }
-        let pending = match item {
-            StreamItem::Message { message_id, conversation_id, sender, .. } if *sender != recipient => Some((*message_id, conversation_id)),
-            _ => None,
-        };
+        if let StreamItem::Message { message_id, conversation_id, sender, .. } = item {
+            if *sender != recipient {
+                self.store.add_pending(recipient, *message_id, conversation_id).await?;
+            }
+        }
         self.group_views(recipient, item, offset).await?;
         let json = serde_json::to_string(item).map_err(|e| StoreError::Data(e.to_string()))?;
-        // The stream row (with the pending delivery) last: once it is there, everything this
-        // item causes is written.
-        self.store.put_delivery_item(recipient, &StreamRow { seq: offset, item_id: env.event_id.0, item: json }, pending).await
+        // The stream row last: once it is there, everything this item causes is written.
+        self.store.put_stream_item(recipient, &StreamRow { seq: offset, item_id: env.event_id.0, item: json }).await
     }
 
     /// Group views written from one user's stream items: this writer owns that user's rows

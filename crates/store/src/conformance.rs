@@ -43,7 +43,6 @@ pub async fn run_all(tables: Arc<dyn Tables>) {
     receipts(t).await;
     stream(t).await;
     pending(t).await;
-    delivery_item(t).await;
     last_seen(t).await;
     zero_limits(t).await;
     fanout_groups(t).await;
@@ -512,26 +511,6 @@ pub async fn pending(t: &dyn Tables) {
     assert_eq!(count(u, 100).await, 2, "remove_pending removes one");
     t.add_pending(v, m[2], &c).await.expect("add_pending");
     assert_eq!(count(v, 100).await, 1, "pending deliveries are per user");
-}
-
-/// A delivery item: the stream item, its index and (for a message to someone else) the pending
-/// delivery, written together; a removed delivery stays removed when its item is written again.
-pub async fn delivery_item(t: &dyn Tables) {
-    let (u, _, c) = direct();
-    let m: Vec<MessageId> = (0..3).map(|i| msg_id(DAY0_MS + i)).collect();
-    let row = |seq: i64| StreamRow { seq, item_id: Uuid::new_v4(), item: format!("{{\"kind\":\"message\",\"n\":{seq}}}") };
-    let rows = [row(10), row(11), row(12)];
-    t.put_delivery_item(u, &rows[0], Some((m[0], &c))).await.expect("put_delivery_item");
-    t.put_delivery_item(u, &rows[1], None).await.expect("put_delivery_item without a pending row");
-    assert_eq!(t.stream_after(u, 0, 10).await.expect("stream_after"), rows[..2], "both items are in the stream, in order");
-    assert_eq!(t.stream_seq_of(u, rows[0].item_id).await.expect("stream_seq_of"), Some(10), "the item's index is written with it");
-    assert_eq!(t.pending_count(u, 10).await.expect("pending_count"), 1, "only the item with a pending row adds one");
-    t.remove_pending(u, m[1]).await.expect("remove_pending");
-    t.put_delivery_item(u, &rows[2], Some((m[1], &c))).await.expect("put_delivery_item after its delivery");
-    assert_eq!(t.pending_count(u, 10).await.expect("pending_count"), 1, "a delivery removed before its item was written stays removed");
-    t.put_delivery_item(u, &rows[0], Some((m[0], &c))).await.expect("put_delivery_item again");
-    assert_eq!(t.stream_after(u, 0, 10).await.expect("stream_after").len(), 3, "writing an item again adds nothing");
-    assert_eq!(t.pending_count(u, 10).await.expect("pending_count"), 1, "nor a second pending row");
 }
 
 /// Last seen: the latest change wins, in any order; last_seen is the latest offline time.

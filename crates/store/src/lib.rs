@@ -287,16 +287,6 @@ pub trait ProjectionStore: Durable {
     async fn put_stream_item(&self, user: UserId, row: &StreamRow) -> StoreResult<()>;
     /// Marks a message as not yet delivered to any device of `user` (a no-op once removed).
     async fn add_pending(&self, user: UserId, message: MessageId, conv: &ConversationId) -> StoreResult<()>;
-    /// A stream item and, when `pending` is given, the pending delivery of that message: what
-    /// one `delivery.queued` writes. Both are keyed by the user, so a back-end may write them as
-    /// one request (Cassandra: a single-partition batch, applied as one mutation); by default the
-    /// pending row first, then the item.
-    async fn put_delivery_item(&self, user: UserId, row: &StreamRow, pending: Option<(MessageId, &ConversationId)>) -> StoreResult<()> {
-        if let Some((message, conv)) = pending {
-            self.add_pending(user, message, conv).await?;
-        }
-        self.put_stream_item(user, row).await
-    }
     /// Removes a pending delivery, for good.
     async fn remove_pending(&self, user: UserId, message: MessageId) -> StoreResult<()>;
     /// Records a presence change; the latest `at` wins, in any order.

@@ -109,9 +109,6 @@ struct Stmts {
     insert_stream_id: PreparedStatement,
     select_stream_after: PreparedStatement,
     insert_pending: PreparedStatement,
-    /// `insert_stream` + `insert_stream_id` (+ `insert_pending`), unlogged: one user's partition.
-    delivery_item: Batch,
-    delivery_item_pending: Batch,
     delete_pending: PreparedStatement,
     select_pending: PreparedStatement,
     insert_presence_online: PreparedStatement,
@@ -275,9 +272,7 @@ impl ScyllaStore {
             stmt.set_use_cached_result_metadata(!q.contains(" IF "));
             Ok::<_, StoreError>(stmt)
         };
-        let mut st = Stmts {
-            delivery_item: Batch::new(BatchType::Unlogged),
-            delivery_item_pending: Batch::new(BatchType::Unlogged),
+        Ok(Stmts {
             insert_account_lwt: p(format!(
                 "INSERT INTO {ks}.accounts_by_name (username, user_id, password_hash, created_at) VALUES (?, ?, ?, ?) IF NOT EXISTS"
             ))
@@ -538,13 +533,7 @@ impl ScyllaStore {
                 "SELECT message_id, status, device_id, at, conversation_id FROM {ks}.receipts_by_user WHERE recipient = ? AND message_id <= ?"
             ))
             .await?,
-        };
-        for b in [&mut st.delivery_item, &mut st.delivery_item_pending] {
-            b.append_statement(st.insert_stream.clone());
-            b.append_statement(st.insert_stream_id.clone());
-        }
-        st.delivery_item_pending.append_statement(st.insert_pending.clone());
-        Ok(st)
+        })
     }
 
     /// Drops every keyspace whose name starts with `prefix` (test clean-up, and the side-by-side
@@ -926,22 +915,6 @@ impl ProjectionStore for ScyllaStore {
 
     async fn add_pending(&self, user: UserId, message: MessageId, c: &ConversationId) -> StoreResult<()> {
         self.exec(&self.stmts.insert_pending, (user.0, message.0, c.as_str())).await
-    }
-
-    async fn put_delivery_item(&self, user: UserId, row: &StreamRow, pending: Option<(MessageId, &ConversationId)>) -> StoreResult<()> {
-        // One partition (the user) in three tables: one batch, applied as one mutation, so the
-        // item, its index and the pending row land together (one request instead of three in
-        // sequence). The pending row keeps its fixed timestamp (`USING TIMESTAMP` in the
-        // statement), which a batch without a timestamp of its own allows.
-        let stream = (user.0, row.seq, row.item_id, &row.item);
-        let index = (user.0, row.item_id, row.seq);
-        let res = match pending {
-            Some((message, c)) => {
-                self.session.batch(&self.stmts.delivery_item_pending, (stream, index, (user.0, message.0, c.as_str()))).await
-            }
-            None => self.session.batch(&self.stmts.delivery_item, (stream, index)).await,
-        };
-        res.map(|_| ()).map_err(unavailable)
     }
 
     async fn remove_pending(&self, user: UserId, message: MessageId) -> StoreResult<()> {

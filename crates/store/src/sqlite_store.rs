@@ -305,8 +305,8 @@ fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<(Lane, Job)>, name: 
         in_jobs += began.elapsed();
         let committing = std::time::Instant::now();
         let ok = if poison {
-            // The failing write logged why; its caller learns it from `settle`.
-            error!(db = name, transaction = number, "a pipelined write failed: the transaction is rolled back");
+            // The failing write logged why (once, as an error); its callers learn it from `settle`.
+            debug!(db = name, transaction = number, "rolling back after a failed pipelined write");
             drop(tx);
             false
         } else {
@@ -514,7 +514,7 @@ impl Db {
             match f(t) {
                 Ok(()) => Outcome::Answered,
                 Err(e) => {
-                    error!(write = name, error = %e, "pipelined write failed");
+                    error!(write = name, error = %e, "pipelined write failed; its transaction is rolled back and redone by its callers");
                     Outcome::Poison
                 }
             }
