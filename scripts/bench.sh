@@ -95,6 +95,10 @@ for mode in $modes; do
     bash scripts/services.sh up
     eval "$(bash scripts/services.sh env)"
     service_pids="$(pgrep -d, -f 'kafka\.Kafka|CassandraDaemon|redis-server' || true)"
+    # Warm-up, not in the table: right after it starts, Cassandra (JIT, caches) is several times
+    # slower for about a minute, and a ladder started then stops at its first rung.
+    start_server "$mode" warmup
+    lg "$mode" warmup direct --pairs 200 --rate 250 --duration 45s
   fi
   goal=20000
   [[ $mode == cluster ]] && goal=10000

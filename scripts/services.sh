@@ -483,9 +483,6 @@ saved_caches_directory: $d/data/saved_caches
 hints_directory: $d/data/hints
 cdc_raw_directory: $d/data/cdc_raw
 auto_snapshot: false
-# Lightweight transactions (usernames, send reservations) in 2 round trips instead of 4: Paxos v2,
-# available since 4.1 and recommended by cassandra.yaml's own comments; v1 is still 5.0's default.
-paxos_variant: v2
 EOF
   cat >"$d/conf/logback.xml" <<'EOF'
 <?xml version="1.0" encoding="UTF-8"?>
