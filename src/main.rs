@@ -48,7 +48,7 @@ use chat_gateway::routing::Push;
 use chat_gateway::{Chat, Hub, Limits, LocalRouting, RedisRouting, Routing, Tokens};
 use chat_projections::projector::projection_topics;
 use chat_projections::fanout::Pusher;
-use chat_projections::{FanOut, Projector, WorkerStats};
+use chat_projections::{DeadLetters, FanOut, Projector, WorkerStats};
 use chat_store::{ScyllaConfig, ScyllaStore, SqliteStore, Tables};
 use clap::{Parser, Subcommand};
 use config::{Backend, Config, Settings};
@@ -114,7 +114,7 @@ enum Command {
     },
 }
 
-type Opened = (Arc<dyn EventLog>, Option<Arc<KafkaLog>>, Arc<dyn Tables>, Arc<dyn Tables>);
+type Opened = (Arc<dyn EventLog>, Option<Arc<KafkaLog>>, Arc<dyn Tables>);
 
 #[derive(Subcommand)]
 enum RoleAction {
@@ -222,13 +222,30 @@ struct Platform {
     log: Arc<dyn EventLog>,
     kafka: Option<Arc<KafkaLog>>,
     tables: Arc<dyn Tables>,
-    /// The handle the projection stage writes through (embedded: pipelined, see
-    /// `SqliteStore::pipelined`).
-    worker_tables: Arc<dyn Tables>,
     /// This process's connections (none in a worker) and the routing that reaches everyone's;
     /// shared by the gateway and the fan-out's pushes.
     hub: Arc<Hub>,
     routing: Arc<dyn Routing>,
+    /// What this process's worker stages count, for `/metrics` (read when it is rendered).
+    worker_metrics: WorkerMetrics,
+}
+
+/// The counters of this process's worker stages.
+#[derive(Clone, Default)]
+struct WorkerMetrics {
+    stages: Arc<std::sync::Mutex<Vec<chat_projections::worker::Stage>>>,
+    projector: Arc<std::sync::Mutex<Option<Arc<Projector>>>>,
+}
+
+impl WorkerMetrics {
+    fn render(&self) -> String {
+        let stages = self.stages.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut out = if stages.is_empty() { String::new() } else { WorkerStats::render(&stages) };
+        if let Some(p) = self.projector.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            out.push_str(&p.render());
+        }
+        out
+    }
 }
 
 /// Pushes the fan-out's group items through routing, as the gateway's frames.
@@ -251,18 +268,17 @@ impl Pusher for RoutingPusher {
 impl Platform {
     async fn open(cfg: Config) -> anyhow::Result<Platform> {
         let topics = Topics::new(cfg.topic_prefix.clone());
-        let (log, kafka, tables, worker_tables): Opened = match &cfg.backend {
+        let (log, kafka, tables): Opened = match &cfg.backend {
             Backend::Embedded { data_dir } => {
                 let log = EmbeddedLog::open(data_dir, 100_000).context("opening the embedded event log (CHAT_DATA_DIR)")?;
                 let tables = SqliteStore::open(data_dir).context("opening the embedded tables (CHAT_DATA_DIR)")?;
-                let workers = Arc::new(tables.pipelined());
-                (Arc::new(log), None, Arc::new(tables), workers)
+                (Arc::new(log), None, Arc::new(tables))
             }
             Backend::Cluster { kafka_brokers, cassandra_nodes, .. } => {
                 let kafka = Arc::new(KafkaLog::new(KafkaConfig::new(kafka_brokers)).context("CHAT_KAFKA_BROKERS")?);
                 let scylla = ScyllaConfig { nodes: cassandra_nodes.clone(), keyspace: cfg.keyspace.clone(), replication_factor: cfg.cassandra_rf };
                 let store: Arc<dyn Tables> = Arc::new(ScyllaStore::connect(&scylla).await.context("connecting to CHAT_CASSANDRA_NODES")?);
-                (kafka.clone(), Some(kafka), store.clone(), store)
+                (kafka.clone(), Some(kafka), store)
             }
         };
         let mut specs: Vec<TopicSpec> = topics
@@ -274,7 +290,7 @@ impl Platform {
         log.ensure_topics(&specs).await.context("creating topics (is Kafka up at CHAT_KAFKA_BROKERS?)")?;
         let hub = Arc::new(Hub::new());
         let routing = Self::routing(&cfg, hub.clone()).await?;
-        Ok(Platform { cfg, topics, log, kafka, tables, worker_tables, hub, routing })
+        Ok(Platform { cfg, topics, log, kafka, tables, hub, routing, worker_metrics: WorkerMetrics::default() })
     }
 
     fn token_secret(&self) -> anyhow::Result<Vec<u8>> {
@@ -315,6 +331,9 @@ impl Platform {
             ..Limits::default()
         };
         let store: Arc<dyn chat_gateway::GatewayStore> = self.tables.clone();
+        let metrics = chat_gateway::metrics::Metrics::new()?;
+        let workers = self.worker_metrics.clone();
+        metrics.add_extra(Arc::new(move || workers.render()));
         let chat = Arc::new(
             Chat::new(
             self.log.clone(),
@@ -325,7 +344,7 @@ impl Platform {
             Tokens::new(&self.token_secret()?, chrono::Duration::seconds(c.token_ttl_secs)),
             c.node_id.clone(),
             limits,
-            chat_gateway::metrics::Metrics::new()?,
+            metrics,
         )
             .with_media(self.media_storage()?),
         );
@@ -338,28 +357,32 @@ impl Platform {
     async fn start_workers(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<Vec<JoinHandle<()>>> {
         let mut tasks = Vec::new();
         let t = &self.topics;
+        let dead = DeadLetters { log: self.log.clone(), topics: t.clone() };
         if self.cfg.stages.iter().any(|s| s == "fanout") {
             let consumer = self.log.subscribe(&self.cfg.fanout_group, &[t.name(TopicKind::Conversations)]).await?;
-            // The plain handle: the fan-out's reads (group state) must not queue behind the
-            // projections' writes in the pipelined writer (a 1,024-member message is thousands of
-            // them), and it writes little.
             let store: Arc<dyn chat_store::FanoutStore> = self.tables.clone();
             let pusher: Arc<dyn Pusher> = Arc::new(RoutingPusher(self.routing.clone()));
             let handler = Arc::new(FanOut::new(self.log.clone(), t.clone(), store, Some(pusher), self.cfg.max_group_size));
-            let sd = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                chat_projections::run("fanout", consumer, handler, Arc::new(WorkerStats::default()), sd).await
-            }));
+            let stats = self.stage_stats("fanout");
+            let (sd, dead) = (shutdown.clone(), dead.clone());
+            tasks.push(tokio::spawn(async move { chat_projections::run("fanout", consumer, handler, dead, stats, sd).await }));
         }
         if self.cfg.stages.iter().any(|s| s == "projections") {
             let consumer = self.log.subscribe(&self.cfg.projection_group, &projection_topics(t)).await?;
-            let handler = Arc::new(Projector::new(self.worker_tables.clone(), self.log.clone(), t.clone(), self.cfg.analytics_keywords.clone()));
+            let handler = Arc::new(Projector::new(self.tables.clone(), t.clone(), self.cfg.analytics_keywords.clone()));
+            *self.worker_metrics.projector.lock().unwrap_or_else(|p| p.into_inner()) = Some(handler.clone());
+            let stats = self.stage_stats("projections");
             let sd = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                chat_projections::run("projections", consumer, handler, Arc::new(WorkerStats::default()), sd).await
-            }));
+            tasks.push(tokio::spawn(async move { chat_projections::run("projections", consumer, handler, dead, stats, sd).await }));
         }
         Ok(tasks)
+    }
+
+    /// A stage's counters, registered for `/metrics`.
+    fn stage_stats(&self, stage: &str) -> Arc<WorkerStats> {
+        let stats = Arc::new(WorkerStats::default());
+        self.worker_metrics.stages.lock().unwrap_or_else(|p| p.into_inner()).push((stage.to_owned(), stats.clone()));
+        stats
     }
 
     /// The media store of a gateway: S3, a directory, or (cluster without either) an error.
@@ -679,7 +702,7 @@ async fn rebuild(cfg: Config, into: Option<String>) -> anyhow::Result<bool> {
     let (fresh, place): (Arc<dyn Tables>, String) = match &cfg.backend {
         Backend::Embedded { data_dir } => {
             let dir = into.map(std::path::PathBuf::from).unwrap_or_else(|| data_dir.join(format!("rebuild-{stamp}")));
-            (Arc::new(SqliteStore::open(&dir)?.pipelined()), dir.display().to_string())
+            (Arc::new(SqliteStore::open(&dir)?), dir.display().to_string())
         }
         Backend::Cluster { cassandra_nodes, .. } => {
             let keyspace = into.unwrap_or_else(|| format!("{}_rebuild_{stamp}", cfg.keyspace));
@@ -690,10 +713,11 @@ async fn rebuild(cfg: Config, into: Option<String>) -> anyhow::Result<bool> {
     let group = format!("{}-rebuild-{stamp}", cfg.projection_group);
     let topics = projection_topics(&live.topics);
     let consumer = live.log.subscribe(&group, &topics).await?;
-    let handler = Arc::new(Projector::new(fresh.clone(), live.log.clone(), live.topics.clone(), cfg.analytics_keywords.clone()));
+    let handler = Arc::new(Projector::new(fresh.clone(), live.topics.clone(), cfg.analytics_keywords.clone()));
     let stats = Arc::new(WorkerStats::default());
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(chat_projections::run("rebuild", consumer, handler, stats.clone(), stopped));
+    let dead = DeadLetters { log: live.log.clone(), topics: live.topics.clone() };
+    let task = tokio::spawn(chat_projections::run("rebuild", consumer, handler, dead, stats.clone(), stopped));
     eprintln!("rebuilding into {place} (group {group})");
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;

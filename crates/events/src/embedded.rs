@@ -3,9 +3,10 @@
 //! - One SQLite database (`log.db` in the data directory, WAL journal, `synchronous=FULL`): a
 //!   record is acknowledged only after the transaction that holds it is on disk, so neither a
 //!   SIGKILL nor a power cut loses an acknowledged event.
-//! - A single writer thread assigns offsets (per topic partition, from 0, no gaps) and commits
-//!   appends in groups: every request that arrives while a commit is running goes into the next
-//!   transaction, which is how it keeps up under load with one fsync per group.
+//! - The writer of the one SQLite engine ([`crate::sqlite`]) assigns offsets (per topic partition,
+//!   from 0, no gaps) and commits appends in groups: every request that arrives while a commit is
+//!   running goes into the next transaction, which is how it keeps up under load with one fsync
+//!   per group.
 //! - Partitions by key with Kafka's own partitioner (murmur2, seed 0x9747b28c, positive modulo),
 //!   so a key lands in the same partition number here and in Kafka.
 //! - Consumer groups: members of a group in this process share the partitions (round-robin over
@@ -15,16 +16,19 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::DateTime;
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
-use tokio::sync::{oneshot, watch};
-use tracing::{error, warn};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use tokio::sync::watch;
+use tracing::warn;
 
 use crate::log::{EventLog, LogConsumer, LogError, LogReader, Position, Record, TopicSpec};
+use crate::sqlite::{Durability, Engine, EngineError, Lane, Options};
+
+pub use crate::sqlite::open_sqlite;
 
 /// Kafka's default partitioner for keyed records.
 pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
@@ -32,15 +36,12 @@ pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
     (h % partitions.max(1) as u32) as i32
 }
 
-type Reply<T> = oneshot::Sender<Result<T, LogError>>;
-/// Answers a request once its transaction's outcome is known (None: committed; Some: the error).
-type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
-
-enum WriteReq {
-    Append { records: Vec<(String, String, Vec<u8>)>, reply: oneshot::Sender<Vec<Result<Position, LogError>>> },
-    CreateTopics { specs: Vec<(String, i32)>, reply: Reply<()> },
-    Commit { group: String, offsets: Vec<(String, i32, i64)>, reply: Reply<()> },
-    DeleteGroup { group: String, reply: Reply<()> },
+/// What the log's writer keeps in memory (and puts back if a transaction fails): the partition
+/// count of every topic, and the next offset of every partition.
+#[derive(Clone, Default)]
+struct Counters {
+    topics: HashMap<String, i32>,
+    ends: HashMap<(String, i32), i64>,
 }
 
 #[derive(Default)]
@@ -54,7 +55,7 @@ struct Inner {
     /// Held for the life of the log: one process per data directory (the writer's offsets live
     /// in its memory, so a second writer would corrupt them).
     _lock: std::fs::File,
-    writer: std_mpsc::SyncSender<WriteReq>,
+    engine: Arc<Engine<Counters>>,
     /// Partition count per topic.
     topics: Mutex<HashMap<String, i32>>,
     /// Next offset per (topic, partition): the end of each partition.
@@ -63,7 +64,6 @@ struct Inner {
     appended: watch::Sender<u64>,
     groups: Mutex<HashMap<String, GroupState>>,
     next_member: Mutex<u64>,
-    readers: Mutex<Vec<Connection>>,
 }
 
 /// The embedded event log.
@@ -76,8 +76,14 @@ fn fatal(e: impl std::fmt::Display) -> LogError {
     LogError::Fatal(e.to_string())
 }
 
-fn unavailable(e: impl std::fmt::Display) -> LogError {
-    LogError::Unavailable(e.to_string())
+impl From<EngineError> for LogError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::QueueFull => LogError::QueueFull,
+            EngineError::Refused(e) => LogError::Fatal(e),
+            e @ (EngineError::NotCommitted(_) | EngineError::Stopped) => LogError::Unavailable(e.to_string()),
+        }
+    }
 }
 
 const SCHEMA: &str = "
@@ -103,45 +109,19 @@ CREATE TABLE IF NOT EXISTS group_offsets (
 ) WITHOUT ROWID;
 ";
 
-/// Opens a SQLite database the way every embedded back-end does: a writer in WAL mode with
-/// `synchronous=FULL` (a commit is on disk when it returns), or a read-only connection; both wait
-/// up to 10 s for a lock instead of failing.
-pub fn open_sqlite(path: &Path, write: bool) -> rusqlite::Result<Connection> {
-    let flags = if write {
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
-    } else {
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
-    };
-    let c = Connection::open_with_flags(path, flags)?;
-    c.busy_timeout(Duration::from_secs(10))?;
-    // Every statement is prepared once per connection (rusqlite keeps 16 by default; the
-    // tables' writer alone runs more than that, and re-parsing SQL cost a third of its CPU).
-    c.set_prepared_statement_cache_capacity(256);
-    if write {
-        // SQLite's default page cache (2 MiB): the log's appends touch the same few pages at the
-        // end of each partition. (A big cache costs here: every commit scans the cache's hash
-        // table for pages past the end of the file, `pcache1TruncateUnsafe`, which took 3 % of
-        // the CPU with 64 MiB.) The tables' writer sets its own.
-        c.pragma_update(None, "journal_mode", "WAL")?;
-        // FULL: the WAL is fsynced at every commit, so an acknowledged append survives power loss.
-        c.pragma_update(None, "synchronous", "FULL")?;
-    }
-    Ok(c)
-}
-
 impl EmbeddedLog {
     /// Opens (or creates) the log in `dir/log.db`. `queue` bounds the appends waiting for the
     /// writer; beyond it `append` fails with [`LogError::QueueFull`].
     pub fn open(dir: &Path, queue: usize) -> Result<Self, LogError> {
         std::fs::create_dir_all(dir).map_err(|e| fatal(format!("data directory {}: {e}", dir.display())))?;
         let lock_path = dir.join("log.lock");
-        let lock = std::fs::OpenOptions::new()
+        let lock_file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
             .map_err(|e| fatal(format!("{}: {e}", lock_path.display())))?;
-        lock.try_lock().map_err(|_| {
+        lock_file.try_lock().map_err(|_| {
             fatal(format!("data directory {} is in use by another chat process (stop it first)", dir.display()))
         })?;
         let path = dir.join("log.db");
@@ -165,23 +145,33 @@ impl EmbeddedLog {
                 ends.insert((t.clone(), p), end.map(|e| e + 1).unwrap_or(0));
             }
         }
-        let (tx, rx) = std_mpsc::sync_channel(queue.max(1));
+        let counters = Counters { topics: topics.clone(), ends: ends.clone() };
+        // The engine publishes the counters after each commit, through this slot (the log's
+        // inner state does not exist yet when the engine starts).
+        let published: Arc<Mutex<std::sync::Weak<Inner>>> = Arc::new(Mutex::new(std::sync::Weak::new()));
+        let slot = published.clone();
+        let mut options = Options::new("log", Durability::Full);
+        options.queue = queue;
+        options.jobs_per_commit = 1024;
+        let engine = Engine::start(path.clone(), conn, counters, options, move |c: &Counters| {
+            if let Some(inner) = lock(&slot).upgrade() {
+                *lock(&inner.ends) = c.ends.clone();
+                *lock(&inner.topics) = c.topics.clone();
+                inner.appended.send_modify(|v| *v += 1);
+            }
+        })
+        .map_err(fatal)?;
         let inner = Arc::new(Inner {
             path: path.clone(),
-            _lock: lock,
-            writer: tx,
+            _lock: lock_file,
+            engine,
             topics: Mutex::new(topics),
             ends: Mutex::new(ends),
             appended: watch::channel(0).0,
             groups: Mutex::new(HashMap::new()),
             next_member: Mutex::new(1),
-            readers: Mutex::new(Vec::new()),
         });
-        let weak = Arc::downgrade(&inner);
-        std::thread::Builder::new()
-            .name("chat-log-writer".into())
-            .spawn(move || writer_loop(conn, rx, weak))
-            .map_err(fatal)?;
+        *lock(&published) = Arc::downgrade(&inner);
         Ok(EmbeddedLog { inner })
     }
 
@@ -189,147 +179,54 @@ impl EmbeddedLog {
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
-
-    async fn request<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> WriteReq) -> Result<T, LogError> {
-        let (tx, rx) = oneshot::channel();
-        self.inner.writer.try_send(make(tx)).map_err(|e| match e {
-            std_mpsc::TrySendError::Full(_) => LogError::QueueFull,
-            std_mpsc::TrySendError::Disconnected(_) => LogError::Fatal("log writer stopped".into()),
-        })?;
-        rx.await.map_err(|_| LogError::Unavailable("the log's transaction failed".into()))?
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The single writer: takes every request that is waiting, runs them in one transaction,
-/// commits (one fsync), then answers all of them.
-fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<WriteReq>, inner: std::sync::Weak<Inner>) {
-    while let Ok(first) = rx.recv() {
-        let Some(inner) = inner.upgrade() else { return };
-        let mut batch = vec![first];
-        while batch.len() < 1024 {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
-        let mut ends = lock(&inner.ends).clone();
-        let mut topics = lock(&inner.topics).clone();
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        let result: rusqlite::Result<Vec<Answer>> = (|| {
-            let tx = conn.transaction()?;
-            let mut answers: Vec<Answer> = Vec::new();
-            for req in batch {
-                match req {
-                    WriteReq::Append { records, reply } => {
-                        let mut out = Vec::with_capacity(records.len());
-                        for (topic, key, payload) in records {
-                            let Some(n) = topics.get(&topic).copied() else {
-                                out.push(Err(LogError::Fatal(format!("unknown topic {topic}"))));
-                                continue;
-                            };
-                            let partition = partition_for(key.as_bytes(), n);
-                            let end = ends.entry((topic.clone(), partition)).or_insert(0);
-                            let offset = *end;
-                            tx.prepare_cached(
-                                "INSERT INTO records (topic, partition, offset, key, payload, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                            )?
-                            .execute(params![topic, partition, offset, key.as_bytes(), payload, now_ms])?;
-                            *end += 1;
-                            out.push(Ok(Position { topic, partition, offset }));
-                        }
-                        answers.push(Box::new(move |err: Option<&str>| {
-                            let out = match err {
-                                None => out,
-                                Some(e) => out.into_iter().map(|_| Err(unavailable(e))).collect(),
-                            };
-                            let _ = reply.send(out);
-                        }));
-                    }
-                    WriteReq::CreateTopics { specs, reply } => {
-                        for (name, partitions) in specs {
-                            tx.execute("INSERT OR IGNORE INTO topics (topic, partitions) VALUES (?1, ?2)", params![name, partitions])?;
-                            let n: i32 = tx.query_row("SELECT partitions FROM topics WHERE topic = ?1", params![name], |r| r.get(0))?;
-                            topics.insert(name.clone(), n);
-                            for p in 0..n {
-                                ends.entry((name.clone(), p)).or_insert(0);
-                            }
-                        }
-                        answers.push(Box::new(move |err| {
-                            let _ = reply.send(err.map_or(Ok(()), |e| Err(unavailable(e))));
-                        }));
-                    }
-                    WriteReq::Commit { group, offsets, reply } => {
-                        for (topic, partition, next) in offsets {
-                            tx.prepare_cached(
-                                "INSERT INTO group_offsets (grp, topic, partition, next_offset) VALUES (?1, ?2, ?3, ?4)
-                                 ON CONFLICT (grp, topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
-                            )?
-                            .execute(params![group, topic, partition, next])?;
-                        }
-                        answers.push(Box::new(move |err| {
-                            let _ = reply.send(err.map_or(Ok(()), |e| Err(unavailable(e))));
-                        }));
-                    }
-                    WriteReq::DeleteGroup { group, reply } => {
-                        tx.execute("DELETE FROM group_offsets WHERE grp = ?1", params![group])?;
-                        answers.push(Box::new(move |err| {
-                            let _ = reply.send(err.map_or(Ok(()), |e| Err(unavailable(e))));
-                        }));
-                    }
-                }
-            }
-            tx.commit()?;
-            Ok(answers)
-        })();
-        match result {
-            Ok(answers) => {
-                *lock(&inner.ends) = ends;
-                *lock(&inner.topics) = topics;
-                inner.appended.send_modify(|v| *v += 1);
-                for a in answers {
-                    a(None);
-                }
-            }
-            Err(e) => {
-                // The transaction rolled back: nothing of this group is durable and no offset
-                // was used. The requests' reply channels were dropped with it, so every caller
-                // of the group gets an "unavailable" error and may retry.
-                error!(error = %e, "embedded log write failed");
-            }
-        }
+/// Appends records in the writer's transaction: the next offset of each record's partition.
+fn append_in(t: &Transaction<'_>, c: &mut Counters, records: Vec<(String, String, Vec<u8>)>, now_ms: i64) -> rusqlite::Result<Vec<Result<Position, LogError>>> {
+    let mut out = Vec::with_capacity(records.len());
+    for (topic, key, payload) in records {
+        let Some(n) = c.topics.get(&topic).copied() else {
+            out.push(Err(LogError::Fatal(format!("unknown topic {topic}"))));
+            continue;
+        };
+        let partition = partition_for(key.as_bytes(), n);
+        let end = c.ends.entry((topic.clone(), partition)).or_insert(0);
+        let offset = *end;
+        t.prepare_cached("INSERT INTO records (topic, partition, offset, key, payload, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
+            .execute(params![topic, partition, offset, key.as_bytes(), payload, now_ms])?;
+        *end += 1;
+        out.push(Ok(Position { topic, partition, offset }));
     }
+    Ok(out)
+}
+
+/// Commits a group's offsets in the writer's transaction.
+fn commit_in(t: &Transaction<'_>, group: &str, offsets: &[(String, i32, i64)]) -> rusqlite::Result<()> {
+    for (topic, partition, next) in offsets {
+        t.prepare_cached(
+            "INSERT INTO group_offsets (grp, topic, partition, next_offset) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (grp, topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+        )?
+        .execute(params![group, topic, partition, next])?;
+    }
+    Ok(())
 }
 
 impl Inner {
-    fn reader(&self) -> Result<Connection, LogError> {
-        if let Some(c) = lock(&self.readers).pop() {
-            return Ok(c);
-        }
-        open_sqlite(&self.path, false).map_err(fatal)
-    }
-
-    fn give_back(&self, c: Connection) {
-        let mut r = lock(&self.readers);
-        if r.len() < 8 {
-            r.push(c);
-        }
-    }
-
-    fn committed(&self, group: &str, topic: &str, partition: i32) -> Result<i64, LogError> {
-        let c = self.reader()?;
-        let v: Option<i64> = c
-            .query_row(
-                "SELECT next_offset FROM group_offsets WHERE grp = ?1 AND topic = ?2 AND partition = ?3",
-                params![group, topic, partition],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(fatal)?;
-        self.give_back(c);
+    async fn committed(&self, group: &str, topic: &str, partition: i32) -> Result<i64, LogError> {
+        let (group, topic) = (group.to_owned(), topic.to_owned());
+        let v: Option<i64> = self
+            .engine
+            .read(move |c| {
+                c.prepare_cached("SELECT next_offset FROM group_offsets WHERE grp = ?1 AND topic = ?2 AND partition = ?3")?
+                    .query_row(params![group, topic, partition], |r| r.get(0))
+                    .optional()
+            })
+            .await?;
         Ok(v.unwrap_or(0))
     }
 }
@@ -343,22 +240,34 @@ impl EventLog for EmbeddedLog {
 
     async fn append_batch(&self, records: Vec<(String, String, Vec<u8>)>) -> Vec<Result<Position, LogError>> {
         let n = records.len();
-        let (tx, rx) = oneshot::channel();
-        let sent = self.inner.writer.try_send(WriteReq::Append { records, reply: tx });
-        let err = match sent {
-            Ok(()) => match rx.await {
-                Ok(out) => return out,
-                Err(_) => LogError::Unavailable("the append's transaction failed".into()),
-            },
-            Err(std_mpsc::TrySendError::Full(_)) => LogError::QueueFull,
-            Err(std_mpsc::TrySendError::Disconnected(_)) => LogError::Fatal("log writer stopped".into()),
-        };
-        (0..n).map(|_| Err(clone_err(&err))).collect()
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        // Appends shed load when the writer is behind (the gateway answers `overloaded`).
+        match self.inner.engine.try_write(Lane::Urgent, move |t, c| append_in(t, c, records, now_ms)).await {
+            Ok(out) => out,
+            Err(e) => {
+                let e = LogError::from(e);
+                (0..n).map(|_| Err(clone_err(&e))).collect()
+            }
+        }
     }
 
     async fn ensure_topics(&self, specs: &[TopicSpec]) -> Result<(), LogError> {
-        let specs = specs.iter().map(|s| (s.name.clone(), s.partitions)).collect();
-        self.request(|reply| WriteReq::CreateTopics { specs, reply }).await
+        let specs: Vec<(String, i32)> = specs.iter().map(|s| (s.name.clone(), s.partitions)).collect();
+        self.inner
+            .engine
+            .write(Lane::Urgent, move |t, c| {
+                for (name, partitions) in specs {
+                    t.execute("INSERT OR IGNORE INTO topics (topic, partitions) VALUES (?1, ?2)", params![name, partitions])?;
+                    let n: i32 = t.query_row("SELECT partitions FROM topics WHERE topic = ?1", params![name], |r| r.get(0))?;
+                    c.topics.insert(name.clone(), n);
+                    for p in 0..n {
+                        c.ends.entry((name.clone(), p)).or_insert(0);
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .map_err(LogError::from)
     }
 
     async fn subscribe(&self, group: &str, topics: &[String]) -> Result<Box<dyn LogConsumer>, LogError> {
@@ -393,7 +302,7 @@ impl EventLog for EmbeddedLog {
         let mut lag = 0;
         for ((t, p), end) in ends {
             if topics.contains(&t) {
-                lag += (end - self.inner.committed(group, &t, p)?).max(0);
+                lag += (end - self.inner.committed(group, &t, p).await?).max(0);
             }
         }
         Ok(lag)
@@ -412,7 +321,11 @@ impl EventLog for EmbeddedLog {
             return Err(LogError::Fatal(format!("group {group} has live members")));
         }
         let group = group.to_owned();
-        self.request(|reply| WriteReq::DeleteGroup { group, reply }).await
+        self.inner
+            .engine
+            .write(Lane::Urgent, move |t, _| t.execute("DELETE FROM group_offsets WHERE grp = ?1", params![group]).map(|_| ()))
+            .await
+            .map_err(LogError::from)
     }
 }
 
@@ -469,7 +382,7 @@ impl EmbeddedConsumer {
         let mine: Vec<(String, i32)> = all.into_iter().enumerate().filter(|(i, _)| i % sorted.len().max(1) == me).map(|(_, tp)| tp).collect();
         let mut positions = BTreeMap::new();
         for (t, p) in mine {
-            let at = self.log.committed(&self.group, &t, p)?;
+            let at = self.log.committed(&self.group, &t, p).await?;
             positions.insert((t, p), at);
         }
         self.positions = positions;
@@ -490,12 +403,9 @@ impl EmbeddedConsumer {
         if offsets.is_empty() {
             return Ok(());
         }
-        let (tx, rx) = oneshot::channel();
-        let req = WriteReq::Commit { group: self.group.clone(), offsets: offsets.clone(), reply: tx };
         // Commits wait for room in the queue rather than fail: they are small and rare.
-        let writer = self.log.writer.clone();
-        tokio::task::spawn_blocking(move || writer.send(req)).await.map_err(fatal)?.map_err(|_| LogError::Fatal("log writer stopped".into()))?;
-        rx.await.map_err(|_| LogError::Unavailable("commit failed".into()))??;
+        let (group, committing) = (self.group.clone(), offsets.clone());
+        self.log.engine.write(Lane::Background, move |t, _| commit_in(t, &group, &committing)).await?;
         for (t, p, o) in offsets {
             self.committed.insert((t, p), o);
         }
@@ -520,38 +430,30 @@ impl EmbeddedConsumer {
 }
 
 /// Reads up to `max` records from the given partitions, starting at the given offsets.
-fn read_records(log: &Inner, parts: &[((String, i32), i64)], max: usize) -> Result<Vec<Record>, LogError> {
-    let conn = log.reader()?;
+fn read_records(conn: &Connection, parts: &[((String, i32), i64)], max: usize) -> rusqlite::Result<Vec<Record>> {
     let mut out = Vec::new();
-    {
-        let per = (max / parts.len().max(1)).max(1);
-        let mut st = conn
-            .prepare_cached(
-                "SELECT offset, key, payload, ts_ms FROM records WHERE topic = ?1 AND partition = ?2 AND offset >= ?3 ORDER BY offset LIMIT ?4",
-            )
-            .map_err(fatal)?;
-        for ((topic, partition), pos) in parts {
-            if out.len() >= max {
-                break;
-            }
-            let rows = st
-                .query_map(params![topic, partition, pos, per.min(max - out.len()) as i64], |r| {
-                    Ok(Record {
-                        topic: topic.clone(),
-                        partition: *partition,
-                        offset: r.get(0)?,
-                        key: r.get(1)?,
-                        payload: r.get(2)?,
-                        timestamp: DateTime::from_timestamp_millis(r.get(3)?),
-                    })
-                })
-                .map_err(fatal)?;
-            for r in rows {
-                out.push(r.map_err(fatal)?);
-            }
+    let per = (max / parts.len().max(1)).max(1);
+    let mut st = conn.prepare_cached(
+        "SELECT offset, key, payload, ts_ms FROM records WHERE topic = ?1 AND partition = ?2 AND offset >= ?3 ORDER BY offset LIMIT ?4",
+    )?;
+    for ((topic, partition), pos) in parts {
+        if out.len() >= max {
+            break;
+        }
+        let rows = st.query_map(params![topic, partition, pos, per.min(max - out.len()) as i64], |r| {
+            Ok(Record {
+                topic: topic.clone(),
+                partition: *partition,
+                offset: r.get(0)?,
+                key: r.get(1)?,
+                payload: r.get(2)?,
+                timestamp: DateTime::from_timestamp_millis(r.get(3)?),
+            })
+        })?;
+        for r in rows {
+            out.push(r?);
         }
     }
-    log.give_back(conn);
     Ok(out)
 }
 
@@ -569,8 +471,7 @@ impl LogConsumer for EmbeddedConsumer {
             self.appended.borrow_and_update();
             let parts = self.readable();
             if !parts.is_empty() {
-                let log = self.log.clone();
-                let batch = tokio::task::spawn_blocking(move || read_records(&log, &parts, max)).await.map_err(fatal)??;
+                let batch = self.log.engine.read(move |c| read_records(c, &parts, max)).await?;
                 self.cursor = self.cursor.wrapping_add(1);
                 for r in &batch {
                     // Only advance partitions still assigned (a rebalance may have run meanwhile).
@@ -610,8 +511,14 @@ impl Drop for EmbeddedConsumer {
         // Like Kafka's consumer close: commit what was stored (best effort, not awaited).
         let offsets = self.uncommitted();
         if !offsets.is_empty() {
-            let (reply, _ignored) = oneshot::channel();
-            let _ = self.log.writer.try_send(WriteReq::Commit { group: self.group.clone(), offsets, reply });
+            let (engine, group) = (self.log.engine.clone(), self.group.clone());
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    if let Err(e) = engine.write(Lane::Background, move |t, _| commit_in(t, &group, &offsets)).await {
+                        warn!(error = %e, "committing offsets of a closed consumer failed");
+                    }
+                });
+            }
         }
         let mut groups = lock(&self.log.groups);
         if let Some(g) = groups.get_mut(&self.group) {

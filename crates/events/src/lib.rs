@@ -20,6 +20,8 @@ pub mod ids;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod log;
+#[cfg(feature = "embedded")]
+pub mod sqlite;
 pub mod topics;
 
 pub use event::{

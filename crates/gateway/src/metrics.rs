@@ -2,8 +2,13 @@
 
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
+/// More metrics in the text format, rendered after the gateway's (the worker stages of the same
+/// process).
+pub type ExtraMetrics = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
+
 pub struct Metrics {
     registry: Registry,
+    extra: std::sync::Mutex<Vec<ExtraMetrics>>,
     pub connections_open: IntGauge,
     pub connections_total: IntCounter,
     pub frames_in: IntCounterVec,
@@ -28,6 +33,7 @@ impl Metrics {
             )?,
             slow_consumers: IntCounter::new("slow_consumers_total", "connections closed because their queue was full")?,
             registry,
+            extra: std::sync::Mutex::new(Vec::new()),
         };
         m.registry.register(Box::new(m.connections_open.clone()))?;
         m.registry.register(Box::new(m.connections_total.clone()))?;
@@ -39,12 +45,21 @@ impl Metrics {
         Ok(m)
     }
 
+    /// Adds metrics rendered by someone else (a worker stage in this process).
+    pub fn add_extra(&self, extra: ExtraMetrics) {
+        self.extra.lock().unwrap_or_else(|p| p.into_inner()).push(extra);
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         if TextEncoder::new().encode(&self.registry.gather(), &mut buf).is_err() {
             return String::new();
         }
-        String::from_utf8(buf).unwrap_or_default()
+        let mut out = String::from_utf8(buf).unwrap_or_default();
+        for extra in self.extra.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            out.push_str(&extra());
+        }
+        out
     }
 }

@@ -24,7 +24,7 @@ use chat_events::{
 use chat_store::{FanoutGroup, FanoutMessage, FanoutStore, MemberInterval, StoreError};
 use tracing::debug;
 
-use crate::worker::{dead_letter, Handler, HandlerError};
+use crate::worker::{Handled, Handler, HandlerError};
 
 /// Best-effort delivery of stream items to their recipients' live connections (the fast path of
 /// group items, which only the fan-out can address correctly).
@@ -411,15 +411,8 @@ impl FanOut {
 
 #[async_trait]
 impl Handler for FanOut {
-    async fn handle(&self, records: &[Record]) -> Result<(), HandlerError> {
-        let mark = self.store.write_mark();
-        let result = self.route_and_append(records).await;
-        // Nothing is done before its state writes are committed: if a commit failed, the whole
-        // slice is routed again (positional state, outputs collapsed by their derived ids).
-        if let Err(e) = self.store.settle(mark).await {
-            return Err(HandlerError { done: 0, reason: e.to_string() });
-        }
-        result
+    async fn handle(&self, records: &[Record]) -> Result<Handled, HandlerError> {
+        self.route_and_append(records).await
     }
     async fn sync(&self) -> Result<(), String> {
         self.store.sync().await.map_err(|e| e.to_string())
@@ -427,30 +420,26 @@ impl Handler for FanOut {
 }
 
 impl FanOut {
-    async fn route_and_append(&self, records: &[Record]) -> Result<(), HandlerError> {
+    async fn route_and_append(&self, records: &[Record]) -> Result<Handled, HandlerError> {
         // (index of the source record, output) for every output of the slice. State is written
         // while routing (positional, so safe to write before the outputs are appended).
         let mut outputs: Vec<(usize, Envelope)> = Vec::new();
+        let mut dead = Vec::new();
         for (i, rec) in records.iter().enumerate() {
             match Envelope::decode(&rec.payload) {
                 Ok(env) => match self.route(&env, rec.offset).await {
                     Ok(out) => outputs.extend(out.into_iter().map(|o| (i, o))),
                     Err(e) => {
-                        return self
-                            .append_outputs(&outputs[..])
-                            .await
-                            .and(Err(HandlerError { done: i, reason: e.to_string() }));
+                        self.append_outputs(&outputs[..]).await.map_err(|e| e.with_dead(dead.clone()))?;
+                        return Err(HandlerError::retry(i, e).with_dead(dead));
                     }
                 },
-                Err(e) => {
-                    if let Err(le) = dead_letter(self.log.as_ref(), &self.topics, rec, &e.to_string()).await {
-                        self.append_outputs(&outputs[..]).await?;
-                        return Err(HandlerError { done: i, reason: le.to_string() });
-                    }
-                }
+                // Permanent: the worker dead-letters it and moves on.
+                Err(e) => dead.push((i, e.to_string())),
             }
         }
-        self.append_outputs(&outputs).await
+        self.append_outputs(&outputs).await.map_err(|e| e.with_dead(dead.clone()))?;
+        Ok(Handled { dead })
     }
 
     /// Appends outputs in order; on failure reports how many source records are fully done.
@@ -467,7 +456,7 @@ impl FanOut {
                 Err(e) => e.to_string(),
                 Ok(_) => String::new(),
             };
-            return Err(HandlerError { done: outputs[pos].0, reason });
+            return Err(HandlerError::retry(outputs[pos].0, reason));
         }
         // Group items are pushed by the fan-out: only it knows who may get them. (Direct
         // conversations are pushed by the gateway right after the append.)

@@ -10,29 +10,62 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use chat_events::{LogConsumer, Record};
+use chat_events::{EventLog, LogConsumer, Record, Topics};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-/// A failure that a later retry may fix (store or log unavailable). Permanent failures
-/// (undecodable records) are dead-lettered by the handler itself and are not errors here.
+/// What a handler did with a slice: every record is done, but these (index in the slice, reason)
+/// failed for good (undecodable, refused by the store): the worker puts them on the dead-letter
+/// topic, counts them, and moves on.
+#[derive(Debug, Default)]
+pub struct Handled {
+    pub dead: Vec<(usize, String)>,
+}
+
+/// A failure that a later retry may fix (store or log unavailable): the worker backs off and
+/// hands the records from `done` on to the handler again, without storing an offset past them.
 #[derive(Debug, thiserror::Error)]
 #[error("{reason}")]
 pub struct HandlerError {
     /// How many leading records of the slice were fully handled before the failure.
     pub done: usize,
     pub reason: String,
+    /// Records before `done` that failed for good (dead-lettered before `done` counts).
+    pub dead: Vec<(usize, String)>,
+}
+
+impl HandlerError {
+    /// Retry from record `done`.
+    pub fn retry(done: usize, reason: impl std::fmt::Display) -> Self {
+        HandlerError { done, reason: reason.to_string(), dead: Vec::new() }
+    }
+
+    /// With the records before `done` that failed for good.
+    pub fn with_dead(mut self, dead: Vec<(usize, String)>) -> Self {
+        self.dead.extend(dead.into_iter().filter(|(i, _)| *i < self.done));
+        self
+    }
 }
 
 /// What a stage does with the records of one partition.
 #[async_trait]
 pub trait Handler: Send + Sync {
     /// Handles records of one partition in offset order.
-    async fn handle(&self, records: &[Record]) -> Result<(), HandlerError>;
+    async fn handle(&self, records: &[Record]) -> Result<Handled, HandlerError>;
 
     /// Makes every write of the records handled so far durable (see `chat_store::Durable`).
     async fn sync(&self) -> Result<(), String>;
 }
+
+/// Where records that failed for good go: the dead-letter topic, with the reason.
+#[derive(Clone)]
+pub struct DeadLetters {
+    pub log: Arc<dyn EventLog>,
+    pub topics: Topics,
+}
+
+/// A stage's name and counters.
+pub type Stage = (String, Arc<WorkerStats>);
 
 /// Counters a worker exposes.
 #[derive(Debug, Default)]
@@ -40,6 +73,29 @@ pub struct WorkerStats {
     pub records: AtomicU64,
     pub batches: AtomicU64,
     pub retries: AtomicU64,
+    /// Records that failed for good and went to the dead-letter topic.
+    pub dead_letters: AtomicU64,
+}
+
+impl WorkerStats {
+    /// The counters of some stages in Prometheus' text format, labelled by stage.
+    pub fn render(stages: &[Stage]) -> String {
+        let mut out = String::new();
+        type Field = fn(&WorkerStats) -> &AtomicU64;
+        let metrics: [(&str, &str, Field); 4] = [
+            ("records_total", "records handled", |s| &s.records),
+            ("batches_total", "batches polled", |s| &s.batches),
+            ("retries_total", "slices handled again after a retryable failure", |s| &s.retries),
+            ("dead_letters_total", "records that failed for good and were dead-lettered", |s| &s.dead_letters),
+        ];
+        for (name, help, field) in metrics {
+            out.push_str(&format!("# HELP chat_worker_{name} {help}\n# TYPE chat_worker_{name} counter\n"));
+            for (stage, stats) in stages {
+                out.push_str(&format!("chat_worker_{name}{{stage=\"{stage}\"}} {}\n", field(stats).load(Ordering::Relaxed)));
+            }
+        }
+        out
+    }
 }
 
 const MAX_BATCH: usize = 1000;
@@ -100,6 +156,7 @@ pub async fn run(
     name: &str,
     mut consumer: Box<dyn LogConsumer>,
     handler: Arc<dyn Handler>,
+    dead_letters: DeadLetters,
     stats: Arc<WorkerStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -137,10 +194,25 @@ pub async fn run(
             let results = futures::future::join_all(parts.values().map(|recs| handler.handle(recs))).await;
             let mut failed = BTreeMap::new();
             for (((topic, partition), recs), res) in std::mem::take(&mut parts).into_iter().zip(results) {
-                let (done, err) = match res {
-                    Ok(()) => (recs.len(), None),
-                    Err(e) => (e.done.min(recs.len()), Some(e.reason)),
+                let (done, dead, mut err) = match res {
+                    Ok(h) => (recs.len(), h.dead, None),
+                    Err(e) => (e.done.min(recs.len()), e.dead, Some(e.reason)),
                 };
+                // Records that failed for good go to the dead-letter topic before their offset
+                // counts as done; if that append fails, the slice is retried from there.
+                let mut done = done;
+                for (i, reason) in dead.into_iter().filter(|(i, _)| *i < done) {
+                    match dead_letter(dead_letters.log.as_ref(), &dead_letters.topics, &recs[i], &reason).await {
+                        Ok(()) => {
+                            stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            done = i;
+                            err = Some(format!("dead-lettering failed: {e}"));
+                            break;
+                        }
+                    }
+                }
                 if done > 0 {
                     // These records' writes succeeded: their offset is stored after the next sync.
                     unsynced.offsets.insert((topic.clone(), partition), recs[done - 1].offset);
@@ -245,10 +317,10 @@ mod tests {
 
     #[async_trait]
     impl Handler for Recorder {
-        async fn handle(&self, records: &[Record]) -> Result<(), HandlerError> {
+        async fn handle(&self, records: &[Record]) -> Result<Handled, HandlerError> {
             let offsets: Vec<String> = records.iter().map(|r| r.offset.to_string()).collect();
             self.trace.lock().unwrap().push(format!("handle {}", offsets.join(",")));
-            Ok(())
+            Ok(Handled::default())
         }
 
         async fn sync(&self) -> Result<(), String> {
@@ -261,17 +333,66 @@ mod tests {
         }
     }
 
+    /// A dead-letter topic on an embedded log in a fresh directory.
+    fn dead_letters() -> (DeadLetters, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("chat-worker-{}", uuid::Uuid::new_v4()));
+        let log = chat_events::embedded::EmbeddedLog::open(&dir, 100).expect("log");
+        let topics = Topics::new("t.");
+        let rt = tokio::runtime::Handle::current();
+        let spec = chat_events::TopicSpec { name: topics.dead_letters(), partitions: 1, replication: 1 };
+        tokio::task::block_in_place(|| rt.block_on(log.ensure_topics(&[spec]))).expect("topic");
+        (DeadLetters { log: Arc::new(log), topics }, dir)
+    }
+
+    /// Fails record 1 of every slice for good.
+    struct RefusesOne;
+
+    #[async_trait]
+    impl Handler for RefusesOne {
+        async fn handle(&self, records: &[Record]) -> Result<Handled, HandlerError> {
+            Ok(Handled { dead: records.iter().enumerate().filter(|(_, r)| r.offset == 1).map(|(i, _)| (i, "not an event".into())).collect() })
+        }
+
+        async fn sync(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_that_fails_for_good_is_dead_lettered_and_the_partition_moves_on() {
+        let trace: Trace = Arc::default();
+        let consumer = Consumer { batches: vec![vec![record(0), record(1), record(2)]], trace: trace.clone() };
+        let (dead, dir) = dead_letters();
+        let log = dead.log.clone();
+        let stats = Arc::new(WorkerStats::default());
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(run("test", Box::new(consumer), Arc::new(RefusesOne), dead, stats.clone(), stopped));
+        tokio::time::sleep(SYNC_EVERY * 4).await;
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        assert_eq!(stats.dead_letters.load(Ordering::Relaxed), 1);
+        assert!(trace.lock().unwrap().iter().any(|t| t == "store t/0@2"), "the offset moved past the dead record: {trace:?}");
+        drop(log);
+        let letters = chat_events::embedded::inspect::records(&dir, "t.dead-letters").expect("dead letters");
+        assert_eq!(letters.len(), 1);
+        let letter: serde_json::Value = serde_json::from_slice(&letters[0]).unwrap();
+        assert_eq!((letter["offset"].as_i64(), letter["reason"].as_str()), (Some(1), Some("not an event")));
+        let text = WorkerStats::render(&[("projections".into(), stats.clone())]);
+        assert!(text.contains("chat_worker_dead_letters_total{stage=\"projections\"} 1"), "{text}");
+    }
+
     fn record(offset: i64) -> Record {
         Record { topic: "t".into(), partition: 0, offset, key: None, payload: Vec::new(), timestamp: None }
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn offsets_are_stored_only_after_a_successful_sync() {
         let trace: Trace = Arc::default();
         let consumer = Consumer { batches: vec![vec![record(0), record(1)], vec![record(2)]], trace: trace.clone() };
         let handler = Arc::new(Recorder { trace: trace.clone(), fail_sync: AtomicBool::new(true) });
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(run("test", Box::new(consumer), handler, Arc::default(), stopped));
+        let (dead, _dir) = dead_letters();
+        let task = tokio::spawn(run("test", Box::new(consumer), handler, dead, Arc::default(), stopped));
         tokio::time::sleep(SYNC_EVERY * 8).await;
         stop.send(true).unwrap();
         task.await.unwrap();

@@ -19,6 +19,7 @@ use chrono::{DateTime, Days, NaiveDate, Utc};
 use uuid::Uuid;
 
 use crate::{
+    Write, WriteExt,
     bucket_of, Account, FanoutGroup, FanoutMessage, GroupMemberRow, GroupRow, InboxRow, MemberInterval, MessageCount, MessageMeta,
     MessageRow, ProfileRow, ProfileViews, ReadMarker, ReceiptRow, SendReservation, StoreError, StreamRow, Tables, TopicCount,
     UserGroupRow, PROJECTION_TABLES,
@@ -1171,50 +1172,8 @@ pub async fn receipts_of_user(t: &dyn Tables) {
     assert_eq!(t.receipts(m3).await.expect("receipts").len(), 3, "put_receipts still writes the timeline by message");
 }
 
-/// One write of the fixture, so that it can be replayed in another order.
-enum Write {
-    User(UserId, String, DateTime<Utc>),
-    Message(MessageRow),
-    Inbox(InboxRow),
-    Marker(ReadMarker),
-    Stream(UserId, StreamRow),
-    AddPending(UserId, MessageId, ConversationId),
-    RemovePending(UserId, MessageId),
-    Receipts(Vec<ReceiptRow>),
-    Presence(UserId, bool, DateTime<Utc>),
-    Group(GroupRow),
-    GroupMember(GroupMemberRow),
-    UserGroup(UserGroupRow),
-    Interval(UserId, ConversationId, i64, Option<i64>),
-    Profile(ProfileRow),
-    MessageStat(NaiveDate, &'static str, &'static str, MessageId),
-    ActiveUser(NaiveDate, UserId),
-    ProfileView(UserId, NaiveDate, UserId, EventId),
-    Topic(NaiveDate, &'static str, MessageId),
-}
-
 async fn apply(t: &dyn Tables, w: &Write) {
-    let r = match w {
-        Write::User(u, name, at) => t.put_user(*u, name, *at).await,
-        Write::Message(m) => t.put_message(m).await,
-        Write::Inbox(r) => t.put_inbox_row(r).await,
-        Write::Marker(m) => t.put_read_marker(m).await,
-        Write::Stream(u, r) => t.put_stream_item(*u, r).await,
-        Write::AddPending(u, m, c) => t.add_pending(*u, *m, c).await,
-        Write::RemovePending(u, m) => t.remove_pending(*u, *m).await,
-        Write::Receipts(rows) => t.put_receipts(rows).await,
-        Write::Presence(u, online, at) => t.put_presence(*u, *online, *at).await,
-        Write::Group(g) => t.put_group(g).await,
-        Write::GroupMember(m) => t.put_group_member(m).await,
-        Write::UserGroup(g) => t.put_user_group(g).await,
-        Write::Interval(u, c, since, until) => t.put_user_group_interval(*u, c, *since, *until).await,
-        Write::Profile(p) => t.put_profile(p).await,
-        Write::MessageStat(day, kind, scope, m) => t.add_message_stat(*day, kind, scope, *m).await,
-        Write::ActiveUser(day, u) => t.add_active_user(*day, *u).await,
-        Write::ProfileView(viewed, day, viewer, view) => t.add_profile_view(*viewed, *day, *viewer, *view).await,
-        Write::Topic(day, topic, m) => t.add_topic(*day, topic, *m).await,
-    };
-    r.unwrap_or_else(|e| panic!("fixture write: {e}"));
+    t.apply(vec![w.clone()]).await.unwrap_or_else(|e| panic!("fixture write {}: {e}", w.table()));
 }
 
 /// A small instance of every projection table, and the row count each table must then have.
@@ -1227,6 +1186,7 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
     let day0 = m1.sent_at.date_naive();
     let day1 = m3.sent_at.date_naive();
     let (view1, view2) = (EventId(Uuid::new_v4()), EventId(Uuid::new_v4()));
+    let (item1, item2) = (Uuid::new_v4(), Uuid::new_v4());
     let inbox = |user: UserId, peer: UserId, unread: i32| InboxRow {
         user_id: user,
         conversation_id: c.clone(),
@@ -1240,53 +1200,55 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         applied_offset: 3,
     };
     let writes = vec![
-        Write::User(a, "alice".into(), at(DAY0_MS)),
-        Write::User(b, "bob".into(), at(DAY0_MS + 1)),
+        Write::User { user: a, username: "alice".into(), at: at(DAY0_MS) },
+        Write::User { user: b, username: "bob".into(), at: at(DAY0_MS + 1) },
         Write::Message(m1.clone()),
         Write::Message(m2.clone()),
         Write::Message(m3.clone()),
         Write::Inbox(inbox(a, b, 0)),
         Write::Inbox(inbox(b, a, 2)),
-        Write::Marker(ReadMarker { conversation_id: c.clone(), reader: b, up_to: m1.message_id, applied_offset: 4 }),
-        Write::Stream(b, StreamRow { seq: 1, item_id: Uuid::new_v4(), item: "{\"n\":1}".into() }),
-        Write::Stream(b, StreamRow { seq: 2, item_id: Uuid::new_v4(), item: "{\"n\":2}".into() }),
-        Write::AddPending(b, m1.message_id, c.clone()),
-        Write::AddPending(b, m3.message_id, c.clone()),
-        Write::RemovePending(b, m1.message_id),
-        Write::Receipts(vec![receipt(m1.message_id, b, ReceiptStatus::Delivered, "phone", DAY0_MS + 7_200_000, &c)]),
-        Write::Receipts(vec![receipt(m1.message_id, b, ReceiptStatus::Delivered, "phone", DAY0_MS + 7_100_000, &c)]),
-        Write::Receipts(vec![receipt(m1.message_id, b, ReceiptStatus::Seen, "phone", DAY0_MS + 7_300_000, &c)]),
-        Write::Presence(b, true, at(DAY0_MS + 1_000)),
-        Write::Presence(b, false, at(DAY0_MS + 2_000)),
+        Write::ReadMarker(ReadMarker { conversation_id: c.clone(), reader: b, up_to: m1.message_id, applied_offset: 4 }),
+        Write::Stream { user: b, row: StreamRow { seq: 1, item_id: item1, item: "{\"n\":1}".into() } },
+        Write::StreamId { user: b, item_id: item1, seq: 1 },
+        Write::Stream { user: b, row: StreamRow { seq: 2, item_id: item2, item: "{\"n\":2}".into() } },
+        Write::StreamId { user: b, item_id: item2, seq: 2 },
+        Write::AddPending { user: b, message: m1.message_id, conversation: c.clone() },
+        Write::AddPending { user: b, message: m3.message_id, conversation: c.clone() },
+        Write::RemovePending { user: b, message: m1.message_id },
+        Write::Receipt(receipt(m1.message_id, b, ReceiptStatus::Delivered, "phone", DAY0_MS + 7_200_000, &c)),
+        Write::Receipt(receipt(m1.message_id, b, ReceiptStatus::Delivered, "phone", DAY0_MS + 7_100_000, &c)),
+        Write::Receipt(receipt(m1.message_id, b, ReceiptStatus::Seen, "phone", DAY0_MS + 7_300_000, &c)),
+        Write::Presence { user: b, online: true, at: at(DAY0_MS + 1_000) },
+        Write::Presence { user: b, online: false, at: at(DAY0_MS + 2_000) },
         // A group made by a with b, renamed, then b removed: rows at several positions.
         Write::Group(GroupRow { conversation_id: g.clone(), name: "climbers".into(), creator: a, created_at: at(DAY0_MS), position: 0 }),
         Write::GroupMember(GroupMemberRow { conversation_id: g.clone(), member: a, role: GroupRole::Admin, active: true, position: 0 }),
         Write::GroupMember(GroupMemberRow { conversation_id: g.clone(), member: b, role: GroupRole::Member, active: true, position: 0 }),
         Write::UserGroup(UserGroupRow { user_id: a, conversation_id: g.clone(), role: GroupRole::Admin, active: true, position: 0 }),
         Write::UserGroup(UserGroupRow { user_id: b, conversation_id: g.clone(), role: GroupRole::Member, active: true, position: 0 }),
-        Write::Interval(a, g.clone(), 0, None),
-        Write::Interval(b, g.clone(), 0, None),
+        Write::UserGroupInterval { user: a, conversation: g.clone(), since: 0, until: None },
+        Write::UserGroupInterval { user: b, conversation: g.clone(), since: 0, until: None },
         Write::Group(GroupRow { conversation_id: g.clone(), name: "boulderers".into(), creator: a, created_at: at(DAY0_MS), position: 2 }),
         Write::GroupMember(GroupMemberRow { conversation_id: g.clone(), member: b, role: GroupRole::Member, active: false, position: 5 }),
         Write::UserGroup(UserGroupRow { user_id: b, conversation_id: g.clone(), role: GroupRole::Member, active: false, position: 5 }),
-        Write::Interval(b, g.clone(), 0, Some(5)),
+        Write::UserGroupInterval { user: b, conversation: g.clone(), since: 0, until: Some(5) },
         // Profiles, analytics sets (each with a repeat) and, through the receipts above, the
         // receipts of each recipient.
         Write::Profile(ProfileRow { user_id: a, display_name: "Alice".into(), avatar_media_id: Some(Uuid::new_v4()), updated_at: at(DAY0_MS) }),
         Write::Profile(ProfileRow { user_id: a, display_name: "Alice ✓".into(), avatar_media_id: None, updated_at: at(DAY0_MS + 5) }),
-        Write::MessageStat(day0, "text", "direct", m1.message_id),
-        Write::MessageStat(day0, "text", "direct", m2.message_id),
-        Write::MessageStat(day0, "text", "direct", m1.message_id),
-        Write::MessageStat(day1, "text", "direct", m3.message_id),
-        Write::ActiveUser(day0, a),
-        Write::ActiveUser(day0, b),
-        Write::ActiveUser(day0, a),
-        Write::ProfileView(a, day0, b, view1),
-        Write::ProfileView(a, day0, b, view2),
-        Write::ProfileView(a, day0, b, view1),
-        Write::Topic(day0, "#climb", m1.message_id),
-        Write::Topic(day0, "#climb", m2.message_id),
-        Write::Topic(day0, "#climb", m1.message_id),
+        Write::MessageStat { day: day0, kind: "text".into(), scope: "direct".into(), message: m1.message_id },
+        Write::MessageStat { day: day0, kind: "text".into(), scope: "direct".into(), message: m2.message_id },
+        Write::MessageStat { day: day0, kind: "text".into(), scope: "direct".into(), message: m1.message_id },
+        Write::MessageStat { day: day1, kind: "text".into(), scope: "direct".into(), message: m3.message_id },
+        Write::ActiveUser { day: day0, user: a },
+        Write::ActiveUser { day: day0, user: b },
+        Write::ActiveUser { day: day0, user: a },
+        Write::ProfileView { viewed: a, day: day0, viewer: b, view: view1 },
+        Write::ProfileView { viewed: a, day: day0, viewer: b, view: view2 },
+        Write::ProfileView { viewed: a, day: day0, viewer: b, view: view1 },
+        Write::Topic { day: day0, topic: "#climb".into(), message: m1.message_id },
+        Write::Topic { day: day0, topic: "#climb".into(), message: m2.message_id },
+        Write::Topic { day: day0, topic: "#climb".into(), message: m1.message_id },
     ];
     let rows = BTreeMap::from([
         ("users", 2),
@@ -1388,6 +1350,13 @@ pub async fn checksums_and_truncate(t: &dyn Tables) {
     }
     let reversed = checksums(t, "after the fixture in reverse order on empty tables").await;
     assert_eq!(reversed, first, "the same writes in reverse order on empty tables (a rebuild) must give the same checksums");
+
+    // The whole list in one apply (how a worker writes a slice of records), twice.
+    t.truncate_projections().await.expect("truncate_projections");
+    t.apply(writes.clone()).await.expect("apply of the whole fixture");
+    t.apply(writes.clone()).await.expect("apply of the whole fixture again");
+    let batched = checksums(t, "after the fixture in one apply").await;
+    assert_eq!(batched, first, "the fixture in one apply must give the same checksums as one write at a time");
 
     t.truncate_projections().await.expect("truncate_projections");
     let cleared = checksums(t, "after truncate_projections").await;

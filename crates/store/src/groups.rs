@@ -121,20 +121,11 @@ pub struct UserGroupRow {
     pub position: i64,
 }
 
-/// Group projections and their reads. Every write keeps, per row, the one with the highest
-/// position (equal positions: identical content), so the rows converge whatever order items
-/// from different users' streams are applied in.
+/// Reads of the group projections. Their writes ([`crate::Write::Group`] and the others) keep,
+/// per row, the one with the highest position (equal positions: identical content), so the rows
+/// converge whatever order items from different users' streams are applied in.
 #[async_trait]
 pub trait GroupStore: Send + Sync {
-    /// The group as created (position of `group.created`); its name may be overtaken by renames.
-    async fn put_group(&self, g: &GroupRow) -> StoreResult<()>;
-    /// A rename at `position`: only the name changes, and only if no later rename is there.
-    async fn put_group_name(&self, conv: &ConversationId, name: &str, position: i64) -> StoreResult<()>;
-    async fn put_group_member(&self, m: &GroupMemberRow) -> StoreResult<()>;
-    async fn put_user_group(&self, g: &UserGroupRow) -> StoreResult<()>;
-    /// A user's membership interval in a group, keyed by (user, group, since); a write with
-    /// `until` set wins over one without.
-    async fn put_user_group_interval(&self, user: UserId, conv: &ConversationId, since: i64, until: Option<i64>) -> StoreResult<()>;
     /// The group, once its creation is projected (a rename seen first is kept but not enough).
     async fn group(&self, conv: &ConversationId) -> StoreResult<Option<GroupRow>>;
     async fn group_members(&self, conv: &ConversationId) -> StoreResult<Vec<GroupMemberRow>>;

@@ -6,7 +6,7 @@
 //! and changes no number.
 
 use async_trait::async_trait;
-use chat_events::{EventId, MessageId, UserId};
+use chat_events::UserId;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 
@@ -59,20 +59,9 @@ pub trait InsightStore: Send + Sync {
     async fn roles(&self, user: UserId) -> StoreResult<Vec<String>>;
 
     // --- profiles (latest `updated_at` wins, in any order) ---
-    async fn put_profile(&self, p: &ProfileRow) -> StoreResult<()>;
     async fn profile(&self, user: UserId) -> StoreResult<Option<ProfileRow>>;
 
     // --- analytics (sets) ---
-    /// Counts a message once: (day, kind, scope) → message id. A kind or scope outside
-    /// [`MESSAGE_KINDS`] / [`MESSAGE_SCOPES`] is a [`crate::StoreError::Data`] (the Cassandra
-    /// back-end reads counts by those names, so any other would be written but never counted).
-    async fn add_message_stat(&self, day: NaiveDate, kind: &str, scope: &str, message: MessageId) -> StoreResult<()>;
-    /// Marks a user active on a day.
-    async fn add_active_user(&self, day: NaiveDate, user: UserId) -> StoreResult<()>;
-    /// Records one profile view (keyed by the view event's id).
-    async fn add_profile_view(&self, viewed: UserId, day: NaiveDate, viewer: UserId, view: EventId) -> StoreResult<()>;
-    /// Records a topic mention: (day, topic) → message id.
-    async fn add_topic(&self, day: NaiveDate, topic: &str, message: MessageId) -> StoreResult<()>;
     /// Message counts for the days in `[from, to]`, every (kind, scope) with at least one;
     /// oldest day first, then kind and scope in the order of [`MESSAGE_KINDS`] and
     /// [`MESSAGE_SCOPES`].

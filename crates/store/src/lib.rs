@@ -21,6 +21,7 @@ pub mod groups;
 pub mod insights;
 pub mod scylla_store;
 pub mod sqlite_store;
+pub mod writes;
 
 use std::collections::BTreeMap;
 
@@ -33,6 +34,7 @@ pub use insights::{InsightStore, MessageCount, ProfileRow, ProfileViews, TopicCo
 pub use groups::{FanoutGroup, FanoutMessage, FanoutStore, GroupMemberRow, GroupRow, GroupStore, MemberInterval, UserGroupRow};
 pub use scylla_store::{ScyllaConfig, ScyllaStore};
 pub use sqlite_store::SqliteStore;
+pub use writes::{coalesce, Write, WriteExt, WriteStore};
 
 /// Table-store failures.
 #[derive(Debug, thiserror::Error)]
@@ -244,34 +246,14 @@ pub trait Durable: Send + Sync {
     /// synced commit.
     async fn sync(&self) -> StoreResult<()>;
 
-    /// A mark to pass to [`Durable::settle`] at the end of a unit of work (a worker's slice of
-    /// records). Back-ends that answer a write only once it is committed return 0.
-    fn write_mark(&self) -> u64 {
-        0
-    }
-
-    /// Returns once every write answered so far is committed (not necessarily synced). An error
-    /// means a commit that may hold writes answered since `mark` failed: those writes are gone
-    /// and the work must be done again (every projection write is idempotent). Only a pipelined
-    /// handle ([`sqlite_store::SqliteStore::pipelined`]) answers writes before their commit;
-    /// elsewhere this returns at once.
-    async fn settle(&self, _mark: u64) -> StoreResult<()> {
-        Ok(())
-    }
 }
 
-/// Idempotent projection writes, and the reads projections need. Every write may be repeated
-/// with the same arguments without changing the outcome.
+/// The reads projections need (their writes go through [`WriteStore::apply`]).
 #[async_trait]
-pub trait ProjectionStore: Durable {
-    async fn put_user(&self, user: UserId, username: &str, at: DateTime<Utc>) -> StoreResult<()>;
-    /// Writes a message to history, its bucket and its index.
-    async fn put_message(&self, m: &MessageRow) -> StoreResult<()>;
+pub trait ProjectionStore: Durable + WriteStore {
     async fn message_meta(&self, id: MessageId) -> StoreResult<Option<MessageMeta>>;
     async fn inbox_row(&self, user: UserId, conv: &ConversationId) -> StoreResult<Option<InboxRow>>;
-    async fn put_inbox_row(&self, row: &InboxRow) -> StoreResult<()>;
     async fn read_marker(&self, conv: &ConversationId, reader: UserId) -> StoreResult<Option<ReadMarker>>;
-    async fn put_read_marker(&self, m: &ReadMarker) -> StoreResult<()>;
     /// Messages with `after < id <= up_to` (all from the start when `after` is None), oldest first.
     async fn messages_between(
         &self,
@@ -279,18 +261,8 @@ pub trait ProjectionStore: Durable {
         after: Option<MessageId>,
         up_to: MessageId,
     ) -> StoreResult<Vec<MessageRow>>;
-    /// Receipt transitions; of two rows with one key the earliest `at` wins, in any order.
-    async fn put_receipts(&self, rows: &[ReceiptRow]) -> StoreResult<()>;
     /// The position of an item already in a user's stream.
     async fn stream_seq_of(&self, user: UserId, item_id: uuid::Uuid) -> StoreResult<Option<i64>>;
-    /// Adds an item to a user's stream at `seq` (writes the item, then its id index).
-    async fn put_stream_item(&self, user: UserId, row: &StreamRow) -> StoreResult<()>;
-    /// Marks a message as not yet delivered to any device of `user` (a no-op once removed).
-    async fn add_pending(&self, user: UserId, message: MessageId, conv: &ConversationId) -> StoreResult<()>;
-    /// Removes a pending delivery, for good.
-    async fn remove_pending(&self, user: UserId, message: MessageId) -> StoreResult<()>;
-    /// Records a presence change; the latest `at` wins, in any order.
-    async fn put_presence(&self, user: UserId, online: bool, at: DateTime<Utc>) -> StoreResult<()>;
 }
 
 /// What the gateway reads.

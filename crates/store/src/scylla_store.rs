@@ -8,19 +8,18 @@ use std::fmt::Display;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chat_events::{ConversationId, EventId, GroupRole, MessageId, ReceiptStatus, UserId};
+use chat_events::{ConversationId, GroupRole, MessageId, ReceiptStatus, UserId};
 use chrono::{DateTime, NaiveDate, Utc};
 use futures::{StreamExt, TryStreamExt};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
-use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::Row;
 use sha2::{Digest, Sha256};
 use tracing::info;
 use uuid::Uuid;
 
-use crate::insights::{check_message_stat, days, profile_views_from, sort_message_counts, sort_receipts_of_user, sort_topic_counts};
+use crate::insights::{days, profile_views_from, sort_message_counts, sort_receipts_of_user, sort_topic_counts};
 use crate::*;
 
 /// Connection settings.
@@ -744,43 +743,127 @@ impl CommandStore for ScyllaStore {
     }
 }
 
-#[async_trait]
-impl ProjectionStore for ScyllaStore {
-    async fn put_user(&self, user: UserId, username: &str, at: DateTime<Utc>) -> StoreResult<()> {
-        self.exec(&self.stmts.insert_user, (user.0, username, at)).await
+/// Statements of one apply running at once, at most.
+const APPLY_IN_FLIGHT: usize = 128;
+
+impl ScyllaStore {
+    /// One projection write: its statements (in order where one marks the other as done).
+    async fn apply_write(&self, w: &Write) -> StoreResult<()> {
+        let st = &self.stmts;
+        match w {
+            Write::User { user, username, at } => self.exec(&st.insert_user, (user.0, username, *at)).await,
+            Write::Message(m) => {
+                let bucket = bucket_of(m.message_id);
+                let row = (
+                    m.conversation_id.as_str(),
+                    bucket,
+                    m.message_id.0,
+                    m.sender.0,
+                    &m.sender_device,
+                    &m.client_msg_id,
+                    &m.kind,
+                    &m.body,
+                    m.sent_at,
+                    m.position,
+                    m.media.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default()),
+                );
+                // Different partitions: separate statements (a multi-partition batch gains nothing).
+                let (a, b, c) = futures::join!(
+                    self.exec(&st.insert_message, row),
+                    self.exec(&st.insert_bucket, (m.conversation_id.as_str(), bucket)),
+                    self.exec(&st.insert_message_index, (m.message_id.0, m.conversation_id.as_str(), m.sender.0, m.sent_at, m.position))
+                );
+                a.and(b).and(c)
+            }
+            Write::Inbox(r) => {
+                self.exec(
+                    &st.insert_inbox_row,
+                    (
+                        r.user_id.0,
+                        r.conversation_id.as_str(),
+                        r.peer_id.map(|p| p.0),
+                        r.last_message_id.0,
+                        r.last_sender.0,
+                        &r.last_kind,
+                        &r.last_body,
+                        r.last_at,
+                        r.unread,
+                        r.applied_offset,
+                    ),
+                )
+                .await
+            }
+            Write::ReadMarker(m) => self.exec(&st.insert_read_marker, (m.conversation_id.as_str(), m.reader.0, m.up_to.0, m.applied_offset)).await,
+            Write::Stream { user, row } => self.exec(&st.insert_stream, (user.0, row.seq, row.item_id, &row.item)).await,
+            Write::StreamId { user, item_id, seq } => self.exec(&st.insert_stream_id, (user.0, *item_id, *seq)).await,
+            Write::AddPending { user, message, conversation } => self.exec(&st.insert_pending, (user.0, message.0, conversation.as_str())).await,
+            Write::RemovePending { user, message } => self.exec(&st.delete_pending, (user.0, message.0)).await,
+            Write::Receipt(r) => {
+                // By message and by recipient (the audit of one user), with one write time, so
+                // both views keep the same earliest transition.
+                let ts = RECEIPT_TS_BASE - micros(&r.at);
+                let (a, b) = futures::join!(
+                    self.exec(&st.insert_receipt, (r.message_id.0, r.recipient.0, r.status.as_str(), &r.device_id, r.at, r.conversation_id.as_str(), ts)),
+                    self.exec(&st.insert_receipt_by_user, (r.recipient.0, r.message_id.0, r.status.as_str(), &r.device_id, r.at, r.conversation_id.as_str(), ts))
+                );
+                a.and(b)
+            }
+            Write::Presence { user, online: true, at } => self.exec(&st.insert_presence_online, (user.0, *at, micros(at))).await,
+            Write::Presence { user, online: false, at } => self.exec(&st.insert_presence_offline, (user.0, *at, *at, micros(at))).await,
+            Write::Group(g) => self.exec(&st.insert_group, (g.conversation_id.as_str(), &g.name, g.creator.0, g.created_at, g.position, g.position)).await,
+            Write::GroupName { conversation, name, position } => self.exec(&st.update_group_name, (*position, name, conversation.as_str())).await,
+            Write::GroupMember(m) => {
+                self.exec(&st.insert_group_member, (m.conversation_id.as_str(), m.member.0, m.role.as_str(), m.active, m.position, m.position)).await
+            }
+            Write::UserGroup(g) => {
+                self.exec(&st.insert_user_group, (g.user_id.0, g.conversation_id.as_str(), g.role.as_str(), g.active, g.position, g.position)).await
+            }
+            Write::UserGroupInterval { user, conversation, since, until } => {
+                let ts = interval_ts(*since, *until);
+                match until {
+                    None => self.exec(&st.open_user_group_interval, (user.0, conversation.as_str(), *since, ts)).await,
+                    Some(u) => self.exec(&st.close_user_group_interval, (user.0, conversation.as_str(), *since, *u, ts)).await,
+                }
+            }
+            Write::Profile(p) => {
+                self.exec(&st.insert_profile, (p.user_id.0, &p.display_name, p.avatar_media_id, p.updated_at, micros(&p.updated_at))).await
+            }
+            Write::MessageStat { day, kind, scope, message } => self.exec(&st.insert_analytics_message, (*day, kind, scope, message.0)).await,
+            Write::ActiveUser { day, user } => self.exec(&st.insert_active_user, (*day, user.0)).await,
+            Write::ProfileView { viewed, day, viewer, view } => self.exec(&st.insert_profile_view, (viewed.0, *day, viewer.0, view.0)).await,
+            Write::Topic { day, topic, message } => self.exec(&st.insert_topic, (*day, topic, message.0)).await,
+        }
     }
 
-    async fn put_message(&self, m: &MessageRow) -> StoreResult<()> {
-        let bucket = bucket_of(m.message_id);
-        let mut batch = Batch::new(BatchType::Unlogged);
-        batch.append_statement(self.stmts.insert_message.clone());
-        let values = (
-            (
-                m.conversation_id.as_str(),
-                bucket,
-                m.message_id.0,
-                m.sender.0,
-                &m.sender_device,
-                &m.client_msg_id,
-                &m.kind,
-                &m.body,
-                m.sent_at,
-                m.position,
-                m.media.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default()),
-            ),
-        );
-        self.session.batch(&batch, values).await.map_err(unavailable)?;
-        // Different partitions: separate statements (a multi-partition unlogged batch gains nothing).
-        let (a, b) = futures::join!(
-            self.exec(&self.stmts.insert_bucket, (m.conversation_id.as_str(), bucket)),
-            self.exec(
-                &self.stmts.insert_message_index,
-                (m.message_id.0, m.conversation_id.as_str(), m.sender.0, m.sent_at, m.position)
-            )
-        );
-        a?;
-        b
+    /// Runs writes concurrently (at most [`APPLY_IN_FLIGHT`] at once); the first error, if any.
+    async fn apply_all(&self, writes: &[Write]) -> StoreResult<()> {
+        let futs: Vec<_> = writes.iter().map(|w| Box::pin(self.apply_write(w))).collect();
+        let mut results = futures::stream::iter(futs).buffer_unordered(APPLY_IN_FLIGHT);
+        let mut first = Ok(());
+        while let Some(r) = results.next().await {
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
     }
+}
+
+#[async_trait]
+impl WriteStore for ScyllaStore {
+    async fn apply(&self, writes: Vec<Write>) -> StoreResult<()> {
+        crate::writes::validate(&writes)?;
+        // Every rule is order-independent (write times, sets, one version per replaced row), so
+        // the statements run concurrently; only the guards wait for everything else, so that a
+        // guard never marks as done what a failure left unwritten.
+        let (guards, rest): (Vec<Write>, Vec<Write>) = writes.into_iter().partition(Write::is_guard);
+        self.apply_all(&rest).await?;
+        self.apply_all(&guards).await
+    }
+}
+
+#[async_trait]
+impl ProjectionStore for ScyllaStore {
 
     async fn message_meta(&self, id: MessageId) -> StoreResult<Option<MessageMeta>> {
         self.find_message(id).await
@@ -791,25 +874,6 @@ impl ProjectionStore for ScyllaStore {
         rows.into_iter().next().map(inbox_from).transpose()
     }
 
-    async fn put_inbox_row(&self, r: &InboxRow) -> StoreResult<()> {
-        self.exec(
-            &self.stmts.insert_inbox_row,
-            (
-                r.user_id.0,
-                r.conversation_id.as_str(),
-                r.peer_id.map(|p| p.0),
-                r.last_message_id.0,
-                r.last_sender.0,
-                &r.last_kind,
-                &r.last_body,
-                r.last_at,
-                r.unread,
-                r.applied_offset,
-            ),
-        )
-        .await
-    }
-
     async fn read_marker(&self, c: &ConversationId, reader: UserId) -> StoreResult<Option<ReadMarker>> {
         let rows = self.rows::<(Uuid, i64)>(&self.stmts.select_read_marker, (c.as_str(), reader.0)).await?;
         Ok(rows.into_iter().next().map(|(up_to, applied_offset)| ReadMarker {
@@ -818,14 +882,6 @@ impl ProjectionStore for ScyllaStore {
             up_to: MessageId(up_to),
             applied_offset,
         }))
-    }
-
-    async fn put_read_marker(&self, m: &ReadMarker) -> StoreResult<()> {
-        self.exec(
-            &self.stmts.insert_read_marker,
-            (m.conversation_id.as_str(), m.reader.0, m.up_to.0, m.applied_offset),
-        )
-        .await
     }
 
     async fn messages_between(
@@ -879,55 +935,11 @@ impl ProjectionStore for ScyllaStore {
         Ok(out)
     }
 
-    async fn put_receipts(&self, rows: &[ReceiptRow]) -> StoreResult<()> {
-        // Each row twice: by message and by recipient (the audit of one user), with one write
-        // time, so both views keep the same earliest transition.
-        let futs = rows.iter().flat_map(|r| {
-            let ts = RECEIPT_TS_BASE - micros(&r.at);
-            [
-                self.exec(
-                    &self.stmts.insert_receipt,
-                    (r.message_id.0, r.recipient.0, r.status.as_str(), &r.device_id, r.at, r.conversation_id.as_str(), ts),
-                ),
-                self.exec(
-                    &self.stmts.insert_receipt_by_user,
-                    (r.recipient.0, r.message_id.0, r.status.as_str(), &r.device_id, r.at, r.conversation_id.as_str(), ts),
-                ),
-            ]
-        });
-        for res in futures::future::join_all(futs).await {
-            res?;
-        }
-        Ok(())
-    }
-
     async fn stream_seq_of(&self, user: UserId, item_id: Uuid) -> StoreResult<Option<i64>> {
         let rows = self.rows::<(i64,)>(&self.stmts.select_stream_id, (user.0, item_id)).await?;
         Ok(rows.into_iter().next().map(|(s,)| s))
     }
 
-    async fn put_stream_item(&self, user: UserId, row: &StreamRow) -> StoreResult<()> {
-        // The item first, then its index: the index is what marks an item as present, and it
-        // must never point at a row that is not there.
-        self.exec(&self.stmts.insert_stream, (user.0, row.seq, row.item_id, &row.item)).await?;
-        self.exec(&self.stmts.insert_stream_id, (user.0, row.item_id, row.seq)).await
-    }
-
-    async fn add_pending(&self, user: UserId, message: MessageId, c: &ConversationId) -> StoreResult<()> {
-        self.exec(&self.stmts.insert_pending, (user.0, message.0, c.as_str())).await
-    }
-
-    async fn remove_pending(&self, user: UserId, message: MessageId) -> StoreResult<()> {
-        self.exec(&self.stmts.delete_pending, (user.0, message.0)).await
-    }
-
-    async fn put_presence(&self, user: UserId, online: bool, at: DateTime<Utc>) -> StoreResult<()> {
-        if online {
-            self.exec(&self.stmts.insert_presence_online, (user.0, at, micros(&at))).await
-        } else {
-            self.exec(&self.stmts.insert_presence_offline, (user.0, at, at, micros(&at))).await
-        }
-    }
 }
 
 #[async_trait]
@@ -1134,41 +1146,6 @@ impl FanoutStore for ScyllaStore {
 
 #[async_trait]
 impl GroupStore for ScyllaStore {
-    async fn put_group(&self, g: &GroupRow) -> StoreResult<()> {
-        self.exec(
-            &self.stmts.insert_group,
-            (g.conversation_id.as_str(), &g.name, g.creator.0, g.created_at, g.position, g.position),
-        )
-        .await
-    }
-
-    async fn put_group_name(&self, c: &ConversationId, name: &str, position: i64) -> StoreResult<()> {
-        self.exec(&self.stmts.update_group_name, (position, name, c.as_str())).await
-    }
-
-    async fn put_group_member(&self, m: &GroupMemberRow) -> StoreResult<()> {
-        self.exec(
-            &self.stmts.insert_group_member,
-            (m.conversation_id.as_str(), m.member.0, m.role.as_str(), m.active, m.position, m.position),
-        )
-        .await
-    }
-
-    async fn put_user_group(&self, g: &UserGroupRow) -> StoreResult<()> {
-        self.exec(
-            &self.stmts.insert_user_group,
-            (g.user_id.0, g.conversation_id.as_str(), g.role.as_str(), g.active, g.position, g.position),
-        )
-        .await
-    }
-
-    async fn put_user_group_interval(&self, user: UserId, c: &ConversationId, since: i64, until: Option<i64>) -> StoreResult<()> {
-        let ts = interval_ts(since, until);
-        match until {
-            None => self.exec(&self.stmts.open_user_group_interval, (user.0, c.as_str(), since, ts)).await,
-            Some(u) => self.exec(&self.stmts.close_user_group_interval, (user.0, c.as_str(), since, u, ts)).await,
-        }
-    }
 
     async fn group(&self, c: &ConversationId) -> StoreResult<Option<GroupRow>> {
         type Row = (Option<String>, Option<Uuid>, Option<DateTime<Utc>>, Option<i64>);
@@ -1251,14 +1228,6 @@ impl InsightStore for ScyllaStore {
         Ok(rows.into_iter().map(|(r,)| r).collect())
     }
 
-    async fn put_profile(&self, p: &ProfileRow) -> StoreResult<()> {
-        self.exec(
-            &self.stmts.insert_profile,
-            (p.user_id.0, &p.display_name, p.avatar_media_id, p.updated_at, micros(&p.updated_at)),
-        )
-        .await
-    }
-
     async fn profile(&self, user: UserId) -> StoreResult<Option<ProfileRow>> {
         let rows = self
             .rows::<(Option<String>, Option<Uuid>, Option<DateTime<Utc>>)>(&self.stmts.select_profile, (user.0,))
@@ -1266,23 +1235,6 @@ impl InsightStore for ScyllaStore {
         Ok(rows.into_iter().next().and_then(|(display_name, avatar_media_id, updated_at)| {
             Some(ProfileRow { user_id: user, display_name: display_name.unwrap_or_default(), avatar_media_id, updated_at: updated_at? })
         }))
-    }
-
-    async fn add_message_stat(&self, day: NaiveDate, kind: &str, scope: &str, message: MessageId) -> StoreResult<()> {
-        check_message_stat(kind, scope)?;
-        self.exec(&self.stmts.insert_analytics_message, (day, kind, scope, message.0)).await
-    }
-
-    async fn add_active_user(&self, day: NaiveDate, user: UserId) -> StoreResult<()> {
-        self.exec(&self.stmts.insert_active_user, (day, user.0)).await
-    }
-
-    async fn add_profile_view(&self, viewed: UserId, day: NaiveDate, viewer: UserId, view: EventId) -> StoreResult<()> {
-        self.exec(&self.stmts.insert_profile_view, (viewed.0, day, viewer.0, view.0)).await
-    }
-
-    async fn add_topic(&self, day: NaiveDate, topic: &str, message: MessageId) -> StoreResult<()> {
-        self.exec(&self.stmts.insert_topic, (day, topic, message.0)).await
     }
 
     async fn message_counts(&self, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<MessageCount>> {

@@ -19,20 +19,17 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use chat_events::{ConversationId, EventId, GroupRole, MessageId, ReceiptStatus, UserId};
+use chat_events::{ConversationId, GroupRole, MessageId, ReceiptStatus, UserId};
 use chrono::{DateTime, NaiveDate, Utc};
-use chat_events::embedded::open_sqlite;
+use chat_events::sqlite::{open_sqlite, Durability, Engine, EngineError, Lane, Options};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 use sha2::{Digest, Sha256};
-use tokio::sync::{oneshot, watch};
-use tracing::{debug, error};
 use uuid::Uuid;
 
-use crate::insights::{check_message_stat, profile_views_from, sort_message_counts, sort_receipts_of_user, sort_topic_counts};
+use crate::insights::{profile_views_from, sort_message_counts, sort_receipts_of_user, sort_topic_counts};
 use crate::*;
 
 /// `execute` and `query_row` through the connection's statement cache.
@@ -51,51 +48,6 @@ impl Cached for Connection {
     }
 }
 
-type Job = Box<dyn FnOnce(&Transaction<'_>) -> Outcome + Send>;
-
-/// What a job leaves for after its transaction.
-enum Outcome {
-    /// Called with whether the transaction committed.
-    Answer(Box<dyn FnOnce(bool) + Send>),
-    /// Nothing: its caller already has its answer.
-    Answered,
-    /// A pipelined write failed: the whole transaction must roll back.
-    Poison,
-}
-
-/// One database file: its writer thread and its pool of read connections.
-struct Db {
-    path: PathBuf,
-    writer: std_mpsc::SyncSender<(Lane, Job)>,
-    progress: Arc<Progress>,
-    /// Pipelined writes queued and not yet run (see [`Db::put`]).
-    queued: Arc<tokio::sync::Semaphore>,
-    readers: Mutex<Vec<Connection>>,
-    /// Reads running at once (and read connections kept open), at most [`READERS`]: a burst of
-    /// reads waits for a pooled connection instead of opening (and parsing the schema of) one
-    /// connection per read.
-    read_slots: Arc<tokio::sync::Semaphore>,
-}
-
-/// Where the writer thread is: transactions are numbered from 1 in the order they begin.
-struct Progress {
-    /// The number of the last transaction begun.
-    begun: AtomicU64,
-    /// The number of the last transaction that finished (committed or failed).
-    settled: watch::Sender<u64>,
-    /// The number of the last transaction whose commit failed (0: none).
-    last_failed: AtomicU64,
-}
-
-/// When the caller of a write gets its answer.
-#[derive(Clone, Copy, PartialEq)]
-enum Answer {
-    /// After the transaction holding it committed.
-    Committed,
-    /// Right after it ran, inside a transaction not yet committed ([`SqliteStore::pipelined`]).
-    Ran,
-}
-
 /// Every table on SQLite, in two files with a writer each:
 ///
 /// - `commands.db` (the gateway's gates: accounts, send reservations, owner rows, media):
@@ -108,14 +60,22 @@ enum Answer {
 ///   an offset only after [`Durable::sync`] made the writes before it durable: after a power cut
 ///   the worker replays from its last committed offset and writes the same rows again.
 ///
-/// A projection worker writes through a [`SqliteStore::pipelined`] handle: its writes and reads
-/// run in the writer's transaction, in the order they were issued, and are answered before the
-/// commit; [`Durable::settle`] waits for the commit once per slice of records.
+/// Both files run on the one SQLite engine of the embedded mode ([`chat_events::sqlite`]): a
+/// writer thread that group-commits, read connections beside it, and one failure rule (a refused
+/// write leaves nothing and takes no other down; a failed commit fails every write of it).
 #[derive(Clone)]
 pub struct SqliteStore {
-    commands: Arc<Db>,
-    tables: Arc<Db>,
-    pipelined: bool,
+    commands: Arc<Engine<()>>,
+    tables: Arc<Engine<()>>,
+}
+
+impl From<EngineError> for StoreError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Refused(e) => StoreError::Data(e),
+            e @ (EngineError::NotCommitted(_) | EngineError::QueueFull | EngineError::Stopped) => StoreError::Unavailable(e.to_string()),
+        }
+    }
 }
 
 /// The command side's tables (`commands.db`): the gates the gateway checks before it appends.
@@ -164,10 +124,6 @@ CREATE TABLE IF NOT EXISTS receipts_by_user (recipient TEXT NOT NULL, message_id
 DROP INDEX IF EXISTS receipts_by_user_at;
 CREATE TABLE IF NOT EXISTS sync_marks (id INTEGER PRIMARY KEY, n INTEGER NOT NULL);
 ";
-
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
-}
 
 fn data(e: impl std::fmt::Display) -> StoreError {
     StoreError::Data(e.to_string())
@@ -230,332 +186,23 @@ const UNTIL_MERGE: &str = "CASE WHEN excluded.until IS NULL THEN {t}.until
 /// Read connections of a database file (reads running at once).
 const READERS: usize = 16;
 
-/// Jobs per transaction, at most.
-const JOBS_PER_COMMIT: usize = 512;
-
-/// How long a relaxed writer keeps a transaction open while jobs keep coming, and how many jobs
-/// it takes at most.
-const TXN_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
-const JOBS_PER_TXN: usize = 8192;
-
-/// Pipelined writes that may wait for the writer at once.
-const PIPELINED_QUEUED: usize = 1024;
+/// How long a `tables.db` transaction stays open while more writes keep arriving: under load,
+/// slices of several partitions share one commit.
+const TABLES_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Command tables that older versions kept in `tables.db`; [`SqliteStore::open`] moves them.
 const COMMAND_TABLES: &[&str] = &["accounts_by_name", "accounts_by_id", "send_dedup", "message_owners", "media_objects", "media_shares"];
 
-/// A database's single writer: every job that is waiting when a transaction starts goes into it
-/// (group commit: one commit for all of them), urgent jobs (a user waits for them) ahead of the
-/// others. With `relaxed` (`tables.db`), commits are not synced (`synchronous=NORMAL`) except
-/// those of a transaction that begins with a [`Lane::Sync`] job: that one is synced, and with it
-/// the whole WAL, i.e. every commit before it. A relaxed transaction also stays open while jobs
-/// keep coming (up to [`TXN_WINDOW`] or [`JOBS_PER_TXN`]): a pipelined worker's next statement,
-/// issued when the previous one was answered, joins the same transaction instead of waiting for
-/// its commit.
-fn writer_loop(mut conn: Connection, rx: std_mpsc::Receiver<(Lane, Job)>, name: &'static str, relaxed: bool, progress: Arc<Progress>) {
-    let mut queue = WriterQueue::default();
-    let (mut commits, mut jobs_done, mut since) = (0u64, 0u64, std::time::Instant::now());
-    let (mut in_jobs, mut in_commit) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
-    loop {
-        if since.elapsed() >= std::time::Duration::from_secs(10) {
-            debug!(db = name, commits, jobs = jobs_done, per_commit = jobs_done as f64 / commits.max(1) as f64, jobs_ms = in_jobs.as_millis() as u64, commit_ms = in_commit.as_millis() as u64, "writer in the last 10 s");
-            (commits, jobs_done, since) = (0, 0, std::time::Instant::now());
-            (in_jobs, in_commit) = Default::default();
-        }
-        if queue.is_empty() {
-            match rx.recv() {
-                Ok((lane, job)) => queue.push(lane, job),
-                Err(_) => return,
-            }
-        }
-        queue.fill(&rx);
-        let sync = relaxed && queue.sync_first();
-        let jobs = queue.next_jobs(JOBS_PER_COMMIT, true);
-        if sync {
-            if let Err(e) = conn.pragma_update(None, "synchronous", "FULL") {
-                error!(db = name, error = %e, "cannot switch to synchronous commits");
-                continue;
-            }
-        }
-        let tx = match conn.transaction() {
-            Ok(tx) => tx,
-            Err(e) => {
-                error!(db = name, error = %e, "cannot begin a transaction");
-                // Dropping the jobs drops their reply channels: callers get "unavailable".
-                continue;
-            }
-        };
-        commits += 1;
-        let number = progress.begun.fetch_add(1, Ordering::SeqCst) + 1;
-        let began = std::time::Instant::now();
-        let mut ran = jobs.len();
-        let mut answers: Vec<Outcome> = Vec::with_capacity(ran);
-        let mut poison = run_jobs(&tx, jobs, &mut answers);
-        while relaxed && !sync && !poison && ran < JOBS_PER_TXN && began.elapsed() < TXN_WINDOW {
-            queue.fill(&rx);
-            // A sync job begins a transaction of its own (it must be synced with all before it).
-            let more = queue.next_jobs(JOBS_PER_COMMIT.min(JOBS_PER_TXN - ran), false);
-            if more.is_empty() {
-                break;
-            }
-            ran += more.len();
-            poison |= run_jobs(&tx, more, &mut answers);
-        }
-        jobs_done += ran as u64;
-        in_jobs += began.elapsed();
-        let committing = std::time::Instant::now();
-        let ok = if poison {
-            // The failing write logged why (once, as an error); its callers learn it from `settle`.
-            debug!(db = name, transaction = number, "rolling back after a failed pipelined write");
-            drop(tx);
-            false
-        } else {
-            match tx.commit() {
-                Ok(()) => true,
-                Err(e) => {
-                    error!(db = name, error = %e, "commit failed");
-                    false
-                }
-            }
-        };
-        if !ok {
-            progress.last_failed.store(number, Ordering::SeqCst);
-        }
-        in_commit += committing.elapsed();
-        progress.settled.send_replace(number);
-        if sync {
-            if let Err(e) = conn.pragma_update(None, "synchronous", "NORMAL") {
-                error!(db = name, error = %e, "cannot switch back to unsynced commits");
-            }
-        }
-        for a in answers {
-            if let Outcome::Answer(a) = a {
-                a(ok);
-            }
-        }
-    }
-}
-
-/// Runs jobs in `tx`, keeping what is left to do after it; true if one of them poisoned it.
-fn run_jobs(tx: &Transaction<'_>, jobs: Vec<Job>, outcomes: &mut Vec<Outcome>) -> bool {
-    let mut poison = false;
-    for job in jobs {
-        let o = job(tx);
-        poison |= matches!(o, Outcome::Poison);
-        outcomes.push(o);
-    }
-    poison
-}
-
-/// The jobs a writer has taken off its channel: urgent ones, then the others in order (with
-/// whether each is a sync job).
-#[derive(Default)]
-struct WriterQueue {
-    urgent: Vec<Job>,
-    background: std::collections::VecDeque<(bool, Job)>,
-}
-
-impl WriterQueue {
-    fn is_empty(&self) -> bool {
-        self.urgent.is_empty() && self.background.is_empty()
-    }
-
-    fn push(&mut self, lane: Lane, job: Job) {
-        match lane {
-            Lane::Urgent => self.urgent.push(job),
-            Lane::Background => self.background.push_back((false, job)),
-            Lane::Sync => self.background.push_back((true, job)),
-        }
-    }
-
-    /// Takes what waits on the channel, up to a bound.
-    fn fill(&mut self, rx: &std_mpsc::Receiver<(Lane, Job)>) {
-        while self.urgent.len() + self.background.len() < 4 * JOBS_PER_COMMIT {
-            match rx.try_recv() {
-                Ok((lane, job)) => self.push(lane, job),
-                Err(_) => break,
-            }
-        }
-    }
-
-    /// Whether the next transaction holds a sync job (no urgent job goes ahead of it).
-    fn sync_first(&self) -> bool {
-        let take = self.background.len().min(JOBS_PER_COMMIT.saturating_sub(self.urgent.len()));
-        self.background.iter().take(take).any(|(s, _)| *s)
-    }
-
-    /// The next jobs, at most `max`: every urgent one, then background ones in order (stopping
-    /// before a sync job unless `sync_ok`).
-    fn next_jobs(&mut self, max: usize, sync_ok: bool) -> Vec<Job> {
-        let mut jobs: Vec<Job> = self.urgent.drain(..).collect();
-        while jobs.len() < max {
-            match self.background.front() {
-                Some((true, _)) if !sync_ok => break,
-                Some(_) => jobs.push(self.background.pop_front().expect("a front job").1),
-                None => break,
-            }
-        }
-        jobs
-    }
-}
-
-/// Which queue of the writer a job goes to.
-#[derive(Clone, Copy)]
-enum Lane {
-    /// A user waits for it (commands of the gateway).
-    Urgent,
-    /// Projection writes: throughput matters, not the latency of one.
-    Background,
-    /// A background job whose transaction must be on disk (with every one before it) when it
-    /// is answered.
-    Sync,
-}
-
 /// Opens a database file's writer connection and creates its tables.
-fn open_db(path: &Path, schema: &str, relaxed: bool) -> StoreResult<Connection> {
+fn open_db(path: &Path, schema: &str) -> StoreResult<Connection> {
     let conn = open_sqlite(path, true).map_err(|e| data(format!("{}: {e}", path.display())))?;
-    if relaxed {
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(data)?;
-        // 64 MiB of page cache (the default is 2 MiB): projection writes land all over the
-        // file (per user, per conversation), and hot index pages stay in memory instead of
-        // being read again through the kernel on every write. Readers and the small command
-        // file keep the default (WAL empties a reader's cache whenever the file changed).
-        conn.pragma_update(None, "cache_size", -65_536).map_err(data)?;
-    }
     conn.execute_batch(schema).map_err(data)?;
     Ok(conn)
 }
 
-impl Db {
-    /// Starts the writer thread on `conn`.
-    fn start(path: PathBuf, conn: Connection, name: &'static str, relaxed: bool) -> StoreResult<Arc<Self>> {
-        let (tx, rx) = std_mpsc::sync_channel::<(Lane, Job)>(10_000);
-        let progress = Arc::new(Progress { begun: AtomicU64::new(0), settled: watch::Sender::new(0), last_failed: AtomicU64::new(0) });
-        let p = progress.clone();
-        std::thread::Builder::new().name(format!("chat-{name}-writer")).spawn(move || writer_loop(conn, rx, name, relaxed, p)).map_err(data)?;
-        Ok(Arc::new(Db {
-            path,
-            writer: tx,
-            progress,
-            queued: Arc::new(tokio::sync::Semaphore::new(PIPELINED_QUEUED)),
-            readers: Mutex::new(Vec::new()),
-            read_slots: Arc::new(tokio::sync::Semaphore::new(READERS)),
-        }))
-    }
-
-    /// Runs `f` in one of the writer's next transactions; answers after it committed.
-    async fn write<R: Send + 'static>(
-        &self,
-        lane: Lane,
-        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R> + Send + 'static,
-    ) -> StoreResult<R> {
-        self.run(lane, Answer::Committed, true, f).await
-    }
-
-    /// Runs `f` in the writer's transaction after every job submitted before it; with
-    /// `savepoint`, a failing `f` leaves nothing behind (and takes no other job down).
-    async fn run<R: Send + 'static>(
-        &self,
-        lane: Lane,
-        answer: Answer,
-        savepoint: bool,
-        f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R> + Send + 'static,
-    ) -> StoreResult<R> {
-        let (tx, rx) = oneshot::channel::<StoreResult<R>>();
-        let job: Job = Box::new(move |t: &Transaction<'_>| {
-            // Each write in its own savepoint: a failing job does not take the others down.
-            // (Both statements come from the statement cache: parsing them for every job cost
-            // as much as the job's own statement.)
-            let result = if !savepoint {
-                f(t)
-            } else {
-                (|| {
-                    t.exec("SAVEPOINT job", [])?;
-                    match f(t) {
-                        Ok(r) => {
-                            t.exec("RELEASE job", [])?;
-                            Ok(r)
-                        }
-                        Err(e) => {
-                            let _ = t.execute_batch("ROLLBACK TO job; RELEASE job");
-                            Err(e)
-                        }
-                    }
-                })()
-            };
-            if answer == Answer::Ran {
-                let _ = tx.send(result.map_err(data));
-                return Outcome::Answered;
-            }
-            Outcome::Answer(Box::new(move |committed: bool| {
-                let out = match (result, committed) {
-                    (Ok(r), true) => Ok(r),
-                    (Ok(_), false) => Err(StoreError::Unavailable("transaction did not commit".into())),
-                    (Err(e), _) => Err(data(e)),
-                };
-                let _ = tx.send(out);
-            }))
-        });
-        self.submit(lane, job).await?;
-        rx.await.map_err(|_| unavailable("transaction failed"))?
-    }
-
-    /// Queues a pipelined write and returns: it runs after every job queued before it, and if it
-    /// fails, its whole transaction rolls back (the error is logged here and reported by
-    /// [`Durable::settle`] to every caller with writes in that transaction).
-    ///
-    /// At most [`PIPELINED_QUEUED`] such writes wait for the writer at once: beyond that `put`
-    /// waits too, so that a burst (a 1,024-member group's deliveries) cannot queue thousands of
-    /// jobs ahead of everyone else's.
-    async fn put(&self, name: &'static str, f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<()> + Send + 'static) -> StoreResult<()> {
-        let permit = self.queued.clone().acquire_owned().await.map_err(unavailable)?;
-        let job: Job = Box::new(move |t: &Transaction<'_>| {
-            drop(permit);
-            match f(t) {
-                Ok(()) => Outcome::Answered,
-                Err(e) => {
-                    error!(write = name, error = %e, "pipelined write failed; its transaction is rolled back and redone by its callers");
-                    Outcome::Poison
-                }
-            }
-        });
-        self.submit(Lane::Background, job).await
-    }
-
-    /// Hands a job to the writer (waiting for room if its channel is full).
-    async fn submit(&self, lane: Lane, job: Job) -> StoreResult<()> {
-        let writer = self.writer.clone();
-        match writer.try_send((lane, job)) {
-            Ok(()) => {}
-            Err(std_mpsc::TrySendError::Full(job)) => {
-                tokio::task::spawn_blocking(move || writer.send(job)).await.map_err(unavailable)?.map_err(|_| unavailable("writer stopped"))?
-            }
-            Err(std_mpsc::TrySendError::Disconnected(_)) => return Err(unavailable("writer stopped")),
-        }
-        Ok(())
-    }
-
-    /// Runs `f` on a read connection.
-    async fn read<R: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static) -> StoreResult<R> {
-        let db = self.clone();
-        let slot = db.read_slots.clone().acquire_owned().await.map_err(unavailable)?;
-        tokio::task::spawn_blocking(move || {
-            let _slot = slot;
-            let pooled = db.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
-            let conn = match pooled {
-                Some(c) => c,
-                None => open_sqlite(&db.path, false).map_err(unavailable)?,
-            };
-            let out = f(&conn).map_err(data);
-            let mut pool = db.readers.lock().unwrap_or_else(|p| p.into_inner());
-            if pool.len() < READERS {
-                pool.push(conn);
-            }
-            out
-        })
-        .await
-        .map_err(unavailable)?
-    }
+/// Starts the engine of one file.
+fn start(path: PathBuf, conn: Connection, options: Options) -> StoreResult<Arc<Engine<()>>> {
+    Engine::start(path.clone(), conn, (), options, |_| {}).map_err(|e| data(format!("{}: {e}", path.display())))
 }
 
 impl SqliteStore {
@@ -564,42 +211,29 @@ impl SqliteStore {
     pub fn open(dir: &Path) -> StoreResult<Self> {
         std::fs::create_dir_all(dir).map_err(|e| data(format!("data directory {}: {e}", dir.display())))?;
         let (cmd_path, tables_path) = (dir.join("commands.db"), dir.join("tables.db"));
-        let mut cmd_conn = open_db(&cmd_path, COMMAND_SCHEMA, false)?;
-        let tables_conn = open_db(&tables_path, SCHEMA, true)?;
+        let mut cmd_conn = open_db(&cmd_path, COMMAND_SCHEMA)?;
+        let tables_conn = open_db(&tables_path, SCHEMA)?;
         move_command_tables(&mut cmd_conn, &tables_conn, &tables_path)?;
-        Ok(SqliteStore {
-            commands: Db::start(cmd_path, cmd_conn, "commands", false)?,
-            tables: Db::start(tables_path, tables_conn, "tables", true)?,
-            pipelined: false,
-        })
+        // commands.db: every commit on disk before it is answered (a user waits for these).
+        let mut commands = Options::new("commands", Durability::Full);
+        commands.readers = READERS;
+        // tables.db: rows derived from the log, committed unsynced and synced by `Durable::sync`.
+        // 64 MiB of page cache (the default is 2 MiB): projection writes land all over the file
+        // (per user, per conversation), and hot index pages stay in memory instead of being read
+        // again through the kernel on every write.
+        let mut tables = Options::new("tables", Durability::Relaxed);
+        (tables.cache_kib, tables.window, tables.readers) = (65_536, Some(TABLES_WINDOW), READERS);
+        Ok(SqliteStore { commands: start(cmd_path, cmd_conn, commands)?, tables: start(tables_path, tables_conn, tables)? })
     }
 
-    /// A handle on the same files for a projection worker: its `tables.db` writes return once
-    /// queued to the writer, and its `tables.db` reads run in the writer's open transaction after
-    /// everything queued before them (so they see those writes). A record costs one round trip
-    /// to the writer per read instead of one commit per write; the worker calls
-    /// [`Durable::settle`] before it counts a slice of records as done, and a failed write rolls
-    /// its whole transaction back. Not for the gateway: its reads would see writes that may
-    /// still be rolled back.
-    pub fn pipelined(&self) -> SqliteStore {
-        SqliteStore { pipelined: true, ..self.clone() }
-    }
-
-    /// A projection write (tables.db), answered once committed (not necessarily synced); on a
-    /// pipelined handle, once queued (see [`Db::put`]).
+    /// A write of tables.db, answered once committed (not necessarily synced).
     async fn write(&self, f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<()> + Send + 'static) -> StoreResult<()> {
-        if self.pipelined {
-            return self.tables.put("projection", f).await;
-        }
-        self.tables.write(Lane::Background, f).await
+        Ok(self.tables.write(Lane::Background, move |t, _| f(t)).await?)
     }
 
-    /// A read of tables.db (in the writer's transaction if this handle is pipelined).
+    /// A read of tables.db.
     async fn read<R: Send + 'static>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static) -> StoreResult<R> {
-        if self.pipelined {
-            return self.tables.run(Lane::Background, Answer::Ran, false, move |t| f(t)).await;
-        }
-        self.tables.read(f).await
+        Ok(self.tables.read(f).await?)
     }
 
     /// A command write (commands.db), answered once on disk.
@@ -607,12 +241,12 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R> + Send + 'static,
     ) -> StoreResult<R> {
-        self.commands.write(Lane::Urgent, f).await
+        Ok(self.commands.write(Lane::Urgent, move |t, _| f(t)).await?)
     }
 
     /// A read of commands.db.
     async fn command_read<R: Send + 'static>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static) -> StoreResult<R> {
-        self.commands.read(f).await
+        Ok(self.commands.read(f).await?)
     }
 }
 
@@ -868,26 +502,18 @@ impl CommandStore for SqliteStore {
     }
 }
 
-#[async_trait]
-impl ProjectionStore for SqliteStore {
-    async fn put_user(&self, user: UserId, username: &str, at: DateTime<Utc>) -> StoreResult<()> {
-        let username = username.to_owned();
-        self.write(move |t| {
-            t.exec(
-                "INSERT OR REPLACE INTO users (user_id, username, registered_at) VALUES (?1, ?2, ?3)",
-                params![user.to_string(), username, ms(&at)],
-            )?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn put_message(&self, m: &MessageRow) -> StoreResult<()> {
-        let m = m.clone();
-        self.write(move |t| {
+/// Applies one projection write inside the writer's transaction. Cassandra's write-time rules
+/// become conditional upserts here (see the module doc).
+fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
+    match w {
+        Write::User { user, username, at } => {
+            t.exec("INSERT OR REPLACE INTO users (user_id, username, registered_at) VALUES (?1, ?2, ?3)", params![user.to_string(), username, ms(at)])?;
+        }
+        Write::Message(m) => {
             let bucket = bucket_of(m.message_id);
-            t.prepare_cached(&format!("INSERT OR REPLACE INTO messages (bucket, {MESSAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"))?
-                .execute(params![
+            t.exec(
+                &format!("INSERT OR REPLACE INTO messages (bucket, {MESSAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+                params![
                     bucket,
                     m.conversation_id.as_str(),
                     m.message_id.to_string(),
@@ -899,16 +525,207 @@ impl ProjectionStore for SqliteStore {
                     ms(&m.sent_at),
                     m.position,
                     m.media.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default())
-                ])?;
-            t.prepare_cached("INSERT OR IGNORE INTO conversation_buckets (conversation_id, bucket) VALUES (?1, ?2)")?
-                .execute(params![m.conversation_id.as_str(), bucket])?;
-            t.prepare_cached("INSERT OR REPLACE INTO message_index (message_id, conversation_id, sender, sent_at, position) VALUES (?1, ?2, ?3, ?4, ?5)")?
-                .execute(params![m.message_id.to_string(), m.conversation_id.as_str(), m.sender.to_string(), ms(&m.sent_at), m.position])?;
+                ],
+            )?;
+            t.exec("INSERT OR IGNORE INTO conversation_buckets (conversation_id, bucket) VALUES (?1, ?2)", params![m.conversation_id.as_str(), bucket])?;
+            t.exec(
+                "INSERT OR REPLACE INTO message_index (message_id, conversation_id, sender, sent_at, position) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![m.message_id.to_string(), m.conversation_id.as_str(), m.sender.to_string(), ms(&m.sent_at), m.position],
+            )?;
+        }
+        Write::Inbox(r) => {
+            t.exec(
+                &format!("INSERT OR REPLACE INTO inbox ({INBOX_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+                params![
+                    r.user_id.to_string(),
+                    r.conversation_id.as_str(),
+                    r.peer_id.map(|p| p.to_string()),
+                    r.last_message_id.to_string(),
+                    r.last_sender.to_string(),
+                    r.last_kind,
+                    r.last_body,
+                    ms(&r.last_at),
+                    r.unread,
+                    r.applied_offset
+                ],
+            )?;
+        }
+        Write::ReadMarker(m) => {
+            t.exec(
+                "INSERT OR REPLACE INTO read_markers (conversation_id, reader, up_to, applied_offset) VALUES (?1, ?2, ?3, ?4)",
+                params![m.conversation_id.as_str(), m.reader.to_string(), m.up_to.to_string(), m.applied_offset],
+            )?;
+        }
+        Write::Stream { user, row } => {
+            t.exec(
+                "INSERT OR REPLACE INTO user_stream (user_id, seq, item_id, item) VALUES (?1, ?2, ?3, ?4)",
+                params![user.to_string(), row.seq, row.item_id.to_string(), row.item],
+            )?;
+        }
+        Write::StreamId { user, item_id, seq } => {
+            t.exec("INSERT OR REPLACE INTO user_stream_ids (user_id, item_id, seq) VALUES (?1, ?2, ?3)", params![user.to_string(), item_id.to_string(), seq])?;
+        }
+        Write::AddPending { user, message, conversation } => {
+            // A removed row stays removed: insert only if no row (live or removed) exists.
+            t.exec(
+                "INSERT OR IGNORE INTO pending_deliveries (user_id, message_id, conversation_id, removed) VALUES (?1, ?2, ?3, 0)",
+                params![user.to_string(), message.to_string(), conversation.as_str()],
+            )?;
+        }
+        Write::RemovePending { user, message } => {
+            t.exec(
+                "INSERT INTO pending_deliveries (user_id, message_id, conversation_id, removed) VALUES (?1, ?2, NULL, 1)
+                 ON CONFLICT (user_id, message_id) DO UPDATE SET removed = 1",
+                params![user.to_string(), message.to_string()],
+            )?;
+        }
+        Write::Receipt(r) => {
+            let (message, recipient) = (r.message_id.to_string(), r.recipient.to_string());
+            t.exec(
+                "INSERT INTO receipts (message_id, recipient, status, device_id, at, conversation_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (message_id, recipient, status, device_id) DO UPDATE SET at = excluded.at, conversation_id = excluded.conversation_id
+                 WHERE excluded.at < receipts.at",
+                params![message, recipient, r.status.as_str(), r.device_id, ms(&r.at), r.conversation_id.as_str()],
+            )?;
+            // The same row by recipient, with the same rule (the audit of one user).
+            t.exec(
+                "INSERT INTO receipts_by_user (recipient, message_id, status, device_id, at, conversation_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (recipient, message_id, status, device_id) DO UPDATE SET at = excluded.at, conversation_id = excluded.conversation_id
+                 WHERE excluded.at < receipts_by_user.at",
+                params![recipient, message, r.status.as_str(), r.device_id, ms(&r.at), r.conversation_id.as_str()],
+            )?;
+        }
+        Write::Presence { user, online, at } => {
+            // Cassandra's rule, so that a replay in any order gives the same row: the later change
+            // wins, and of two changes at the same instant the greater value ('online') does, as
+            // Cassandra resolves two cells with one write time.
+            let status = if *online { "online" } else { "offline" };
+            let last_seen: Option<i64> = if *online { None } else { Some(ms(at)) };
+            t.exec(
+                "INSERT INTO last_seen (user_id, status, changed_at, last_seen) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (user_id) DO UPDATE SET
+                   status = CASE WHEN excluded.changed_at > last_seen.changed_at THEN excluded.status
+                                 WHEN excluded.changed_at < last_seen.changed_at THEN last_seen.status
+                                 ELSE MAX(last_seen.status, excluded.status) END,
+                   changed_at = MAX(last_seen.changed_at, excluded.changed_at),
+                   last_seen = CASE WHEN excluded.last_seen IS NULL THEN last_seen.last_seen
+                                    WHEN last_seen.last_seen IS NULL THEN excluded.last_seen
+                                    ELSE MAX(last_seen.last_seen, excluded.last_seen) END",
+                params![user.to_string(), status, ms(at), last_seen],
+            )?;
+        }
+        // Cassandra writes the group rows with write time = position; here a conditional upsert
+        // keeps the row with the highest position (equal positions carry identical content).
+        Write::Group(g) => {
+            // The name has its own position (Cassandra: its own cell write time), so a rename
+            // projected before the creation keeps its name.
+            t.exec(
+                "INSERT INTO groups (conversation_id, name, name_position, creator, created_at, position) VALUES (?1, ?2, ?5, ?3, ?4, ?5)
+                 ON CONFLICT (conversation_id) DO UPDATE SET
+                   creator = CASE WHEN groups.position IS NULL OR excluded.position >= groups.position THEN excluded.creator ELSE groups.creator END,
+                   created_at = CASE WHEN groups.position IS NULL OR excluded.position >= groups.position THEN excluded.created_at ELSE groups.created_at END,
+                   position = MAX(COALESCE(groups.position, excluded.position), excluded.position),
+                   name = CASE WHEN excluded.name_position >= groups.name_position THEN excluded.name ELSE groups.name END,
+                   name_position = MAX(groups.name_position, excluded.name_position)",
+                params![g.conversation_id.as_str(), g.name, g.creator.to_string(), ms(&g.created_at), g.position],
+            )?;
+        }
+        Write::GroupName { conversation, name, position } => {
+            t.exec(
+                "INSERT INTO groups (conversation_id, name, name_position) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (conversation_id) DO UPDATE SET name = excluded.name, name_position = excluded.name_position
+                 WHERE excluded.name_position >= groups.name_position",
+                params![conversation.as_str(), name, position],
+            )?;
+        }
+        Write::GroupMember(m) => {
+            t.exec(
+                "INSERT INTO group_members (conversation_id, member, role, active, position) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (conversation_id, member) DO UPDATE SET
+                   role = excluded.role, active = excluded.active, position = excluded.position
+                 WHERE excluded.position >= group_members.position",
+                params![m.conversation_id.as_str(), m.member.to_string(), m.role.as_str(), m.active, m.position],
+            )?;
+        }
+        Write::UserGroup(g) => {
+            t.exec(
+                "INSERT INTO user_groups (user_id, conversation_id, role, active, position) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (user_id, conversation_id) DO UPDATE SET
+                   role = excluded.role, active = excluded.active, position = excluded.position
+                 WHERE excluded.position >= user_groups.position",
+                params![g.user_id.to_string(), g.conversation_id.as_str(), g.role.as_str(), g.active, g.position],
+            )?;
+        }
+        Write::UserGroupInterval { user, conversation, since, until } => {
+            let merged = UNTIL_MERGE.replace("{t}", "user_group_intervals");
+            t.exec(
+                &format!(
+                    "INSERT INTO user_group_intervals (user_id, conversation_id, since, until) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (user_id, conversation_id, since) DO UPDATE SET until = {merged}"
+                ),
+                params![user.to_string(), conversation.as_str(), since, until],
+            )?;
+        }
+        Write::Profile(p) => {
+            // Cassandra's rule (write time = updated_at): the later update wins; of two with one
+            // updated_at, each cell resolves alone, the greater value winning and a null (no
+            // avatar, written as a tombstone) winning over a value.
+            t.exec(
+                "INSERT INTO profiles (user_id, display_name, avatar_media_id, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (user_id) DO UPDATE SET
+                   display_name = CASE WHEN excluded.updated_at > profiles.updated_at THEN excluded.display_name
+                                       WHEN excluded.updated_at < profiles.updated_at THEN profiles.display_name
+                                       ELSE MAX(profiles.display_name, excluded.display_name) END,
+                   avatar_media_id = CASE WHEN excluded.updated_at > profiles.updated_at THEN excluded.avatar_media_id
+                                          WHEN excluded.updated_at < profiles.updated_at THEN profiles.avatar_media_id
+                                          WHEN excluded.avatar_media_id IS NULL OR profiles.avatar_media_id IS NULL THEN NULL
+                                          ELSE MAX(profiles.avatar_media_id, excluded.avatar_media_id) END,
+                   updated_at = MAX(profiles.updated_at, excluded.updated_at)",
+                params![p.user_id.to_string(), p.display_name, p.avatar_media_id.map(|a| a.to_string()), ms(&p.updated_at)],
+            )?;
+        }
+        Write::MessageStat { day, kind, scope, message } => {
+            t.exec(
+                "INSERT OR IGNORE INTO analytics_messages (day, kind, scope, message_id) VALUES (?1, ?2, ?3, ?4)",
+                params![day_text(*day), kind, scope, message.to_string()],
+            )?;
+        }
+        Write::ActiveUser { day, user } => {
+            t.exec("INSERT OR IGNORE INTO analytics_active_users (day, user_id) VALUES (?1, ?2)", params![day_text(*day), user.to_string()])?;
+        }
+        Write::ProfileView { viewed, day, viewer, view } => {
+            t.exec(
+                "INSERT OR IGNORE INTO analytics_profile_views (viewed, day, viewer, view_id) VALUES (?1, ?2, ?3, ?4)",
+                params![viewed.to_string(), day_text(*day), viewer.to_string(), view.to_string()],
+            )?;
+        }
+        Write::Topic { day, topic, message } => {
+            t.exec("INSERT OR IGNORE INTO analytics_topics (day, topic, message_id) VALUES (?1, ?2, ?3)", params![day_text(*day), topic, message.to_string()])?;
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl WriteStore for SqliteStore {
+    async fn apply(&self, writes: Vec<Write>) -> StoreResult<()> {
+        crate::writes::validate(&writes)?;
+        if writes.is_empty() {
+            return Ok(());
+        }
+        // One transaction: all of the list or none of it.
+        self.write(move |t| {
+            for w in &writes {
+                apply_write(t, w)?;
+            }
             Ok(())
         })
         .await
     }
+}
 
+#[async_trait]
+impl ProjectionStore for SqliteStore {
     async fn message_meta(&self, id: MessageId) -> StoreResult<Option<MessageMeta>> {
         self.find_message(id).await
     }
@@ -926,27 +743,6 @@ impl ProjectionStore for SqliteStore {
         .await
     }
 
-    async fn put_inbox_row(&self, r: &InboxRow) -> StoreResult<()> {
-        let r = r.clone();
-        self.write(move |t| {
-            t.prepare_cached(&format!("INSERT OR REPLACE INTO inbox ({INBOX_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"))?
-                .execute(params![
-                    r.user_id.to_string(),
-                    r.conversation_id.as_str(),
-                    r.peer_id.map(|p| p.to_string()),
-                    r.last_message_id.to_string(),
-                    r.last_sender.to_string(),
-                    r.last_kind,
-                    r.last_body,
-                    ms(&r.last_at),
-                    r.unread,
-                    r.applied_offset
-                ])?;
-            Ok(())
-        })
-        .await
-    }
-
     async fn read_marker(&self, c: &ConversationId, reader: UserId) -> StoreResult<Option<ReadMarker>> {
         let c = c.clone();
         self.read(move |conn| {
@@ -956,18 +752,6 @@ impl ProjectionStore for SqliteStore {
                 |r| Ok(ReadMarker { conversation_id: c.clone(), reader, up_to: MessageId(uuid_at(r, 0)?), applied_offset: r.get(1)? }),
             )
             .optional()
-        })
-        .await
-    }
-
-    async fn put_read_marker(&self, m: &ReadMarker) -> StoreResult<()> {
-        let m = m.clone();
-        self.write(move |t| {
-            t.exec(
-                "INSERT OR REPLACE INTO read_markers (conversation_id, reader, up_to, applied_offset) VALUES (?1, ?2, ?3, ?4)",
-                params![m.conversation_id.as_str(), m.reader.to_string(), m.up_to.to_string(), m.applied_offset],
-            )?;
-            Ok(())
         })
         .await
     }
@@ -986,30 +770,6 @@ impl ProjectionStore for SqliteStore {
         .await
     }
 
-    async fn put_receipts(&self, rows: &[ReceiptRow]) -> StoreResult<()> {
-        let rows = rows.to_vec();
-        self.write(move |t| {
-            let mut st = t.prepare_cached(
-                "INSERT INTO receipts (message_id, recipient, status, device_id, at, conversation_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (message_id, recipient, status, device_id) DO UPDATE SET at = excluded.at, conversation_id = excluded.conversation_id
-                 WHERE excluded.at < receipts.at",
-            )?;
-            // The same rows by recipient, with the same rule (the audit of one user).
-            let mut by_user = t.prepare_cached(
-                "INSERT INTO receipts_by_user (recipient, message_id, status, device_id, at, conversation_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (recipient, message_id, status, device_id) DO UPDATE SET at = excluded.at, conversation_id = excluded.conversation_id
-                 WHERE excluded.at < receipts_by_user.at",
-            )?;
-            for r in rows {
-                let (message, recipient) = (r.message_id.to_string(), r.recipient.to_string());
-                st.execute(params![message, recipient, r.status.as_str(), r.device_id, ms(&r.at), r.conversation_id.as_str()])?;
-                by_user.execute(params![recipient, message, r.status.as_str(), r.device_id, ms(&r.at), r.conversation_id.as_str()])?;
-            }
-            Ok(())
-        })
-        .await
-    }
-
     async fn stream_seq_of(&self, user: UserId, item_id: Uuid) -> StoreResult<Option<i64>> {
         self.read(move |c| {
             c.row(
@@ -1022,64 +782,6 @@ impl ProjectionStore for SqliteStore {
         .await
     }
 
-    async fn put_stream_item(&self, user: UserId, row: &StreamRow) -> StoreResult<()> {
-        let row = row.clone();
-        self.write(move |t| {
-            t.prepare_cached("INSERT OR REPLACE INTO user_stream (user_id, seq, item_id, item) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(params![user.to_string(), row.seq, row.item_id.to_string(), row.item])?;
-            t.prepare_cached("INSERT OR REPLACE INTO user_stream_ids (user_id, item_id, seq) VALUES (?1, ?2, ?3)")?
-                .execute(params![user.to_string(), row.item_id.to_string(), row.seq])?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn add_pending(&self, user: UserId, message: MessageId, c: &ConversationId) -> StoreResult<()> {
-        let c = c.clone();
-        self.write(move |t| {
-            // A removed row stays removed: insert only if no row (live or removed) exists.
-            t.prepare_cached("INSERT OR IGNORE INTO pending_deliveries (user_id, message_id, conversation_id, removed) VALUES (?1, ?2, ?3, 0)")?
-                .execute(params![user.to_string(), message.to_string(), c.as_str()])?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn remove_pending(&self, user: UserId, message: MessageId) -> StoreResult<()> {
-        self.write(move |t| {
-            t.prepare_cached(
-                "INSERT INTO pending_deliveries (user_id, message_id, conversation_id, removed) VALUES (?1, ?2, NULL, 1)
-                 ON CONFLICT (user_id, message_id) DO UPDATE SET removed = 1",
-            )?
-            .execute(params![user.to_string(), message.to_string()])?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn put_presence(&self, user: UserId, online: bool, at: DateTime<Utc>) -> StoreResult<()> {
-        // Cassandra's rule, so that a replay in any order gives the same row: the later change
-        // wins, and of two changes at the same instant the greater value ('online') does, as
-        // Cassandra resolves two cells with one write time.
-        self.write(move |t| {
-            let status = if online { "online" } else { "offline" };
-            let last_seen: Option<i64> = if online { None } else { Some(ms(&at)) };
-            t.exec(
-                "INSERT INTO last_seen (user_id, status, changed_at, last_seen) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (user_id) DO UPDATE SET
-                   status = CASE WHEN excluded.changed_at > last_seen.changed_at THEN excluded.status
-                                 WHEN excluded.changed_at < last_seen.changed_at THEN last_seen.status
-                                 ELSE MAX(last_seen.status, excluded.status) END,
-                   changed_at = MAX(last_seen.changed_at, excluded.changed_at),
-                   last_seen = CASE WHEN excluded.last_seen IS NULL THEN last_seen.last_seen
-                                    WHEN last_seen.last_seen IS NULL THEN excluded.last_seen
-                                    ELSE MAX(last_seen.last_seen, excluded.last_seen) END",
-                params![user.to_string(), status, ms(&at), last_seen],
-            )?;
-            Ok(())
-        })
-        .await
-    }
 }
 
 #[async_trait]
@@ -1356,86 +1058,6 @@ impl FanoutStore for SqliteStore {
 
 #[async_trait]
 impl GroupStore for SqliteStore {
-    // Cassandra writes these rows with write time = position; here a conditional upsert keeps
-    // the row with the highest position (equal positions carry identical content).
-    async fn put_group(&self, g: &GroupRow) -> StoreResult<()> {
-        let g = g.clone();
-        self.write(move |t| {
-            // The name has its own position (Cassandra: its own cell write time), so a rename
-            // projected before the creation keeps its name.
-            t.prepare_cached(
-                "INSERT INTO groups (conversation_id, name, name_position, creator, created_at, position) VALUES (?1, ?2, ?5, ?3, ?4, ?5)
-                 ON CONFLICT (conversation_id) DO UPDATE SET
-                   creator = CASE WHEN groups.position IS NULL OR excluded.position >= groups.position THEN excluded.creator ELSE groups.creator END,
-                   created_at = CASE WHEN groups.position IS NULL OR excluded.position >= groups.position THEN excluded.created_at ELSE groups.created_at END,
-                   position = MAX(COALESCE(groups.position, excluded.position), excluded.position),
-                   name = CASE WHEN excluded.name_position >= groups.name_position THEN excluded.name ELSE groups.name END,
-                   name_position = MAX(groups.name_position, excluded.name_position)",
-            )?
-            .execute(params![g.conversation_id.as_str(), g.name, g.creator.to_string(), ms(&g.created_at), g.position])?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn put_group_name(&self, c: &ConversationId, name: &str, position: i64) -> StoreResult<()> {
-        let (c, name) = (c.clone(), name.to_owned());
-        self.write(move |t| {
-            t.prepare_cached(
-                "INSERT INTO groups (conversation_id, name, name_position) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (conversation_id) DO UPDATE SET name = excluded.name, name_position = excluded.name_position
-                 WHERE excluded.name_position >= groups.name_position",
-            )?
-            .execute(params![c.as_str(), name, position])?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn put_group_member(&self, m: &GroupMemberRow) -> StoreResult<()> {
-        let m = m.clone();
-        self.write(move |t| {
-            t.prepare_cached(
-                "INSERT INTO group_members (conversation_id, member, role, active, position) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (conversation_id, member) DO UPDATE SET
-                   role = excluded.role, active = excluded.active, position = excluded.position
-                 WHERE excluded.position >= group_members.position",
-            )?
-            .execute(params![m.conversation_id.as_str(), m.member.to_string(), m.role.as_str(), m.active, m.position])?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn put_user_group(&self, g: &UserGroupRow) -> StoreResult<()> {
-        let g = g.clone();
-        self.write(move |t| {
-            t.prepare_cached(
-                "INSERT INTO user_groups (user_id, conversation_id, role, active, position) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (user_id, conversation_id) DO UPDATE SET
-                   role = excluded.role, active = excluded.active, position = excluded.position
-                 WHERE excluded.position >= user_groups.position",
-            )?
-            .execute(params![g.user_id.to_string(), g.conversation_id.as_str(), g.role.as_str(), g.active, g.position])?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn put_user_group_interval(&self, user: UserId, c: &ConversationId, since: i64, until: Option<i64>) -> StoreResult<()> {
-        let c = c.clone();
-        self.write(move |t| {
-            let merged = UNTIL_MERGE.replace("{t}", "user_group_intervals");
-            t.prepare_cached(&format!(
-                "INSERT INTO user_group_intervals (user_id, conversation_id, since, until) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (user_id, conversation_id, since) DO UPDATE SET until = {merged}"
-            ))?
-            .execute(params![user.to_string(), c.as_str(), since, until])?;
-            Ok(())
-        })
-        .await
-    }
-
     async fn group(&self, c: &ConversationId) -> StoreResult<Option<GroupRow>> {
         let c = c.clone();
         self.read(move |conn| {
@@ -1541,30 +1163,6 @@ impl InsightStore for SqliteStore {
         .await
     }
 
-    async fn put_profile(&self, p: &ProfileRow) -> StoreResult<()> {
-        let p = p.clone();
-        self.write(move |t| {
-            // Cassandra's rule (write time = updated_at): the later update wins; of two with one
-            // updated_at, each cell resolves alone, the greater value winning and a null (no
-            // avatar, written as a tombstone) winning over a value.
-            t.prepare_cached(
-                "INSERT INTO profiles (user_id, display_name, avatar_media_id, updated_at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (user_id) DO UPDATE SET
-                   display_name = CASE WHEN excluded.updated_at > profiles.updated_at THEN excluded.display_name
-                                       WHEN excluded.updated_at < profiles.updated_at THEN profiles.display_name
-                                       ELSE MAX(profiles.display_name, excluded.display_name) END,
-                   avatar_media_id = CASE WHEN excluded.updated_at > profiles.updated_at THEN excluded.avatar_media_id
-                                          WHEN excluded.updated_at < profiles.updated_at THEN profiles.avatar_media_id
-                                          WHEN excluded.avatar_media_id IS NULL OR profiles.avatar_media_id IS NULL THEN NULL
-                                          ELSE MAX(profiles.avatar_media_id, excluded.avatar_media_id) END,
-                   updated_at = MAX(profiles.updated_at, excluded.updated_at)",
-            )?
-            .execute(params![p.user_id.to_string(), p.display_name, p.avatar_media_id.map(|a| a.to_string()), ms(&p.updated_at)])?;
-            Ok(())
-        })
-        .await
-    }
-
     async fn profile(&self, user: UserId) -> StoreResult<Option<ProfileRow>> {
         self.read(move |c| {
             c.row(
@@ -1583,45 +1181,6 @@ impl InsightStore for SqliteStore {
                 },
             )
             .optional()
-        })
-        .await
-    }
-
-    async fn add_message_stat(&self, day: NaiveDate, kind: &str, scope: &str, message: MessageId) -> StoreResult<()> {
-        check_message_stat(kind, scope)?;
-        let (kind, scope) = (kind.to_owned(), scope.to_owned());
-        self.write(move |t| {
-            t.prepare_cached("INSERT OR IGNORE INTO analytics_messages (day, kind, scope, message_id) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(params![day_text(day), kind, scope, message.to_string()])?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn add_active_user(&self, day: NaiveDate, user: UserId) -> StoreResult<()> {
-        self.write(move |t| {
-            t.prepare_cached("INSERT OR IGNORE INTO analytics_active_users (day, user_id) VALUES (?1, ?2)")?
-                .execute(params![day_text(day), user.to_string()])?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn add_profile_view(&self, viewed: UserId, day: NaiveDate, viewer: UserId, view: EventId) -> StoreResult<()> {
-        self.write(move |t| {
-            t.prepare_cached("INSERT OR IGNORE INTO analytics_profile_views (viewed, day, viewer, view_id) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(params![viewed.to_string(), day_text(day), viewer.to_string(), view.to_string()])?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn add_topic(&self, day: NaiveDate, topic: &str, message: MessageId) -> StoreResult<()> {
-        let topic = topic.to_owned();
-        self.write(move |t| {
-            t.prepare_cached("INSERT OR IGNORE INTO analytics_topics (day, topic, message_id) VALUES (?1, ?2, ?3)")?
-                .execute(params![day_text(day), topic, message.to_string()])?;
-            Ok(())
         })
         .await
     }
@@ -1718,11 +1277,11 @@ impl InsightStore for SqliteStore {
 impl TableAdmin for SqliteStore {
     async fn migrate(&self) -> StoreResult<()> {
         self.command(|t| t.execute_batch(COMMAND_SCHEMA)).await?;
-        self.tables.write(Lane::Background, |t| t.execute_batch(SCHEMA)).await
+        self.write(|t| t.execute_batch(SCHEMA)).await
     }
 
     async fn truncate_projections(&self) -> StoreResult<()> {
-        self.tables.write(Lane::Background, |t| {
+        self.write(|t| {
             for table in PROJECTION_TABLES {
                 t.execute(&format!("DELETE FROM {table}"), [])?;
             }
@@ -1776,31 +1335,13 @@ impl TableAdmin for SqliteStore {
 impl Durable for SqliteStore {
     async fn sync(&self) -> StoreResult<()> {
         // A synced commit of one small row: syncing the WAL syncs every commit before it.
-        self.tables
-            .write(Lane::Sync, |t| {
+        Ok(self
+            .tables
+            .write(Lane::Sync, |t, _| {
                 t.exec("INSERT INTO sync_marks (id, n) VALUES (1, 1) ON CONFLICT (id) DO UPDATE SET n = n + 1", [])?;
                 Ok(())
             })
-            .await
+            .await?)
     }
 
-    fn write_mark(&self) -> u64 {
-        if self.pipelined { self.tables.progress.begun.load(Ordering::SeqCst) } else { 0 }
-    }
-
-    async fn settle(&self, mark: u64) -> StoreResult<()> {
-        if !self.pipelined {
-            return Ok(());
-        }
-        let p = self.tables.progress.clone();
-        // A barrier behind every write queued so far: the transaction it runs in holds the last
-        // of them (or a later one does not matter: it is the last to wait for).
-        let progress = p.clone();
-        let last = self.tables.run(Lane::Background, Answer::Ran, false, move |_| Ok(progress.begun.load(Ordering::SeqCst))).await?;
-        p.settled.subscribe().wait_for(|s| *s >= last).await.map_err(|_| unavailable("writer stopped"))?;
-        match p.last_failed.load(Ordering::SeqCst) {
-            f if f != 0 && f >= mark => Err(unavailable(format!("transaction {f} did not commit; its writes are redone"))),
-            _ => Ok(()),
-        }
-    }
 }

@@ -1,8 +1,36 @@
-//! What analytics count, as pure functions (the projector writes the resulting sets).
+//! Analytics: sets, never counters (`analytics_messages`, `analytics_active_users`,
+//! `analytics_profile_views`, `analytics_topics`). A replayed event writes the same rows again
+//! and changes no number.
 
 use std::collections::BTreeSet;
 
+use chat_events::{Envelope, MessageId, ProfileViewed, UserId};
+use chat_store::Write;
 use chrono::{DateTime, NaiveDate, Utc};
+
+use super::Settings;
+
+/// `user` was active on the day of `at`.
+pub fn active(out: &mut Vec<Write>, at: &DateTime<Utc>, user: UserId) {
+    out.push(Write::ActiveUser { day: day_of(at), user });
+}
+
+/// One accepted message: counted once per (day, kind, scope), its sender active that day, its
+/// topics.
+#[allow(clippy::too_many_arguments)]
+pub fn message(out: &mut Vec<Write>, settings: &Settings, id: MessageId, sender: UserId, kind: &str, group: bool, body: &str, at: &DateTime<Utc>) {
+    let day = day_of(at);
+    out.push(Write::MessageStat { day, kind: kind.to_owned(), scope: if group { "group" } else { "direct" }.to_owned(), message: id });
+    out.push(Write::ActiveUser { day, user: sender });
+    for topic in topics_of(body, &settings.keywords) {
+        out.push(Write::Topic { day, topic, message: id });
+    }
+}
+
+/// One profile view (keyed by the view event's id).
+pub fn profile_view(out: &mut Vec<Write>, env: &Envelope, v: &ProfileViewed) {
+    out.push(Write::ProfileView { viewed: v.viewed, day: day_of(&env.occurred_at), viewer: v.viewer, view: env.event_id });
+}
 
 /// The UTC day of a time.
 pub fn day_of(t: &DateTime<Utc>) -> NaiveDate {

@@ -1,0 +1,497 @@
+//! The one SQLite engine of the embedded mode: a database file with a single writer thread that
+//! group-commits, and a pool of read connections. The embedded event log (`log.db`) and the
+//! embedded tables (`commands.db`, `tables.db`) all run on it, with one failure rule:
+//!
+//! - A job runs inside the writer's current transaction, in its own savepoint. If the job fails,
+//!   its savepoint is rolled back (nothing of it stays, and the writer state it changed is put
+//!   back) and its caller gets [`EngineError::Refused`]; the other jobs of the transaction go on.
+//! - If the commit fails, the whole transaction is rolled back, the writer state is put back to
+//!   what it was before the transaction, and every job of it gets [`EngineError::NotCommitted`]
+//!   (nothing of it is durable; retrying is safe).
+//! - A job is answered only after the transaction holding it committed: on disk with
+//!   [`Durability::Full`]; in the WAL with [`Durability::Relaxed`], where a [`Lane::Sync`] job's
+//!   transaction is synced, and with it every commit before it.
+//!
+//! Group commit: every job waiting when a transaction begins goes into it (urgent ones first), up
+//! to [`Options::jobs_per_commit`]; with [`Options::window`], a transaction also stays open while
+//! more jobs keep arriving, up to that long.
+//!
+//! The writer owns a state `S` that jobs may change (the log's offset counters): it is cloned
+//! before each job and before each transaction, so that a refused job or a failed commit leaves
+//! it as it was. `on_commit` sees it after every successful commit.
+
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OpenFlags, Transaction};
+use tokio::sync::oneshot;
+use tracing::{debug, error};
+
+/// Why a job did not happen.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// The job's own statements failed (a constraint, a bad value): nothing of it was written.
+    /// Retrying the same job fails the same way.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The transaction holding the job did not commit: nothing of it is durable. Retryable.
+    #[error("not committed: {0}")]
+    NotCommitted(String),
+    /// The writer's queue is full (see [`Engine::try_write`]): shed load.
+    #[error("writer queue full")]
+    QueueFull,
+    /// The writer thread is gone.
+    #[error("writer stopped")]
+    Stopped,
+}
+
+/// How durable a committed transaction is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// `synchronous=FULL`: every commit is on disk before its jobs are answered.
+    Full,
+    /// `synchronous=NORMAL`: a commit survives a killed process; a power cut may take the last
+    /// ones back (the file stays consistent). [`Lane::Sync`] jobs make everything durable.
+    Relaxed,
+}
+
+/// Which queue of the writer a job goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// Someone waits for it (a gateway command): ahead of the others.
+    Urgent,
+    /// Throughput matters, not the latency of one.
+    Background,
+    /// A background job whose transaction must be on disk, with every one before it, when it is
+    /// answered (on [`Durability::Full`] every job is).
+    Sync,
+}
+
+/// Settings of one engine.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The writer thread's name (`chat-<name>-writer`) and the name in logs.
+    pub name: &'static str,
+    pub durability: Durability,
+    /// Page cache of the writer connection, in KiB (SQLite's default is 2,048).
+    pub cache_kib: u32,
+    /// Jobs waiting for the writer, at most (beyond, [`Engine::write`] waits and
+    /// [`Engine::try_write`] fails).
+    pub queue: usize,
+    /// Jobs taken into a transaction at once.
+    pub jobs_per_commit: usize,
+    /// How long a transaction stays open while jobs keep arriving (none: commit at once).
+    pub window: Option<Duration>,
+    /// Read connections kept and reads running at once, at most.
+    pub readers: usize,
+}
+
+impl Options {
+    pub fn new(name: &'static str, durability: Durability) -> Self {
+        Options { name, durability, cache_kib: 2_048, queue: 10_000, jobs_per_commit: 512, window: None, readers: 8 }
+    }
+}
+
+/// Opens a SQLite database the way every embedded back-end does: a writer in WAL mode
+/// (`synchronous=FULL` unless told otherwise), or a read-only connection; both wait up to 10 s for
+/// a lock instead of failing, and cache 256 prepared statements (the writers run more than
+/// rusqlite's default 16, and re-parsing SQL cost a third of a writer's CPU).
+pub fn open_sqlite(path: &Path, write: bool) -> rusqlite::Result<Connection> {
+    let flags = if write {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let c = Connection::open_with_flags(path, flags)?;
+    c.busy_timeout(Duration::from_secs(10))?;
+    c.set_prepared_statement_cache_capacity(256);
+    if write {
+        c.pragma_update(None, "journal_mode", "WAL")?;
+        c.pragma_update(None, "synchronous", "FULL")?;
+    }
+    Ok(c)
+}
+
+type Answer = Box<dyn FnOnce(Result<(), EngineError>) + Send>;
+
+/// What a caller hears when its job was dropped without running (no transaction could begin, or
+/// the writer stopped): it did not commit, and retrying is safe.
+const NOT_RUN: EngineError = EngineError::Stopped;
+type Job<S> = Box<dyn FnOnce(&Transaction<'_>, &mut S) -> Option<Answer> + Send>;
+
+/// A database file with its writer thread and read connections.
+pub struct Engine<S> {
+    path: PathBuf,
+    writer: std_mpsc::SyncSender<(Lane, Job<S>)>,
+    readers: Mutex<Vec<Connection>>,
+    read_slots: Arc<tokio::sync::Semaphore>,
+    max_readers: usize,
+}
+
+impl<S: Clone + Send + 'static> Engine<S> {
+    /// Starts the writer thread on `conn` (opened with [`open_sqlite`], schema in place).
+    pub fn start(
+        path: PathBuf,
+        conn: Connection,
+        state: S,
+        options: Options,
+        on_commit: impl FnMut(&S) + Send + 'static,
+    ) -> rusqlite::Result<Arc<Self>> {
+        if options.durability == Durability::Relaxed {
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        conn.pragma_update(None, "cache_size", -i64::from(options.cache_kib))?;
+        let (tx, rx) = std_mpsc::sync_channel::<(Lane, Job<S>)>(options.queue.max(1));
+        let (readers, name) = (options.readers.max(1), options.name);
+        std::thread::Builder::new()
+            .name(format!("chat-{name}-writer"))
+            .spawn(move || Writer { conn, state, options, on_commit, queue: Queue::default() }.run(rx))
+            .map_err(|e| rusqlite::Error::InvalidParameterName(format!("cannot start the writer thread: {e}")))?;
+        Ok(Arc::new(Engine {
+            path,
+            writer: tx,
+            readers: Mutex::new(Vec::new()),
+            read_slots: Arc::new(tokio::sync::Semaphore::new(readers)),
+            max_readers: readers,
+        }))
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn job<R: Send + 'static>(
+        f: impl FnOnce(&Transaction<'_>, &mut S) -> rusqlite::Result<R> + Send + 'static,
+    ) -> (Job<S>, oneshot::Receiver<Result<R, EngineError>>) {
+        let (tx, rx) = oneshot::channel();
+        let job: Job<S> = Box::new(move |t: &Transaction<'_>, state: &mut S| {
+            // A savepoint per job: a failing job leaves nothing behind and takes no other job
+            // down. (Both statements come from the statement cache.)
+            let before = state.clone();
+            let result = (|| {
+                t.prepare_cached("SAVEPOINT job")?.execute([])?;
+                match f(t, state) {
+                    Ok(r) => {
+                        t.prepare_cached("RELEASE job")?.execute([])?;
+                        Ok(r)
+                    }
+                    Err(e) => {
+                        let _rolled_back = t.execute_batch("ROLLBACK TO job; RELEASE job");
+                        Err(e)
+                    }
+                }
+            })();
+            match result {
+                Ok(r) => Some(Box::new(move |committed: Result<(), EngineError>| {
+                    let _ = tx.send(committed.map(|()| r));
+                }) as Answer),
+                Err(e) => {
+                    *state = before;
+                    let _ = tx.send(Err(EngineError::Refused(e.to_string())));
+                    None
+                }
+            }
+        });
+        (job, rx)
+    }
+
+    /// Runs `f` in one of the writer's next transactions (with the writer's state); answers once
+    /// that transaction committed. Waits for room in the writer's queue.
+    pub async fn write<R: Send + 'static>(
+        &self,
+        lane: Lane,
+        f: impl FnOnce(&Transaction<'_>, &mut S) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, EngineError> {
+        let (job, rx) = Self::job(f);
+        match self.writer.try_send((lane, job)) {
+            Ok(()) => {}
+            Err(std_mpsc::TrySendError::Full(item)) => {
+                let writer = self.writer.clone();
+                tokio::task::spawn_blocking(move || writer.send(item))
+                    .await
+                    .map_err(|_| EngineError::Stopped)?
+                    .map_err(|_| EngineError::Stopped)?;
+            }
+            Err(std_mpsc::TrySendError::Disconnected(_)) => return Err(EngineError::Stopped),
+        }
+        rx.await.map_err(|_| NOT_RUN)?
+    }
+
+    /// As [`Engine::write`], but fails at once with [`EngineError::QueueFull`] when the writer's
+    /// queue is full (callers that shed load instead of waiting).
+    pub async fn try_write<R: Send + 'static>(
+        &self,
+        lane: Lane,
+        f: impl FnOnce(&Transaction<'_>, &mut S) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, EngineError> {
+        let (job, rx) = Self::job(f);
+        self.writer.try_send((lane, job)).map_err(|e| match e {
+            std_mpsc::TrySendError::Full(_) => EngineError::QueueFull,
+            std_mpsc::TrySendError::Disconnected(_) => EngineError::Stopped,
+        })?;
+        rx.await.map_err(|_| NOT_RUN)?
+    }
+
+    /// Runs `f` on a read connection of the pool (on the blocking pool: reads do I/O).
+    pub async fn read<R: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, EngineError> {
+        let engine = self.clone();
+        let slot = engine.read_slots.clone().acquire_owned().await.map_err(|_| EngineError::Stopped)?;
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            let pooled = engine.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let conn = match pooled {
+                Some(c) => c,
+                None => open_sqlite(&engine.path, false).map_err(|e| EngineError::NotCommitted(format!("opening a reader: {e}")))?,
+            };
+            let out = f(&conn).map_err(|e| EngineError::Refused(e.to_string()));
+            let mut pool = engine.readers.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < engine.max_readers {
+                pool.push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(|_| EngineError::Stopped)?
+    }
+}
+
+/// The jobs the writer took off its channel: urgent ones, then the others in order (with whether
+/// each is a sync job).
+struct Queue<S> {
+    urgent: Vec<Job<S>>,
+    background: std::collections::VecDeque<(bool, Job<S>)>,
+}
+
+impl<S> Default for Queue<S> {
+    fn default() -> Self {
+        Queue { urgent: Vec::new(), background: std::collections::VecDeque::new() }
+    }
+}
+
+impl<S> Queue<S> {
+    fn is_empty(&self) -> bool {
+        self.urgent.is_empty() && self.background.is_empty()
+    }
+
+    fn push(&mut self, lane: Lane, job: Job<S>) {
+        match lane {
+            Lane::Urgent => self.urgent.push(job),
+            Lane::Background => self.background.push_back((false, job)),
+            Lane::Sync => self.background.push_back((true, job)),
+        }
+    }
+
+    /// Takes what waits on the channel, up to a bound.
+    fn fill(&mut self, rx: &std_mpsc::Receiver<(Lane, Job<S>)>, bound: usize) {
+        while self.urgent.len() + self.background.len() < bound {
+            match rx.try_recv() {
+                Ok((lane, job)) => self.push(lane, job),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Whether the next transaction holds a sync job (no urgent job goes ahead of it).
+    fn sync_first(&self, max: usize) -> bool {
+        let take = self.background.len().min(max.saturating_sub(self.urgent.len()));
+        self.background.iter().take(take).any(|(s, _)| *s)
+    }
+
+    /// The next jobs, at most `max`: every urgent one, then background ones in order (stopping
+    /// before a sync job unless `sync_ok`).
+    fn next(&mut self, max: usize, sync_ok: bool) -> Vec<Job<S>> {
+        let mut jobs: Vec<Job<S>> = self.urgent.drain(..).collect();
+        while jobs.len() < max {
+            match self.background.front() {
+                Some((true, _)) if !sync_ok => break,
+                Some(_) => {
+                    if let Some((_, job)) = self.background.pop_front() {
+                        jobs.push(job);
+                    }
+                }
+                None => break,
+            }
+        }
+        jobs
+    }
+}
+
+struct Writer<S, F> {
+    conn: Connection,
+    state: S,
+    options: Options,
+    on_commit: F,
+    queue: Queue<S>,
+}
+
+impl<S: Clone, F: FnMut(&S)> Writer<S, F> {
+    fn run(mut self, rx: std_mpsc::Receiver<(Lane, Job<S>)>) {
+        let name = self.options.name;
+        let max = self.options.jobs_per_commit.max(1);
+        let (mut commits, mut jobs_done, mut since) = (0u64, 0u64, Instant::now());
+        let (mut in_jobs, mut in_commit) = (Duration::ZERO, Duration::ZERO);
+        loop {
+            if since.elapsed() >= Duration::from_secs(10) {
+                debug!(db = name, commits, jobs = jobs_done, per_commit = jobs_done as f64 / commits.max(1) as f64, jobs_ms = in_jobs.as_millis() as u64, commit_ms = in_commit.as_millis() as u64, "writer in the last 10 s");
+                (commits, jobs_done, since) = (0, 0, Instant::now());
+                (in_jobs, in_commit) = Default::default();
+            }
+            if self.queue.is_empty() {
+                match rx.recv() {
+                    Ok((lane, job)) => self.queue.push(lane, job),
+                    Err(_) => return,
+                }
+            }
+            self.queue.fill(&rx, 4 * max);
+            let relaxed = self.options.durability == Durability::Relaxed;
+            let sync = relaxed && self.queue.sync_first(max);
+            let jobs = self.queue.next(max, true);
+            if sync {
+                if let Err(e) = self.conn.pragma_update(None, "synchronous", "FULL") {
+                    error!(db = name, error = %e, "cannot switch to synchronous commits");
+                    // Dropped jobs answer their callers "not committed" (their channel closes).
+                    drop(jobs);
+                    continue;
+                }
+            }
+            let before = self.state.clone();
+            let began = Instant::now();
+            let tx = match self.conn.transaction() {
+                Ok(tx) => tx,
+                Err(e) => {
+                    error!(db = name, error = %e, "cannot begin a transaction");
+                    drop(jobs);
+                    continue;
+                }
+            };
+            commits += 1;
+            let mut answers: Vec<Answer> = Vec::with_capacity(jobs.len());
+            let mut ran = jobs.len();
+            answers.extend(jobs.into_iter().filter_map(|job| job(&tx, &mut self.state)));
+            if let Some(window) = self.options.window.filter(|_| !sync) {
+                while ran < 16 * max && began.elapsed() < window {
+                    self.queue.fill(&rx, 4 * max);
+                    // A sync job begins a transaction of its own (it is synced with all before it).
+                    let more = self.queue.next(max, false);
+                    if more.is_empty() {
+                        break;
+                    }
+                    ran += more.len();
+                    answers.extend(more.into_iter().filter_map(|job| job(&tx, &mut self.state)));
+                }
+            }
+            jobs_done += ran as u64;
+            in_jobs += began.elapsed();
+            let committing = Instant::now();
+            let committed = tx.commit();
+            in_commit += committing.elapsed();
+            if sync {
+                if let Err(e) = self.conn.pragma_update(None, "synchronous", "NORMAL") {
+                    error!(db = name, error = %e, "cannot switch back to unsynced commits");
+                }
+            }
+            match committed {
+                Ok(()) => {
+                    (self.on_commit)(&self.state);
+                    for a in answers {
+                        a(Ok(()));
+                    }
+                }
+                Err(e) => {
+                    error!(db = name, error = %e, jobs = answers.len(), "commit failed; the transaction is rolled back and its jobs fail");
+                    self.state = before;
+                    fail(answers, &e.to_string());
+                }
+            }
+        }
+    }
+}
+
+fn fail(answers: Vec<Answer>, reason: &str) {
+    for a in answers {
+        a(Err(EngineError::NotCommitted(reason.to_owned())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(dir: &Path) -> Arc<Engine<u64>> {
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join("t.db");
+        let conn = open_sqlite(&path, true).unwrap();
+        conn.execute_batch("CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)").unwrap();
+        Engine::start(path, conn, 0u64, Options::new("test", Durability::Full), |_| {}).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_job_leaves_nothing_and_takes_no_other_job_down() {
+        let dir = std::env::temp_dir().join(format!("chat-engine-{}", uuid::Uuid::new_v4()));
+        let e = engine(&dir);
+        let (a, b, c) = tokio::join!(
+            e.write(Lane::Background, |t, n| {
+                *n += 1;
+                t.execute("INSERT INTO t (k, v) VALUES (1, 'a')", [])
+            }),
+            e.write(Lane::Background, |t, n| {
+                *n += 10;
+                t.execute("INSERT INTO t (k, v) VALUES (2, 'b')", [])?;
+                // NOT NULL: this job fails after a first insert and a state change.
+                t.execute("INSERT INTO t (k, v) VALUES (3, NULL)", [])
+            }),
+            e.write(Lane::Urgent, |t, n| {
+                *n += 100;
+                t.execute("INSERT INTO t (k, v) VALUES (4, 'd')", [])
+            }),
+        );
+        assert!(a.is_ok() && c.is_ok());
+        assert!(matches!(b, Err(EngineError::Refused(_))), "{b:?}");
+        let keys: Vec<i64> = e
+            .read(|c| c.prepare("SELECT k FROM t ORDER BY k")?.query_map([], |r| r.get(0))?.collect())
+            .await
+            .unwrap();
+        assert_eq!(keys, vec![1, 4], "the refused job's first insert was rolled back with it");
+        let state = e.write(Lane::Background, |_, n| Ok(*n)).await.unwrap();
+        assert_eq!(state, 101, "the refused job's state change was put back");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_refuses_try_write_at_once() {
+        let dir = std::env::temp_dir().join(format!("chat-engine-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.db");
+        let conn = open_sqlite(&path, true).unwrap();
+        let mut o = Options::new("test", Durability::Full);
+        o.queue = 1;
+        let e: Arc<Engine<()>> = Engine::start(path, conn, (), o, |_| {}).unwrap();
+        // Hold the writer busy, then fill its one slot.
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let busy = tokio::spawn({
+            let e = e.clone();
+            async move {
+                e.write(Lane::Background, move |_, _| {
+                    let _ = wait.recv_timeout(Duration::from_secs(5));
+                    Ok(())
+                })
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let queued = tokio::spawn({
+            let e = e.clone();
+            async move { e.try_write(Lane::Background, |_, _| Ok(())).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(matches!(e.try_write(Lane::Background, |_, _| Ok(())).await, Err(EngineError::QueueFull)));
+        go.send(()).unwrap();
+        assert!(busy.await.unwrap().is_ok() && queued.await.unwrap().is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,140 @@
+//! Group views, from the fan-out's validated output: the `delivery.queued` items of each user's
+//! stream, which carry positions. Each user's items are projected by one writer in stream order,
+//! so the rows of one user (their inbox row of a group, `user_groups`, `user_group_intervals`)
+//! have a single writer. `groups` and `group_members` are written from every member's stream, in
+//! no particular order: every write carries its position and the highest position wins.
+
+use chat_events::{ConversationId, GroupChange, GroupRole, StreamItem, UserId};
+use chat_store::{GroupMemberRow, GroupRow, UserGroupRow, Write};
+
+use super::rows::{Missing, Rows};
+use super::{analytics, history, inbox, receipts, Settings};
+
+/// The group views of one item of `user`'s stream at `offset` (deliveries).
+pub fn item(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, user: UserId, item: &StreamItem, offset: i64) -> Result<(), Missing> {
+    match item {
+        StreamItem::Message { message_id, conversation_id, sender, message_kind, body, sent_at, .. } if conversation_id.is_group() => {
+            if *sender == user {
+                // The sender's own copy writes history: once per accepted message.
+                history::group_message(out, item);
+                analytics::message(out, settings, *message_id, *sender, message_kind.as_str(), true, body, sent_at);
+            } else {
+                receipts::group_item(out, user, item);
+            }
+            inbox::group_message(out, rows, user, item, offset)
+        }
+        StreamItem::Receipt { conversation_id, .. } if conversation_id.is_group() => {
+            receipts::group_item(out, user, item);
+            Ok(())
+        }
+        StreamItem::Read { conversation_id, up_to, .. } if conversation_id.is_group() => inbox::group_read(out, rows, user, conversation_id, *up_to, offset),
+        StreamItem::Group { conversation_id, change, name, member, role, members, by, at, position } => {
+            membership(out, rows, user, Change { conv: conversation_id, change: *change, name, member: *member, role: *role, members, by: *by, at, position: *position })
+        }
+        StreamItem::Message { .. } | StreamItem::Receipt { .. } | StreamItem::Read { .. } => Ok(()),
+    }
+}
+
+/// A `group` item's fields.
+struct Change<'a> {
+    conv: &'a ConversationId,
+    change: GroupChange,
+    name: &'a Option<String>,
+    member: Option<UserId>,
+    role: Option<GroupRole>,
+    members: &'a Option<Vec<UserId>>,
+    by: UserId,
+    at: &'a chrono::DateTime<chrono::Utc>,
+    position: i64,
+}
+
+fn membership(out: &mut Vec<Write>, rows: &Rows, user: UserId, c: Change<'_>) -> Result<(), Missing> {
+    let p = c.position;
+    let name = c.name.clone().unwrap_or_default();
+    // Who the item is about: the member it names, or (created) the recipient.
+    let subject = match c.change {
+        GroupChange::Created => Some((user, true)),
+        GroupChange::MemberAdded => Some((c.member.unwrap_or(user), true)),
+        GroupChange::MemberRemoved => Some((c.member.unwrap_or(user), false)),
+        GroupChange::Renamed => None,
+    };
+    let role = c.role.unwrap_or(if c.change == GroupChange::Created && c.by == user { GroupRole::Admin } else { GroupRole::Member });
+    // A removal closes the user's open interval: read it before writing anything.
+    let interval = match subject {
+        Some((s, active)) if s == user => {
+            let since = if active { Some(p) } else { open_since(rows, user, c.conv)? };
+            since.map(|since| (since, (!active).then_some(p)))
+        }
+        _ => None,
+    };
+    // Member rows before the group row: once a reader sees the group, it sees every membership
+    // the creation made (the gateway's membership check relies on it).
+    if c.change == GroupChange::Created {
+        for m in c.members.iter().flatten() {
+            let role = if *m == c.by { GroupRole::Admin } else { GroupRole::Member };
+            out.push(Write::GroupMember(GroupMemberRow { conversation_id: c.conv.clone(), member: *m, role, active: true, position: p }));
+        }
+    }
+    if let Some((subject, active)) = subject {
+        out.push(Write::GroupMember(GroupMemberRow { conversation_id: c.conv.clone(), member: subject, role, active, position: p }));
+        if subject == user {
+            out.push(Write::UserGroup(UserGroupRow { user_id: user, conversation_id: c.conv.clone(), role, active, position: p }));
+        }
+    }
+    if let Some((since, until)) = interval {
+        out.push(Write::UserGroupInterval { user, conversation: c.conv.clone(), since, until });
+    }
+    if c.change == GroupChange::Created {
+        out.push(Write::Group(GroupRow { conversation_id: c.conv.clone(), name, creator: c.by, created_at: *c.at, position: p }));
+    } else {
+        out.push(Write::GroupName { conversation: c.conv.clone(), name, position: p });
+    }
+    Ok(())
+}
+
+/// The `since` of the user's open interval in a group (the one a removal closes).
+fn open_since(rows: &Rows, user: UserId, conv: &ConversationId) -> Result<Option<i64>, Missing> {
+    Ok(rows.intervals(user, conv)?.iter().rev().find(|(_, until)| until.is_none()).map(|(since, _)| *since))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::views::rows::{Fetched, Key};
+
+    fn group_item(change: GroupChange, member: Option<UserId>, by: UserId, position: i64) -> StreamItem {
+        StreamItem::Group {
+            conversation_id: ConversationId::group(chat_events::GroupId(uuid::Uuid::from_u128(7))),
+            change,
+            name: Some("g".into()),
+            member,
+            role: Some(GroupRole::Member),
+            members: None,
+            by,
+            at: chrono::Utc::now(),
+            position,
+        }
+    }
+
+    #[test]
+    fn a_removal_closes_the_interval_its_addition_opened() {
+        let (admin, bob) = (UserId(uuid::Uuid::from_u128(1)), UserId(uuid::Uuid::from_u128(2)));
+        let conv = ConversationId::group(chat_events::GroupId(uuid::Uuid::from_u128(7)));
+        let mut rows = Rows::default();
+        rows.insert(Key::Intervals(bob, conv.clone()), Fetched::Intervals(vec![]));
+        let mut out = Vec::new();
+        item(&mut out, &rows, &Settings::default(), bob, &group_item(GroupChange::MemberAdded, Some(bob), admin, 5), 100).unwrap();
+        for w in &out {
+            rows.note(w);
+        }
+        let mut out = Vec::new();
+        item(&mut out, &rows, &Settings::default(), bob, &group_item(GroupChange::MemberRemoved, Some(bob), admin, 9), 101).unwrap();
+        assert!(out.contains(&Write::UserGroupInterval { user: bob, conversation: conv.clone(), since: 5, until: Some(9) }), "{out:?}");
+        assert!(out.iter().any(|w| matches!(w, Write::UserGroup(g) if !g.active && g.position == 9)));
+        // Another member's copy of the same removal writes the group's rows but not bob's own.
+        let mut theirs = Vec::new();
+        item(&mut theirs, &rows, &Settings::default(), admin, &group_item(GroupChange::MemberRemoved, Some(bob), admin, 9), 55).unwrap();
+        assert!(!theirs.iter().any(|w| matches!(w, Write::UserGroup(_) | Write::UserGroupInterval { .. })));
+        assert!(theirs.iter().any(|w| matches!(w, Write::GroupMember(m) if m.member == bob && !m.active)));
+    }
+}

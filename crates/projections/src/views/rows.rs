@@ -1,0 +1,200 @@
+//! The rows a fold reads: fetched from the store once per slice of records, and kept up to date
+//! with the slice's own writes, so that a record sees what the records before it in the slice
+//! wrote even though nothing is applied until the slice is done.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chat_events::{ConversationId, MessageId, UserId};
+use chat_store::{InboxRow, MessageMeta, MessageRow, ReadMarker, StreamRow, Write};
+
+/// A row (or a range of rows) a fold needs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Key {
+    /// `inbox` of (user, conversation).
+    Inbox(UserId, ConversationId),
+    /// `read_markers` of (conversation, reader).
+    Marker(ConversationId, UserId),
+    /// `message_index` of a message.
+    Meta(MessageId),
+    /// The messages of a conversation with `after < id <= up_to`.
+    Between(ConversationId, Option<MessageId>, MessageId),
+    /// `user_stream_ids`: the position of an item in a user's stream.
+    Seq(UserId, uuid::Uuid),
+    /// A user's stream items after a position, at most [`STREAM_SCAN`].
+    StreamAfter(UserId, i64),
+    /// A user's membership intervals in a group.
+    Intervals(UserId, ConversationId),
+}
+
+/// How many stream items a [`Key::StreamAfter`] covers.
+pub const STREAM_SCAN: usize = 2_000;
+
+/// What the store answered for a [`Key`].
+#[derive(Clone, Debug)]
+pub enum Fetched {
+    Inbox(Option<InboxRow>),
+    Marker(Option<ReadMarker>),
+    Meta(Option<MessageMeta>),
+    Messages(Vec<MessageRow>),
+    Seq(Option<i64>),
+    Stream(Vec<StreamRow>),
+    Intervals(Vec<(i64, Option<i64>)>),
+}
+
+/// A fold needs a row that is not loaded yet: the driver fetches it and folds the record again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Missing(pub Key);
+
+/// The rows of one slice: what was fetched, with the slice's writes on top.
+#[derive(Default, Debug)]
+pub struct Rows {
+    fetched: HashMap<Key, Fetched>,
+    /// Messages written by the slice so far, for range reads.
+    messages: BTreeMap<(ConversationId, MessageId), MessageRow>,
+    /// Stream rows written by the slice so far, for range reads.
+    stream: BTreeMap<(UserId, i64), StreamRow>,
+    /// Interval writes of the slice so far, in order.
+    intervals: Vec<(UserId, ConversationId, i64, Option<i64>)>,
+}
+
+impl Rows {
+    /// Whether a key is loaded (a fetched key is never fetched again: the slice's writes are
+    /// already on top of it).
+    pub fn has(&self, key: &Key) -> bool {
+        self.fetched.contains_key(key)
+    }
+
+    /// Records what the store answered for a key (ignored if the key is already loaded).
+    pub fn insert(&mut self, key: Key, value: Fetched) {
+        self.fetched.entry(key).or_insert(value);
+    }
+
+    fn get(&self, key: Key) -> Result<&Fetched, Missing> {
+        self.fetched.get(&key).ok_or(Missing(key))
+    }
+
+    pub fn inbox(&self, user: UserId, conv: &ConversationId) -> Result<Option<InboxRow>, Missing> {
+        match self.get(Key::Inbox(user, conv.clone()))? {
+            Fetched::Inbox(r) => Ok(r.clone()),
+            _ => Ok(None),
+        }
+    }
+
+    pub fn marker(&self, conv: &ConversationId, reader: UserId) -> Result<Option<ReadMarker>, Missing> {
+        match self.get(Key::Marker(conv.clone(), reader))? {
+            Fetched::Marker(m) => Ok(m.clone()),
+            _ => Ok(None),
+        }
+    }
+
+    pub fn meta(&self, id: MessageId) -> Result<Option<MessageMeta>, Missing> {
+        match self.get(Key::Meta(id))? {
+            Fetched::Meta(m) => Ok(m.clone()),
+            _ => Ok(None),
+        }
+    }
+
+    /// Messages with `after < id <= up_to`, oldest first: the store's, and the slice's own.
+    pub fn messages_between(&self, conv: &ConversationId, after: Option<MessageId>, up_to: MessageId) -> Result<Vec<MessageRow>, Missing> {
+        let base = match self.get(Key::Between(conv.clone(), after, up_to))? {
+            Fetched::Messages(m) => m,
+            _ => return Ok(Vec::new()),
+        };
+        let mut all: BTreeMap<MessageId, MessageRow> = base.iter().map(|m| (m.message_id, m.clone())).collect();
+        let lo = after.unwrap_or(MessageId(uuid::Uuid::nil()));
+        for ((_, id), m) in self.messages.range((conv.clone(), lo)..=(conv.clone(), up_to)) {
+            if after.is_none_or(|a| *id > a) {
+                all.insert(*id, m.clone());
+            }
+        }
+        Ok(all.into_values().collect())
+    }
+
+    pub fn seq(&self, user: UserId, item: uuid::Uuid) -> Result<Option<i64>, Missing> {
+        match self.get(Key::Seq(user, item))? {
+            Fetched::Seq(s) => Ok(*s),
+            _ => Ok(None),
+        }
+    }
+
+    /// Stream items of a user after `after`, in order, at most [`STREAM_SCAN`]: the store's and
+    /// the slice's own.
+    pub fn stream_after(&self, user: UserId, after: i64) -> Result<Vec<StreamRow>, Missing> {
+        let base = match self.get(Key::StreamAfter(user, after))? {
+            Fetched::Stream(s) => s,
+            _ => return Ok(Vec::new()),
+        };
+        let mut all: BTreeMap<i64, StreamRow> = base.iter().map(|r| (r.seq, r.clone())).collect();
+        for ((_, seq), r) in self.stream.range((user, after + 1)..=(user, i64::MAX)) {
+            all.insert(*seq, r.clone());
+        }
+        Ok(all.into_values().take(STREAM_SCAN).collect())
+    }
+
+    /// A user's intervals `(since, until)` in a group, by `since`: the store's with the slice's
+    /// writes merged the way the tables merge them (a close stays closed).
+    pub fn intervals(&self, user: UserId, conv: &ConversationId) -> Result<Vec<(i64, Option<i64>)>, Missing> {
+        let base = match self.get(Key::Intervals(user, conv.clone()))? {
+            Fetched::Intervals(v) => v,
+            _ => return Ok(Vec::new()),
+        };
+        let mut all: BTreeMap<i64, Option<i64>> = base.iter().copied().collect();
+        for (u, c, since, until) in &self.intervals {
+            if *u == user && c == conv {
+                let e = all.entry(*since).or_insert(None);
+                *e = match (*e, *until) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        Ok(all.into_iter().collect())
+    }
+
+    /// Makes later reads of the slice see a write.
+    pub fn note(&mut self, w: &Write) {
+        match w {
+            Write::Inbox(r) => {
+                self.fetched.insert(Key::Inbox(r.user_id, r.conversation_id.clone()), Fetched::Inbox(Some(r.clone())));
+            }
+            Write::ReadMarker(m) => {
+                self.fetched.insert(Key::Marker(m.conversation_id.clone(), m.reader), Fetched::Marker(Some(m.clone())));
+            }
+            Write::Message(m) => {
+                let meta = MessageMeta {
+                    message_id: m.message_id,
+                    conversation_id: m.conversation_id.clone(),
+                    sender: m.sender,
+                    sent_at: m.sent_at,
+                    position: m.position,
+                };
+                self.fetched.insert(Key::Meta(m.message_id), Fetched::Meta(Some(meta)));
+                self.messages.insert((m.conversation_id.clone(), m.message_id), m.clone());
+            }
+            Write::Stream { user, row } => {
+                self.stream.insert((*user, row.seq), row.clone());
+            }
+            Write::StreamId { user, item_id, seq } => {
+                self.fetched.insert(Key::Seq(*user, *item_id), Fetched::Seq(Some(*seq)));
+            }
+            Write::UserGroupInterval { user, conversation, since, until } => {
+                self.intervals.push((*user, conversation.clone(), *since, *until));
+            }
+            // Nothing a fold reads back.
+            Write::User { .. }
+            | Write::AddPending { .. }
+            | Write::RemovePending { .. }
+            | Write::Receipt(_)
+            | Write::Presence { .. }
+            | Write::Group(_)
+            | Write::GroupName { .. }
+            | Write::GroupMember(_)
+            | Write::UserGroup(_)
+            | Write::Profile(_)
+            | Write::MessageStat { .. }
+            | Write::ActiveUser { .. }
+            | Write::ProfileView { .. }
+            | Write::Topic { .. } => {}
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Projection writes as data.
+//!
+//! A projection is a pure function from an event (and the rows it needs) to a list of
+//! [`Write`]s; a back-end applies a whole list at once ([`WriteStore::apply`]: one transaction on
+//! SQLite, concurrent statements on Cassandra). Every write is idempotent and carries its own
+//! merge rule (earliest receipt wins, highest position wins, a removed pending row stays
+//! removed, ...), so applying a list again, or two lists in another order where the rule says
+//! so, gives the same rows.
+//!
+//! [`Write::is_guard`] marks the rows that say "everything this event caused is written" (a
+//! stream item's id row, a read marker): a back-end that cannot apply a list atomically applies
+//! them after the others.
+
+use async_trait::async_trait;
+use chat_events::{ConversationId, EventId, MessageId, UserId};
+use chrono::{DateTime, NaiveDate, Utc};
+
+use crate::groups::{GroupMemberRow, GroupRow, UserGroupRow};
+use crate::insights::ProfileRow;
+use crate::{InboxRow, MessageRow, ReadMarker, ReceiptRow, StoreResult, StreamRow};
+
+/// One idempotent write to a projection table.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Write {
+    /// `users`: an account.
+    User { user: UserId, username: String, at: DateTime<Utc> },
+    /// `messages`, `conversation_buckets`, `message_index`: a message in history.
+    Message(MessageRow),
+    /// `inbox`: a user's row of a conversation (the whole row; written by its single writer).
+    Inbox(InboxRow),
+    /// `read_markers`: how far a member read (a guard: written after what the read caused).
+    ReadMarker(ReadMarker),
+    /// `user_stream`: an item at `row.seq` of a user's stream.
+    Stream { user: UserId, row: StreamRow },
+    /// `user_stream_ids`: the item's id → its position (a guard: written after the item and
+    /// everything it caused).
+    StreamId { user: UserId, item_id: uuid::Uuid, seq: i64 },
+    /// `pending_deliveries`: not yet delivered to any device (a no-op once removed).
+    AddPending { user: UserId, message: MessageId, conversation: ConversationId },
+    /// `pending_deliveries`: delivered, for good.
+    RemovePending { user: UserId, message: MessageId },
+    /// `receipts` and `receipts_by_user`: a transition; the earliest `at` wins.
+    Receipt(ReceiptRow),
+    /// `last_seen`: the latest change wins.
+    Presence { user: UserId, online: bool, at: DateTime<Utc> },
+    /// `groups`: the group as created (highest position wins, the name by its own position).
+    Group(GroupRow),
+    /// `groups`: a rename at `position`.
+    GroupName { conversation: ConversationId, name: String, position: i64 },
+    /// `group_members`: highest position wins.
+    GroupMember(GroupMemberRow),
+    /// `user_groups`: highest position wins.
+    UserGroup(UserGroupRow),
+    /// `user_group_intervals`: opened at `since`; closed when `until` is set (a close stays).
+    UserGroupInterval { user: UserId, conversation: ConversationId, since: i64, until: Option<i64> },
+    /// `profiles`: the latest `updated_at` wins.
+    Profile(ProfileRow),
+    /// `analytics_messages`: a set.
+    MessageStat { day: NaiveDate, kind: String, scope: String, message: MessageId },
+    /// `analytics_active_users`: a set.
+    ActiveUser { day: NaiveDate, user: UserId },
+    /// `analytics_profile_views`: a set.
+    ProfileView { viewed: UserId, day: NaiveDate, viewer: UserId, view: EventId },
+    /// `analytics_topics`: a set.
+    Topic { day: NaiveDate, topic: String, message: MessageId },
+}
+
+impl Write {
+    /// The table the write goes to (the first of them, for writes of several), for counting.
+    pub fn table(&self) -> &'static str {
+        match self {
+            Write::User { .. } => "users",
+            Write::Message(_) => "messages",
+            Write::Inbox(_) => "inbox",
+            Write::ReadMarker(_) => "read_markers",
+            Write::Stream { .. } => "user_stream",
+            Write::StreamId { .. } => "user_stream_ids",
+            Write::AddPending { .. } | Write::RemovePending { .. } => "pending_deliveries",
+            Write::Receipt(_) => "receipts",
+            Write::Presence { .. } => "last_seen",
+            Write::Group(_) | Write::GroupName { .. } => "groups",
+            Write::GroupMember(_) => "group_members",
+            Write::UserGroup(_) => "user_groups",
+            Write::UserGroupInterval { .. } => "user_group_intervals",
+            Write::Profile(_) => "profiles",
+            Write::MessageStat { .. } => "analytics_messages",
+            Write::ActiveUser { .. } => "analytics_active_users",
+            Write::ProfileView { .. } => "analytics_profile_views",
+            Write::Topic { .. } => "analytics_topics",
+        }
+    }
+
+    /// Whether the row records that an event's other writes are done (see the module doc).
+    pub fn is_guard(&self) -> bool {
+        matches!(self, Write::StreamId { .. } | Write::ReadMarker(_))
+    }
+
+    /// The key of rows that a list may hold more than one version of, each a whole new version
+    /// (the single writer's read-modify-write rows): of several in one list only the last
+    /// counts. `None` for writes whose rule merges every version (sets, earliest or highest wins).
+    pub fn replaces(&self) -> Option<(&'static str, String)> {
+        match self {
+            Write::Inbox(r) => Some(("inbox", format!("{}/{}", r.user_id, r.conversation_id))),
+            Write::ReadMarker(m) => Some(("read_markers", format!("{}/{}", m.conversation_id, m.reader))),
+            _ => None,
+        }
+    }
+}
+
+/// Refuses a list that holds a write no back-end could count later (an analytics kind or scope
+/// outside the known ones: the Cassandra back-end counts by those names). Both back-ends check
+/// before they apply anything.
+pub fn validate(writes: &[Write]) -> StoreResult<()> {
+    for w in writes {
+        if let Write::MessageStat { kind, scope, .. } = w {
+            crate::insights::check_message_stat(kind, scope)?;
+        }
+    }
+    Ok(())
+}
+
+/// Keeps, of the writes that replace a whole row, only the last one per row, where it stands
+/// (so a guard stays after everything it guards); the others keep their order.
+pub fn coalesce(writes: Vec<Write>) -> Vec<Write> {
+    let mut last: std::collections::HashMap<(&'static str, String), usize> = std::collections::HashMap::new();
+    for (i, w) in writes.iter().enumerate() {
+        if let Some(k) = w.replaces() {
+            last.insert(k, i);
+        }
+    }
+    if last.is_empty() {
+        return writes;
+    }
+    writes
+        .into_iter()
+        .enumerate()
+        .filter(|(i, w)| w.replaces().is_none_or(|k| last.get(&k) == Some(i)))
+        .map(|(_, w)| w)
+        .collect()
+}
+
+/// Applying projection writes.
+#[async_trait]
+pub trait WriteStore: Send + Sync {
+    /// Applies the writes, in order where it matters (guards after the others). On SQLite the
+    /// list is one transaction; on Cassandra its statements run concurrently, guards last. An
+    /// error leaves any subset applied; applying the list again is always safe.
+    async fn apply(&self, writes: Vec<Write>) -> StoreResult<()>;
+}
+
+/// One-write conveniences over [`WriteStore::apply`] (tests and tools).
+#[async_trait]
+pub trait WriteExt: WriteStore {
+    async fn put_user(&self, user: UserId, username: &str, at: DateTime<Utc>) -> StoreResult<()> {
+        self.apply(vec![Write::User { user, username: username.to_owned(), at }]).await
+    }
+    async fn put_message(&self, m: &MessageRow) -> StoreResult<()> {
+        self.apply(vec![Write::Message(m.clone())]).await
+    }
+    async fn put_inbox_row(&self, r: &InboxRow) -> StoreResult<()> {
+        self.apply(vec![Write::Inbox(r.clone())]).await
+    }
+    async fn put_read_marker(&self, m: &ReadMarker) -> StoreResult<()> {
+        self.apply(vec![Write::ReadMarker(m.clone())]).await
+    }
+    async fn put_receipts(&self, rows: &[ReceiptRow]) -> StoreResult<()> {
+        self.apply(rows.iter().cloned().map(Write::Receipt).collect()).await
+    }
+    /// The item, then its id row.
+    async fn put_stream_item(&self, user: UserId, row: &StreamRow) -> StoreResult<()> {
+        self.apply(vec![Write::Stream { user, row: row.clone() }, Write::StreamId { user, item_id: row.item_id, seq: row.seq }]).await
+    }
+    async fn add_pending(&self, user: UserId, message: MessageId, conversation: &ConversationId) -> StoreResult<()> {
+        self.apply(vec![Write::AddPending { user, message, conversation: conversation.clone() }]).await
+    }
+    async fn remove_pending(&self, user: UserId, message: MessageId) -> StoreResult<()> {
+        self.apply(vec![Write::RemovePending { user, message }]).await
+    }
+    async fn put_presence(&self, user: UserId, online: bool, at: DateTime<Utc>) -> StoreResult<()> {
+        self.apply(vec![Write::Presence { user, online, at }]).await
+    }
+    async fn put_group(&self, g: &GroupRow) -> StoreResult<()> {
+        self.apply(vec![Write::Group(g.clone())]).await
+    }
+    async fn put_group_name(&self, conversation: &ConversationId, name: &str, position: i64) -> StoreResult<()> {
+        self.apply(vec![Write::GroupName { conversation: conversation.clone(), name: name.to_owned(), position }]).await
+    }
+    async fn put_group_member(&self, m: &GroupMemberRow) -> StoreResult<()> {
+        self.apply(vec![Write::GroupMember(m.clone())]).await
+    }
+    async fn put_user_group(&self, g: &UserGroupRow) -> StoreResult<()> {
+        self.apply(vec![Write::UserGroup(g.clone())]).await
+    }
+    async fn put_user_group_interval(&self, user: UserId, conversation: &ConversationId, since: i64, until: Option<i64>) -> StoreResult<()> {
+        self.apply(vec![Write::UserGroupInterval { user, conversation: conversation.clone(), since, until }]).await
+    }
+    async fn put_profile(&self, p: &ProfileRow) -> StoreResult<()> {
+        self.apply(vec![Write::Profile(p.clone())]).await
+    }
+    async fn add_message_stat(&self, day: NaiveDate, kind: &str, scope: &str, message: MessageId) -> StoreResult<()> {
+        self.apply(vec![Write::MessageStat { day, kind: kind.to_owned(), scope: scope.to_owned(), message }]).await
+    }
+    async fn add_active_user(&self, day: NaiveDate, user: UserId) -> StoreResult<()> {
+        self.apply(vec![Write::ActiveUser { day, user }]).await
+    }
+    async fn add_profile_view(&self, viewed: UserId, day: NaiveDate, viewer: UserId, view: EventId) -> StoreResult<()> {
+        self.apply(vec![Write::ProfileView { viewed, day, viewer, view }]).await
+    }
+    async fn add_topic(&self, day: NaiveDate, topic: &str, message: MessageId) -> StoreResult<()> {
+        self.apply(vec![Write::Topic { day, topic: topic.to_owned(), message }]).await
+    }
+}
+
+impl<T: WriteStore + ?Sized> WriteExt for T {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marker(n: i64) -> Write {
+        Write::ReadMarker(ReadMarker {
+            conversation_id: ConversationId::direct(UserId(uuid::Uuid::from_u128(1)), UserId(uuid::Uuid::from_u128(2))),
+            reader: UserId(uuid::Uuid::from_u128(1)),
+            up_to: MessageId(uuid::Uuid::from_u128(n as u128)),
+            applied_offset: n,
+        })
+    }
+
+    #[test]
+    fn only_the_last_version_of_a_replaced_row_stays() {
+        let active = Write::ActiveUser { day: NaiveDate::from_ymd_opt(2026, 1, 1).unwrap_or_default(), user: UserId(uuid::Uuid::from_u128(9)) };
+        let out = coalesce(vec![marker(1), active.clone(), marker(2), active.clone()]);
+        assert_eq!(out, vec![active.clone(), marker(2), active]);
+    }
+}
