@@ -353,6 +353,28 @@ impl Platform {
         Ok((addr, tokio::spawn(chat_gateway::serve(chat, listener, shutdown))))
     }
 
+    /// Projection tables of an older layout are rebuilt from the log: dropped and created anew,
+    /// and the projection group forgets its offsets so that it starts at offset zero. Embedded
+    /// (`chat run`, the only process on its data directory) does it at start; in a cluster
+    /// `chat migrate` does it, with every worker stopped, and a worker refuses to project onto
+    /// tables of an older layout.
+    async fn upgrade_projections(&self, allowed: bool) -> anyhow::Result<()> {
+        let layout = self.tables.projection_layout().await?;
+        if layout >= chat_store::PROJECTION_LAYOUT {
+            return Ok(());
+        }
+        if !allowed {
+            bail!(
+                "the projection tables are in layout {layout}, this version writes layout {}: stop every worker and run `chat migrate` (it rebuilds them from the log)",
+                chat_store::PROJECTION_LAYOUT
+            );
+        }
+        warn!(from = layout, to = chat_store::PROJECTION_LAYOUT, "projection tables of an older layout: rebuilding them from the log");
+        self.log.delete_group(&self.cfg.projection_group).await.context("resetting the projection group")?;
+        self.tables.reset_projections().await.context("recreating the projection tables")?;
+        Ok(())
+    }
+
     /// Starts the configured worker stages.
     async fn start_workers(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<Vec<JoinHandle<()>>> {
         let mut tasks = Vec::new();
@@ -495,6 +517,9 @@ fn cluster_only(cfg: &Config, role: &str) -> anyhow::Result<()> {
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
     let p = Platform::open(cfg).await?;
+    if p.cfg.stages.iter().any(|s| s == "projections") {
+        p.upgrade_projections(p.cfg.data_dir().is_some()).await?;
+    }
     let signal = shutdown_signal();
     // Workers stop after the gateway: what the gateway appends while closing (presence going
     // offline) is projected before the process exits, and offsets are stored last.
@@ -603,9 +628,8 @@ async fn audit(cfg: Config, q: AuditQuery) -> anyhow::Result<()> {
         AuditQuery::Receipts { message } => {
             let id: chat_events::MessageId = message.parse().map_err(|_| anyhow::anyhow!("--message is not a message id"))?;
             let meta = p.tables.find_message(id).await?.with_context(|| format!("no message {id}"))?;
-            let receipts = p.tables.receipts(id).await?;
-            let summary = chat_gateway::service::ReceiptSummary::of(&receipts);
-            print_json(&serde_json::json!({"message_id": id, "conversation_id": meta.conversation_id, "sender": meta.sender, "summary": summary, "receipts": receipts}))
+            // The same timeline as `GET /v1/audit/messages/{id}/receipts`.
+            print_json(&chat_gateway::insights::AuditTimeline::of(p.tables.as_ref(), &meta).await?)
         }
         AuditQuery::UserReceipts { user, .. } => {
             let (from, to) = time_range(from.as_deref(), to.as_deref()).map_err(cli_error)?;
@@ -763,6 +787,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Worker => {
             cluster_only(&cfg, "worker")?;
             let p = Platform::open(cfg).await?;
+            if p.cfg.stages.iter().any(|s| s == "projections") {
+                p.upgrade_projections(false).await?;
+            }
             let workers = p.start_workers(shutdown_signal()).await?;
             println!("chat worker running stages {:?}", p.cfg.stages);
             for w in workers {
@@ -772,7 +799,11 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate => {
-            Platform::open(cfg).await?;
+            let p = Platform::open(cfg).await?;
+            // Data of older layouts: the command side and the fan-out's state are moved (see
+            // `TableAdmin::migrate`); projections of an older layout are rebuilt from the log.
+            p.tables.migrate().await?;
+            p.upgrade_projections(true).await?;
             println!("topics and tables are in place");
             Ok(())
         }

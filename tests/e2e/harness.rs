@@ -95,6 +95,9 @@ pub struct Scope {
     /// Embedded: the data directory and the fixed port `chat run` listens on across restarts.
     pub data_dir: PathBuf,
     pub port: u16,
+    /// The consumer groups (projections, fan-out), when not the scope's own (a data directory
+    /// made elsewhere, with the default names).
+    pub groups: Option<(String, String)>,
 }
 
 fn bin() -> &'static str {
@@ -135,6 +138,7 @@ impl Scope {
             data_dir: log_dir.join("data"),
             port: free_port(),
             log_dir,
+            groups: None,
         };
         eprintln!("[{name}] {mode:?} scope {tag}, logs in {}", scope.log_dir.display());
         if mode == Mode::Embedded {
@@ -176,8 +180,8 @@ impl Scope {
             ("CHAT_REDIS_PREFIX".into(), self.redis_prefix.clone()),
             ("CHAT_PARTITIONS".into(), PARTITIONS.to_string()),
             ("CHAT_TOKEN_SECRET".into(), SECRET.into()),
-            ("CHAT_PROJECTION_GROUP".into(), format!("{}projections", self.topic_prefix)),
-            ("CHAT_FANOUT_GROUP".into(), format!("{}fanout", self.topic_prefix)),
+            ("CHAT_PROJECTION_GROUP".into(), self.projection_group()),
+            ("CHAT_FANOUT_GROUP".into(), self.fanout_group()),
             ("CHAT_LOG".into(), "info,scylla=warn,rdkafka=warn".into()),
             ("CHAT_ANALYTICS_KEYWORDS".into(), "rain,sun".into()),
         ]);
@@ -189,11 +193,11 @@ impl Scope {
     }
 
     pub fn projection_group(&self) -> String {
-        format!("{}projections", self.topic_prefix)
+        self.groups.as_ref().map(|g| g.0.clone()).unwrap_or_else(|| format!("{}projections", self.topic_prefix))
     }
 
     pub fn fanout_group(&self) -> String {
-        format!("{}fanout", self.topic_prefix)
+        self.groups.as_ref().map(|g| g.1.clone()).unwrap_or_else(|| format!("{}fanout", self.topic_prefix))
     }
 
     async fn spawn(&self, label: &str, args: &[&str], extra_env: &[(&str, String)]) -> (Child, PathBuf) {
@@ -549,9 +553,14 @@ impl Ws {
 
     /// Sends a text message; `None` if the connection failed before the `sent` frame.
     pub async fn try_send_text(&mut self, to: &str, client_msg_id: &str, body: &str) -> Option<Value> {
+        self.try_send_text_as(to, client_msg_id, body, false).await
+    }
+
+    /// As [`Ws::try_send_text`]; `retry` marks a re-send of a `client_msg_id` that got no `sent`.
+    pub async fn try_send_text_as(&mut self, to: &str, client_msg_id: &str, body: &str, retry: bool) -> Option<Value> {
         let r = self.next_ref;
         self.next_ref += 1;
-        let frame = json!({"type": "send", "ref": r, "client_msg_id": client_msg_id, "to": to, "body": body});
+        let frame = json!({"type": "send", "ref": r, "client_msg_id": client_msg_id, "to": to, "body": body, "retry": retry});
         self.sink.send(Message::Text(frame.to_string().into())).await.ok()?;
         loop {
             let f = self.read(Duration::from_secs(30)).await?;

@@ -201,8 +201,186 @@ async fn c_retried_send_is_one_message(mode: Mode) {
     assert_eq!(sums["pending_deliveries"].rows, 2);
 }
 
+/// The `message.sent` events of one `client_msg_id` in the conversations topic.
+fn sends_of(s: &Scope, cmid: &str) -> Vec<Value> {
+    s.read_topic(TopicKind::Conversations).into_iter().filter(|e| e["type"] == "message.sent" && e["data"]["client_msg_id"] == cmid).collect()
+}
+
+/// c2. A gateway appended a send and died before the client got `sent`: the client re-sends
+/// (`retry`) to a gateway that never saw the first attempt and gets the first attempt's message
+/// id and time; the recipient gets one message.
+async fn c2_retry_after_a_crash_between_append_and_ack(mode: Mode) {
+    let s = Scope::new("c2", mode).await;
+    let gw = s.gateway("n1").await;
+    let _worker = s.worker().await;
+    let alice = gw.register("alice").await;
+    let bob = gw.register("bob").await;
+    let (a_id, b_id): (chat_events::UserId, chat_events::UserId) = (alice.id.parse().unwrap(), bob.id.parse().unwrap());
+    let conv = chat_events::ConversationId::direct(a_id, b_id);
+    // What the dead gateway appended: a message.sent that no client heard of.
+    let first = chat_events::Envelope::new(
+        chat_events::derive_id::message_sent(a_id, "lost-ack"),
+        Some(a_id),
+        chat_events::Event::MessageSent(chat_events::MessageSent {
+            message_id: chat_events::MessageId::new_v7(),
+            conversation_id: conv.clone(),
+            sender: a_id,
+            sender_device: "phone".parse().unwrap(),
+            client_msg_id: "lost-ack".into(),
+            kind: chat_events::MessageKind::Text,
+            body: "did it arrive?".into(),
+            media: None,
+        }),
+    );
+    let chat_events::Event::MessageSent(m) = &first.event else { unreachable!() };
+    let first_id = m.message_id.to_string();
+    let gw = match mode {
+        Mode::Cluster => {
+            chat_events::append_event(&s.log(), &s.topics(), &first).await.expect("append");
+            gw
+        }
+        Mode::Embedded => {
+            // The one process stops; the append lands in its data directory; a new one starts.
+            gw.proc.terminate().await;
+            let log = chat_events::embedded::EmbeddedLog::open(&s.data_dir, 10).expect("open the log");
+            chat_events::append_event(&log, &s.topics(), &first).await.expect("append");
+            drop(log);
+            s.gateway("n1b").await
+        }
+    };
+    let mut a = gw.connect(&alice, "phone").await;
+    let again = a.try_send_text_as(&bob.id, "lost-ack", "did it arrive?", true).await.expect("the re-send is answered");
+    assert_eq!(again["message_id"], json!(first_id), "the first attempt's id: {again}");
+    assert_eq!(again["sent_at"], json!(chat_events::format_time(&first.occurred_at)), "and its time");
+    // Once more, on a fresh connection: the same answer.
+    a.close().await;
+    let mut a = gw.connect(&alice, "laptop").await;
+    let third = a.try_send_text_as(&bob.id, "lost-ack", "did it arrive?", true).await.expect("answered");
+    assert_eq!(third["message_id"], json!(first_id));
+    // Other content under the same id is a reuse.
+    let reuse = a.request(json!({"type": "send", "client_msg_id": "lost-ack", "to": bob.id, "body": "something else", "retry": true})).await;
+    assert_eq!(reuse["code"], "client_msg_id_reused", "{reuse}");
+
+    s.wait_settled(T).await;
+    let mut b = gw.connect(&bob, "phone").await;
+    let (items, _) = b.sync_until(None, 1, T).await;
+    let got: Vec<&Value> = items.iter().filter(|i| i["client_msg_id"] == "lost-ack").collect();
+    assert_eq!(got.len(), 1, "one message: {items:?}");
+    assert_eq!(got[0]["message_id"], json!(first_id));
+    let (_, page) = gw.get(&bob.token, &format!("/v1/conversations/{conv}/messages")).await;
+    assert_eq!(page["messages"].as_array().unwrap().len(), 1, "one history row: {page}");
+}
+
+/// c3. Two attempts of one send at once on two nodes, one of them a re-send: the log may get two
+/// appends; the fan-out keeps the first and drops the other. The re-send is answered with the
+/// message the fan-out kept; the recipient gets one message; the id of a dropped append (named
+/// only in the answer of the attempt that was not marked as a re-send) is never delivered.
+async fn c3_concurrent_attempts_on_two_nodes(mode: Mode) {
+    let s = Scope::new("c3", mode).await;
+    let n1 = s.gateway("n1").await;
+    let n2 = s.gateway("n2").await;
+    let _worker = s.worker().await;
+    let alice = n1.register("alice").await;
+    let bob = n1.register("bob").await;
+    let mut delivered = Vec::new();
+    for round in 0..5 {
+        let cmid = format!("race-{round}");
+        let mut a1 = n1.connect(&alice, "phone").await;
+        let mut a2 = n2.connect(&alice, "phone").await;
+        let (plain, retried) = tokio::join!(
+            a1.try_send_text_as(&bob.id, &cmid, "once", false),
+            a2.try_send_text_as(&bob.id, &cmid, "once", true),
+        );
+        let (plain, retried) = (plain.expect("answered"), retried.expect("answered"));
+        // A third attempt, marked, on the first node: the same answer as the marked one.
+        let third = a1.try_send_text_as(&bob.id, &cmid, "once", true).await.expect("answered");
+        assert_eq!(third["message_id"], retried["message_id"], "round {round}");
+        delivered.push((cmid, plain["message_id"].clone(), retried["message_id"].clone()));
+    }
+    s.wait_settled(T).await;
+    let mut b = n1.connect(&bob, "phone").await;
+    let (items, _) = b.sync_until(None, delivered.len(), T).await;
+    for (cmid, plain, retried) in &delivered {
+        let got: Vec<&Value> = items.iter().filter(|i| i["client_msg_id"] == json!(cmid)).collect();
+        assert_eq!(got.len(), 1, "{cmid}: one message: {items:?}");
+        assert_eq!(&got[0]["message_id"], retried, "{cmid}: the re-send names the message kept");
+        if plain != retried {
+            assert!(!items.iter().any(|i| &i["message_id"] == plain), "{cmid}: the dropped append is never delivered");
+        }
+        assert!(sends_of(&s, cmid).len() <= 2, "{cmid}: at most one append per attempt");
+    }
+}
+
+/// A data directory written by the release before the delivery pipeline v2 (send reservations and
+/// owner rows in `commands.db`, projections in layout 1; `tests/fixtures/v1-data`, made by
+/// `tests/fixtures/make_v1_data.py`) is migrated when `chat run` opens it: accounts stay, the
+/// projections are rebuilt from the log (same messages, receipts and cursors), a re-send of an
+/// old `client_msg_id` gets its old message, an old message can still be acknowledged, new
+/// messages flow, and a rebuild equals the live tables.
+async fn migrates_a_v1_data_directory(mode: Mode) {
+    let mut s = Scope::new("v1", mode).await;
+    // The fixture was written with the default names.
+    s.topic_prefix = "chat.".into();
+    s.groups = Some(("chat-projections".into(), "chat-fanout".into()));
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1-data");
+    std::fs::create_dir_all(&s.data_dir).expect("data dir");
+    for f in ["log.db", "commands.db", "tables.db", "token-secret"] {
+        std::fs::copy(fixture.join(f), s.data_dir.join(f)).expect("copy the fixture");
+    }
+    let ids: Value = serde_json::from_slice(&std::fs::read(fixture.join("ids.json")).expect("ids.json")).expect("ids");
+    let gw = s.gateway("n1").await;
+    let login = |name: &str| {
+        let gw = &gw;
+        let name = name.to_owned();
+        let id = ids["users"][&name].as_str().unwrap().to_owned();
+        async move { User { token: gw.login(&name).await, id, name } }
+    };
+    let (alice, bob) = (login("alice").await, login("bob").await);
+    let direct = ids["direct"].as_str().unwrap();
+
+    // The projections are rebuilt from the log: bob's whole stream, history and receipts.
+    let mut b = gw.connect(&bob, "phone").await;
+    let (items, _) = b.sync_until(None, 6, T).await;
+    let bodies: Vec<&str> = items.iter().filter(|i| i["kind"] == "message").filter_map(|i| i["body"].as_str()).collect();
+    assert_eq!(bodies, ["v1 one", "v1 two", "v1 three", "v1 four", "v1 group"], "{items:?}");
+    let (_, page) = gw.get(&bob.token, &format!("/v1/conversations/{direct}/messages")).await;
+    assert_eq!(page["messages"].as_array().unwrap().len(), 4, "{page}");
+    let one = ids["v1 one"].as_str().unwrap();
+    let (st, r) = gw.get(&alice.token, &format!("/v1/messages/{one}/receipts")).await;
+    assert_eq!(st, 200, "{r}");
+    let statuses: Vec<&str> = r["receipts"].as_array().unwrap().iter().map(|x| x["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["sent", "delivered", "seen"], "{r}");
+    let (_, convs) = gw.get(&bob.token, "/v1/conversations").await;
+    let row = convs["conversations"].as_array().unwrap().iter().find(|c| c["conversation_id"] == json!(direct)).cloned().unwrap_or_default();
+    assert_eq!(row["unread"], 2, "v1 two and three are unread: {convs}");
+
+    // A re-send of an old client_msg_id gets the old message (its reservation moved to sends).
+    let mut a = gw.connect(&alice, "phone").await;
+    let again = a.try_send_text_as(&bob.id, "v1-three", "v1 three", true).await.expect("answered");
+    assert_eq!(again["message_id"], ids["v1 three"], "{again}");
+    // An old message (an id minted before tags) can still be acknowledged and read.
+    let three = ids["v1 three"].as_str().unwrap();
+    assert_eq!(b.request(json!({"type": "delivered", "conversation_id": direct, "message_ids": [three]})).await["type"], "ack");
+    assert_eq!(b.request(json!({"type": "read", "conversation_id": direct, "up_to": three})).await["type"], "ack");
+    // New messages flow.
+    let new = a.send_text(&bob.id, "v2-one", "after the upgrade").await;
+    b.expect("the new message", T, |f| f["type"] == "message" && f["message_id"] == new["message_id"]).await;
+    s.wait_settled(T).await;
+    let (items, _) = b.sync_until(None, 7, T).await;
+    assert_eq!(items.iter().filter(|i| i["kind"] == "message").count(), 6, "one new message, nothing doubled: {items:?}");
+    let (_, convs) = gw.get(&bob.token, "/v1/conversations").await;
+    let row = convs["conversations"].as_array().unwrap().iter().find(|c| c["conversation_id"] == json!(direct)).cloned().unwrap_or_default();
+    assert_eq!(row["unread"], 1, "read up to three; the new one is unread: {convs}");
+
+    gw.proc.terminate().await;
+    let out = s.chat(&["rebuild"]).await;
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert!(out.status.success(), "rebuild differs: {report:#}\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// Sends `n` messages from each of several pairs, concurrently. A sender whose connection
-/// fails (server killed) reconnects and re-sends the same `client_msg_id` until it is acked.
+/// fails (server killed) reconnects and re-sends the same `client_msg_id` (marked as a re-send)
+/// until it is acked.
 async fn traffic(ws_url: String, pairs: Vec<(User, User)>, n: usize, tag: &str) {
     let mut tasks = Vec::new();
     for (from, to) in &pairs {
@@ -211,6 +389,7 @@ async fn traffic(ws_url: String, pairs: Vec<(User, User)>, n: usize, tag: &str) 
             let mut ws: Option<Ws> = None;
             for i in 0..n {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+                let mut attempt = 0;
                 loop {
                     assert!(tokio::time::Instant::now() < deadline, "message {i} of {} never acked", from.name);
                     let Some(conn) = ws.as_mut() else {
@@ -220,7 +399,8 @@ async fn traffic(ws_url: String, pairs: Vec<(User, User)>, n: usize, tag: &str) 
                         }
                         continue;
                     };
-                    match conn.try_send_text(&to, &format!("{tag}-{i}"), &format!("{tag} #{i}")).await {
+                    attempt += 1;
+                    match conn.try_send_text_as(&to, &format!("{tag}-{i}"), &format!("{tag} #{i}"), attempt > 1).await {
                         Some(_) => break,
                         None => ws = None,
                     }
@@ -634,6 +814,8 @@ mod cluster {
         a_two_nodes_send_deliver_read_receipts,
         b_offline_sync_is_complete_ordered_and_unique,
         c_retried_send_is_one_message,
+        c2_retry_after_a_crash_between_append_and_ack,
+        c3_concurrent_attempts_on_two_nodes,
         d_sigkill_loses_and_duplicates_nothing,
         e_rebuild_gives_identical_tables,
         f_presence_follows_the_last_device,
@@ -662,6 +844,7 @@ mod embedded {
         a_two_nodes_send_deliver_read_receipts,
         b_offline_sync_is_complete_ordered_and_unique,
         c_retried_send_is_one_message,
+        c2_retry_after_a_crash_between_append_and_ack,
         d_sigkill_loses_and_duplicates_nothing,
         e_rebuild_gives_identical_tables,
         f_presence_follows_the_last_device,
@@ -671,6 +854,7 @@ mod embedded {
         token_expiry_closes_the_socket,
         concurrent_registrations_of_one_name,
         sigkill_keeps_every_acked_message,
+        migrates_a_v1_data_directory,
     );
     scenarios!(Mode::Embedded;
         groups_membership_as_of_each_message,

@@ -298,6 +298,9 @@ pub enum StreamItem {
         body: String,
         #[serde(serialize_with = "serialize_time")]
         sent_at: DateTime<Utc>,
+        /// The device that sent the message: on the sender's own copy only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sender_device: Option<String>,
         /// Offset of the `message.sent` in the conversation's partition (set for groups, where
         /// membership is decided by position).
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -327,6 +330,9 @@ pub enum StreamItem {
         up_to: MessageId,
         #[serde(serialize_with = "serialize_time")]
         at: DateTime<Utc>,
+        /// The device that read.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device_id: Option<String>,
     },
     /// A change of a group the user is (or was just) in.
     Group {
@@ -378,6 +384,30 @@ pub fn serialize_time<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S
 pub struct DeliveryQueued {
     pub recipient: UserId,
     pub item: StreamItem,
+    /// Where the fan-out made it (version 2; absent in version 1 records): the event it routed
+    /// and which of that event's outputs this is. A fan-out that routes an event again (after a
+    /// crash, before its offset was committed) makes the same outputs with the same sources, so
+    /// a projection keeps, per user and source partition, the highest source it applied and
+    /// drops anything at or below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+}
+
+/// The position of a fan-out output: the routed event's partition and offset in the
+/// conversations topic, and the output's index among that event's outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    pub partition: i32,
+    pub offset: i64,
+    pub index: u32,
+}
+
+impl Source {
+    /// (offset, index) as one number that orders like the pair (indexes below 2^16).
+    pub fn packed(&self) -> i64 {
+        (self.offset << 16) | i64::from(self.index.min(0xffff))
+    }
 }
 
 /// Every event type. Exhaustive matches over it are how a new type reaches every consumer.
@@ -407,7 +437,7 @@ pub const EVENT_TYPES: &[(&str, u32)] = &[
     ("message.delivered", 1),
     ("message.read", 1),
     ("presence.changed", 1),
-    ("delivery.queued", 1),
+    ("delivery.queued", 2),
     ("group.created", 1),
     ("group.renamed", 1),
     ("group.member_added", 1),
@@ -449,7 +479,6 @@ impl Event {
             | Event::MessageDelivered(_)
             | Event::MessageRead(_)
             | Event::PresenceChanged(_)
-            | Event::DeliveryQueued(_)
             | Event::GroupCreated(_)
             | Event::GroupRenamed(_)
             | Event::GroupMemberAdded(_)
@@ -459,6 +488,8 @@ impl Event {
             | Event::ProfileViewed(_)
             | Event::AuditAccessed(_)
             | Event::MediaUploaded(_) => 1,
+            // 2: with `source`.
+            Event::DeliveryQueued(_) => 2,
         }
     }
 
@@ -587,6 +618,7 @@ impl Event {
             type_name: type_name.to_owned(),
             reason: e.to_string(),
         };
+        let reason = |r: &str| CodecError::BadData { type_name: type_name.to_owned(), reason: r.to_owned() };
         // Upcasting lives here: match an older (type, version) and convert its data.
         match (type_name, version) {
             ("user.registered", 1) => serde_json::from_value(data).map(Event::UserRegistered).map_err(bad),
@@ -594,7 +626,13 @@ impl Event {
             ("message.delivered", 1) => serde_json::from_value(data).map(Event::MessageDelivered).map_err(bad),
             ("message.read", 1) => serde_json::from_value(data).map(Event::MessageRead).map_err(bad),
             ("presence.changed", 1) => serde_json::from_value(data).map(Event::PresenceChanged).map_err(bad),
-            ("delivery.queued", 1) => serde_json::from_value(data).map(Event::DeliveryQueued).map_err(bad),
+            // Version 1 had no `source`; version 2 always has one.
+            ("delivery.queued", 1) => serde_json::from_value::<DeliveryQueued>(data)
+                .map_err(bad)
+                .and_then(|q| if q.source.is_none() { Ok(Event::DeliveryQueued(q)) } else { Err(reason("version 1 has no source")) }),
+            ("delivery.queued", 2) => serde_json::from_value::<DeliveryQueued>(data)
+                .map_err(bad)
+                .and_then(|q| if q.source.is_some() { Ok(Event::DeliveryQueued(q)) } else { Err(reason("version 2 needs a source")) }),
             ("group.created", 1) => serde_json::from_value(data).map(Event::GroupCreated).map_err(bad),
             ("group.renamed", 1) => serde_json::from_value(data).map(Event::GroupRenamed).map_err(bad),
             ("group.member_added", 1) => serde_json::from_value(data).map(Event::GroupMemberAdded).map_err(bad),
@@ -781,6 +819,7 @@ pub fn fixtures() -> Vec<Envelope> {
         message_kind: MessageKind::Text,
         body: "hello".into(),
         sent_at: at,
+        sender_device: None,
         position: None,
         media: None,
     };
@@ -807,7 +846,7 @@ pub fn fixtures() -> Vec<Envelope> {
         position: 7,
     };
     let src = EventId::new_v7();
-    let ritem = StreamItem::Read { conversation_id: conv.clone(), up_to: msg, at };
+    let ritem = StreamItem::Read { conversation_id: conv.clone(), up_to: msg, at, device_id: Some("phone".into()) };
     vec![
         Envelope::new(
             derive_id::user_registered(alice),
@@ -851,22 +890,22 @@ pub fn fixtures() -> Vec<Envelope> {
         Envelope::new(
             derive_id::delivery_queued(bob, &item, src),
             None,
-            Event::DeliveryQueued(DeliveryQueued { recipient: bob, item }),
+            Event::DeliveryQueued(DeliveryQueued { recipient: bob, item, source: Some(Source { partition: 2, offset: 40, index: 0 }) }),
         ),
         Envelope::new(
             derive_id::delivery_queued(alice, &receipt, src),
             None,
-            Event::DeliveryQueued(DeliveryQueued { recipient: alice, item: receipt }),
+            Event::DeliveryQueued(DeliveryQueued { recipient: alice, item: receipt, source: Some(Source { partition: 2, offset: 40 + 1, index: 1 }) }),
         ),
         Envelope::new(
             derive_id::delivery_queued(bob, &ritem, src),
             None,
-            Event::DeliveryQueued(DeliveryQueued { recipient: bob, item: ritem }),
+            Event::DeliveryQueued(DeliveryQueued { recipient: bob, item: ritem, source: Some(Source { partition: 2, offset: 40 + 2, index: 2 }) }),
         ),
         Envelope::new(
             derive_id::delivery_queued(bob, &gitem, src),
             None,
-            Event::DeliveryQueued(DeliveryQueued { recipient: bob, item: gitem }),
+            Event::DeliveryQueued(DeliveryQueued { recipient: bob, item: gitem, source: Some(Source { partition: 2, offset: 40 + 3, index: 3 }) }),
         ),
         Envelope::new(
             EventId::new_v7(),
@@ -960,6 +999,17 @@ mod tests {
         for (name, _) in EVENT_TYPES {
             assert!(names.contains(name), "no fixture for {name}");
         }
+    }
+
+    #[test]
+    fn a_version_1_delivery_has_no_source_and_still_decodes() {
+        let v1 = br#"{"event_id":"01932c07-8a4e-7b3c-9d2e-1f0a9b8c7d6e","type":"delivery.queued","version":1,"occurred_at":"2026-01-01T00:00:00.000Z","key":"7f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9","data":{"recipient":"7f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9","item":{"kind":"read","conversation_id":"d.0b6e3a5c-8d7f-4e21-9a3b-5c6d7e8f9a01.7f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9","up_to":"01932c07-8a4e-7b3c-9d2e-1f0a9b8c7d6e","at":"2026-01-01T00:00:00.000Z"}}}"#;
+        let env = Envelope::decode(v1).expect("a version 1 record decodes");
+        assert!(matches!(env.event, Event::DeliveryQueued(DeliveryQueued { source: None, .. })));
+        let as_v2 = String::from_utf8_lossy(v1).replace("\"version\":1", "\"version\":2");
+        assert!(matches!(Envelope::decode(as_v2.as_bytes()), Err(CodecError::BadData { .. })), "version 2 needs a source");
+        let s = Source { partition: 1, offset: 7, index: 3 };
+        assert!(Source { offset: 7, index: 4, ..s }.packed() > s.packed() && Source { offset: 8, index: 0, ..s }.packed() > s.packed());
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub use event::{
     derive_id, format_time, now_millis, AuditAccessed, CodecError, DeliveryQueued, Envelope, Event, GroupChange, GroupCreated,
     GroupMemberAdded, GroupMemberRemoved, GroupRenamed, GroupRole, MediaAttachment, MediaUploaded, MessageDelivered, MessageKind,
     MessageRead, MessageSent,
-    PresenceChanged, PresenceStatus, ProfileUpdated, ProfileViewed, ReceiptStatus, StreamItem, UserRegistered,
+    PresenceChanged, PresenceStatus, ProfileUpdated, ProfileViewed, ReceiptStatus, Source, StreamItem, UserRegistered,
     UserRoleChanged,
 };
 pub use ids::{ConversationId, DeviceId, EventId, GroupId, IdError, MessageId, UserId};

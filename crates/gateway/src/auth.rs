@@ -14,6 +14,7 @@ pub struct Tokens {
     encoding: EncodingKey,
     decoding: DecodingKey,
     ttl: chrono::Duration,
+    ids: crate::message_ids::MessageIds,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -50,7 +51,13 @@ impl Principal {
 
 impl Tokens {
     pub fn new(secret: &[u8], ttl: chrono::Duration) -> Self {
-        Tokens { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), ttl }
+        Tokens { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), ttl, ids: crate::message_ids::MessageIds::new(secret) }
+    }
+
+    /// Message ids, tagged with a key derived from the same secret (see
+    /// [`crate::message_ids`]).
+    pub fn message_ids(&self) -> &crate::message_ids::MessageIds {
+        &self.ids
     }
 
     /// A token for a user, and when it expires.

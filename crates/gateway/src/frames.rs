@@ -65,6 +65,10 @@ pub enum ClientFrame {
         /// What the client knows about the media.
         #[serde(default)]
         metadata: Option<MediaMetadata>,
+        /// This `client_msg_id` was sent before without a `sent` answer (a re-send): the answer
+        /// names the first attempt's message, whichever node it reached.
+        #[serde(default)]
+        retry: bool,
     },
     /// This device received these messages.
     Delivered {
@@ -268,7 +272,7 @@ impl ServerFrame {
             StreamItem::Group { conversation_id, change, name, member, role, by, at, .. } => {
                 ServerFrame::Group { conversation_id, change, name, member, role, by, at }
             }
-            StreamItem::Read { conversation_id, up_to, at } => ServerFrame::Read { conversation_id, up_to, at },
+            StreamItem::Read { conversation_id, up_to, at, .. } => ServerFrame::Read { conversation_id, up_to, at },
         }
     }
 }

@@ -41,6 +41,31 @@ pub struct AuditTimeline {
     pub receipts: Vec<ReceiptRow>,
 }
 
+impl AuditTimeline {
+    /// Every recipient's every transition for one message, oldest first: what the stored
+    /// timeline has, plus a direct message's `sent` transition, which is not stored (the
+    /// message's own row says when it was sent and to whom). One code path for the HTTP endpoints
+    /// and `chat audit receipts`.
+    pub async fn of(store: &dyn crate::service::GatewayStore, meta: &chat_store::MessageMeta) -> Result<AuditTimeline, chat_store::StoreError> {
+        let mut receipts = store.receipts(meta.message_id).await?;
+        if let Some(peer) = meta.conversation_id.peer_of(meta.sender) {
+            if !receipts.iter().any(|r| r.status == chat_events::ReceiptStatus::Sent && r.recipient == peer) {
+                receipts.push(ReceiptRow {
+                    message_id: meta.message_id,
+                    recipient: peer,
+                    status: chat_events::ReceiptStatus::Sent,
+                    device_id: String::new(),
+                    at: meta.sent_at,
+                    conversation_id: meta.conversation_id.clone(),
+                });
+            }
+        }
+        receipts.sort_by(|a, b| (a.at, a.recipient, a.status, &a.device_id).cmp(&(b.at, b.recipient, b.status, &b.device_id)));
+        let summary = ReceiptSummary::of(&receipts);
+        Ok(AuditTimeline { message_id: meta.message_id, conversation_id: meta.conversation_id.clone(), sender: meta.sender, sent_at: meta.sent_at, summary, receipts })
+    }
+}
+
 fn ser_time<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_time(t))
 }
@@ -172,10 +197,7 @@ impl Chat {
         let id: MessageId = message_id.parse().map_err(|_| ApiError::not_found())?;
         self.audit_record(auditor, "message_receipts", Some(id.to_string()), None, None).await?;
         let meta = self.store.find_message(id).await?.ok_or_else(ApiError::not_found)?;
-        let mut receipts = self.store.receipts(id).await?;
-        receipts.sort_by(|a, b| a.at.cmp(&b.at).then(a.recipient.cmp(&b.recipient)).then(a.status.cmp(&b.status)));
-        let summary = ReceiptSummary::of(&receipts);
-        Ok(AuditTimeline { message_id: id, conversation_id: meta.conversation_id, sender: meta.sender, sent_at: meta.sent_at, summary, receipts })
+        Ok(AuditTimeline::of(self.store.as_ref(), &meta).await?)
     }
 
     /// Every receipt of one user (as a recipient) in a time range.

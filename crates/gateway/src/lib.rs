@@ -24,8 +24,10 @@ pub mod hub;
 pub mod insights;
 pub mod local_routing;
 pub mod media;
+pub mod message_ids;
 pub mod metrics;
 pub mod routing;
+pub mod sends;
 pub mod service;
 pub mod ws;
 

@@ -11,10 +11,9 @@ use chat_events::{
     MessageId, MessageKind, MessageRead, MessageSent, PresenceChanged, PresenceStatus, ReceiptStatus, StreamItem, Topics,
     UserId, UserRegistered,
 };
-use chat_store::{Account, InboxRow, MessageRow, ReceiptRow, SendReservation};
+use chat_store::{content_sha256, Account, InboxRow, MessageRow, ReceiptRow, SendRecord};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 
 use crate::auth::{hash_password, verify_password, KdfPool, Tokens};
@@ -23,6 +22,14 @@ use crate::frames::{Ref, ServerFrame, SyncItem};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::routing::{ConnRef, Push, Routing};
+use crate::sends::{Claim, SendDone, SendState};
+
+/// How long a re-send that appended waits for the fan-out to decide which attempt is the message.
+const DECISION_WAIT: Duration = Duration::from_secs(10);
+
+fn reused() -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, "client_msg_id_reused", "this client_msg_id was used for another message")
+}
 
 /// Everything the gateway reads and gates on: a back-end's tables.
 pub use chat_store::Tables as GatewayStore;
@@ -66,6 +73,8 @@ pub struct SendCommand {
     pub body: String,
     pub media_id: Option<String>,
     pub metadata: Option<crate::frames::MediaMetadata>,
+    /// A re-send of a `client_msg_id` that got no answer (see [`Chat::send`]).
+    pub retry: bool,
 }
 
 /// One WebSocket connection's identity.
@@ -93,6 +102,8 @@ pub struct Chat {
     pub media: Option<crate::media::MediaStorage>,
     /// Users known to exist (they never stop existing): saves a read per send.
     known_users: Mutex<HashSet<UserId>>,
+    /// Sends this node answered or is answering, for same-node retries and concurrent attempts.
+    recent: crate::sends::RecentSends,
     /// Password hashing, bounded (see [`KdfPool`]).
     kdf: KdfPool,
 }
@@ -213,7 +224,21 @@ impl Chat {
         limits: Limits,
         metrics: Metrics,
     ) -> Self {
-        Chat { log, topics, store, routing, hub, tokens, node, limits, metrics, media: None, known_users: Mutex::new(HashSet::new()), kdf: KdfPool::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2), 256) }
+        Chat {
+            log,
+            topics,
+            store,
+            routing,
+            hub,
+            tokens,
+            node,
+            limits,
+            metrics,
+            media: None,
+            known_users: Mutex::new(HashSet::new()),
+            recent: crate::sends::RecentSends::new(crate::sends::RECENT_SENDS),
+            kdf: KdfPool::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2), 256),
+        }
     }
 
     /// With media storage.
@@ -310,7 +335,7 @@ impl Chat {
 
     /// Accepts a message: gate on (sender, client_msg_id), append, then ack; push afterwards.
     pub async fn send(&self, ctx: &ConnCtx, cmd: SendCommand) -> Result<ServerFrame, ApiError> {
-        let SendCommand { r#ref, client_msg_id, to, conversation_id, kind, body, media_id, metadata } = cmd;
+        let SendCommand { r#ref, client_msg_id, to, conversation_id, kind, body, media_id, metadata, retry } = cmd;
         let started = Instant::now();
         if client_msg_id.is_empty() || client_msg_id.len() > 64 {
             return Err(bad("invalid_client_msg_id", "client_msg_id must be 1-64 bytes"));
@@ -365,53 +390,39 @@ impl Chat {
                 })
             }
         };
-        // The idempotency key covers what the message says: body and attachment.
-        let body_sha256 = hex::encode(Sha256::digest(format!("{body}\u{1f}{}", media_id.as_deref().unwrap_or("")).as_bytes()));
-        let mine = SendReservation {
-            sender: ctx.user,
-            client_msg_id: client_msg_id.clone(),
-            message_id: MessageId::new_v7(),
-            conversation_id: conv.clone(),
-            sent_at: now_millis(),
-            body_sha256: body_sha256.clone(),
-            committed: false,
-        };
-        // The owner row (who may see the message's receipts) is written beside the reservation,
-        // not after it: one round of durable writes instead of two. A reservation that loses to
-        // an earlier one leaves an owner row for a message id that never exists, which nothing
-        // reads.
-        let (reserved, owner) = tokio::join!(self.store.reserve_send(&mine), self.store.put_message_owner(mine.message_id, &conv, ctx.user));
-        let (reservation, must_append) = match reserved? {
-            None => {
-                owner?;
-                (mine, true)
-            }
-            Some(existing) => {
-                if existing.conversation_id != conv || existing.body_sha256 != body_sha256 {
-                    return Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        "client_msg_id_reused",
-                        "this client_msg_id was used for another message",
-                    ));
-                }
-                if existing.committed {
-                    (existing, false)
-                } else {
-                    // Another attempt holds it and has not finished: wait for it briefly; if it
-                    // never finishes (its node died), append on its behalf with the same ids.
-                    let settled = self.wait_committed(ctx.user, &client_msg_id).await?;
-                    match settled {
-                        Some(done) => (done, false),
-                        None => {
-                            self.store.put_message_owner(existing.message_id, &conv, ctx.user).await?;
-                            (existing, true)
-                        }
+        // The idempotency key covers what the message says: body and attachment (the media id as
+        // an id, whatever its spelling).
+        let content = content_sha256(&body, media.as_ref().map(|m| m.media_id.to_string()).as_deref());
+        let key = (ctx.user, client_msg_id.clone());
+        let claim = loop {
+            match self.recent.claim(&key, &conv, &content) {
+                Claim::Mine(claim) => break claim,
+                Claim::Done(done) => return Ok(sent_frame(r#ref, client_msg_id, conv, done)),
+                Claim::Reused => return Err(reused()),
+                // Another attempt on this node is under way: its answer is ours (or, if it
+                // failed, this attempt tries again).
+                Claim::Wait(mut rx) => {
+                    let _ = rx.wait_for(|s| !matches!(s, SendState::Pending)).await;
+                    let state = rx.borrow().clone();
+                    if let SendState::Done(done) = state {
+                        return Ok(sent_frame(r#ref, client_msg_id, conv, done));
                     }
                 }
             }
         };
+        // A re-send: the fan-out's record of the first attempt, if it got that far.
+        if retry {
+            if let Some(rec) = self.store.send_record(&conv, ctx.user, &client_msg_id).await? {
+                if rec.content_sha256 != content {
+                    return Err(reused());
+                }
+                let done = SendDone { message_id: rec.message_id, sent_at: rec.sent_at };
+                claim.done(done.clone());
+                return Ok(sent_frame(r#ref, client_msg_id, conv, done));
+            }
+        }
         let event = MessageSent {
-            message_id: reservation.message_id,
+            message_id: self.tokens.message_ids().mint(&conv, ctx.user),
             conversation_id: conv.clone(),
             sender: ctx.user,
             sender_device: ctx.device.clone(),
@@ -420,59 +431,59 @@ impl Chat {
             body,
             media,
         };
-        if must_append {
-            if let Some(m) = &event.media {
-                self.share(m.media_id, &conv).await?;
+        if let Some(m) = &event.media {
+            self.share(m.media_id, &conv).await?;
+        }
+        let env = Envelope {
+            event_id: derive_id::message_sent(ctx.user, &client_msg_id),
+            occurred_at: now_millis(),
+            actor: Some(ctx.user),
+            event: Event::MessageSent(event.clone()),
+        };
+        // The one durable write of a send.
+        self.append(&env).await?;
+        self.metrics.messages_sent.inc();
+        let mut done = SendDone { message_id: event.message_id, sent_at: env.occurred_at };
+        if retry {
+            // The first attempt may be in the log already, not yet decided: the fan-out keeps the
+            // first of the two in log order, and its record says which one that is.
+            let rec = self.decided(&conv, ctx.user, &client_msg_id).await?;
+            if rec.content_sha256 != content {
+                return Err(reused());
             }
-            let env = Envelope {
-                event_id: derive_id::message_sent(ctx.user, &client_msg_id),
-                occurred_at: reservation.sent_at,
-                actor: Some(ctx.user),
-                event: Event::MessageSent(event.clone()),
-            };
-            self.append(&env).await?;
-            // Marked committed in the background: the ack does not wait for it. A retry that
-            // comes before the mark waits for it (`wait_committed`); if the mark is lost, the
-            // retry appends again with the same derived event id, which every consumer collapses.
-            let store = self.store.clone();
-            let (sender, cmid) = (ctx.user, client_msg_id.clone());
-            tokio::spawn(async move {
-                if let Err(e) = store.commit_send(sender, &cmid).await {
-                    warn!(error = %e, "send reservation not marked committed");
-                }
-            });
-            self.metrics.messages_sent.inc();
-            // Group messages are pushed by the fan-out, which alone knows the members at the
-            // message's position.
-            if !conv.is_group() {
-                self.push_message(ctx, &event, reservation.sent_at).await;
-            }
+            done = SendDone { message_id: rec.message_id, sent_at: rec.sent_at };
+        }
+        claim.done(done.clone());
+        // Direct messages are pushed right after the append (a re-send only if its own append is
+        // the message); group messages by the fan-out, which alone knows the members at the
+        // message's position.
+        if !conv.is_group() && done.message_id == event.message_id {
+            self.push_message(ctx, &event, done.sent_at).await;
         }
         self.metrics.send_seconds.observe(started.elapsed().as_secs_f64());
-        Ok(ServerFrame::Sent {
-            r#ref,
-            client_msg_id,
-            message_id: reservation.message_id,
-            conversation_id: conv,
-            sent_at: reservation.sent_at,
-        })
+        Ok(sent_frame(r#ref, client_msg_id, conv, done))
     }
 
-    async fn wait_committed(&self, sender: UserId, client_msg_id: &str) -> Result<Option<SendReservation>, ApiError> {
-        // About 2 s in all: 5, 10, 20, 40, 80, then 100 ms steps (the mark usually follows the
-        // ack within milliseconds).
-        let deadline = Instant::now() + Duration::from_secs(2);
-        let mut step = Duration::from_millis(5);
-        while Instant::now() < deadline {
+    /// The fan-out's decision about a send it has in its log: waits for its record (the fan-out's
+    /// lag), up to [`DECISION_WAIT`]; past that the send is durable but undecided, and the client
+    /// is told to try again (`unavailable`).
+    async fn decided(&self, conv: &ConversationId, sender: UserId, client_msg_id: &str) -> Result<SendRecord, ApiError> {
+        let deadline = Instant::now() + DECISION_WAIT;
+        let mut step = Duration::from_millis(2);
+        loop {
+            if let Some(rec) = self.store.send_record(conv, sender, client_msg_id).await? {
+                return Ok(rec);
+            }
+            if Instant::now() >= deadline {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the message is stored but not processed yet; send it again with retry: true",
+                ));
+            }
             tokio::time::sleep(step).await;
             step = (step * 2).min(Duration::from_millis(100));
-            if let Some(r) = self.store.get_send(sender, client_msg_id).await? {
-                if r.committed {
-                    return Ok(Some(r));
-                }
-            }
         }
-        Ok(None)
     }
 
     async fn push_message(&self, ctx: &ConnCtx, m: &MessageSent, sent_at: DateTime<Utc>) {
@@ -484,6 +495,7 @@ impl Chat {
             message_kind: m.kind,
             body: m.body.clone(),
             sent_at,
+            sender_device: None,
             position: None,
             media: m.media.clone(),
         });
@@ -513,6 +525,26 @@ impl Chat {
         Ok(c)
     }
 
+    /// Whether `id` names a message of `conv` that `user` may acknowledge (`theirs`: sent by
+    /// another member) or read up to (any member's). The id's tag answers with no lookup
+    /// ([`crate::message_ids`]); an id minted before tags (or under another secret) is looked up
+    /// in the message index, which lags the log a little.
+    async fn known_message(&self, conv: &ConversationId, id: MessageId, user: UserId, theirs: bool) -> Result<bool, ApiError> {
+        let ids = self.tokens.message_ids();
+        let tagged = match conv.direct_members() {
+            Some((a, b)) => {
+                let peer = if a == user { b } else { a };
+                ids.verify(id, conv, peer) || (!theirs && ids.verify(id, conv, user))
+            }
+            // A group's tag binds the group only; the fan-out ignores a member's ack of their own.
+            None => ids.verify(id, conv, user),
+        };
+        if tagged {
+            return Ok(true);
+        }
+        Ok(matches!(self.store.find_message(id).await?, Some(m) if &m.conversation_id == conv && (!theirs || m.sender != user)))
+    }
+
     /// This device received these messages: one `message.delivered` each, then receipts pushed
     /// to the sender.
     pub async fn delivered(&self, ctx: &ConnCtx, conversation_id: &str, message_ids: &[String]) -> Result<(), ApiError> {
@@ -521,12 +553,11 @@ impl Chat {
             return Err(bad("invalid_frame", format!("give 1-{} message ids", self.limits.max_ids_per_ack)));
         }
         let ids: Vec<MessageId> = message_ids.iter().map(|s| parse_message_id(s)).collect::<Result<_, _>>()?;
-        // Only messages of this conversation sent by the other member can be acknowledged.
-        let owners = futures::future::join_all(ids.iter().map(|m| self.store.message_owner(*m))).await;
-        for owner in owners {
-            match owner? {
-                Some((c, sender)) if c == conv && sender != ctx.user => {}
-                _ => return Err(ApiError::not_found()),
+        // Only messages of this conversation sent by another member can be acknowledged.
+        let checks = futures::future::join_all(ids.iter().map(|m| self.known_message(&conv, *m, ctx.user, true))).await;
+        for known in checks {
+            if !known? {
+                return Err(ApiError::not_found());
             }
         }
         let now = now_millis();
@@ -577,9 +608,8 @@ impl Chat {
     pub async fn read(&self, ctx: &ConnCtx, conversation_id: &str, up_to: &str) -> Result<(), ApiError> {
         let conv = self.member_conv(ctx.user, conversation_id).await?;
         let up_to = parse_message_id(up_to)?;
-        match self.store.message_owner(up_to).await? {
-            Some((c, _)) if c == conv => {}
-            _ => return Err(ApiError::not_found()),
+        if !self.known_message(&conv, up_to, ctx.user, false).await? {
+            return Err(ApiError::not_found());
         }
         let env = Envelope::new(
             derive_id::message_read(&conv, ctx.user, up_to),
@@ -740,10 +770,8 @@ impl Chat {
         if !visible {
             return Err(ApiError::not_found());
         }
-        let mut receipts = self.store.receipts(id).await?;
-        receipts.sort_by(|a, b| a.at.cmp(&b.at).then(a.status.cmp(&b.status)).then(a.device_id.cmp(&b.device_id)));
-        let summary = ReceiptSummary::of(&receipts);
-        Ok(MessageReceipts { message_id: id, conversation_id: meta.conversation_id, sender: meta.sender, summary, receipts })
+        let t = crate::insights::AuditTimeline::of(self.store.as_ref(), &meta).await?;
+        Ok(MessageReceipts { message_id: id, conversation_id: t.conversation_id, sender: t.sender, summary: t.summary, receipts: t.receipts })
     }
 
     pub async fn last_seen(&self, viewer: UserId, user_id: &str) -> Result<LastSeen, ApiError> {
@@ -773,3 +801,7 @@ impl Chat {
 
 /// A valid argon2 hash of a random password, verified against when the username is unknown.
 const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2n4nDbHx4JtJ2rXqzJ0v1mJ3u8xP1h8m6R0jQ3y8e3o";
+
+fn sent_frame(r#ref: Ref, client_msg_id: String, conversation_id: ConversationId, done: SendDone) -> ServerFrame {
+    ServerFrame::Sent { r#ref, client_msg_id, message_id: done.message_id, conversation_id, sent_at: done.sent_at }
+}

@@ -203,8 +203,8 @@ async fn handle_text(chat: &Chat, ctx: &ConnCtx, text: &str) -> Option<Outbound>
         return Some(error_frame(&e, r#ref));
     }
     let result = match frame {
-        ClientFrame::Send { r#ref, client_msg_id, to, conversation_id, kind, body, media_id, metadata } => {
-            chat.send(ctx, SendCommand { r#ref, client_msg_id, to, conversation_id, kind, body, media_id, metadata }).await
+        ClientFrame::Send { r#ref, client_msg_id, to, conversation_id, kind, body, media_id, metadata, retry } => {
+            chat.send(ctx, SendCommand { r#ref, client_msg_id, to, conversation_id, kind, body, media_id, metadata, retry }).await
         }
         ClientFrame::Delivered { r#ref, conversation_id, message_ids } => chat
             .delivered(ctx, &conversation_id, &message_ids)

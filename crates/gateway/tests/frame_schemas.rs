@@ -155,6 +155,7 @@ fn items() -> Items {
         message_kind: MessageKind::Text,
         body: "hello".into(),
         sent_at: at(),
+        sender_device: Some("phone".into()),
         position,
         media: None,
     };
@@ -167,6 +168,7 @@ fn items() -> Items {
             message_kind,
             body: body.into(),
             sent_at: at(),
+            sender_device: None,
             position,
             media: Some(media),
         }
@@ -214,7 +216,7 @@ fn items() -> Items {
         receipt: receipt(conv.clone(), bob, false, None),
         group_receipt: receipt(g.clone(), bob, false, Some("phone".into())),
         all_receipt: receipt(g.clone(), alice, true, None),
-        read: StreamItem::Read { conversation_id: conv, up_to: msg, at: at() },
+        read: StreamItem::Read { conversation_id: conv, up_to: msg, at: at(), device_id: Some("phone".into()) },
         group_created: StreamItem::Group {
             conversation_id: g.clone(),
             change: GroupChange::Created,

@@ -78,6 +78,11 @@ struct Common {
     /// Receivers count this many deliveries twice (shows that duplicates are detected).
     #[arg(long, default_value_t = 0)]
     inject_dup: u64,
+    /// Receivers acknowledge every message they get (`delivered`) and read it (`read` up to it),
+    /// as a chat client with the conversation open does: each message then has its delivered and
+    /// seen receipts.
+    #[arg(long)]
+    receipts: bool,
 }
 
 #[derive(Subcommand)]
@@ -155,6 +160,14 @@ fn humantime(s: &str) -> Result<Duration, String> {
 
 fn now_nanos() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
+/// Bytes a process caused to be written to storage (`write_bytes` of `/proc/<pid>/io`: what its
+/// writes and their page-cache writeback cost the disk).
+fn proc_write_bytes(pid: Option<u32>) -> Option<u64> {
+    let path = pid.map(|p| p.to_string()).unwrap_or_else(|| "self".into());
+    let io = std::fs::read_to_string(format!("/proc/{path}/io")).ok()?;
+    io.lines().find(|l| l.starts_with("write_bytes:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// CPU seconds (user + system) and RSS in KiB of a process.
@@ -342,16 +355,28 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
 }
 
-/// Reads a receiver connection until `stop`, recording every delivery.
-fn spawn_receiver(mut ws: Ws, id: usize, receipts: Arc<Receipts>, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+/// Reads a receiver connection until `stop`, recording every delivery; with `ack`, answers each
+/// message with `delivered` and `read` (up to it) on the same connection.
+fn spawn_receiver(ws: Ws, id: usize, receipts: Arc<Receipts>, ack: bool, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut stop = stop;
+        let (mut sink, mut stream) = ws.split();
         loop {
             tokio::select! {
-                m = ws.next() => match m {
+                m = stream.next() => match m {
                     Some(Ok(Message::Text(t))) => {
                         if let Ok(v) = serde_json::from_str::<Value>(t.as_str()) {
                             receipts.record(id, &v);
+                            if ack && v["type"] == "message" {
+                                let (conv, mid) = (v["conversation_id"].clone(), v["message_id"].clone());
+                                let delivered = json!({"type": "delivered", "conversation_id": conv, "message_ids": [mid]});
+                                let read = json!({"type": "read", "conversation_id": conv, "up_to": mid});
+                                if sink.send(Message::Text(delivered.to_string().into())).await.is_err()
+                                    || sink.send(Message::Text(read.to_string().into())).await.is_err()
+                                {
+                                    return;
+                                }
+                            }
                         }
                     }
                     Some(Ok(_)) => {}
@@ -461,6 +486,7 @@ fn percentiles(h: &Histogram<u64>) -> Value {
 
 struct Measured {
     server_start: Option<(f64, u64)>,
+    server_bytes_start: Option<u64>,
     services_start: Vec<Option<(f64, u64)>>,
     self_start: Option<(f64, u64)>,
     started: Instant,
@@ -470,6 +496,7 @@ impl Measured {
     fn start(c: &Common) -> Self {
         Measured {
             server_start: c.server_pid.and_then(|p| proc_sample(Some(p))),
+            server_bytes_start: c.server_pid.and_then(|p| proc_write_bytes(Some(p))),
             services_start: c.service_pids.iter().map(|p| proc_sample(Some(*p))).collect(),
             self_start: proc_sample(None),
             started: Instant::now(),
@@ -495,8 +522,13 @@ impl Measured {
             .zip(&self.services_start)
             .map(|(p, start)| json!({"pid": p, "usage": cpu(*start, proc_sample(Some(*p)))}))
             .collect();
+        let written = match (self.server_bytes_start, c.server_pid.and_then(|p| proc_write_bytes(Some(p)))) {
+            (Some(a), Some(b)) => json!(b.saturating_sub(a)),
+            _ => Value::Null,
+        };
         json!({
             "seconds": secs,
+            "server_write_bytes": written,
             "server": cpu(self.server_start, c.server_pid.and_then(|p| proc_sample(Some(p)))),
             "services": services,
             "loadgen": cpu(self.self_start, proc_sample(None)),
@@ -695,7 +727,7 @@ async fn direct(c: &Common, client: &Client, pairs: usize, rate: f64, duration: 
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut rx_tasks = Vec::new();
     for (i, r) in receivers.iter().enumerate() {
-        rx_tasks.push(spawn_receiver(client.connect(&r.token, "rx").await?, i, receipts.clone(), stop.clone()));
+        rx_tasks.push(spawn_receiver(client.connect(&r.token, "rx").await?, i, receipts.clone(), c.receipts, stop.clone()));
     }
     let sends = Arc::new(Sends::default());
     let interval = Duration::from_secs_f64(pairs as f64 / rate);
@@ -772,7 +804,7 @@ async fn group(c: &Common, client: &Client, groups: usize, size: usize, rate: f6
         admins.push(admin.clone());
         let mut conns = futures::stream::iter(rest.iter().map(|m| client.connect(&m.token, "rx"))).buffer_unordered(128);
         while let Some(ws) = conns.next().await {
-            rx_tasks.push(spawn_receiver(ws?, receiver_id, receipts.clone(), stop.clone()));
+            rx_tasks.push(spawn_receiver(ws?, receiver_id, receipts.clone(), c.receipts, stop.clone()));
             receiver_id += 1;
         }
     }
@@ -809,6 +841,15 @@ fn summary(scenario: &str, sends: &Sends, r: &Receipts, expected: u64, rate: f64
     let last = r.last_at.lock().ok().and_then(|l| *l).map(|l| l.saturating_duration_since(started)).unwrap_or_default();
     let span = last.max(duration).as_secs_f64();
     let latency = r.latency.lock().map(|h| percentiles(&h)).unwrap_or(Value::Null);
+    // What one delivered message cost the server: CPU (user + system) and bytes written.
+    let per_message = if delivered > 0 {
+        json!({
+            "server_cpu_us": measured["server"]["cpu_seconds"].as_f64().map(|s| (s * 1e6 / delivered as f64).round()),
+            "server_write_bytes": measured["server_write_bytes"].as_u64().map(|b| b / delivered),
+        })
+    } else {
+        Value::Null
+    };
     let mut v = json!({
         "scenario": scenario,
         "offered_rate": rate,
@@ -823,6 +864,7 @@ fn summary(scenario: &str, sends: &Sends, r: &Receipts, expected: u64, rate: f64
         "delivered_per_second": (delivered as f64 / span).round(),
         "delivery_seconds": span,
         "latency_ms": latency,
+        "per_message": per_message,
         "measured": measured,
     });
     if let (Some(obj), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
@@ -843,9 +885,9 @@ fn one_line(v: &Value) -> String {
             v["connections"], v["server_rss_bytes_per_connection"], v["ramp_accepted_per_second"], v["churn"]["accepted_per_second"], v["churn"]["held_at_least"]
         ),
         Some(s) => format!(
-            "{s}: offered {}/s, delivered {}/s, p50 {} ms, p99 {} ms, p99.9 {} ms, max {} ms, sent {}, acked {}, lost {}, duplicated {}, server CPU {} cores",
+            "{s}: offered {}/s, delivered {}/s, p50 {} ms, p99 {} ms, p99.9 {} ms, max {} ms, sent {}, acked {}, lost {}, duplicated {}, server CPU {} cores, per message {} µs CPU and {} bytes written, projection lag {}",
             v["offered_rate"], v["delivered_per_second"], l["p50"], l["p99"], l["p999"], l["max"], v["sent"], v["acked"], v["lost"], v["duplicated"],
-            v["measured"]["server"]["cpu_cores_busy"]
+            v["measured"]["server"]["cpu_cores_busy"], v["per_message"]["server_cpu_us"], v["per_message"]["server_write_bytes"], v["projection_delay_ms"]
         ),
         None => v.to_string(),
     }

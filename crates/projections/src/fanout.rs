@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use chat_events::{
     derive_id, ConversationId, DeliveryQueued, Envelope, Event, EventLog, GroupChange, GroupRole, MessageDelivered,
-    MessageRead, MessageSent, ReceiptStatus, Record, StreamItem, Topics, UserId,
+    MessageRead, MessageSent, ReceiptStatus, Record, Source, StreamItem, Topics, UserId,
 };
-use chat_store::{FanoutGroup, FanoutMessage, FanoutStore, MemberInterval, StoreError};
+use chat_store::{content_sha256, FanoutGroup, FanoutMessage, FanoutStore, MemberInterval, SendRecord, StoreError};
 use tracing::debug;
 
 use crate::worker::{Handled, Handler, HandlerError};
@@ -45,6 +45,8 @@ pub struct FanOut {
     max_group_size: usize,
     /// Member intervals per group, valid while the group's `membership_version` is unchanged.
     members: Mutex<HashMap<ConversationId, CachedMembers>>,
+    /// Duplicate sends dropped since start.
+    duplicates: std::sync::atomic::AtomicU64,
 }
 
 type R<T> = Result<T, StoreError>;
@@ -61,7 +63,17 @@ fn queued(source: &Envelope, recipient: UserId, item: StreamItem) -> Envelope {
         // The source's time, so that a replayed fan-out writes identical events.
         occurred_at: source.occurred_at,
         actor: None,
-        event: Event::DeliveryQueued(DeliveryQueued { recipient, item }),
+        // The source is set when the event's outputs are complete (see `with_sources`).
+        event: Event::DeliveryQueued(DeliveryQueued { recipient, item, source: None }),
+    }
+}
+
+/// Numbers an event's outputs: each carries the event's partition and offset and its index.
+fn with_sources(outputs: &mut [Envelope], partition: i32, offset: i64) {
+    for (index, out) in outputs.iter_mut().enumerate() {
+        if let Event::DeliveryQueued(q) = &mut out.event {
+            q.source = Some(Source { partition, offset, index: index as u32 });
+        }
     }
 }
 
@@ -74,13 +86,23 @@ fn message_item(env: &Envelope, m: &MessageSent, position: Option<i64>) -> Strea
         message_kind: m.kind,
         body: m.body.clone(),
         sent_at: env.occurred_at,
+        sender_device: None,
         position,
         media: m.media.clone(),
     }
 }
 
+/// A message item for its sender's own stream: with the sending device.
+fn senders_copy(item: &StreamItem, m: &MessageSent) -> StreamItem {
+    let mut item = item.clone();
+    if let StreamItem::Message { sender_device, .. } = &mut item {
+        *sender_device = Some(m.sender_device.to_string());
+    }
+    item
+}
+
 fn read_item(env: &Envelope, r: &MessageRead) -> StreamItem {
-    StreamItem::Read { conversation_id: r.conversation_id.clone(), up_to: r.up_to, at: env.occurred_at }
+    StreamItem::Read { conversation_id: r.conversation_id.clone(), up_to: r.up_to, at: env.occurred_at, device_id: Some(r.device_id.to_string()) }
 }
 
 /// What one event of a direct conversation puts into users' streams (no state needed: the
@@ -97,7 +119,7 @@ pub fn route_direct(env: &Envelope) -> Vec<Envelope> {
             let item = message_item(env, m, None);
             // Recipient first, then the sender's own stream (for the sender's other devices).
             let recipient = if a == m.sender { b } else { a };
-            vec![queued(env, recipient, item.clone()), queued(env, m.sender, item)]
+            vec![queued(env, recipient, item.clone()), queued(env, m.sender, senders_copy(&item, m))]
         }
         Event::MessageDelivered(d) => match d.conversation_id.peer_of(d.recipient) {
             Some(sender) => vec![queued(
@@ -158,7 +180,7 @@ impl FanOut {
         pusher: Option<Arc<dyn Pusher>>,
         max_group_size: usize,
     ) -> Self {
-        FanOut { log, topics, store, pusher, max_group_size, members: Mutex::new(HashMap::new()) }
+        FanOut { log, topics, store, pusher, max_group_size, members: Mutex::new(HashMap::new()), duplicates: Default::default() }
     }
 
     /// Every membership interval of a group (from the cache while its version is current).
@@ -299,7 +321,9 @@ impl FanOut {
                         recipients: (members.len() - 1) as i32,
                     })
                     .await?;
-                Ok(to_all(&members, message_item(env, m, Some(o))))
+                let item = message_item(env, m, Some(o));
+                let own = senders_copy(&item, m);
+                Ok(members.iter().map(|i| queued(env, i.member, if i.member == m.sender { own.clone() } else { item.clone() })).collect())
             }
             Event::MessageDelivered(d) => self.group_delivered(env, &conv, d).await,
             Event::MessageRead(r) => {
@@ -419,27 +443,106 @@ impl Handler for FanOut {
     }
 }
 
+/// The key a send is deduplicated by.
+type SendKey = (ConversationId, UserId, String);
+
+fn send_key(m: &MessageSent) -> SendKey {
+    (m.conversation_id.clone(), m.sender, m.client_msg_id.clone())
+}
+
 impl FanOut {
+    /// The accepted sends of the slice's `message.sent` keys, read concurrently.
+    async fn sends_of(&self, envs: &[(usize, Envelope)]) -> R<HashMap<SendKey, Option<SendRecord>>> {
+        let keys: std::collections::HashSet<SendKey> = envs
+            .iter()
+            .filter_map(|(_, e)| match &e.event {
+                Event::MessageSent(m) => Some(send_key(m)),
+                _ => None,
+            })
+            .collect();
+        let reads: Vec<_> = keys
+            .into_iter()
+            .map(|k| {
+                Box::pin(async move {
+                    let r = self.store.send_record(&k.0, k.1, &k.2).await;
+                    (k, r)
+                })
+            })
+            .collect();
+        let mut out = HashMap::new();
+        for (k, r) in futures::future::join_all(reads).await {
+            out.insert(k, r?);
+        }
+        Ok(out)
+    }
+
     async fn route_and_append(&self, records: &[Record]) -> Result<Handled, HandlerError> {
-        // (index of the source record, output) for every output of the slice. State is written
-        // while routing (positional, so safe to write before the outputs are appended).
-        let mut outputs: Vec<(usize, Envelope)> = Vec::new();
         let mut dead = Vec::new();
+        let mut envs = Vec::with_capacity(records.len());
         for (i, rec) in records.iter().enumerate() {
             match Envelope::decode(&rec.payload) {
-                Ok(env) => match self.route(&env, rec.offset).await {
-                    Ok(out) => outputs.extend(out.into_iter().map(|o| (i, o))),
-                    Err(e) => {
-                        self.append_outputs(&outputs[..]).await.map_err(|e| e.with_dead(dead.clone()))?;
-                        return Err(HandlerError::retry(i, e).with_dead(dead));
-                    }
-                },
+                Ok(env) => envs.push((i, env)),
                 // Permanent: the worker dead-letters it and moves on.
                 Err(e) => dead.push((i, e.to_string())),
             }
         }
+        let mut sends = self.sends_of(&envs).await.map_err(|e| HandlerError::retry(0, e).with_dead(dead.clone()))?;
+        // (index of the source record, output) for every output of the slice. State is written
+        // while routing (positional, so safe to write before the outputs are appended); the
+        // accepted sends are written before the outputs, so that a fan-out that restarts in
+        // between recognises its own decision (same position) and routes the message again.
+        let mut outputs: Vec<(usize, Envelope)> = Vec::new();
+        let mut accepted: Vec<SendRecord> = Vec::new();
+        for (i, env) in &envs {
+            let offset = records[*i].offset;
+            if let Event::MessageSent(m) = &env.event {
+                match sends.get(&send_key(m)).cloned().flatten() {
+                    Some(first) if first.position != offset => {
+                        // A second append of the same send (a retry that did not find the first):
+                        // the first in log order is the message; this one reaches no one.
+                        debug!(message = %m.message_id, first = %first.message_id, "duplicate send dropped");
+                        self.duplicates.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            match self.route(env, offset).await {
+                Ok(mut out) => {
+                    with_sources(&mut out, records[*i].partition, offset);
+                    if let (Event::MessageSent(m), false) = (&env.event, out.is_empty()) {
+                        let record = SendRecord {
+                            conversation_id: m.conversation_id.clone(),
+                            sender: m.sender,
+                            client_msg_id: m.client_msg_id.clone(),
+                            message_id: m.message_id,
+                            sent_at: env.occurred_at,
+                            content_sha256: content_sha256(&m.body, m.media.as_ref().map(|a| a.media_id.to_string()).as_deref()),
+                            position: offset,
+                        };
+                        if sends.insert(send_key(m), Some(record.clone())).flatten().is_none() {
+                            accepted.push(record);
+                        }
+                    }
+                    outputs.extend(out.into_iter().map(|o| (*i, o)));
+                }
+                Err(e) => {
+                    self.record_sends(&accepted).await.map_err(|e| HandlerError::retry(0, e).with_dead(dead.clone()))?;
+                    self.append_outputs(&outputs[..]).await.map_err(|e| e.with_dead(dead.clone()))?;
+                    return Err(HandlerError::retry(*i, e).with_dead(dead));
+                }
+            }
+        }
+        self.record_sends(&accepted).await.map_err(|e| HandlerError::retry(0, e).with_dead(dead.clone()))?;
         self.append_outputs(&outputs).await.map_err(|e| e.with_dead(dead.clone()))?;
         Ok(Handled { dead })
+    }
+
+    async fn record_sends(&self, accepted: &[SendRecord]) -> R<()> {
+        if accepted.is_empty() {
+            return Ok(());
+        }
+        self.store.put_send_records(accepted).await
     }
 
     /// Appends outputs in order; on failure reports how many source records are fully done.
@@ -618,7 +721,7 @@ mod tests {
         let items = |out: Vec<Envelope>| -> Vec<(UserId, bool)> {
             out.into_iter()
                 .filter_map(|e| match e.event {
-                    Event::DeliveryQueued(DeliveryQueued { recipient, item: StreamItem::Receipt { all, .. } }) => Some((recipient, all)),
+                    Event::DeliveryQueued(DeliveryQueued { recipient, item: StreamItem::Receipt { all, .. }, .. }) => Some((recipient, all)),
                     _ => None,
                 })
                 .collect()

@@ -30,11 +30,63 @@ pub struct Projector {
     settings: Settings,
     /// Rows written per table since start (for `/metrics` and the benchmarks' rows per message).
     written: Mutex<BTreeMap<&'static str, u64>>,
+    /// Set rows this projector already applied (a conversation's day bucket, a user active on a
+    /// day): written once, not once per message.
+    applied_sets: Mutex<Bounded<SetRow>>,
+    /// Items of version 1 `delivery.queued` records (which have no source) applied recently, by
+    /// (user, item id): a repeat within the window is dropped (see [`V1_WINDOW`]).
+    v1_items: Mutex<Bounded<(chat_events::UserId, uuid::Uuid)>>,
+}
+
+/// Set rows remembered as applied, at most.
+const APPLIED_SETS: usize = 100_000;
+
+/// Version 1 items remembered, at most. A fan-out of those versions appended its last
+/// uncommitted outputs again after a restart; the repeats follow the originals closely, within
+/// far fewer records than this.
+pub const V1_WINDOW: usize = 1_000_000;
+
+/// A set that forgets its oldest members beyond a size.
+struct Bounded<T> {
+    set: HashSet<T>,
+    order: std::collections::VecDeque<T>,
+    max: usize,
+}
+
+impl<T: std::hash::Hash + Eq + Clone> Bounded<T> {
+    fn new(max: usize) -> Self {
+        Bounded { set: HashSet::new(), order: std::collections::VecDeque::new(), max }
+    }
+
+    fn contains(&self, t: &T) -> bool {
+        self.set.contains(t)
+    }
+
+    /// Adds `t`; false if it was there.
+    fn insert(&mut self, t: T) -> bool {
+        if !self.set.insert(t.clone()) {
+            return false;
+        }
+        self.order.push_back(t);
+        while self.order.len() > self.max {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
 }
 
 impl Projector {
     pub fn new(store: Arc<dyn Tables>, topics: Topics, keywords: Vec<String>) -> Self {
-        Projector { store, topics, settings: Settings { keywords }, written: Mutex::new(BTreeMap::new()) }
+        Projector {
+            store,
+            topics,
+            settings: Settings { keywords },
+            written: Mutex::new(BTreeMap::new()),
+            applied_sets: Mutex::new(Bounded::new(APPLIED_SETS)),
+            v1_items: Mutex::new(Bounded::new(V1_WINDOW)),
+        }
     }
 
     /// Rows written per table since start.
@@ -55,10 +107,7 @@ impl Projector {
         let s = &self.store;
         Ok(match key {
             Key::Inbox(u, c) => Fetched::Inbox(s.inbox_row(*u, c).await?),
-            Key::Marker(c, u) => Fetched::Marker(s.read_marker(c, *u).await?),
-            Key::Meta(m) => Fetched::Meta(s.message_meta(*m).await?),
-            Key::Between(c, after, up_to) => Fetched::Messages(s.messages_between(c, *after, *up_to).await?),
-            Key::Seq(u, item) => Fetched::Seq(s.stream_seq_of(*u, *item).await?),
+            Key::Head(u, p) => Fetched::Head(s.stream_head(*u, *p).await?),
             Key::StreamAfter(u, after) => Fetched::Stream(s.stream_after(*u, *after, views::rows::STREAM_SCAN).await?),
             Key::Intervals(u, c) => Fetched::Intervals(s.user_group_intervals(*u, c).await?),
         })
@@ -122,11 +171,18 @@ impl Projector {
     /// Applies the slice's writes; if the store refuses one for good, applies the records one by
     /// one and returns the ones refused (to be dead-lettered).
     async fn apply(&self, per_record: Vec<(usize, Vec<Write>)>) -> Result<Vec<(usize, String)>, HandlerError> {
-        let all = coalesce(per_record.iter().flat_map(|(_, w)| w.iter().cloned()).collect());
+        let all: Vec<Write> = {
+            let known = self.applied_sets.lock().unwrap_or_else(|p| p.into_inner());
+            coalesce(per_record.iter().flat_map(|(_, w)| w.iter().cloned()).filter(|w| set_row(w).is_none_or(|k| !known.contains(&k))).collect())
+        };
         let n = all.len();
         match self.store.apply(all.clone()).await {
             Ok(()) => {
                 self.count(&all);
+                let mut known = self.applied_sets.lock().unwrap_or_else(|p| p.into_inner());
+                for k in all.iter().filter_map(set_row) {
+                    known.insert(k);
+                }
                 Ok(Vec::new())
             }
             Err(StoreError::Unavailable(e)) => Err(HandlerError::retry(0, e)),
@@ -161,8 +217,26 @@ impl Handler for Projector {
                 Ok(env) => inputs.push((i, env, rec.offset)),
             }
         }
+        // Version 1 items (no source) repeated within the window, or within this slice: dropped
+        // before the fold. Remembered only once applied (a slice that fails is handled again).
+        let mut v1 = HashSet::new();
+        {
+            let seen = self.v1_items.lock().unwrap_or_else(|p| p.into_inner());
+            inputs.retain(|(_, env, _)| match &env.event {
+                chat_events::Event::DeliveryQueued(q) if q.source.is_none() => {
+                    let k = (q.recipient, env.event_id.0);
+                    !seen.contains(&k) && v1.insert(k)
+                }
+                _ => true,
+            });
+        }
         let per_record = self.fold_all(&inputs).await.map_err(|e| HandlerError::retry(0, e.to_string()))?;
         let refused = self.apply(per_record).await.map_err(|e| e.with_dead(dead.clone()))?;
+        let mut seen = self.v1_items.lock().unwrap_or_else(|p| p.into_inner());
+        for k in v1 {
+            seen.insert(k);
+        }
+        drop(seen);
         dead.extend(refused);
         dead.sort_by_key(|(i, _)| *i);
         Ok(Handled { dead })
@@ -170,6 +244,22 @@ impl Handler for Projector {
 
     async fn sync(&self) -> Result<(), String> {
         self.store.sync().await.map_err(|e| e.to_string())
+    }
+}
+
+/// A row that only ever inserts the same values (a day bucket, a user active on a day): applied
+/// once by this projector, it need not be written again.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum SetRow {
+    Bucket(chat_events::ConversationId, i32),
+    Active(chrono::NaiveDate, chat_events::UserId),
+}
+
+fn set_row(w: &Write) -> Option<SetRow> {
+    match w {
+        Write::Bucket { conversation, bucket } => Some(SetRow::Bucket(conversation.clone(), *bucket)),
+        Write::ActiveUser { day, user } => Some(SetRow::Active(*day, *user)),
+        _ => None,
     }
 }
 

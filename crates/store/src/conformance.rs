@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::{
     Write, WriteExt,
     bucket_of, Account, FanoutGroup, FanoutMessage, GroupMemberRow, GroupRow, InboxRow, MemberInterval, MessageCount, MessageMeta,
-    MessageRow, ProfileRow, ProfileViews, ReadMarker, ReceiptRow, SendReservation, StoreError, StreamRow, Tables, TopicCount,
+    MessageRow, ProfileRow, ProfileViews, ReceiptRow, SendRecord, StoreError, StreamRow, Tables, TopicCount,
     UserGroupRow, PROJECTION_TABLES,
 };
 
@@ -35,12 +35,11 @@ pub async fn run_all(tables: Arc<dyn Tables>) {
     ping_answers(t).await;
     checksums_and_truncate(t).await;
     accounts(t).await;
-    send_reservations(t).await;
-    message_owners(t).await;
+    send_records(t).await;
     media_objects(t).await;
     history(t).await;
     inbox(t).await;
-    read_markers(t).await;
+    stream_heads(t).await;
     receipts(t).await;
     stream(t).await;
     pending(t).await;
@@ -211,72 +210,37 @@ pub async fn accounts(t: &dyn Tables) {
     assert_eq!(t.account_by_name(&name).await.expect("account_by_name").map(|a| a.user_id), Some(again.user_id));
 }
 
-/// Send reservations: the first wins, later attempts get the first's message id, time and body
-/// hash; `commit_send` marks it committed.
-pub async fn send_reservations(t: &dyn Tables) {
+/// Accepted sends: read back per (conversation, sender, client_msg_id); of two records of one key
+/// the one at the lower position stays, whatever the order they are written in (a replay writes
+/// the same values); another conversation, sender or id is another key.
+pub async fn send_records(t: &dyn Tables) {
     let (sender, peer, conv) = direct();
-    let first = SendReservation {
+    let first = SendRecord {
+        conversation_id: conv.clone(),
         sender,
         client_msg_id: "c-1".into(),
         message_id: msg_id(DAY0_MS + 1),
-        conversation_id: conv.clone(),
         sent_at: at(DAY0_MS + 1),
-        body_sha256: "a".repeat(64),
-        committed: false,
+        content_sha256: "a".repeat(64),
+        position: 7,
     };
-    assert_eq!(t.get_send(sender, "c-1").await.expect("get_send"), None, "get_send before any reservation");
-    assert_eq!(t.reserve_send(&first).await.expect("reserve_send"), None, "the first reservation is ours");
-    assert_eq!(t.get_send(sender, "c-1").await.expect("get_send"), Some(first.clone()), "get_send reads the reservation back");
+    assert_eq!(t.send_record(&conv, sender, "c-1").await.expect("send_record"), None, "send_record before any");
+    let later = SendRecord { message_id: msg_id(DAY0_MS + 2), sent_at: at(DAY0_MS + 2), position: 9, ..first.clone() };
+    t.put_send_records(std::slice::from_ref(&later)).await.expect("put_send_records");
+    t.put_send_records(std::slice::from_ref(&first)).await.expect("put_send_records");
+    t.put_send_records(&[later.clone(), first.clone()]).await.expect("put_send_records again");
+    assert_eq!(t.send_record(&conv, sender, "c-1").await.expect("send_record"), Some(first.clone()), "the lower position stays, in any order");
+    let migrated = SendRecord { position: -1, message_id: msg_id(DAY0_MS), ..first.clone() };
+    t.put_send_records(std::slice::from_ref(&migrated)).await.expect("put_send_records");
+    assert_eq!(t.send_record(&conv, sender, "c-1").await.expect("send_record"), Some(migrated), "a record from before positions (-1) wins over any");
 
-    let retry = SendReservation {
-        message_id: msg_id(DAY0_MS + 2),
-        sent_at: at(DAY0_MS + 2),
-        body_sha256: "b".repeat(64),
-        conversation_id: ConversationId::direct(sender, UserId::random()),
-        ..first.clone()
-    };
-    assert_eq!(
-        t.reserve_send(&retry).await.expect("reserve_send"),
-        Some(first.clone()),
-        "a second reservation of (sender, client_msg_id) returns the first one's message id, conversation, time and body hash"
-    );
-    t.commit_send(sender, "c-1").await.expect("commit_send");
-    let committed = SendReservation { committed: true, ..first.clone() };
-    assert_eq!(t.get_send(sender, "c-1").await.expect("get_send"), Some(committed.clone()), "commit_send flips committed");
-    assert_eq!(t.reserve_send(&retry).await.expect("reserve_send"), Some(committed), "a retry after the commit sees committed");
-
-    let other_id = SendReservation { client_msg_id: "c-2".into(), ..retry.clone() };
-    assert_eq!(t.reserve_send(&other_id).await.expect("reserve_send"), None, "another client_msg_id is another reservation");
-    let other_sender = SendReservation { sender: peer, ..retry.clone() };
-    assert_eq!(t.reserve_send(&other_sender).await.expect("reserve_send"), None, "another sender's client_msg_id is theirs");
-
-    // Concurrent attempts of one (sender, client_msg_id): one wins, all others see the winner.
-    let attempts: Vec<SendReservation> =
-        (0..8).map(|i| SendReservation { client_msg_id: "c-race".into(), message_id: msg_id(DAY0_MS + 10 + i), ..first.clone() }).collect();
-    let results: Vec<Option<SendReservation>> = futures::future::join_all(attempts.iter().map(|r| t.reserve_send(r)))
-        .await
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|e| panic!("concurrent reserve_send: {e}")))
-        .collect();
-    let winners: Vec<&SendReservation> = attempts.iter().zip(&results).filter(|(_, r)| r.is_none()).map(|(a, _)| a).collect();
-    assert_eq!(winners.len(), 1, "of 8 concurrent reserve_send of one key exactly one must win, {} did", winners.len());
-    for r in results.into_iter().flatten() {
-        assert_eq!(r.message_id, winners[0].message_id, "every losing reserve_send returns the winner's message id");
-    }
+    let other_conv = ConversationId::direct(sender, UserId::random());
+    assert_eq!(t.send_record(&other_conv, sender, "c-1").await.expect("send_record"), None, "another conversation is another key");
+    assert_eq!(t.send_record(&conv, peer, "c-1").await.expect("send_record"), None, "another sender is another key");
+    assert_eq!(t.send_record(&conv, sender, "c-2").await.expect("send_record"), None, "another client_msg_id is another key");
 }
 
-/// Message owners read back; an unknown message has none.
-pub async fn message_owners(t: &dyn Tables) {
-    let (a, _, conv) = direct();
-    let m = msg_id(DAY0_MS + 5);
-    assert_eq!(t.message_owner(m).await.expect("message_owner"), None, "message_owner of an unknown message");
-    t.put_message_owner(m, &conv, a).await.expect("put_message_owner");
-    t.put_message_owner(m, &conv, a).await.expect("put_message_owner is idempotent");
-    assert_eq!(t.message_owner(m).await.expect("message_owner"), Some((conv, a)), "message_owner reads back");
-}
-
-/// History: newest-first pages with `before` across two day buckets, `messages_between`
-/// bounds, `find_message`.
+/// History: newest-first pages with `before` across two day buckets, `find_message`.
 pub async fn history(t: &dyn Tables) {
     let (a, b, conv) = direct();
     let (_, _, other) = direct();
@@ -323,28 +287,6 @@ pub async fn history(t: &dyn Tables) {
     );
     assert_eq!(ids(&page(Some(msg_id(DAY0_MS + 10 * DAY_MS)), 3).await), ids(&newest_first[0..3]), "before a later id");
 
-    let range = |after: Option<MessageId>, up_to: MessageId| async move {
-        t.messages_between(c, after, up_to).await.unwrap_or_else(|e| panic!("messages_between: {e}"))
-    };
-    assert_eq!(
-        range(None, rows[6].message_id).await,
-        rows[0..=6],
-        "messages_between(None, up_to): from the start, up_to included, oldest first"
-    );
-    assert_eq!(
-        ids(&range(Some(rows[2].message_id), rows[7].message_id).await),
-        ids(&rows[3..=7]),
-        "messages_between(after, up_to): after excluded, up_to included, across buckets"
-    );
-    assert!(range(Some(rows[7].message_id), rows[7].message_id).await.is_empty(), "messages_between(x, x) is empty");
-    assert_eq!(ids(&range(None, rows[9].message_id).await), ids(&rows), "messages_between(None, newest) is everything");
-    assert_eq!(
-        ids(&range(Some(rows[0].message_id), msg_id(DAY0_MS + 10 * DAY_MS)).await),
-        ids(&rows[1..]),
-        "messages_between up to an id that is not a message"
-    );
-    assert_eq!(ids(&range(Some(between), rows[9].message_id).await), ids(&rows[7..]), "messages_between after an id that is not a message");
-
     let meta = MessageMeta {
         message_id: rows[3].message_id,
         conversation_id: conv.clone(),
@@ -352,8 +294,7 @@ pub async fn history(t: &dyn Tables) {
         sent_at: rows[3].sent_at,
         position: rows[3].position,
     };
-    assert_eq!(t.find_message(rows[3].message_id).await.expect("find_message"), Some(meta.clone()), "find_message");
-    assert_eq!(t.message_meta(rows[3].message_id).await.expect("message_meta"), Some(meta), "message_meta");
+    assert_eq!(t.find_message(rows[3].message_id).await.expect("find_message"), Some(meta), "find_message");
     assert_eq!(t.find_message(between).await.expect("find_message"), None, "find_message of an unknown id");
 }
 
@@ -379,6 +320,8 @@ pub async fn inbox(t: &dyn Tables) {
         last_body: "héllo ✓".into(),
         last_at: at(DAY0_MS + 100),
         unread: 3,
+        first_unread_seq: Some(12),
+        read_up_to: Some(msg_id(DAY0_MS + 50)),
         applied_offset: 17,
     };
     let row2 = InboxRow {
@@ -388,6 +331,8 @@ pub async fn inbox(t: &dyn Tables) {
         last_sender: u,
         last_at: at(DAY0_MS + 200),
         unread: 0,
+        first_unread_seq: None,
+        read_up_to: None,
         applied_offset: 0,
         ..row1.clone()
     };
@@ -411,17 +356,20 @@ pub async fn inbox(t: &dyn Tables) {
     assert_eq!(t.inbox(u, 10).await.expect("inbox").len(), 2, "an overwrite adds no row");
 }
 
-/// Read markers read back and are overwritten.
-pub async fn read_markers(t: &dyn Tables) {
-    let (u, p, c) = direct();
-    assert_eq!(t.read_marker(&c, u).await.expect("read_marker"), None, "read_marker before any write");
-    let m1 = ReadMarker { conversation_id: c.clone(), reader: u, up_to: msg_id(DAY0_MS + 1), applied_offset: 5 };
-    t.put_read_marker(&m1).await.expect("put_read_marker");
-    assert_eq!(t.read_marker(&c, u).await.expect("read_marker"), Some(m1.clone()), "read_marker reads back");
-    assert_eq!(t.read_marker(&c, p).await.expect("read_marker"), None, "read markers are per reader");
-    let m2 = ReadMarker { up_to: msg_id(DAY0_MS + 2), applied_offset: 6, ..m1 };
-    t.put_read_marker(&m2).await.expect("put_read_marker");
-    assert_eq!(t.read_marker(&c, u).await.expect("read_marker"), Some(m2), "put_read_marker overwrites");
+/// Stream heads: per (user, source partition), the highest position written stays, in any
+/// order.
+pub async fn stream_heads(t: &dyn Tables) {
+    let (u, v) = (UserId::random(), UserId::random());
+    assert_eq!(t.stream_head(u, 3).await.expect("stream_head"), None, "stream_head before any write");
+    let head = |user, partition, position| Write::StreamHead { user, source_partition: partition, position };
+    t.apply(vec![head(u, 3, 70), head(u, 3, 50)]).await.expect("apply");
+    t.apply(vec![head(u, 3, 60)]).await.expect("apply");
+    t.apply(vec![head(u, 4, 5), head(v, 3, 9)]).await.expect("apply");
+    assert_eq!(t.stream_head(u, 3).await.expect("stream_head"), Some(70), "the highest position stays, in any order");
+    assert_eq!(t.stream_head(u, 4).await.expect("stream_head"), Some(5), "heads are per source partition");
+    assert_eq!(t.stream_head(v, 3).await.expect("stream_head"), Some(9), "heads are per user");
+    t.apply(vec![head(u, 3, 71)]).await.expect("apply");
+    assert_eq!(t.stream_head(u, 3).await.expect("stream_head"), Some(71));
 }
 
 fn receipt(m: MessageId, r: UserId, status: ReceiptStatus, device: &str, ms: i64, c: &ConversationId) -> ReceiptRow {
@@ -477,9 +425,6 @@ pub async fn stream(t: &dyn Tables) {
     }
     t.put_stream_item(v, &StreamRow { seq: 1, item_id: rows[0].item_id, item: "{}".into() }).await.expect("put_stream_item");
 
-    assert_eq!(t.stream_seq_of(u, rows[2].item_id).await.expect("stream_seq_of"), Some(3), "stream_seq_of finds an item's seq");
-    assert_eq!(t.stream_seq_of(u, Uuid::new_v4()).await.expect("stream_seq_of"), None, "stream_seq_of of an unknown item");
-    assert_eq!(t.stream_seq_of(v, rows[2].item_id).await.expect("stream_seq_of"), None, "stream_seq_of is per user");
     let after =
         |after: i64, limit: usize| async move { t.stream_after(u, after, limit).await.unwrap_or_else(|e| panic!("stream_after: {e}")) };
     assert_eq!(after(0, 10).await, rows, "stream_after(0) is every item, in seq order, intact");
@@ -577,6 +522,8 @@ pub async fn zero_limits(t: &dyn Tables) {
         last_body: "x".into(),
         last_at: row.sent_at,
         unread: 0,
+        first_unread_seq: None,
+        read_up_to: None,
         applied_offset: 0,
     })
     .await
@@ -1197,6 +1144,8 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         last_body: m3.body.clone(),
         last_at: m3.sent_at,
         unread,
+        first_unread_seq: None,
+        read_up_to: None,
         applied_offset: 3,
     };
     let writes = vec![
@@ -1207,11 +1156,13 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         Write::Message(m3.clone()),
         Write::Inbox(inbox(a, b, 0)),
         Write::Inbox(inbox(b, a, 2)),
-        Write::ReadMarker(ReadMarker { conversation_id: c.clone(), reader: b, up_to: m1.message_id, applied_offset: 4 }),
+        Write::Bucket { conversation: c.clone(), bucket: bucket_of(m1.message_id) },
+        Write::Bucket { conversation: c.clone(), bucket: bucket_of(m3.message_id) },
+        Write::Bucket { conversation: c.clone(), bucket: bucket_of(m2.message_id) },
         Write::Stream { user: b, row: StreamRow { seq: 1, item_id: item1, item: "{\"n\":1}".into() } },
-        Write::StreamId { user: b, item_id: item1, seq: 1 },
+        Write::StreamHead { user: b, source_partition: 0, position: 1 },
         Write::Stream { user: b, row: StreamRow { seq: 2, item_id: item2, item: "{\"n\":2}".into() } },
-        Write::StreamId { user: b, item_id: item2, seq: 2 },
+        Write::StreamHead { user: b, source_partition: 0, position: 2 },
         Write::AddPending { user: b, message: m1.message_id, conversation: c.clone() },
         Write::AddPending { user: b, message: m3.message_id, conversation: c.clone() },
         Write::RemovePending { user: b, message: m1.message_id },
@@ -1256,9 +1207,8 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         ("conversation_buckets", 2),
         ("message_index", 3),
         ("inbox", 2),
-        ("read_markers", 1),
         ("user_stream", 2),
-        ("user_stream_ids", 2),
+        ("stream_heads", 1),
         ("pending_deliveries", 1),
         ("receipts", 2),
         ("last_seen", 1),
@@ -1308,17 +1258,6 @@ pub async fn checksums_and_truncate(t: &dyn Tables) {
         created_at: at(DAY0_MS),
     };
     assert!(t.create_account(&account).await.expect("create_account"));
-    let reservation = SendReservation {
-        sender,
-        client_msg_id: "keep".into(),
-        message_id: msg_id(DAY0_MS + 9),
-        conversation_id: conv.clone(),
-        sent_at: at(DAY0_MS + 9),
-        body_sha256: "c".repeat(64),
-        committed: false,
-    };
-    assert_eq!(t.reserve_send(&reservation).await.expect("reserve_send"), None);
-    t.put_message_owner(reservation.message_id, &conv, sender).await.expect("put_message_owner");
     t.set_role(sender, "auditor", true).await.expect("set_role");
 
     // The fan-out's state, which a truncation must keep too.
@@ -1326,6 +1265,16 @@ pub async fn checksums_and_truncate(t: &dyn Tables) {
     let fgroup = FanoutGroup { conversation_id: g.clone(), name: "keep".into(), created_at: 0, membership_version: 1 };
     let fmember = interval(sender, 1, Some(3), GroupRole::Member);
     let fmessage = FanoutMessage { conversation_id: g.clone(), message_id: msg_id(DAY0_MS + 11), sender, position: 2, recipients: 1 };
+    let send = SendRecord {
+        conversation_id: conv.clone(),
+        sender,
+        client_msg_id: "keep".into(),
+        message_id: msg_id(DAY0_MS + 9),
+        sent_at: at(DAY0_MS + 9),
+        content_sha256: "c".repeat(64),
+        position: 4,
+    };
+    t.put_send_records(std::slice::from_ref(&send)).await.expect("put_send_records");
     t.put_fanout_group(&fgroup).await.expect("put_fanout_group");
     t.put_fanout_member(&g, &fmember).await.expect("put_fanout_member");
     t.put_fanout_message(&fmessage).await.expect("put_fanout_message");
@@ -1372,12 +1321,7 @@ pub async fn checksums_and_truncate(t: &dyn Tables) {
         Some(account.username.clone()),
         "truncate_projections keeps accounts by id"
     );
-    assert_eq!(t.get_send(sender, "keep").await.expect("get_send"), Some(reservation.clone()), "truncate_projections keeps send_dedup");
-    assert_eq!(
-        t.message_owner(reservation.message_id).await.expect("message_owner"),
-        Some((conv, sender)),
-        "truncate_projections keeps message_owners"
-    );
+    assert_eq!(t.send_record(&conv, sender, "keep").await.expect("send_record"), Some(send), "truncate_projections keeps sends");
     assert_eq!(t.fanout_group(&g).await.expect("fanout_group"), Some(fgroup), "truncate_projections keeps fanout_groups");
     assert_eq!(t.fanout_members(&g).await.expect("fanout_members"), vec![fmember], "truncate_projections keeps fanout_members");
     assert_eq!(

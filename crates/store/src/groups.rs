@@ -60,6 +60,10 @@ pub struct FanoutMessage {
 /// fan-out's offsets are not reset with the projections').
 #[async_trait]
 pub trait FanoutStore: crate::Durable {
+    /// The accepted send of (conversation, sender, client_msg_id), if any.
+    async fn send_record(&self, conv: &ConversationId, sender: UserId, client_msg_id: &str) -> StoreResult<Option<crate::SendRecord>>;
+    /// Records accepted sends (written before their outputs are appended).
+    async fn put_send_records(&self, records: &[crate::SendRecord]) -> StoreResult<()>;
     async fn fanout_group(&self, conv: &ConversationId) -> StoreResult<Option<FanoutGroup>>;
     async fn put_fanout_group(&self, g: &FanoutGroup) -> StoreResult<()>;
     /// Every membership interval of a group.

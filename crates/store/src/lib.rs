@@ -73,18 +73,29 @@ pub struct Account {
     pub created_at: DateTime<Utc>,
 }
 
-/// The first attempt of a send, keyed by (sender, client_msg_id).
+/// The send the fan-out accepted for (conversation, sender, client_msg_id): the first
+/// `message.sent` with that key in the conversation's log order. Later ones are duplicates (a
+/// retried send appended again) and are dropped; a gateway answers a retry with this record's id
+/// and time.
 #[derive(Clone, Debug, PartialEq)]
-pub struct SendReservation {
+pub struct SendRecord {
+    pub conversation_id: ConversationId,
     pub sender: UserId,
     pub client_msg_id: String,
     pub message_id: MessageId,
-    pub conversation_id: ConversationId,
     pub sent_at: DateTime<Utc>,
-    /// SHA-256 (hex) of the body: a retry with another body is a reuse, not a retry.
-    pub body_sha256: String,
-    /// True once the event is known to be in the log.
-    pub committed: bool,
+    /// [`content_sha256`] of the message: a retry with other content is a reuse, not a retry.
+    pub content_sha256: String,
+    /// Offset of the accepted `message.sent` in the conversation's partition (-1: accepted
+    /// before sends were recorded by position; any later append of the key is a duplicate).
+    pub position: i64,
+}
+
+/// What a send's idempotency covers (hex SHA-256): the body, a U+001F separator and the media id
+/// as the client sent it (empty for text).
+pub fn content_sha256(body: &str, media_id: Option<&str>) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(format!("{body}\u{1f}{}", media_id.unwrap_or("")).as_bytes()))
 }
 
 /// Gates checked before an event is appended.
@@ -97,17 +108,6 @@ pub trait CommandStore: Send + Sync {
     async fn account_by_name(&self, username: &str) -> StoreResult<Option<Account>>;
     /// The username of a user id, if registered.
     async fn account_by_id(&self, user: UserId) -> StoreResult<Option<String>>;
-    /// Reserves (sender, client_msg_id) for a new message. `None`: the reservation is ours;
-    /// `Some(existing)`: an earlier attempt holds it and its message id must be reused.
-    async fn reserve_send(&self, r: &SendReservation) -> StoreResult<Option<SendReservation>>;
-    /// Marks a reservation's event as appended.
-    async fn commit_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<()>;
-    /// Reads a reservation.
-    async fn get_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<Option<SendReservation>>;
-    /// Records who sent a message where (before its event is appended).
-    async fn put_message_owner(&self, message: MessageId, conv: &ConversationId, sender: UserId) -> StoreResult<()>;
-    /// The conversation and sender of a message accepted by some gateway.
-    async fn message_owner(&self, message: MessageId) -> StoreResult<Option<(ConversationId, UserId)>>;
     /// Records an uploaded media object (after it is stored, before its event).
     async fn put_media(&self, m: &MediaObject) -> StoreResult<()>;
     async fn media(&self, id: uuid::Uuid) -> StoreResult<Option<MediaObject>>;
@@ -178,16 +178,16 @@ pub struct InboxRow {
     #[serde(serialize_with = "ser_time")]
     pub last_at: DateTime<Utc>,
     pub unread: i32,
+    /// The user's stream position of the oldest message of another member not read yet (none
+    /// when nothing is unread): where a `read` starts looking for what it covers.
     #[serde(skip)]
-    pub applied_offset: i64,
-}
-
-/// How far a member has read a conversation.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ReadMarker {
-    pub conversation_id: ConversationId,
-    pub reader: UserId,
-    pub up_to: MessageId,
+    pub first_unread_seq: Option<i64>,
+    /// How far the user has read the conversation.
+    #[serde(skip)]
+    pub read_up_to: Option<MessageId>,
+    /// The offset (in the user's deliveries partition) of the last stream item applied to the
+    /// row: a redelivered item at or below it changes nothing.
+    #[serde(skip)]
     pub applied_offset: i64,
 }
 
@@ -251,18 +251,10 @@ pub trait Durable: Send + Sync {
 /// The reads projections need (their writes go through [`WriteStore::apply`]).
 #[async_trait]
 pub trait ProjectionStore: Durable + WriteStore {
-    async fn message_meta(&self, id: MessageId) -> StoreResult<Option<MessageMeta>>;
     async fn inbox_row(&self, user: UserId, conv: &ConversationId) -> StoreResult<Option<InboxRow>>;
-    async fn read_marker(&self, conv: &ConversationId, reader: UserId) -> StoreResult<Option<ReadMarker>>;
-    /// Messages with `after < id <= up_to` (all from the start when `after` is None), oldest first.
-    async fn messages_between(
-        &self,
-        conv: &ConversationId,
-        after: Option<MessageId>,
-        up_to: MessageId,
-    ) -> StoreResult<Vec<MessageRow>>;
-    /// The position of an item already in a user's stream.
-    async fn stream_seq_of(&self, user: UserId, item_id: uuid::Uuid) -> StoreResult<Option<i64>>;
+    /// The highest source ([`chat_events::Source::packed`]) applied to a user's stream from one
+    /// partition of the conversations topic.
+    async fn stream_head(&self, user: UserId, source_partition: i32) -> StoreResult<Option<i64>>;
 }
 
 /// What the gateway reads.
@@ -299,8 +291,16 @@ pub struct TableChecksum {
 /// Schema, truncation, checksums.
 #[async_trait]
 pub trait TableAdmin: Send + Sync {
-    /// Creates the keyspace and tables that do not exist.
+    /// Creates the keyspace and tables that do not exist (and moves data of older layouts of
+    /// the command side and the fan-out's state).
     async fn migrate(&self) -> StoreResult<()>;
+    /// The layout the projection tables were written in ([`PROJECTION_LAYOUT`] for tables this
+    /// version made; 1 for tables of versions before the layout was recorded).
+    async fn projection_layout(&self) -> StoreResult<u32>;
+    /// Drops every projection table (of this layout and of older ones), creates them anew and
+    /// records [`PROJECTION_LAYOUT`]: the projections are then rebuilt from the log by a
+    /// projection group that starts at offset zero.
+    async fn reset_projections(&self) -> StoreResult<()>;
     /// Empties every projection table (not the command gates), for a rebuild.
     async fn truncate_projections(&self) -> StoreResult<()>;
     /// Row count and SHA-256 over the sorted rows of every projection table.
@@ -313,6 +313,14 @@ pub trait TableAdmin: Send + Sync {
 pub trait Tables: CommandStore + ProjectionStore + ReadStore + TableAdmin + FanoutStore + GroupStore + InsightStore {}
 impl<T: CommandStore + ProjectionStore + ReadStore + TableAdmin + FanoutStore + GroupStore + InsightStore> Tables for T {}
 
+/// The layout of the projection tables this version writes. 2: the delivery pipeline v2
+/// (direct conversations projected from stream items, inbox rows with their read position,
+/// stream heads in place of item-id rows).
+pub const PROJECTION_LAYOUT: u32 = 2;
+
+/// Projection tables of older layouts, dropped by [`TableAdmin::reset_projections`].
+pub const RETIRED_PROJECTION_TABLES: &[&str] = &["read_markers", "user_stream_ids"];
+
 /// The projection tables, in the order checksums report them.
 pub const PROJECTION_TABLES: &[&str] = &[
     "users",
@@ -320,9 +328,8 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "conversation_buckets",
     "message_index",
     "inbox",
-    "read_markers",
     "user_stream",
-    "user_stream_ids",
+    "stream_heads",
     "pending_deliveries",
     "receipts",
     "last_seen",

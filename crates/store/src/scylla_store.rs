@@ -36,6 +36,8 @@ const SCHEMA: &str = include_str!("../../../schemas/cql/tables.cql");
 
 /// Write time of a receipt row: earlier events get larger write times, so the earliest wins.
 const RECEIPT_TS_BASE: i64 = 1 << 62;
+/// Write time of an accepted send: the lowest position wins.
+const SEND_TS_BASE: i64 = 1 << 62;
 /// Write times of pending rows: any delete beats any insert.
 const PENDING_INSERT_TS: i64 = 1;
 const PENDING_DELETE_TS: i64 = 2;
@@ -73,11 +75,8 @@ struct Stmts {
     delete_account_by_id: PreparedStatement,
     select_account_by_name: PreparedStatement,
     select_account_by_id: PreparedStatement,
-    reserve_send_lwt: PreparedStatement,
-    commit_send: PreparedStatement,
     select_send: PreparedStatement,
-    insert_owner: PreparedStatement,
-    select_owner: PreparedStatement,
+    insert_send: PreparedStatement,
     insert_media: PreparedStatement,
     select_media: PreparedStatement,
     publish_media: PreparedStatement,
@@ -92,20 +91,14 @@ struct Stmts {
     select_inbox_row: PreparedStatement,
     insert_inbox_row: PreparedStatement,
     select_inbox: PreparedStatement,
-    select_read_marker: PreparedStatement,
-    insert_read_marker: PreparedStatement,
     select_buckets_desc: PreparedStatement,
-    select_buckets_range: PreparedStatement,
-    select_buckets_upto: PreparedStatement,
     select_messages_before: PreparedStatement,
     select_messages_all_desc: PreparedStatement,
-    select_messages_range_asc: PreparedStatement,
-    select_messages_upto_asc: PreparedStatement,
     insert_receipt: PreparedStatement,
     select_receipts: PreparedStatement,
-    select_stream_id: PreparedStatement,
+    select_stream_head: PreparedStatement,
     insert_stream: PreparedStatement,
-    insert_stream_id: PreparedStatement,
+    insert_stream_head: PreparedStatement,
     select_stream_after: PreparedStatement,
     insert_pending: PreparedStatement,
     delete_pending: PreparedStatement,
@@ -187,8 +180,8 @@ fn message_from(t: MessageTuple) -> StoreResult<MessageRow> {
 }
 
 const INBOX_COLS: &str =
-    "user_id, conversation_id, peer_id, last_message_id, last_sender, last_kind, last_body, last_at, unread, applied_offset";
-type InboxTuple = (Uuid, String, Option<Uuid>, Uuid, Uuid, String, String, DateTime<Utc>, i32, i64);
+    "user_id, conversation_id, peer_id, last_message_id, last_sender, last_kind, last_body, last_at, unread, first_unread_seq, read_up_to, applied_offset";
+type InboxTuple = (Uuid, String, Option<Uuid>, Uuid, Uuid, String, String, DateTime<Utc>, i32, Option<i64>, Option<Uuid>, i64);
 
 fn inbox_from(t: InboxTuple) -> StoreResult<InboxRow> {
     Ok(InboxRow {
@@ -201,7 +194,9 @@ fn inbox_from(t: InboxTuple) -> StoreResult<InboxRow> {
         last_body: t.6,
         last_at: t.7,
         unread: t.8,
-        applied_offset: t.9,
+        first_unread_seq: t.9,
+        read_up_to: t.10.map(MessageId),
+        applied_offset: t.11,
     })
 }
 
@@ -230,12 +225,16 @@ impl ScyllaStore {
     async fn apply_schema(session: &Session, ks: &str, rf: u32) -> StoreResult<()> {
         let replication = format!("{{'class': 'SimpleStrategy', 'replication_factor': {rf}}}");
         // Skip the DDL round trips when every table is already there (the common restart).
-        let existing: usize = match session
+        let existing: std::collections::HashSet<String> = match session
             .query_unpaged("SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?", (ks,))
             .await
         {
-            Ok(r) => r.into_rows_result().map(|r| r.rows_num()).unwrap_or(0),
-            Err(_) => 0,
+            Ok(r) => r
+                .into_rows_result()
+                .ok()
+                .and_then(|r| r.rows::<(String,)>().ok().map(|rows| rows.filter_map(Result::ok).map(|(t,)| t).collect()))
+                .unwrap_or_default(),
+            Err(_) => Default::default(),
         };
         let statements: Vec<String> = SCHEMA
             .split("\n;")
@@ -249,15 +248,22 @@ impl ScyllaStore {
             })
             .filter(|s| !s.trim().is_empty())
             .collect();
-        let tables = statements.iter().filter(|s| s.contains("CREATE TABLE")).count();
-        if existing >= tables {
+        let wanted = statements.iter().filter_map(|s| s.split("CREATE TABLE IF NOT EXISTS ").nth(1)).filter_map(|rest| {
+            rest.split(|c: char| c.is_whitespace() || c == '(').next().and_then(|name| name.rsplit('.').next()).map(str::to_owned)
+        });
+        if wanted.into_iter().all(|t| existing.contains(&t)) && !existing.is_empty() {
             return Ok(());
         }
+        // Projection tables of versions before the layout was recorded are layout 1.
+        let fresh = !existing.contains("users");
         info!(keyspace = ks, "creating keyspace and tables");
         for stmt in statements {
             session.query_unpaged(stmt.as_str(), ()).await.map_err(unavailable)?;
         }
         session.await_schema_agreement().await.map_err(unavailable)?;
+        if fresh {
+            Self::set_layout(session, ks).await?;
+        }
         Ok(())
     }
 
@@ -287,20 +293,17 @@ impl ScyllaStore {
             ))
             .await?,
             select_account_by_id: p(format!("SELECT username FROM {ks}.accounts_by_id WHERE user_id = ?")).await?,
-            reserve_send_lwt: p(format!(
-                "INSERT INTO {ks}.send_dedup (sender, client_msg_id, message_id, conversation_id, sent_at, body_sha256, committed) VALUES (?, ?, ?, ?, ?, ?, false) IF NOT EXISTS"
-            ))
-            .await?,
-            commit_send: p(format!(
-                "UPDATE {ks}.send_dedup SET committed = true WHERE sender = ? AND client_msg_id = ?"
-            ))
-            .await?,
             select_send: p(format!(
-                "SELECT message_id, conversation_id, sent_at, body_sha256, committed FROM {ks}.send_dedup WHERE sender = ? AND client_msg_id = ?"
+                "SELECT message_id, sent_at, content_sha256, position FROM {ks}.sends WHERE sender = ? AND client_msg_id = ? AND conversation_id = ?"
             ))
             .await?,
-            insert_owner: p(format!("INSERT INTO {ks}.message_owners (message_id, conversation_id, sender) VALUES (?, ?, ?)")).await?,
-            select_owner: p(format!("SELECT conversation_id, sender FROM {ks}.message_owners WHERE message_id = ?")).await?,
+            // The first accepted send of a key stays: written with write time `2^62 - position`,
+            // so of two writes of one key the lower position wins (a replay writes the same
+            // values), whatever the order they arrive in.
+            insert_send: p(format!(
+                "INSERT INTO {ks}.sends (sender, client_msg_id, conversation_id, message_id, sent_at, content_sha256, position) VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
             insert_media: p(format!(
                 "INSERT INTO {ks}.media_objects (media_id, uploader, kind, content_type, size, sha256, created_at, public) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             ))
@@ -328,25 +331,9 @@ impl ScyllaStore {
             ))
             .await?,
             select_inbox_row: p(format!("SELECT {INBOX_COLS} FROM {ks}.inbox WHERE user_id = ? AND conversation_id = ?")).await?,
-            insert_inbox_row: p(format!("INSERT INTO {ks}.inbox ({INBOX_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")).await?,
+            insert_inbox_row: p(format!("INSERT INTO {ks}.inbox ({INBOX_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")).await?,
             select_inbox: p(format!("SELECT {INBOX_COLS} FROM {ks}.inbox WHERE user_id = ? LIMIT ?")).await?,
-            select_read_marker: p(format!(
-                "SELECT up_to, applied_offset FROM {ks}.read_markers WHERE conversation_id = ? AND reader = ?"
-            ))
-            .await?,
-            insert_read_marker: p(format!(
-                "INSERT INTO {ks}.read_markers (conversation_id, reader, up_to, applied_offset) VALUES (?, ?, ?, ?)"
-            ))
-            .await?,
             select_buckets_desc: p(format!(
-                "SELECT bucket FROM {ks}.conversation_buckets WHERE conversation_id = ? AND bucket <= ?"
-            ))
-            .await?,
-            select_buckets_range: p(format!(
-                "SELECT bucket FROM {ks}.conversation_buckets WHERE conversation_id = ? AND bucket >= ? AND bucket <= ?"
-            ))
-            .await?,
-            select_buckets_upto: p(format!(
                 "SELECT bucket FROM {ks}.conversation_buckets WHERE conversation_id = ? AND bucket <= ?"
             ))
             .await?,
@@ -358,14 +345,6 @@ impl ScyllaStore {
                 "SELECT {MESSAGE_COLS} FROM {ks}.messages WHERE conversation_id = ? AND bucket = ? LIMIT ?"
             ))
             .await?,
-            select_messages_range_asc: p(format!(
-                "SELECT {MESSAGE_COLS} FROM {ks}.messages WHERE conversation_id = ? AND bucket = ? AND message_id > ? AND message_id <= ? ORDER BY message_id ASC"
-            ))
-            .await?,
-            select_messages_upto_asc: p(format!(
-                "SELECT {MESSAGE_COLS} FROM {ks}.messages WHERE conversation_id = ? AND bucket = ? AND message_id <= ? ORDER BY message_id ASC"
-            ))
-            .await?,
             insert_receipt: p(format!(
                 "INSERT INTO {ks}.receipts (message_id, recipient, status, device_id, at, conversation_id) VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
             ))
@@ -374,9 +353,12 @@ impl ScyllaStore {
                 "SELECT message_id, recipient, status, device_id, at, conversation_id FROM {ks}.receipts WHERE message_id = ?"
             ))
             .await?,
-            select_stream_id: p(format!("SELECT seq FROM {ks}.user_stream_ids WHERE user_id = ? AND item_id = ?")).await?,
+            select_stream_head: p(format!("SELECT position FROM {ks}.stream_heads WHERE user_id = ? AND source_partition = ?")).await?,
             insert_stream: p(format!("INSERT INTO {ks}.user_stream (user_id, seq, item_id, item) VALUES (?, ?, ?, ?)")).await?,
-            insert_stream_id: p(format!("INSERT INTO {ks}.user_stream_ids (user_id, item_id, seq) VALUES (?, ?, ?)")).await?,
+            insert_stream_head: p(format!(
+                "INSERT INTO {ks}.stream_heads (user_id, source_partition, position) VALUES (?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
             select_stream_after: p(format!(
                 "SELECT seq, item_id, item FROM {ks}.user_stream WHERE user_id = ? AND seq > ? LIMIT ?"
             ))
@@ -566,6 +548,69 @@ impl ScyllaStore {
         &self.keyspace
     }
 
+    /// The one column of an unprepared query's rows (schema and metadata reads).
+    async fn query_column<T>(&self, query: String) -> StoreResult<Vec<T>>
+    where
+        T: for<'f, 'm> scylla::deserialize::value::DeserializeValue<'f, 'm>,
+    {
+        let rows = self.session.query_unpaged(query, ()).await.map_err(unavailable)?.into_rows_result().map_err(data)?;
+        let out: Vec<T> = rows.rows::<(T,)>().map_err(data)?.filter_map(Result::ok).map(|(v,)| v).collect();
+        Ok(out)
+    }
+
+    /// Records that the projection tables are in this version's layout.
+    async fn set_layout(session: &Session, ks: &str) -> StoreResult<()> {
+        session
+            .query_unpaged(format!("INSERT INTO {ks}.layout (name, version) VALUES ('projections', ?)"), (PROJECTION_LAYOUT as i32,))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Sends reserved by versions before the delivery pipeline v2 (`send_dedup`) become accepted
+    /// sends of the fan-out (`sends`, position -1: any later append of the key is a duplicate),
+    /// so that a retry spanning the upgrade still gets the first attempt's id; then the old gates
+    /// (`send_dedup`, `message_owners`) are dropped. Safe to repeat. Run by `chat migrate`, with
+    /// every node of the old version stopped (they still write those gates).
+    async fn migrate_send_gates(&self) -> StoreResult<()> {
+        let ks = &self.keyspace;
+        let tables: Vec<String> = self.query_column(format!("SELECT table_name FROM system_schema.tables WHERE keyspace_name = '{ks}'")).await?;
+        if tables.iter().any(|t| t == "send_dedup") {
+            let select = self
+                .session
+                .prepare(format!("SELECT sender, client_msg_id, message_id, conversation_id, sent_at, body_sha256 FROM {ks}.send_dedup"))
+                .await
+                .map_err(unavailable)?;
+            let mut rows = self
+                .session
+                .execute_iter(select, ())
+                .await
+                .map_err(unavailable)?
+                .rows_stream::<(Uuid, String, Uuid, String, DateTime<Utc>, String)>()
+                .map_err(data)?;
+            let mut moved = 0u64;
+            while let Some((sender, cmid, message, conv_id, sent_at, sha)) = rows.try_next().await.map_err(unavailable)? {
+                let record = SendRecord {
+                    conversation_id: conv(conv_id)?,
+                    sender: UserId(sender),
+                    client_msg_id: cmid,
+                    message_id: MessageId(message),
+                    sent_at,
+                    content_sha256: sha,
+                    position: -1,
+                };
+                self.put_send_records(&[record]).await?;
+                moved += 1;
+            }
+            info!(keyspace = %ks, sends = moved, "send reservations moved to sends");
+            self.session.query_unpaged(format!("DROP TABLE IF EXISTS {ks}.send_dedup"), ()).await.map_err(unavailable)?;
+        }
+        if tables.iter().any(|t| t == "message_owners") {
+            self.session.query_unpaged(format!("DROP TABLE IF EXISTS {ks}.message_owners"), ()).await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
     /// The replication factor used when creating the keyspace.
     pub fn replication_factor(&self) -> u32 {
         self.replication_factor
@@ -652,60 +697,10 @@ impl CommandStore for ScyllaStore {
         Ok(rows.into_iter().next().map(|(n,)| n))
     }
 
-    async fn reserve_send(&self, r: &SendReservation) -> StoreResult<Option<SendReservation>> {
-        let res = self
-            .session
-            .execute_unpaged(
-                &self.stmts.reserve_send_lwt,
-                (r.sender.0, &r.client_msg_id, r.message_id.0, r.conversation_id.as_str(), r.sent_at, &r.body_sha256),
-            )
-            .await
-            .map_err(unavailable)?;
-        let rows = res.into_rows_result().map_err(data)?;
-        let row: Row = rows.first_row().map_err(data)?;
-        let applied = row.columns.first().and_then(|c| c.as_ref()).and_then(|v| v.as_boolean()).unwrap_or(false);
-        if applied {
-            return Ok(None);
-        }
-        match self.get_send(r.sender, &r.client_msg_id).await? {
-            Some(existing) => Ok(Some(existing)),
-            None => Err(StoreError::Data("send reservation lost after a failed LWT".into())),
-        }
-    }
 
-    async fn commit_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<()> {
-        self.exec(&self.stmts.commit_send, (sender.0, client_msg_id)).await
-    }
 
-    async fn get_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<Option<SendReservation>> {
-        let rows = self
-            .rows::<(Uuid, String, DateTime<Utc>, Option<String>, Option<bool>)>(&self.stmts.select_send, (sender.0, client_msg_id))
-            .await?;
-        match rows.into_iter().next() {
-            None => Ok(None),
-            Some((m, c, at, body_sha256, committed)) => Ok(Some(SendReservation {
-                sender,
-                client_msg_id: client_msg_id.to_owned(),
-                message_id: MessageId(m),
-                conversation_id: conv(c)?,
-                sent_at: at,
-                body_sha256: body_sha256.unwrap_or_default(),
-                committed: committed.unwrap_or(false),
-            })),
-        }
-    }
 
-    async fn put_message_owner(&self, message: MessageId, c: &ConversationId, sender: UserId) -> StoreResult<()> {
-        self.exec(&self.stmts.insert_owner, (message.0, c.as_str(), sender.0)).await
-    }
 
-    async fn message_owner(&self, message: MessageId) -> StoreResult<Option<(ConversationId, UserId)>> {
-        let rows = self.rows::<(String, Uuid)>(&self.stmts.select_owner, (message.0,)).await?;
-        match rows.into_iter().next() {
-            None => Ok(None),
-            Some((c, s)) => Ok(Some((conv(c)?, UserId(s)))),
-        }
-    }
 
     async fn put_media(&self, m: &MediaObject) -> StoreResult<()> {
         self.exec(
@@ -768,13 +763,13 @@ impl ScyllaStore {
                     m.media.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default()),
                 );
                 // Different partitions: separate statements (a multi-partition batch gains nothing).
-                let (a, b, c) = futures::join!(
+                let (a, b) = futures::join!(
                     self.exec(&st.insert_message, row),
-                    self.exec(&st.insert_bucket, (m.conversation_id.as_str(), bucket)),
                     self.exec(&st.insert_message_index, (m.message_id.0, m.conversation_id.as_str(), m.sender.0, m.sent_at, m.position))
                 );
-                a.and(b).and(c)
+                a.and(b)
             }
+            Write::Bucket { conversation, bucket } => self.exec(&st.insert_bucket, (conversation.as_str(), *bucket)).await,
             Write::Inbox(r) => {
                 self.exec(
                     &st.insert_inbox_row,
@@ -788,14 +783,17 @@ impl ScyllaStore {
                         &r.last_body,
                         r.last_at,
                         r.unread,
+                        r.first_unread_seq,
+                        r.read_up_to.map(|m| m.0),
                         r.applied_offset,
                     ),
                 )
                 .await
             }
-            Write::ReadMarker(m) => self.exec(&st.insert_read_marker, (m.conversation_id.as_str(), m.reader.0, m.up_to.0, m.applied_offset)).await,
             Write::Stream { user, row } => self.exec(&st.insert_stream, (user.0, row.seq, row.item_id, &row.item)).await,
-            Write::StreamId { user, item_id, seq } => self.exec(&st.insert_stream_id, (user.0, *item_id, *seq)).await,
+            Write::StreamHead { user, source_partition, position } => {
+                self.exec(&st.insert_stream_head, (user.0, *source_partition, *position, *position)).await
+            }
             Write::AddPending { user, message, conversation } => self.exec(&st.insert_pending, (user.0, message.0, conversation.as_str())).await,
             Write::RemovePending { user, message } => self.exec(&st.delete_pending, (user.0, message.0)).await,
             Write::Receipt(r) => {
@@ -865,80 +863,19 @@ impl WriteStore for ScyllaStore {
 #[async_trait]
 impl ProjectionStore for ScyllaStore {
 
-    async fn message_meta(&self, id: MessageId) -> StoreResult<Option<MessageMeta>> {
-        self.find_message(id).await
-    }
 
     async fn inbox_row(&self, user: UserId, c: &ConversationId) -> StoreResult<Option<InboxRow>> {
         let rows = self.rows::<InboxTuple>(&self.stmts.select_inbox_row, (user.0, c.as_str())).await?;
         rows.into_iter().next().map(inbox_from).transpose()
     }
 
-    async fn read_marker(&self, c: &ConversationId, reader: UserId) -> StoreResult<Option<ReadMarker>> {
-        let rows = self.rows::<(Uuid, i64)>(&self.stmts.select_read_marker, (c.as_str(), reader.0)).await?;
-        Ok(rows.into_iter().next().map(|(up_to, applied_offset)| ReadMarker {
-            conversation_id: c.clone(),
-            reader,
-            up_to: MessageId(up_to),
-            applied_offset,
-        }))
+    async fn stream_head(&self, user: UserId, source_partition: i32) -> StoreResult<Option<i64>> {
+        let rows = self.rows::<(i64,)>(&self.stmts.select_stream_head, (user.0, source_partition)).await?;
+        Ok(rows.into_iter().next().map(|(p,)| p))
     }
 
-    async fn messages_between(
-        &self,
-        c: &ConversationId,
-        after: Option<MessageId>,
-        up_to: MessageId,
-    ) -> StoreResult<Vec<MessageRow>> {
-        let hi = bucket_of(up_to);
-        let mut buckets = match after {
-            Some(a) => self.buckets(&self.stmts.select_buckets_range, (c.as_str(), bucket_of(a), hi)).await?,
-            None => self.buckets(&self.stmts.select_buckets_upto, (c.as_str(), hi)).await?,
-        };
-        buckets.sort_unstable();
-        let mut out = Vec::new();
-        for b in buckets {
-            let rows = match after {
-                Some(a) => {
-                    let mut st = self
-                        .session
-                        .execute_iter(self.stmts.select_messages_range_asc.clone(), (c.as_str(), b, a.0, up_to.0))
-                        .await
-                        .map_err(unavailable)?
-                        .rows_stream::<MessageTuple>()
-                        .map_err(data)?;
-                    let mut v = Vec::new();
-                    while let Some(t) = st.try_next().await.map_err(unavailable)? {
-                        v.push(t);
-                    }
-                    v
-                }
-                None => {
-                    let mut st = self
-                        .session
-                        .execute_iter(self.stmts.select_messages_upto_asc.clone(), (c.as_str(), b, up_to.0))
-                        .await
-                        .map_err(unavailable)?
-                        .rows_stream::<MessageTuple>()
-                        .map_err(data)?;
-                    let mut v = Vec::new();
-                    while let Some(t) = st.try_next().await.map_err(unavailable)? {
-                        v.push(t);
-                    }
-                    v
-                }
-            };
-            for t in rows {
-                out.push(message_from(t)?);
-            }
-        }
-        Ok(out)
-    }
 
-    async fn stream_seq_of(&self, user: UserId, item_id: Uuid) -> StoreResult<Option<i64>> {
-        let rows = self.rows::<(i64,)>(&self.stmts.select_stream_id, (user.0, item_id)).await?;
-        Ok(rows.into_iter().next().map(|(s,)| s))
-    }
+
 
 }
 
@@ -1060,6 +997,34 @@ fn fanout_message_from(c: &ConversationId, (message_id, sender, position, recipi
 
 #[async_trait]
 impl FanoutStore for ScyllaStore {
+    async fn send_record(&self, c: &ConversationId, sender: UserId, client_msg_id: &str) -> StoreResult<Option<SendRecord>> {
+        let rows = self
+            .rows::<(Uuid, DateTime<Utc>, String, i64)>(&self.stmts.select_send, (sender.0, client_msg_id, c.as_str()))
+            .await?;
+        Ok(rows.into_iter().next().map(|(m, sent_at, content_sha256, position)| SendRecord {
+            conversation_id: c.clone(),
+            sender,
+            client_msg_id: client_msg_id.to_owned(),
+            message_id: MessageId(m),
+            sent_at,
+            content_sha256,
+            position,
+        }))
+    }
+
+    async fn put_send_records(&self, records: &[SendRecord]) -> StoreResult<()> {
+        let writes = records.iter().map(|r| {
+            self.exec(
+                &self.stmts.insert_send,
+                (r.sender.0, &r.client_msg_id, r.conversation_id.as_str(), r.message_id.0, r.sent_at, &r.content_sha256, r.position, SEND_TS_BASE - r.position),
+            )
+        });
+        for res in futures::future::join_all(writes).await {
+            res?;
+        }
+        Ok(())
+    }
+
     async fn fanout_group(&self, c: &ConversationId) -> StoreResult<Option<FanoutGroup>> {
         let rows = self.rows::<(String, i64, i64)>(&self.stmts.select_fanout_group, (c.as_str(),)).await?;
         Ok(rows.into_iter().next().map(|(name, created_at, membership_version)| FanoutGroup {
@@ -1329,7 +1294,23 @@ impl Durable for ScyllaStore {
 #[async_trait]
 impl TableAdmin for ScyllaStore {
     async fn migrate(&self) -> StoreResult<()> {
-        Self::apply_schema(&self.session, &self.keyspace, self.replication_factor).await
+        Self::apply_schema(&self.session, &self.keyspace, self.replication_factor).await?;
+        self.migrate_send_gates().await
+    }
+
+    async fn projection_layout(&self) -> StoreResult<u32> {
+        let versions: Vec<i32> = self.query_column(format!("SELECT version FROM {}.layout WHERE name = 'projections'", self.keyspace)).await?;
+        Ok(versions.first().map_or(1, |v| (*v).max(1) as u32))
+    }
+
+    async fn reset_projections(&self) -> StoreResult<()> {
+        let ks = &self.keyspace;
+        for table in PROJECTION_TABLES.iter().chain(RETIRED_PROJECTION_TABLES) {
+            self.session.query_unpaged(format!("DROP TABLE IF EXISTS {ks}.{table}"), ()).await.map_err(unavailable)?;
+        }
+        self.session.await_schema_agreement().await.map_err(unavailable)?;
+        Self::apply_schema(&self.session, ks, self.replication_factor).await?;
+        Self::set_layout(&self.session, ks).await
     }
 
     async fn truncate_projections(&self) -> StoreResult<()> {

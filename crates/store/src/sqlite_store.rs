@@ -84,8 +84,6 @@ impl From<EngineError> for StoreError {
 const COMMAND_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS accounts_by_name (username TEXT PRIMARY KEY, user_id TEXT NOT NULL, password_hash TEXT NOT NULL, created_at INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS accounts_by_id (user_id TEXT PRIMARY KEY, username TEXT NOT NULL, created_at INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS send_dedup (sender TEXT NOT NULL, client_msg_id TEXT NOT NULL, message_id TEXT NOT NULL, conversation_id TEXT NOT NULL, sent_at INTEGER NOT NULL, body_sha256 TEXT NOT NULL, committed INTEGER NOT NULL, PRIMARY KEY (sender, client_msg_id)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS message_owners (message_id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL, sender TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS media_objects (media_id TEXT PRIMARY KEY, uploader TEXT NOT NULL, kind TEXT NOT NULL, content_type TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL, created_at INTEGER NOT NULL, public INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS media_shares (media_id TEXT NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (media_id, conversation_id)) WITHOUT ROWID;
 ";
@@ -98,13 +96,13 @@ CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, username TEXT NOT NU
 CREATE TABLE IF NOT EXISTS messages (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL, sender_device TEXT NOT NULL, client_msg_id TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL, media TEXT, PRIMARY KEY (conversation_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS conversation_buckets (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, PRIMARY KEY (conversation_id, bucket)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS message_index (message_id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL, sender TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS inbox (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, peer_id TEXT, last_message_id TEXT NOT NULL, last_sender TEXT NOT NULL, last_kind TEXT NOT NULL, last_body TEXT NOT NULL, last_at INTEGER NOT NULL, unread INTEGER NOT NULL, applied_offset INTEGER NOT NULL, PRIMARY KEY (user_id, conversation_id)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS read_markers (conversation_id TEXT NOT NULL, reader TEXT NOT NULL, up_to TEXT NOT NULL, applied_offset INTEGER NOT NULL, PRIMARY KEY (conversation_id, reader)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inbox (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, peer_id TEXT, last_message_id TEXT NOT NULL, last_sender TEXT NOT NULL, last_kind TEXT NOT NULL, last_body TEXT NOT NULL, last_at INTEGER NOT NULL, unread INTEGER NOT NULL, first_unread_seq INTEGER, read_up_to TEXT, applied_offset INTEGER NOT NULL, PRIMARY KEY (user_id, conversation_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS user_stream (user_id TEXT NOT NULL, seq INTEGER NOT NULL, item_id TEXT NOT NULL, item TEXT NOT NULL, PRIMARY KEY (user_id, seq)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS user_stream_ids (user_id TEXT NOT NULL, item_id TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (user_id, item_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS stream_heads (user_id TEXT NOT NULL, source_partition INTEGER NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (user_id, source_partition)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending_deliveries (user_id TEXT NOT NULL, message_id TEXT NOT NULL, conversation_id TEXT, removed INTEGER NOT NULL, PRIMARY KEY (user_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS receipts (message_id TEXT NOT NULL, recipient TEXT NOT NULL, status TEXT NOT NULL, device_id TEXT NOT NULL, at INTEGER NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (message_id, recipient, status, device_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS last_seen (user_id TEXT PRIMARY KEY, status TEXT NOT NULL, changed_at INTEGER NOT NULL, last_seen INTEGER) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sends (sender TEXT NOT NULL, client_msg_id TEXT NOT NULL, conversation_id TEXT NOT NULL, message_id TEXT NOT NULL, sent_at INTEGER NOT NULL, content_sha256 TEXT NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (sender, client_msg_id, conversation_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS fanout_groups (conversation_id TEXT PRIMARY KEY, name TEXT NOT NULL, created_at INTEGER NOT NULL, membership_version INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS fanout_members (conversation_id TEXT NOT NULL, member TEXT NOT NULL, since INTEGER NOT NULL, until INTEGER, role TEXT NOT NULL, PRIMARY KEY (conversation_id, member, since)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS fanout_messages (conversation_id TEXT NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL, position INTEGER NOT NULL, recipients INTEGER NOT NULL, PRIMARY KEY (conversation_id, message_id)) WITHOUT ROWID;
@@ -123,6 +121,7 @@ CREATE TABLE IF NOT EXISTS analytics_topics (day TEXT NOT NULL, topic TEXT NOT N
 CREATE TABLE IF NOT EXISTS receipts_by_user (recipient TEXT NOT NULL, message_id TEXT NOT NULL, status TEXT NOT NULL, device_id TEXT NOT NULL, at INTEGER NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (recipient, message_id, status, device_id)) WITHOUT ROWID;
 DROP INDEX IF EXISTS receipts_by_user_at;
 CREATE TABLE IF NOT EXISTS sync_marks (id INTEGER PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS layout (name TEXT PRIMARY KEY, version INTEGER NOT NULL) WITHOUT ROWID;
 ";
 
 fn data(e: impl std::fmt::Display) -> StoreError {
@@ -190,8 +189,20 @@ const READERS: usize = 16;
 /// slices of several partitions share one commit.
 const TABLES_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// The send gates of versions before the delivery pipeline v2 (see `migrate_send_gates`).
+const LEGACY_SEND_GATES: &str = "
+CREATE TABLE IF NOT EXISTS send_dedup (sender TEXT NOT NULL, client_msg_id TEXT NOT NULL, message_id TEXT NOT NULL, conversation_id TEXT NOT NULL, sent_at INTEGER NOT NULL, body_sha256 TEXT NOT NULL, committed INTEGER NOT NULL, PRIMARY KEY (sender, client_msg_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS message_owners (message_id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL, sender TEXT NOT NULL) WITHOUT ROWID;
+";
+
 /// Command tables that older versions kept in `tables.db`; [`SqliteStore::open`] moves them.
 const COMMAND_TABLES: &[&str] = &["accounts_by_name", "accounts_by_id", "send_dedup", "message_owners", "media_objects", "media_shares"];
+
+/// Records that the projection tables are in this version's layout.
+fn set_layout(c: &Connection) -> rusqlite::Result<()> {
+    c.execute("INSERT OR REPLACE INTO layout (name, version) VALUES ('projections', ?1)", params![PROJECTION_LAYOUT])?;
+    Ok(())
+}
 
 /// Opens a database file's writer connection and creates its tables.
 fn open_db(path: &Path, schema: &str) -> StoreResult<Connection> {
@@ -212,8 +223,19 @@ impl SqliteStore {
         std::fs::create_dir_all(dir).map_err(|e| data(format!("data directory {}: {e}", dir.display())))?;
         let (cmd_path, tables_path) = (dir.join("commands.db"), dir.join("tables.db"));
         let mut cmd_conn = open_db(&cmd_path, COMMAND_SCHEMA)?;
-        let tables_conn = open_db(&tables_path, SCHEMA)?;
+        // Projection tables written before the layout was recorded are layout 1: kept as they
+        // are (readable) until `reset_projections` rebuilds them; new tables get this layout.
+        let fresh = !tables_path.exists()
+            || open_sqlite(&tables_path, true)
+                .and_then(|c| c.row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'users'", [], |r| r.get::<_, i64>(0)))
+                .map(|n| n == 0)
+                .unwrap_or(true);
+        let mut tables_conn = open_db(&tables_path, SCHEMA)?;
+        if fresh {
+            set_layout(&tables_conn).map_err(data)?;
+        }
         move_command_tables(&mut cmd_conn, &tables_conn, &tables_path)?;
+        migrate_send_gates(&cmd_conn, &mut tables_conn, &cmd_path)?;
         // commands.db: every commit on disk before it is answered (a user waits for these).
         let mut commands = Options::new("commands", Durability::Full);
         commands.readers = READERS;
@@ -250,6 +272,35 @@ impl SqliteStore {
     }
 }
 
+/// Sends reserved by versions before the delivery pipeline v2 (`send_dedup` in `commands.db`)
+/// become accepted sends of the fan-out (`sends` in `tables.db`, position -1: any later append of
+/// the key is a duplicate), so that a retry spanning the upgrade still gets the first attempt's
+/// id; then the old gates (`send_dedup`, `message_owners`) are dropped. Safe to repeat after a
+/// crash in between (the copy ignores rows already there).
+fn migrate_send_gates(cmd: &Connection, tables: &mut Connection, cmd_path: &Path) -> StoreResult<()> {
+    let has = |name: &str| cmd.row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1", [name], |r| r.get::<_, i64>(0)).unwrap_or(0) > 0;
+    if has("send_dedup") {
+        tables.execute("ATTACH DATABASE ?1 AS old", [cmd_path.to_string_lossy()]).map_err(data)?;
+        let copied = (|| {
+            let tx = tables.transaction()?;
+            tx.execute(
+                "INSERT OR IGNORE INTO main.sends (sender, client_msg_id, conversation_id, message_id, sent_at, content_sha256, position)
+                 SELECT sender, client_msg_id, conversation_id, message_id, sent_at, body_sha256, -1 FROM old.send_dedup",
+                [],
+            )?;
+            tx.commit()
+        })();
+        let detached = tables.execute("DETACH DATABASE old", []);
+        copied.map_err(|e| data(format!("moving send reservations to sends: {e}")))?;
+        detached.map_err(data)?;
+        cmd.execute("DROP TABLE send_dedup", []).map_err(data)?;
+    }
+    if has("message_owners") {
+        cmd.execute("DROP TABLE message_owners", []).map_err(data)?;
+    }
+    Ok(())
+}
+
 /// Moves the command tables of an older `tables.db` into `commands.db`: copies their rows
 /// (committed and synced), then drops them from `tables.db`. Safe to repeat after a crash in
 /// between (the copy ignores rows already there).
@@ -262,6 +313,9 @@ fn move_command_tables(cmd: &mut Connection, tables: &Connection, tables_path: &
     if present.is_empty() {
         return Ok(());
     }
+    // The send gates of those versions: created here so their rows can come along, then moved
+    // on by `migrate_send_gates`.
+    cmd.execute_batch(LEGACY_SEND_GATES).map_err(data)?;
     cmd.execute("ATTACH DATABASE ?1 AS old", [tables_path.to_string_lossy()]).map_err(data)?;
     let copied = (|| {
         let tx = cmd.transaction()?;
@@ -298,7 +352,8 @@ fn message_row(r: &Row<'_>) -> rusqlite::Result<MessageRow> {
 }
 
 const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media";
-const INBOX_COLS: &str = "user_id, conversation_id, peer_id, last_message_id, last_sender, last_kind, last_body, last_at, unread, applied_offset";
+const INBOX_COLS: &str =
+    "user_id, conversation_id, peer_id, last_message_id, last_sender, last_kind, last_body, last_at, unread, first_unread_seq, read_up_to, applied_offset";
 
 fn inbox_row(r: &Row<'_>) -> rusqlite::Result<InboxRow> {
     Ok(InboxRow {
@@ -314,7 +369,12 @@ fn inbox_row(r: &Row<'_>) -> rusqlite::Result<InboxRow> {
         last_body: r.get(6)?,
         last_at: time(r.get(7)?)?,
         unread: r.get(8)?,
-        applied_offset: r.get(9)?,
+        first_unread_seq: r.get(9)?,
+        read_up_to: match r.get::<_, Option<String>>(10)? {
+            Some(m) => Some(MessageId(Uuid::parse_str(&m).map_err(conversion)?)),
+            None => None,
+        },
+        applied_offset: r.get(11)?,
     })
 }
 
@@ -368,77 +428,10 @@ impl CommandStore for SqliteStore {
         .await
     }
 
-    async fn reserve_send(&self, res: &SendReservation) -> StoreResult<Option<SendReservation>> {
-        let res = res.clone();
-        let inserted = self
-            .command(move |t| {
-                let n = t.exec(
-                    "INSERT OR IGNORE INTO send_dedup (sender, client_msg_id, message_id, conversation_id, sent_at, body_sha256, committed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
-                    params![res.sender.to_string(), res.client_msg_id, res.message_id.to_string(), res.conversation_id.as_str(), ms(&res.sent_at), res.body_sha256],
-                )?;
-                Ok((n == 1, res))
-            })
-            .await?;
-        match inserted {
-            (true, _) => Ok(None),
-            (false, res) => match self.get_send(res.sender, &res.client_msg_id).await? {
-                Some(existing) => Ok(Some(existing)),
-                None => Err(StoreError::Data("send reservation vanished".into())),
-            },
-        }
-    }
 
-    async fn commit_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<()> {
-        let cmid = client_msg_id.to_owned();
-        self.command(move |t| {
-            t.exec("UPDATE send_dedup SET committed = 1 WHERE sender = ?1 AND client_msg_id = ?2", params![sender.to_string(), cmid])?;
-            Ok(())
-        })
-        .await
-    }
 
-    async fn get_send(&self, sender: UserId, client_msg_id: &str) -> StoreResult<Option<SendReservation>> {
-        let cmid = client_msg_id.to_owned();
-        self.command_read(move |c| {
-            c.row(
-                "SELECT message_id, conversation_id, sent_at, body_sha256, committed FROM send_dedup WHERE sender = ?1 AND client_msg_id = ?2",
-                params![sender.to_string(), cmid],
-                |r| {
-                    Ok(SendReservation {
-                        sender,
-                        client_msg_id: cmid.clone(),
-                        message_id: MessageId(uuid_at(r, 0)?),
-                        conversation_id: conv_at(r, 1)?,
-                        sent_at: time(r.get(2)?)?,
-                        body_sha256: r.get(3)?,
-                        committed: r.get::<_, i64>(4)? != 0,
-                    })
-                },
-            )
-            .optional()
-        })
-        .await
-    }
 
-    async fn put_message_owner(&self, message: MessageId, c: &ConversationId, sender: UserId) -> StoreResult<()> {
-        let c = c.clone();
-        self.command(move |t| {
-            t.prepare_cached("INSERT OR REPLACE INTO message_owners (message_id, conversation_id, sender) VALUES (?1, ?2, ?3)")?
-                .execute(params![message.to_string(), c.as_str(), sender.to_string()])?;
-            Ok(())
-        })
-        .await
-    }
 
-    async fn message_owner(&self, message: MessageId) -> StoreResult<Option<(ConversationId, UserId)>> {
-        self.command_read(move |c| {
-            c.row("SELECT conversation_id, sender FROM message_owners WHERE message_id = ?1", params![message.to_string()], |r| {
-                Ok((conv_at(r, 0)?, UserId(uuid_at(r, 1)?)))
-            })
-            .optional()
-        })
-        .await
-    }
 
     async fn put_media(&self, m: &MediaObject) -> StoreResult<()> {
         let m = m.clone();
@@ -527,15 +520,17 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                     m.media.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default())
                 ],
             )?;
-            t.exec("INSERT OR IGNORE INTO conversation_buckets (conversation_id, bucket) VALUES (?1, ?2)", params![m.conversation_id.as_str(), bucket])?;
             t.exec(
                 "INSERT OR REPLACE INTO message_index (message_id, conversation_id, sender, sent_at, position) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![m.message_id.to_string(), m.conversation_id.as_str(), m.sender.to_string(), ms(&m.sent_at), m.position],
             )?;
         }
+        Write::Bucket { conversation, bucket } => {
+            t.exec("INSERT OR IGNORE INTO conversation_buckets (conversation_id, bucket) VALUES (?1, ?2)", params![conversation.as_str(), bucket])?;
+        }
         Write::Inbox(r) => {
             t.exec(
-                &format!("INSERT OR REPLACE INTO inbox ({INBOX_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+                &format!("INSERT OR REPLACE INTO inbox ({INBOX_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
                 params![
                     r.user_id.to_string(),
                     r.conversation_id.as_str(),
@@ -546,14 +541,10 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                     r.last_body,
                     ms(&r.last_at),
                     r.unread,
+                    r.first_unread_seq,
+                    r.read_up_to.map(|m| m.to_string()),
                     r.applied_offset
                 ],
-            )?;
-        }
-        Write::ReadMarker(m) => {
-            t.exec(
-                "INSERT OR REPLACE INTO read_markers (conversation_id, reader, up_to, applied_offset) VALUES (?1, ?2, ?3, ?4)",
-                params![m.conversation_id.as_str(), m.reader.to_string(), m.up_to.to_string(), m.applied_offset],
             )?;
         }
         Write::Stream { user, row } => {
@@ -562,8 +553,13 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 params![user.to_string(), row.seq, row.item_id.to_string(), row.item],
             )?;
         }
-        Write::StreamId { user, item_id, seq } => {
-            t.exec("INSERT OR REPLACE INTO user_stream_ids (user_id, item_id, seq) VALUES (?1, ?2, ?3)", params![user.to_string(), item_id.to_string(), seq])?;
+        Write::StreamHead { user, source_partition, position } => {
+            // The highest position wins (Cassandra: write time = position).
+            t.exec(
+                "INSERT INTO stream_heads (user_id, source_partition, position) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (user_id, source_partition) DO UPDATE SET position = MAX(position, excluded.position)",
+                params![user.to_string(), source_partition, position],
+            )?;
         }
         Write::AddPending { user, message, conversation } => {
             // A removed row stays removed: insert only if no row (live or removed) exists.
@@ -726,10 +722,6 @@ impl WriteStore for SqliteStore {
 
 #[async_trait]
 impl ProjectionStore for SqliteStore {
-    async fn message_meta(&self, id: MessageId) -> StoreResult<Option<MessageMeta>> {
-        self.find_message(id).await
-    }
-
     async fn inbox_row(&self, user: UserId, c: &ConversationId) -> StoreResult<Option<InboxRow>> {
         let c = c.clone();
         self.read(move |conn| {
@@ -743,45 +735,17 @@ impl ProjectionStore for SqliteStore {
         .await
     }
 
-    async fn read_marker(&self, c: &ConversationId, reader: UserId) -> StoreResult<Option<ReadMarker>> {
-        let c = c.clone();
-        self.read(move |conn| {
-            conn.row(
-                "SELECT up_to, applied_offset FROM read_markers WHERE conversation_id = ?1 AND reader = ?2",
-                params![c.as_str(), reader.to_string()],
-                |r| Ok(ReadMarker { conversation_id: c.clone(), reader, up_to: MessageId(uuid_at(r, 0)?), applied_offset: r.get(1)? }),
-            )
-            .optional()
-        })
-        .await
-    }
-
-    async fn messages_between(&self, c: &ConversationId, after: Option<MessageId>, up_to: MessageId) -> StoreResult<Vec<MessageRow>> {
-        let c = c.clone();
-        self.read(move |conn| {
-            // Canonical UUID text sorts like the UUID's bytes, so text comparison is id order.
-            let after = after.map(|a| a.to_string()).unwrap_or_default();
-            let mut st = conn.prepare_cached(&format!(
-                "SELECT {MESSAGE_COLS} FROM messages WHERE conversation_id = ?1 AND message_id > ?2 AND message_id <= ?3 ORDER BY message_id ASC"
-            ))?;
-            let rows = st.query_map(params![c.as_str(), after, up_to.to_string()], message_row)?;
-            rows.collect()
-        })
-        .await
-    }
-
-    async fn stream_seq_of(&self, user: UserId, item_id: Uuid) -> StoreResult<Option<i64>> {
+    async fn stream_head(&self, user: UserId, source_partition: i32) -> StoreResult<Option<i64>> {
         self.read(move |c| {
             c.row(
-                "SELECT seq FROM user_stream_ids WHERE user_id = ?1 AND item_id = ?2",
-                params![user.to_string(), item_id.to_string()],
+                "SELECT position FROM stream_heads WHERE user_id = ?1 AND source_partition = ?2",
+                params![user.to_string(), source_partition],
                 |r| r.get(0),
             )
             .optional()
         })
         .await
     }
-
 }
 
 #[async_trait]
@@ -910,6 +874,48 @@ fn fanout_message_row(r: &Row<'_>) -> rusqlite::Result<FanoutMessage> {
 
 #[async_trait]
 impl FanoutStore for SqliteStore {
+    async fn send_record(&self, c: &ConversationId, sender: UserId, client_msg_id: &str) -> StoreResult<Option<SendRecord>> {
+        let (c, cmid) = (c.clone(), client_msg_id.to_owned());
+        self.read(move |conn| {
+            conn.row(
+                "SELECT message_id, sent_at, content_sha256, position FROM sends WHERE sender = ?1 AND client_msg_id = ?2 AND conversation_id = ?3",
+                params![sender.to_string(), cmid, c.as_str()],
+                |r| {
+                    Ok(SendRecord {
+                        conversation_id: c.clone(),
+                        sender,
+                        client_msg_id: cmid.clone(),
+                        message_id: MessageId(uuid_at(r, 0)?),
+                        sent_at: time(r.get(1)?)?,
+                        content_sha256: r.get(2)?,
+                        position: r.get(3)?,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn put_send_records(&self, records: &[SendRecord]) -> StoreResult<()> {
+        let records = records.to_vec();
+        self.write(move |t| {
+            // The first accepted send of a key (the lowest position) stays, in any write order
+            // (Cassandra: write time 2^62 - position).
+            for r in &records {
+                t.exec(
+                    "INSERT INTO sends (sender, client_msg_id, conversation_id, message_id, sent_at, content_sha256, position) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (sender, client_msg_id, conversation_id) DO UPDATE SET
+                       message_id = excluded.message_id, sent_at = excluded.sent_at, content_sha256 = excluded.content_sha256, position = excluded.position
+                     WHERE excluded.position < sends.position",
+                    params![r.sender.to_string(), r.client_msg_id, r.conversation_id.as_str(), r.message_id.to_string(), ms(&r.sent_at), r.content_sha256, r.position],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn fanout_group(&self, c: &ConversationId) -> StoreResult<Option<FanoutGroup>> {
         let c = c.clone();
         self.read(move |conn| {
@@ -1278,6 +1284,23 @@ impl TableAdmin for SqliteStore {
     async fn migrate(&self) -> StoreResult<()> {
         self.command(|t| t.execute_batch(COMMAND_SCHEMA)).await?;
         self.write(|t| t.execute_batch(SCHEMA)).await
+    }
+
+    async fn projection_layout(&self) -> StoreResult<u32> {
+        self.read(|c| c.row("SELECT version FROM layout WHERE name = 'projections'", [], |r| r.get::<_, u32>(0)).optional())
+            .await
+            .map(|v| v.unwrap_or(1))
+    }
+
+    async fn reset_projections(&self) -> StoreResult<()> {
+        self.write(|t| {
+            for table in PROJECTION_TABLES.iter().chain(RETIRED_PROJECTION_TABLES) {
+                t.execute(&format!("DROP TABLE IF EXISTS {table}"), [])?;
+            }
+            t.execute_batch(SCHEMA)?;
+            set_layout(t)
+        })
+        .await
     }
 
     async fn truncate_projections(&self) -> StoreResult<()> {

@@ -17,24 +17,25 @@ use chrono::{DateTime, NaiveDate, Utc};
 
 use crate::groups::{GroupMemberRow, GroupRow, UserGroupRow};
 use crate::insights::ProfileRow;
-use crate::{InboxRow, MessageRow, ReadMarker, ReceiptRow, StoreResult, StreamRow};
+use crate::{InboxRow, MessageRow, ReceiptRow, StoreResult, StreamRow};
 
 /// One idempotent write to a projection table.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Write {
     /// `users`: an account.
     User { user: UserId, username: String, at: DateTime<Utc> },
-    /// `messages`, `conversation_buckets`, `message_index`: a message in history.
+    /// `messages` and `message_index`: a message in history.
     Message(MessageRow),
+    /// `conversation_buckets`: a conversation has messages in a day bucket.
+    Bucket { conversation: ConversationId, bucket: i32 },
     /// `inbox`: a user's row of a conversation (the whole row; written by its single writer).
     Inbox(InboxRow),
-    /// `read_markers`: how far a member read (a guard: written after what the read caused).
-    ReadMarker(ReadMarker),
     /// `user_stream`: an item at `row.seq` of a user's stream.
     Stream { user: UserId, row: StreamRow },
-    /// `user_stream_ids`: the item's id → its position (a guard: written after the item and
-    /// everything it caused).
-    StreamId { user: UserId, item_id: uuid::Uuid, seq: i64 },
+    /// `stream_heads`: the highest source applied to a user's stream from one partition of the
+    /// conversations topic (a guard: written after the items and everything they caused; the
+    /// highest wins).
+    StreamHead { user: UserId, source_partition: i32, position: i64 },
     /// `pending_deliveries`: not yet delivered to any device (a no-op once removed).
     AddPending { user: UserId, message: MessageId, conversation: ConversationId },
     /// `pending_deliveries`: delivered, for good.
@@ -71,10 +72,10 @@ impl Write {
         match self {
             Write::User { .. } => "users",
             Write::Message(_) => "messages",
+            Write::Bucket { .. } => "conversation_buckets",
             Write::Inbox(_) => "inbox",
-            Write::ReadMarker(_) => "read_markers",
             Write::Stream { .. } => "user_stream",
-            Write::StreamId { .. } => "user_stream_ids",
+            Write::StreamHead { .. } => "stream_heads",
             Write::AddPending { .. } | Write::RemovePending { .. } => "pending_deliveries",
             Write::Receipt(_) => "receipts",
             Write::Presence { .. } => "last_seen",
@@ -92,7 +93,7 @@ impl Write {
 
     /// Whether the row records that an event's other writes are done (see the module doc).
     pub fn is_guard(&self) -> bool {
-        matches!(self, Write::StreamId { .. } | Write::ReadMarker(_))
+        matches!(self, Write::StreamHead { .. })
     }
 
     /// The key of rows that a list may hold more than one version of, each a whole new version
@@ -101,7 +102,8 @@ impl Write {
     pub fn replaces(&self) -> Option<(&'static str, String)> {
         match self {
             Write::Inbox(r) => Some(("inbox", format!("{}/{}", r.user_id, r.conversation_id))),
-            Write::ReadMarker(m) => Some(("read_markers", format!("{}/{}", m.conversation_id, m.reader))),
+            // Positions of one partition only grow: the last one is the highest.
+            Write::StreamHead { user, source_partition, .. } => Some(("stream_heads", format!("{user}/{source_partition}"))),
             _ => None,
         }
     }
@@ -154,21 +156,19 @@ pub trait WriteExt: WriteStore {
     async fn put_user(&self, user: UserId, username: &str, at: DateTime<Utc>) -> StoreResult<()> {
         self.apply(vec![Write::User { user, username: username.to_owned(), at }]).await
     }
+    /// The message's row and its day bucket.
     async fn put_message(&self, m: &MessageRow) -> StoreResult<()> {
-        self.apply(vec![Write::Message(m.clone())]).await
+        let bucket = Write::Bucket { conversation: m.conversation_id.clone(), bucket: crate::bucket_of(m.message_id) };
+        self.apply(vec![Write::Message(m.clone()), bucket]).await
     }
     async fn put_inbox_row(&self, r: &InboxRow) -> StoreResult<()> {
         self.apply(vec![Write::Inbox(r.clone())]).await
     }
-    async fn put_read_marker(&self, m: &ReadMarker) -> StoreResult<()> {
-        self.apply(vec![Write::ReadMarker(m.clone())]).await
-    }
     async fn put_receipts(&self, rows: &[ReceiptRow]) -> StoreResult<()> {
         self.apply(rows.iter().cloned().map(Write::Receipt).collect()).await
     }
-    /// The item, then its id row.
     async fn put_stream_item(&self, user: UserId, row: &StreamRow) -> StoreResult<()> {
-        self.apply(vec![Write::Stream { user, row: row.clone() }, Write::StreamId { user, item_id: row.item_id, seq: row.seq }]).await
+        self.apply(vec![Write::Stream { user, row: row.clone() }]).await
     }
     async fn add_pending(&self, user: UserId, message: MessageId, conversation: &ConversationId) -> StoreResult<()> {
         self.apply(vec![Write::AddPending { user, message, conversation: conversation.clone() }]).await
@@ -218,12 +218,7 @@ mod tests {
     use super::*;
 
     fn marker(n: i64) -> Write {
-        Write::ReadMarker(ReadMarker {
-            conversation_id: ConversationId::direct(UserId(uuid::Uuid::from_u128(1)), UserId(uuid::Uuid::from_u128(2))),
-            reader: UserId(uuid::Uuid::from_u128(1)),
-            up_to: MessageId(uuid::Uuid::from_u128(n as u128)),
-            applied_offset: n,
-        })
+        Write::StreamHead { user: UserId(uuid::Uuid::from_u128(1)), source_partition: 3, position: n }
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The embedded store's two files: a data directory from a version that kept the command tables
-//! in `tables.db` has them moved to `commands.db` on open, rows intact; `sync` answers.
+//! in `tables.db` has them moved to `commands.db` on open, rows intact, and the send gates of
+//! versions before the delivery pipeline v2 become the fan-out's accepted sends; `sync` answers.
 
 use std::sync::Arc;
 
 use chat_events::{ConversationId, MessageId, UserId};
-use chat_store::{CommandStore, Durable, ReadStore, SqliteStore};
+use chat_store::{CommandStore, Durable, FanoutStore, ReadStore, SqliteStore};
 use rusqlite::Connection;
 
 fn fresh_dir(what: &str) -> std::path::PathBuf {
@@ -59,18 +60,22 @@ async fn command_tables_move_out_of_an_old_tables_db() {
         let account = store.account_by_name("alice").await.expect("read").expect("account moved");
         assert_eq!(account.user_id, user, "round {round}");
         assert_eq!(store.account_by_id(user).await.expect("read").as_deref(), Some("alice"));
-        let res = store.get_send(user, "c1").await.expect("read").expect("reservation moved");
-        assert_eq!((res.message_id, res.committed), (message, true));
-        assert_eq!(store.message_owner(message).await.expect("read"), Some((conv.clone(), user)));
+        // The reservation is now the fan-out's accepted send (position unknown: -1).
+        let res = store.send_record(&conv, user, "c1").await.expect("read").expect("reservation moved");
+        assert_eq!((res.message_id, res.content_sha256.as_str(), res.position, res.sent_at.timestamp_millis()), (message, "sha", -1, 2000));
         // The projection table stayed where it was.
         assert!(store.in_inbox(user, &conv).await.is_ok());
         drop(store);
         let tables = table_names(&dir.join("tables.db"));
         assert!(tables.contains(&"users".to_owned()), "{tables:?}");
-        for gone in ["accounts_by_name", "accounts_by_id", "send_dedup", "message_owners", "media_objects", "media_shares"] {
+        for gone in ["accounts_by_name", "accounts_by_id", "media_objects", "media_shares"] {
             assert!(!tables.contains(&gone.to_owned()), "{gone} still in tables.db: {tables:?}");
             assert!(table_names(&dir.join("commands.db")).contains(&gone.to_owned()), "{gone} not in commands.db");
         }
+        for gone in ["send_dedup", "message_owners"] {
+            assert!(!tables.contains(&gone.to_owned()) && !table_names(&dir.join("commands.db")).contains(&gone.to_owned()), "{gone} is left");
+        }
+        assert!(tables.contains(&"sends".to_owned()));
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -82,8 +87,9 @@ async fn a_new_directory_has_command_tables_only_in_commands_db() {
     store.sync().await.expect("sync answers");
     store.sync().await.expect("sync answers again");
     drop(store);
-    assert!(!table_names(&dir.join("tables.db")).contains(&"send_dedup".to_owned()));
-    assert!(table_names(&dir.join("commands.db")).contains(&"send_dedup".to_owned()));
+    assert!(table_names(&dir.join("tables.db")).contains(&"sends".to_owned()));
+    assert!(table_names(&dir.join("commands.db")).contains(&"accounts_by_name".to_owned()));
+    assert!(!table_names(&dir.join("commands.db")).contains(&"send_dedup".to_owned()));
     let marks: i64 = Connection::open(dir.join("tables.db"))
         .expect("open")
         .query_row("SELECT n FROM sync_marks WHERE id = 1", [], |r| r.get(0))

@@ -8,31 +8,11 @@ use chat_events::{ConversationId, GroupChange, GroupRole, StreamItem, UserId};
 use chat_store::{GroupMemberRow, GroupRow, UserGroupRow, Write};
 
 use super::rows::{Missing, Rows};
-use super::{analytics, history, inbox, receipts, Settings};
 
-/// The group views of one item of `user`'s stream at `offset` (deliveries).
-pub fn item(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, user: UserId, item: &StreamItem, offset: i64) -> Result<(), Missing> {
-    match item {
-        StreamItem::Message { message_id, conversation_id, sender, message_kind, body, sent_at, .. } if conversation_id.is_group() => {
-            if *sender == user {
-                // The sender's own copy writes history: once per accepted message.
-                history::group_message(out, item);
-                analytics::message(out, settings, *message_id, *sender, message_kind.as_str(), true, body, sent_at);
-            } else {
-                receipts::group_item(out, user, item);
-            }
-            inbox::group_message(out, rows, user, item, offset)
-        }
-        StreamItem::Receipt { conversation_id, .. } if conversation_id.is_group() => {
-            receipts::group_item(out, user, item);
-            Ok(())
-        }
-        StreamItem::Read { conversation_id, up_to, .. } if conversation_id.is_group() => inbox::group_read(out, rows, user, conversation_id, *up_to, offset),
-        StreamItem::Group { conversation_id, change, name, member, role, members, by, at, position } => {
-            membership(out, rows, user, Change { conv: conversation_id, change: *change, name, member: *member, role: *role, members, by: *by, at, position: *position })
-        }
-        StreamItem::Message { .. } | StreamItem::Receipt { .. } | StreamItem::Read { .. } => Ok(()),
-    }
+/// A `group` item of `user`'s stream: the membership rows it changes.
+pub fn membership(out: &mut Vec<Write>, rows: &Rows, user: UserId, item: &StreamItem) -> Result<(), Missing> {
+    let StreamItem::Group { conversation_id, change, name, member, role, members, by, at, position } = item else { return Ok(()) };
+    apply(out, rows, user, Change { conv: conversation_id, change: *change, name, member: *member, role: *role, members, by: *by, at, position: *position })
 }
 
 /// A `group` item's fields.
@@ -48,7 +28,7 @@ struct Change<'a> {
     position: i64,
 }
 
-fn membership(out: &mut Vec<Write>, rows: &Rows, user: UserId, c: Change<'_>) -> Result<(), Missing> {
+fn apply(out: &mut Vec<Write>, rows: &Rows, user: UserId, c: Change<'_>) -> Result<(), Missing> {
     let p = c.position;
     let name = c.name.clone().unwrap_or_default();
     // Who the item is about: the member it names, or (created) the recipient.
@@ -123,17 +103,17 @@ mod tests {
         let mut rows = Rows::default();
         rows.insert(Key::Intervals(bob, conv.clone()), Fetched::Intervals(vec![]));
         let mut out = Vec::new();
-        item(&mut out, &rows, &Settings::default(), bob, &group_item(GroupChange::MemberAdded, Some(bob), admin, 5), 100).unwrap();
+        membership(&mut out, &rows, bob, &group_item(GroupChange::MemberAdded, Some(bob), admin, 5)).unwrap();
         for w in &out {
             rows.note(w);
         }
         let mut out = Vec::new();
-        item(&mut out, &rows, &Settings::default(), bob, &group_item(GroupChange::MemberRemoved, Some(bob), admin, 9), 101).unwrap();
+        membership(&mut out, &rows, bob, &group_item(GroupChange::MemberRemoved, Some(bob), admin, 9)).unwrap();
         assert!(out.contains(&Write::UserGroupInterval { user: bob, conversation: conv.clone(), since: 5, until: Some(9) }), "{out:?}");
         assert!(out.iter().any(|w| matches!(w, Write::UserGroup(g) if !g.active && g.position == 9)));
         // Another member's copy of the same removal writes the group's rows but not bob's own.
         let mut theirs = Vec::new();
-        item(&mut theirs, &rows, &Settings::default(), admin, &group_item(GroupChange::MemberRemoved, Some(bob), admin, 9), 55).unwrap();
+        membership(&mut theirs, &rows, admin, &group_item(GroupChange::MemberRemoved, Some(bob), admin, 9)).unwrap();
         assert!(!theirs.iter().any(|w| matches!(w, Write::UserGroup(_) | Write::UserGroupInterval { .. })));
         assert!(theirs.iter().any(|w| matches!(w, Write::GroupMember(m) if m.member == bob && !m.active)));
     }

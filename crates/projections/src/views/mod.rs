@@ -5,18 +5,21 @@
 //!
 //! One module per view:
 //! - [`history`]: `messages`, `conversation_buckets`, `message_index`;
-//! - [`inbox`]: `inbox` (last message, unread) and `read_markers`;
+//! - [`inbox`]: `inbox` (last message, unread, how far the user read);
 //! - [`receipts`]: `receipts` / `receipts_by_user` and `pending_deliveries`;
-//! - [`streams`]: `user_stream` / `user_stream_ids`, the collapse of repeated stream items;
+//! - [`streams`]: `user_stream` / `stream_heads`, the collapse of repeated stream items;
 //! - [`groups`]: `groups`, `group_members`, `user_groups`, `user_group_intervals`;
 //! - [`people`]: `users`, `last_seen`, `profiles`;
 //! - [`analytics`]: the analytics sets.
 //!
-//! Rows have single writers: a conversation's rows are written only from that conversation's
-//! partition, a user's stream rows (and the group views built from them) only from that user's
-//! deliveries partition, so a fold's read-modify-writes see every earlier write to their rows.
-//! Every read-modify-write is guarded by the source offset it applied (`applied_offset`), so a
-//! redelivered record changes nothing.
+//! Conversations, direct and group alike, are projected from the fan-out's validated output:
+//! the `delivery.queued` items of each user's stream. The fan-out is the conversation aggregate
+//! (it drops a retried send appended twice, and decides group membership at each position), so
+//! the raw `message.sent` and `message.read` events are not projected; `message.delivered` is
+//! (a device's ack: its receipt row and the end of the pending row). A user's rows (stream,
+//! inbox, pending, memberships) have a single writer, the owner of the user's deliveries
+//! partition, which applies the user's items in stream order; every read-modify-write is guarded
+//! by the deliveries offset it applied (`applied_offset`), so a redelivered item changes nothing.
 
 pub mod analytics;
 pub mod groups;
@@ -28,6 +31,7 @@ pub mod rows;
 pub mod streams;
 
 use chat_events::{Envelope, Event, PresenceStatus, StreamItem};
+
 use chat_store::Write;
 
 pub use rows::{Fetched, Key, Missing, Rows};
@@ -48,29 +52,16 @@ pub struct Input<'a> {
 
 /// The rows a record certainly needs (fetched for a whole slice before its first fold).
 pub fn prefetch(input: Input<'_>, out: &mut Vec<Key>) {
-    let env = input.env;
-    match &env.event {
-        Event::MessageSent(m) if !m.conversation_id.is_group() => {
-            if let Some((a, b)) = m.conversation_id.direct_members() {
-                out.push(Key::Inbox(a, m.conversation_id.clone()));
-                out.push(Key::Inbox(b, m.conversation_id.clone()));
+    if let Event::DeliveryQueued(q) = &input.env.event {
+        if let Some(src) = q.source {
+            out.push(Key::Head(q.recipient, src.partition));
+        }
+        match &q.item {
+            StreamItem::Message { conversation_id, .. } | StreamItem::Read { conversation_id, .. } => {
+                out.push(Key::Inbox(q.recipient, conversation_id.clone()));
             }
+            StreamItem::Receipt { .. } | StreamItem::Group { .. } => {}
         }
-        Event::MessageDelivered(d) if !d.conversation_id.is_group() => out.push(Key::Meta(d.message_id)),
-        Event::MessageRead(r) if !r.conversation_id.is_group() => {
-            out.push(Key::Marker(r.conversation_id.clone(), r.reader));
-            out.push(Key::Inbox(r.reader, r.conversation_id.clone()));
-        }
-        Event::DeliveryQueued(q) => {
-            out.push(Key::Seq(q.recipient, env.event_id.0));
-            match &q.item {
-                StreamItem::Message { conversation_id, .. } | StreamItem::Read { conversation_id, .. } if conversation_id.is_group() => {
-                    out.push(Key::Inbox(q.recipient, conversation_id.clone()));
-                }
-                _ => {}
-            }
-        }
-        _ => {}
     }
 }
 
@@ -94,32 +85,21 @@ pub fn fold(input: Input<'_>, rows: &Rows, settings: &Settings) -> Result<Vec<Wr
         Event::PresenceChanged(p) => people::presence(&mut out, env, p),
         Event::ProfileUpdated(p) => people::profile(&mut out, env, p),
         Event::ProfileViewed(v) => analytics::profile_view(&mut out, env, v),
-        // Group conversations are projected from the fan-out's validated output (the stream
-        // items), never from their raw events: only the fan-out knows who was a member at each
-        // position. One exception: the acknowledging member has the message now.
-        Event::MessageSent(m) if m.conversation_id.is_group() => {}
-        Event::MessageRead(r) if r.conversation_id.is_group() => {}
-        Event::MessageDelivered(d) if d.conversation_id.is_group() => receipts::group_delivered(&mut out, d),
+        // Projected from the fan-out's output (the stream items), which alone knows which send
+        // of a key is the message and who was a member at each position.
+        Event::MessageSent(_) | Event::MessageRead(_) => {}
         Event::GroupCreated(_) | Event::GroupRenamed(_) | Event::GroupMemberAdded(_) | Event::GroupMemberRemoved(_) => {}
-        Event::MessageSent(m) => {
-            if history::direct_message(&mut out, env, m, input.offset) {
-                analytics::message(&mut out, settings, m.message_id, m.sender, m.kind.as_str(), false, &m.body, &env.occurred_at);
-                receipts::direct_sent(&mut out, env, m);
-                inbox::direct_message(&mut out, rows, env, m, input.offset)?;
-            }
-        }
-        Event::MessageDelivered(d) => receipts::direct_delivered(&mut out, rows, env, d)?,
-        Event::MessageRead(r) => inbox::direct_read(&mut out, rows, env, r, input.offset)?,
-        Event::DeliveryQueued(q) => streams::item(&mut out, rows, settings, env, q, input.offset)?,
+        Event::MessageDelivered(d) => receipts::delivered(&mut out, env, d),
+        Event::DeliveryQueued(q) => streams::item(&mut out, rows, settings, q, input.offset)?,
     }
     Ok(out)
 }
 
 #[cfg(test)]
 pub(crate) mod fixtures {
-    //! Events and rows for the given/when/then tests of the views.
+    //! Events and items for the given/when/then tests of the views.
 
-    use chat_events::{ConversationId, DeviceId, Envelope, Event, EventId, MessageId, MessageKind, MessageSent, UserId};
+    use chat_events::{ConversationId, Envelope, Event, EventId, MessageId, MessageKind, StreamItem, UserId};
 
     pub fn users() -> (UserId, UserId, ConversationId) {
         let (a, b) = (UserId(uuid::Uuid::from_u128(0xa)), UserId(uuid::Uuid::from_u128(0xb)));
@@ -134,19 +114,27 @@ pub(crate) mod fixtures {
         Envelope::new(EventId(uuid::Uuid::from_u128(0xe0e0)), Some(actor), event)
     }
 
-    pub fn sent(conv: &ConversationId, sender: UserId, id: MessageId, body: &str) -> Envelope {
-        env(
+    pub fn message_item(conv: &ConversationId, sender: UserId, id: MessageId, device: Option<&str>) -> StreamItem {
+        StreamItem::Message {
+            message_id: id,
+            conversation_id: conv.clone(),
             sender,
-            Event::MessageSent(MessageSent {
-                message_id: id,
-                conversation_id: conv.clone(),
-                sender,
-                sender_device: DeviceId::default_device(),
-                client_msg_id: format!("c-{id}"),
-                kind: MessageKind::Text,
-                body: body.into(),
-                media: None,
-            }),
-        )
+            client_msg_id: format!("c-{id}"),
+            message_kind: MessageKind::Text,
+            body: "hi".into(),
+            sent_at: chrono::DateTime::from_timestamp_millis(1_700_000_000_000).unwrap_or_default(),
+            sender_device: device.map(str::to_owned),
+            position: None,
+            media: None,
+        }
+    }
+
+    pub fn read_item(conv: &ConversationId, up_to: MessageId) -> StreamItem {
+        StreamItem::Read {
+            conversation_id: conv.clone(),
+            up_to,
+            at: chrono::DateTime::from_timestamp_millis(1_700_000_001_000).unwrap_or_default(),
+            device_id: Some("phone".into()),
+        }
     }
 }

@@ -4,22 +4,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use chat_events::{ConversationId, MessageId, UserId};
-use chat_store::{InboxRow, MessageMeta, MessageRow, ReadMarker, StreamRow, Write};
+use chat_events::{ConversationId, UserId};
+use chat_store::{InboxRow, StreamRow, Write};
 
 /// A row (or a range of rows) a fold needs.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Key {
     /// `inbox` of (user, conversation).
     Inbox(UserId, ConversationId),
-    /// `read_markers` of (conversation, reader).
-    Marker(ConversationId, UserId),
-    /// `message_index` of a message.
-    Meta(MessageId),
-    /// The messages of a conversation with `after < id <= up_to`.
-    Between(ConversationId, Option<MessageId>, MessageId),
-    /// `user_stream_ids`: the position of an item in a user's stream.
-    Seq(UserId, uuid::Uuid),
+    /// `stream_heads` of (user, source partition).
+    Head(UserId, i32),
     /// A user's stream items after a position, at most [`STREAM_SCAN`].
     StreamAfter(UserId, i64),
     /// A user's membership intervals in a group.
@@ -33,10 +27,7 @@ pub const STREAM_SCAN: usize = 2_000;
 #[derive(Clone, Debug)]
 pub enum Fetched {
     Inbox(Option<InboxRow>),
-    Marker(Option<ReadMarker>),
-    Meta(Option<MessageMeta>),
-    Messages(Vec<MessageRow>),
-    Seq(Option<i64>),
+    Head(Option<i64>),
     Stream(Vec<StreamRow>),
     Intervals(Vec<(i64, Option<i64>)>),
 }
@@ -49,8 +40,6 @@ pub struct Missing(pub Key);
 #[derive(Default, Debug)]
 pub struct Rows {
     fetched: HashMap<Key, Fetched>,
-    /// Messages written by the slice so far, for range reads.
-    messages: BTreeMap<(ConversationId, MessageId), MessageRow>,
     /// Stream rows written by the slice so far, for range reads.
     stream: BTreeMap<(UserId, i64), StreamRow>,
     /// Interval writes of the slice so far, in order.
@@ -58,7 +47,7 @@ pub struct Rows {
 }
 
 impl Rows {
-    /// Whether a key is loaded (a fetched key is never fetched again: the slice's writes are
+    /// Whether a key is loaded (a loaded key is never fetched again: the slice's writes are
     /// already on top of it).
     pub fn has(&self, key: &Key) -> bool {
         self.fetched.contains_key(key)
@@ -80,39 +69,9 @@ impl Rows {
         }
     }
 
-    pub fn marker(&self, conv: &ConversationId, reader: UserId) -> Result<Option<ReadMarker>, Missing> {
-        match self.get(Key::Marker(conv.clone(), reader))? {
-            Fetched::Marker(m) => Ok(m.clone()),
-            _ => Ok(None),
-        }
-    }
-
-    pub fn meta(&self, id: MessageId) -> Result<Option<MessageMeta>, Missing> {
-        match self.get(Key::Meta(id))? {
-            Fetched::Meta(m) => Ok(m.clone()),
-            _ => Ok(None),
-        }
-    }
-
-    /// Messages with `after < id <= up_to`, oldest first: the store's, and the slice's own.
-    pub fn messages_between(&self, conv: &ConversationId, after: Option<MessageId>, up_to: MessageId) -> Result<Vec<MessageRow>, Missing> {
-        let base = match self.get(Key::Between(conv.clone(), after, up_to))? {
-            Fetched::Messages(m) => m,
-            _ => return Ok(Vec::new()),
-        };
-        let mut all: BTreeMap<MessageId, MessageRow> = base.iter().map(|m| (m.message_id, m.clone())).collect();
-        let lo = after.unwrap_or(MessageId(uuid::Uuid::nil()));
-        for ((_, id), m) in self.messages.range((conv.clone(), lo)..=(conv.clone(), up_to)) {
-            if after.is_none_or(|a| *id > a) {
-                all.insert(*id, m.clone());
-            }
-        }
-        Ok(all.into_values().collect())
-    }
-
-    pub fn seq(&self, user: UserId, item: uuid::Uuid) -> Result<Option<i64>, Missing> {
-        match self.get(Key::Seq(user, item))? {
-            Fetched::Seq(s) => Ok(*s),
+    pub fn head(&self, user: UserId, source_partition: i32) -> Result<Option<i64>, Missing> {
+        match self.get(Key::Head(user, source_partition))? {
+            Fetched::Head(p) => Ok(*p),
             _ => Ok(None),
         }
     }
@@ -125,7 +84,7 @@ impl Rows {
             _ => return Ok(Vec::new()),
         };
         let mut all: BTreeMap<i64, StreamRow> = base.iter().map(|r| (r.seq, r.clone())).collect();
-        for ((_, seq), r) in self.stream.range((user, after + 1)..=(user, i64::MAX)) {
+        for ((_, seq), r) in self.stream.range((user, after.saturating_add(1))..=(user, i64::MAX)) {
             all.insert(*seq, r.clone());
         }
         Ok(all.into_values().take(STREAM_SCAN).collect())
@@ -157,31 +116,24 @@ impl Rows {
             Write::Inbox(r) => {
                 self.fetched.insert(Key::Inbox(r.user_id, r.conversation_id.clone()), Fetched::Inbox(Some(r.clone())));
             }
-            Write::ReadMarker(m) => {
-                self.fetched.insert(Key::Marker(m.conversation_id.clone(), m.reader), Fetched::Marker(Some(m.clone())));
-            }
-            Write::Message(m) => {
-                let meta = MessageMeta {
-                    message_id: m.message_id,
-                    conversation_id: m.conversation_id.clone(),
-                    sender: m.sender,
-                    sent_at: m.sent_at,
-                    position: m.position,
+            Write::StreamHead { user, source_partition, position } => {
+                let key = Key::Head(*user, *source_partition);
+                let p = match self.fetched.get(&key) {
+                    Some(Fetched::Head(Some(old))) => (*old).max(*position),
+                    _ => *position,
                 };
-                self.fetched.insert(Key::Meta(m.message_id), Fetched::Meta(Some(meta)));
-                self.messages.insert((m.conversation_id.clone(), m.message_id), m.clone());
+                self.fetched.insert(key, Fetched::Head(Some(p)));
             }
             Write::Stream { user, row } => {
                 self.stream.insert((*user, row.seq), row.clone());
-            }
-            Write::StreamId { user, item_id, seq } => {
-                self.fetched.insert(Key::Seq(*user, *item_id), Fetched::Seq(Some(*seq)));
             }
             Write::UserGroupInterval { user, conversation, since, until } => {
                 self.intervals.push((*user, conversation.clone(), *since, *until));
             }
             // Nothing a fold reads back.
             Write::User { .. }
+            | Write::Message(_)
+            | Write::Bucket { .. }
             | Write::AddPending { .. }
             | Write::RemovePending { .. }
             | Write::Receipt(_)

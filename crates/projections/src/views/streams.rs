@@ -1,46 +1,54 @@
 //! Users' streams: `user_stream` (the item at its deliveries offset, the user's sync cursor) and
-//! `user_stream_ids` (item id → position). A `delivery.queued` that reaches the projection twice
-//! (a fan-out that restarted before committing appends its last items again; a second device's
-//! ack repeats a receipt's derived id) keeps its first position: the second copy writes nothing.
-//! The id row is a guard: written last, it says the item and everything it caused are written.
+//! `stream_heads` (per user and partition of the conversations topic, the highest fan-out source
+//! applied), and what every item causes in the user's other rows.
+//!
+//! A fan-out that routes an event again (it restarted before committing its offset) appends the
+//! same outputs with the same sources: an item at or below the head of its source partition is a
+//! repeat and writes nothing. Items from one source partition reach a user in source order, since
+//! a fan-out routes a partition in order and the log keeps each producer's order; so the head
+//! alone says what was applied. The head is a guard: written after the items and what they caused
+//! (last in a slice's writes; on Cassandra, after the others).
 
-use chat_events::{derive_id, ConversationId, DeliveryQueued, Envelope, EventId, MessageId, MessageKind, StreamItem, UserId};
+use chat_events::{DeliveryQueued, StreamItem};
 use chat_store::{StreamRow, Write};
 
 use super::rows::{Missing, Rows};
-use super::{groups, receipts, Settings};
+use super::{analytics, groups, history, inbox, receipts, Settings};
 
 /// A `delivery.queued` at `offset` of the recipient's deliveries partition.
-pub fn item(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, env: &Envelope, q: &DeliveryQueued, offset: i64) -> Result<(), Missing> {
+pub fn item(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, q: &DeliveryQueued, offset: i64) -> Result<(), Missing> {
     let user = q.recipient;
-    if rows.seq(user, env.event_id.0)?.is_some() {
-        // Already in the stream: the first position stays the only one.
-        return Ok(());
+    if let Some(src) = q.source {
+        if rows.head(user, src.partition)?.is_some_and(|head| head >= src.packed()) {
+            return Ok(());
+        }
     }
-    receipts::pending(out, user, &q.item);
-    groups::item(out, rows, settings, user, &q.item, offset)?;
+    let item = &q.item;
+    receipts::pending(out, user, item);
+    match item {
+        StreamItem::Message { message_id, conversation_id, sender, message_kind, body, sent_at, .. } => {
+            if *sender == user {
+                // The sender's own copy writes history: once per accepted message.
+                history::message(out, item);
+                analytics::message(out, settings, *message_id, *sender, message_kind.as_str(), conversation_id.is_group(), body, sent_at);
+            } else {
+                receipts::group_item(out, user, item);
+            }
+            inbox::message(out, rows, user, item, offset)?;
+        }
+        StreamItem::Receipt { .. } => receipts::group_item(out, user, item),
+        StreamItem::Read { .. } => inbox::read(out, rows, user, item, offset)?,
+        StreamItem::Group { .. } => groups::membership(out, rows, user, item)?,
+    }
     // Serialising an item of strings, ids and numbers cannot fail.
-    let json = serde_json::to_string(&q.item).unwrap_or_default();
-    out.push(Write::Stream { user, row: StreamRow { seq: offset, item_id: env.event_id.0, item: json } });
-    out.push(Write::StreamId { user, item_id: env.event_id.0, seq: offset });
+    let json = serde_json::to_string(item).unwrap_or_default();
+    // The item id: the event id the fan-out derived for it (the same for a repeated item).
+    let item_id = chat_events::derive_id::delivery_queued(user, item, chat_events::EventId(uuid::Uuid::nil())).0;
+    out.push(Write::Stream { user, row: StreamRow { seq: offset, item_id, item: json } });
+    if let Some(src) = q.source {
+        out.push(Write::StreamHead { user, source_partition: src.partition, position: src.packed() });
+    }
     Ok(())
-}
-
-/// The item id of a message's item in a user's stream (derived from the user and the message
-/// alone, whatever the message says).
-pub fn message_item_id(user: UserId, conv: &ConversationId, message: MessageId) -> uuid::Uuid {
-    let probe = StreamItem::Message {
-        message_id: message,
-        conversation_id: conv.clone(),
-        sender: user,
-        client_msg_id: String::new(),
-        message_kind: MessageKind::Text,
-        body: String::new(),
-        sent_at: chrono::DateTime::UNIX_EPOCH,
-        position: None,
-        media: None,
-    };
-    derive_id::delivery_queued(user, &probe, EventId(uuid::Uuid::nil())).0
 }
 
 #[cfg(test)]
@@ -48,59 +56,49 @@ mod tests {
     use super::*;
     use crate::views::fixtures::*;
     use crate::views::rows::{Fetched, Key};
-    use chat_events::Event;
+    use chat_events::{Source, UserId};
 
-    fn queued(recipient: UserId, item: StreamItem) -> Envelope {
-        let src = EventId(uuid::Uuid::from_u128(1));
-        let mut e = env(recipient, Event::DeliveryQueued(DeliveryQueued { recipient, item: item.clone() }));
-        e.event_id = derive_id::delivery_queued(recipient, &item, src);
-        e
-    }
-
-    fn message(sender: UserId) -> StreamItem {
-        let (_, _, c) = users();
-        StreamItem::Message {
-            message_id: msg_id(1),
-            conversation_id: c,
-            sender,
-            client_msg_id: "c".into(),
-            message_kind: MessageKind::Text,
-            body: "hi".into(),
-            sent_at: chrono::Utc::now(),
-            position: None,
-            media: None,
-        }
+    fn queued(recipient: UserId, item: StreamItem, offset: i64) -> DeliveryQueued {
+        DeliveryQueued { recipient, item, source: Some(Source { partition: 3, offset, index: 0 }) }
     }
 
     #[test]
-    fn a_new_item_is_pending_then_the_stream_row_then_its_id() {
-        let (a, b, _) = users();
-        let e = queued(b, message(a));
-        let Event::DeliveryQueued(q) = &e.event else { unreachable!() };
+    fn a_new_item_is_pending_then_the_stream_row_then_the_head() {
+        let (a, b, c) = users();
         let mut rows = Rows::default();
-        rows.insert(Key::Seq(b, e.event_id.0), Fetched::Seq(None));
+        rows.insert(Key::Head(b, 3), Fetched::Head(Some(40 << 16)));
+        rows.insert(Key::Inbox(b, c.clone()), Fetched::Inbox(None));
+        let q = queued(b, message_item(&c, a, msg_id(1), None), 41);
         let mut out = Vec::new();
-        item(&mut out, &rows, &Settings::default(), &e, q, 17).unwrap();
-        assert!(matches!(&out[..], [Write::AddPending { .. }, Write::Stream { row, .. }, Write::StreamId { seq: 17, .. }] if row.seq == 17));
-        // The same item again, at another offset: nothing.
+        item(&mut out, &rows, &Settings::default(), &q, 17).unwrap();
+        assert!(matches!(out.first(), Some(Write::AddPending { .. })));
+        assert!(matches!(&out[out.len() - 2..], [Write::Stream { row, .. }, Write::StreamHead { position, .. }] if row.seq == 17 && *position == 41 << 16));
+        assert!(out.iter().any(|w| matches!(w, Write::Inbox(r) if r.unread == 1)));
+        assert!(!out.iter().any(|w| matches!(w, Write::Message(_))), "history comes from the sender's copy");
+        // The same output again (a fan-out that routed the event again), at another offset: nothing.
         for w in &out {
             rows.note(w);
         }
         let mut again = Vec::new();
-        item(&mut again, &rows, &Settings::default(), &e, q, 23).unwrap();
+        item(&mut again, &rows, &Settings::default(), &q, 23).unwrap();
         assert!(again.is_empty(), "{again:?}");
+        // Older than the head: nothing either.
+        let mut old = Vec::new();
+        item(&mut old, &rows, &Settings::default(), &queued(b, message_item(&c, a, msg_id(0), None), 39), 24).unwrap();
+        assert!(old.is_empty());
     }
 
     #[test]
-    fn the_senders_own_copy_is_not_pending() {
-        let (a, _, _) = users();
-        let e = queued(a, message(a));
-        let Event::DeliveryQueued(q) = &e.event else { unreachable!() };
+    fn the_senders_own_copy_writes_history_and_is_not_pending() {
+        let (a, _, c) = users();
         let mut rows = Rows::default();
-        rows.insert(Key::Seq(a, e.event_id.0), Fetched::Seq(None));
+        rows.insert(Key::Head(a, 3), Fetched::Head(None));
+        rows.insert(Key::Inbox(a, c.clone()), Fetched::Inbox(None));
         let mut out = Vec::new();
-        item(&mut out, &rows, &Settings::default(), &e, q, 3).unwrap();
+        item(&mut out, &rows, &Settings::default(), &queued(a, message_item(&c, a, msg_id(1), Some("phone")), 5), 3).unwrap();
         assert!(!out.iter().any(|w| matches!(w, Write::AddPending { .. })));
-        assert_eq!(message_item_id(a, &users().2, msg_id(1)), e.event_id.0, "the derived id depends on the user and the message only");
+        assert!(out.iter().any(|w| matches!(w, Write::Message(m) if m.sender_device == "phone")));
+        assert!(out.iter().any(|w| matches!(w, Write::MessageStat { scope, .. } if scope == "direct")));
+        assert!(out.iter().any(|w| matches!(w, Write::Inbox(r) if r.unread == 0 && r.first_unread_seq.is_none())));
     }
 }
