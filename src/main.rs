@@ -387,7 +387,7 @@ impl Platform {
             let handler = Arc::new(FanOut::new(self.log.clone(), t.clone(), store, Some(pusher), self.cfg.max_group_size));
             let stats = self.stage_stats("fanout");
             let (sd, dead) = (shutdown.clone(), dead.clone());
-            tasks.push(tokio::spawn(async move { chat_projections::run("fanout", consumer, handler, dead, stats, sd).await }));
+            tasks.push(tokio::spawn(async move { stop_on_loss("fanout", chat_projections::run("fanout", consumer, handler, dead, stats, sd).await) }));
         }
         if self.cfg.stages.iter().any(|s| s == "projections") {
             let consumer = self.log.subscribe(&self.cfg.projection_group, &projection_topics(t)).await?;
@@ -395,7 +395,7 @@ impl Platform {
             *self.worker_metrics.projector.lock().unwrap_or_else(|p| p.into_inner()) = Some(handler.clone());
             let stats = self.stage_stats("projections");
             let sd = shutdown.clone();
-            tasks.push(tokio::spawn(async move { chat_projections::run("projections", consumer, handler, dead, stats, sd).await }));
+            tasks.push(tokio::spawn(async move { stop_on_loss("projections", chat_projections::run("projections", consumer, handler, dead, stats, sd).await) }));
         }
         Ok(tasks)
     }
@@ -459,6 +459,16 @@ impl Platform {
         if let Some(k) = &self.kafka {
             k.flush(Duration::from_secs(5));
         }
+    }
+}
+
+/// A worker stage that failed for good (writes it was told about are gone) stops the process:
+/// nothing written from now on could be trusted to build on what was lost, and a restart resumes
+/// every stage from its stored offsets, as after a crash (PostgreSQL's answer to a failed fsync).
+fn stop_on_loss(stage: &str, outcome: Result<(), String>) {
+    if let Err(reason) = outcome {
+        tracing::error!(stage, reason, "a worker stage failed for good; exiting so that a restart resumes from the stored offsets");
+        std::process::exit(70);
     }
 }
 
@@ -741,7 +751,8 @@ async fn rebuild(cfg: Config, into: Option<String>) -> anyhow::Result<bool> {
     let stats = Arc::new(WorkerStats::default());
     let (stop, stopped) = watch::channel(false);
     let dead = DeadLetters { log: live.log.clone(), topics: live.topics.clone() };
-    let task = tokio::spawn(chat_projections::run("rebuild", consumer, handler, dead, stats.clone(), stopped));
+    let counted = stats.clone();
+    let task = tokio::spawn(async move { stop_on_loss("rebuild", chat_projections::run("rebuild", consumer, handler, dead, counted, stopped).await) });
     eprintln!("rebuilding into {place} (group {group})");
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;

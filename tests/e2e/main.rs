@@ -8,6 +8,7 @@ mod harness;
 mod product;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chat_events::TopicKind;
@@ -382,17 +383,29 @@ async fn migrates_a_v1_data_directory(mode: Mode) {
 /// fails (server killed) reconnects and re-sends the same `client_msg_id` (marked as a re-send)
 /// until it is acked.
 async fn traffic(ws_url: String, pairs: Vec<(User, User)>, n: usize, tag: &str) {
+    traffic_over(Arc::new(std::sync::Mutex::new(vec![ws_url])), pairs, n, tag).await
+}
+
+/// [`traffic`] over the gateways whose WebSocket URLs `urls` holds at the moment of each
+/// (re)connection (a test replaces a killed node's URL with its successor's).
+async fn traffic_over(urls: Arc<std::sync::Mutex<Vec<String>>>, pairs: Vec<(User, User)>, n: usize, tag: &str) {
     let mut tasks = Vec::new();
-    for (from, to) in &pairs {
-        let (url, from, to, tag) = (ws_url.clone(), from.clone(), to.id.clone(), tag.to_owned());
+    for (k, (from, to)) in pairs.iter().enumerate() {
+        let (urls, from, to, tag) = (urls.clone(), from.clone(), to.id.clone(), tag.to_owned());
         tasks.push(tokio::spawn(async move {
             let mut ws: Option<Ws> = None;
+            let mut connects = k;
             for i in 0..n {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
                 let mut attempt = 0;
                 loop {
                     assert!(tokio::time::Instant::now() < deadline, "message {i} of {} never acked", from.name);
                     let Some(conn) = ws.as_mut() else {
+                        let url = {
+                            let urls = urls.lock().unwrap();
+                            urls[connects % urls.len()].clone()
+                        };
+                        connects += 1;
                         ws = Ws::try_connect(&url, &from.token, "load").await.ok();
                         if ws.is_none() {
                             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -550,6 +563,85 @@ async fn sigkill_keeps_every_acked_message(mode: Mode) {
     assert_eq!(sums["messages"].rows, 1000);
     assert_eq!(sums["user_stream"].rows, 2000, "bob's 1,000 and alice's own 1,000");
     assert_eq!(sums["inbox"].rows, 2);
+}
+
+/// Kill -9 at random points of a 20,000-message run (20 senders, 1,000 messages each, every
+/// send retried with `retry: true` until acked): embedded, the one process, four times; cluster,
+/// the worker and a gateway node, twice each. Afterwards every receiver's stream holds each of
+/// its sender's messages exactly once, in order; the tables hold 20,000 messages and equal a
+/// rebuild from the log. The kill times are printed (and can be fixed with CHAT_TEST_KILLS_MS,
+/// comma-separated delays) to replay a failure.
+async fn k2_kill9_at_random_points_of_20000_messages(mode: Mode) {
+    const PAIRS: usize = 20;
+    const EACH: usize = 1000;
+    let s = Scope::new("k2", mode).await;
+    let mut gateways = vec![s.gateway("n1").await];
+    if mode == Mode::Cluster {
+        gateways.push(s.gateway("n2").await);
+    }
+    let mut worker = s.worker().await;
+    let mut users = Vec::new();
+    for i in 0..2 * PAIRS {
+        users.push(gateways[0].register(&format!("user{i}")).await);
+    }
+    let pairs: Vec<(User, User)> = (0..PAIRS).map(|i| (users[2 * i].clone(), users[2 * i + 1].clone())).collect();
+    let urls = Arc::new(std::sync::Mutex::new(gateways.iter().map(Gateway::ws_url).collect::<Vec<_>>()));
+    let sender = tokio::spawn(traffic_over(urls.clone(), pairs.clone(), EACH, "k2"));
+    let delays: Vec<u64> = match std::env::var("CHAT_TEST_KILLS_MS") {
+        Ok(v) => v.split(',').filter_map(|d| d.trim().parse().ok()).collect(),
+        Err(_) => (0..4).map(|_| 500 + (uuid::Uuid::new_v4().as_u128() % 3500) as u64).collect(),
+    };
+    eprintln!("k2 ({mode:?}): kills after {delays:?} ms (CHAT_TEST_KILLS_MS to repeat)");
+    for (k, delay) in delays.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(*delay)).await;
+        if sender.is_finished() {
+            eprintln!("k2: traffic finished before kill {k}");
+            break;
+        }
+        match (mode, k % 2) {
+            (Mode::Cluster, 0) => {
+                if let Some(w) = worker.take() {
+                    w.kill9().await;
+                }
+                worker = s.worker().await;
+            }
+            _ => {
+                // The first gateway (embedded: the one process) dies; its successor takes its place.
+                let dead = gateways.remove(0);
+                let dead_url = dead.ws_url();
+                dead.proc.kill9().await;
+                let next = s.gateway(&format!("n{}", k + 3)).await;
+                {
+                    let mut urls = urls.lock().unwrap();
+                    urls.retain(|u| *u != dead_url);
+                    urls.push(next.ws_url());
+                }
+                gateways.push(next);
+            }
+        }
+    }
+    sender.await.expect("traffic: every message acked");
+    eprintln!("k2: traffic done; waiting for the workers to catch up");
+    s.wait_settled(Duration::from_secs(300)).await;
+    let gw = &gateways[gateways.len() - 1];
+    for (from, to) in &pairs {
+        let mut ws = gw.connect(to, "check").await;
+        let (items, _) = ws.sync_until(None, EACH, Duration::from_secs(180)).await;
+        let bodies: Vec<String> = items.iter().filter(|i| i["sender"] == json!(from.id)).map(|i| i["body"].as_str().unwrap_or_default().to_owned()).collect();
+        let want: Vec<String> = (0..EACH).map(|i| format!("k2 #{i}")).collect();
+        assert_eq!(bodies.len(), EACH, "{}'s stream: {} items from {}, want {EACH} exactly once", to.name, bodies.len(), from.name);
+        assert_eq!(bodies, want, "{}'s stream holds {}'s messages once each, in order", to.name, from.name);
+        ws.close().await;
+    }
+    let store = s.store(&s.keyspace).await;
+    assert_eq!(checksums(&store).await["messages"].rows, (PAIRS * EACH) as u64);
+    if mode == Mode::Embedded {
+        // `chat rebuild` needs the data directory to itself.
+        for g in gateways {
+            g.proc.terminate().await;
+        }
+    }
+    assert_rebuild_matches(&s, (PAIRS * EACH) as u64).await;
 }
 
 /// alice and bob with a projected conversation (presence goes to the people one has
@@ -817,6 +909,7 @@ mod cluster {
         c2_retry_after_a_crash_between_append_and_ack,
         c3_concurrent_attempts_on_two_nodes,
         d_sigkill_loses_and_duplicates_nothing,
+        k2_kill9_at_random_points_of_20000_messages,
         e_rebuild_gives_identical_tables,
         f_presence_follows_the_last_device,
         f_crashed_node_users_go_offline,
@@ -854,6 +947,7 @@ mod embedded {
         token_expiry_closes_the_socket,
         concurrent_registrations_of_one_name,
         sigkill_keeps_every_acked_message,
+        k2_kill9_at_random_points_of_20000_messages,
         migrates_a_v1_data_directory,
     );
     scenarios!(Mode::Embedded;

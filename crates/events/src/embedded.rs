@@ -80,7 +80,7 @@ impl From<EngineError> for LogError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::QueueFull => LogError::QueueFull,
-            EngineError::Refused(e) => LogError::Fatal(e),
+            EngineError::Refused(e) | EngineError::Lost(e) => LogError::Fatal(e),
             e @ (EngineError::NotCommitted(_) | EngineError::Stopped) => LogError::Unavailable(e.to_string()),
         }
     }
@@ -153,6 +153,9 @@ impl EmbeddedLog {
         let mut options = Options::new("log", Durability::Full);
         options.queue = queue;
         options.jobs_per_commit = 1024;
+        // The tail page of each partition is rewritten by many commits: checkpointed once per
+        // 40 MiB of WAL instead of once per 4 MiB.
+        options.checkpoint_pages = 10_000;
         let engine = Engine::start(path.clone(), conn, counters, options, move |c: &Counters| {
             if let Some(inner) = lock(&slot).upgrade() {
                 *lock(&inner.ends) = c.ends.clone();

@@ -44,6 +44,23 @@ pub enum EngineError {
     /// The writer thread is gone.
     #[error("writer stopped")]
     Stopped,
+    /// A commit failed after its jobs were answered ([`Answer::Ran`]): writes its callers were
+    /// told about are gone. Permanent for this engine: its users must be restarted, and handle
+    /// again what those writes came from (a worker stops; the process exits and its workers
+    /// resume from their stored offsets, as after a crash).
+    #[error("writes lost: {0}")]
+    Lost(String),
+}
+
+/// When a job's caller gets its answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Once the transaction holding it committed (every job; [`Lane::Sync`] jobs always).
+    Committed,
+    /// As soon as it ran inside the open transaction, before the commit: for writers that make
+    /// their writes durable with a [`Lane::Sync`] job before they count on them (projection
+    /// workers). Readers of a [`Options::shared_cache`] engine see the writes at once.
+    Ran,
 }
 
 /// How durable a committed transaction is.
@@ -85,11 +102,31 @@ pub struct Options {
     pub window: Option<Duration>,
     /// Read connections kept and reads running at once, at most.
     pub readers: usize,
+    /// When background jobs are answered (urgent and sync jobs always after their commit).
+    pub answer: Answer,
+    /// The writer and the readers share one page cache, and readers read uncommitted rows
+    /// (`read_uncommitted`): they see a job's writes as soon as it ran, however long the
+    /// transaction stays open, and never re-read pages from the file after a commit.
+    pub shared_cache: bool,
+    /// WAL pages after which a commit checkpoints (SQLite's default is 1,000): a page written by
+    /// many commits is written to the database file once per checkpoint.
+    pub checkpoint_pages: u32,
 }
 
 impl Options {
     pub fn new(name: &'static str, durability: Durability) -> Self {
-        Options { name, durability, cache_kib: 2_048, queue: 10_000, jobs_per_commit: 512, window: None, readers: 8 }
+        Options {
+            name,
+            durability,
+            cache_kib: 2_048,
+            queue: 10_000,
+            jobs_per_commit: 512,
+            window: None,
+            readers: 8,
+            answer: Answer::Committed,
+            shared_cache: false,
+            checkpoint_pages: 1_000,
+        }
     }
 }
 
@@ -98,27 +135,43 @@ impl Options {
 /// a lock instead of failing, and cache 256 prepared statements (the writers run more than
 /// rusqlite's default 16, and re-parsing SQL cost a third of a writer's CPU).
 pub fn open_sqlite(path: &Path, write: bool) -> rusqlite::Result<Connection> {
-    let flags = if write {
+    open_with(path, write, false)
+}
+
+fn open_with(path: &Path, write: bool, shared: bool) -> rusqlite::Result<Connection> {
+    let mut flags = if write {
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
+    if shared {
+        flags |= OpenFlags::SQLITE_OPEN_SHARED_CACHE;
+    }
     let c = Connection::open_with_flags(path, flags)?;
+    if shared && !write {
+        c.pragma_update(None, "read_uncommitted", true)?;
+    }
     c.busy_timeout(Duration::from_secs(10))?;
     c.set_prepared_statement_cache_capacity(256);
     if write {
         c.pragma_update(None, "journal_mode", "WAL")?;
         c.pragma_update(None, "synchronous", "FULL")?;
+        // Statement journals (a savepoint per job keeps one) in memory: on disk they were a
+        // deleted temp file that took as many bytes as the WAL itself; a crash needs none of
+        // them (an open transaction is rolled back from the WAL).
+        c.pragma_update(None, "temp_store", "MEMORY")?;
     }
     Ok(c)
 }
 
-type Answer = Box<dyn FnOnce(Result<(), EngineError>) + Send>;
+type Reply = Box<dyn FnOnce(Result<(), EngineError>) + Send>;
 
 /// What a caller hears when its job was dropped without running (no transaction could begin, or
 /// the writer stopped): it did not commit, and retrying is safe.
 const NOT_RUN: EngineError = EngineError::Stopped;
-type Job<S> = Box<dyn FnOnce(&Transaction<'_>, &mut S) -> Option<Answer> + Send>;
+/// A job: run in the open transaction (`Ok`), or refused because the engine lost writes (`Err`).
+/// It answers its caller itself, at once or through the `Answer` it leaves for after the commit.
+type Job<S> = Box<dyn FnOnce(Result<(&Transaction<'_>, &mut S), &str>) -> Option<Reply> + Send>;
 
 /// A database file with its writer thread and read connections.
 pub struct Engine<S> {
@@ -127,6 +180,9 @@ pub struct Engine<S> {
     readers: Mutex<Vec<Connection>>,
     read_slots: Arc<tokio::sync::Semaphore>,
     max_readers: usize,
+    shared_cache: bool,
+    /// Background jobs are answered as soon as they ran ([`Answer::Ran`]).
+    early_background: bool,
 }
 
 impl<S: Clone + Send + 'static> Engine<S> {
@@ -142,11 +198,26 @@ impl<S: Clone + Send + 'static> Engine<S> {
             conn.pragma_update(None, "synchronous", "NORMAL")?;
         }
         conn.pragma_update(None, "cache_size", -i64::from(options.cache_kib))?;
+        conn.pragma_update(None, "wal_autocheckpoint", options.checkpoint_pages)?;
+        // The shared cache is the writer's: it has to be opened with it (readers open theirs
+        // against the same file, in this process).
+        let conn = if options.shared_cache {
+            drop(conn);
+            let c = open_with(&path, true, true)?;
+            if options.durability == Durability::Relaxed {
+                c.pragma_update(None, "synchronous", "NORMAL")?;
+            }
+            c.pragma_update(None, "cache_size", -i64::from(options.cache_kib))?;
+            c.pragma_update(None, "wal_autocheckpoint", options.checkpoint_pages)?;
+            c
+        } else {
+            conn
+        };
         let (tx, rx) = std_mpsc::sync_channel::<(Lane, Job<S>)>(options.queue.max(1));
-        let (readers, name) = (options.readers.max(1), options.name);
+        let (readers, name, shared_cache, early_background) = (options.readers.max(1), options.name, options.shared_cache, options.answer == Answer::Ran);
         std::thread::Builder::new()
             .name(format!("chat-{name}-writer"))
-            .spawn(move || Writer { conn, state, options, on_commit, queue: Queue::default() }.run(rx))
+            .spawn(move || Writer { conn, state, options, on_commit, queue: Queue::default(), lost: None }.run(rx))
             .map_err(|e| rusqlite::Error::InvalidParameterName(format!("cannot start the writer thread: {e}")))?;
         Ok(Arc::new(Engine {
             path,
@@ -154,6 +225,8 @@ impl<S: Clone + Send + 'static> Engine<S> {
             readers: Mutex::new(Vec::new()),
             read_slots: Arc::new(tokio::sync::Semaphore::new(readers)),
             max_readers: readers,
+            shared_cache,
+            early_background,
         }))
     }
 
@@ -162,11 +235,24 @@ impl<S: Clone + Send + 'static> Engine<S> {
         &self.path
     }
 
+    /// Whether a job of this lane is answered as soon as it ran.
+    fn early(&self, lane: Lane) -> bool {
+        self.early_background && lane == Lane::Background
+    }
+
     fn job<R: Send + 'static>(
+        early: bool,
         f: impl FnOnce(&Transaction<'_>, &mut S) -> rusqlite::Result<R> + Send + 'static,
     ) -> (Job<S>, oneshot::Receiver<Result<R, EngineError>>) {
         let (tx, rx) = oneshot::channel();
-        let job: Job<S> = Box::new(move |t: &Transaction<'_>, state: &mut S| {
+        let job: Job<S> = Box::new(move |run: Result<(&Transaction<'_>, &mut S), &str>| {
+            let (t, state) = match run {
+                Ok(ts) => ts,
+                Err(lost) => {
+                    let _ = tx.send(Err(EngineError::Lost(lost.to_owned())));
+                    return None;
+                }
+            };
             // A savepoint per job: a failing job leaves nothing behind and takes no other job
             // down. (Both statements come from the statement cache.)
             let before = state.clone();
@@ -184,9 +270,13 @@ impl<S: Clone + Send + 'static> Engine<S> {
                 }
             })();
             match result {
+                Ok(r) if early => {
+                    let _ = tx.send(Ok(r));
+                    None
+                }
                 Ok(r) => Some(Box::new(move |committed: Result<(), EngineError>| {
                     let _ = tx.send(committed.map(|()| r));
-                }) as Answer),
+                }) as Reply),
                 Err(e) => {
                     *state = before;
                     let _ = tx.send(Err(EngineError::Refused(e.to_string())));
@@ -204,7 +294,7 @@ impl<S: Clone + Send + 'static> Engine<S> {
         lane: Lane,
         f: impl FnOnce(&Transaction<'_>, &mut S) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, EngineError> {
-        let (job, rx) = Self::job(f);
+        let (job, rx) = Self::job(self.early(lane), f);
         match self.writer.try_send((lane, job)) {
             Ok(()) => {}
             Err(std_mpsc::TrySendError::Full(item)) => {
@@ -226,7 +316,7 @@ impl<S: Clone + Send + 'static> Engine<S> {
         lane: Lane,
         f: impl FnOnce(&Transaction<'_>, &mut S) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, EngineError> {
-        let (job, rx) = Self::job(f);
+        let (job, rx) = Self::job(self.early(lane), f);
         self.writer.try_send((lane, job)).map_err(|e| match e {
             std_mpsc::TrySendError::Full(_) => EngineError::QueueFull,
             std_mpsc::TrySendError::Disconnected(_) => EngineError::Stopped,
@@ -246,7 +336,7 @@ impl<S: Clone + Send + 'static> Engine<S> {
             let pooled = engine.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let conn = match pooled {
                 Some(c) => c,
-                None => open_sqlite(&engine.path, false).map_err(|e| EngineError::NotCommitted(format!("opening a reader: {e}")))?,
+                None => open_with(&engine.path, false, engine.shared_cache).map_err(|e| EngineError::NotCommitted(format!("opening a reader: {e}")))?,
             };
             let out = f(&conn).map_err(|e| EngineError::Refused(e.to_string()));
             let mut pool = engine.readers.lock().unwrap_or_else(|p| p.into_inner());
@@ -327,6 +417,9 @@ struct Writer<S, F> {
     options: Options,
     on_commit: F,
     queue: Queue<S>,
+    /// Set when a commit failed after its jobs were answered ([`Answer::Ran`]): every later job
+    /// fails with [`EngineError::Lost`].
+    lost: Option<String>,
 }
 
 impl<S: Clone, F: FnMut(&S)> Writer<S, F> {
@@ -370,19 +463,36 @@ impl<S: Clone, F: FnMut(&S)> Writer<S, F> {
                 }
             };
             commits += 1;
-            let mut answers: Vec<Answer> = Vec::with_capacity(jobs.len());
+            let mut answers: Vec<Reply> = Vec::with_capacity(jobs.len());
             let mut ran = jobs.len();
-            answers.extend(jobs.into_iter().filter_map(|job| job(&tx, &mut self.state)));
+            if let Some(lost) = &self.lost {
+                for job in jobs {
+                    job(Err(lost));
+                }
+                continue;
+            }
+            answers.extend(jobs.into_iter().filter_map(|job| job(Ok((&tx, &mut self.state)))));
             if let Some(window) = self.options.window.filter(|_| !sync) {
-                while ran < 16 * max && began.elapsed() < window {
+                // Answered as they run, background jobs wait for no commit: the transaction stays
+                // open through idle moments too, until the window ends or someone waits for the
+                // commit (an urgent job, or a sync job next in line).
+                let idle_wait = self.options.answer == Answer::Ran;
+                while ran < 16 * max && (!idle_wait || answers.is_empty()) {
+                    let Some(left) = window.checked_sub(began.elapsed()).filter(|l| !l.is_zero()) else { break };
                     self.queue.fill(&rx, 4 * max);
+                    if idle_wait && self.queue.is_empty() {
+                        match rx.recv_timeout(left) {
+                            Ok((lane, job)) => self.queue.push(lane, job),
+                            Err(_) => break,
+                        }
+                    }
                     // A sync job begins a transaction of its own (it is synced with all before it).
                     let more = self.queue.next(max, false);
                     if more.is_empty() {
                         break;
                     }
                     ran += more.len();
-                    answers.extend(more.into_iter().filter_map(|job| job(&tx, &mut self.state)));
+                    answers.extend(more.into_iter().filter_map(|job| job(Ok((&tx, &mut self.state)))));
                 }
             }
             jobs_done += ran as u64;
@@ -405,6 +515,12 @@ impl<S: Clone, F: FnMut(&S)> Writer<S, F> {
                 Err(e) => {
                     error!(db = name, error = %e, jobs = answers.len(), "commit failed; the transaction is rolled back and its jobs fail");
                     self.state = before;
+                    if self.options.answer == Answer::Ran {
+                        // Jobs answered before the commit are gone with it: nothing this engine
+                        // writes from now on can be trusted to build on them.
+                        error!(db = name, "writes answered before this commit are lost: refusing every further job (restart to recover)");
+                        self.lost = Some(e.to_string());
+                    }
                     fail(answers, &e.to_string());
                 }
             }
@@ -412,7 +528,7 @@ impl<S: Clone, F: FnMut(&S)> Writer<S, F> {
     }
 }
 
-fn fail(answers: Vec<Answer>, reason: &str) {
+fn fail(answers: Vec<Reply>, reason: &str) {
     for a in answers {
         a(Err(EngineError::NotCommitted(reason.to_owned())));
     }
@@ -459,6 +575,31 @@ mod tests {
         assert_eq!(keys, vec![1, 4], "the refused job's first insert was rolled back with it");
         let state = e.write(Lane::Background, |_, n| Ok(*n)).await.unwrap();
         assert_eq!(state, 101, "the refused job's state change was put back");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answered_when_ran_readers_see_it_before_the_commit_and_sync_commits_it() {
+        let dir = std::env::temp_dir().join(format!("chat-engine-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.db");
+        let conn = open_sqlite(&path, true).unwrap();
+        conn.execute_batch("CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)").unwrap();
+        let mut o = Options::new("test", Durability::Relaxed);
+        // A transaction stays open for a minute unless a sync job ends it.
+        (o.answer, o.shared_cache, o.window) = (Answer::Ran, true, Some(Duration::from_secs(60)));
+        let e: Arc<Engine<()>> = Engine::start(path.clone(), conn, (), o, |_| {}).unwrap();
+        let count = |c: &Connection| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0));
+        let answered = tokio::time::timeout(Duration::from_secs(5), e.write(Lane::Background, |t, _| t.execute("INSERT INTO t (k, v) VALUES (1, 'a')", [])))
+            .await
+            .expect("a background job is answered when it ran, not after the window");
+        assert!(answered.is_ok(), "{answered:?}");
+        assert_eq!(e.read(count).await.unwrap(), 1, "the engine's readers see the row at once");
+        // Another process (a connection outside the shared cache) sees only what committed.
+        let outside = open_sqlite(&path, false).unwrap();
+        assert_eq!(count(&outside).unwrap(), 0, "not committed yet");
+        tokio::time::timeout(Duration::from_secs(5), e.write(Lane::Sync, |_, _| Ok(()))).await.expect("sync ends the window").unwrap();
+        assert_eq!(count(&outside).unwrap(), 1, "committed by the sync job");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -57,7 +57,7 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(_) => ApiError::unavailable("store", &e),
+            StoreError::Unavailable(_) | StoreError::Lost(_) => ApiError::unavailable("store", &e),
             StoreError::Data(_) => ApiError::internal("store", &e),
         }
     }

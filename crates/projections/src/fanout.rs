@@ -438,8 +438,12 @@ impl Handler for FanOut {
     async fn handle(&self, records: &[Record]) -> Result<Handled, HandlerError> {
         self.route_and_append(records).await
     }
-    async fn sync(&self) -> Result<(), String> {
-        self.store.sync().await.map_err(|e| e.to_string())
+    async fn sync(&self) -> Result<(), HandlerError> {
+        self.store.sync().await.map_err(|e| HandlerError::of_store(0, e))
+    }
+
+    fn sync_every(&self) -> std::time::Duration {
+        self.store.sync_every()
     }
 }
 
@@ -453,27 +457,21 @@ fn send_key(m: &MessageSent) -> SendKey {
 impl FanOut {
     /// The accepted sends of the slice's `message.sent` keys, read concurrently.
     async fn sends_of(&self, envs: &[(usize, Envelope)]) -> R<HashMap<SendKey, Option<SendRecord>>> {
-        let keys: std::collections::HashSet<SendKey> = envs
+        let keys: Vec<SendKey> = envs
             .iter()
             .filter_map(|(_, e)| match &e.event {
                 Event::MessageSent(m) => Some(send_key(m)),
                 _ => None,
             })
-            .collect();
-        let reads: Vec<_> = keys
+            .collect::<std::collections::HashSet<_>>()
             .into_iter()
-            .map(|k| {
-                Box::pin(async move {
-                    let r = self.store.send_record(&k.0, k.1, &k.2).await;
-                    (k, r)
-                })
-            })
             .collect();
-        let mut out = HashMap::new();
-        for (k, r) in futures::future::join_all(reads).await {
-            out.insert(k, r?);
+        if keys.is_empty() {
+            return Ok(HashMap::new());
         }
-        Ok(out)
+        // One round trip for the slice.
+        let records = self.store.send_records(&keys).await?;
+        Ok(keys.into_iter().zip(records).collect())
     }
 
     async fn route_and_append(&self, records: &[Record]) -> Result<Handled, HandlerError> {
@@ -486,7 +484,7 @@ impl FanOut {
                 Err(e) => dead.push((i, e.to_string())),
             }
         }
-        let mut sends = self.sends_of(&envs).await.map_err(|e| HandlerError::retry(0, e).with_dead(dead.clone()))?;
+        let mut sends = self.sends_of(&envs).await.map_err(|e| HandlerError::of_store(0, e).with_dead(dead.clone()))?;
         // (index of the source record, output) for every output of the slice. State is written
         // while routing (positional, so safe to write before the outputs are appended); the
         // accepted sends are written before the outputs, so that a fan-out that restarts in
@@ -527,13 +525,13 @@ impl FanOut {
                     outputs.extend(out.into_iter().map(|o| (*i, o)));
                 }
                 Err(e) => {
-                    self.record_sends(&accepted).await.map_err(|e| HandlerError::retry(0, e).with_dead(dead.clone()))?;
+                    self.record_sends(&accepted).await.map_err(|e| HandlerError::of_store(0, e).with_dead(dead.clone()))?;
                     self.append_outputs(&outputs[..]).await.map_err(|e| e.with_dead(dead.clone()))?;
-                    return Err(HandlerError::retry(*i, e).with_dead(dead));
+                    return Err(HandlerError::of_store(*i, e).with_dead(dead));
                 }
             }
         }
-        self.record_sends(&accepted).await.map_err(|e| HandlerError::retry(0, e).with_dead(dead.clone()))?;
+        self.record_sends(&accepted).await.map_err(|e| HandlerError::of_store(0, e).with_dead(dead.clone()))?;
         self.append_outputs(&outputs).await.map_err(|e| e.with_dead(dead.clone()))?;
         Ok(Handled { dead })
     }

@@ -9,7 +9,7 @@
 //! Cassandra). A write the store refuses for good ([`StoreError::Data`]) is found by applying
 //! the records one by one; that record is dead-lettered and the others applied.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -36,6 +36,42 @@ pub struct Projector {
     /// Items of version 1 `delivery.queued` records (which have no source) applied recently, by
     /// (user, item id): a repeat within the window is dropped (see [`V1_WINDOW`]).
     v1_items: Mutex<Bounded<(chat_events::UserId, uuid::Uuid)>>,
+    /// Point rows (inbox rows, stream heads) as the last slice of each partition left them.
+    cache: Mutex<RowCache>,
+}
+
+/// Point rows per partition, carried from one slice to the next.
+///
+/// A user's rows are written only by the owner of the user's deliveries partition, so while this
+/// projector keeps handling a partition slice after slice, what it wrote is what the store holds.
+/// A slice that does not start where the last one ended (a rebalance moved the partition away and
+/// back, another owner handled some of it, a failed slice is handled again) forgets the
+/// partition's rows.
+#[derive(Default)]
+struct RowCache {
+    partitions: HashMap<(String, i32), (i64, Rows)>,
+}
+
+/// Point rows kept per partition, at most (beyond, the partition's rows are read again).
+const CACHED_ROWS: usize = 50_000;
+
+impl RowCache {
+    /// The rows of a partition for a slice starting at `first` (none unless it starts where
+    /// the last one ended).
+    fn take(&mut self, partition: &(String, i32), first: i64) -> Rows {
+        match self.partitions.remove(partition) {
+            Some((next, rows)) if next == first => rows,
+            _ => Rows::default(),
+        }
+    }
+
+    /// Keeps the point rows of a slice that was applied, up to `next`.
+    fn keep(&mut self, partition: (String, i32), next: i64, rows: Rows) {
+        let kept = rows.into_points();
+        if kept.len() <= CACHED_ROWS {
+            self.partitions.insert(partition, (next, kept));
+        }
+    }
 }
 
 /// Set rows remembered as applied, at most.
@@ -86,6 +122,7 @@ impl Projector {
             written: Mutex::new(BTreeMap::new()),
             applied_sets: Mutex::new(Bounded::new(APPLIED_SETS)),
             v1_items: Mutex::new(Bounded::new(V1_WINDOW)),
+            cache: Mutex::new(RowCache::default()),
         }
     }
 
@@ -113,20 +150,39 @@ impl Projector {
         })
     }
 
-    /// Loads the keys not loaded yet, concurrently.
+    /// Loads the keys not loaded yet: point rows in one batched read per kind, ranges one by one
+    /// (concurrently).
     async fn fetch(&self, rows: &mut Rows, keys: Vec<Key>) -> Result<(), StoreError> {
         let keys: HashSet<Key> = keys.into_iter().filter(|k| !rows.has(k)).collect();
-        let reads: Vec<_> = keys.into_iter().map(|k| Box::pin(async move { let v = self.fetch_one(&k).await; (k, v) })).collect();
-        let results: Vec<(Key, Result<Fetched, StoreError>)> = futures::stream::iter(reads).buffer_unordered(READS_IN_FLIGHT).collect().await;
+        let (mut inboxes, mut heads, mut ranges) = (Vec::new(), Vec::new(), Vec::new());
+        for k in keys {
+            match k {
+                Key::Inbox(u, c) => inboxes.push((u, c)),
+                Key::Head(u, p) => heads.push((u, p)),
+                other => ranges.push(other),
+            }
+        }
+        let reads: Vec<_> = ranges.into_iter().map(|k| Box::pin(async move { let v = self.fetch_one(&k).await; (k, v) })).collect();
+        let (inbox_rows, head_rows, results) = futures::join!(
+            async { if inboxes.is_empty() { Ok(Vec::new()) } else { self.store.inbox_rows(&inboxes).await } },
+            async { if heads.is_empty() { Ok(Vec::new()) } else { self.store.stream_heads(&heads).await } },
+            futures::stream::iter(reads).buffer_unordered(READS_IN_FLIGHT).collect::<Vec<(Key, Result<Fetched, StoreError>)>>(),
+        );
+        for ((u, c), r) in inboxes.into_iter().zip(inbox_rows?) {
+            rows.insert(Key::Inbox(u, c), Fetched::Inbox(r));
+        }
+        for ((u, p), r) in heads.into_iter().zip(head_rows?) {
+            rows.insert(Key::Head(u, p), Fetched::Head(r));
+        }
         for (k, v) in results {
             rows.insert(k, v?);
         }
         Ok(())
     }
 
-    /// Folds every input in order; returns each record's writes.
-    async fn fold_all(&self, inputs: &[(usize, Envelope, i64)]) -> Result<Vec<(usize, Vec<Write>)>, StoreError> {
-        let mut rows = Rows::default();
+    /// Folds every input in order; returns each record's writes and the rows as they are after
+    /// them.
+    async fn fold_all(&self, inputs: &[(usize, Envelope, i64)], mut rows: Rows) -> Result<(Vec<(usize, Vec<Write>)>, Rows), StoreError> {
         let mut keys = Vec::new();
         for (_, env, offset) in inputs {
             views::prefetch(Input { env, offset: *offset }, &mut keys);
@@ -158,7 +214,7 @@ impl Projector {
                 }
             }
         }
-        Ok(out)
+        Ok((out, rows))
     }
 
     fn count(&self, writes: &[Write]) {
@@ -185,6 +241,7 @@ impl Projector {
                 }
                 Ok(Vec::new())
             }
+            Err(e @ StoreError::Lost(_)) => Err(HandlerError::fatal(e)),
             Err(StoreError::Unavailable(e)) => Err(HandlerError::retry(0, e)),
             Err(StoreError::Data(e)) => {
                 tracing::warn!(writes = n, error = %e, "the store refused a slice's writes; applying its records one by one");
@@ -193,6 +250,7 @@ impl Projector {
                     match self.store.apply(writes.clone()).await {
                         Ok(()) => self.count(&writes),
                         Err(StoreError::Data(e)) => refused.push((i, e)),
+                        Err(e @ StoreError::Lost(_)) => return Err(HandlerError::fatal(e)),
                         Err(StoreError::Unavailable(e)) => return Err(HandlerError::retry(i, e).with_dead(refused)),
                     }
                 }
@@ -230,8 +288,21 @@ impl Handler for Projector {
                 _ => true,
             });
         }
-        let per_record = self.fold_all(&inputs).await.map_err(|e| HandlerError::retry(0, e.to_string()))?;
+        // The rows this projector wrote in earlier slices of this partition (it is their only
+        // writer while it owns the partition), so a slice reads only what it never saw.
+        let (partition, first, next) = match (records.first(), records.last()) {
+            (Some(a), Some(b)) => ((a.topic.clone(), a.partition), a.offset, b.offset + 1),
+            _ => return Ok(Handled { dead }),
+        };
+        let rows = self.cache.lock().unwrap_or_else(|p| p.into_inner()).take(&partition, first);
+        let (per_record, rows) = match self.fold_all(&inputs, rows).await {
+            Ok(r) => r,
+            Err(e) => return Err(HandlerError::of_store(0, e).with_dead(dead)),
+        };
         let refused = self.apply(per_record).await.map_err(|e| e.with_dead(dead.clone()))?;
+        if refused.is_empty() {
+            self.cache.lock().unwrap_or_else(|p| p.into_inner()).keep(partition, next, rows);
+        }
         let mut seen = self.v1_items.lock().unwrap_or_else(|p| p.into_inner());
         for k in v1 {
             seen.insert(k);
@@ -242,8 +313,12 @@ impl Handler for Projector {
         Ok(Handled { dead })
     }
 
-    async fn sync(&self) -> Result<(), String> {
-        self.store.sync().await.map_err(|e| e.to_string())
+    async fn sync(&self) -> Result<(), HandlerError> {
+        self.store.sync().await.map_err(|e| HandlerError::of_store(0, e))
+    }
+
+    fn sync_every(&self) -> std::time::Duration {
+        self.store.sync_every()
     }
 }
 

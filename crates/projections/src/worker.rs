@@ -1,7 +1,7 @@
 //! The consume loop shared by every stage: poll a batch, split it by partition, handle the
 //! partitions concurrently (each strictly in order), retry what failed with back-off, and store
 //! each partition's offset once its records are done and their writes durable ([`Handler::sync`],
-//! at most every [`SYNC_EVERY`], so that a store with unsynced commits syncs once for many
+//! at most every [`Handler::sync_every`], so that a store with unsynced commits syncs once for many
 //! batches). Never stores an offset past a failure.
 
 use std::collections::BTreeMap;
@@ -24,6 +24,8 @@ pub struct Handled {
 
 /// A failure that a later retry may fix (store or log unavailable): the worker backs off and
 /// hands the records from `done` on to the handler again, without storing an offset past them.
+/// A `fatal` one (writes answered earlier are gone) stops the worker: its process exits, and
+/// whoever handles the partitions next starts again from the stored offsets.
 #[derive(Debug, thiserror::Error)]
 #[error("{reason}")]
 pub struct HandlerError {
@@ -32,12 +34,26 @@ pub struct HandlerError {
     pub reason: String,
     /// Records before `done` that failed for good (dead-lettered before `done` counts).
     pub dead: Vec<(usize, String)>,
+    pub fatal: bool,
 }
 
 impl HandlerError {
     /// Retry from record `done`.
     pub fn retry(done: usize, reason: impl std::fmt::Display) -> Self {
-        HandlerError { done, reason: reason.to_string(), dead: Vec::new() }
+        HandlerError { done, reason: reason.to_string(), dead: Vec::new(), fatal: false }
+    }
+
+    /// Stop the worker.
+    pub fn fatal(reason: impl std::fmt::Display) -> Self {
+        HandlerError { done: 0, reason: reason.to_string(), dead: Vec::new(), fatal: true }
+    }
+
+    /// Retryable from `done`, or fatal, as the store error says.
+    pub fn of_store(done: usize, e: chat_store::StoreError) -> Self {
+        match e {
+            chat_store::StoreError::Lost(_) => Self::fatal(e),
+            _ => Self::retry(done, e),
+        }
     }
 
     /// With the records before `done` that failed for good.
@@ -54,7 +70,12 @@ pub trait Handler: Send + Sync {
     async fn handle(&self, records: &[Record]) -> Result<Handled, HandlerError>;
 
     /// Makes every write of the records handled so far durable (see `chat_store::Durable`).
-    async fn sync(&self) -> Result<(), String>;
+    async fn sync(&self) -> Result<(), HandlerError>;
+
+    /// How often, at most, to sync and then store offsets (see `chat_store::Durable::sync_every`).
+    fn sync_every(&self) -> Duration {
+        SYNC_EVERY
+    }
 }
 
 /// Where records that failed for good go: the dead-letter topic, with the reason.
@@ -100,7 +121,8 @@ impl WorkerStats {
 
 const MAX_BATCH: usize = 1000;
 
-/// How often, at most, handled records' writes are synced and their offsets stored.
+/// How often, at most, handled records' writes are synced and their offsets stored, unless the
+/// handler says otherwise ([`Handler::sync_every`]).
 pub const SYNC_EVERY: Duration = Duration::from_millis(100);
 
 /// Offsets of handled records whose writes are not known to be durable yet.
@@ -112,20 +134,24 @@ struct Unsynced {
 impl Unsynced {
     /// Syncs the handler's writes, then stores the offsets; on failure keeps them for the
     /// next attempt (nothing is stored past writes that may not be durable).
-    async fn store(&mut self, name: &str, consumer: &mut dyn LogConsumer, handler: &dyn Handler) {
+    async fn store(&mut self, name: &str, consumer: &mut dyn LogConsumer, handler: &dyn Handler) -> Result<(), String> {
         self.last_sync = Instant::now();
         if self.offsets.is_empty() {
-            return;
+            return Ok(());
         }
         if let Err(e) = handler.sync().await {
+            if e.fatal {
+                return Err(e.reason);
+            }
             warn!(stage = name, error = %e, "syncing the writes failed; offsets not stored yet");
-            return;
+            return Ok(());
         }
         for ((topic, partition), last) in std::mem::take(&mut self.offsets) {
             if let Err(e) = consumer.store(&topic, partition, last) {
                 debug!(stage = name, topic, partition, error = %e, "offset not stored (partition revoked?)");
             }
         }
+        Ok(())
     }
 }
 
@@ -151,7 +177,10 @@ impl Window {
     }
 }
 
-/// Runs a stage until `shutdown` becomes true, then commits what was stored and returns.
+/// Runs a stage until `shutdown` becomes true, then commits what was stored and returns; or
+/// until a handler fails for good (writes it was told about are gone), then returns the reason
+/// without storing or committing anything more (the caller stops the process, and the
+/// partitions are handled again from their stored offsets).
 pub async fn run(
     name: &str,
     mut consumer: Box<dyn LogConsumer>,
@@ -159,14 +188,19 @@ pub async fn run(
     dead_letters: DeadLetters,
     stats: Arc<WorkerStats>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) -> Result<(), String> {
     let mut unsynced = Unsynced { offsets: BTreeMap::new(), last_sync: Instant::now() };
     let mut window = Window::new();
+    let sync_every = handler.sync_every();
     while !*shutdown.borrow() {
-        if unsynced.last_sync.elapsed() >= SYNC_EVERY {
-            unsynced.store(name, consumer.as_mut(), handler.as_ref()).await;
+        if unsynced.last_sync.elapsed() >= sync_every {
+            unsynced.store(name, consumer.as_mut(), handler.as_ref()).await?;
         }
-        let wait = if unsynced.offsets.is_empty() { Duration::from_millis(200) } else { SYNC_EVERY };
+        let wait = if unsynced.offsets.is_empty() {
+            Duration::from_millis(200)
+        } else {
+            sync_every.saturating_sub(unsynced.last_sync.elapsed()).max(Duration::from_millis(1))
+        };
         let batch = tokio::select! {
             b = consumer.poll_batch(MAX_BATCH, wait) => b,
             _ = shutdown.changed() => break,
@@ -196,6 +230,7 @@ pub async fn run(
             for (((topic, partition), recs), res) in std::mem::take(&mut parts).into_iter().zip(results) {
                 let (done, dead, mut err) = match res {
                     Ok(h) => (recs.len(), h.dead, None),
+                    Err(e) if e.fatal => return Err(e.reason),
                     Err(e) => (e.done.min(recs.len()), e.dead, Some(e.reason)),
                 };
                 // Records that failed for good go to the dead-letter topic before their offset
@@ -245,10 +280,11 @@ pub async fn run(
             window = Window::new();
         }
     }
-    unsynced.store(name, consumer.as_mut(), handler.as_ref()).await;
+    unsynced.store(name, consumer.as_mut(), handler.as_ref()).await?;
     if let Err(e) = consumer.commit().await {
         warn!(stage = name, error = %e, "final offset commit failed; the next owner replays from the last commit");
     }
+    Ok(())
 }
 
 /// Puts an undecodable record on the dead-letter topic with its reason. An error here is
@@ -323,10 +359,10 @@ mod tests {
             Ok(Handled::default())
         }
 
-        async fn sync(&self) -> Result<(), String> {
+        async fn sync(&self) -> Result<(), HandlerError> {
             if self.fail_sync.swap(false, Ordering::SeqCst) {
                 self.trace.lock().unwrap().push("sync failed".into());
-                return Err("disk on fire".into());
+                return Err(HandlerError::retry(0, "disk on fire"));
             }
             self.trace.lock().unwrap().push("sync".into());
             Ok(())
@@ -353,7 +389,7 @@ mod tests {
             Ok(Handled { dead: records.iter().enumerate().filter(|(_, r)| r.offset == 1).map(|(i, _)| (i, "not an event".into())).collect() })
         }
 
-        async fn sync(&self) -> Result<(), String> {
+        async fn sync(&self) -> Result<(), HandlerError> {
             Ok(())
         }
     }
@@ -369,7 +405,7 @@ mod tests {
         let task = tokio::spawn(run("test", Box::new(consumer), Arc::new(RefusesOne), dead, stats.clone(), stopped));
         tokio::time::sleep(SYNC_EVERY * 4).await;
         stop.send(true).unwrap();
-        task.await.unwrap();
+        task.await.unwrap().unwrap();
         assert_eq!(stats.dead_letters.load(Ordering::Relaxed), 1);
         assert!(trace.lock().unwrap().iter().any(|t| t == "store t/0@2"), "the offset moved past the dead record: {trace:?}");
         drop(log);
@@ -395,7 +431,7 @@ mod tests {
         let task = tokio::spawn(run("test", Box::new(consumer), handler, dead, Arc::default(), stopped));
         tokio::time::sleep(SYNC_EVERY * 8).await;
         stop.send(true).unwrap();
-        task.await.unwrap();
+        task.await.unwrap().unwrap();
         let trace = trace.lock().unwrap().clone();
         let first_store = trace.iter().position(|t| t.starts_with("store")).expect("an offset was stored");
         // The first sync failed: nothing was stored before the next, successful one.

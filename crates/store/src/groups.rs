@@ -62,6 +62,10 @@ pub struct FanoutMessage {
 pub trait FanoutStore: crate::Durable {
     /// The accepted send of (conversation, sender, client_msg_id), if any.
     async fn send_record(&self, conv: &ConversationId, sender: UserId, client_msg_id: &str) -> StoreResult<Option<crate::SendRecord>>;
+    /// Several accepted sends at once (one round trip where the back-end can).
+    async fn send_records(&self, keys: &[(ConversationId, UserId, String)]) -> StoreResult<Vec<Option<crate::SendRecord>>> {
+        futures::future::try_join_all(keys.iter().map(|(c, u, m)| self.send_record(c, *u, m))).await
+    }
     /// Records accepted sends (written before their outputs are appended).
     async fn put_send_records(&self, records: &[crate::SendRecord]) -> StoreResult<()>;
     async fn fanout_group(&self, conv: &ConversationId) -> StoreResult<Option<FanoutGroup>>;

@@ -46,6 +46,11 @@ pub enum StoreError {
     /// A stored value could not be read back (corrupt row, schema drift): a bug or operator error.
     #[error("store data error: {0}")]
     Data(String),
+    /// Writes answered earlier are gone (the embedded store answers projection writes before
+    /// their commit, and a commit failed): permanent for this process. A worker stops, the
+    /// process exits, and its workers resume from their stored offsets, as after a crash.
+    #[error("store lost writes: {0}")]
+    Lost(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -246,6 +251,13 @@ pub trait Durable: Send + Sync {
     /// synced commit.
     async fn sync(&self) -> StoreResult<()>;
 
+    /// How often a worker should sync (and then store its offsets), at most: every sync costs
+    /// a SQLite store a commit and an fsync, and ends the transaction that batches the pages of
+    /// many slices; Cassandra's sync is free, and the interval only sets how much a new owner of
+    /// a partition handles again.
+    fn sync_every(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(100)
+    }
 }
 
 /// The reads projections need (their writes go through [`WriteStore::apply`]).
@@ -255,6 +267,14 @@ pub trait ProjectionStore: Durable + WriteStore {
     /// The highest source ([`chat_events::Source::packed`]) applied to a user's stream from one
     /// partition of the conversations topic.
     async fn stream_head(&self, user: UserId, source_partition: i32) -> StoreResult<Option<i64>>;
+    /// Several inbox rows at once (one round trip where the back-end can).
+    async fn inbox_rows(&self, keys: &[(UserId, ConversationId)]) -> StoreResult<Vec<Option<InboxRow>>> {
+        futures::future::try_join_all(keys.iter().map(|(u, c)| self.inbox_row(*u, c))).await
+    }
+    /// Several stream heads at once (one round trip where the back-end can).
+    async fn stream_heads(&self, keys: &[(UserId, i32)]) -> StoreResult<Vec<Option<i64>>> {
+        futures::future::try_join_all(keys.iter().map(|(u, p)| self.stream_head(*u, *p))).await
+    }
 }
 
 /// What the gateway reads.

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chat_events::{ConversationId, GroupRole, MessageId, ReceiptStatus, UserId};
 use chrono::{DateTime, NaiveDate, Utc};
-use chat_events::sqlite::{open_sqlite, Durability, Engine, EngineError, Lane, Options};
+use chat_events::sqlite::{open_sqlite, Answer, Durability, Engine, EngineError, Lane, Options};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -73,6 +73,7 @@ impl From<EngineError> for StoreError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::Refused(e) => StoreError::Data(e),
+            EngineError::Lost(e) => StoreError::Lost(e),
             e @ (EngineError::NotCommitted(_) | EngineError::QueueFull | EngineError::Stopped) => StoreError::Unavailable(e.to_string()),
         }
     }
@@ -182,12 +183,24 @@ const UNTIL_MERGE: &str = "CASE WHEN excluded.until IS NULL THEN {t}.until
                                WHEN {t}.until IS NULL THEN excluded.until
                                ELSE MAX({t}.until, excluded.until) END";
 
+/// WAL pages between checkpoints of tables.db (40 MiB; SQLite's default is 1,000): hot pages
+/// (a conversation's last history page, a user's inbox) are written to the file once per
+/// checkpoint instead of once per thousand pages.
+const CHECKPOINT_PAGES: u32 = 10_000;
+
 /// Read connections of a database file (reads running at once).
 const READERS: usize = 16;
 
-/// How long a `tables.db` transaction stays open while more writes keep arriving: under load,
-/// slices of several partitions share one commit.
-const TABLES_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
+/// How long a `tables.db` transaction stays open while more writes keep arriving. Projection
+/// writes are answered when they ran (readers see them through the shared cache), so the
+/// window does not delay anyone: it sets how many slices share one commit, and with it how often
+/// a hot page (a user's inbox, a conversation's history) is written to the WAL again. A worker's
+/// `Durable::sync` ends it early.
+const TABLES_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often workers sync tables.db (each sync is a commit and an fsync, and ends the window).
+/// A crash replays at most about this much of the log into the tables.
+const TABLES_SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The send gates of versions before the delivery pipeline v2 (see `migrate_send_gates`).
 const LEGACY_SEND_GATES: &str = "
@@ -239,18 +252,30 @@ impl SqliteStore {
         // commands.db: every commit on disk before it is answered (a user waits for these).
         let mut commands = Options::new("commands", Durability::Full);
         commands.readers = READERS;
-        // tables.db: rows derived from the log, committed unsynced and synced by `Durable::sync`.
+        // tables.db: rows derived from the log, answered when they ran (readers share the
+        // writer's cache and see them at once), committed unsynced and synced by `Durable::sync`
+        // before a worker stores an offset past them. A failed commit loses answered writes: the
+        // engine then refuses every job and the worker stops the process (`StoreError::Lost`).
         // 64 MiB of page cache (the default is 2 MiB): projection writes land all over the file
         // (per user, per conversation), and hot index pages stay in memory instead of being read
         // again through the kernel on every write.
         let mut tables = Options::new("tables", Durability::Relaxed);
         (tables.cache_kib, tables.window, tables.readers) = (65_536, Some(TABLES_WINDOW), READERS);
+        (tables.answer, tables.shared_cache) = (Answer::Ran, true);
+        tables.checkpoint_pages = CHECKPOINT_PAGES;
         Ok(SqliteStore { commands: start(cmd_path, cmd_conn, commands)?, tables: start(tables_path, tables_conn, tables)? })
     }
 
-    /// A write of tables.db, answered once committed (not necessarily synced).
+    /// A projection write of tables.db, answered as soon as it ran in the open transaction
+    /// (readers see it at once; it is on disk after the next `Durable::sync`).
     async fn write(&self, f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<()> + Send + 'static) -> StoreResult<()> {
         Ok(self.tables.write(Lane::Background, move |t, _| f(t)).await?)
+    }
+
+    /// A write of tables.db that is not derived from the log (roles, schema changes): answered
+    /// once on disk, with every write before it.
+    async fn write_synced(&self, f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<()> + Send + 'static) -> StoreResult<()> {
+        Ok(self.tables.write(Lane::Sync, move |t, _| f(t)).await?)
     }
 
     /// A read of tables.db.
@@ -736,13 +761,23 @@ impl ProjectionStore for SqliteStore {
     }
 
     async fn stream_head(&self, user: UserId, source_partition: i32) -> StoreResult<Option<i64>> {
+        Ok(self.stream_heads(&[(user, source_partition)]).await?.pop().flatten())
+    }
+
+    async fn inbox_rows(&self, keys: &[(UserId, ConversationId)]) -> StoreResult<Vec<Option<InboxRow>>> {
+        let keys = keys.to_vec();
+        self.read(move |conn| {
+            let mut st = conn.prepare_cached(&format!("SELECT {INBOX_COLS} FROM inbox WHERE user_id = ?1 AND conversation_id = ?2"))?;
+            keys.iter().map(|(u, c)| st.query_row(params![u.to_string(), c.as_str()], inbox_row).optional()).collect()
+        })
+        .await
+    }
+
+    async fn stream_heads(&self, keys: &[(UserId, i32)]) -> StoreResult<Vec<Option<i64>>> {
+        let keys = keys.to_vec();
         self.read(move |c| {
-            c.row(
-                "SELECT position FROM stream_heads WHERE user_id = ?1 AND source_partition = ?2",
-                params![user.to_string(), source_partition],
-                |r| r.get(0),
-            )
-            .optional()
+            let mut st = c.prepare_cached("SELECT position FROM stream_heads WHERE user_id = ?1 AND source_partition = ?2")?;
+            keys.iter().map(|(u, p)| st.query_row(params![u.to_string(), p], |r| r.get(0)).optional()).collect()
         })
         .await
     }
@@ -875,24 +910,31 @@ fn fanout_message_row(r: &Row<'_>) -> rusqlite::Result<FanoutMessage> {
 #[async_trait]
 impl FanoutStore for SqliteStore {
     async fn send_record(&self, c: &ConversationId, sender: UserId, client_msg_id: &str) -> StoreResult<Option<SendRecord>> {
-        let (c, cmid) = (c.clone(), client_msg_id.to_owned());
+        Ok(self.send_records(&[(c.clone(), sender, client_msg_id.to_owned())]).await?.pop().flatten())
+    }
+
+    async fn send_records(&self, keys: &[(ConversationId, UserId, String)]) -> StoreResult<Vec<Option<SendRecord>>> {
+        let keys = keys.to_vec();
         self.read(move |conn| {
-            conn.row(
+            let mut st = conn.prepare_cached(
                 "SELECT message_id, sent_at, content_sha256, position FROM sends WHERE sender = ?1 AND client_msg_id = ?2 AND conversation_id = ?3",
-                params![sender.to_string(), cmid, c.as_str()],
-                |r| {
-                    Ok(SendRecord {
-                        conversation_id: c.clone(),
-                        sender,
-                        client_msg_id: cmid.clone(),
-                        message_id: MessageId(uuid_at(r, 0)?),
-                        sent_at: time(r.get(1)?)?,
-                        content_sha256: r.get(2)?,
-                        position: r.get(3)?,
+            )?;
+            keys.iter()
+                .map(|(c, sender, cmid)| {
+                    st.query_row(params![sender.to_string(), cmid, c.as_str()], |r| {
+                        Ok(SendRecord {
+                            conversation_id: c.clone(),
+                            sender: *sender,
+                            client_msg_id: cmid.clone(),
+                            message_id: MessageId(uuid_at(r, 0)?),
+                            sent_at: time(r.get(1)?)?,
+                            content_sha256: r.get(2)?,
+                            position: r.get(3)?,
+                        })
                     })
-                },
-            )
-            .optional()
+                    .optional()
+                })
+                .collect()
         })
         .await
     }
@@ -1148,7 +1190,7 @@ impl GroupStore for SqliteStore {
 impl InsightStore for SqliteStore {
     async fn set_role(&self, user: UserId, role: &str, granted: bool) -> StoreResult<()> {
         let role = role.to_owned();
-        self.write(move |t| {
+        self.write_synced(move |t| {
             let sql = if granted {
                 "INSERT OR IGNORE INTO user_roles (user_id, role) VALUES (?1, ?2)"
             } else {
@@ -1283,7 +1325,7 @@ impl InsightStore for SqliteStore {
 impl TableAdmin for SqliteStore {
     async fn migrate(&self) -> StoreResult<()> {
         self.command(|t| t.execute_batch(COMMAND_SCHEMA)).await?;
-        self.write(|t| t.execute_batch(SCHEMA)).await
+        self.write_synced(|t| t.execute_batch(SCHEMA)).await
     }
 
     async fn projection_layout(&self) -> StoreResult<u32> {
@@ -1293,7 +1335,7 @@ impl TableAdmin for SqliteStore {
     }
 
     async fn reset_projections(&self) -> StoreResult<()> {
-        self.write(|t| {
+        self.write_synced(|t| {
             for table in PROJECTION_TABLES.iter().chain(RETIRED_PROJECTION_TABLES) {
                 t.execute(&format!("DROP TABLE IF EXISTS {table}"), [])?;
             }
@@ -1304,7 +1346,7 @@ impl TableAdmin for SqliteStore {
     }
 
     async fn truncate_projections(&self) -> StoreResult<()> {
-        self.write(|t| {
+        self.write_synced(|t| {
             for table in PROJECTION_TABLES {
                 t.execute(&format!("DELETE FROM {table}"), [])?;
             }
@@ -1365,6 +1407,10 @@ impl Durable for SqliteStore {
                 Ok(())
             })
             .await?)
+    }
+
+    fn sync_every(&self) -> std::time::Duration {
+        TABLES_SYNC_EVERY
     }
 
 }

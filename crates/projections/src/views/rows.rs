@@ -110,6 +110,23 @@ impl Rows {
         Ok(all.into_iter().collect())
     }
 
+    /// Only the point rows (inbox rows, stream heads), for the next slice of the same partition:
+    /// ranges are read again, since later slices add to them.
+    pub fn into_points(self) -> Rows {
+        let fetched = self.fetched.into_iter().filter(|(k, _)| matches!(k, Key::Inbox(..) | Key::Head(..))).collect();
+        Rows { fetched, ..Rows::default() }
+    }
+
+    /// How many rows are loaded.
+    pub fn len(&self) -> usize {
+        self.fetched.len()
+    }
+
+    /// Whether no row is loaded.
+    pub fn is_empty(&self) -> bool {
+        self.fetched.is_empty()
+    }
+
     /// Makes later reads of the slice see a write.
     pub fn note(&mut self, w: &Write) {
         match w {
