@@ -1,6 +1,7 @@
 //! What this node remembers of the sends it answered: a same-node retry of a `client_msg_id`
 //! (the common case: the connection dropped and the client reconnected to the same node) gets
-//! the first answer without a read or an append, and two attempts of one key at once on this node
+//! the first answer without an append (a marked re-send checks a plain attempt's answer against
+//! the fan-out's record, see [`SendDone::decided`]), and two attempts of one key at once on this node
 //! share one append. Memory only, bounded; across nodes and restarts the fan-out's record of the
 //! accepted send ([`chat_store::SendRecord`]) is what answers a retry (see `Chat::send`).
 
@@ -19,6 +20,10 @@ pub const RECENT_SENDS: usize = 100_000;
 pub struct SendDone {
     pub message_id: MessageId,
     pub sent_at: DateTime<Utc>,
+    /// The answer is the fan-out's decision (its record of the send). A plain attempt is
+    /// answered with its own append before the fan-out decides; if another node appended the same
+    /// send first, the fan-out kept that one, so a re-send must not be answered with this.
+    pub decided: bool,
 }
 
 /// Where an attempt is.
@@ -149,7 +154,7 @@ mod tests {
         let Claim::Mine(first) = sends.claim(&key("a"), &conv, "h") else { panic!("the first attempt claims") };
         let Claim::Wait(mut rx) = sends.claim(&key("a"), &conv, "h") else { panic!("the second waits") };
         assert!(matches!(sends.claim(&key("a"), &conv, "other"), Claim::Reused), "other content is a reuse");
-        let done = SendDone { message_id: MessageId::new_v7(), sent_at: Utc::now() };
+        let done = SendDone { message_id: MessageId::new_v7(), sent_at: Utc::now(), decided: false };
         first.done(done.clone());
         rx.wait_for(|s| *s != SendState::Pending).await.unwrap();
         assert_eq!(*rx.borrow(), SendState::Done(done.clone()));
@@ -174,7 +179,7 @@ mod tests {
         let conv = ConversationId::direct(UserId(uuid::Uuid::from_u128(1)), UserId(uuid::Uuid::from_u128(2)));
         for n in ["a", "b", "c"] {
             let Claim::Mine(c) = sends.claim(&key(n), &conv, "h") else { panic!() };
-            c.done(SendDone { message_id: MessageId::new_v7(), sent_at: Utc::now() });
+            c.done(SendDone { message_id: MessageId::new_v7(), sent_at: Utc::now(), decided: false });
         }
         assert!(matches!(sends.claim(&key("a"), &conv, "h"), Claim::Mine(_)), "a was forgotten");
         assert!(matches!(sends.claim(&key("c"), &conv, "h"), Claim::Done(_)));

@@ -395,20 +395,32 @@ impl Chat {
         let content = content_sha256(&body, media.as_ref().map(|m| m.media_id.to_string()).as_deref());
         let key = (ctx.user, client_msg_id.clone());
         let claim = loop {
-            match self.recent.claim(&key, &conv, &content) {
+            let earlier = match self.recent.claim(&key, &conv, &content) {
                 Claim::Mine(claim) => break claim,
-                Claim::Done(done) => return Ok(sent_frame(r#ref, client_msg_id, conv, done)),
+                Claim::Done(done) => done,
                 Claim::Reused => return Err(reused()),
                 // Another attempt on this node is under way: its answer is ours (or, if it
                 // failed, this attempt tries again).
                 Claim::Wait(mut rx) => {
                     let _ = rx.wait_for(|s| !matches!(s, SendState::Pending)).await;
                     let state = rx.borrow().clone();
-                    if let SendState::Done(done) = state {
-                        return Ok(sent_frame(r#ref, client_msg_id, conv, done));
+                    match state {
+                        SendState::Done(done) => done,
+                        _ => continue,
                     }
                 }
+            };
+            // A re-send answered before by a plain attempt: that attempt's append may be the one
+            // the fan-out dropped (another node appended the same send first); its record says.
+            if retry && !earlier.decided {
+                let rec = self.decided(&conv, ctx.user, &client_msg_id).await?;
+                if rec.content_sha256 != content {
+                    return Err(reused());
+                }
+                let done = SendDone { message_id: rec.message_id, sent_at: rec.sent_at, decided: true };
+                return Ok(sent_frame(r#ref, client_msg_id, conv, done));
             }
+            return Ok(sent_frame(r#ref, client_msg_id, conv, earlier));
         };
         // A re-send: the fan-out's record of the first attempt, if it got that far.
         if retry {
@@ -416,7 +428,7 @@ impl Chat {
                 if rec.content_sha256 != content {
                     return Err(reused());
                 }
-                let done = SendDone { message_id: rec.message_id, sent_at: rec.sent_at };
+                let done = SendDone { message_id: rec.message_id, sent_at: rec.sent_at, decided: true };
                 claim.done(done.clone());
                 return Ok(sent_frame(r#ref, client_msg_id, conv, done));
             }
@@ -443,7 +455,7 @@ impl Chat {
         // The one durable write of a send.
         self.append(&env).await?;
         self.metrics.messages_sent.inc();
-        let mut done = SendDone { message_id: event.message_id, sent_at: env.occurred_at };
+        let mut done = SendDone { message_id: event.message_id, sent_at: env.occurred_at, decided: false };
         if retry {
             // The first attempt may be in the log already, not yet decided: the fan-out keeps the
             // first of the two in log order, and its record says which one that is.
@@ -451,7 +463,7 @@ impl Chat {
             if rec.content_sha256 != content {
                 return Err(reused());
             }
-            done = SendDone { message_id: rec.message_id, sent_at: rec.sent_at };
+            done = SendDone { message_id: rec.message_id, sent_at: rec.sent_at, decided: true };
         }
         claim.done(done.clone());
         // Direct messages are pushed right after the append (a re-send only if its own append is

@@ -42,6 +42,7 @@ pub async fn run_all(tables: Arc<dyn Tables>) {
     stream_heads(t).await;
     receipts(t).await;
     stream(t).await;
+    stream_rows_appear_in_order(t).await;
     pending(t).await;
     last_seen(t).await;
     zero_limits(t).await;
@@ -431,6 +432,42 @@ pub async fn stream(t: &dyn Tables) {
     assert_eq!(after(2, 2).await, rows[2..4], "stream_after(2, limit 2) is seq 3 and 4");
     assert!(after(5, 10).await.is_empty(), "stream_after the last seq is empty");
     assert_eq!(t.stream_after(v, 0, 10).await.expect("stream_after").len(), 1, "streams are per user");
+}
+
+/// A user's stream rows of one apply become visible in seq order: a reader polling while they
+/// are written never sees a row above a missing one (the sync cursor would pass the hole for
+/// good). Three users' rows interleaved in one list, as a slice of a deliveries partition.
+pub async fn stream_rows_appear_in_order(t: &dyn Tables) {
+    let users = [UserId::random(), UserId::random(), UserId::random()];
+    let per_user = 300i64;
+    let body = "x".repeat(400);
+    let mut writes = Vec::new();
+    for seq in 0..per_user * 3 {
+        let user = users[(seq % 3) as usize];
+        writes.push(Write::Stream { user, row: StreamRow { seq, item_id: Uuid::new_v4(), item: format!("{{\"n\":{seq},\"b\":\"{body}\"}}") } });
+    }
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let applying = async {
+        t.apply(writes).await.expect("apply");
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+    let reading = async {
+        let mut reads = 0;
+        loop {
+            let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+            let rows = t.stream_after(users[0], -1, 1000).await.expect("stream_after");
+            reads += 1;
+            let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+            let expected: Vec<i64> = (0..seqs.len() as i64).map(|i| i * 3).collect();
+            assert_eq!(seqs, expected, "read {reads}: a row visible above a missing one");
+            if finished {
+                assert_eq!(seqs.len() as i64, per_user, "every row once the apply returned");
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    futures::join!(applying, reading);
 }
 
 /// Pending deliveries: a removed delivery never comes back, whatever the order; counts and caps.

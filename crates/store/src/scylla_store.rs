@@ -741,6 +741,31 @@ impl CommandStore for ScyllaStore {
 /// Statements of one apply running at once, at most.
 const APPLY_IN_FLIGHT: usize = 128;
 
+/// Bytes of item text in one stream batch, at most (Cassandra refuses batches over
+/// `batch_size_fail_threshold`, 50 KiB by default); a larger item goes alone, as a plain insert.
+const STREAM_BATCH_BYTES: usize = 40 * 1024;
+
+/// Rows in one stream batch, at most.
+const STREAM_BATCH_ROWS: usize = 100;
+
+/// Consecutive runs of rows for one batch each (see [`STREAM_BATCH_BYTES`]).
+fn stream_chunks(rows: &[StreamRow]) -> Vec<&[StreamRow]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, r) in rows.iter().enumerate() {
+        let full = i > start && (bytes + r.item.len() > STREAM_BATCH_BYTES || i - start >= STREAM_BATCH_ROWS);
+        if full {
+            out.push(&rows[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += r.item.len();
+    }
+    if start < rows.len() {
+        out.push(&rows[start..]);
+    }
+    out
+}
+
 impl ScyllaStore {
     /// One projection write: its statements (in order where one marks the other as done).
     async fn apply_write(&self, w: &Write) -> StoreResult<()> {
@@ -833,6 +858,45 @@ impl ScyllaStore {
         }
     }
 
+    /// Writes stream rows so that a reader never sees a user's row before an earlier one of the
+    /// same user: `sync` returns rows after a cursor, and a row visible above a missing one would
+    /// move the client's cursor past it for good. Each user's rows, in seq order, go in
+    /// single-partition unlogged batches (atomic and isolated in Cassandra), one after the other;
+    /// the first failure stops that user's chain (the slice is applied again). Users run
+    /// concurrently.
+    async fn apply_streams(&self, writes: Vec<Write>) -> StoreResult<()> {
+        let mut by_user: BTreeMap<Uuid, Vec<StreamRow>> = BTreeMap::new();
+        for w in writes {
+            if let Write::Stream { user, row } = w {
+                by_user.entry(user.0).or_default().push(row);
+            }
+        }
+        let chains = by_user.into_iter().map(|(user, mut rows)| async move {
+            rows.sort_by_key(|r| r.seq);
+            for chunk in stream_chunks(&rows) {
+                if let [row] = chunk {
+                    self.exec(&self.stmts.insert_stream, (user, row.seq, row.item_id, &row.item)).await?;
+                    continue;
+                }
+                let mut batch = scylla::statement::batch::Batch::new(scylla::statement::batch::BatchType::Unlogged);
+                let values: Vec<_> = chunk.iter().map(|r| (user, r.seq, r.item_id, r.item.as_str())).collect();
+                for _ in chunk {
+                    batch.append_statement(self.stmts.insert_stream.clone());
+                }
+                self.session.batch(&batch, values).await.map_err(unavailable)?;
+            }
+            Ok::<(), StoreError>(())
+        });
+        let mut results = futures::stream::iter(chains).buffer_unordered(APPLY_IN_FLIGHT);
+        let mut first = Ok(());
+        while let Some(r) = results.next().await {
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+
     /// Runs writes concurrently (at most [`APPLY_IN_FLIGHT`] at once); the first error, if any.
     async fn apply_all(&self, writes: &[Write]) -> StoreResult<()> {
         let futs: Vec<_> = writes.iter().map(|w| Box::pin(self.apply_write(w))).collect();
@@ -854,8 +918,12 @@ impl WriteStore for ScyllaStore {
         // Every rule is order-independent (write times, sets, one version per replaced row), so
         // the statements run concurrently; only the guards wait for everything else, so that a
         // guard never marks as done what a failure left unwritten.
+        // Stream rows come after what they caused and before the guards, and each user's in
+        // cursor order (see [`ScyllaStore::apply_streams`]).
         let (guards, rest): (Vec<Write>, Vec<Write>) = writes.into_iter().partition(Write::is_guard);
+        let (streams, rest): (Vec<Write>, Vec<Write>) = rest.into_iter().partition(|w| matches!(w, Write::Stream { .. }));
         self.apply_all(&rest).await?;
+        self.apply_streams(streams).await?;
         self.apply_all(&guards).await
     }
 }
@@ -1351,5 +1419,28 @@ impl TableAdmin for ScyllaStore {
 
     async fn ping(&self) -> bool {
         self.session.query_unpaged("SELECT release_version FROM system.local", ()).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(seq: i64, len: usize) -> StreamRow {
+        StreamRow { seq, item_id: Uuid::nil(), item: "x".repeat(len) }
+    }
+
+    #[test]
+    fn stream_chunks_keep_order_and_stay_under_the_batch_limits() {
+        let rows: Vec<StreamRow> = (0..250).map(|i| row(i, 600)).collect();
+        let chunks = stream_chunks(&rows);
+        let flat: Vec<i64> = chunks.iter().flat_map(|c| c.iter().map(|r| r.seq)).collect();
+        assert_eq!(flat, (0..250).collect::<Vec<_>>(), "every row once, in order");
+        assert!(chunks.iter().all(|c| c.len() <= STREAM_BATCH_ROWS && c.iter().map(|r| r.item.len()).sum::<usize>() <= STREAM_BATCH_BYTES));
+        // An item over the limit goes alone; its neighbours are batched around it.
+        let rows = vec![row(1, 10), row(2, STREAM_BATCH_BYTES + 1), row(3, 10), row(4, 10)];
+        let lens: Vec<usize> = stream_chunks(&rows).iter().map(|c| c.len()).collect();
+        assert_eq!(lens, vec![1, 1, 2]);
+        assert!(stream_chunks(&[]).is_empty());
     }
 }

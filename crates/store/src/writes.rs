@@ -144,9 +144,12 @@ pub fn coalesce(writes: Vec<Write>) -> Vec<Write> {
 /// Applying projection writes.
 #[async_trait]
 pub trait WriteStore: Send + Sync {
-    /// Applies the writes, in order where it matters (guards after the others). On SQLite the
-    /// list is one transaction; on Cassandra its statements run concurrently, guards last. An
-    /// error leaves any subset applied; applying the list again is always safe.
+    /// Applies the writes, in order where it matters: guards after the others, and a user's
+    /// stream rows visible in seq order (a reader never sees a row above a missing one; the sync
+    /// cursor depends on it). On SQLite the list is one transaction written in list order; on
+    /// Cassandra its statements run concurrently, then each user's stream rows in single-partition
+    /// batches, in order, then the guards. An error leaves a subset applied (never a user's stream
+    /// row without the ones before it); applying the list again is always safe.
     async fn apply(&self, writes: Vec<Write>) -> StoreResult<()>;
 }
 
