@@ -74,6 +74,21 @@ pub struct Settings {
     /// Outbound frames queued per connection before it is closed as too slow [default: 256].
     #[arg(long, env = "CHAT_CONN_QUEUE", global = true)]
     pub conn_queue: Option<usize>,
+    /// Failed log-ins per account name in 15 minutes before further attempts are refused with
+    /// `rate_limited`; 0: no limit [default: 10].
+    #[arg(long, env = "CHAT_LOGIN_FAILURES_PER_ACCOUNT", global = true)]
+    pub login_failures_per_account: Option<usize>,
+    /// Failed log-ins per client address in 15 minutes; 0: no limit (behind a reverse proxy every
+    /// client has the proxy's address) [default: 50].
+    #[arg(long, env = "CHAT_LOGIN_FAILURES_PER_ADDRESS", global = true)]
+    pub login_failures_per_address: Option<usize>,
+    /// Distinct senders a topic needs on a day before `GET /v1/analytics/topics` shows it
+    /// [default: 5].
+    #[arg(long, env = "CHAT_ANALYTICS_MIN_USERS", global = true)]
+    pub analytics_min_users: Option<usize>,
+    /// Registrations per client address in an hour; 0: no limit [default: 30].
+    #[arg(long, env = "CHAT_REGISTRATIONS_PER_ADDRESS", global = true)]
+    pub registrations_per_address: Option<usize>,
     /// Seconds a connection's routing entry lives without a heartbeat [default: 30].
     #[arg(long, env = "CHAT_PRESENCE_TTL_SECS", global = true)]
     pub presence_ttl_secs: Option<u64>,
@@ -153,6 +168,9 @@ pub struct Config {
     pub max_frame_bytes: usize,
     pub max_body_bytes: usize,
     pub conn_queue: usize,
+    /// (failed log-ins per account, per address, registrations per address); 0: off.
+    pub account_limits: (usize, usize, usize),
+    pub analytics_min_users: usize,
     pub presence_ttl: Duration,
     pub max_group_size: usize,
     pub analytics_keywords: Vec<String>,
@@ -208,6 +226,10 @@ impl Settings {
             max_frame_bytes,
             max_body_bytes,
             conn_queue,
+            login_failures_per_account,
+            login_failures_per_address,
+            registrations_per_address,
+            analytics_min_users,
             presence_ttl_secs,
             max_group_size,
             analytics_keywords,
@@ -367,6 +389,12 @@ impl Settings {
             max_frame_bytes,
             max_body_bytes,
             conn_queue,
+            account_limits: (
+                s.login_failures_per_account.unwrap_or(10),
+                s.login_failures_per_address.unwrap_or(50),
+                s.registrations_per_address.unwrap_or(30),
+            ),
+            analytics_min_users: s.analytics_min_users.unwrap_or(5).max(1),
             presence_ttl: Duration::from_secs(presence_ttl_secs),
             max_group_size,
             media,

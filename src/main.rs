@@ -326,6 +326,10 @@ impl Platform {
             max_frame_bytes: c.max_frame_bytes,
             max_body_bytes: c.max_body_bytes,
             conn_queue: c.conn_queue,
+            login_failures_per_account: c.account_limits.0,
+            login_failures_per_address: c.account_limits.1,
+            registrations_per_address: c.account_limits.2,
+            analytics_min_users: c.analytics_min_users,
             presence_ttl: c.presence_ttl,
             max_group_size: c.max_group_size,
             ..Limits::default()

@@ -2,6 +2,7 @@
 //! real `chat` binary (run with `bash scripts/test.sh`). The letters follow the acceptance
 //! list of the core issue.
 
+mod abuse;
 mod conformance;
 mod groups;
 mod harness;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_events::TopicKind;
+use abuse::*;
 use groups::*;
 use harness::*;
 use product::*;
@@ -646,16 +648,27 @@ async fn k2_kill9_at_random_points_of_20000_messages(mode: Mode) {
 
 /// alice and bob with a projected conversation (presence goes to the people one has
 /// conversations with), alice connected.
+/// alice and bob as contacts (both wrote in their conversation, projected), bob offline, and
+/// alice's connection with bob's last presence frame consumed.
 async fn acquainted(gw: &Gateway) -> (User, User, Ws) {
     let alice = gw.register("alice").await;
     let bob = gw.register("bob").await;
     let mut a = gw.connect(&alice, "phone").await;
     a.send_text(&bob.id, "hi", "hi bob").await;
-    wait_for("conversation projected", T, || async {
-        let (_, l) = gw.get(&bob.token, "/v1/conversations").await;
-        (l["conversations"].as_array().map(|c| c.len()) == Some(1)).then_some(())
-    })
-    .await;
+    let mut b = gw.connect(&bob, "setup").await;
+    b.send_text(&alice.id, "hi", "hi alice").await;
+    let last_sender_is_bob = |u: &User| {
+        let token = u.token.clone();
+        let bob_id = bob.id.clone();
+        async move {
+            let (_, l) = gw.get(&token, "/v1/conversations").await;
+            (l["conversations"][0]["last_sender"] == json!(bob_id)).then_some(())
+        }
+    };
+    wait_for("bob's reply projected for bob", T, || last_sender_is_bob(&bob)).await;
+    wait_for("bob's reply projected for alice", T, || last_sender_is_bob(&alice)).await;
+    b.close().await;
+    a.expect("bob offline", T, |f| f["type"] == "presence" && f["user_id"] == json!(bob.id) && f["status"] == "offline").await;
     (alice, bob, a)
 }
 
@@ -899,9 +912,24 @@ macro_rules! scenarios {
     };
 }
 
+/// The scenarios of `abuse.rs` that run in both modes.
+macro_rules! abuse_scenarios {
+    ($mode:expr) => {
+        scenarios!($mode;
+            slow_consumer_is_dropped,
+            unknown_group_answers_at_once,
+            presence_only_between_contacts,
+            malformed_input_is_refused,
+            group_media_follow_the_history_rule,
+            analytics_are_aggregates_only,
+        );
+    };
+}
+
 /// Gateways and workers as separate processes on Kafka, Cassandra and Redis.
 mod cluster {
     use super::*;
+    abuse_scenarios!(Mode::Cluster);
     scenarios!(Mode::Cluster;
         a_two_nodes_send_deliver_read_receipts,
         b_offline_sync_is_complete_ordered_and_unique,
@@ -933,6 +961,7 @@ mod cluster {
 /// One `chat run` process on its embedded log and tables.
 mod embedded {
     use super::*;
+    abuse_scenarios!(Mode::Embedded);
     scenarios!(Mode::Embedded;
         a_two_nodes_send_deliver_read_receipts,
         b_offline_sync_is_complete_ordered_and_unique,
@@ -949,6 +978,8 @@ mod embedded {
         sigkill_keeps_every_acked_message,
         k2_kill9_at_random_points_of_20000_messages,
         migrates_a_v1_data_directory,
+        slow_headers_are_cut,
+        login_and_registration_are_limited,
     );
     scenarios!(Mode::Embedded;
         groups_membership_as_of_each_message,

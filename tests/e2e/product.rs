@@ -11,7 +11,7 @@ use crate::harness::*;
 const T: Duration = Duration::from_secs(60);
 
 /// A PNG's signature and header chunk, padded to `len` bytes (content detection reads the start).
-fn png(len: usize) -> Vec<u8> {
+pub fn png(len: usize) -> Vec<u8> {
     let mut b = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A, 0, 0, 0, 0x0D, b'I', b'H', b'D', b'R'];
     b.extend((0..len.saturating_sub(b.len())).map(|i| (i * 31 % 251) as u8));
     b
@@ -57,6 +57,10 @@ pub async fn media_round_trip_with_ranges(mode: Mode) {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "image/png");
     assert_eq!(r.headers()["accept-ranges"], "bytes");
+    // Served as data: no sniffing, nothing runs, a file name.
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    assert!(r.headers()["content-security-policy"].to_str().unwrap().contains("sandbox"));
+    assert!(r.headers()["content-disposition"].to_str().unwrap().ends_with(".png\""), "{:?}", r.headers()["content-disposition"]);
     assert_eq!(r.bytes().await.unwrap().to_vec(), image, "the recipient downloads the same bytes");
     let r = gw.fetch(&bob.token, &path, Some("bytes=10-19")).await;
     assert_eq!(r.status(), 206);
@@ -183,8 +187,7 @@ pub async fn profiles_analytics_and_audit(mode: Mode) {
     assert_eq!(st, 200, "{views}");
     let day = &views["days"][0];
     assert_eq!(day["views"], looks + 3, "{views}");
-    assert_eq!(day["viewers"][0], json!([bob.id, looks + 2]));
-    assert_eq!(day["viewers"][1], json!([carol.id, 1]));
+    assert_eq!(day["viewers"], 2, "distinct viewers, not who they were: {views}");
     let (_, topics) = gw.get(&dana.token, "/v1/analytics/topics").await;
     let counted: Vec<(String, u64)> =
         topics["topics"].as_array().unwrap().iter().map(|t| (t["topic"].as_str().unwrap().to_owned(), t["messages"].as_u64().unwrap())).collect();

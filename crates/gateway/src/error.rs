@@ -16,11 +16,14 @@ pub struct ApiError {
     /// Stable, documented in `docs/protocol.md`.
     pub code: &'static str,
     pub message: String,
+    /// For `rate_limited`: seconds until the attempt may succeed (`retry_after` in the body and
+    /// a `Retry-After` header).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), retry_after: None }
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -49,6 +52,14 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
     }
 
+    /// Too many attempts of something limited (log-ins, registrations): try again after
+    /// `retry_after` seconds.
+    pub fn rate_limited(message: impl Into<String>, retry_after: std::time::Duration) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+        e.retry_after = Some(retry_after.as_secs_f64().ceil().max(1.0) as u64);
+        e
+    }
+
     pub fn overloaded() -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "the server is overloaded, retry later")
     }
@@ -75,7 +86,13 @@ impl From<LogError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, Json(body)).into_response()
+        let mut body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        match self.retry_after {
+            Some(secs) => {
+                body["error"]["retry_after"] = serde_json::json!(secs);
+                (self.status, [(axum::http::header::RETRY_AFTER, secs.to_string())], Json(body)).into_response()
+            }
+            None => (self.status, Json(body)).into_response(),
+        }
     }
 }

@@ -20,8 +20,11 @@ use serde::Serialize;
 use crate::error::ApiError;
 use crate::service::{Chat, HistoryPage};
 
-/// How long a command on a group that is not projected yet waits for it (a client that created
-/// a group and posts to it at once).
+/// How long a command of a group's creator waits for the group to be projected (a client that
+/// created a group and posts to it at once). Only the creator of a group created less than this
+/// long ago waits (the group id says who created it and when, see
+/// [`crate::message_ids::MessageIds::mint_group`]); every other caller, and any id that names no
+/// group, is answered at once, so that an unknown id costs what a foreign one does.
 const NEW_GROUP_WAIT: Duration = Duration::from_secs(10);
 
 /// A created group.
@@ -54,8 +57,11 @@ fn forbidden() -> ApiError {
 
 fn valid_name(name: &str) -> Result<String, ApiError> {
     let name = name.trim();
-    if name.is_empty() || name.chars().count() > 100 {
-        return Err(ApiError::bad_request("invalid_name", "group names are 1-100 characters"));
+    if name.is_empty() || name.chars().count() > 100 || !crate::service::displayable(name) {
+        return Err(ApiError::bad_request(
+            "invalid_name",
+            "group names are 1-100 characters, without control, bidirectional or invisible formatting characters",
+        ));
     }
     Ok(name.to_owned())
 }
@@ -65,10 +71,15 @@ fn parse_group(s: &str) -> Result<ConversationId, ApiError> {
 }
 
 impl Chat {
-    /// The caller's membership row if they are a member now. Waits briefly for a group that is
-    /// not projected yet.
+    /// The caller's membership row if they are a member now. The creator of a group created
+    /// moments ago waits briefly for it to be projected ([`NEW_GROUP_WAIT`]).
     pub(crate) async fn active_member(&self, conv: &ConversationId, user: UserId) -> Result<Option<GroupMemberRow>, ApiError> {
-        let deadline = tokio::time::Instant::now() + NEW_GROUP_WAIT;
+        let created = conv.group_id().and_then(|g| self.tokens.message_ids().created_by(g, user));
+        let wait = created
+            .and_then(|at| (at + NEW_GROUP_WAIT - chrono::Utc::now()).to_std().ok())
+            .unwrap_or(Duration::ZERO)
+            .min(NEW_GROUP_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             // The group row first: the projection writes it after every membership row the
             // creation made, so once it is visible a missing membership really is missing. (Read
@@ -124,7 +135,7 @@ impl Chat {
         if let Some((u, _)) = ids.iter().zip(&exists).find(|(_, e)| !**e) {
             return Err(ApiError::bad_request("unknown_user", format!("no such user: {u}")));
         }
-        let group_id = GroupId::random();
+        let group_id = self.tokens.message_ids().mint_group(creator);
         let conversation_id = ConversationId::group(group_id);
         self.append_group_event(
             creator,

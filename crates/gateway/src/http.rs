@@ -71,8 +71,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
+        match Json::<serde_json::Value>::from_request(req, state).await {
+            // Every documented body is an object; serde would also take a struct from an array.
+            Ok(Json(v)) if !v.is_object() => Err(ApiError::bad_request("invalid_json", "the body must be a JSON object")),
+            Ok(Json(v)) => serde_json::from_value(v).map(ApiJson).map_err(|e| ApiError::bad_request("invalid_json", e.to_string())),
             Err(JsonRejection::MissingJsonContentType(_)) => {
                 Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "send application/json"))
             }
@@ -136,13 +138,24 @@ struct Credentials {
     password: String,
 }
 
-async fn register(State(chat): State<App>, ApiJson(c): ApiJson<Credentials>) -> Result<Response, ApiError> {
-    let r = chat.register(&c.username, &c.password).await?;
+/// The client's address (the TCP peer; none when the router is called in-process).
+pub struct Peer(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Peer(parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip())))
+    }
+}
+
+async fn register(State(chat): State<App>, Peer(peer): Peer, ApiJson(c): ApiJson<Credentials>) -> Result<Response, ApiError> {
+    let r = chat.register(peer, &c.username, &c.password).await?;
     Ok((StatusCode::CREATED, Json(r)).into_response())
 }
 
-async fn login(State(chat): State<App>, ApiJson(c): ApiJson<Credentials>) -> Result<Response, ApiError> {
-    Ok(Json(chat.login(&c.username, &c.password).await?).into_response())
+async fn login(State(chat): State<App>, Peer(peer): Peer, ApiJson(c): ApiJson<Credentials>) -> Result<Response, ApiError> {
+    Ok(Json(chat.login(peer, &c.username, &c.password).await?).into_response())
 }
 
 async fn lookup_user(State(chat): State<App>, _c: Caller, Path(username): Path<String>) -> Result<Response, ApiError> {

@@ -9,6 +9,15 @@ use chat_events::{
     format_time, AuditAccessed, ConversationId, Envelope, Event, EventId, MessageId, ProfileUpdated, ProfileViewed, UserId,
 };
 use chat_store::{MessageCount, ProfileRow, ProfileViews, ReceiptRow, TopicCount};
+
+/// Views of one user's profile on one day, for analysts.
+#[derive(Debug, Serialize)]
+pub struct ProfileViewCount {
+    pub day: NaiveDate,
+    pub views: u64,
+    /// Distinct viewers.
+    pub viewers: u64,
+}
 use chrono::{DateTime, Duration as Days, NaiveDate, Utc};
 use serde::Serialize;
 
@@ -142,8 +151,11 @@ impl Chat {
     /// Sets the caller's display name and avatar (an image the caller uploaded).
     pub async fn update_profile(&self, user: UserId, display_name: &str, avatar: Option<&str>) -> Result<(), ApiError> {
         let display_name = display_name.trim().to_owned();
-        if display_name.is_empty() || display_name.chars().count() > 64 {
-            return Err(ApiError::bad_request("invalid_display_name", "display names are 1-64 characters"));
+        if display_name.is_empty() || display_name.chars().count() > 64 || !crate::service::displayable(&display_name) {
+            return Err(ApiError::bad_request(
+                "invalid_display_name",
+                "display names are 1-64 characters, without control, bidirectional or invisible formatting characters",
+            ));
         }
         let avatar_media_id = match avatar {
             None => None,
@@ -177,13 +189,19 @@ impl Chat {
         Ok(self.store.active_users(from, to).await?)
     }
 
-    pub async fn profile_views(&self, user: &str, from: NaiveDate, to: NaiveDate) -> Result<Vec<ProfileViews>, ApiError> {
+    /// Views of a user's profile per day, as aggregates: the views and the number of distinct
+    /// viewers, never who they were.
+    pub async fn profile_views(&self, user: &str, from: NaiveDate, to: NaiveDate) -> Result<Vec<ProfileViewCount>, ApiError> {
         let user: UserId = user.parse().map_err(|_| ApiError::bad_request("invalid_user", "user is a user id"))?;
-        Ok(self.store.profile_views(user, from, to).await?)
+        let days = self.store.profile_views(user, from, to).await?;
+        Ok(days.into_iter().map(|d: ProfileViews| ProfileViewCount { day: d.day, views: d.views, viewers: d.viewers.len() as u64 }).collect())
     }
 
+    /// Topic mentions per day, only topics used by at least `analytics_min_users` distinct
+    /// senders that day (a hashtag of one private conversation is not shown).
     pub async fn topic_counts(&self, from: NaiveDate, to: NaiveDate) -> Result<Vec<TopicCount>, ApiError> {
-        Ok(self.store.topic_counts(from, to).await?)
+        let min = self.limits.analytics_min_users as u64;
+        Ok(self.store.topic_counts(from, to).await?.into_iter().filter(|t| t.users >= min).collect())
     }
 
     async fn audit_record(&self, auditor: &Principal, action: &str, target: Option<String>, from: Option<String>, to: Option<String>) -> Result<(), ApiError> {

@@ -22,12 +22,14 @@ pub mod groups;
 pub mod http;
 pub mod hub;
 pub mod insights;
+pub mod limits;
 pub mod local_routing;
 pub mod media;
 pub mod message_ids;
 pub mod metrics;
 pub mod routing;
 pub mod sends;
+pub mod server;
 pub mod service;
 pub mod ws;
 
@@ -87,7 +89,7 @@ pub async fn serve(chat: Arc<Chat>, listener: TcpListener, mut shutdown: watch::
         info!("shutting down: closing connections");
         hub.close_all();
     };
-    let result = axum::serve(listener, app).with_graceful_shutdown(graceful).await;
+    let result = server::serve(listener, app, graceful).await;
     // Upgraded sockets outlive the HTTP server; give them a moment to close and go offline
     // (their presence events appended).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

@@ -99,6 +99,19 @@ pub fn detect(kind: MessageKind, head: &[u8]) -> Option<String> {
     fits.then(|| mime.to_owned())
 }
 
+/// A file extension for a stored content type (for the download's file name).
+fn extension(content_type: &str) -> &str {
+    let sub = content_type.split_once('/').map_or("", |(_, s)| s);
+    let sub = sub.strip_prefix("x-").unwrap_or(sub);
+    match sub {
+        "jpeg" => "jpg",
+        "mpeg" if content_type.starts_with("audio/") => "mp3",
+        "quicktime" => "mov",
+        s if !s.is_empty() && s.len() <= 8 && s.bytes().all(|b| b.is_ascii_alphanumeric()) => s,
+        _ => "bin",
+    }
+}
+
 fn too_large(limit: u64) -> ApiError {
     ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "media_too_large", format!("this kind of media is at most {limit} bytes"))
 }
@@ -194,18 +207,27 @@ impl Chat {
         Ok(Uploaded { media_id, kind, content_type, size, sha256 })
     }
 
-    /// Whether `user` may read a media object.
+    /// Whether `user` may read a media object: its uploader; anyone, for a public one (an
+    /// avatar); a member of a direct conversation it was sent in; in a group, whoever may read a
+    /// message that carries it (a member at the message's position, the history rule), or, while
+    /// none of its messages there is projected yet (it was just sent), an active member.
     async fn may_read(&self, user: UserId, m: &MediaObject) -> Result<bool, ApiError> {
         if m.uploader == user || m.public {
             return Ok(true);
         }
         for conv in self.store.media_shares(m.media_id).await? {
-            let member = if conv.is_group() {
-                !self.store.user_group_intervals(user, &conv).await?.is_empty()
+            let readable = if conv.is_group() {
+                let positions = self.store.media_positions(m.media_id, &conv).await?;
+                if positions.is_empty() {
+                    self.store.group_member(&conv, user).await?.is_some_and(|r| r.active)
+                } else {
+                    let intervals = self.store.user_group_intervals(user, &conv).await?;
+                    positions.iter().any(|p| intervals.iter().any(|(since, until)| since < p && until.is_none_or(|u| *p < u)))
+                }
             } else {
                 conv.has_member(user)
             };
-            if member {
+            if readable {
                 return Ok(true);
             }
         }
@@ -261,6 +283,13 @@ impl Chat {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_str(&m.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")));
         h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=31536000, immutable"));
+        // A stored file is data, never a page: no type sniffing (a GIF/HTML polyglot stays a
+        // GIF), nothing of it runs if a browser opens it anyway, and it has a file name.
+        h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+        h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("default-src 'none'; img-src 'self'; media-src 'self'; sandbox"));
+        if let Ok(v) = HeaderValue::from_str(&format!("inline; filename=\"{id}.{}\"", extension(&m.content_type))) {
+            h.insert(header::CONTENT_DISPOSITION, v);
+        }
         if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", m.sha256)) {
             h.insert(header::ETAG, v);
         }

@@ -10,7 +10,7 @@
 //! before the append. Ids minted before this scheme (or under another secret) fail the check
 //! and are looked up in the message index instead.
 
-use chat_events::{ConversationId, MessageId, UserId};
+use chat_events::{ConversationId, GroupId, MessageId, UserId};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
@@ -65,6 +65,33 @@ impl MessageIds {
     }
 }
 
+impl MessageIds {
+    fn group_tag(&self, ms: u64, nonce: u64, creator: UserId) -> u32 {
+        let Ok(mut mac) = HmacSha256::new_from_slice(&self.key) else { return 0 };
+        mac.update(b"group\x1f");
+        mac.update(&ms.to_be_bytes());
+        mac.update(&nonce.to_be_bytes());
+        mac.update(creator.as_uuid().as_bytes());
+        let out = mac.finalize().into_bytes();
+        u32::from_be_bytes([out[0], out[1], out[2], out[3]])
+    }
+
+    /// A new group id, in the layout of message ids, its tag binding the creator: any gateway
+    /// can tell, with no lookup, a creator's own new group (worth waiting for while it is
+    /// projected) from any other id (answered at once).
+    pub fn mint_group(&self, creator: UserId) -> GroupId {
+        let ms = chrono::Utc::now().timestamp_millis().max(0) as u64 & ((1 << 48) - 1);
+        let nonce = rand::random::<u64>() & ((1 << 42) - 1);
+        GroupId(assemble(ms, nonce, self.group_tag(ms, nonce, creator)))
+    }
+
+    /// When `user` created `group`, if this key minted it for them.
+    pub fn created_by(&self, group: GroupId, user: UserId) -> Option<chrono::DateTime<chrono::Utc>> {
+        let (ms, nonce, tag) = split(group.as_uuid())?;
+        (self.group_tag(ms, nonce, user) == tag).then(|| chrono::DateTime::from_timestamp_millis(ms as i64)).flatten()
+    }
+}
+
 /// 48-bit ms | version 7 | 12 nonce bits | variant 10 | 30 nonce bits | 32-bit tag.
 fn assemble(ms: u64, nonce: u64, tag: u32) -> uuid::Uuid {
     let hi_nonce = (nonce >> 30) & 0xfff;
@@ -104,6 +131,20 @@ mod tests {
         let gid = ids.mint(&g, a);
         assert!(ids.verify(gid, &g, b), "a group id binds the group only");
         assert!(!ids.verify(gid, &ConversationId::group(chat_events::GroupId::random()), a));
+    }
+
+    #[test]
+    fn a_group_id_names_its_creator_only() {
+        let ids = MessageIds::new(b"k");
+        let (a, b) = (UserId::random(), UserId::random());
+        let g = ids.mint_group(a);
+        let at = ids.created_by(g, a).expect("a created it");
+        assert!((chrono::Utc::now() - at).num_seconds().abs() < 5);
+        assert!(ids.created_by(g, b).is_none(), "not b");
+        assert!(ids.created_by(GroupId::random(), a).is_none(), "a random id names nobody");
+        assert!(MessageIds::new(b"other").created_by(g, a).is_none(), "not under another key");
+        let m = ids.mint(&ConversationId::group(g), a);
+        assert!(ids.created_by(GroupId(m.as_uuid()), a).is_none(), "a message id is not a group id");
     }
 
     #[test]

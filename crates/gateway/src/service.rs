@@ -2,6 +2,7 @@
 //! gate, appends its event and only then answers; every read is authorized first.
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,11 +55,33 @@ pub struct Limits {
     /// How long a connection's routing entry lives without a heartbeat; a crashed node's users
     /// are declared offline after about this long. Heartbeats run at a third of it.
     pub presence_ttl: Duration,
+    /// Failed log-ins per account name in 15 minutes before further attempts are refused (0: no
+    /// limit).
+    pub login_failures_per_account: usize,
+    /// Failed log-ins per peer address in 15 minutes (0: no limit).
+    pub login_failures_per_address: usize,
+    /// Registrations per peer address in an hour (0: no limit).
+    pub registrations_per_address: usize,
+    /// Distinct senders a topic needs on a day before analysts see it (k-anonymity).
+    pub analytics_min_users: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_frame_bytes: 64 * 1024, max_body_bytes: 16 * 1024, conn_queue: 256, max_ids_per_ack: 100, max_sync: 500, max_page: 200, max_group_size: 1024, presence_ttl: Duration::from_secs(30) }
+        Limits {
+            max_frame_bytes: 64 * 1024,
+            max_body_bytes: 16 * 1024,
+            conn_queue: 256,
+            max_ids_per_ack: 100,
+            max_sync: 500,
+            max_page: 200,
+            max_group_size: 1024,
+            presence_ttl: Duration::from_secs(30),
+            login_failures_per_account: 10,
+            login_failures_per_address: 50,
+            registrations_per_address: 30,
+            analytics_min_users: 5,
+        }
     }
 }
 
@@ -106,6 +129,8 @@ pub struct Chat {
     recent: crate::sends::RecentSends,
     /// Password hashing, bounded (see [`KdfPool`]).
     kdf: KdfPool,
+    /// Log-in and registration limits (brute force, floods).
+    account_limits: crate::limits::AccountLimits,
 }
 
 const KNOWN_USERS_MAX: usize = 100_000;
@@ -211,6 +236,21 @@ fn valid_username(u: &str) -> bool {
     (3..=32).contains(&u.len()) && u.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
 }
 
+/// Password hashes waiting for the pool, at most (beyond: `overloaded`).
+const KDF_QUEUE: usize = 256;
+
+/// Whether a name others will see (a display name, a group name) is free of characters that
+/// change how text around it is shown: control characters, bidirectional overrides and
+/// isolates (U+202A–U+202E, U+2066–U+2069: "U+202E" makes `exe.txt` read as `txt.exe`),
+/// zero-width and other invisible format characters (U+200B–U+200F, U+2060–U+2064, U+FEFF,
+/// U+00AD, U+061C, U+180E, U+FFF9–U+FFFB).
+pub(crate) fn displayable(name: &str) -> bool {
+    !name.chars().any(|c| {
+        c.is_control()
+            || matches!(c, '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+    })
+}
+
 impl Chat {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -232,12 +272,18 @@ impl Chat {
             hub,
             tokens,
             node,
-            limits,
+            limits: limits.clone(),
             metrics,
             media: None,
             known_users: Mutex::new(HashSet::new()),
             recent: crate::sends::RecentSends::new(crate::sends::RECENT_SENDS),
-            kdf: KdfPool::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2), 256),
+            kdf: KdfPool::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2), KDF_QUEUE),
+            account_limits: crate::limits::AccountLimits::new(
+                limits.login_failures_per_account,
+                limits.login_failures_per_address,
+                limits.registrations_per_address,
+                KDF_QUEUE,
+            ),
         }
     }
 
@@ -253,7 +299,18 @@ impl Chat {
 
     // ----- accounts -----
 
-    pub async fn register(&self, username: &str, password: &str) -> Result<Registered, ApiError> {
+    /// A slot of `peer` in the password-hashing queue (one address may fill a quarter of it).
+    fn hashing_slot(&self, peer: Option<IpAddr>) -> Result<Option<crate::limits::Slot<'_, IpAddr>>, ApiError> {
+        let Some(ip) = peer else { return Ok(None) };
+        match self.account_limits.hashing_per_address.enter(ip) {
+            Some(slot) => Ok(Some(slot)),
+            None => Err(ApiError::rate_limited("too many log-ins or registrations under way from this address", Duration::from_secs(1))),
+        }
+    }
+
+    /// Registers an account. `peer`: the client's address, for the per-address limit (none from
+    /// in-process callers).
+    pub async fn register(&self, peer: Option<IpAddr>, username: &str, password: &str) -> Result<Registered, ApiError> {
         let username = username.to_ascii_lowercase();
         if !valid_username(&username) {
             return Err(bad("invalid_username", "usernames are 3-32 characters of a-z, 0-9, '_', '.', '-'"));
@@ -261,6 +318,10 @@ impl Chat {
         if !(8..=128).contains(&password.chars().count()) {
             return Err(bad("invalid_password", "passwords are 8-128 characters"));
         }
+        if let (Some(ip), Some(w)) = (peer, &self.account_limits.registrations_per_address) {
+            w.take(ip).map_err(|wait| ApiError::rate_limited("too many registrations from this address", wait))?;
+        }
+        let _slot = self.hashing_slot(peer)?;
         let pw = password.to_owned();
         let hash = self.kdf.run(move || hash_password(&pw)).await.ok_or_else(ApiError::overloaded)?.map_err(|e| ApiError::internal("hash", &e))?;
         let account = Account { user_id: UserId::random(), username: username.clone(), password_hash: hash, created_at: now_millis() };
@@ -282,9 +343,20 @@ impl Chat {
         Ok(Registered { user_id: account.user_id, username })
     }
 
-    pub async fn login(&self, username: &str, password: &str) -> Result<Session, ApiError> {
+    /// Logs in. Refused before any password check while the account name or `peer` is at its
+    /// limit of failed attempts (`rate_limited`, with `retry_after`), whatever the password.
+    pub async fn login(&self, peer: Option<IpAddr>, username: &str, password: &str) -> Result<Session, ApiError> {
         let invalid = || ApiError::new(StatusCode::UNAUTHORIZED, "invalid_credentials", "wrong username or password");
-        let account = self.store.account_by_name(&username.to_ascii_lowercase()).await?;
+        let name = username.to_ascii_lowercase();
+        let limits = &self.account_limits;
+        if let Some(wait) = limits.failures_per_account.as_ref().and_then(|w| w.wait(&name)) {
+            return Err(ApiError::rate_limited("too many failed log-ins for this account", wait));
+        }
+        if let Some(wait) = peer.and_then(|ip| limits.failures_per_address.as_ref().and_then(|w| w.wait(&ip))) {
+            return Err(ApiError::rate_limited("too many failed log-ins from this address", wait));
+        }
+        let _slot = self.hashing_slot(peer)?;
+        let account = self.store.account_by_name(&name).await?;
         let pw = password.to_owned();
         let hash = account.as_ref().map(|a| a.password_hash.clone());
         // Verify against something even for an unknown name, so timing does not reveal
@@ -302,8 +374,19 @@ impl Chat {
             .ok_or_else(ApiError::overloaded)?;
         let account = match (ok, account) {
             (true, Some(a)) => a,
-            _ => return Err(invalid()),
+            _ => {
+                if let Some(w) = &limits.failures_per_account {
+                    w.add(name);
+                }
+                if let (Some(ip), Some(w)) = (peer, &limits.failures_per_address) {
+                    w.add(ip);
+                }
+                return Err(invalid());
+            }
         };
+        if let Some(w) = &limits.failures_per_account {
+            w.clear(&name);
+        }
         let roles = self.store.roles(account.user_id).await?;
         let (token, exp) = self.tokens.issue(account.user_id, &account.username, roles).map_err(|e| ApiError::internal("token", &e))?;
         Ok(Session { token, user_id: account.user_id, username: account.username, expires_at: chat_events::format_time(&exp) })
@@ -724,8 +807,8 @@ impl Chat {
         if let Err(e) = self.append(&env).await {
             warn!(error = ?e, "presence event not appended");
         }
-        let contacts = match self.store.inbox(user, 1000).await {
-            Ok(rows) => rows.into_iter().filter_map(|r| r.peer_id).collect::<Vec<_>>(),
+        let contacts = match self.contacts(user).await {
+            Ok(contacts) => contacts,
             Err(e) => {
                 warn!(error = %e, "contacts unavailable; presence not pushed");
                 return;
@@ -736,6 +819,26 @@ impl Chat {
         let pushes = contacts.into_iter().map(|c| Push { user: c, text: text.clone(), except: None }).collect();
         debug!(%user, status = status.as_str(), "presence changed");
         self.push(pushes).await;
+    }
+
+    /// The user's contacts: the other members of their direct conversations in which both of
+    /// them wrote (one who only received, or only sent, is not a contact). Only contacts see a
+    /// user's presence and last seen.
+    async fn contacts(&self, user: UserId) -> Result<Vec<UserId>, chat_store::StoreError> {
+        let mine: Vec<(UserId, ConversationId)> =
+            self.store.inbox(user, 1000).await?.into_iter().filter(|r| r.wrote).filter_map(|r| r.peer_id.map(|p| (p, r.conversation_id))).collect();
+        if mine.is_empty() {
+            return Ok(Vec::new());
+        }
+        let theirs = self.store.inbox_rows(&mine).await?;
+        Ok(mine.into_iter().zip(theirs).filter(|(_, row)| row.as_ref().is_some_and(|r| r.wrote)).map(|((peer, _), _)| peer).collect())
+    }
+
+    /// Whether two users are contacts (see [`Chat::contacts`]).
+    async fn are_contacts(&self, a: UserId, b: UserId) -> Result<bool, chat_store::StoreError> {
+        let conv = ConversationId::direct(a, b);
+        let rows = self.store.inbox_rows(&[(a, conv.clone()), (b, conv)]).await?;
+        Ok(rows.iter().all(|r| r.as_ref().is_some_and(|r| r.wrote)))
     }
 
     /// Number of messages not yet delivered to any device of a user.
@@ -788,8 +891,9 @@ impl Chat {
 
     pub async fn last_seen(&self, viewer: UserId, user_id: &str) -> Result<LastSeen, ApiError> {
         let user: UserId = user_id.parse().map_err(|_| ApiError::not_found())?;
-        // Presence is visible to the user and to people they have a conversation with.
-        if user != viewer && !self.store.in_inbox(viewer, &ConversationId::direct(viewer, user)).await? {
+        // Presence is visible to the user and to their contacts (both wrote in their direct
+        // conversation); to anyone else the user does not exist.
+        if user != viewer && !self.are_contacts(viewer, user).await? {
             return Err(ApiError::not_found());
         }
         let online = self
@@ -816,4 +920,17 @@ const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$
 
 fn sent_frame(r#ref: Ref, client_msg_id: String, conversation_id: ConversationId, done: SendDone) -> ServerFrame {
     ServerFrame::Sent { r#ref, client_msg_id, message_id: done.message_id, conversation_id, sent_at: done.sent_at }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::displayable;
+
+    #[test]
+    fn names_with_control_bidi_or_invisible_characters_are_refused() {
+        assert!(displayable("Ana María 🎉 عربى"));
+        for bad in ["evil\u{202E}txt.exe", "a\u{200B}b", "tab\there", "nul\0", "\u{2066}iso", "bom\u{FEFF}", "soft\u{00AD}hyphen", "line\nbreak"] {
+            assert!(!displayable(bad), "{bad:?}");
+        }
+    }
 }

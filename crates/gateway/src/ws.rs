@@ -30,6 +30,32 @@ const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// The server pings this often, so that dead peers are noticed and proxies keep the socket.
 const PING_EVERY: Duration = Duration::from_secs(30);
+/// A frame the peer's TCP window has not taken within this long makes the connection a slow
+/// consumer: it is dropped (its close frame could not be written either), and the client syncs
+/// from its cursor when it reconnects.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the close frame may take to go out before the socket is dropped anyway.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How a frame's write ended.
+enum Written {
+    Sent,
+    /// The peer is gone (a write error).
+    Gone,
+    /// The peer did not take the frame in time, or the queue overflowed meanwhile.
+    Slow,
+}
+
+/// Writes one frame, giving up after [`WRITE_TIMEOUT`] or when the connection is kicked (its
+/// queue overflowed while this write was blocked by TCP back-pressure).
+async fn write(sink: &mut futures::stream::SplitSink<WebSocket, Message>, m: Message, kick: &Notify) -> Written {
+    tokio::select! {
+        biased;
+        r = sink.send(m) => if r.is_ok() { Written::Sent } else { Written::Gone },
+        _ = kick.notified() => Written::Slow,
+        _ = tokio::time::sleep(WRITE_TIMEOUT) => Written::Slow,
+    }
+}
 
 fn error_frame(e: &ApiError, r#ref: crate::frames::Ref) -> Outbound {
     Arc::from(ServerFrame::Error { code: e.code, message: e.message.clone(), r#ref }.to_text())
@@ -77,27 +103,30 @@ async fn connection(
     let metrics_chat = chat.clone();
     let writer = tokio::spawn(async move {
         let mut ping = tokio::time::interval(PING_EVERY);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;
+        let slow = || metrics_chat.metrics.slow_consumers.inc();
         let code = loop {
-            tokio::select! {
+            let frame = tokio::select! {
                 biased;
                 code = &mut close_rx => break code.unwrap_or(CLOSE_NORMAL),
                 _ = kick.notified() => {
-                    metrics_chat.metrics.slow_consumers.inc();
+                    slow();
                     break CLOSE_TRY_AGAIN_LATER;
                 }
                 m = rx.recv() => match m {
-                    Some(text) => {
-                        if sink.send(Message::Text(Utf8Bytes::from(text.as_ref()))).await.is_err() {
-                            return;
-                        }
-                    }
+                    Some(text) => Message::Text(Utf8Bytes::from(text.as_ref())),
                     None => break CLOSE_NORMAL,
                 },
-                _ = ping.tick() => {
-                    if sink.send(Message::Ping(Default::default())).await.is_err() {
-                        return;
-                    }
+                _ = ping.tick() => Message::Ping(Default::default()),
+            };
+            match write(&mut sink, frame, &kick).await {
+                Written::Sent => {}
+                Written::Gone => return,
+                // The socket cannot take even a close frame: dropped as it is.
+                Written::Slow => {
+                    slow();
+                    return;
                 }
             }
         };
@@ -108,9 +137,14 @@ async fn connection(
             CLOSE_POLICY => "token expired; log in again",
             _ => "",
         };
-        let _closing = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
-        let _closed = sink.close().await;
+        let _closing = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            let _sent = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+            sink.close().await
+        })
+        .await;
     });
+    let mut writer = writer;
+    let mut writer_done = false;
 
     Box::pin(chat.connected(&ctx)).await;
     let expiry = tokio::time::Instant::now()
@@ -125,6 +159,11 @@ async fn connection(
             n = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => n,
             _ = closing.changed() => break Some(CLOSE_GOING_AWAY),
             _ = tokio::time::sleep_until(expiry) => break Some(CLOSE_POLICY),
+            // The writer gave up (a slow consumer, or the peer is gone): so does the reader.
+            _ = &mut writer => {
+                writer_done = true;
+                break None;
+            }
         };
         let msg = match next {
             Err(_) => break Some(CLOSE_GOING_AWAY),
@@ -171,7 +210,11 @@ async fn connection(
     // a presence event and pushes to contacts, and holding the descriptor meanwhile let a burst of
     // reconnects run the process out of descriptors (the accept loop then pauses for a second).
     drop(stream);
-    let _done = writer.await;
+    if !writer_done {
+        // Bounded: every write of the writer gives up after WRITE_TIMEOUT, its close after
+        // CLOSE_TIMEOUT.
+        let _done = writer.await;
+    }
     chat.metrics.connections_open.dec();
     Box::pin(chat.disconnected(&ctx)).await;
     chat.hub.session_ended();

@@ -43,6 +43,7 @@ pub async fn run_all(tables: Arc<dyn Tables>) {
     receipts(t).await;
     stream(t).await;
     stream_rows_appear_in_order(t).await;
+    media_positions(t).await;
     pending(t).await;
     last_seen(t).await;
     zero_limits(t).await;
@@ -324,6 +325,7 @@ pub async fn inbox(t: &dyn Tables) {
         first_unread_seq: Some(12),
         read_up_to: Some(msg_id(DAY0_MS + 50)),
         applied_offset: 17,
+        wrote: false,
     };
     let row2 = InboxRow {
         conversation_id: c2.clone(),
@@ -335,6 +337,7 @@ pub async fn inbox(t: &dyn Tables) {
         first_unread_seq: None,
         read_up_to: None,
         applied_offset: 0,
+        wrote: true,
         ..row1.clone()
     };
     t.put_inbox_row(&row1).await.expect("put_inbox_row");
@@ -470,6 +473,20 @@ pub async fn stream_rows_appear_in_order(t: &dyn Tables) {
     futures::join!(applying, reading);
 }
 
+/// The messages that carry a media object, by conversation: positions in order, a set.
+pub async fn media_positions(t: &dyn Tables) {
+    let media = Uuid::new_v4();
+    let g1 = ConversationId::group(GroupId::random());
+    let g2 = ConversationId::group(GroupId::random());
+    assert!(t.media_positions(media, &g1).await.expect("media_positions").is_empty());
+    let (m1, m2, m3) = (msg_id(DAY0_MS + 1), msg_id(DAY0_MS + 2), msg_id(DAY0_MS + 3));
+    let w = |conv: &ConversationId, message: MessageId, position: i64| Write::MediaMessage { media, conversation: conv.clone(), message, position };
+    t.apply(vec![w(&g1, m2, 40), w(&g1, m1, 12), w(&g2, m3, 5), w(&g1, m2, 40)]).await.expect("apply");
+    assert_eq!(t.media_positions(media, &g1).await.expect("media_positions"), vec![12, 40]);
+    assert_eq!(t.media_positions(media, &g2).await.expect("media_positions"), vec![5]);
+    assert!(t.media_positions(Uuid::new_v4(), &g1).await.expect("media_positions").is_empty(), "per media object");
+}
+
 /// Pending deliveries: a removed delivery never comes back, whatever the order; counts and caps.
 pub async fn pending(t: &dyn Tables) {
     let (u, v, c) = direct();
@@ -562,6 +579,7 @@ pub async fn zero_limits(t: &dyn Tables) {
         first_unread_seq: None,
         read_up_to: None,
         applied_offset: 0,
+        wrote: true,
     })
     .await
     .expect("put_inbox_row");
@@ -1066,32 +1084,33 @@ pub async fn topic_counts(t: &dyn Tables) {
     let d0 = case_day(3);
     let (d1, d2, d3) = (plus_days(d0, 1), plus_days(d0, 2), plus_days(d0, 3));
     let m: Vec<MessageId> = (0..8).map(|i| msg_on(d0, i)).collect();
+    let (u, v) = (UserId::random(), UserId::random());
     let writes = [
-        (d0, "#climb", m[0]),
-        (d0, "#climb", m[1]),
-        (d0, "#climb", m[0]),
-        (d0, "rain", m[0]),
-        (d0, "#über", m[1]),
-        (d0, "#climb", m[2]),
-        (d0, "#über", m[2]),
-        (d2, "b", m[3]),
-        (d2, "a", m[4]),
-        (d3, "rain", m[5]),
+        (d0, "#climb", m[0], u),
+        (d0, "#climb", m[1], v),
+        (d0, "#climb", m[0], u),
+        (d0, "rain", m[0], u),
+        (d0, "#über", m[1], v),
+        (d0, "#climb", m[2], v),
+        (d0, "#über", m[2], v),
+        (d2, "b", m[3], u),
+        (d2, "a", m[4], u),
+        (d3, "rain", m[5], v),
     ];
-    for (day, topic, msg) in writes {
-        t.add_topic(day, topic, msg).await.expect("add_topic");
+    for (day, topic, msg, sender) in writes {
+        t.add_topic(day, topic, msg, sender).await.expect("add_topic");
     }
     let topics = |from: NaiveDate, to: NaiveDate| async move {
         t.topic_counts(from, to).await.unwrap_or_else(|e| panic!("topic_counts: {e}"))
     };
-    let tc = |day: NaiveDate, topic: &str, messages: u64| TopicCount { day, topic: topic.into(), messages };
+    let tc = |day: NaiveDate, topic: &str, messages: u64, users: u64| TopicCount { day, topic: topic.into(), messages, users };
     assert_eq!(
         topics(d0, d2).await,
-        vec![tc(d0, "#climb", 3), tc(d0, "#über", 2), tc(d0, "rain", 1), tc(d2, "a", 1), tc(d2, "b", 1)],
-        "topic_counts: each message once per topic, by day, most mentioned first, equal counts by topic, empty days left out"
+        vec![tc(d0, "#climb", 3, 2), tc(d0, "#über", 2, 1), tc(d0, "rain", 1, 1), tc(d2, "a", 1, 1), tc(d2, "b", 1, 1)],
+        "topic_counts: each message once per topic, by day, most mentioned first, equal counts by topic, empty days left out; distinct senders"
     );
     assert!(topics(d1, d1).await.is_empty(), "topic_counts of a day with none is empty");
-    assert_eq!(topics(d3, d3).await, vec![tc(d3, "rain", 1)], "topic_counts of one day");
+    assert_eq!(topics(d3, d3).await, vec![tc(d3, "rain", 1, 1)], "topic_counts of one day");
 }
 
 /// The receipts of one recipient: filled by `put_receipts`, with the earliest `at` per key in
@@ -1184,6 +1203,7 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         first_unread_seq: None,
         read_up_to: None,
         applied_offset: 3,
+        wrote: user == a,
     };
     let writes = vec![
         Write::User { user: a, username: "alice".into(), at: at(DAY0_MS) },
@@ -1234,9 +1254,12 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         Write::ProfileView { viewed: a, day: day0, viewer: b, view: view1 },
         Write::ProfileView { viewed: a, day: day0, viewer: b, view: view2 },
         Write::ProfileView { viewed: a, day: day0, viewer: b, view: view1 },
-        Write::Topic { day: day0, topic: "#climb".into(), message: m1.message_id },
-        Write::Topic { day: day0, topic: "#climb".into(), message: m2.message_id },
-        Write::Topic { day: day0, topic: "#climb".into(), message: m1.message_id },
+        Write::Topic { day: day0, topic: "#climb".into(), message: m1.message_id, sender: a },
+        Write::Topic { day: day0, topic: "#climb".into(), message: m2.message_id, sender: a },
+        Write::Topic { day: day0, topic: "#climb".into(), message: m1.message_id, sender: a },
+        Write::MediaMessage { media: item1, conversation: c.clone(), message: m1.message_id, position: 7 },
+        Write::MediaMessage { media: item1, conversation: c.clone(), message: m2.message_id, position: 9 },
+        Write::MediaMessage { media: item1, conversation: c.clone(), message: m1.message_id, position: 7 },
     ];
     let rows = BTreeMap::from([
         ("users", 2),
@@ -1259,6 +1282,7 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         ("analytics_profile_views", 2),
         ("analytics_topics", 2),
         ("receipts_by_user", 2),
+        ("media_messages", 2),
     ]);
     (writes, rows)
 }

@@ -49,6 +49,8 @@ pub struct TopicCount {
     pub day: NaiveDate,
     pub topic: String,
     pub messages: u64,
+    /// Distinct senders of those messages.
+    pub users: u64,
 }
 
 /// Command-side roles (checked at log-in) and the profile, analytics and audit projections.

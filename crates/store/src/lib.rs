@@ -194,6 +194,10 @@ pub struct InboxRow {
     /// row: a redelivered item at or below it changes nothing.
     #[serde(skip)]
     pub applied_offset: i64,
+    /// The user has sent at least one message in the conversation. Two members who both wrote
+    /// are contacts: only contacts see each other's presence and last seen.
+    #[serde(skip)]
+    pub wrote: bool,
 }
 
 /// One transition in the receipt timeline.
@@ -299,6 +303,8 @@ pub trait ReadStore: Send + Sync {
     async fn last_seen(&self, user: UserId) -> StoreResult<Option<LastSeenRow>>;
     /// Whether `user` has `conv` in their conversation list.
     async fn in_inbox(&self, user: UserId, conv: &ConversationId) -> StoreResult<bool>;
+    /// The positions of the messages of a group conversation that carry a media object.
+    async fn media_positions(&self, media: uuid::Uuid, conv: &ConversationId) -> StoreResult<Vec<i64>>;
 }
 
 /// Row count and content hash of one table.
@@ -335,8 +341,10 @@ impl<T: CommandStore + ProjectionStore + ReadStore + TableAdmin + FanoutStore + 
 
 /// The layout of the projection tables this version writes. 2: the delivery pipeline v2
 /// (direct conversations projected from stream items, inbox rows with their read position,
-/// stream heads in place of item-id rows).
-pub const PROJECTION_LAYOUT: u32 = 2;
+/// stream heads in place of item-id rows). 3: inbox rows say whether their user wrote in the
+/// conversation (contacts, for presence); `media_messages` (group media readable as the messages
+/// that carry them).
+pub const PROJECTION_LAYOUT: u32 = 3;
 
 /// Projection tables of older layouts, dropped by [`TableAdmin::reset_projections`].
 pub const RETIRED_PROJECTION_TABLES: &[&str] = &["read_markers", "user_stream_ids"];
@@ -363,6 +371,7 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "analytics_profile_views",
     "analytics_topics",
     "receipts_by_user",
+    "media_messages",
 ];
 
 /// Convenience: a device id as stored in the receipts table.

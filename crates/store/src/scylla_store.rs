@@ -100,6 +100,8 @@ struct Stmts {
     insert_stream: PreparedStatement,
     insert_stream_head: PreparedStatement,
     select_stream_after: PreparedStatement,
+    insert_media_message: PreparedStatement,
+    select_media_positions: PreparedStatement,
     insert_pending: PreparedStatement,
     delete_pending: PreparedStatement,
     select_pending: PreparedStatement,
@@ -180,8 +182,8 @@ fn message_from(t: MessageTuple) -> StoreResult<MessageRow> {
 }
 
 const INBOX_COLS: &str =
-    "user_id, conversation_id, peer_id, last_message_id, last_sender, last_kind, last_body, last_at, unread, first_unread_seq, read_up_to, applied_offset";
-type InboxTuple = (Uuid, String, Option<Uuid>, Uuid, Uuid, String, String, DateTime<Utc>, i32, Option<i64>, Option<Uuid>, i64);
+    "user_id, conversation_id, peer_id, last_message_id, last_sender, last_kind, last_body, last_at, unread, first_unread_seq, read_up_to, applied_offset, wrote";
+type InboxTuple = (Uuid, String, Option<Uuid>, Uuid, Uuid, String, String, DateTime<Utc>, i32, Option<i64>, Option<Uuid>, i64, Option<bool>);
 
 fn inbox_from(t: InboxTuple) -> StoreResult<InboxRow> {
     Ok(InboxRow {
@@ -197,6 +199,7 @@ fn inbox_from(t: InboxTuple) -> StoreResult<InboxRow> {
         first_unread_seq: t.9,
         read_up_to: t.10.map(MessageId),
         applied_offset: t.11,
+        wrote: t.12.unwrap_or(false),
     })
 }
 
@@ -331,7 +334,7 @@ impl ScyllaStore {
             ))
             .await?,
             select_inbox_row: p(format!("SELECT {INBOX_COLS} FROM {ks}.inbox WHERE user_id = ? AND conversation_id = ?")).await?,
-            insert_inbox_row: p(format!("INSERT INTO {ks}.inbox ({INBOX_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")).await?,
+            insert_inbox_row: p(format!("INSERT INTO {ks}.inbox ({INBOX_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")).await?,
             select_inbox: p(format!("SELECT {INBOX_COLS} FROM {ks}.inbox WHERE user_id = ? LIMIT ?")).await?,
             select_buckets_desc: p(format!(
                 "SELECT bucket FROM {ks}.conversation_buckets WHERE conversation_id = ? AND bucket <= ?"
@@ -359,6 +362,11 @@ impl ScyllaStore {
                 "INSERT INTO {ks}.stream_heads (user_id, source_partition, position) VALUES (?, ?, ?) USING TIMESTAMP ?"
             ))
             .await?,
+            insert_media_message: p(format!(
+                "INSERT INTO {ks}.media_messages (media_id, conversation_id, message_id, position) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            select_media_positions: p(format!("SELECT position FROM {ks}.media_messages WHERE media_id = ? AND conversation_id = ?")).await?,
             select_stream_after: p(format!(
                 "SELECT seq, item_id, item FROM {ks}.user_stream WHERE user_id = ? AND seq > ? LIMIT ?"
             ))
@@ -504,8 +512,8 @@ impl ScyllaStore {
                 "SELECT viewer, COUNT(*) FROM {ks}.analytics_profile_views WHERE viewed = ? AND day = ? GROUP BY viewer"
             ))
             .await?,
-            insert_topic: p(format!("INSERT INTO {ks}.analytics_topics (day, topic, message_id) VALUES (?, ?, ?)")).await?,
-            count_topics: p(format!("SELECT topic, COUNT(*) FROM {ks}.analytics_topics WHERE day = ? GROUP BY topic")).await?,
+            insert_topic: p(format!("INSERT INTO {ks}.analytics_topics (day, topic, message_id, sender) VALUES (?, ?, ?, ?)")).await?,
+            count_topics: p(format!("SELECT topic, sender FROM {ks}.analytics_topics WHERE day = ?")).await?,
             insert_receipt_by_user: p(format!(
                 "INSERT INTO {ks}.receipts_by_user (recipient, message_id, status, device_id, at, conversation_id) VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
             ))
@@ -811,6 +819,7 @@ impl ScyllaStore {
                         r.first_unread_seq,
                         r.read_up_to.map(|m| m.0),
                         r.applied_offset,
+                        r.wrote,
                     ),
                 )
                 .await
@@ -854,7 +863,10 @@ impl ScyllaStore {
             Write::MessageStat { day, kind, scope, message } => self.exec(&st.insert_analytics_message, (*day, kind, scope, message.0)).await,
             Write::ActiveUser { day, user } => self.exec(&st.insert_active_user, (*day, user.0)).await,
             Write::ProfileView { viewed, day, viewer, view } => self.exec(&st.insert_profile_view, (viewed.0, *day, viewer.0, view.0)).await,
-            Write::Topic { day, topic, message } => self.exec(&st.insert_topic, (*day, topic, message.0)).await,
+            Write::Topic { day, topic, message, sender } => self.exec(&st.insert_topic, (*day, topic, message.0, sender.0)).await,
+            Write::MediaMessage { media, conversation, message, position } => {
+                self.exec(&st.insert_media_message, (*media, conversation.as_str(), message.0, *position)).await
+            }
         }
     }
 
@@ -1054,6 +1066,13 @@ impl ReadStore for ScyllaStore {
 
     async fn in_inbox(&self, user: UserId, c: &ConversationId) -> StoreResult<bool> {
         Ok(ProjectionStore::inbox_row(self, user, c).await?.is_some())
+    }
+
+    async fn media_positions(&self, media: Uuid, conv: &ConversationId) -> StoreResult<Vec<i64>> {
+        let mut out: Vec<i64> =
+            self.rows::<(i64,)>(&self.stmts.select_media_positions, (media, conv.as_str())).await?.into_iter().map(|(p,)| p).collect();
+        out.sort_unstable();
+        Ok(out)
     }
 }
 
@@ -1318,9 +1337,19 @@ impl InsightStore for ScyllaStore {
     async fn topic_counts(&self, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<TopicCount>> {
         let per_day: Vec<Vec<TopicCount>> = futures::stream::iter(days(from, to))
             .map(|day| async move {
-                let rows = self.all_rows::<(String, i64)>(&self.stmts.count_topics, (day,)).await?;
+                // Messages and distinct senders per topic (CQL cannot count distinct values).
+                let rows = self.all_rows::<(String, Option<Uuid>)>(&self.stmts.count_topics, (day,)).await?;
+                let mut per_topic: BTreeMap<String, (u64, std::collections::BTreeSet<Uuid>)> = BTreeMap::new();
+                for (topic, sender) in rows {
+                    let e = per_topic.entry(topic).or_default();
+                    e.0 += 1;
+                    e.1.insert(sender.unwrap_or_default());
+                }
                 Ok::<_, StoreError>(
-                    rows.into_iter().map(|(topic, n)| TopicCount { day, topic, messages: n.max(0) as u64 }).collect(),
+                    per_topic
+                        .into_iter()
+                        .map(|(topic, (messages, senders))| TopicCount { day, topic, messages, users: senders.len() as u64 })
+                        .collect::<Vec<_>>(),
                 )
             })
             .buffered(ANALYTICS_CONCURRENCY)

@@ -97,7 +97,7 @@ CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, username TEXT NOT NU
 CREATE TABLE IF NOT EXISTS messages (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL, sender_device TEXT NOT NULL, client_msg_id TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL, media TEXT, PRIMARY KEY (conversation_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS conversation_buckets (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, PRIMARY KEY (conversation_id, bucket)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS message_index (message_id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL, sender TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS inbox (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, peer_id TEXT, last_message_id TEXT NOT NULL, last_sender TEXT NOT NULL, last_kind TEXT NOT NULL, last_body TEXT NOT NULL, last_at INTEGER NOT NULL, unread INTEGER NOT NULL, first_unread_seq INTEGER, read_up_to TEXT, applied_offset INTEGER NOT NULL, PRIMARY KEY (user_id, conversation_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inbox (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, peer_id TEXT, last_message_id TEXT NOT NULL, last_sender TEXT NOT NULL, last_kind TEXT NOT NULL, last_body TEXT NOT NULL, last_at INTEGER NOT NULL, unread INTEGER NOT NULL, first_unread_seq INTEGER, read_up_to TEXT, applied_offset INTEGER NOT NULL, wrote INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (user_id, conversation_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS user_stream (user_id TEXT NOT NULL, seq INTEGER NOT NULL, item_id TEXT NOT NULL, item TEXT NOT NULL, PRIMARY KEY (user_id, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS stream_heads (user_id TEXT NOT NULL, source_partition INTEGER NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (user_id, source_partition)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending_deliveries (user_id TEXT NOT NULL, message_id TEXT NOT NULL, conversation_id TEXT, removed INTEGER NOT NULL, PRIMARY KEY (user_id, message_id)) WITHOUT ROWID;
@@ -118,7 +118,8 @@ CREATE TABLE IF NOT EXISTS profiles (user_id TEXT PRIMARY KEY, display_name TEXT
 CREATE TABLE IF NOT EXISTS analytics_messages (day TEXT NOT NULL, kind TEXT NOT NULL, scope TEXT NOT NULL, message_id TEXT NOT NULL, PRIMARY KEY (day, kind, scope, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS analytics_active_users (day TEXT NOT NULL, user_id TEXT NOT NULL, PRIMARY KEY (day, user_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS analytics_profile_views (viewed TEXT NOT NULL, day TEXT NOT NULL, viewer TEXT NOT NULL, view_id TEXT NOT NULL, PRIMARY KEY (viewed, day, viewer, view_id)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS analytics_topics (day TEXT NOT NULL, topic TEXT NOT NULL, message_id TEXT NOT NULL, PRIMARY KEY (day, topic, message_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS media_messages (media_id TEXT NOT NULL, conversation_id TEXT NOT NULL, message_id TEXT NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (media_id, conversation_id, message_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS analytics_topics (day TEXT NOT NULL, topic TEXT NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL DEFAULT '', PRIMARY KEY (day, topic, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS receipts_by_user (recipient TEXT NOT NULL, message_id TEXT NOT NULL, status TEXT NOT NULL, device_id TEXT NOT NULL, at INTEGER NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (recipient, message_id, status, device_id)) WITHOUT ROWID;
 DROP INDEX IF EXISTS receipts_by_user_at;
 CREATE TABLE IF NOT EXISTS sync_marks (id INTEGER PRIMARY KEY, n INTEGER NOT NULL);
@@ -378,7 +379,7 @@ fn message_row(r: &Row<'_>) -> rusqlite::Result<MessageRow> {
 
 const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media";
 const INBOX_COLS: &str =
-    "user_id, conversation_id, peer_id, last_message_id, last_sender, last_kind, last_body, last_at, unread, first_unread_seq, read_up_to, applied_offset";
+    "user_id, conversation_id, peer_id, last_message_id, last_sender, last_kind, last_body, last_at, unread, first_unread_seq, read_up_to, applied_offset, wrote";
 
 fn inbox_row(r: &Row<'_>) -> rusqlite::Result<InboxRow> {
     Ok(InboxRow {
@@ -400,6 +401,7 @@ fn inbox_row(r: &Row<'_>) -> rusqlite::Result<InboxRow> {
             None => None,
         },
         applied_offset: r.get(11)?,
+        wrote: r.get(12)?,
     })
 }
 
@@ -555,7 +557,7 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
         }
         Write::Inbox(r) => {
             t.exec(
-                &format!("INSERT OR REPLACE INTO inbox ({INBOX_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+                &format!("INSERT OR REPLACE INTO inbox ({INBOX_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
                 params![
                     r.user_id.to_string(),
                     r.conversation_id.as_str(),
@@ -568,7 +570,8 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                     r.unread,
                     r.first_unread_seq,
                     r.read_up_to.map(|m| m.to_string()),
-                    r.applied_offset
+                    r.applied_offset,
+                    r.wrote
                 ],
             )?;
         }
@@ -720,8 +723,17 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 params![viewed.to_string(), day_text(*day), viewer.to_string(), view.to_string()],
             )?;
         }
-        Write::Topic { day, topic, message } => {
-            t.exec("INSERT OR IGNORE INTO analytics_topics (day, topic, message_id) VALUES (?1, ?2, ?3)", params![day_text(*day), topic, message.to_string()])?;
+        Write::MediaMessage { media, conversation, message, position } => {
+            t.exec(
+                "INSERT OR IGNORE INTO media_messages (media_id, conversation_id, message_id, position) VALUES (?1, ?2, ?3, ?4)",
+                params![media.to_string(), conversation.as_str(), message.to_string(), position],
+            )?;
+        }
+        Write::Topic { day, topic, message, sender } => {
+            t.exec(
+                "INSERT OR IGNORE INTO analytics_topics (day, topic, message_id, sender) VALUES (?1, ?2, ?3, ?4)",
+                params![day_text(*day), topic, message.to_string(), sender.to_string()],
+            )?;
         }
     }
     Ok(())
@@ -892,6 +904,16 @@ impl ReadStore for SqliteStore {
 
     async fn in_inbox(&self, user: UserId, c: &ConversationId) -> StoreResult<bool> {
         Ok(ProjectionStore::inbox_row(self, user, c).await?.is_some())
+    }
+
+    async fn media_positions(&self, media: Uuid, conv: &ConversationId) -> StoreResult<Vec<i64>> {
+        let conv = conv.as_str().to_owned();
+        self.read(move |c| {
+            let mut st = c.prepare_cached("SELECT position FROM media_messages WHERE media_id = ?1 AND conversation_id = ?2 ORDER BY position")?;
+            let rows = st.query_map(params![media.to_string(), conv], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await
     }
 }
 
@@ -1279,10 +1301,10 @@ impl InsightStore for SqliteStore {
         let mut rows = self
             .read(move |c| {
                 let mut st = c.prepare_cached(
-                    "SELECT day, topic, COUNT(*) FROM analytics_topics WHERE day >= ?1 AND day <= ?2 GROUP BY day, topic",
+                    "SELECT day, topic, COUNT(*), COUNT(DISTINCT sender) FROM analytics_topics WHERE day >= ?1 AND day <= ?2 GROUP BY day, topic",
                 )?;
                 let rows = st.query_map(params![day_text(from), day_text(to)], |r| {
-                    Ok(TopicCount { day: day_at(r, 0)?, topic: r.get(1)?, messages: count_at(r, 2)? })
+                    Ok(TopicCount { day: day_at(r, 0)?, topic: r.get(1)?, messages: count_at(r, 2)?, users: count_at(r, 3)? })
                 })?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
             })

@@ -62,8 +62,11 @@ pub enum Write {
     ActiveUser { day: NaiveDate, user: UserId },
     /// `analytics_profile_views`: a set.
     ProfileView { viewed: UserId, day: NaiveDate, viewer: UserId, view: EventId },
-    /// `analytics_topics`: a set.
-    Topic { day: NaiveDate, topic: String, message: MessageId },
+    /// `analytics_topics`: a set (with the message's sender, for the distinct users of a topic).
+    Topic { day: NaiveDate, topic: String, message: MessageId, sender: UserId },
+    /// `media_messages`: a set (a group message carrying a media object, at its position: who
+    /// may download the object follows who may read the message).
+    MediaMessage { media: uuid::Uuid, conversation: ConversationId, message: MessageId, position: i64 },
 }
 
 impl Write {
@@ -88,6 +91,7 @@ impl Write {
             Write::ActiveUser { .. } => "analytics_active_users",
             Write::ProfileView { .. } => "analytics_profile_views",
             Write::Topic { .. } => "analytics_topics",
+            Write::MediaMessage { .. } => "media_messages",
         }
     }
 
@@ -209,8 +213,8 @@ pub trait WriteExt: WriteStore {
     async fn add_profile_view(&self, viewed: UserId, day: NaiveDate, viewer: UserId, view: EventId) -> StoreResult<()> {
         self.apply(vec![Write::ProfileView { viewed, day, viewer, view }]).await
     }
-    async fn add_topic(&self, day: NaiveDate, topic: &str, message: MessageId) -> StoreResult<()> {
-        self.apply(vec![Write::Topic { day, topic: topic.to_owned(), message }]).await
+    async fn add_topic(&self, day: NaiveDate, topic: &str, message: MessageId, sender: UserId) -> StoreResult<()> {
+        self.apply(vec![Write::Topic { day, topic: topic.to_owned(), message, sender }]).await
     }
 }
 

@@ -23,7 +23,7 @@ pub fn message(out: &mut Vec<Write>, settings: &Settings, id: MessageId, sender:
     out.push(Write::MessageStat { day, kind: kind.to_owned(), scope: if group { "group" } else { "direct" }.to_owned(), message: id });
     out.push(Write::ActiveUser { day, user: sender });
     for topic in topics_of(body, &settings.keywords) {
-        out.push(Write::Topic { day, topic, message: id });
+        out.push(Write::Topic { day, topic, message: id, sender });
     }
 }
 

@@ -21,6 +21,9 @@ pub fn message(out: &mut Vec<Write>, item: &StreamItem) {
             media: media.clone(),
         }));
         out.push(Write::Bucket { conversation: conversation_id.clone(), bucket: bucket_of(*message_id) });
+        if let (Some(m), Some(p), true) = (media, position, conversation_id.is_group()) {
+            out.push(Write::MediaMessage { media: m.media_id, conversation: conversation_id.clone(), message: *message_id, position: *p });
+        }
     }
 }
 

@@ -36,8 +36,9 @@ pub fn message(out: &mut Vec<Write>, rows: &Rows, user: UserId, item: &StreamIte
         last_at: *sent_at,
         unread: row.as_ref().map(|r| r.unread).unwrap_or(0) + i32::from(theirs),
         first_unread_seq,
-        read_up_to: row.and_then(|r| r.read_up_to),
+        read_up_to: row.as_ref().and_then(|r| r.read_up_to),
         applied_offset: offset,
+        wrote: !theirs || row.is_some_and(|r| r.wrote),
     }));
     Ok(())
 }

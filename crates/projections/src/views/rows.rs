@@ -151,6 +151,7 @@ impl Rows {
             Write::User { .. }
             | Write::Message(_)
             | Write::Bucket { .. }
+            | Write::MediaMessage { .. }
             | Write::AddPending { .. }
             | Write::RemovePending { .. }
             | Write::Receipt(_)

@@ -1,0 +1,360 @@
+//! Faults, floods and abuse: each scenario a defect found from outside (issue 14), both modes.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::harness::*;
+
+const T: Duration = Duration::from_secs(60);
+
+/// The value of a counter in a gateway's /metrics, 0 if absent.
+async fn counter(gw: &Gateway, name: &str) -> f64 {
+    let text = gw.http.get(format!("{}/metrics", gw.url)).send().await.expect("metrics").text().await.unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok()))
+        .unwrap_or(0.0)
+}
+
+/// A client that stops reading is dropped: its writes time out (or its queue overflows while a
+/// write is blocked), it is counted as a slow consumer, its socket is freed and its user goes
+/// offline; what was sent meanwhile is in its stream when it syncs again.
+pub async fn slow_consumer_is_dropped(mode: Mode) {
+    let s = Scope::new("slow", mode).await;
+    let gw = s.gateway("n1").await;
+    let _worker = s.worker().await;
+    let (alice, bob, mut a) = crate::acquainted(&gw).await;
+
+    // bob's device: a socket with a tiny receive buffer that reads its welcome and then nothing.
+    let addr: std::net::SocketAddr = gw.url.trim_start_matches("http://").parse().expect("gateway address");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let tcp = socket.connect(addr).await.expect("connect");
+    let mut req = format!("{}?device=stuck", gw.ws_url()).into_client_request().expect("request");
+    req.headers_mut().insert("authorization", format!("Bearer {}", bob.token).parse().expect("header"));
+    let (mut stuck, _) = tokio_tungstenite::client_async(req, tcp).await.expect("websocket");
+    let welcome = tokio::time::timeout(T, stuck.next()).await.expect("welcome in time");
+    assert!(matches!(welcome, Some(Ok(_))), "{welcome:?}");
+    a.expect("bob online", T, |f| f["type"] == "presence" && f["user_id"] == json!(bob.id) && f["status"] == "online").await;
+
+    // alice writes 400 messages of 8 KB: far more than bob's socket buffers and queue hold.
+    let before = counter(&gw, "chat_gateway_slow_consumers_total").await;
+    let body = "z".repeat(8 * 1024);
+    let mut ids = Vec::new();
+    for i in 0..400 {
+        ids.push(a.send_text(&bob.id, &format!("flood-{i}"), &body).await["message_id"].as_str().expect("id").to_owned());
+    }
+    wait_for("bob counted as a slow consumer", T, || async { (counter(&gw, "chat_gateway_slow_consumers_total").await > before).then_some(()) }).await;
+    a.expect("bob offline", T, |f| f["type"] == "presence" && f["user_id"] == json!(bob.id) && f["status"] == "offline").await;
+    let (_, seen) = gw.get(&alice.token, &format!("/v1/users/{}/last-seen", bob.id)).await;
+    assert_eq!(seen["online"], false, "{seen}");
+
+    // Nothing was lost: bob's next device syncs every message.
+    let mut b = gw.connect(&bob, "phone").await;
+    let (items, _) = b.sync_until(None, 401, T).await;
+    let got: Vec<&Value> = items.iter().filter(|i| i["client_msg_id"].as_str().is_some_and(|c| c.starts_with("flood-"))).collect();
+    assert_eq!(got.len(), 400);
+    assert!(got.iter().zip(&ids).all(|(i, id)| i["message_id"] == json!(id)), "in order");
+    drop(stuck);
+}
+
+/// An id that names no group is answered as fast as a group the caller is not in (it waited
+/// ~10 s: a timing oracle for which ids exist, and a load multiplier), on every path that takes
+/// a group id; the creator of a new group may still post to it at once.
+pub async fn unknown_group_answers_at_once(mode: Mode) {
+    let s = Scope::new("ugroup", mode).await;
+    let gw = s.gateway("n1").await;
+    let _worker = s.worker().await;
+    let alice = gw.register("alice").await;
+    let bob = gw.register("bob").await;
+    let (st, body) = gw.call(reqwest::Method::POST, &alice.token, "/v1/groups", Some(json!({"name": "alice's", "members": []}))).await;
+    assert_eq!(st, 201, "{body}");
+    let foreign = body["conversation_id"].as_str().expect("conversation id").to_owned();
+    // The creator posts at once: her command waits for the group's projection.
+    let mut a = gw.connect(&alice, "phone").await;
+    let f = a.request(json!({"type": "send", "client_msg_id": "first", "conversation_id": foreign, "body": "first"})).await;
+    assert_eq!(f["type"], "sent", "{f}");
+
+    let quick = Duration::from_secs(2);
+    let mut b = gw.connect(&bob, "phone").await;
+    for conv in [foreign.clone(), format!("g.{}", uuid::Uuid::new_v4())] {
+        let t = std::time::Instant::now();
+        let (st, _) = gw.get(&bob.token, &format!("/v1/groups/{conv}")).await;
+        assert_eq!(st, 404);
+        let (st, _) = gw.call(reqwest::Method::POST, &bob.token, &format!("/v1/groups/{conv}/members"), Some(json!({"user_id": bob.id}))).await;
+        assert_eq!(st, 404);
+        let f = b.request(json!({"type": "send", "client_msg_id": "x", "conversation_id": conv, "body": "x"})).await;
+        assert_eq!(f["code"], "not_found", "{f}");
+        let f = b.request(json!({"type": "typing", "conversation_id": conv})).await;
+        assert_eq!(f["code"], "not_found", "{f}");
+        assert!(t.elapsed() < quick, "{conv}: answered in {:?}", t.elapsed());
+    }
+    // Many at once: none is held.
+    let t = std::time::Instant::now();
+    let paths: Vec<String> = (0..200).map(|_| format!("/v1/groups/g.{}", uuid::Uuid::new_v4())).collect();
+    let all = futures::future::join_all(paths.iter().map(|p| gw.get(&bob.token, p))).await;
+    assert!(all.iter().all(|(st, _)| *st == 404));
+    assert!(t.elapsed() < Duration::from_secs(5), "200 unknown ids answered in {:?}", t.elapsed());
+}
+
+/// Presence and last seen only between contacts (both wrote): carol's one unanswered message to
+/// alice showed her alice's online status and pushed her alice's presence (issue: presence leaks
+/// to strangers). Once alice answers, both see each other.
+pub async fn presence_only_between_contacts(mode: Mode) {
+    let s = Scope::new("contacts", mode).await;
+    let gw = s.gateway("n1").await;
+    let _worker = s.worker().await;
+    let alice = gw.register("alice").await;
+    let carol = gw.register("carol").await;
+    let mut c = gw.connect(&carol, "phone").await;
+    c.send_text(&alice.id, "c1", "hello, it's carol").await;
+    wait_for("carol's message projected", T, || async {
+        let (_, l) = gw.get(&alice.token, "/v1/conversations").await;
+        (l["conversations"].as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .await;
+    let stranger = gw.get(&carol.token, &format!("/v1/users/{}/last-seen", uuid::Uuid::new_v4())).await;
+    assert_eq!(stranger.0, 404);
+
+    // alice comes and goes without answering: carol sees nothing of it, and alice nothing of carol.
+    let a = gw.connect(&alice, "phone").await;
+    assert_eq!(gw.get(&carol.token, &format!("/v1/users/{}/last-seen", alice.id)).await, stranger, "same answer as for no user");
+    assert_eq!(gw.get(&alice.token, &format!("/v1/users/{}/last-seen", carol.id)).await, stranger);
+    a.close().await;
+    let presence_of = |u: &User| {
+        let id = json!(u.id);
+        move |f: &Value| f["type"] == "presence" && f["user_id"] == id
+    };
+    assert!(!c.arrives_within(Duration::from_secs(2), presence_of(&alice)).await, "carol got alice's presence");
+
+    // alice answers: they are contacts.
+    let mut a = gw.connect(&alice, "phone").await;
+    a.send_text(&carol.id, "a1", "hi carol").await;
+    let seen = wait_for("contacts once the answer is projected", T, || async {
+        let (st, v) = gw.get(&carol.token, &format!("/v1/users/{}/last-seen", alice.id)).await;
+        (st == 200).then_some(v)
+    })
+    .await;
+    assert_eq!(seen["online"], true, "{seen}");
+    assert_eq!(gw.get(&alice.token, &format!("/v1/users/{}/last-seen", carol.id)).await.0, 200);
+    a.close().await;
+    c.expect("alice's presence, now that they are contacts", T, presence_of(&alice)).await;
+}
+
+/// Slowloris: sockets that trickle their request headers are closed by the server within its
+/// header deadline (none was closed in 37 s), and other clients are served meanwhile.
+pub async fn slow_headers_are_cut(mode: Mode) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Scope::new("loris", mode).await;
+    let gw = s.gateway("n1").await;
+    let addr: std::net::SocketAddr = gw.url.trim_start_matches("http://").parse().expect("gateway address");
+    let started = std::time::Instant::now();
+    let trickle = (0..100).map(|i| async move {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: chat\r\n").await.expect("write");
+        let mut buf = [0u8; 256];
+        loop {
+            // One more header byte a second, as long as the server keeps the socket.
+            tokio::select! {
+                r = tcp.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return started.elapsed(),
+                    Ok(_) => return started.elapsed(), // an error answer, then the close
+                },
+                () = tokio::time::sleep(Duration::from_secs(1)) => {
+                    if tcp.write_all(format!("X-{i}: y\r\n").as_bytes()).await.is_err() {
+                        return started.elapsed();
+                    }
+                }
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "socket {i} still open after 30 s");
+        }
+    });
+    let served = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let t = std::time::Instant::now();
+        let r = gw.http.get(format!("{}/healthz", gw.url)).send().await.expect("healthz");
+        assert!(r.status().is_success());
+        t.elapsed()
+    };
+    let (closed, healthz) = tokio::join!(futures::future::join_all(trickle), served);
+    assert!(healthz < Duration::from_secs(1), "a normal request took {healthz:?}");
+    let last = closed.iter().max().expect("sockets");
+    assert!(*last < Duration::from_secs(20), "the last trickling socket was closed after {last:?}");
+}
+
+/// Input the documentation does not allow: a JSON array where an object is documented was
+/// accepted as one (`["name","password"]` registered an account); names with bidirectional
+/// overrides, zero-width or control characters were accepted.
+pub async fn malformed_input_is_refused(mode: Mode) {
+    let s = Scope::new("input", mode).await;
+    let gw = s.gateway("n1").await;
+    let r = gw.http.post(format!("{}/v1/accounts", gw.url)).json(&json!(["mallory", "correct horse battery"])).send().await.expect("post");
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "invalid_json", "{body}");
+    let (st, _) = gw.get(&gw.register("alice").await.token, "/v1/users/by-username/mallory").await;
+    assert_eq!(st, 404, "no account was made");
+
+    let alice = gw.register("alice2").await;
+    for name in ["evil\u{202E}gnp.exe", "zero\u{200B}width", "tab\tname", "\u{2066}isolate"] {
+        let (st, body) = gw.call(reqwest::Method::PUT, &alice.token, "/v1/profile", Some(json!({"display_name": name}))).await;
+        assert_eq!((st, body["error"]["code"].as_str()), (400, Some("invalid_display_name")), "{name:?}: {body}");
+        let (st, body) = gw.call(reqwest::Method::POST, &alice.token, "/v1/groups", Some(json!({"name": name, "members": []}))).await;
+        assert_eq!((st, body["error"]["code"].as_str()), (400, Some("invalid_name")), "{name:?}: {body}");
+    }
+    // Letters of any script and emoji are fine.
+    let (st, body) = gw.call(reqwest::Method::PUT, &alice.token, "/v1/profile", Some(json!({"display_name": "Ana María 🎉 علي"}))).await;
+    assert!(st < 300, "{st} {body}");
+}
+
+/// Log-in and registration limits: wrong passwords for one account (120 in 19 s, then the right
+/// one worked) are refused once the account is at its limit, the right one too, with
+/// `retry_after`; a burst of registrations from one address stops at its limit.
+pub async fn login_and_registration_are_limited(mode: Mode) {
+    let s = Scope::new("limits", mode).await;
+    let gw = s
+        .gateway_with("n1", &[("CHAT_LOGIN_FAILURES_PER_ACCOUNT", "5"), ("CHAT_LOGIN_FAILURES_PER_ADDRESS", "8"), ("CHAT_REGISTRATIONS_PER_ADDRESS", "4")])
+        .await;
+    let login = |name: &'static str, password: &'static str| {
+        let http = gw.http.clone();
+        let url = format!("{}/v1/sessions", gw.url);
+        async move {
+            let r = http.post(url).json(&json!({"username": name, "password": password})).send().await.expect("post");
+            let status = r.status().as_u16();
+            let retry_after = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            (status, r.json::<Value>().await.unwrap_or(Value::Null), retry_after)
+        }
+    };
+    // Registrations from one address: 4, then refused.
+    for name in ["alice", "reg1", "reg2", "reg3"] {
+        gw.register(name).await;
+    }
+    let r = gw.http.post(format!("{}/v1/accounts", gw.url)).json(&json!({"username": "reg4", "password": "correct horse battery"})).send().await.expect("post");
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+
+    for _ in 0..5 {
+        assert_eq!(login("alice", "wrong password").await.0, 401);
+    }
+    let (st, body, retry_after) = login("alice", "correct horse battery").await;
+    assert_eq!((st, body["error"]["code"].as_str()), (429, Some("rate_limited")), "{body}");
+    let secs = body["error"]["retry_after"].as_u64().expect("retry_after");
+    assert!((1..=900).contains(&secs), "{body}");
+    assert_eq!(retry_after, Some(secs.to_string()), "Retry-After header");
+    // Another account is not locked by alice's failures, but the address is at its limit soon:
+    // 3 more failures on unknown names reach 8 from this address.
+    for _ in 0..3 {
+        assert_eq!(login("nobody", "wrong password").await.0, 401);
+    }
+    let (st, body, _) = login("nobody", "wrong password").await;
+    assert_eq!((st, body["error"]["code"].as_str()), (429, Some("rate_limited")), "{body}");
+
+}
+
+async fn send_image(a: &mut Ws, conv: &str, cmid: &str, media: &str) {
+    let f = a.request(json!({"type": "send", "client_msg_id": cmid, "conversation_id": conv, "kind": "image", "media_id": media, "body": cmid})).await;
+    assert_eq!(f["type"], "sent", "{f}");
+}
+
+async fn upload_image(gw: &Gateway, u: &User, salt: u8) -> String {
+    let mut bytes = crate::product::png(2_000);
+    bytes.push(salt);
+    let (st, up) = gw.upload(&u.token, "image", bytes).await;
+    assert_eq!(st, 201, "{up}");
+    up["media_id"].as_str().expect("media id").to_owned()
+}
+
+async fn media_status(gw: &Gateway, u: &User, media: &str) -> u16 {
+    gw.fetch(&u.token, &format!("/v1/media/{media}"), None).await.status().as_u16()
+}
+
+async fn wait_history(gw: &Gateway, u: &User, conv: &str, n: usize) {
+    let path = format!("/v1/conversations/{conv}/messages");
+    wait_for("history projected", T, || async { (gw.get(&u.token, &path).await.1["messages"].as_array().map(Vec::len) == Some(n)).then_some(()) }).await;
+}
+
+/// Group media follow the history rule: a member added later cannot download what was sent
+/// before they joined, a removed member cannot download what was sent after they left (both
+/// could), and members at the message's position can.
+pub async fn group_media_follow_the_history_rule(mode: Mode) {
+    let s = Scope::new("gmedia", mode).await;
+    let gw = s.gateway("n1").await;
+    let _worker = s.worker().await;
+    let (alice, bob, carol) = (gw.register("alice").await, gw.register("bob").await, gw.register("carol").await);
+    let (st, g) = gw.call(reqwest::Method::POST, &alice.token, "/v1/groups", Some(json!({"name": "crew", "members": [bob.id]}))).await;
+    assert_eq!(st, 201, "{g}");
+    let conv = g["conversation_id"].as_str().expect("conversation").to_owned();
+    let mut a = gw.connect(&alice, "p").await;
+
+    let before = upload_image(&gw, &alice, 1).await;
+    send_image(&mut a, &conv, "before", &before).await;
+    wait_history(&gw, &bob, &conv, 1).await;
+    assert_eq!(media_status(&gw, &bob, &before).await, 200, "a member at the message's position");
+
+    // carol joins after it; bob leaves.
+    let (st, _) = gw.call(reqwest::Method::POST, &alice.token, &format!("/v1/groups/{conv}/members"), Some(json!({"user_id": carol.id}))).await;
+    assert_eq!(st, 202);
+    let (st, _) = gw.call(reqwest::Method::DELETE, &alice.token, &format!("/v1/groups/{conv}/members/{}", bob.id), None).await;
+    assert_eq!(st, 202);
+    wait_for("membership changes projected", T, || async {
+        let (_, info) = gw.get(&alice.token, &format!("/v1/groups/{conv}")).await;
+        let ids: Vec<&str> = info["members"].as_array()?.iter().filter_map(|m| m["member"].as_str()).collect();
+        (ids.contains(&carol.id.as_str()) && !ids.contains(&bob.id.as_str())).then_some(())
+    })
+    .await;
+    let after = upload_image(&gw, &alice, 2).await;
+    send_image(&mut a, &conv, "after", &after).await;
+    wait_history(&gw, &carol, &conv, 1).await;
+
+    assert_eq!(media_status(&gw, &carol, &before).await, 404, "sent before carol joined");
+    assert_eq!(media_status(&gw, &bob, &after).await, 404, "sent after bob left");
+    assert_eq!(media_status(&gw, &carol, &after).await, 200);
+    assert_eq!(media_status(&gw, &bob, &before).await, 200, "what bob saw stays his");
+}
+
+/// Analytics are aggregates: a topic shows only once enough distinct people used it that day (a
+/// hashtag used once in one private message was listed), and profile views give a count of
+/// viewers, not who they were.
+pub async fn analytics_are_aggregates_only(mode: Mode) {
+    let s = Scope::new("kanon", mode).await;
+    let env = [("CHAT_ANALYTICS_MIN_USERS", "3")];
+    let gw = s.gateway_with("n1", &env).await;
+    let _worker = s.worker().await;
+    let users = [gw.register("ann").await, gw.register("ben").await, gw.register("cat").await, gw.register("dan").await];
+    let _analyst = gw.register("ada").await;
+    let gw = match mode {
+        Mode::Embedded => {
+            gw.proc.terminate().await;
+            let out = s.chat(&["role", "grant", "--username", "ada", "--role", "analyst"]).await;
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            s.gateway_with("n1b", &env).await
+        }
+        Mode::Cluster => {
+            let out = s.chat(&["role", "grant", "--username", "ada", "--role", "analyst"]).await;
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            gw
+        }
+    };
+    let ada = gw.login("ada").await;
+    for (i, u) in users[..3].iter().enumerate() {
+        let token = gw.login(&u.name).await;
+        let mut ws = Ws::connect(&gw.ws_url(), &token, "p").await;
+        ws.send_text(&users[3].id, &format!("p{i}"), "see you at the #party").await;
+        if i == 0 {
+            ws.send_text(&users[3].id, "s", "our #secret plan").await;
+        }
+    }
+    let dan = gw.login("dan").await;
+    gw.get(&dan, &format!("/v1/users/{}/profile", users[0].id)).await;
+    s.wait_settled(T).await;
+
+    let (st, topics) = gw.get(&ada, "/v1/analytics/topics").await;
+    assert_eq!(st, 200, "{topics}");
+    let listed: Vec<(&str, u64)> = topics["topics"].as_array().expect("topics").iter().map(|t| (t["topic"].as_str().unwrap_or_default(), t["users"].as_u64().unwrap_or_default())).collect();
+    assert_eq!(listed, vec![("#party", 3)], "{topics}");
+    let (_, views) = gw.get(&ada, &format!("/v1/analytics/profile-views?user={}", users[0].id)).await;
+    assert_eq!(views["days"][0]["viewers"], 1, "{views}");
+    assert!(!views.to_string().contains(&users[3].id), "no viewer id: {views}");
+}
