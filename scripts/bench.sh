@@ -55,8 +55,9 @@ start_server() {
     args+=(--keyspace "$p" --topic-prefix "$p." --redis-prefix "$p:" --media-dir "$out/media-$tag")
     "$bin/chat" "${args[@]}" migrate >>"$out/server-$mode-$tag.log" 2>&1
   fi
-  # The load generator registers thousands of users from four addresses.
-  CHAT_REGISTRATIONS_PER_ADDRESS=0 "$bin/chat" "${args[@]}" run >>"$out/server-$mode-$tag.log" 2>&1 &
+  # The load generator registers thousands of users from four addresses, and its senders send
+  # up to 100 messages a second each.
+  CHAT_REGISTRATIONS_PER_ADDRESS=0 CHAT_SENDS_PER_USER_PER_SEC=0 "$bin/chat" "${args[@]}" run >>"$out/server-$mode-$tag.log" 2>&1 &
   server_pid=$!
   for _ in $(seq 240); do
     curl -sf "$url/readyz" >/dev/null && return 0

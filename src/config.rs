@@ -86,6 +86,13 @@ pub struct Settings {
     /// [default: 5].
     #[arg(long, env = "CHAT_ANALYTICS_MIN_USERS", global = true)]
     pub analytics_min_users: Option<usize>,
+    /// WebSocket connections per user on one node; 0: no limit [default: 32].
+    #[arg(long, env = "CHAT_MAX_CONNECTIONS_PER_USER", global = true)]
+    pub max_connections_per_user: Option<usize>,
+    /// `send` frames per user and second on one node (bursts of twice as many); 0: no limit
+    /// [default: 20].
+    #[arg(long, env = "CHAT_SENDS_PER_USER_PER_SEC", global = true)]
+    pub sends_per_user_per_sec: Option<usize>,
     /// Registrations per client address in an hour; 0: no limit [default: 30].
     #[arg(long, env = "CHAT_REGISTRATIONS_PER_ADDRESS", global = true)]
     pub registrations_per_address: Option<usize>,
@@ -171,6 +178,8 @@ pub struct Config {
     /// (failed log-ins per account, per address, registrations per address); 0: off.
     pub account_limits: (usize, usize, usize),
     pub analytics_min_users: usize,
+    /// (connections per user, sends per user and second); 0: off.
+    pub user_limits: (usize, usize),
     pub presence_ttl: Duration,
     pub max_group_size: usize,
     pub analytics_keywords: Vec<String>,
@@ -230,6 +239,8 @@ impl Settings {
             login_failures_per_address,
             registrations_per_address,
             analytics_min_users,
+            max_connections_per_user,
+            sends_per_user_per_sec,
             presence_ttl_secs,
             max_group_size,
             analytics_keywords,
@@ -395,6 +406,7 @@ impl Settings {
                 s.registrations_per_address.unwrap_or(30),
             ),
             analytics_min_users: s.analytics_min_users.unwrap_or(5).max(1),
+            user_limits: (s.max_connections_per_user.unwrap_or(32), s.sends_per_user_per_sec.unwrap_or(20)),
             presence_ttl: Duration::from_secs(presence_ttl_secs),
             max_group_size,
             media,

@@ -330,6 +330,8 @@ impl Platform {
             login_failures_per_address: c.account_limits.1,
             registrations_per_address: c.account_limits.2,
             analytics_min_users: c.analytics_min_users,
+            max_connections_per_user: c.user_limits.0,
+            sends_per_user_per_sec: c.user_limits.1,
             presence_ttl: c.presence_ttl,
             max_group_size: c.max_group_size,
             ..Limits::default()

@@ -358,3 +358,52 @@ pub async fn analytics_are_aggregates_only(mode: Mode) {
     assert_eq!(views["days"][0]["viewers"], 1, "{views}");
     assert!(!views.to_string().contains(&users[3].id), "no viewer id: {views}");
 }
+
+/// Weak passwords (`password`, `12345678`, eight spaces, the username) were accepted.
+pub async fn weak_passwords_are_refused(mode: Mode) {
+    let s = Scope::new("weakpw", mode).await;
+    let gw = s.gateway("n1").await;
+    for password in ["password", "12345678", "        ", "mallory99"] {
+        let r = gw.http.post(format!("{}/v1/accounts", gw.url)).json(&json!({"username": "mallory99", "password": password})).send().await.expect("post");
+        assert_eq!(r.status(), 400, "{password:?}");
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(body["error"]["code"], "weak_password", "{password:?}: {body}");
+    }
+    gw.register("mallory99").await;
+}
+
+/// Per-user limits: one user could open 1,000 connections and send unthrottled from 20 of them.
+/// Connections past the cap are refused (429 before the upgrade); sends past the rate get a
+/// `rate_limited` error frame with `retry_after_ms`, and succeed again after it.
+pub async fn per_user_limits(mode: Mode) {
+    let s = Scope::new("peruser", mode).await;
+    let gw = s.gateway_with("n1", &[("CHAT_MAX_CONNECTIONS_PER_USER", "3"), ("CHAT_SENDS_PER_USER_PER_SEC", "5")]).await;
+    let _worker = s.worker().await;
+    let alice = gw.register("alice").await;
+    let bob = gw.register("bob").await;
+    let mut held = Vec::new();
+    for d in ["d1", "d2", "d3"] {
+        held.push(gw.connect(&alice, d).await);
+    }
+    let refused = Ws::try_connect(&gw.ws_url(), &alice.token, "d4").await.err().expect("a fourth connection is refused");
+    assert!(refused.contains("429"), "{refused}");
+    let _bob_connects = gw.connect(&bob, "d1").await;
+
+    // A burst of 10 (twice the rate) passes, then the rate holds.
+    let a = &mut held[0];
+    let mut limited = None;
+    for i in 0..30 {
+        let f = a.request(json!({"type": "send", "client_msg_id": format!("m{i}"), "to": bob.id, "body": "hi"})).await;
+        if f["type"] == "error" {
+            assert_eq!(f["code"], "rate_limited", "{f}");
+            limited = Some((i, f["retry_after_ms"].as_u64().expect("retry_after_ms")));
+            break;
+        }
+    }
+    let (at, wait) = limited.expect("sends were limited");
+    assert!(at >= 10, "the burst passes: limited at send {at}");
+    assert!((1..=1000).contains(&wait), "{wait}");
+    tokio::time::sleep(Duration::from_millis(wait + 20)).await;
+    let f = a.request(json!({"type": "send", "client_msg_id": "again", "to": bob.id, "body": "hi"})).await;
+    assert_eq!(f["type"], "sent", "after retry_after_ms: {f}");
+}

@@ -189,6 +189,8 @@ impl Scope {
             ("CHAT_REGISTRATIONS_PER_ADDRESS".into(), "0".into()),
             // Tests' topics have one or two senders; the threshold's own test sets it.
             ("CHAT_ANALYTICS_MIN_USERS".into(), "1".into()),
+            // Load tests send as fast as the server takes them; the limit's own test sets it.
+            ("CHAT_SENDS_PER_USER_PER_SEC".into(), "0".into()),
         ]);
         env
     }

@@ -783,7 +783,7 @@ async fn g_bad_input_is_refused_cleanly(mode: Mode) {
     let r = gw.http.post(format!("{}/v1/accounts", gw.url)).header("content-type", "application/json").body("{").send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "invalid_json");
-    let r = gw.http.post(format!("{}/v1/accounts", gw.url)).json(&json!({"username": "alice", "password": "long enough"})).send().await.unwrap();
+    let r = gw.http.post(format!("{}/v1/accounts", gw.url)).json(&json!({"username": "alice", "password": "correct horse battery"})).send().await.unwrap();
     assert_eq!(r.status(), 409);
 
     let r = gw.http.delete(format!("{}/v1/conversations", gw.url)).send().await.unwrap();
@@ -980,6 +980,8 @@ mod embedded {
         migrates_a_v1_data_directory,
         slow_headers_are_cut,
         login_and_registration_are_limited,
+        weak_passwords_are_refused,
+        per_user_limits,
     );
     scenarios!(Mode::Embedded;
         groups_membership_as_of_each_message,

@@ -16,9 +16,9 @@ pub struct ApiError {
     /// Stable, documented in `docs/protocol.md`.
     pub code: &'static str,
     pub message: String,
-    /// For `rate_limited`: seconds until the attempt may succeed (`retry_after` in the body and
-    /// a `Retry-After` header).
-    pub retry_after: Option<u64>,
+    /// For `rate_limited`: how long until the attempt may succeed (HTTP: `retry_after` seconds
+    /// in the body and a `Retry-After` header; WebSocket: `retry_after_ms` in the error frame).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -56,7 +56,7 @@ impl ApiError {
     /// `retry_after` seconds.
     pub fn rate_limited(message: impl Into<String>, retry_after: std::time::Duration) -> Self {
         let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
-        e.retry_after = Some(retry_after.as_secs_f64().ceil().max(1.0) as u64);
+        e.retry_after = Some(retry_after);
         e
     }
 
@@ -87,7 +87,7 @@ impl From<LogError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
-        match self.retry_after {
+        match self.retry_after.map(|d| d.as_secs_f64().ceil().max(1.0) as u64) {
             Some(secs) => {
                 body["error"]["retry_after"] = serde_json::json!(secs);
                 (self.status, [(axum::http::header::RETRY_AFTER, secs.to_string())], Json(body)).into_response()

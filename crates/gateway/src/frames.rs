@@ -239,6 +239,9 @@ pub enum ServerFrame {
     Error {
         code: &'static str,
         message: String,
+        /// With `rate_limited`: milliseconds until the command may succeed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         r#ref: Ref,
     },

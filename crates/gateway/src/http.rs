@@ -367,6 +367,10 @@ async fn websocket(
             Err(e) => return ApiError::bad_request("invalid_device", e.to_string()).into_response(),
         },
     };
+    let cap = chat.limits.max_connections_per_user;
+    if cap > 0 && chat.hub.devices(principal.user_id).len() >= cap {
+        return ApiError::rate_limited(format!("at most {cap} connections per user on a node"), std::time::Duration::from_secs(5)).into_response();
+    }
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => {

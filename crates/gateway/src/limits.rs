@@ -121,6 +121,38 @@ impl<K: Hash + Eq + Clone> Drop for Slot<'_, K> {
     }
 }
 
+/// A token bucket per key: `rate` events a second on average, up to `burst` at once.
+pub struct Buckets<K> {
+    rate: f64,
+    burst: f64,
+    keys: Mutex<HashMap<K, (f64, Instant)>>,
+}
+
+impl<K: Hash + Eq + Clone> Buckets<K> {
+    pub fn new(rate: f64, burst: f64) -> Self {
+        Buckets { rate: rate.max(f64::MIN_POSITIVE), burst: burst.max(1.0), keys: Mutex::new(HashMap::new()) }
+    }
+
+    /// Takes one token of `key`: `Err(wait)` until one is there.
+    pub fn take(&self, key: K) -> Result<(), Duration> {
+        let now = Instant::now();
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if keys.len() >= MAX_KEYS && !keys.contains_key(&key) {
+            // A bucket that has refilled is the same as no bucket.
+            let (rate, burst) = (self.rate, self.burst);
+            keys.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < burst);
+        }
+        let (tokens, at) = keys.entry(key).or_insert((self.burst, now));
+        let available = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        if available < 1.0 {
+            return Err(Duration::from_secs_f64((1.0 - available) / self.rate));
+        }
+        *tokens = available - 1.0;
+        *at = now;
+        Ok(())
+    }
+}
+
 /// The window of the log-in failure limits.
 pub const LOGIN_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// The window of the registration limit.
@@ -175,6 +207,19 @@ mod tests {
         assert!(w.take(1).is_err());
         std::thread::sleep(Duration::from_millis(40));
         assert!(w.take(1).is_ok());
+    }
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate() {
+        let b = Buckets::new(10.0, 3.0);
+        for _ in 0..3 {
+            assert!(b.take("u").is_ok());
+        }
+        let wait = b.take("u").expect_err("the burst is spent");
+        assert!(wait > Duration::from_millis(50) && wait <= Duration::from_millis(100), "{wait:?}");
+        assert!(b.take("v").is_ok(), "per key");
+        std::thread::sleep(wait + Duration::from_millis(5));
+        assert!(b.take("u").is_ok(), "one token came back");
     }
 
     #[test]

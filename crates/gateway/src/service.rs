@@ -64,6 +64,11 @@ pub struct Limits {
     pub registrations_per_address: usize,
     /// Distinct senders a topic needs on a day before analysts see it (k-anonymity).
     pub analytics_min_users: usize,
+    /// WebSocket connections per user on one node (0: no limit).
+    pub max_connections_per_user: usize,
+    /// `send` frames per user and second on one node, on average (bursts of twice as many; 0: no
+    /// limit).
+    pub sends_per_user_per_sec: usize,
 }
 
 impl Default for Limits {
@@ -81,6 +86,8 @@ impl Default for Limits {
             login_failures_per_address: 50,
             registrations_per_address: 30,
             analytics_min_users: 5,
+            max_connections_per_user: 32,
+            sends_per_user_per_sec: 20,
         }
     }
 }
@@ -131,6 +138,8 @@ pub struct Chat {
     kdf: KdfPool,
     /// Log-in and registration limits (brute force, floods).
     account_limits: crate::limits::AccountLimits,
+    /// Sends per user (none: no limit).
+    send_buckets: Option<crate::limits::Buckets<UserId>>,
 }
 
 const KNOWN_USERS_MAX: usize = 100_000;
@@ -236,6 +245,14 @@ fn valid_username(u: &str) -> bool {
     (3..=32).contains(&u.len()) && u.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
 }
 
+/// Whether a password is among what guessers try first: zxcvbn's estimate (common passwords,
+/// names, dictionary words, dates, repeats, sequences, keyboard patterns, the username) below
+/// "somewhat guessable" (score 2 of 4, about 10^8 guesses). Non-ASCII passwords are judged by
+/// their ASCII part by the estimator; long ones pass.
+fn too_guessable(username: &str, password: &str) -> bool {
+    (zxcvbn::zxcvbn(password, &[username]).score() as u8) < 2
+}
+
 /// Password hashes waiting for the pool, at most (beyond: `overloaded`).
 const KDF_QUEUE: usize = 256;
 
@@ -284,6 +301,8 @@ impl Chat {
                 limits.registrations_per_address,
                 KDF_QUEUE,
             ),
+            send_buckets: (limits.sends_per_user_per_sec > 0)
+                .then(|| crate::limits::Buckets::new(limits.sends_per_user_per_sec as f64, 2.0 * limits.sends_per_user_per_sec as f64)),
         }
     }
 
@@ -317,6 +336,9 @@ impl Chat {
         }
         if !(8..=128).contains(&password.chars().count()) {
             return Err(bad("invalid_password", "passwords are 8-128 characters"));
+        }
+        if too_guessable(&username, password) {
+            return Err(bad("weak_password", "that password is too easy to guess (a common password, a name or word, a keyboard pattern or the username); a few unrelated words make a strong one"));
         }
         if let (Some(ip), Some(w)) = (peer, &self.account_limits.registrations_per_address) {
             w.take(ip).map_err(|wait| ApiError::rate_limited("too many registrations from this address", wait))?;
@@ -420,6 +442,9 @@ impl Chat {
     pub async fn send(&self, ctx: &ConnCtx, cmd: SendCommand) -> Result<ServerFrame, ApiError> {
         let SendCommand { r#ref, client_msg_id, to, conversation_id, kind, body, media_id, metadata, retry } = cmd;
         let started = Instant::now();
+        if let Some(b) = &self.send_buckets {
+            b.take(ctx.user).map_err(|wait| ApiError::rate_limited("too many messages; slow down", wait))?;
+        }
         if client_msg_id.is_empty() || client_msg_id.len() > 64 {
             return Err(bad("invalid_client_msg_id", "client_msg_id must be 1-64 bytes"));
         }
@@ -931,6 +956,16 @@ mod tests {
         assert!(displayable("Ana María 🎉 عربى"));
         for bad in ["evil\u{202E}txt.exe", "a\u{200B}b", "tab\there", "nul\0", "\u{2066}iso", "bom\u{FEFF}", "soft\u{00AD}hyphen", "line\nbreak"] {
             assert!(!displayable(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn common_passwords_and_the_username_are_too_guessable() {
+        for weak in ["password", "12345678", "        ", "qwertyuiop", "alice2024", "Password1", "iloveyou"] {
+            assert!(super::too_guessable("alice2024", weak), "{weak:?}");
+        }
+        for strong in ["correct horse battery", "load generator password", "tram-violet-51-oak", "Zürich Bahnhof um 7"] {
+            assert!(!super::too_guessable("alice", strong), "{strong:?}");
         }
     }
 }

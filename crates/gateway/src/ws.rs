@@ -58,7 +58,8 @@ async fn write(sink: &mut futures::stream::SplitSink<WebSocket, Message>, m: Mes
 }
 
 fn error_frame(e: &ApiError, r#ref: crate::frames::Ref) -> Outbound {
-    Arc::from(ServerFrame::Error { code: e.code, message: e.message.clone(), r#ref }.to_text())
+    let retry_after_ms = e.retry_after.map(|d| d.as_millis().max(1) as u64);
+    Arc::from(ServerFrame::Error { code: e.code, message: e.message.clone(), retry_after_ms, r#ref }.to_text())
 }
 
 fn is_too_big(e: &axum::Error) -> bool {

@@ -298,8 +298,9 @@ fn every_server_frame() -> Vec<ServerFrame> {
         ServerFrame::Ack { r#ref: None, for_type: "typing" },
         ServerFrame::Pong { r#ref: Some(json!(1)) },
         ServerFrame::Pong { r#ref: None },
-        ServerFrame::Error { code: not_found.code, message: not_found.message.clone(), r#ref: Some(json!("x")) },
-        ServerFrame::Error { code: "invalid_frame", message: "not a frame".into(), r#ref: None },
+        ServerFrame::Error { code: not_found.code, message: not_found.message.clone(), retry_after_ms: None, r#ref: Some(json!("x")) },
+        ServerFrame::Error { code: "invalid_frame", message: "not a frame".into(), retry_after_ms: None, r#ref: None },
+        ServerFrame::Error { code: "rate_limited", message: "slow down".into(), retry_after_ms: Some(250), r#ref: Some(json!(3)) },
     ];
     // The push frame of every item.
     frames.extend(items.all().iter().map(ServerFrame::from_item));
