@@ -407,3 +407,45 @@ pub async fn per_user_limits(mode: Mode) {
     let f = a.request(json!({"type": "send", "client_msg_id": "again", "to": bob.id, "body": "hi"})).await;
     assert_eq!(f["type"], "sent", "after retry_after_ms: {f}");
 }
+
+/// Close codes of protocol violations (RFC 6455 §7.4.1): a text message that is not UTF-8
+/// closes with 1007, a continuation frame with nothing to continue with 1002 (both closed with
+/// 1000 before); a frame naming a field twice is refused as `invalid_frame` (the last one won).
+pub async fn protocol_violations_close_with_their_codes(mode: Mode) {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::Message;
+    let s = Scope::new("wsproto", mode).await;
+    let gw = s.gateway("n1").await;
+    let alice = gw.register("alice").await;
+
+    let open = || async {
+        let mut req = format!("{}?device=p", gw.ws_url()).into_client_request().expect("request");
+        req.headers_mut().insert("authorization", format!("Bearer {}", alice.token).parse().expect("header"));
+        let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("connect");
+        ws
+    };
+    let close_code = |mut ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::time::timeout_at(deadline, ws.next()).await.expect("closed in time") {
+                Some(Ok(Message::Close(Some(c)))) => return u16::from(c.code),
+                Some(Ok(Message::Close(None))) | None | Some(Err(_)) => return 0,
+                Some(Ok(_)) => {}
+            }
+        }
+    };
+    let mut ws = open().await;
+    ws.send(Message::Frame(Frame::message(vec![0xff, 0xfe, b'{'], OpCode::Data(Data::Text), true))).await.expect("send");
+    assert_eq!(close_code(ws).await, 1007, "invalid UTF-8");
+    let mut ws = open().await;
+    ws.send(Message::Frame(Frame::message(b"dangling".to_vec(), OpCode::Data(Data::Continue), true))).await.expect("send");
+    assert_eq!(close_code(ws).await, 1002, "a continuation with nothing to continue");
+
+    let mut a = gw.connect(&alice, "q").await;
+    a.send_raw(Message::Text(r#"{"type":"ping","ref":1,"ref":2}"#.into())).await;
+    let f = a.expect("the refusal", T, |f| f["type"] == "error").await;
+    assert_eq!((f["type"].as_str(), f["code"].as_str()), (Some("error"), Some("invalid_frame")), "{f}");
+    assert!(f["message"].as_str().unwrap_or_default().contains("duplicate field `ref`"), "{f}");
+}

@@ -982,6 +982,7 @@ mod embedded {
         login_and_registration_are_limited,
         weak_passwords_are_refused,
         per_user_limits,
+        protocol_violations_close_with_their_codes,
     );
     scenarios!(Mode::Embedded;
         groups_membership_as_of_each_message,

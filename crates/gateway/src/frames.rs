@@ -40,6 +40,33 @@ impl TryFrom<serde_json::Map<String, serde_json::Value>> for MediaMetadata {
     }
 }
 
+/// A JSON object whose keys are distinct: a frame naming a field twice is refused (with plain
+/// `serde_json::Value` the last one would silently win).
+pub struct StrictObject(pub serde_json::Map<String, serde_json::Value>);
+
+impl<'de> Deserialize<'de> for StrictObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = StrictObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<StrictObject, A::Error> {
+                let mut m = serde_json::Map::new();
+                while let Some((k, v)) = access.next_entry::<String, serde_json::Value>()? {
+                    if m.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!("duplicate field `{k}`")));
+                    }
+                    m.insert(k, v);
+                }
+                Ok(StrictObject(m))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
 /// Frames a client sends.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -290,6 +317,10 @@ mod tests {
         assert_eq!(f.type_name(), "send");
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"send","client_msg_id":"a","body":"hi","extra":1}"#).is_err());
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"nope"}"#).is_err());
+        let dup = serde_json::from_str::<StrictObject>(r#"{"type":"send","body":"a","body":"b"}"#).err().expect("a duplicate is refused");
+        assert!(dup.is_data() && dup.to_string().contains("duplicate field `body`"), "{dup}");
+        assert!(serde_json::from_str::<StrictObject>(r#"[1]"#).err().is_some_and(|e| e.is_data()), "an array is not a frame");
+        assert!(serde_json::from_str::<StrictObject>(r#"{"a":"#).err().is_some_and(|e| !e.is_data()), "broken JSON is a syntax error");
     }
 
     #[test]

@@ -22,6 +22,8 @@ use crate::service::{Chat, ConnCtx, SendCommand};
 /// Close codes (RFC 6455 §7.4.1).
 const CLOSE_NORMAL: u16 = 1000;
 const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+const CLOSE_INVALID_DATA: u16 = 1007;
 const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
@@ -62,15 +64,22 @@ fn error_frame(e: &ApiError, r#ref: crate::frames::Ref) -> Outbound {
     Arc::from(ServerFrame::Error { code: e.code, message: e.message.clone(), retry_after_ms, r#ref }.to_text())
 }
 
-fn is_too_big(e: &axum::Error) -> bool {
+/// The close code for a read error (RFC 6455 §7.4.1): 1009 for a message over the limit, 1007
+/// for a text message that is not UTF-8, 1002 for any other violation of the protocol; none
+/// when the socket itself failed (nothing can be sent on it).
+fn close_code_for(e: &axum::Error) -> Option<u16> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
-        if let Some(tungstenite::Error::Capacity(_)) = s.downcast_ref::<tungstenite::Error>() {
-            return true;
+        match s.downcast_ref::<tungstenite::Error>() {
+            Some(tungstenite::Error::Capacity(_)) => return Some(CLOSE_TOO_BIG),
+            Some(tungstenite::Error::Utf8(_)) => return Some(CLOSE_INVALID_DATA),
+            Some(tungstenite::Error::Protocol(_)) => return Some(CLOSE_PROTOCOL_ERROR),
+            Some(_) => return None,
+            None => {}
         }
         source = s.source();
     }
-    e.to_string().contains("Space limit exceeded")
+    e.to_string().contains("Space limit exceeded").then_some(CLOSE_TOO_BIG)
 }
 
 /// Serves one authenticated connection until it closes: splits the socket and hands the halves
@@ -133,6 +142,8 @@ async fn connection(
         };
         let reason = match code {
             CLOSE_TOO_BIG => "frame too large",
+            CLOSE_PROTOCOL_ERROR => "protocol error",
+            CLOSE_INVALID_DATA => "text frame is not valid UTF-8",
             CLOSE_TRY_AGAIN_LATER => "too slow to receive; reconnect and sync",
             CLOSE_GOING_AWAY => "server going away or idle; reconnect",
             CLOSE_POLICY => "token expired; log in again",
@@ -170,12 +181,16 @@ async fn connection(
             Err(_) => break Some(CLOSE_GOING_AWAY),
             Ok(None) => break None,
             Ok(Some(Err(e))) => {
-                if is_too_big(&e) {
-                    chat.metrics.errors.with_label_values(&["frame_too_large"]).inc();
-                    break Some(CLOSE_TOO_BIG);
-                }
+                let code = close_code_for(&e);
+                let label = match code {
+                    Some(CLOSE_TOO_BIG) => "frame_too_large",
+                    Some(CLOSE_INVALID_DATA) => "invalid_utf8",
+                    Some(CLOSE_PROTOCOL_ERROR) => "protocol_error",
+                    _ => "socket_error",
+                };
+                chat.metrics.errors.with_label_values(&[label]).inc();
                 debug!(error = %e, "websocket read error");
-                break None;
+                break code;
             }
             Ok(Some(Ok(m))) => m,
         };
@@ -223,8 +238,13 @@ async fn connection(
 
 /// Handles one text frame; returns the reply to queue, if any.
 async fn handle_text(chat: &Chat, ctx: &ConnCtx, text: &str) -> Option<Outbound> {
-    let value: serde_json::Value = match serde_json::from_str(text) {
-        Ok(v) => v,
+    let value: serde_json::Value = match serde_json::from_str::<crate::frames::StrictObject>(text) {
+        Ok(v) => serde_json::Value::Object(v.0),
+        Err(e) if e.is_data() => {
+            // Valid JSON, but not one object with distinct keys.
+            chat.metrics.errors.with_label_values(&["invalid_frame"]).inc();
+            return Some(error_frame(&ApiError::bad_request("invalid_frame", format!("not a valid client frame: {e}")), None));
+        }
         Err(_) => {
             chat.metrics.errors.with_label_values(&["bad_json"]).inc();
             return Some(error_frame(&ApiError::bad_request("bad_json", "frame is not valid JSON"), None));
