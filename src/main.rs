@@ -571,8 +571,23 @@ async fn open_tables(cfg: &Config) -> anyhow::Result<Arc<dyn Tables>> {
 }
 
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
+    print_out(&serde_json::to_string_pretty(v)?)
+}
+
+/// Writes a line to stdout. A reader that went away (`chat ... | head`) cuts the output short;
+/// that is not an error (`println!` panicked on it).
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
+}
+
+/// Whether an error is stdout's reader going away.
+fn is_broken_pipe(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::BrokenPipe
 }
 
 fn cli_error(e: chat_gateway::error::ApiError) -> anyhow::Error {
@@ -597,7 +612,7 @@ async fn role(cfg: Config, action: RoleAction) -> anyhow::Result<()> {
     );
     chat_events::append_event(p.log.as_ref(), &p.topics, &env).await?;
     p.flush();
-    println!("{} {role} for {username} ({}); it applies from their next log-in", if granted { "granted" } else { "revoked" }, account.user_id);
+    print_out(&format!("{} {role} for {username} ({}); it applies from their next log-in", if granted { "granted" } else { "revoked" }, account.user_id))?;
     Ok(())
 }
 
@@ -718,9 +733,12 @@ async fn replay(cfg: Config, a: ReplayArgs) -> anyhow::Result<()> {
                 && conversation.as_ref().is_none_or(|c| env.event.conversation_id() == Some(c))
                 && user.is_none_or(|u| env.actor == Some(u) || env.event.users().contains(&u));
             if keep {
-                // The record as stored: plain JSON, one event per line.
-                out.write_all(&rec.payload)?;
-                out.write_all(b"\n")?;
+                // The record as stored: plain JSON, one event per line. A reader that went away
+                // (`| head`) ends the replay, successfully.
+                match out.write_all(&rec.payload).and_then(|()| out.write_all(b"\n")) {
+                    Err(e) if is_broken_pipe(&e) => return Ok(()),
+                    r => r?,
+                }
                 written += 1;
             }
         }
@@ -730,7 +748,10 @@ async fn replay(cfg: Config, a: ReplayArgs) -> anyhow::Result<()> {
             last_report = std::time::Instant::now();
         }
     }
-    out.flush()?;
+    match out.flush() {
+        Err(e) if is_broken_pipe(&e) => return Ok(()),
+        r => r?,
+    }
     let (read, total) = reader.progress();
     eprintln!("replay: done, {read}/{total} read, {written} written, {undecodable} undecodable skipped");
     Ok(())
@@ -776,7 +797,7 @@ async fn rebuild(cfg: Config, into: Option<String>) -> anyhow::Result<bool> {
         report.insert(table.clone(), serde_json::json!({"live": live_sum, "rebuilt": b.get(table), "equal": b.get(table) == Some(live_sum)}));
     }
     let equal = a == b;
-    println!("{}", serde_json::to_string_pretty(&serde_json::json!({"rebuilt_into": place, "equal": equal, "tables": report}))?);
+    print_json(&serde_json::json!({"rebuilt_into": place, "equal": equal, "tables": report}))?;
     live.flush();
     Ok(equal)
 }
@@ -821,14 +842,12 @@ async fn main() -> anyhow::Result<()> {
             // `TableAdmin::migrate`); projections of an older layout are rebuilt from the log.
             p.tables.migrate().await?;
             p.upgrade_projections(true).await?;
-            println!("topics and tables are in place");
-            Ok(())
+            print_out("topics and tables are in place")
         }
         Command::ResetGroup { group } => {
             let p = Platform::open(cfg).await?;
             p.log.delete_group(&group).await?;
-            println!("group {group} reset");
-            Ok(())
+            print_out(&format!("group {group} reset"))
         }
         Command::Rebuild { into } => {
             if !rebuild(cfg, into).await? {
@@ -842,8 +861,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Audit { query } => audit(cfg, query).await,
         Command::Checksums => {
             let p = Platform::open(cfg).await?;
-            println!("{}", serde_json::to_string_pretty(&p.tables.checksums().await?)?);
-            Ok(())
+            print_json(&p.tables.checksums().await?)
         }
     }
 }

@@ -449,3 +449,29 @@ pub async fn protocol_violations_close_with_their_codes(mode: Mode) {
     assert_eq!((f["type"].as_str(), f["code"].as_str()), (Some("error"), Some("invalid_frame")), "{f}");
     assert!(f["message"].as_str().unwrap_or_default().contains("duplicate field `ref`"), "{f}");
 }
+
+/// The CLI's output cut short by its reader (`chat replay | head`) ends the command quietly with
+/// success: `println!` panicked (exit 101) and the replay failed with "Broken pipe".
+pub async fn cli_output_into_a_closed_pipe(mode: Mode) {
+    let s = Scope::new("pipe", mode).await;
+    let gw = s.gateway("n1").await;
+    let _worker = s.worker().await;
+    let alice = gw.register("alice").await;
+    let bob = gw.register("bob").await;
+    let mut a = gw.connect(&alice, "p").await;
+    for i in 0..50 {
+        a.send_text(&bob.id, &format!("m{i}"), &"x".repeat(2_000)).await;
+    }
+    s.wait_settled(T).await;
+    let mut commands = vec![vec!["replay"]];
+    if mode == Mode::Cluster {
+        // Commands that open the tables while a server runs: cluster mode only (item 9).
+        commands.push(vec!["checksums"]);
+    }
+    for args in commands {
+        let out = s.chat_into_closed_pipe(&args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "chat {args:?}: {:?} {stderr}", out.status);
+        assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "chat {args:?}: {stderr}");
+    }
+}

@@ -313,6 +313,18 @@ impl Scope {
         cmd.args(args).envs(self.env_for(&self.keyspace)).output().await.expect("run chat")
     }
 
+    /// Runs a `chat` subcommand whose stdout reader goes away at once (as in `chat ... | head`).
+    pub async fn chat_into_closed_pipe(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(bin());
+        for k in CLEARED_ENV {
+            cmd.env_remove(k);
+        }
+        cmd.args(args).envs(self.env_for(&self.keyspace)).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn chat");
+        drop(child.stdout.take());
+        child.wait_with_output().await.expect("run chat")
+    }
+
     /// Waits until a group has consumed everything in its topics.
     pub async fn wait_lag_zero(&self, group: &str, topics: &[String], timeout: Duration) {
         if self.mode == Mode::Embedded {

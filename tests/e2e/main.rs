@@ -922,6 +922,7 @@ macro_rules! abuse_scenarios {
             malformed_input_is_refused,
             group_media_follow_the_history_rule,
             analytics_are_aggregates_only,
+            cli_output_into_a_closed_pipe,
         );
     };
 }
