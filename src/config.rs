@@ -321,8 +321,10 @@ impl Settings {
             }
         }
         let token_ttl_secs = s.token_ttl_secs.unwrap_or(86_400);
-        if token_ttl_secs < 1 {
-            bail!("{} must be positive", key("token_ttl_secs"));
+        // Session revocations are kept a week: a token must not outlive them.
+        let max_ttl = chat_store::REVOCATIONS_KEPT.num_seconds();
+        if !(1..=max_ttl).contains(&token_ttl_secs) {
+            bail!("{} must be between 1 and {max_ttl} (a week), got {token_ttl_secs}", key("token_ttl_secs"));
         }
         let max_frame_bytes = s.max_frame_bytes.unwrap_or(64 * 1024);
         if !(1024..=16 * 1024 * 1024).contains(&max_frame_bytes) {

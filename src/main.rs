@@ -605,6 +605,9 @@ async fn role(cfg: Config, action: RoleAction) -> anyhow::Result<()> {
     let p = Platform::open(cfg).await?;
     let account = p.tables.account_by_name(&username.to_ascii_lowercase()).await?.with_context(|| format!("no user {username:?}"))?;
     p.tables.set_role(account.user_id, &role, granted).await?;
+    // The user's tokens carry the roles they were issued with: ending them makes the change take
+    // effect on every node within seconds (they log in again and get the new roles).
+    p.tables.revoke_sessions(account.user_id, chat_events::now_millis()).await?;
     let env = chat_events::Envelope::new(
         chat_events::EventId::new_v7(),
         None,
@@ -612,7 +615,11 @@ async fn role(cfg: Config, action: RoleAction) -> anyhow::Result<()> {
     );
     chat_events::append_event(p.log.as_ref(), &p.topics, &env).await?;
     p.flush();
-    print_out(&format!("{} {role} for {username} ({}); it applies from their next log-in", if granted { "granted" } else { "revoked" }, account.user_id))?;
+    print_out(&format!(
+        "{} {role} for {username} ({}); their sessions end within seconds and the change applies when they log in again",
+        if granted { "granted" } else { "revoked" },
+        account.user_id
+    ))?;
     Ok(())
 }
 

@@ -475,3 +475,75 @@ pub async fn cli_output_into_a_closed_pipe(mode: Mode) {
         assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "chat {args:?}: {stderr}");
     }
 }
+
+/// Whether a token is refused as an ended session on a gateway.
+async fn ended(gw: &Gateway, token: &str) -> bool {
+    let (st, body) = gw.get(token, "/v1/conversations").await;
+    st == 401 && body["error"]["code"] == json!("session_ended")
+}
+
+/// Item 4: a log-out everywhere and a role change end the user's sessions on every node within
+/// seconds (HTTP: 401 `session_ended`; open sockets close with 1008); a new log-in works at once
+/// and carries the new roles.
+pub async fn sessions_end_everywhere(mode: Mode) {
+    const WITHIN: Duration = Duration::from_secs(6);
+    let s = Scope::new("revoke", mode).await;
+    let gw = s.gateway("n1").await;
+    let second_node = match mode {
+        Mode::Cluster => Some(s.gateway("n2").await),
+        Mode::Embedded => None,
+    };
+    let far = second_node.as_ref().unwrap_or(&gw);
+    let alice = gw.register("alice").await;
+    let laptop = gw.login("alice").await;
+    let mut near_ws = gw.connect(&alice, "phone").await;
+    let mut far_ws = Ws::connect(&far.ws_url(), &laptop, "laptop").await;
+    assert_eq!(far.get(&laptop, "/v1/conversations").await.0, 200);
+
+    let (st, body) = gw.call(reqwest::Method::DELETE, &alice.token, "/v1/sessions", None).await;
+    assert_eq!(st, 204, "{body}");
+    let t0 = tokio::time::Instant::now();
+    assert!(ended(&gw, &alice.token).await, "the node that took the log-out refuses the token at once");
+    wait_for("the other device's token ended on the other node", WITHIN, || async { ended(far, &laptop).await.then_some(()) }).await;
+    for ws in [&mut near_ws, &mut far_ws] {
+        assert!(!ws.arrives_within(WITHIN.saturating_sub(t0.elapsed()), |_| false).await);
+        assert_eq!(ws.closed, Some(1008), "an open socket of an ended session closes with 1008");
+    }
+    // A new log-in is a new session, valid on every node at once.
+    let fresh = gw.login("alice").await;
+    assert_eq!(far.get(&fresh, "/v1/conversations").await.0, 200);
+    let mut ws = Ws::connect(&far.ws_url(), &fresh, "laptop").await;
+    assert!(!ws.arrives_within(Duration::from_secs(3), |f| f["type"] == json!("error")).await);
+    assert_eq!(ws.closed, None, "the new session's socket stays open");
+    // Recorded in the log.
+    let events = wait_for("user.sessions_ended in the log", T, || async {
+        let v: Vec<Value> = s.read_topic(chat_events::TopicKind::Users).into_iter().filter(|e| e["type"] == json!("user.sessions_ended")).collect();
+        (!v.is_empty()).then_some(v)
+    })
+    .await;
+    assert_eq!(events[0]["data"]["user_id"], json!(alice.id));
+    // Unauthenticated log-out: 401.
+    assert_eq!(gw.call(reqwest::Method::DELETE, "not-a-token", "/v1/sessions", None).await.0, 401);
+
+    // A role change: the user's tokens carry their roles, so they end within seconds everywhere
+    // and the next log-in has the new role. (Embedded: `chat role` needs the data directory.)
+    if mode == Mode::Cluster {
+        let ada = gw.register("ada").await;
+        assert_eq!(far.get(&ada.token, "/v1/analytics/messages").await.0, 403);
+        let out = s.chat(&["role", "grant", "--username", "ada", "--role", "analyst"]).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        wait_for("a grant ends the old session on every node", WITHIN, || async {
+            (ended(&gw, &ada.token).await && ended(far, &ada.token).await).then_some(())
+        })
+        .await;
+        let analyst = far.login("ada").await;
+        assert_eq!(gw.get(&analyst, "/v1/analytics/messages").await.0, 200, "the new session has the role");
+        let out = s.chat(&["role", "revoke", "--username", "ada", "--role", "analyst"]).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        wait_for("a revoke ends the analyst's session on every node", WITHIN, || async {
+            (ended(&gw, &analyst).await && ended(far, &analyst).await).then_some(())
+        })
+        .await;
+        assert_eq!(gw.get(&gw.login("ada").await, "/v1/analytics/messages").await.0, 403);
+    }
+}

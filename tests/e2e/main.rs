@@ -923,6 +923,7 @@ macro_rules! abuse_scenarios {
             group_media_follow_the_history_rule,
             analytics_are_aggregates_only,
             cli_output_into_a_closed_pipe,
+            sessions_end_everywhere,
         );
     };
 }

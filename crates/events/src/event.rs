@@ -190,6 +190,16 @@ pub struct UserRoleChanged {
     pub granted: bool,
 }
 
+/// A user ended every session (token) of theirs issued at or before `until`: "log out
+/// everywhere". Their open sockets close within seconds on every node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsEnded {
+    pub user_id: UserId,
+    #[serde(serialize_with = "serialize_time")]
+    pub until: DateTime<Utc>,
+}
+
 /// A user changed their profile.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -424,6 +434,7 @@ pub enum Event {
     GroupMemberAdded(GroupMemberAdded),
     GroupMemberRemoved(GroupMemberRemoved),
     UserRoleChanged(UserRoleChanged),
+    SessionsEnded(SessionsEnded),
     ProfileUpdated(ProfileUpdated),
     ProfileViewed(ProfileViewed),
     AuditAccessed(AuditAccessed),
@@ -443,6 +454,7 @@ pub const EVENT_TYPES: &[(&str, u32)] = &[
     ("group.member_added", 1),
     ("group.member_removed", 1),
     ("user.role_changed", 1),
+    ("user.sessions_ended", 1),
     ("profile.updated", 1),
     ("profile.viewed", 1),
     ("audit.accessed", 1),
@@ -464,6 +476,7 @@ impl Event {
             Event::GroupMemberAdded(_) => "group.member_added",
             Event::GroupMemberRemoved(_) => "group.member_removed",
             Event::UserRoleChanged(_) => "user.role_changed",
+            Event::SessionsEnded(_) => "user.sessions_ended",
             Event::ProfileUpdated(_) => "profile.updated",
             Event::ProfileViewed(_) => "profile.viewed",
             Event::AuditAccessed(_) => "audit.accessed",
@@ -484,6 +497,7 @@ impl Event {
             | Event::GroupMemberAdded(_)
             | Event::GroupMemberRemoved(_)
             | Event::UserRoleChanged(_)
+            | Event::SessionsEnded(_)
             | Event::ProfileUpdated(_)
             | Event::ProfileViewed(_)
             | Event::AuditAccessed(_)
@@ -499,6 +513,7 @@ impl Event {
             Event::UserRegistered(_)
             | Event::PresenceChanged(_)
             | Event::UserRoleChanged(_)
+            | Event::SessionsEnded(_)
             | Event::ProfileUpdated(_)
             | Event::ProfileViewed(_)
             | Event::AuditAccessed(_)
@@ -529,6 +544,7 @@ impl Event {
             Event::GroupMemberAdded(e) => e.conversation_id.to_string(),
             Event::GroupMemberRemoved(e) => e.conversation_id.to_string(),
             Event::UserRoleChanged(e) => e.user_id.to_string(),
+            Event::SessionsEnded(e) => e.user_id.to_string(),
             Event::ProfileUpdated(e) => e.user_id.to_string(),
             Event::ProfileViewed(e) => e.viewed.to_string(),
             Event::AuditAccessed(e) => e.auditor.map(|a| a.to_string()).unwrap_or_else(|| "cli".into()),
@@ -555,6 +571,7 @@ impl Event {
             Event::UserRegistered(_)
             | Event::PresenceChanged(_)
             | Event::UserRoleChanged(_)
+            | Event::SessionsEnded(_)
             | Event::ProfileUpdated(_)
             | Event::ProfileViewed(_)
             | Event::AuditAccessed(_)
@@ -586,6 +603,7 @@ impl Event {
             Event::GroupMemberAdded(e) => vec![e.member],
             Event::GroupMemberRemoved(e) => vec![e.member],
             Event::UserRoleChanged(e) => vec![e.user_id],
+            Event::SessionsEnded(e) => vec![e.user_id],
             Event::ProfileUpdated(e) => vec![e.user_id],
             Event::ProfileViewed(e) => vec![e.viewer, e.viewed],
             Event::AuditAccessed(e) => e.auditor.into_iter().collect(),
@@ -606,6 +624,7 @@ impl Event {
             Event::GroupMemberAdded(e) => serde_json::to_value(e),
             Event::GroupMemberRemoved(e) => serde_json::to_value(e),
             Event::UserRoleChanged(e) => serde_json::to_value(e),
+            Event::SessionsEnded(e) => serde_json::to_value(e),
             Event::ProfileUpdated(e) => serde_json::to_value(e),
             Event::ProfileViewed(e) => serde_json::to_value(e),
             Event::AuditAccessed(e) => serde_json::to_value(e),
@@ -638,6 +657,7 @@ impl Event {
             ("group.member_added", 1) => serde_json::from_value(data).map(Event::GroupMemberAdded).map_err(bad),
             ("group.member_removed", 1) => serde_json::from_value(data).map(Event::GroupMemberRemoved).map_err(bad),
             ("user.role_changed", 1) => serde_json::from_value(data).map(Event::UserRoleChanged).map_err(bad),
+            ("user.sessions_ended", 1) => serde_json::from_value(data).map(Event::SessionsEnded).map_err(bad),
             ("profile.updated", 1) => serde_json::from_value(data).map(Event::ProfileUpdated).map_err(bad),
             ("profile.viewed", 1) => serde_json::from_value(data).map(Event::ProfileViewed).map_err(bad),
             ("audit.accessed", 1) => serde_json::from_value(data).map(Event::AuditAccessed).map_err(bad),
@@ -959,6 +979,11 @@ pub fn fixtures() -> Vec<Envelope> {
             }),
         ),
         Envelope::new(EventId::new_v7(), None, Event::UserRoleChanged(UserRoleChanged { user_id: bob, role: "auditor".into(), granted: true })),
+        Envelope::new(
+            EventId::new_v7(),
+            Some(bob),
+            Event::SessionsEnded(SessionsEnded { user_id: bob, until: DateTime::from_timestamp_millis(1_764_000_000_123).expect("time") }),
+        ),
         Envelope::new(
             EventId::new_v7(),
             Some(alice),

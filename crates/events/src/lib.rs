@@ -30,6 +30,7 @@ pub use event::{
     MessageRead, MessageSent,
     PresenceChanged, PresenceStatus, ProfileUpdated, ProfileViewed, ReceiptStatus, Source, StreamItem, UserRegistered,
     UserRoleChanged,
+    SessionsEnded,
 };
 pub use ids::{ConversationId, DeviceId, EventId, GroupId, IdError, MessageId, UserId};
 pub use log::{append_event, EventLog, LogConsumer, LogError, LogReader, Position, Record, TopicSpec};

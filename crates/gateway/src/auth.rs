@@ -22,6 +22,9 @@ struct Claims {
     sub: String,
     name: String,
     iat: i64,
+    /// `iat` in milliseconds: a revocation ends the tokens issued at or before its time.
+    #[serde(default)]
+    iat_ms: i64,
     exp: i64,
     /// analyst, auditor (as granted when the token was issued).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -35,6 +38,9 @@ pub struct Principal {
     pub username: String,
     /// When the token stops being valid (an open WebSocket is closed then).
     pub expires_at: DateTime<Utc>,
+    /// When the token was issued (ms since the epoch): a session revocation at or after it ends
+    /// the token.
+    pub issued_at_ms: i64,
     pub roles: Vec<String>,
 }
 
@@ -60,11 +66,19 @@ impl Tokens {
         &self.ids
     }
 
-    /// A token for a user, and when it expires.
-    pub fn issue(&self, user: UserId, username: &str, roles: Vec<String>) -> Result<(String, DateTime<Utc>), jsonwebtoken::errors::Error> {
+    /// How long a token lives.
+    pub fn ttl(&self) -> chrono::Duration {
+        self.ttl
+    }
+
+    /// A token for a user, and when it expires. Issued after `after_ms` (the user's latest
+    /// session revocation): a clock behind the revoking one cannot mint an already revoked token.
+    pub fn issue(&self, user: UserId, username: &str, roles: Vec<String>, after_ms: i64) -> Result<(String, DateTime<Utc>), jsonwebtoken::errors::Error> {
         let now = Utc::now();
+        let iat_ms = now.timestamp_millis().max(after_ms.saturating_add(1));
         let exp = now + self.ttl;
-        let claims = Claims { sub: user.to_string(), name: username.to_owned(), iat: now.timestamp(), exp: exp.timestamp(), roles };
+        let claims =
+            Claims { sub: user.to_string(), name: username.to_owned(), iat: iat_ms.div_euclid(1000), iat_ms, exp: exp.timestamp(), roles };
         Ok((encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?, exp))
     }
 
@@ -77,6 +91,9 @@ impl Tokens {
             user_id: data.claims.sub.parse().ok()?,
             username: data.claims.name,
             expires_at: DateTime::from_timestamp(data.claims.exp, 0)?,
+            // Tokens from before `iat_ms` existed: their second, rounded up (ended by a
+            // revocation in that second).
+            issued_at_ms: if data.claims.iat_ms > 0 { data.claims.iat_ms } else { data.claims.iat.saturating_mul(1000).saturating_add(999) },
             roles: data.claims.roles,
         })
     }
@@ -150,9 +167,14 @@ mod tests {
     fn tokens_round_trip_and_reject_tampering() {
         let t = Tokens::new(b"secret-secret-secret-secret-1234", chrono::Duration::hours(1));
         let u = UserId::random();
-        let (tok, _) = t.issue(u, "alice", vec!["auditor".into()]).unwrap();
+        let (tok, _) = t.issue(u, "alice", vec!["auditor".into()], 0).unwrap();
         let p = t.verify(&tok).unwrap();
         assert_eq!(p.user_id, u);
+        assert!((p.issued_at_ms - Utc::now().timestamp_millis()).abs() < 5_000);
+        // Issued after a revocation stamped by a clock ahead of this one.
+        let ahead = Utc::now().timestamp_millis() + 60_000;
+        let (tok, _) = t.issue(u, "alice", Vec::new(), ahead).unwrap();
+        assert_eq!(t.verify(&tok).unwrap().issued_at_ms, ahead + 1);
         assert!(p.has_role("auditor") && p.read_only() && !p.has_role("analyst"));
         let other = Tokens::new(b"another-secret-another-secret-12", chrono::Duration::hours(1));
         assert!(other.verify(&tok).is_none());
@@ -162,7 +184,7 @@ mod tests {
     #[test]
     fn expired_tokens_are_refused() {
         let t = Tokens::new(b"secret-secret-secret-secret-1234", chrono::Duration::seconds(-60));
-        let (tok, _) = t.issue(UserId::random(), "alice", Vec::new()).unwrap();
+        let (tok, _) = t.issue(UserId::random(), "alice", Vec::new(), 0).unwrap();
         assert!(t.verify(&tok).is_none());
     }
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_events::{DeviceId, UserId};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -158,7 +158,7 @@ struct Conn {
 impl Conn {
     async fn open(node: &Node, user: UserId) -> Conn {
         let (tx, rx) = mpsc::channel(64);
-        let id = node.hub.register(user, DeviceId::default_device(), tx, Arc::new(Notify::new()));
+        let id = node.hub.register(user, DeviceId::default_device(), 0, tx, Arc::new(crate::hub::Kick::default()));
         let at = ConnRef { node: node.id.clone(), conn: id };
         let first = node.routing.connect(user, &at).await.unwrap_or_else(|e| panic!("connect: {e}"));
         Conn { user, at, rx, first }

@@ -34,7 +34,7 @@ pub fn router(chat: App) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/accounts", post(register))
-        .route("/v1/sessions", post(login))
+        .route("/v1/sessions", post(login).delete(logout_everywhere))
         .route("/v1/users/by-username/{username}", get(lookup_user))
         .route("/v1/users/{user_id}/last-seen", get(last_seen))
         .route("/v1/conversations", get(conversations))
@@ -97,7 +97,8 @@ impl FromRequestParts<App> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, chat: &App) -> Result<Self, ApiError> {
-        bearer(&parts.headers).and_then(|t| chat.tokens.verify(t)).map(Caller).ok_or_else(ApiError::unauthorized)
+        let token = bearer(&parts.headers).ok_or_else(ApiError::unauthorized)?;
+        chat.authenticate(token).map(Caller)
     }
 }
 
@@ -156,6 +157,12 @@ async fn register(State(chat): State<App>, Peer(peer): Peer, ApiJson(c): ApiJson
 
 async fn login(State(chat): State<App>, Peer(peer): Peer, ApiJson(c): ApiJson<Credentials>) -> Result<Response, ApiError> {
     Ok(Json(chat.login(peer, &c.username, &c.password).await?).into_response())
+}
+
+/// Log-out everywhere: every token of the caller issued until now stops working on every node.
+async fn logout_everywhere(State(chat): State<App>, Caller(p): Caller) -> Result<Response, ApiError> {
+    chat.end_sessions(&p).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn lookup_user(State(chat): State<App>, _c: Caller, Path(username): Path<String>) -> Result<Response, ApiError> {
@@ -357,8 +364,10 @@ async fn websocket(
 ) -> Response {
     let q = query_map(q).unwrap_or_default();
     let token = bearer(&headers).map(str::to_owned).or_else(|| q.get("access_token").cloned());
-    let Some(principal) = token.and_then(|t| chat.tokens.verify(&t)) else {
-        return ApiError::unauthorized().into_response();
+    let principal = match token.as_deref().map(|t| chat.authenticate(t)) {
+        Some(Ok(p)) => p,
+        Some(Err(e)) => return e.into_response(),
+        None => return ApiError::unauthorized().into_response(),
     };
     let device = match q.get("device") {
         None => DeviceId::default_device(),

@@ -3,7 +3,7 @@
 //! letting the queue grow without bound.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use chat_events::{DeviceId, UserId};
@@ -16,8 +16,42 @@ struct LocalConn {
     id: u64,
     device: DeviceId,
     tx: mpsc::Sender<Outbound>,
-    /// Signalled when the queue overflows: the socket task closes the connection.
-    kick: Arc<Notify>,
+    /// Signalled when the queue overflows or the session ends: the socket task closes the
+    /// connection.
+    kick: Arc<Kick>,
+    /// When the connection's token was issued (ms): a revocation at or after it closes it.
+    issued_ms: i64,
+}
+
+/// Tells a connection's task to close it: 1013 when its queue overflowed (a slow consumer),
+/// or the code given (1008 when its session ended).
+#[derive(Default)]
+pub struct Kick {
+    notify: Notify,
+    code: AtomicU16,
+}
+
+impl Kick {
+    /// The queue overflowed.
+    pub fn slow(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Close with `code` (a close already asked for keeps its code).
+    pub fn close(&self, code: u16) {
+        let _first = self.code.compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+
+    /// Waits for a kick.
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+
+    /// The code asked for by [`Kick::close`]; none for a slow consumer.
+    pub fn code(&self) -> Option<u16> {
+        Some(self.code.load(Ordering::Relaxed)).filter(|c| *c != 0)
+    }
 }
 
 /// Local connections by user.
@@ -58,10 +92,10 @@ impl Hub {
     }
 
     /// Adds a connection; returns its id on this node.
-    pub fn register(&self, user: UserId, device: DeviceId, tx: mpsc::Sender<Outbound>, kick: Arc<Notify>) -> u64 {
+    pub fn register(&self, user: UserId, device: DeviceId, issued_ms: i64, tx: mpsc::Sender<Outbound>, kick: Arc<Kick>) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut map = self.conns.write().unwrap_or_else(|p| p.into_inner());
-        map.entry(user).or_default().push(LocalConn { id, device, tx, kick });
+        map.entry(user).or_default().push(LocalConn { id, device, tx, kick, issued_ms });
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sessions.fetch_add(1, Ordering::Relaxed);
         id
@@ -103,11 +137,19 @@ impl Hub {
             }
             match c.tx.try_send(text.clone()) {
                 Ok(()) => n += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => c.kick.notify_one(),
+                Err(mpsc::error::TrySendError::Full(_)) => c.kick.slow(),
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
         n
+    }
+
+    /// Closes the user's connections whose token was issued at or before `at_ms` with `code`;
+    /// returns how many.
+    pub fn end_sessions(&self, user: UserId, at_ms: i64, code: u16) -> usize {
+        let map = self.conns.read().unwrap_or_else(|p| p.into_inner());
+        let Some(list) = map.get(&user) else { return 0 };
+        list.iter().filter(|c| c.issued_ms <= at_ms).map(|c| c.kick.close(code)).count()
     }
 
     /// Every local connection, for the routing heartbeat.
@@ -141,14 +183,15 @@ mod tests {
         let hub = Hub::new();
         let u = UserId::random();
         let (tx, _rx) = mpsc::channel(1);
-        let kick = Arc::new(Notify::new());
-        let id = hub.register(u, DeviceId::default_device(), tx, kick.clone());
+        let kick = Arc::new(Kick::default());
+        let id = hub.register(u, DeviceId::default_device(), 0, tx, kick.clone());
         let t: Outbound = Arc::from("x");
         assert_eq!(hub.deliver(u, None, &t), 1);
         assert_eq!(hub.deliver(u, None, &t), 0);
         // The kick was signalled: a waiter returns at once.
         let notified = kick.notified();
         futures::executor::block_on(notified);
+        assert_eq!(kick.code(), None, "a slow consumer");
         hub.unregister(u, id);
         assert!(hub.is_empty());
     }
@@ -159,11 +202,24 @@ mod tests {
         let u = UserId::random();
         let (tx1, mut rx1) = mpsc::channel(4);
         let (tx2, mut rx2) = mpsc::channel(4);
-        let a = hub.register(u, DeviceId::default_device(), tx1, Arc::new(Notify::new()));
-        let _b = hub.register(u, "phone".parse().unwrap(), tx2, Arc::new(Notify::new()));
+        let a = hub.register(u, DeviceId::default_device(), 0, tx1, Arc::new(Kick::default()));
+        let _b = hub.register(u, "phone".parse().unwrap(), 0, tx2, Arc::new(Kick::default()));
         let t: Outbound = Arc::from("x");
         assert_eq!(hub.deliver(u, Some(&[a]), &t), 1);
         assert!(rx1.try_recv().is_ok());
         assert!(rx2.try_recv().is_err());
+    }
+
+    #[test]
+    fn ending_sessions_closes_the_older_connections_only() {
+        let hub = Hub::new();
+        let u = UserId::random();
+        let (old, new) = (Arc::new(Kick::default()), Arc::new(Kick::default()));
+        hub.register(u, DeviceId::default_device(), 1_000, mpsc::channel(1).0, old.clone());
+        hub.register(u, "phone".parse().unwrap(), 3_000, mpsc::channel(1).0, new.clone());
+        assert_eq!(hub.end_sessions(u, 2_000, 1008), 1);
+        assert_eq!(old.code(), Some(1008));
+        assert_eq!(new.code(), None, "a connection with a token issued after the revocation stays");
+        assert_eq!(hub.end_sessions(UserId::random(), 2_000, 1008), 0);
     }
 }

@@ -27,6 +27,7 @@ pub mod local_routing;
 pub mod media;
 pub mod message_ids;
 pub mod metrics;
+pub mod revocations;
 pub mod routing;
 pub mod sends;
 pub mod server;
@@ -78,6 +79,34 @@ pub async fn serve(chat: Arc<Chat>, listener: TcpListener, mut shutdown: watch::
             }
         })
     };
+    // Ended sessions: read before serving (the last token lifetime), then every few seconds.
+    if let Err(e) = chat.refresh_revocations().await {
+        warn!(error = %e, "reading session revocations failed; retrying in the background");
+    }
+    let revocations = {
+        let chat = chat.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(revocations::POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                match chat.refresh_revocations().await {
+                    Ok(_) => failing = false,
+                    // Logged once per outage, not every poll.
+                    Err(e) if !failing => {
+                        failing = true;
+                        warn!(error = %e, "reading session revocations failed");
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+    };
     let app = http::router(chat.clone());
     let hub = chat.hub.clone();
     let graceful = async move {
@@ -97,6 +126,6 @@ pub async fn serve(chat: Arc<Chat>, listener: TcpListener, mut shutdown: watch::
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _stopped = stop_tx.send(true);
-    let _ = tokio::join!(inbound, heartbeat);
+    let _ = tokio::join!(inbound, heartbeat, revocations);
     result
 }

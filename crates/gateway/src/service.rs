@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tracing::{debug, warn};
 
-use crate::auth::{hash_password, verify_password, KdfPool, Tokens};
+use crate::auth::{hash_password, verify_password, KdfPool, Principal, Tokens};
 use crate::error::ApiError;
 use crate::frames::{Ref, ServerFrame, SyncItem};
 use crate::hub::Hub;
@@ -140,6 +140,8 @@ pub struct Chat {
     account_limits: crate::limits::AccountLimits,
     /// Sends per user (none: no limit).
     send_buckets: Option<crate::limits::Buckets<UserId>>,
+    /// Ended sessions, as this node last read them.
+    pub revocations: crate::revocations::Revocations,
 }
 
 const KNOWN_USERS_MAX: usize = 100_000;
@@ -281,6 +283,7 @@ impl Chat {
         limits: Limits,
         metrics: Metrics,
     ) -> Self {
+        let revocations = crate::revocations::Revocations::new(tokens.ttl());
         Chat {
             log,
             topics,
@@ -292,6 +295,7 @@ impl Chat {
             limits: limits.clone(),
             metrics,
             media: None,
+            revocations,
             known_users: Mutex::new(HashSet::new()),
             recent: crate::sends::RecentSends::new(crate::sends::RECENT_SENDS),
             kdf: KdfPool::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2), KDF_QUEUE),
@@ -410,8 +414,50 @@ impl Chat {
             w.clear(&name);
         }
         let roles = self.store.roles(account.user_id).await?;
-        let (token, exp) = self.tokens.issue(account.user_id, &account.username, roles).map_err(|e| ApiError::internal("token", &e))?;
+        let after = self.revocations.latest(account.user_id).unwrap_or(0);
+        let (token, exp) =
+            self.tokens.issue(account.user_id, &account.username, roles, after).map_err(|e| ApiError::internal("token", &e))?;
         Ok(Session { token, user_id: account.user_id, username: account.username, expires_at: chat_events::format_time(&exp) })
+    }
+
+    /// The principal of a bearer token: valid, unexpired and not ended by a revocation.
+    pub fn authenticate(&self, token: &str) -> Result<Principal, ApiError> {
+        let p = self.tokens.verify(token).ok_or_else(ApiError::unauthorized)?;
+        if self.revocations.ended(&p) {
+            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "session_ended", "this session was ended (log-out everywhere or a role change); log in again"));
+        }
+        Ok(p)
+    }
+
+    /// Log-out everywhere: ends every session of the caller, this one included, on every node
+    /// (open sockets close with 1008 within seconds), and records it as `user.sessions_ended`.
+    pub async fn end_sessions(&self, p: &Principal) -> Result<(), ApiError> {
+        let at_ms = Utc::now().timestamp_millis().max(p.issued_at_ms);
+        let at = chrono::DateTime::from_timestamp_millis(at_ms).ok_or_else(|| ApiError::internal("time", &at_ms))?;
+        self.store.revoke_sessions(p.user_id, at).await?;
+        self.ended(p.user_id, at_ms);
+        let env = Envelope::new(EventId::new_v7(), Some(p.user_id), Event::SessionsEnded(chat_events::SessionsEnded { user_id: p.user_id, until: at }));
+        self.append(&env).await
+    }
+
+    /// A revocation known here: refuses the ended tokens and closes their sockets on this node.
+    fn ended(&self, user: UserId, at_ms: i64) {
+        if self.revocations.note(user, at_ms) {
+            let n = self.hub.end_sessions(user, at_ms, crate::ws::CLOSE_POLICY);
+            if n > 0 {
+                debug!(%user, connections = n, "sessions ended");
+            }
+        }
+    }
+
+    /// Reads the revocations written since the last read (every node does, every few seconds)
+    /// and closes the ended sessions' sockets on this node.
+    pub async fn refresh_revocations(&self) -> Result<usize, chat_store::StoreError> {
+        let news = self.revocations.refresh(self.store.as_ref()).await?;
+        for &(user, at_ms) in &news {
+            self.hub.end_sessions(user, at_ms, crate::ws::CLOSE_POLICY);
+        }
+        Ok(news.len())
     }
 
     pub async fn lookup_user(&self, username: &str) -> Result<Registered, ApiError> {

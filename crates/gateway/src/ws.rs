@@ -8,7 +8,9 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use chat_events::DeviceId;
 use futures::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::hub::Kick;
 use tokio_tungstenite::tungstenite;
 use tracing::debug;
 
@@ -24,7 +26,7 @@ const CLOSE_NORMAL: u16 = 1000;
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 const CLOSE_INVALID_DATA: u16 = 1007;
-const CLOSE_POLICY: u16 = 1008;
+pub(crate) const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 
@@ -50,7 +52,7 @@ enum Written {
 
 /// Writes one frame, giving up after [`WRITE_TIMEOUT`] or when the connection is kicked (its
 /// queue overflowed while this write was blocked by TCP back-pressure).
-async fn write(sink: &mut futures::stream::SplitSink<WebSocket, Message>, m: Message, kick: &Notify) -> Written {
+async fn write(sink: &mut futures::stream::SplitSink<WebSocket, Message>, m: Message, kick: &Kick) -> Written {
     tokio::select! {
         biased;
         r = sink.send(m) => if r.is_ok() { Written::Sent } else { Written::Gone },
@@ -100,11 +102,15 @@ async fn connection(
 ) {
     let user = principal.user_id;
     let (tx, mut rx) = mpsc::channel::<Outbound>(chat.limits.conn_queue);
-    let kick = Arc::new(Notify::new());
+    let kick = Arc::new(Kick::default());
     // `welcome` is queued before the connection can receive pushes, so it is always first.
     let welcome = ServerFrame::Welcome { user_id: user, device_id: device.to_string(), pending: Box::pin(chat.pending(user)).await };
     let _queued = tx.try_send(Arc::from(welcome.to_text()));
-    let id = chat.hub.register(user, device.clone(), tx.clone(), kick.clone());
+    let id = chat.hub.register(user, device.clone(), principal.issued_at_ms, tx.clone(), kick.clone());
+    // A revocation read between the upgrade's check and the registration.
+    if chat.revocations.ended(&principal) {
+        kick.close(CLOSE_POLICY);
+    }
     let ctx = ConnCtx { user, device: device.clone(), conn: ConnRef { node: chat.node.clone(), conn: id }, read_only: principal.read_only() };
     chat.metrics.connections_open.inc();
     chat.metrics.connections_total.inc();
@@ -120,10 +126,13 @@ async fn connection(
             let frame = tokio::select! {
                 biased;
                 code = &mut close_rx => break code.unwrap_or(CLOSE_NORMAL),
-                _ = kick.notified() => {
-                    slow();
-                    break CLOSE_TRY_AGAIN_LATER;
-                }
+                _ = kick.notified() => match kick.code() {
+                    Some(code) => break code,
+                    None => {
+                        slow();
+                        break CLOSE_TRY_AGAIN_LATER;
+                    }
+                },
                 m = rx.recv() => match m {
                     Some(text) => Message::Text(Utf8Bytes::from(text.as_ref())),
                     None => break CLOSE_NORMAL,
@@ -135,7 +144,9 @@ async fn connection(
                 Written::Gone => return,
                 // The socket cannot take even a close frame: dropped as it is.
                 Written::Slow => {
-                    slow();
+                    if kick.code().is_none() {
+                        slow();
+                    }
                     return;
                 }
             }
@@ -146,7 +157,7 @@ async fn connection(
             CLOSE_INVALID_DATA => "text frame is not valid UTF-8",
             CLOSE_TRY_AGAIN_LATER => "too slow to receive; reconnect and sync",
             CLOSE_GOING_AWAY => "server going away or idle; reconnect",
-            CLOSE_POLICY => "token expired; log in again",
+            CLOSE_POLICY => "session expired or ended; log in again",
             _ => "",
         };
         let _closing = tokio::time::timeout(CLOSE_TIMEOUT, async {

@@ -55,6 +55,7 @@ pub async fn run_all(tables: Arc<dyn Tables>) {
     group_rows_highest_position_wins(t).await;
     user_group_intervals(t).await;
     roles(t).await;
+    revocations(t).await;
     profiles_latest_wins(t).await;
     message_counts(t).await;
     active_users(t).await;
@@ -913,6 +914,29 @@ pub async fn roles(t: &dyn Tables) {
     assert_eq!(roles(u).await, ["analyst"], "revoking a role the user does not have changes nothing");
     set("auditor", true).await;
     assert_eq!(roles(u).await, ["analyst", "auditor"], "a revoked role can be granted again");
+}
+
+/// Session revocations: every node reads the ones since a time, oldest first; a repeat is one
+/// row; a user's later revocation is listed after the earlier one; older ones are left out.
+pub async fn revocations(t: &dyn Tables) {
+    let (u, v) = (UserId::random(), UserId::random());
+    // Millisecond times (both back-ends keep milliseconds), an hour apart across a partition.
+    let base = chrono::DateTime::from_timestamp_millis(Utc::now().timestamp_millis() - 2 * 3_600_000).expect("time");
+    let at = |mins: i64| base + chrono::Duration::minutes(mins);
+    let revoke = |user: UserId, when: chrono::DateTime<Utc>| async move {
+        t.revoke_sessions(user, when).await.unwrap_or_else(|e| panic!("revoke_sessions: {e}"))
+    };
+    revoke(u, at(0)).await;
+    revoke(v, at(61)).await;
+    revoke(u, at(90)).await;
+    revoke(u, at(90)).await;
+    let ours = |since: chrono::DateTime<Utc>| async move {
+        let all = t.revocations_since(since).await.unwrap_or_else(|e| panic!("revocations_since: {e}"));
+        all.into_iter().filter(|(w, _)| *w == u || *w == v).collect::<Vec<_>>()
+    };
+    assert_eq!(ours(at(-1)).await, [(u, at(0)), (v, at(61)), (u, at(90))], "every revocation since, oldest first, a repeat once");
+    assert_eq!(ours(at(61)).await, [(v, at(61)), (u, at(90))], "since is inclusive; older ones are left out");
+    assert!(ours(at(91)).await.is_empty(), "none after the last");
 }
 
 /// Profiles: the latest `updated_at` wins whatever the write order (a later update without an

@@ -60,6 +60,14 @@ pub trait InsightStore: Send + Sync {
     async fn set_role(&self, user: UserId, role: &str, granted: bool) -> StoreResult<()>;
     async fn roles(&self, user: UserId) -> StoreResult<Vec<String>>;
 
+    // --- session revocations (command side: written by what ends sessions, polled by every node) ---
+    /// Ends every session (token) of `user` issued at or before `at` (a role change, a log-out
+    /// everywhere). Kept for [`REVOCATIONS_KEPT`]; repeating one changes nothing.
+    async fn revoke_sessions(&self, user: UserId, at: DateTime<Utc>) -> StoreResult<()>;
+    /// The revocations with `at >= since` (at most [`REVOCATIONS_KEPT`] old), oldest first, a
+    /// user's later revocation after its earlier one.
+    async fn revocations_since(&self, since: DateTime<Utc>) -> StoreResult<Vec<(UserId, DateTime<Utc>)>>;
+
     // --- profiles (latest `updated_at` wins, in any order) ---
     async fn profile(&self, user: UserId) -> StoreResult<Option<ProfileRow>>;
 
@@ -83,6 +91,10 @@ pub trait InsightStore: Send + Sync {
     /// too, with the same earliest-`at`-wins rule.)
     async fn receipts_of_user(&self, user: UserId, from: DateTime<Utc>, to: DateTime<Utc>) -> StoreResult<Vec<ReceiptRow>>;
 }
+
+/// How long a session revocation is kept: longer than any token lives (the gateway refuses a
+/// token lifetime above it).
+pub const REVOCATIONS_KEPT: chrono::Duration = chrono::Duration::days(7);
 
 /// The kinds a message can have, for analytics.
 pub const MESSAGE_KINDS: &[&str] = &["text", "image", "audio", "video"];

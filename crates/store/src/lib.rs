@@ -30,7 +30,7 @@ use chat_events::{ConversationId, DeviceId, MessageId, ReceiptStatus, UserId};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-pub use insights::{InsightStore, MessageCount, ProfileRow, ProfileViews, TopicCount, MESSAGE_KINDS, MESSAGE_SCOPES};
+pub use insights::{InsightStore, MessageCount, ProfileRow, ProfileViews, TopicCount, MESSAGE_KINDS, MESSAGE_SCOPES, REVOCATIONS_KEPT};
 pub use groups::{FanoutGroup, FanoutMessage, FanoutStore, GroupMemberRow, GroupRow, GroupStore, MemberInterval, UserGroupRow};
 pub use scylla_store::{ScyllaConfig, ScyllaStore};
 pub use sqlite_store::SqliteStore;

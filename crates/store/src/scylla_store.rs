@@ -138,6 +138,8 @@ struct Stmts {
     insert_role: PreparedStatement,
     delete_role: PreparedStatement,
     select_roles: PreparedStatement,
+    insert_revocation: PreparedStatement,
+    select_revocations: PreparedStatement,
     insert_profile: PreparedStatement,
     select_profile: PreparedStatement,
     insert_analytics_message: PreparedStatement,
@@ -485,6 +487,8 @@ impl ScyllaStore {
             insert_role: p(format!("INSERT INTO {ks}.user_roles (user_id, role) VALUES (?, ?)")).await?,
             delete_role: p(format!("DELETE FROM {ks}.user_roles WHERE user_id = ? AND role = ?")).await?,
             select_roles: p(format!("SELECT role FROM {ks}.user_roles WHERE user_id = ?")).await?,
+            insert_revocation: p(format!("INSERT INTO {ks}.session_revocations (hour, at, user_id) VALUES (?, ?, ?)")).await?,
+            select_revocations: p(format!("SELECT at, user_id FROM {ks}.session_revocations WHERE hour = ? AND at >= ?")).await?,
             // Write time = updated_at: the latest update wins, in any order.
             insert_profile: p(format!(
                 "INSERT INTO {ks}.profiles (user_id, display_name, avatar_media_id, updated_at) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
@@ -1264,6 +1268,12 @@ impl ScyllaStore {
     }
 }
 
+/// The partition of a revocation: the hour it falls in.
+fn revocation_hour(at: DateTime<Utc>) -> DateTime<Utc> {
+    let h = at.timestamp().div_euclid(3600) * 3600;
+    DateTime::from_timestamp(h, 0).unwrap_or(at)
+}
+
 #[async_trait]
 impl InsightStore for ScyllaStore {
     async fn set_role(&self, user: UserId, role: &str, granted: bool) -> StoreResult<()> {
@@ -1278,6 +1288,26 @@ impl InsightStore for ScyllaStore {
         // Clustered by role (text: by its UTF-8 bytes, as Rust and SQLite order strings).
         let rows = self.all_rows::<(String,)>(&self.stmts.select_roles, (user.0,)).await?;
         Ok(rows.into_iter().map(|(r,)| r).collect())
+    }
+
+    async fn revoke_sessions(&self, user: UserId, at: DateTime<Utc>) -> StoreResult<()> {
+        self.exec(&self.stmts.insert_revocation, (revocation_hour(at), at, user.0)).await
+    }
+
+    async fn revocations_since(&self, since: DateTime<Utc>) -> StoreResult<Vec<(UserId, DateTime<Utc>)>> {
+        let since = since.max(Utc::now() - crate::insights::REVOCATIONS_KEPT);
+        let mut out = Vec::new();
+        // One partition per hour, from since's to the current one (the next one too: a writer's
+        // clock may be ahead of this node's).
+        let mut hour = revocation_hour(since);
+        let last = revocation_hour(Utc::now()) + chrono::Duration::hours(1);
+        while hour <= last {
+            let rows = self.all_rows::<(DateTime<Utc>, Uuid)>(&self.stmts.select_revocations, (hour, since)).await?;
+            out.extend(rows.into_iter().map(|(at, u)| (UserId(u), at)));
+            hour += chrono::Duration::hours(1);
+        }
+        out.sort_by_key(|(u, at)| (*at, *u));
+        Ok(out)
     }
 
     async fn profile(&self, user: UserId) -> StoreResult<Option<ProfileRow>> {

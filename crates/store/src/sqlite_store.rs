@@ -87,6 +87,7 @@ CREATE TABLE IF NOT EXISTS accounts_by_name (username TEXT PRIMARY KEY, user_id 
 CREATE TABLE IF NOT EXISTS accounts_by_id (user_id TEXT PRIMARY KEY, username TEXT NOT NULL, created_at INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS media_objects (media_id TEXT PRIMARY KEY, uploader TEXT NOT NULL, kind TEXT NOT NULL, content_type TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL, created_at INTEGER NOT NULL, public INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS media_shares (media_id TEXT NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (media_id, conversation_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS session_revocations (at INTEGER NOT NULL, user_id TEXT NOT NULL, PRIMARY KEY (at, user_id)) WITHOUT ROWID;
 ";
 
 /// The projections and the fan-out's state (`tables.db`): everything the workers write. Every
@@ -1228,6 +1229,30 @@ impl InsightStore for SqliteStore {
         self.read(move |c| {
             let mut st = c.prepare_cached("SELECT role FROM user_roles WHERE user_id = ?1 ORDER BY role")?;
             let rows = st.query_map(params![user.to_string()], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn revoke_sessions(&self, user: UserId, at: DateTime<Utc>) -> StoreResult<()> {
+        let expired = ms(&(Utc::now() - crate::insights::REVOCATIONS_KEPT));
+        self.command(move |t| {
+            t.prepare_cached("INSERT OR IGNORE INTO session_revocations (at, user_id) VALUES (?1, ?2)")?
+                .execute(params![ms(&at), user.to_string()])?;
+            t.prepare_cached("DELETE FROM session_revocations WHERE at < ?1")?.execute(params![expired])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn revocations_since(&self, since: DateTime<Utc>) -> StoreResult<Vec<(UserId, DateTime<Utc>)>> {
+        let since = ms(&since.max(Utc::now() - crate::insights::REVOCATIONS_KEPT));
+        self.command_read(move |c| {
+            let mut st = c.prepare_cached("SELECT at, user_id FROM session_revocations WHERE at >= ?1 ORDER BY at, user_id")?;
+            let rows = st.query_map(params![since], |r| {
+                let user: String = r.get(1)?;
+                Ok((user.parse::<UserId>().map_err(conversion)?, time(r.get(0)?)?))
+            })?;
             rows.collect()
         })
         .await
