@@ -9,6 +9,7 @@
 //!
 //! Configuration: see [`config`] (defaults → `--config` TOML file → `CHAT_*` → flags).
 
+mod admin;
 mod config;
 
 /// Connections waiting to be accepted, at most (the kernel caps it at `net.core.somaxconn`). The
@@ -84,7 +85,8 @@ enum Command {
     },
     /// Print row counts and SHA-256 of every projection table as JSON.
     Checksums,
-    /// Grant or revoke a role (analyst, auditor); it takes effect at the user's next log-in.
+    /// Grant or revoke a role (analyst, auditor): the user's sessions end within seconds and
+    /// their next log-in has the change. Embedded: works beside a running `chat run`.
     Role {
         #[command(subcommand)]
         action: RoleAction,
@@ -94,7 +96,8 @@ enum Command {
         #[command(subcommand)]
         query: AnalyticsQuery,
     },
-    /// Audit queries as JSON; each is recorded as an `audit.accessed` event first.
+    /// Audit queries as JSON; each is recorded as an `audit.accessed` event first. Embedded:
+    /// works beside a running `chat run`.
     Audit {
         #[command(subcommand)]
         query: AuditQuery,
@@ -168,7 +171,8 @@ enum AnalyticsQuery {
     },
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "query", rename_all = "snake_case")]
 enum AuditQuery {
     /// The receipt timeline of one message.
     Receipts {
@@ -461,6 +465,11 @@ impl Platform {
         }
     }
 
+    /// What the operator's commands work on.
+    fn ops(&self) -> admin::Ops {
+        admin::Ops { tables: self.tables.clone(), log: self.log.clone(), topics: self.topics.clone() }
+    }
+
     fn flush(&self) {
         if let Some(k) = &self.kafka {
             k.flush(Duration::from_secs(5));
@@ -541,6 +550,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     // offline) is projected before the process exits, and offsets are stored last.
     let (stop_workers, workers_stopped) = watch::channel(false);
     let workers = p.start_workers(workers_stopped).await?;
+    let admin = match p.cfg.data_dir() {
+        // Without it the server still runs; `chat role` and `chat audit` then need it stopped.
+        Some(dir) => admin::serve(dir, p.ops(), p.cfg.clone(), signal.clone())
+            .await
+            .inspect_err(|e| warn!(error = format!("{e:#}"), "no admin socket: `chat role` and `chat audit` need the server stopped"))
+            .ok(),
+        None => None,
+    };
     let (addr, gateway) = p.start_gateway(signal).await?;
     match p.cfg.data_dir() {
         Some(dir) => {
@@ -550,6 +567,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         None => println!("chat listening on http://{addr} (cluster, node {})", p.cfg.node_id),
     }
     gateway.await??;
+    if let Some(admin) = admin {
+        let _stopped = admin.await;
+    }
     p.drain_workers(Duration::from_secs(10)).await;
     let _ = stop_workers.send(true);
     for w in workers {
@@ -595,32 +615,48 @@ fn cli_error(e: chat_gateway::error::ApiError) -> anyhow::Error {
 }
 
 async fn role(cfg: Config, action: RoleAction) -> anyhow::Result<()> {
-    let (username, role, granted) = match action {
-        RoleAction::Grant { username, role } => (username, role, true),
-        RoleAction::Revoke { username, role } => (username, role, false),
+    let change = match action {
+        RoleAction::Grant { username, role } => admin::RoleChange { username, role, granted: true },
+        RoleAction::Revoke { username, role } => admin::RoleChange { username, role, granted: false },
     };
-    if role != "analyst" && role != "auditor" {
-        bail!("--role must be analyst or auditor, got {role:?}");
+    if change.role != "analyst" && change.role != "auditor" {
+        bail!("--role must be analyst or auditor, got {:?}", change.role);
+    }
+    // Embedded, beside a running server: the server does it.
+    if let Some(dir) = cfg.data_dir() {
+        if let Some(answer) = admin::call::<serde_json::Value>(dir, "/role", &change).await? {
+            return print_out(answer["message"].as_str().unwrap_or_default());
+        }
     }
     let p = Platform::open(cfg).await?;
-    let account = p.tables.account_by_name(&username.to_ascii_lowercase()).await?.with_context(|| format!("no user {username:?}"))?;
-    p.tables.set_role(account.user_id, &role, granted).await?;
+    let message = change_role(&p.ops(), &change).await?;
+    p.flush();
+    print_out(&message)
+}
+
+/// `chat role`, in the command's process or in the running server's (admin socket).
+async fn change_role(ops: &admin::Ops, c: &admin::RoleChange) -> anyhow::Result<String> {
+    if c.role != "analyst" && c.role != "auditor" {
+        bail!("the role must be analyst or auditor, got {:?}", c.role);
+    }
+    let account = ops.tables.account_by_name(&c.username.to_ascii_lowercase()).await?.with_context(|| format!("no user {:?}", c.username))?;
+    ops.tables.set_role(account.user_id, &c.role, c.granted).await?;
     // The user's tokens carry the roles they were issued with: ending them makes the change take
     // effect on every node within seconds (they log in again and get the new roles).
-    p.tables.revoke_sessions(account.user_id, chat_events::now_millis()).await?;
+    ops.tables.revoke_sessions(account.user_id, chat_events::now_millis()).await?;
     let env = chat_events::Envelope::new(
         chat_events::EventId::new_v7(),
         None,
-        chat_events::Event::UserRoleChanged(chat_events::UserRoleChanged { user_id: account.user_id, role: role.clone(), granted }),
+        chat_events::Event::UserRoleChanged(chat_events::UserRoleChanged { user_id: account.user_id, role: c.role.clone(), granted: c.granted }),
     );
-    chat_events::append_event(p.log.as_ref(), &p.topics, &env).await?;
-    p.flush();
-    print_out(&format!(
-        "{} {role} for {username} ({}); their sessions end within seconds and the change applies when they log in again",
-        if granted { "granted" } else { "revoked" },
+    chat_events::append_event(ops.log.as_ref(), &ops.topics, &env).await?;
+    Ok(format!(
+        "{} {} for {} ({}); their sessions end within seconds and the change applies when they log in again",
+        if c.granted { "granted" } else { "revoked" },
+        c.role,
+        c.username,
         account.user_id
-    ))?;
-    Ok(())
+    ))
 }
 
 async fn analytics(cfg: Config, q: AnalyticsQuery) -> anyhow::Result<()> {
@@ -650,8 +686,22 @@ async fn analytics(cfg: Config, q: AnalyticsQuery) -> anyhow::Result<()> {
 }
 
 async fn audit(cfg: Config, q: AuditQuery) -> anyhow::Result<()> {
-    use chat_gateway::insights::{day_range, time_range};
+    // Embedded, beside a running server: the server records and answers it.
+    if let Some(dir) = cfg.data_dir() {
+        if let Some(answer) = admin::call::<serde_json::Value>(dir, "/audit", &q).await? {
+            return print_json(&answer);
+        }
+    }
     let p = Platform::open(cfg).await?;
+    let answer = audit_answer(&p.ops(), q).await;
+    p.flush();
+    print_json(&answer?)
+}
+
+/// `chat audit`, in the command's process or in the running server's (admin socket): the
+/// `audit.accessed` record first, then the answer as JSON.
+async fn audit_answer(ops: &admin::Ops, q: AuditQuery) -> anyhow::Result<serde_json::Value> {
+    use chat_gateway::insights::{day_range, time_range};
     let (action, target, from, to) = match &q {
         AuditQuery::Receipts { message } => ("message_receipts", Some(message.clone()), None, None),
         AuditQuery::UserReceipts { user, from, to } => ("user_receipts", Some(user.clone()), from.clone(), to.clone()),
@@ -660,25 +710,24 @@ async fn audit(cfg: Config, q: AuditQuery) -> anyhow::Result<()> {
     // The record first: no audit read without it.
     let record = chat_events::AuditAccessed { auditor: None, via: "cli".into(), action: action.into(), target, from: from.clone(), to: to.clone() };
     let env = chat_events::Envelope::new(chat_events::EventId::new_v7(), None, chat_events::Event::AuditAccessed(record));
-    chat_events::append_event(p.log.as_ref(), &p.topics, &env).await?;
-    p.flush();
-    match q {
+    chat_events::append_event(ops.log.as_ref(), &ops.topics, &env).await?;
+    Ok(match q {
         AuditQuery::Receipts { message } => {
             let id: chat_events::MessageId = message.parse().map_err(|_| anyhow::anyhow!("--message is not a message id"))?;
-            let meta = p.tables.find_message(id).await?.with_context(|| format!("no message {id}"))?;
+            let meta = ops.tables.find_message(id).await?.with_context(|| format!("no message {id}"))?;
             // The same timeline as `GET /v1/audit/messages/{id}/receipts`.
-            print_json(&chat_gateway::insights::AuditTimeline::of(p.tables.as_ref(), &meta).await?)
+            serde_json::to_value(chat_gateway::insights::AuditTimeline::of(ops.tables.as_ref(), &meta).await?)?
         }
         AuditQuery::UserReceipts { user, .. } => {
             let (from, to) = time_range(from.as_deref(), to.as_deref()).map_err(cli_error)?;
             let user: chat_events::UserId = user.parse().map_err(|_| anyhow::anyhow!("--user is not a user id"))?;
-            print_json(&p.tables.receipts_of_user(user, from, to).await?)
+            serde_json::to_value(ops.tables.receipts_of_user(user, from, to).await?)?
         }
         AuditQuery::Daily { .. } => {
             let (from, to) = day_range(from.as_deref(), to.as_deref()).map_err(cli_error)?;
-            print_json(&p.tables.message_counts(from, to).await?)
+            serde_json::to_value(ops.tables.message_counts(from, to).await?)?
         }
-    }
+    })
 }
 
 fn parse_time(flag: &str, v: &Option<String>) -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
@@ -765,8 +814,30 @@ async fn replay(cfg: Config, a: ReplayArgs) -> anyhow::Result<()> {
 }
 
 async fn rebuild(cfg: Config, into: Option<String>) -> anyhow::Result<bool> {
-    let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
+    // Embedded, beside a running server: the server rebuilds (it holds the log).
+    let report: serde_json::Value = match cfg.data_dir().map(|dir| dir.to_path_buf()) {
+        Some(dir) => match admin::call::<serde_json::Value>(&dir, "/rebuild", &serde_json::json!({ "into": into })).await? {
+            Some(report) => report,
+            None => rebuild_locally(cfg, into).await?,
+        },
+        None => rebuild_locally(cfg, into).await?,
+    };
+    print_json(&report)?;
+    Ok(report["equal"] == serde_json::json!(true))
+}
+
+async fn rebuild_locally(cfg: Config, into: Option<String>) -> anyhow::Result<serde_json::Value> {
     let live = Platform::open(cfg.clone()).await?;
+    let report = rebuild_into(&live.ops(), &cfg, into).await;
+    live.flush();
+    report
+}
+
+/// Projects the whole log again, from offset zero, into fresh tables (a new directory or
+/// keyspace), then compares every table's checksum with the live tables' once both have
+/// projected the log to its end (waiting for a quiet moment when the live system is busy).
+async fn rebuild_into(live: &admin::Ops, cfg: &Config, into: Option<String>) -> anyhow::Result<serde_json::Value> {
+    let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
     let (fresh, place): (Arc<dyn Tables>, String) = match &cfg.backend {
         Backend::Embedded { data_dir } => {
             let dir = into.map(std::path::PathBuf::from).unwrap_or_else(|| data_dir.join(format!("rebuild-{stamp}")));
@@ -786,27 +857,53 @@ async fn rebuild(cfg: Config, into: Option<String>) -> anyhow::Result<bool> {
     let (stop, stopped) = watch::channel(false);
     let dead = DeadLetters { log: live.log.clone(), topics: live.topics.clone() };
     let counted = stats.clone();
-    let task = tokio::spawn(async move { stop_on_loss("rebuild", chat_projections::run("rebuild", consumer, handler, dead, counted, stopped).await) });
-    eprintln!("rebuilding into {place} (group {group})");
+    // A failure ends the rebuild, not the process (it may run inside `chat run`).
+    let mut task = tokio::spawn(async move { chat_projections::run("rebuild", consumer, handler, dead, counted, stopped).await });
+    info!(into = %place, group = %group, "rebuilding the projections");
     loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            r = &mut task => bail!("the rebuild stopped before the end of the log: {}", match r {
+                Ok(Ok(())) => "stopped".to_owned(),
+                Ok(Err(reason)) => reason,
+                Err(e) => e.to_string(),
+            }),
+        }
         let lag = live.log.group_lag(&group, &topics).await?;
-        eprintln!("rebuild: {} records projected, {lag} to go", stats.records.load(std::sync::atomic::Ordering::Relaxed));
+        info!(projected = stats.records.load(std::sync::atomic::Ordering::Relaxed), to_go = lag, "rebuild");
         if lag == 0 {
             break;
         }
     }
+    // Compare at one position of the log: both groups at its end before and after the checksums
+    // (a busy system is retried until such a moment, for up to a minute).
+    let quiet = || async {
+        Ok::<bool, anyhow::Error>(
+            live.log.group_lag(&group, &topics).await? == 0 && live.log.group_lag(&cfg.projection_group, &topics).await? == 0,
+        )
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (a, b) = loop {
+        if quiet().await? {
+            let sums = (live.tables.checksums().await?, fresh.checksums().await?);
+            if quiet().await? || tokio::time::Instant::now() > deadline {
+                break sums;
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            break (live.tables.checksums().await?, fresh.checksums().await?);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let _ = stop.send(true);
-    task.await?;
-    let (a, b) = (live.tables.checksums().await?, fresh.checksums().await?);
+    if let Err(reason) = task.await? {
+        bail!("the rebuild failed: {reason}");
+    }
     let mut report = serde_json::Map::new();
     for (table, live_sum) in &a {
         report.insert(table.clone(), serde_json::json!({"live": live_sum, "rebuilt": b.get(table), "equal": b.get(table) == Some(live_sum)}));
     }
-    let equal = a == b;
-    print_json(&serde_json::json!({"rebuilt_into": place, "equal": equal, "tables": report}))?;
-    live.flush();
-    Ok(equal)
+    Ok(serde_json::json!({"rebuilt_into": place, "equal": a == b, "tables": report}))
 }
 
 #[tokio::main]
@@ -866,9 +963,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Role { action } => role(cfg, action).await,
         Command::Analytics { query } => analytics(cfg, query).await,
         Command::Audit { query } => audit(cfg, query).await,
-        Command::Checksums => {
-            let p = Platform::open(cfg).await?;
-            print_json(&p.tables.checksums().await?)
-        }
+        // Reads the tables only: in embedded mode it may run beside `chat run`.
+        Command::Checksums => print_json(&open_tables(&cfg).await?.checksums().await?),
     }
 }

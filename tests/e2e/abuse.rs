@@ -324,19 +324,8 @@ pub async fn analytics_are_aggregates_only(mode: Mode) {
     let _worker = s.worker().await;
     let users = [gw.register("ann").await, gw.register("ben").await, gw.register("cat").await, gw.register("dan").await];
     let _analyst = gw.register("ada").await;
-    let gw = match mode {
-        Mode::Embedded => {
-            gw.proc.terminate().await;
-            let out = s.chat(&["role", "grant", "--username", "ada", "--role", "analyst"]).await;
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            s.gateway_with("n1b", &env).await
-        }
-        Mode::Cluster => {
-            let out = s.chat(&["role", "grant", "--username", "ada", "--role", "analyst"]).await;
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            gw
-        }
-    };
+    let out = s.chat(&["role", "grant", "--username", "ada", "--role", "analyst"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ada = gw.login("ada").await;
     for (i, u) in users[..3].iter().enumerate() {
         let token = gw.login(&u.name).await;
@@ -463,12 +452,8 @@ pub async fn cli_output_into_a_closed_pipe(mode: Mode) {
         a.send_text(&bob.id, &format!("m{i}"), &"x".repeat(2_000)).await;
     }
     s.wait_settled(T).await;
-    let mut commands = vec![vec!["replay"]];
-    if mode == Mode::Cluster {
-        // Commands that open the tables while a server runs: cluster mode only (item 9).
-        commands.push(vec!["checksums"]);
-    }
-    for args in commands {
+    // Beside the running server, in both modes.
+    for args in [vec!["replay"], vec!["checksums"], vec!["audit", "daily"]] {
         let out = s.chat_into_closed_pipe(&args).await;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "chat {args:?}: {:?} {stderr}", out.status);
@@ -526,8 +511,8 @@ pub async fn sessions_end_everywhere(mode: Mode) {
     assert_eq!(gw.call(reqwest::Method::DELETE, "not-a-token", "/v1/sessions", None).await.0, 401);
 
     // A role change: the user's tokens carry their roles, so they end within seconds everywhere
-    // and the next log-in has the new role. (Embedded: `chat role` needs the data directory.)
-    if mode == Mode::Cluster {
+    // and the next log-in has the new role. (Embedded: `chat role` beside the running server.)
+    {
         let ada = gw.register("ada").await;
         assert_eq!(far.get(&ada.token, "/v1/analytics/messages").await.0, 403);
         let out = s.chat(&["role", "grant", "--username", "ada", "--role", "analyst"]).await;
