@@ -386,7 +386,68 @@ impl Platform {
     }
 
     /// Starts the configured worker stages.
+    /// Starts the worker stages; a stage that fails for good stops the process (`chat worker`:
+    /// its supervisor starts it again, and it resumes from its stored offsets).
     async fn start_workers(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<Vec<JoinHandle<()>>> {
+        let stages = self.start_stages(shutdown).await?;
+        Ok(stages.into_iter().map(|(stage, task)| tokio::spawn(async move { stop_on_loss(stage, task.await.unwrap_or_else(|e| Err(e.to_string()))) })).collect())
+    }
+
+    /// Runs the worker stages of `chat run` until `shutdown`. A stage that fails because the
+    /// tables lost writes they had answered (a commit failed: the disk filled up) stops every
+    /// stage; then, after a pause, the tables take writes again and the stages start over from
+    /// their stored offsets, in this process, as a restart would do. A still failing disk fails
+    /// them again, with a longer pause (up to 30 s). Any other failure for good stops the process.
+    async fn supervise_workers(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut pause = Duration::from_secs(1);
+        loop {
+            let (generation, stages_stop) = watch::channel(false);
+            let generation = Arc::new(generation);
+            let forward = {
+                let (g, mut stop) = (generation.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    while !*stop.borrow() {
+                        if stop.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = g.send(true);
+                })
+            };
+            let mut set = tokio::task::JoinSet::new();
+            for (stage, task) in self.start_stages(stages_stop).await? {
+                set.spawn(async move { (stage, task.await.unwrap_or_else(|e| Err(e.to_string()))) });
+            }
+            // The first stage to end ends the generation.
+            let mut failures: Vec<(&str, String)> = Vec::new();
+            if let Some(Ok((stage, Err(reason)))) = set.join_next().await {
+                failures.push((stage, reason));
+            }
+            let _ = generation.send(true);
+            while let Some(done) = set.join_next().await {
+                if let Ok((stage, Err(reason))) = done {
+                    failures.push((stage, reason));
+                }
+            }
+            forward.abort();
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            if !self.tables.lost() {
+                for (stage, reason) in failures {
+                    stop_on_loss(stage, Err(reason));
+                }
+                bail!("the worker stages stopped");
+            }
+            warn!(failures = ?failures, pause_s = pause.as_secs(), "the tables lost answered writes (disk full?): the worker stages start again from their stored offsets after a pause");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(30));
+            self.tables.recover();
+        }
+    }
+
+    /// Starts the worker stages this process runs; each task ends with its stage's outcome.
+    async fn start_stages(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<Vec<(&'static str, JoinHandle<Result<(), String>>)>> {
         let mut tasks = Vec::new();
         let t = &self.topics;
         let dead = DeadLetters { log: self.log.clone(), topics: t.clone() };
@@ -397,7 +458,7 @@ impl Platform {
             let handler = Arc::new(FanOut::new(self.log.clone(), t.clone(), store, Some(pusher), self.cfg.max_group_size));
             let stats = self.stage_stats("fanout");
             let (sd, dead) = (shutdown.clone(), dead.clone());
-            tasks.push(tokio::spawn(async move { stop_on_loss("fanout", chat_projections::run("fanout", consumer, handler, dead, stats, sd).await) }));
+            tasks.push(("fanout", tokio::spawn(async move { chat_projections::run("fanout", consumer, handler, dead, stats, sd).await })));
         }
         if self.cfg.stages.iter().any(|s| s == "projections") {
             let consumer = self.log.subscribe(&self.cfg.projection_group, &projection_topics(t)).await?;
@@ -405,15 +466,20 @@ impl Platform {
             *self.worker_metrics.projector.lock().unwrap_or_else(|p| p.into_inner()) = Some(handler.clone());
             let stats = self.stage_stats("projections");
             let sd = shutdown.clone();
-            tasks.push(tokio::spawn(async move { stop_on_loss("projections", chat_projections::run("projections", consumer, handler, dead, stats, sd).await) }));
+            tasks.push(("projections", tokio::spawn(async move { chat_projections::run("projections", consumer, handler, dead, stats, sd).await })));
         }
         Ok(tasks)
     }
 
     /// A stage's counters, registered for `/metrics`.
     fn stage_stats(&self, stage: &str) -> Arc<WorkerStats> {
+        let mut stages = self.worker_metrics.stages.lock().unwrap_or_else(|p| p.into_inner());
+        // A stage started again (see `supervise_workers`) goes on counting where it was.
+        if let Some((_, stats)) = stages.iter().find(|(name, _)| name == stage) {
+            return stats.clone();
+        }
         let stats = Arc::new(WorkerStats::default());
-        self.worker_metrics.stages.lock().unwrap_or_else(|p| p.into_inner()).push((stage.to_owned(), stats.clone()));
+        stages.push((stage.to_owned(), stats.clone()));
         stats
     }
 
@@ -549,7 +615,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     // Workers stop after the gateway: what the gateway appends while closing (presence going
     // offline) is projected before the process exits, and offsets are stored last.
     let (stop_workers, workers_stopped) = watch::channel(false);
-    let workers = p.start_workers(workers_stopped).await?;
+    let workers = p.supervise_workers(workers_stopped);
     let admin = match p.cfg.data_dir() {
         // Without it the server still runs; `chat role` and `chat audit` then need it stopped.
         Some(dir) => admin::serve(dir, p.ops(), p.cfg.clone(), signal.clone())
@@ -566,15 +632,18 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         }
         None => println!("chat listening on http://{addr} (cluster, node {})", p.cfg.node_id),
     }
-    gateway.await??;
-    if let Some(admin) = admin {
-        let _stopped = admin.await;
-    }
-    p.drain_workers(Duration::from_secs(10)).await;
-    let _ = stop_workers.send(true);
-    for w in workers {
-        w.await?;
-    }
+    let serving = async {
+        let served = gateway.await;
+        if let Some(admin) = admin {
+            let _stopped = admin.await;
+        }
+        p.drain_workers(Duration::from_secs(10)).await;
+        let _ = stop_workers.send(true);
+        served
+    };
+    let (served, supervised) = tokio::join!(serving, workers);
+    served??;
+    supervised?;
     p.flush();
     Ok(())
 }

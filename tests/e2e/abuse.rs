@@ -532,3 +532,136 @@ pub async fn sessions_end_everywhere(mode: Mode) {
         assert_eq!(gw.get(&gw.login("ada").await, "/v1/analytics/messages").await.0, 403);
     }
 }
+
+/// A tmpfs mounted for a test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `mib` MiB at `dir`; `None` where mounting is not allowed (not root).
+    fn mount(dir: &std::path::Path, mib: u64) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_owned()))
+    }
+
+    /// Bytes free on it.
+    fn free(&self) -> u64 {
+        let out = std::process::Command::new("df").args(["--output=avail", "-B1"]).arg(&self.0).output().expect("df");
+        String::from_utf8_lossy(&out.stdout).lines().nth(1).and_then(|l| l.trim().parse().ok()).expect("df avail")
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills a file system but for `leave` bytes; returns the filler file.
+fn fill(fs: &Tmpfs, leave: u64) -> std::path::PathBuf {
+    let filler = fs.0.join("filler");
+    let size = fs.free().saturating_sub(leave);
+    let st = std::process::Command::new("fallocate").args(["-l", &size.to_string()]).arg(&filler).status().expect("fallocate");
+    assert!(st.success(), "fallocate");
+    filler
+}
+
+/// Item 15: the disk fills up under a running embedded server, first under the tables (the
+/// report: the log kept acknowledging sends while the tables could not commit), then under the
+/// log too. Acknowledged sends stay acknowledged, refused ones get a retryable error; /readyz says
+/// not ready while writes fail; when space returns the server heals by itself (the same process:
+/// the projections start over from their stored offsets) and every acknowledged message is in the
+/// recipient's stream exactly once.
+pub async fn disk_full_recovers(mode: Mode) {
+    assert_eq!(mode, Mode::Embedded, "a data directory on small file systems: embedded only");
+    let s = Scope::new("diskfull", mode).await;
+    // The data directory on one tmpfs, tables.db (a symlink; SQLite keeps its WAL beside the
+    // target) on another, so that each can be filled on its own.
+    let Some(data_fs) = Tmpfs::mount(&s.data_dir, 64) else {
+        eprintln!("SKIPPED disk_full_recovers: mounting a tmpfs needs root");
+        return;
+    };
+    let tables_fs = Tmpfs::mount(&s.log_dir.join("tables-fs"), 64).expect("second tmpfs");
+    std::os::unix::fs::symlink(tables_fs.0.join("tables.db"), s.data_dir.join("tables.db")).expect("symlink");
+    let gw = s.gateway("n1").await;
+    let (alice, bob, mut a) = crate::acquainted(&gw).await;
+    let mut b = gw.connect(&bob, "phone").await;
+    let body = "d".repeat(6_000);
+    let mut acked = std::collections::BTreeSet::new();
+    for i in 0..20 {
+        let f = a.send_text(&bob.id, &format!("before-{i}"), &body).await;
+        acked.insert(f["message_id"].as_str().unwrap().to_owned());
+    }
+    s.wait_settled(T).await;
+    let readyz = |gw: &Gateway| {
+        let (http, url) = (gw.http.clone(), format!("{}/readyz", gw.url));
+        async move {
+            let r = http.get(url).send().await.expect("readyz");
+            (r.status().as_u16(), r.json::<Value>().await.unwrap_or_default())
+        }
+    };
+
+    // 1. The tables' file system is full: sends are still acknowledged (the log takes them);
+    // the node says it is not ready, with the store failing.
+    let tables_filler = fill(&tables_fs, 0);
+    for i in 0..40 {
+        let f = a.send_text(&bob.id, &format!("tables-full-{i}"), &body).await;
+        acked.insert(f["message_id"].as_str().unwrap().to_owned());
+    }
+    let checks = wait_for("not ready while the tables cannot commit", T, || async {
+        let (st, body) = readyz(&gw).await;
+        (st == 503).then_some(body)
+    })
+    .await;
+    assert_eq!(checks["checks"]["store"], json!(false), "{checks}");
+    assert_eq!(checks["checks"]["event_log"], json!(true), "{checks}");
+
+    // 2. The log's file system fills up too: a send is refused with a retryable error, never
+    // acknowledged falsely.
+    let log_filler = fill(&data_fs, 0);
+    let mut refused = 0;
+    for i in 0..200 {
+        let f = a.request(json!({"type": "send", "client_msg_id": format!("log-full-{i}"), "to": bob.id, "body": body})).await;
+        if f["type"] == json!("sent") {
+            acked.insert(f["message_id"].as_str().unwrap().to_owned());
+        } else {
+            assert_eq!(f["code"], json!("unavailable"), "{f}");
+            refused += 1;
+            break;
+        }
+    }
+    assert_eq!(refused, 1, "a full log refuses sends");
+    let (_, checks) = readyz(&gw).await;
+    assert_eq!(checks["checks"]["event_log"], json!(false), "{checks}");
+    // Still full a few seconds later: not ready, and the process still serves.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(readyz(&gw).await.0, 503);
+
+    // 3. Space returns: the server heals by itself.
+    std::fs::remove_file(&log_filler).expect("remove filler");
+    std::fs::remove_file(&tables_filler).expect("remove filler");
+    wait_for("ready again", T, || async { (readyz(&gw).await.0 == 200).then_some(()) }).await;
+    let mut gw = gw;
+    assert!(gw.proc.child.try_wait().expect("try_wait").is_none(), "the server exited instead of healing");
+    let f = a.send_text(&bob.id, "after", "space is back").await;
+    acked.insert(f["message_id"].as_str().unwrap().to_owned());
+    let mut missing = Vec::new();
+    let stream_deadline = tokio::time::Instant::now() + T;
+    while tokio::time::Instant::now() < stream_deadline {
+        let (items, _) = b.sync_until(None, 0, T).await;
+        let ids: Vec<String> = items.iter().filter(|i| i["kind"] == "message").map(|i| i["message_id"].as_str().unwrap_or_default().to_owned()).collect();
+        let unique: std::collections::BTreeSet<String> = ids.iter().cloned().collect();
+        assert_eq!(unique.len(), ids.len(), "no message twice in the stream");
+        missing = acked.iter().filter(|m| !unique.contains(*m)).cloned().collect();
+        if missing.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(missing.is_empty(), "acknowledged messages missing from sync: {missing:?}");
+    drop(alice);
+}

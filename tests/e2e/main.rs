@@ -985,6 +985,7 @@ mod embedded {
         weak_passwords_are_refused,
         per_user_limits,
         protocol_violations_close_with_their_codes,
+        disk_full_recovers,
     );
     scenarios!(Mode::Embedded;
         groups_membership_as_of_each_message,

@@ -21,6 +21,7 @@
 //! it as it was. `on_commit` sees it after every successful commit.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -166,6 +167,29 @@ fn open_with(path: &Path, write: bool, shared: bool) -> rusqlite::Result<Connect
 
 type Reply = Box<dyn FnOnce(Result<(), EngineError>) + Send>;
 
+/// Whether an engine's writes are going through, shared by the writer and the engine's users
+/// (readiness: a node whose writes fail is not ready).
+#[derive(Default)]
+struct Health {
+    /// The last transaction failed to commit. Cleared by the next commit.
+    failing: AtomicBool,
+    /// The writer lost writes it had answered ([`EngineError::Lost`]): set until [`Engine::recover`].
+    lost: AtomicBool,
+    /// [`Engine::recover`] asked the writer to take jobs again.
+    recover: AtomicBool,
+}
+
+/// Whether a statement failed because of the machine (disk full, I/O, locks, memory) rather than
+/// because of what it writes: such a job is retryable ([`EngineError::NotCommitted`]), never
+/// refused for good (a worker dead-letters what the store refuses).
+fn transient(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        e.sqlite_error_code(),
+        Some(DiskFull | SystemIoFailure | DatabaseBusy | DatabaseLocked | OutOfMemory | CannotOpen | FileLockingProtocolFailed | ReadOnly)
+    )
+}
+
 /// What a caller hears when its job was dropped without running (no transaction could begin, or
 /// the writer stopped): it did not commit, and retrying is safe.
 const NOT_RUN: EngineError = EngineError::Stopped;
@@ -183,6 +207,7 @@ pub struct Engine<S> {
     shared_cache: bool,
     /// Background jobs are answered as soon as they ran ([`Answer::Ran`]).
     early_background: bool,
+    health: Arc<Health>,
 }
 
 impl<S: Clone + Send + 'static> Engine<S> {
@@ -215,9 +240,11 @@ impl<S: Clone + Send + 'static> Engine<S> {
         };
         let (tx, rx) = std_mpsc::sync_channel::<(Lane, Job<S>)>(options.queue.max(1));
         let (readers, name, shared_cache, early_background) = (options.readers.max(1), options.name, options.shared_cache, options.answer == Answer::Ran);
+        let health = Arc::new(Health::default());
+        let writer_health = health.clone();
         std::thread::Builder::new()
             .name(format!("chat-{name}-writer"))
-            .spawn(move || Writer { conn, state, options, on_commit, queue: Queue::default(), lost: None }.run(rx))
+            .spawn(move || Writer { conn, state, options, on_commit, queue: Queue::default(), lost: None, health: writer_health }.run(rx))
             .map_err(|e| rusqlite::Error::InvalidParameterName(format!("cannot start the writer thread: {e}")))?;
         Ok(Arc::new(Engine {
             path,
@@ -227,12 +254,50 @@ impl<S: Clone + Send + 'static> Engine<S> {
             max_readers: readers,
             shared_cache,
             early_background,
+            health,
         }))
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether writes are going through: the last transaction committed and no answered write
+    /// was lost since the last [`Engine::recover`].
+    pub fn healthy(&self) -> bool {
+        !self.health.failing.load(Ordering::Relaxed) && !self.health.lost.load(Ordering::Relaxed)
+    }
+
+    /// [`Engine::healthy`], and when it is not, whether a write goes through now: a tiny write
+    /// (one row of `engine_probe`) through the urgent lane, which clears the failure when it
+    /// commits. Without it an idle engine would stay unhealthy after the disk has room again
+    /// (nothing would commit), and a node that is not ready gets no traffic to commit.
+    pub async fn probe(&self) -> bool {
+        if self.healthy() {
+            return true;
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+        let wrote = self
+            .write(Lane::Urgent, move |t, _| {
+                t.execute_batch("CREATE TABLE IF NOT EXISTS engine_probe (id INTEGER PRIMARY KEY, at INTEGER NOT NULL)")?;
+                t.prepare_cached("INSERT OR REPLACE INTO engine_probe (id, at) VALUES (1, ?1)")?.execute([now])?;
+                Ok(())
+            })
+            .await;
+        wrote.is_ok() && self.healthy()
+    }
+
+    /// Whether the engine lost answered writes and refuses every job until [`Engine::recover`].
+    pub fn lost(&self) -> bool {
+        self.health.lost.load(Ordering::Relaxed)
+    }
+
+    /// Takes jobs again after lost writes. Call it only once every writer that counted on the
+    /// lost writes has gone back to what is durable (a worker rewound to its stored offsets), as
+    /// a restart would.
+    pub fn recover(&self) {
+        self.health.recover.store(true, Ordering::Relaxed);
     }
 
     /// Whether a job of this lane is answered as soon as it ran.
@@ -279,7 +344,8 @@ impl<S: Clone + Send + 'static> Engine<S> {
                 }) as Reply),
                 Err(e) => {
                     *state = before;
-                    let _ = tx.send(Err(EngineError::Refused(e.to_string())));
+                    let err = if transient(&e) { EngineError::NotCommitted(e.to_string()) } else { EngineError::Refused(e.to_string()) };
+                    let _ = tx.send(Err(err));
                     None
                 }
             }
@@ -420,6 +486,7 @@ struct Writer<S, F> {
     /// Set when a commit failed after its jobs were answered ([`Answer::Ran`]): every later job
     /// fails with [`EngineError::Lost`].
     lost: Option<String>,
+    health: Arc<Health>,
 }
 
 impl<S: Clone, F: FnMut(&S)> Writer<S, F> {
@@ -465,6 +532,11 @@ impl<S: Clone, F: FnMut(&S)> Writer<S, F> {
             commits += 1;
             let mut answers: Vec<Reply> = Vec::with_capacity(jobs.len());
             let mut ran = jobs.len();
+            if self.lost.is_some() && self.health.recover.swap(false, Ordering::Relaxed) {
+                tracing::warn!(db = name, "taking jobs again after lost writes (their writers went back to what is durable)");
+                self.lost = None;
+                self.health.lost.store(false, Ordering::Relaxed);
+            }
             if let Some(lost) = &self.lost {
                 for job in jobs {
                     job(Err(lost));
@@ -507,6 +579,7 @@ impl<S: Clone, F: FnMut(&S)> Writer<S, F> {
             }
             match committed {
                 Ok(()) => {
+                    self.health.failing.store(false, Ordering::Relaxed);
                     (self.on_commit)(&self.state);
                     for a in answers {
                         a(Ok(()));
@@ -514,12 +587,14 @@ impl<S: Clone, F: FnMut(&S)> Writer<S, F> {
                 }
                 Err(e) => {
                     error!(db = name, error = %e, jobs = answers.len(), "commit failed; the transaction is rolled back and its jobs fail");
+                    self.health.failing.store(true, Ordering::Relaxed);
                     self.state = before;
                     if self.options.answer == Answer::Ran {
                         // Jobs answered before the commit are gone with it: nothing this engine
                         // writes from now on can be trusted to build on them.
-                        error!(db = name, "writes answered before this commit are lost: refusing every further job (restart to recover)");
+                        error!(db = name, "writes answered before this commit are lost: refusing every further job until their writers went back to what is durable");
                         self.lost = Some(e.to_string());
+                        self.health.lost.store(true, Ordering::Relaxed);
                     }
                     fail(answers, &e.to_string());
                 }
@@ -575,6 +650,28 @@ mod tests {
         assert_eq!(keys, vec![1, 4], "the refused job's first insert was rolled back with it");
         let state = e.write(Lane::Background, |_, n| Ok(*n)).await.unwrap();
         assert_eq!(state, 101, "the refused job's state change was put back");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A full disk (SQLite's `max_page_count` stands in for it) is not the job's fault: the
+    /// job is retryable, never refused for good (a worker would dead-letter a refused record).
+    /// Failed commits and recovery are tested end to end (`disk_full_recovers`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_is_retryable_not_refused() {
+        let dir = std::env::temp_dir().join(format!("chat-engine-{}", uuid::Uuid::new_v4()));
+        let e = engine(&dir);
+        assert!(e.probe().await);
+        let pages: i64 = e.write(Lane::Urgent, |t, _| t.query_row("PRAGMA page_count", [], |r| r.get(0))).await.unwrap();
+        let full = e
+            .write(Lane::Urgent, move |t, _| {
+                t.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+                t.execute("INSERT INTO t (k, v) VALUES (1, ?1)", [&"x".repeat(100_000)])
+            })
+            .await;
+        assert!(matches!(full, Err(EngineError::NotCommitted(_))), "{full:?}");
+        // Room again: the next write commits.
+        e.write(Lane::Urgent, |t, _| t.query_row("PRAGMA max_page_count = 1073741823", [], |_| Ok(()))).await.unwrap();
+        assert!(e.probe().await && e.healthy());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -262,6 +262,17 @@ pub trait Durable: Send + Sync {
     fn sync_every(&self) -> std::time::Duration {
         std::time::Duration::from_millis(100)
     }
+
+    /// Whether the store lost writes it had answered (a failed commit of answered-early writes:
+    /// SQLite `tables.db`, e.g. on a full disk) and refuses writes until [`Durable::recover`].
+    /// Cassandra/ScyllaDB answer a write only once it is in the commit logs: never.
+    fn lost(&self) -> bool {
+        false
+    }
+
+    /// Takes writes again after [`Durable::lost`]: call it only once every writer that counted
+    /// on the lost writes went back to its stored offsets (the workers stopped and start again).
+    fn recover(&self) {}
 }
 
 /// The reads projections need (their writes go through [`WriteStore::apply`]).

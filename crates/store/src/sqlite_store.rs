@@ -1437,14 +1437,26 @@ impl TableAdmin for SqliteStore {
         .await
     }
 
+    /// Reads answer and writes go through (the last commit of each file succeeded, and
+    /// `tables.db` lost no answered write since the last [`Durable::recover`]).
     async fn ping(&self) -> bool {
-        self.read(|c| c.row("SELECT 1", [], |r| r.get::<_, i64>(0))).await.is_ok()
+        self.tables.probe().await
+            && self.commands.probe().await
+            && self.read(|c| c.row("SELECT 1", [], |r| r.get::<_, i64>(0))).await.is_ok()
             && self.command_read(|c| c.row("SELECT 1", [], |r| r.get::<_, i64>(0))).await.is_ok()
     }
 }
 
 #[async_trait]
 impl Durable for SqliteStore {
+    fn lost(&self) -> bool {
+        self.tables.lost()
+    }
+
+    fn recover(&self) {
+        self.tables.recover()
+    }
+
     async fn sync(&self) -> StoreResult<()> {
         // A synced commit of one small row: syncing the WAL syncs every commit before it.
         Ok(self
