@@ -46,6 +46,8 @@
 #   CHAT_GO [`go` on PATH, else /usr/local/go/bin/go, else /usr/lib/go/bin/go]  (builds SeaweedFS)
 #   CHAT_KAFKA_TIMEOUT [180]  CHAT_CASSANDRA_TIMEOUT [300]  CHAT_REDIS_TIMEOUT [30]  (seconds)
 #   CHAT_S3_TIMEOUT [60]
+#   CHAT_SERVICES_ONLY ["redis kafka cassandra s3"]: the services `up`, `down` and `status` act on
+#   (the fault tests run a private Kafka or Redis with their own CHAT_SERVICES_HOME and ports)
 #
 # Services started by `up` outlive this script (setsid + nohup) and never inherit the caller's
 # stdout/stderr (they write to log files), so a CI job that captures our output does not hang.
@@ -751,27 +753,36 @@ EOF
 # ---------------------------------------------------------------------------------------------
 # Commands
 
+ONLY=" ${CHAT_SERVICES_ONLY:-redis kafka cassandra s3} "
+want() { [[ $ONLY == *" $1 "* ]]; }
+
 cmd_up() {
   local total=$SECONDS
   if [[ ${CHAT_SERVICES_FRESH:-0} == 1 ]]; then
     say "CHAT_SERVICES_FRESH=1: stopping and wiping data first"
     cmd_down --wipe
   fi
-  need_java17
-  fetch_jars "$KAFKA_DIR" "kafka_2.13 $KAFKA_VERSION log4j-slf4j-impl $KAFKA_LOG4J_VERSION" \
-    "org.apache.kafka:kafka_2.13:$KAFKA_VERSION" \
-    "org.apache.logging.log4j:log4j-slf4j-impl:$KAFKA_LOG4J_VERSION"
-  fetch_jars "$CASSANDRA_DIR" "cassandra-all $CASSANDRA_VERSION" \
-    "org.apache.cassandra:cassandra-all:$CASSANDRA_VERSION"
-  command -v curl >/dev/null || apt_install curl ca-certificates   # the S3 readiness check
-  s3_build
+  if want kafka || want cassandra; then need_java17; fi
+  if want kafka; then
+    fetch_jars "$KAFKA_DIR" "kafka_2.13 $KAFKA_VERSION log4j-slf4j-impl $KAFKA_LOG4J_VERSION" \
+      "org.apache.kafka:kafka_2.13:$KAFKA_VERSION" \
+      "org.apache.logging.log4j:log4j-slf4j-impl:$KAFKA_LOG4J_VERSION"
+  fi
+  if want cassandra; then
+    fetch_jars "$CASSANDRA_DIR" "cassandra-all $CASSANDRA_VERSION" \
+      "org.apache.cassandra:cassandra-all:$CASSANDRA_VERSION"
+  fi
+  if want s3; then
+    command -v curl >/dev/null || apt_install curl ca-certificates   # the S3 readiness check
+    s3_build
+  fi
 
-  redis_start
+  if want redis; then redis_start; fi
 
   # Cassandra is by far the slowest: launch it first, and let Kafka's format + start overlap.
-  cassandra_launch
-  kafka_launch
-  s3_launch
+  if want cassandra; then cassandra_launch; fi
+  if want kafka; then kafka_launch; fi
+  if want s3; then s3_launch; fi
   local ok=1
   if (( S3_STARTED )); then
     if ! wait_ready s3 "$S3_PID" "$S3_PATTERN" "$S3_T0" "$S3_TIMEOUT" "$S3_LOG" s3_ready; then
@@ -799,10 +810,10 @@ cmd_down() {
     *) die "usage: $0 down [--wipe]" ;;
   esac
   # In parallel: Cassandra's drain on SIGTERM takes several seconds, no need to queue behind it.
-  stop_service kafka "$KAFKA_PID" kafka.Kafka "$KAFKA_PORT" &
-  stop_service cassandra "$CASSANDRA_PID" CassandraDaemon "$CASSANDRA_PORT" &
-  stop_service redis "$REDIS_PID" redis-server "$REDIS_PORT" &
-  stop_service s3 "$S3_PID" "$S3_PATTERN" "$S3_PORT" &
+  if want kafka; then stop_service kafka "$KAFKA_PID" kafka.Kafka "$KAFKA_PORT" & fi
+  if want cassandra; then stop_service cassandra "$CASSANDRA_PID" CassandraDaemon "$CASSANDRA_PORT" & fi
+  if want redis; then stop_service redis "$REDIS_PID" redis-server "$REDIS_PORT" & fi
+  if want s3; then stop_service s3 "$S3_PID" "$S3_PATTERN" "$S3_PORT" & fi
   wait
   if (( wipe )); then
     say "wiping data: $KAFKA_DIR/data $CASSANDRA_DIR/data $REDIS_DIR/data $S3_DIR/data"
@@ -831,10 +842,10 @@ status_line() {
 
 cmd_status() {
   local rc=0
-  status_line redis "$REDIS_PID" redis-server "$REDIS_PORT" || rc=1
-  status_line kafka "$KAFKA_PID" kafka.Kafka "$KAFKA_PORT" || rc=1
-  status_line cassandra "$CASSANDRA_PID" CassandraDaemon "$CASSANDRA_PORT" || rc=1
-  status_line s3 "$S3_PID" "$S3_PATTERN" "$S3_PORT" || rc=1
+  if want redis; then status_line redis "$REDIS_PID" redis-server "$REDIS_PORT" || rc=1; fi
+  if want kafka; then status_line kafka "$KAFKA_PID" kafka.Kafka "$KAFKA_PORT" || rc=1; fi
+  if want cassandra; then status_line cassandra "$CASSANDRA_PID" CassandraDaemon "$CASSANDRA_PORT" || rc=1; fi
+  if want s3; then status_line s3 "$S3_PID" "$S3_PATTERN" "$S3_PORT" || rc=1; fi
   return $rc
 }
 

@@ -660,6 +660,23 @@ impl Ws {
         self.expect("answer", Duration::from_secs(30), |f| f["ref"] == json!(r)).await
     }
 
+    /// Sends a frame with a fresh `ref` and returns the answer carrying it; `None` when the
+    /// connection closed or no answer came within `timeout` (the connection is then unusable).
+    pub async fn try_request(&mut self, mut v: Value, timeout: Duration) -> Option<Value> {
+        let r = self.next_ref;
+        self.next_ref += 1;
+        v["ref"] = json!(r);
+        self.sink.send(Message::Text(v.to_string().into())).await.ok()?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let f = self.read(deadline.saturating_duration_since(tokio::time::Instant::now())).await?;
+            if f["ref"] == json!(r) {
+                return Some(f);
+            }
+            self.buffered.push_back(f);
+        }
+    }
+
     /// Sends a text message; returns the `sent` frame (panics on an error frame).
     pub async fn send_text(&mut self, to: &str, client_msg_id: &str, body: &str) -> Value {
         let f = self.request(json!({"type": "send", "client_msg_id": client_msg_id, "to": to, "body": body})).await;

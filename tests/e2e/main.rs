@@ -4,6 +4,7 @@
 
 mod abuse;
 mod conformance;
+mod faults;
 mod groups;
 mod harness;
 mod product;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use chat_events::TopicKind;
 use abuse::*;
+use faults::*;
 use groups::*;
 use harness::*;
 use product::*;
@@ -948,6 +950,8 @@ mod cluster {
         i_gateway_restart_loses_no_acked_message,
         token_expiry_closes_the_socket,
         concurrent_registrations_of_one_name,
+        kafka_broker_killed_under_load,
+        redis_restarted_empty,
     );
     scenarios!(Mode::Cluster;
         groups_membership_as_of_each_message,
