@@ -12,7 +12,7 @@ use chat_gateway::conformance::{Flavor, NodeSpec};
 use chat_gateway::{RedisRouting, Routing};
 use chat_store::{ScyllaConfig, ScyllaStore, Tables};
 
-use crate::harness::services;
+use crate::harness::{cluster_available, services};
 
 /// Eight random hex digits, to keep this run's names apart from every other run's.
 fn tag() -> String {
@@ -21,12 +21,18 @@ fn tag() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_event_log_on_kafka() {
+    if !cluster_available("conformance_event_log_on_kafka") {
+        return;
+    }
     let log: Arc<dyn EventLog> = Arc::new(KafkaLog::new(KafkaConfig::new(&services().kafka)).expect("kafka client"));
     chat_events::conformance::run_all(log, &format!("conf.{}.", tag())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_tables_on_cassandra() {
+    if !cluster_available("conformance_tables_on_cassandra") {
+        return;
+    }
     let config = ScyllaConfig { nodes: vec![services().cassandra], keyspace: format!("conf_{}", tag()), replication_factor: 1 };
     let store = ScyllaStore::connect(&config).await.unwrap_or_else(|e| panic!("connect to Cassandra, keyspace {}: {e}", config.keyspace));
     let tables: Arc<dyn Tables> = Arc::new(store);
@@ -37,6 +43,9 @@ async fn conformance_tables_on_cassandra() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_routing_on_redis() {
+    if !cluster_available("conformance_routing_on_redis") {
+        return;
+    }
     let url = services().redis;
     let prefix = format!("conf:{}:", tag());
     let flavor = Flavor { multi_node: true, expires: true };

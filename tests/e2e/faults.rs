@@ -8,6 +8,7 @@ use std::process::Command as StdCommand;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chat_events::EventLog;
 use serde_json::json;
 
 use crate::harness::*;
@@ -38,6 +39,8 @@ impl Private {
         }
         let mut env = vec![("CHAT_SERVICES_HOME".to_owned(), home.display().to_string()), ("CHAT_SERVICES_ONLY".to_owned(), name.to_owned())];
         env.extend(ports.iter().map(|(k, v)| ((*k).to_owned(), v.to_string())));
+        // A second Cassandra beside the shared one: a smaller heap.
+        env.push(("CHAT_CASSANDRA_HEAP".to_owned(), "1g".to_owned()));
         let p = Private { name, home, env };
         p.up();
         p
@@ -89,7 +92,7 @@ struct Outcomes {
 /// acknowledged: an error frame or a lost connection is followed by a re-send of the same
 /// `client_msg_id` (marked as a re-send), on a new connection if needed. Panics on an error
 /// code a client could not retry.
-async fn send_all(url: String, users: Vec<User>, each: usize, out: Arc<Mutex<Outcomes>>) {
+async fn send_all(url: String, users: Vec<User>, each: usize, tag: &'static str, out: Arc<Mutex<Outcomes>>) {
     let n = users.len();
     let mut tasks = Vec::new();
     for k in 0..n {
@@ -109,7 +112,7 @@ async fn send_all(url: String, users: Vec<User>, each: usize, out: Arc<Mutex<Out
                         continue;
                     };
                     attempt += 1;
-                    let frame = json!({"type": "send", "client_msg_id": format!("m{i}"), "to": to, "body": format!("#{i}"), "retry": attempt > 1});
+                    let frame = json!({"type": "send", "client_msg_id": format!("{tag}{i}"), "to": to, "body": format!("#{i}"), "retry": attempt > 1});
                     match conn.try_request(frame, Duration::from_secs(60)).await {
                         Some(f) if f["type"] == "sent" => {
                             out.lock().unwrap().acked.insert((k, i), f["message_id"].as_str().expect("message_id").to_owned());
@@ -182,7 +185,7 @@ pub async fn kafka_broker_killed_under_load(mode: Mode) {
         users.push(gw.register(&format!("user{k}")).await);
     }
     let out = Arc::new(Mutex::new(Outcomes::default()));
-    let senders = tokio::spawn(send_all(gw.ws_url(), users.clone(), EACH, out.clone()));
+    let senders = tokio::spawn(send_all(gw.ws_url(), users.clone(), EACH, "m", out.clone()));
     for round in 0..3 {
         // Let traffic flow, then kill the broker in the middle of it.
         let before = out.lock().unwrap().acked.len();
@@ -278,4 +281,153 @@ pub async fn redis_restarted_empty(mode: Mode) {
         wb.expect("a push across nodes after the restart", Duration::from_secs(10), |m| m["type"] == "message" && m["message_id"] == id).await;
     }
     drop(redis);
+}
+
+/// Cassandra stopped for 60 s while clients send: sends keep being acknowledged (a send needs
+/// the log, not the tables, once its users are known to the node), reads answer 503
+/// `unavailable`, the workers store no offset past writes that failed, and after the restart
+/// the lag is back to zero within 60 s, every acknowledged message is in its recipient's stream
+/// exactly once and the messages table has one row per message.
+pub async fn cassandra_stopped_for_a_minute(mode: Mode) {
+    assert_eq!(mode, Mode::Cluster);
+    const CLIENTS: usize = 20;
+    let mut s = Scope::new("cassstop", mode).await;
+    let (port, storage) = (free_port(), free_port());
+    let cassandra = Private::start("cassandra", &[("CHAT_CASSANDRA_PORT", port), ("CHAT_CASSANDRA_STORAGE_PORT", storage)]);
+    s.svc.as_mut().expect("cluster").cassandra = format!("127.0.0.1:{port}");
+    let gw = s.gateway("n1").await;
+    let _worker = s.worker().await;
+    let mut users = Vec::new();
+    for k in 0..CLIENTS {
+        users.push(gw.register(&format!("user{k}")).await);
+    }
+    // Every user sends once before the stop, so that the node knows them all.
+    let out = Arc::new(Mutex::new(Outcomes::default()));
+    send_all(gw.ws_url(), users.clone(), 5, "m", out.clone()).await;
+    s.wait_settled(T).await;
+
+    let stopped = std::time::Instant::now();
+    assert!(cassandra.script(&["down"]), "stopping cassandra");
+    // Sends go on while the tables are down.
+    let mut conns = Vec::new();
+    for u in &users {
+        conns.push(gw.connect(u, "down").await);
+    }
+    let mut i = 0;
+    while stopped.elapsed() < Duration::from_secs(60) {
+        for (k, ws) in conns.iter_mut().enumerate() {
+            let to = users[(k + 1) % CLIENTS].id.clone();
+            let f = ws.try_request(json!({"type": "send", "client_msg_id": format!("down{i}"), "to": to, "body": "while the tables are down"}), T).await.expect("answer");
+            assert_eq!(f["type"], json!("sent"), "a send while Cassandra is down: {f}");
+            out.lock().unwrap().acked.insert((k, 1_000 + i), f["message_id"].as_str().unwrap().to_owned());
+        }
+        i += 1;
+        // Reads answer 503 with a code, never partial data.
+        let (st, body) = gw.get(&users[0].token, "/v1/conversations").await;
+        assert_eq!((st, body["error"]["code"].clone()), (503, json!("unavailable")), "{body}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // No offset past the writes that failed: the workers' groups still lag.
+    let lag = s.log().group_lag(&s.fanout_group(), &[s.topics().name(chat_events::TopicKind::Conversations)]).await.expect("lag");
+    assert!(lag > 0, "the fan-out stored offsets past writes that could not happen");
+    eprintln!("{i} rounds of sends while Cassandra was down; fan-out lag {lag}");
+
+    cassandra.up();
+    let restarted = std::time::Instant::now();
+    s.wait_settled(Duration::from_secs(60)).await;
+    eprintln!("lag back to zero {:?} after Cassandra answered again", restarted.elapsed());
+    let out = Arc::try_unwrap(out).ok().expect("senders done").into_inner().unwrap();
+    check_delivery(&s, &gw, &users, &out).await;
+    let store = s.store(&s.keyspace).await;
+    assert_eq!(checksums(&store).await["messages"].rows, out.acked.len() as u64, "one row per message, no duplicates");
+    for ws in conns {
+        ws.close().await;
+    }
+    drop(cassandra);
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Kafka unreachable for 30 s (the broker stopped with SIGSTOP: connections hang, nothing is
+/// refused) while clients send, one of them flooding: no send is acknowledged unless it is in the
+/// log, every send is answered (`sent`, or a retryable error), the gateway's memory stays
+/// bounded, and sends succeed again after the broker returns, without a restart.
+pub async fn kafka_unreachable_for_30s(mode: Mode) {
+    assert_eq!(mode, Mode::Cluster);
+    const CLIENTS: usize = 10;
+    const FLOOD: usize = 3_000;
+    let mut s = Scope::new("kafkastop", mode).await;
+    let (port, controller) = (free_port(), free_port());
+    let kafka = Private::start("kafka", &[("CHAT_KAFKA_PORT", port), ("CHAT_KAFKA_CONTROLLER_PORT", controller)]);
+    s.svc.as_mut().expect("cluster").kafka = format!("127.0.0.1:{port}");
+    let gw = s.gateway("n1").await;
+    let pid = gw.proc.child.id().expect("gateway pid");
+    let _worker = s.worker().await;
+    let mut users = Vec::new();
+    for k in 0..CLIENTS {
+        users.push(gw.register(&format!("user{k}")).await);
+    }
+    let out = Arc::new(Mutex::new(Outcomes::default()));
+    send_all(gw.ws_url(), users.clone(), 5, "m", out.clone()).await;
+    let rss_before = rss_kib(pid);
+
+    let broker = std::fs::read_to_string(kafka.home.join("kafka/kafka.pid")).expect("pid").trim().to_owned();
+    assert!(StdCommand::new("kill").args(["-STOP", &broker]).status().expect("kill").success());
+    let stopped = std::time::Instant::now();
+    // The flood: frames written without waiting for answers, then every answer read.
+    let mut flood = gw.connect(&users[0], "flood").await;
+    // A client that connects meanwhile can read at once (its online announcement waits for the
+    // log beside it, not in front of it).
+    let synced = tokio::time::timeout(Duration::from_secs(5), flood.request(json!({"type": "sync", "limit": 10}))).await;
+    assert!(synced.is_ok_and(|f| f["type"] == "sync"), "sync while the log is unreachable");
+    let to = users[1].id.clone();
+    for i in 0..FLOOD {
+        flood.send(json!({"type": "send", "ref": 1_000_000 + i, "client_msg_id": format!("flood{i}"), "to": to, "body": "flood"})).await;
+    }
+    // Meanwhile the others send one at a time, each until acknowledged.
+    let senders = tokio::spawn(send_all(gw.ws_url(), users[1..].to_vec(), 3, "hung", out.clone()));
+    let mut rss_peak = 0;
+    while stopped.elapsed() < Duration::from_secs(30) {
+        rss_peak = rss_peak.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(StdCommand::new("kill").args(["-CONT", &broker]).status().expect("kill").success());
+    let (mut flood_acked, mut flood_errors) = (Vec::new(), BTreeMap::<String, u64>::new());
+    let mut answered = 0;
+    while answered < FLOOD {
+        let f = flood.expect("an answer to every flooded send", T, |f| f["ref"].as_u64().is_some_and(|r| r >= 1_000_000)).await;
+        answered += 1;
+        if f["type"] == "sent" {
+            flood_acked.push(f["message_id"].as_str().unwrap().to_owned());
+        } else {
+            let code = f["code"].as_str().unwrap_or_default().to_owned();
+            assert!(["unavailable", "overloaded"].contains(&code.as_str()), "a retryable error: {f}");
+            *flood_errors.entry(code).or_default() += 1;
+        }
+    }
+    senders.await.expect("senders");
+    eprintln!(
+        "flood: {} acknowledged, errors {flood_errors:?}; other senders' errors {:?}; RSS {rss_before} KiB before, {rss_peak} KiB at most while the broker hung",
+        flood_acked.len(),
+        out.lock().unwrap().errors
+    );
+    assert!(rss_peak < rss_before + 200 * 1024, "memory grew by {} KiB while the broker hung", rss_peak.saturating_sub(rss_before));
+    // Sends succeed again, same process.
+    let mut ws = gw.connect(&users[2], "after").await;
+    ws.send_text(&users[3].id, "after", "the broker is back").await;
+    // No false ack: every acknowledged send is in the log.
+    let logged: BTreeSet<String> = s
+        .read_topic(chat_events::TopicKind::Conversations)
+        .into_iter()
+        .filter(|e| e["type"] == json!("message.sent"))
+        .filter_map(|e| e["data"]["message_id"].as_str().map(str::to_owned))
+        .collect();
+    let acked = out.lock().unwrap().acked.values().cloned().chain(flood_acked).collect::<Vec<_>>();
+    let false_acks: Vec<&String> = acked.iter().filter(|m| !logged.contains(*m)).collect();
+    assert!(false_acks.is_empty(), "acknowledged but not in the log: {false_acks:?}");
+    drop(kafka);
 }

@@ -36,6 +36,18 @@ pub struct Services {
     pub s3: [String; 5],
 }
 
+/// Whether the real services are configured (`eval "$(bash scripts/services.sh env)"`). Without
+/// them a cluster test is skipped with a message, so that a bare `cargo test --workspace` runs
+/// everything else; under CI (`CI` set) a missing service is an error, never a skip.
+pub fn cluster_available(test: &str) -> bool {
+    if std::env::var_os("CHAT_TEST_KAFKA").is_some() {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "{test}: CI must run the cluster tests, but CHAT_TEST_KAFKA is not set");
+    eprintln!("SKIPPED {test}: needs Kafka, Cassandra, Redis and S3 (bash scripts/services.sh up; eval \"$(bash scripts/services.sh env)\")");
+    false
+}
+
 pub fn services() -> Services {
     let get = |k: &str| {
         std::env::var(k).unwrap_or_else(|_| {

@@ -908,6 +908,9 @@ macro_rules! scenarios {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
+                if $mode == Mode::Cluster && !cluster_available(concat!("cluster::", stringify!($name))) {
+                    return;
+                }
                 super::$name($mode).await
             }
         )*
@@ -952,6 +955,8 @@ mod cluster {
         concurrent_registrations_of_one_name,
         kafka_broker_killed_under_load,
         redis_restarted_empty,
+        cassandra_stopped_for_a_minute,
+        kafka_unreachable_for_30s,
     );
     scenarios!(Mode::Cluster;
         groups_membership_as_of_each_message,

@@ -844,12 +844,21 @@ impl Chat {
     // ----- presence -----
 
     /// A connection opened. If it is the user's first, the user came online.
-    pub async fn connected(&self, ctx: &ConnCtx) {
+    /// A connection opened: registered for routing. True when it is the user's first (the
+    /// caller then announces them online with [`Chat::went_online`]).
+    pub async fn connected(&self, ctx: &ConnCtx) -> bool {
         match self.routing.connect(ctx.user, &ctx.conn).await {
-            Ok(true) => self.presence_changed(ctx.user, PresenceStatus::Online).await,
-            Ok(false) => {}
-            Err(e) => warn!(error = %e, "routing registration failed; pushes to this connection may be lost until the next heartbeat"),
+            Ok(first) => first,
+            Err(e) => {
+                warn!(error = %e, "routing registration failed; pushes to this connection may be lost until the next heartbeat");
+                false
+            }
         }
+    }
+
+    /// Appends the user's `presence.changed` online and pushes it to their contacts.
+    pub async fn went_online(&self, user: UserId) {
+        self.presence_changed(user, PresenceStatus::Online).await
     }
 
     /// A connection closed. If it was the user's last, the user went offline.

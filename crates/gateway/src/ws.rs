@@ -169,7 +169,13 @@ async fn connection(
     let mut writer = writer;
     let mut writer_done = false;
 
-    Box::pin(chat.connected(&ctx)).await;
+    // Registered for routing before the reader starts; announced online beside it: with the log
+    // unreachable the presence append waits up to its timeout, and the client must be able to sync
+    // meanwhile. The offline announcement waits for it (online is appended first).
+    let announced = Box::pin(chat.connected(&ctx)).await.then(|| {
+        let chat = chat.clone();
+        tokio::spawn(async move { chat.went_online(user).await })
+    });
     let expiry = tokio::time::Instant::now()
         + (principal.expires_at - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO);
 
@@ -243,6 +249,9 @@ async fn connection(
         let _done = writer.await;
     }
     chat.metrics.connections_open.dec();
+    if let Some(announced) = announced {
+        let _announced = announced.await;
+    }
     Box::pin(chat.disconnected(&ctx)).await;
     chat.hub.session_ended();
 }
