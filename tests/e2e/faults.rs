@@ -37,7 +37,13 @@ impl Private {
         if shared.join(name).join("lib").exists() {
             std::os::unix::fs::symlink(shared.join(name).join("lib"), home.join(name).join("lib")).expect("link jars");
         }
-        let mut env = vec![("CHAT_SERVICES_HOME".to_owned(), home.display().to_string()), ("CHAT_SERVICES_ONLY".to_owned(), name.to_owned())];
+        // Never wipe on `up` (CI sets CHAT_SERVICES_FRESH=1 for the shared services): a restart
+        // after a kill must find the data it had.
+        let mut env = vec![
+            ("CHAT_SERVICES_HOME".to_owned(), home.display().to_string()),
+            ("CHAT_SERVICES_ONLY".to_owned(), name.to_owned()),
+            ("CHAT_SERVICES_FRESH".to_owned(), "0".to_owned()),
+        ];
         env.extend(ports.iter().map(|(k, v)| ((*k).to_owned(), v.to_string())));
         // A second Cassandra beside the shared one: a smaller heap.
         env.push(("CHAT_CASSANDRA_HEAP".to_owned(), "1g".to_owned()));
