@@ -36,6 +36,18 @@ fi
 
 bash scripts/services.sh up
 eval "$(bash scripts/services.sh env)"
+
+# The WebSocket conformance test drives the Autobahn TestSuite's cases with `kosoku` (PyPI),
+# installed once into a virtualenv beside the services (outside the clone).
+KOSOKU_VERSION=0.1.0
+kosoku_venv="${CHAT_SERVICES_HOME:-$HOME/.cache/chat-services}/kosoku-$KOSOKU_VERSION"
+if [[ ! -x $kosoku_venv/bin/kosoku ]]; then
+  echo "[test] installing kosoku $KOSOKU_VERSION into $kosoku_venv"
+  rm -rf "$kosoku_venv"
+  python3 -m venv "$kosoku_venv"
+  "$kosoku_venv/bin/pip" install -q --disable-pip-version-check "kosoku==$KOSOKU_VERSION" </dev/null
+fi
+export CHAT_TEST_KOSOKU="$kosoku_venv/bin/kosoku"
 env | grep '^CHAT_TEST_' | sort
 
 # --locked only when there is a lock file to hold the build to.

@@ -108,6 +108,10 @@ pub struct Settings {
     /// Members per group, the creator included [default: 1024].
     #[arg(long, env = "CHAT_MAX_GROUP_SIZE", global = true)]
     pub max_group_size: Option<usize>,
+    /// Serves `/v1/ws/echo`, an unauthenticated WebSocket echo on the gateway's WebSocket stack,
+    /// for conformance runs (Autobahn); never in production [default: false].
+    #[arg(long, env = "CHAT_WS_ECHO", global = true, value_parser = clap::builder::BoolishValueParser::new())]
+    pub ws_echo: Option<bool>,
     /// Media in an S3-compatible store (cluster mode): endpoint URL, e.g. http://127.0.0.1:8333.
     #[arg(long, env = "CHAT_S3_ENDPOINT", global = true)]
     pub s3_endpoint: Option<String>,
@@ -182,6 +186,7 @@ pub struct Config {
     pub user_limits: (usize, usize),
     pub presence_ttl: Duration,
     pub max_group_size: usize,
+    pub ws_echo: bool,
     pub analytics_keywords: Vec<String>,
     pub media: MediaBackend,
     /// (image, audio, video) upload limits in bytes.
@@ -243,6 +248,7 @@ impl Settings {
             sends_per_user_per_sec,
             presence_ttl_secs,
             max_group_size,
+            ws_echo,
             analytics_keywords,
             s3_endpoint,
             s3_bucket,
@@ -411,6 +417,7 @@ impl Settings {
             user_limits: (s.max_connections_per_user.unwrap_or(32), s.sends_per_user_per_sec.unwrap_or(20)),
             presence_ttl: Duration::from_secs(presence_ttl_secs),
             max_group_size,
+            ws_echo: s.ws_echo.unwrap_or(false),
             media,
             media_limits,
             analytics_keywords: s

@@ -338,6 +338,7 @@ impl Platform {
             sends_per_user_per_sec: c.user_limits.1,
             presence_ttl: c.presence_ttl,
             max_group_size: c.max_group_size,
+            ws_echo: c.ws_echo,
             ..Limits::default()
         };
         let store: Arc<dyn chat_gateway::GatewayStore> = self.tables.clone();

@@ -28,7 +28,8 @@ const MAX_BODY: usize = 64 * 1024;
 
 /// Every route of the gateway.
 pub fn router(chat: App) -> Router {
-    Router::new()
+    let echo = chat.limits.ws_echo;
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -55,7 +56,9 @@ pub fn router(chat: App) -> Router {
         .route("/v1/audit/messages/{message_id}/receipts", get(audit_message))
         .route("/v1/audit/users/{user_id}/receipts", get(audit_user))
         .route("/v1/audit/metrics/daily", get(audit_daily))
-        .route("/v1/ws", get(websocket))
+        .route("/v1/ws", get(websocket));
+    let router = if echo { router.route("/v1/ws/echo", get(websocket_echo)) } else { router };
+    router
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this path does not take that method")
@@ -386,6 +389,11 @@ async fn websocket(
             return ApiError::new(rejection.status(), "invalid_upgrade", rejection.body_text()).into_response();
         }
     };
+    configured(ws, &chat).on_upgrade(move |socket| crate::ws::serve(chat, principal, device, socket))
+}
+
+/// The WebSocket settings of every socket the gateway accepts.
+fn configured(ws: WebSocketUpgrade, chat: &Chat) -> WebSocketUpgrade {
     let limit = chat.limits.max_frame_bytes;
     ws.max_message_size(limit)
         .max_frame_size(limit)
@@ -394,5 +402,14 @@ async fn websocket(
         // connection's memory. A larger frame grows the buffer to its size while it is read.
         .read_buffer_size(512)
         .write_buffer_size(0)
-        .on_upgrade(move |socket| crate::ws::serve(chat, principal, device, socket))
+}
+
+/// `/v1/ws/echo` (only with `CHAT_WS_ECHO=1`): echoes every message on the same WebSocket
+/// settings and close handling as `/v1/ws`, so that a conformance suite (Autobahn) can test the
+/// gateway's WebSocket stack, which it cannot through the chat protocol's replies.
+async fn websocket_echo(State(chat): State<App>, ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>) -> Response {
+    match ws {
+        Ok(ws) => configured(ws, &chat).on_upgrade(crate::ws::echo),
+        Err(rejection) => ApiError::new(rejection.status(), "invalid_upgrade", rejection.body_text()).into_response(),
+    }
 }

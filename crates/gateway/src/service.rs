@@ -69,6 +69,8 @@ pub struct Limits {
     /// `send` frames per user and second on one node, on average (bursts of twice as many; 0: no
     /// limit).
     pub sends_per_user_per_sec: usize,
+    /// Serve `/v1/ws/echo` (WebSocket conformance runs only).
+    pub ws_echo: bool,
 }
 
 impl Default for Limits {
@@ -88,6 +90,7 @@ impl Default for Limits {
             analytics_min_users: 5,
             max_connections_per_user: 32,
             sends_per_user_per_sec: 20,
+            ws_echo: false,
         }
     }
 }

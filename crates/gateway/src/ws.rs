@@ -38,8 +38,69 @@ const PING_EVERY: Duration = Duration::from_secs(30);
 /// consumer: it is dropped (its close frame could not be written either), and the client syncs
 /// from its cursor when it reconnects.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the close frame may take to go out before the socket is dropped anyway.
+/// How long the close handshake may take (our close frame out, the peer's in) before the socket
+/// is dropped anyway.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+type Sink = futures::stream::SplitSink<WebSocket, Message>;
+type Stream = futures::stream::SplitStream<WebSocket>;
+
+fn close_reason(code: u16) -> &'static str {
+    match code {
+        CLOSE_TOO_BIG => "frame too large",
+        CLOSE_PROTOCOL_ERROR => "protocol error",
+        CLOSE_INVALID_DATA => "text frame is not valid UTF-8",
+        CLOSE_TRY_AGAIN_LATER => "too slow to receive; reconnect and sync",
+        CLOSE_GOING_AWAY => "server going away or idle; reconnect",
+        CLOSE_POLICY => "session expired or ended; log in again",
+        _ => "",
+    }
+}
+
+/// Sends the close frame, bounded by [`CLOSE_TIMEOUT`]. After a close from the peer the socket
+/// has already queued its answer (the peer's code), and this one is refused.
+async fn send_close(sink: &mut Sink, code: u16) {
+    let _closing = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        let _sent = sink.send(Message::Close(Some(CloseFrame { code, reason: close_reason(code).into() }))).await;
+        sink.flush().await
+    })
+    .await;
+}
+
+/// Ends the close handshake on the read side: reads (and discards) what the peer still sends
+/// until its close frame, which also flushes the answer to a close the peer started. Without it
+/// a socket closed with unread input in the kernel is reset (RST), and the peer may lose our
+/// close frame. Bounded by [`CLOSE_TIMEOUT`].
+async fn finish_close(stream: &mut Stream) {
+    let _drained = tokio::time::timeout(CLOSE_TIMEOUT, async { while let Some(Ok(_)) = stream.next().await {} }).await;
+}
+
+/// `/v1/ws/echo`: every text and binary message back as it came; the reads, limits, close codes
+/// and close handshake of a chat connection.
+pub async fn echo(socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let code = loop {
+        match tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await {
+            Err(_) => break Some(CLOSE_GOING_AWAY),
+            Ok(None) => return,
+            Ok(Some(Err(e))) => match close_code_for(&e) {
+                Some(code) => break Some(code),
+                None => return,
+            },
+            Ok(Some(Ok(m @ (Message::Text(_) | Message::Binary(_))))) => {
+                if sink.send(m).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Some(Ok(Message::Close(_)))) => break None,
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+        }
+    };
+    if let Some(code) = code {
+        send_close(&mut sink, code).await;
+    }
+    finish_close(&mut stream).await;
+}
 
 /// How a frame's write ended.
 enum Written {
@@ -52,7 +113,7 @@ enum Written {
 
 /// Writes one frame, giving up after [`WRITE_TIMEOUT`] or when the connection is kicked (its
 /// queue overflowed while this write was blocked by TCP back-pressure).
-async fn write(sink: &mut futures::stream::SplitSink<WebSocket, Message>, m: Message, kick: &Kick) -> Written {
+async fn write(sink: &mut Sink, m: Message, kick: &Kick) -> Written {
     tokio::select! {
         biased;
         r = sink.send(m) => if r.is_ok() { Written::Sent } else { Written::Gone },
@@ -97,8 +158,8 @@ async fn connection(
     chat: Arc<Chat>,
     principal: Principal,
     device: DeviceId,
-    mut sink: futures::stream::SplitSink<WebSocket, Message>,
-    mut stream: futures::stream::SplitStream<WebSocket>,
+    mut sink: Sink,
+    mut stream: Stream,
 ) {
     let user = principal.user_id;
     let (tx, mut rx) = mpsc::channel::<Outbound>(chat.limits.conn_queue);
@@ -141,33 +202,23 @@ async fn connection(
             };
             match write(&mut sink, frame, &kick).await {
                 Written::Sent => {}
-                Written::Gone => return,
+                Written::Gone => return false,
                 // The socket cannot take even a close frame: dropped as it is.
                 Written::Slow => {
                     if kick.code().is_none() {
                         slow();
                     }
-                    return;
+                    return false;
                 }
             }
         };
-        let reason = match code {
-            CLOSE_TOO_BIG => "frame too large",
-            CLOSE_PROTOCOL_ERROR => "protocol error",
-            CLOSE_INVALID_DATA => "text frame is not valid UTF-8",
-            CLOSE_TRY_AGAIN_LATER => "too slow to receive; reconnect and sync",
-            CLOSE_GOING_AWAY => "server going away or idle; reconnect",
-            CLOSE_POLICY => "session expired or ended; log in again",
-            _ => "",
-        };
-        let _closing = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            let _sent = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
-            sink.close().await
-        })
-        .await;
+        send_close(&mut sink, code).await;
+        true
     });
     let mut writer = writer;
-    let mut writer_done = false;
+    // Whether the writer has ended, and if so whether it sent a close frame (else the socket is
+    // dropped as it is).
+    let mut writer_done: Option<bool> = None;
 
     // Registered for routing before the reader starts; announced online beside it: with the log
     // unreachable the presence append waits up to its timeout, and the client must be able to sync
@@ -189,8 +240,8 @@ async fn connection(
             _ = closing.changed() => break Some(CLOSE_GOING_AWAY),
             _ = tokio::time::sleep_until(expiry) => break Some(CLOSE_POLICY),
             // The writer gave up (a slow consumer, or the peer is gone): so does the reader.
-            _ = &mut writer => {
-                writer_done = true;
+            closed = &mut writer => {
+                writer_done = Some(closed.unwrap_or(false));
                 break None;
             }
         };
@@ -242,12 +293,16 @@ async fn connection(
     // The socket is closed (both halves dropped) before the disconnect is handled: that appends
     // a presence event and pushes to contacts, and holding the descriptor meanwhile let a burst of
     // reconnects run the process out of descriptors (the accept loop then pauses for a second).
-    drop(stream);
-    if !writer_done {
-        // Bounded: every write of the writer gives up after WRITE_TIMEOUT, its close after
-        // CLOSE_TIMEOUT.
-        let _done = writer.await;
+    // Bounded: every write of the writer gives up after WRITE_TIMEOUT, the close handshake after
+    // CLOSE_TIMEOUT.
+    match writer_done {
+        None => {
+            let ((), _done) = tokio::join!(finish_close(&mut stream), writer);
+        }
+        Some(true) => finish_close(&mut stream).await,
+        Some(false) => {}
     }
+    drop(stream);
     chat.metrics.connections_open.dec();
     if let Some(announced) = announced {
         let _announced = announced.await;
