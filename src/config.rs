@@ -52,6 +52,10 @@ pub struct Settings {
     /// Address the gateway listens on [default: 127.0.0.1:8080].
     #[arg(long, env = "CHAT_LISTEN", global = true)]
     pub listen: Option<String>,
+    /// Address where `chat worker` serves `/metrics` and `/healthz` (gateways serve them on their
+    /// own listener) [default: none].
+    #[arg(long, env = "CHAT_METRICS_LISTEN", global = true)]
+    pub metrics_listen: Option<String>,
     /// This gateway node's id in routing [default: random].
     #[arg(long, env = "CHAT_NODE_ID", global = true)]
     pub node_id: Option<String>,
@@ -172,6 +176,7 @@ pub struct Config {
     pub partitions: i32,
     pub kafka_replication: i32,
     pub listen: String,
+    pub metrics_listen: Option<String>,
     pub node_id: String,
     pub redis_prefix: String,
     pub token_secret: Option<String>,
@@ -233,6 +238,7 @@ impl Settings {
             partitions,
             kafka_replication,
             listen,
+            metrics_listen,
             node_id,
             redis_prefix,
             token_secret,
@@ -401,6 +407,7 @@ impl Settings {
             partitions,
             kafka_replication,
             listen,
+            metrics_listen: non_empty(s.metrics_listen),
             node_id: s.node_id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()),
             redis_prefix: s.redis_prefix.unwrap_or_else(|| "chat:".into()),
             token_secret: s.token_secret,

@@ -239,14 +239,28 @@ struct Platform {
 struct WorkerMetrics {
     stages: Arc<std::sync::Mutex<Vec<chat_projections::worker::Stage>>>,
     projector: Arc<std::sync::Mutex<Option<Arc<Projector>>>>,
+    /// Each stage's consumer lag per partition, as last read (every [`LAG_EVERY`]).
+    lags: Arc<std::sync::Mutex<Vec<(&'static str, chat_events::PartitionLag)>>>,
 }
+
+/// How often a process with worker stages reads their consumer groups' lag for `/metrics`.
+const LAG_EVERY: Duration = Duration::from_secs(10);
 
 impl WorkerMetrics {
     fn render(&self) -> String {
+        use std::fmt::Write;
         let stages = self.stages.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut out = if stages.is_empty() { String::new() } else { WorkerStats::render(&stages) };
         if let Some(p) = self.projector.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             out.push_str(&p.render());
+        }
+        let lags = self.lags.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if !lags.is_empty() {
+            out.push_str("# HELP chat_worker_lag_records records appended and not yet committed by the stage's consumer group, per partition\n");
+            out.push_str("# TYPE chat_worker_lag_records gauge\n");
+            for (stage, l) in lags {
+                let _ = writeln!(out, "chat_worker_lag_records{{stage=\"{stage}\",topic=\"{}\",partition=\"{}\"}} {}", l.topic, l.partition, l.lag());
+            }
         }
         out
     }
@@ -260,7 +274,13 @@ impl Pusher for RoutingPusher {
     async fn push(&self, items: Vec<(chat_events::UserId, chat_events::StreamItem)>) {
         let pushes = items
             .into_iter()
-            .map(|(user, item)| Push { user, text: Arc::from(ServerFrame::from_item(&item).to_text()), except: None })
+            .map(|(user, item)| {
+                let sent_at_ms = match &item {
+                    chat_events::StreamItem::Message { sent_at, .. } => Some(sent_at.timestamp_millis()),
+                    _ => None,
+                };
+                Push { user, text: Arc::from(ServerFrame::from_item(&item).to_text()), except: None, sent_at_ms }
+            })
             .collect();
         if let Err(e) = self.0.push(pushes).await {
             // Sync still delivers; the push is only the fast path.
@@ -343,6 +363,7 @@ impl Platform {
         };
         let store: Arc<dyn chat_gateway::GatewayStore> = self.tables.clone();
         let metrics = chat_gateway::metrics::Metrics::new()?;
+        hub.record_push_latency(metrics.push_latency.clone());
         let workers = self.worker_metrics.clone();
         metrics.add_extra(Arc::new(move || workers.render()));
         let chat = Arc::new(
@@ -470,6 +491,75 @@ impl Platform {
             tasks.push(("projections", tokio::spawn(async move { chat_projections::run("projections", consumer, handler, dead, stats, sd).await })));
         }
         Ok(tasks)
+    }
+
+    /// The consumer group and topics of each stage this process runs.
+    fn stage_groups(&self) -> Vec<(&'static str, String, Vec<String>)> {
+        let t = &self.topics;
+        let mut groups = Vec::new();
+        if self.cfg.stages.iter().any(|s| s == "fanout") {
+            groups.push(("fanout", self.cfg.fanout_group.clone(), vec![t.name(TopicKind::Conversations)]));
+        }
+        if self.cfg.stages.iter().any(|s| s == "projections") {
+            groups.push(("projections", self.cfg.projection_group.clone(), projection_topics(t)));
+        }
+        groups
+    }
+
+    /// Reads the stages' consumer lag per partition every [`LAG_EVERY`], for `/metrics`. A
+    /// failed read keeps the last values (the log may be briefly unreachable).
+    fn watch_lags(&self) -> JoinHandle<()> {
+        let (log, lags, groups) = (self.log.clone(), self.worker_metrics.lags.clone(), self.stage_groups());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(LAG_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let mut read = Vec::new();
+                for (stage, group, topics) in &groups {
+                    match log.partition_lags(group, topics).await {
+                        Ok(l) => read.extend(l.into_iter().map(|l| (*stage, l))),
+                        Err(e) => {
+                            tracing::debug!(stage, error = %e, "consumer lag not read");
+                            read.clear();
+                            break;
+                        }
+                    }
+                }
+                if !read.is_empty() {
+                    read.sort_by(|a, b| (a.0, &a.1.topic, a.1.partition).cmp(&(b.0, &b.1.topic, b.1.partition)));
+                    *lags.lock().unwrap_or_else(|p| p.into_inner()) = read;
+                }
+            }
+        })
+    }
+
+    /// `/metrics` (the process and the worker stages) and `/healthz` of a `chat worker` on
+    /// `CHAT_METRICS_LISTEN`.
+    async fn serve_worker_metrics(&self, listen: &str) -> anyhow::Result<(std::net::SocketAddr, JoinHandle<()>)> {
+        use axum::routing::get;
+        let process = chat_gateway::metrics::process_registry()?;
+        let workers = self.worker_metrics.clone();
+        let app = axum::Router::new()
+            .route(
+                "/metrics",
+                get(move || {
+                    let mut text = chat_gateway::metrics::render(&process);
+                    text.push_str(&workers.render());
+                    std::future::ready(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
+                }),
+            )
+            .route("/healthz", get(|| std::future::ready("ok")));
+        let listener = TcpListener::bind(listen).await.with_context(|| format!("CHAT_METRICS_LISTEN {listen}"))?;
+        let addr = listener.local_addr()?;
+        Ok((
+            addr,
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    warn!(error = %e, "metrics listener stopped");
+                }
+            }),
+        ))
     }
 
     /// A stage's counters, registered for `/metrics`.
@@ -617,6 +707,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     // offline) is projected before the process exits, and offsets are stored last.
     let (stop_workers, workers_stopped) = watch::channel(false);
     let workers = p.supervise_workers(workers_stopped);
+    let _lags = p.watch_lags();
     let admin = match p.cfg.data_dir() {
         // Without it the server still runs; `chat role` and `chat audit` then need it stopped.
         Some(dir) => admin::serve(dir, p.ops(), p.cfg.clone(), signal.clone())
@@ -1003,7 +1094,15 @@ async fn main() -> anyhow::Result<()> {
                 p.upgrade_projections(false).await?;
             }
             let workers = p.start_workers(shutdown_signal()).await?;
-            println!("chat worker running stages {:?}", p.cfg.stages);
+            let _lags = p.watch_lags();
+            let metrics = match p.cfg.metrics_listen.clone() {
+                Some(listen) => Some(p.serve_worker_metrics(&listen).await?),
+                None => None,
+            };
+            match &metrics {
+                Some((addr, _)) => println!("chat worker running stages {:?}, metrics on http://{addr}/metrics", p.cfg.stages),
+                None => println!("chat worker running stages {:?}", p.cfg.stages),
+            }
             for w in workers {
                 w.await?;
             }

@@ -777,3 +777,73 @@ pub async fn websocket_conformance(mode: Mode) {
     let (status, _) = gw.get("", "/v1/ws/echo").await;
     assert_eq!(status, 404, "no echo route without CHAT_WS_ECHO");
 }
+
+/// The samples of one metric in the text exposition format: (labels, value).
+fn samples<'a>(text: &'a str, name: &str) -> Vec<(&'a str, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(r) => r.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            Some((labels, value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// /metrics tells an operator what the issue on faults asks for: each stage's consumer lag per
+/// partition (back to 0 once idle), the stages' rates (records handled), push latency, and the
+/// process's CPU, memory and descriptors, on the gateway and (cluster) on a worker's own
+/// listener (`CHAT_METRICS_LISTEN`).
+pub async fn metrics_cover_stages_and_the_process(mode: Mode) {
+    let s = Scope::new("metrics", mode).await;
+    let gw = s.gateway("n1").await;
+    let port = free_port();
+    let _worker = match mode {
+        Mode::Cluster => Some(s.worker_env(&[("CHAT_METRICS_LISTEN", format!("127.0.0.1:{port}"))]).await),
+        Mode::Embedded => None,
+    };
+    let worker_metrics = match mode {
+        Mode::Cluster => format!("http://127.0.0.1:{port}/metrics"),
+        Mode::Embedded => format!("{}/metrics", gw.url),
+    };
+    let (_alice, bob, mut a) = crate::acquainted(&gw).await;
+    let mut b = gw.connect(&bob, "phone").await;
+    a.send_text(&bob.id, "m1", "pushed").await;
+    b.expect("the push", T, |f| f["type"] == "message" && f["body"] == "pushed").await;
+
+    let scrape = |url: String| {
+        let http = gw.http.clone();
+        async move { http.get(url).send().await.expect("metrics").text().await.expect("metrics text") }
+    };
+    let text = scrape(format!("{}/metrics", gw.url)).await;
+    let pushes = samples(&text, "chat_gateway_push_latency_seconds_count");
+    assert!(pushes.first().is_some_and(|(_, n)| *n >= 1.0), "push latency observed: {pushes:?}");
+    // CPU in whole seconds (the crate's collector): present, maybe still 0.
+    assert_eq!(samples(&text, "process_cpu_seconds_total").len(), 1, "gateway process_cpu_seconds_total");
+    for name in ["process_resident_memory_bytes", "process_open_fds", "process_threads"] {
+        assert!(samples(&text, name).first().is_some_and(|(_, v)| *v > 0.0), "gateway {name}");
+    }
+
+    let text = wait_for("every stage's lag per partition read and back to 0", T, || {
+        let url = worker_metrics.clone();
+        let scrape = &scrape;
+        async move {
+            let text = scrape(url).await;
+            let lags = samples(&text, "chat_worker_lag_records");
+            let stages = ["fanout", "projections"].iter().all(|st| lags.iter().any(|(l, _)| l.contains(&format!("stage=\"{st}\""))));
+            let per_partition = lags.iter().all(|(l, _)| l.contains("topic=\"") && l.contains("partition=\""));
+            (stages && per_partition && lags.iter().all(|(_, v)| *v == 0.0)).then_some(text)
+        }
+    })
+    .await;
+    let records = samples(&text, "chat_worker_records_total");
+    for st in ["fanout", "projections"] {
+        assert!(records.iter().any(|(l, v)| l.contains(&format!("stage=\"{st}\"")) && *v > 0.0), "{st} records counted: {records:?}");
+    }
+    assert!(samples(&text, "chat_projection_rows_written_total").iter().any(|(_, v)| *v > 0.0), "rows written by table");
+    assert!(samples(&text, "chat_worker_dead_letters_total").len() == 2, "dead letters per stage");
+    assert!(samples(&text, "process_open_fds").first().is_some_and(|(_, v)| *v > 0.0), "the worker's process metrics");
+}

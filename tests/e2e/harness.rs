@@ -130,7 +130,7 @@ const CLEARED_ENV: &[&str] = &[
     "CHAT_MEDIA_DIR",
 ];
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
@@ -288,6 +288,19 @@ impl Scope {
                 ],
             )
             .await;
+        Proc { child, log }
+    }
+
+    /// Starts a worker running both stages on the scope's keyspace and groups, with extra
+    /// settings (cluster mode).
+    pub async fn worker_env(&self, extra: &[(&str, String)]) -> Proc {
+        let mut env = vec![
+            ("CHAT_KEYSPACE", self.keyspace.clone()),
+            ("CHAT_PROJECTION_GROUP", self.projection_group()),
+            ("CHAT_STAGES", "fanout,projections".to_owned()),
+        ];
+        env.extend(extra.iter().cloned());
+        let (child, log) = self.spawn("worker", &["worker"], &env).await;
         Proc { child, log }
     }
 

@@ -930,6 +930,7 @@ macro_rules! abuse_scenarios {
             analytics_are_aggregates_only,
             cli_output_into_a_closed_pipe,
             sessions_end_everywhere,
+            metrics_cover_stages_and_the_process,
         );
     };
 }

@@ -16,7 +16,8 @@
 //! - a new group reads everything from offset 0, in order per partition;
 //! - a group member that stored and committed offsets is followed by one that continues right
 //!   after them and never skips an unstored record; records not stored are read again;
-//! - `group_lag` counts exactly what is not committed, and is 0 when everything is;
+//! - `group_lag` counts exactly what is not committed, and is 0 when everything is; `partition_lags`
+//!   gives each partition's end and committed offsets;
 //! - `delete_group` is refused while the group has a live member, and afterwards the group
 //!   starts from the beginning.
 
@@ -387,6 +388,22 @@ pub async fn consumer_groups(log: &dyn EventLog, prefix: &str) {
     commit(&mut *c, "partial store").await;
     let left: i64 = appended.iter().map(|(tp, v)| v.len() as i64 - stored[tp]).sum();
     assert_eq!(lag(log, &group, &topics).await, left, "group_lag after a partial commit counts exactly the records not stored");
+    let per_partition: BTreeMap<Tp, (i64, i64)> = log
+        .partition_lags(&group, &topics)
+        .await
+        .unwrap_or_else(|e| panic!("partition_lags of {group}: {e}"))
+        .into_iter()
+        .map(|l| ((l.topic, l.partition), (l.end, l.committed)))
+        .collect();
+    for (tp, recs) in &appended {
+        assert_eq!(
+            per_partition.get(tp),
+            Some(&(recs.len() as i64, stored[tp])),
+            "partition_lags gives {}/{}'s end offset and the group's committed offset",
+            tp.0,
+            tp.1
+        );
+    }
     drop(c);
 
     // 3. The next member continues right after the stored offsets; what was not stored comes again.

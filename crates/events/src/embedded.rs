@@ -25,7 +25,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::watch;
 use tracing::warn;
 
-use crate::log::{EventLog, LogConsumer, LogError, LogReader, Position, Record, TopicSpec};
+use crate::log::{EventLog, LogConsumer, LogError, LogReader, PartitionLag, Position, Record, TopicSpec};
 use crate::sqlite::{Durability, Engine, EngineError, Lane, Options};
 
 pub use crate::sqlite::open_sqlite;
@@ -300,15 +300,16 @@ impl EventLog for EmbeddedLog {
         }))
     }
 
-    async fn group_lag(&self, group: &str, topics: &[String]) -> Result<i64, LogError> {
+    async fn partition_lags(&self, group: &str, topics: &[String]) -> Result<Vec<PartitionLag>, LogError> {
         let ends = lock(&self.inner.ends).clone();
-        let mut lag = 0;
-        for ((t, p), end) in ends {
-            if topics.contains(&t) {
-                lag += (end - self.inner.committed(group, &t, p).await?).max(0);
+        let mut lags = Vec::new();
+        for ((topic, partition), end) in ends {
+            if topics.contains(&topic) {
+                let committed = self.inner.committed(group, &topic, partition).await?;
+                lags.push(PartitionLag { topic, partition, end, committed });
             }
         }
-        Ok(lag)
+        Ok(lags)
     }
 
     async fn read_all(&self, topics: &[String]) -> Result<Box<dyn LogReader>, LogError> {

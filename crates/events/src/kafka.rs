@@ -24,7 +24,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, warn};
 
-use crate::log::{EventLog, LogConsumer, LogError, LogReader, Position, Record, TopicSpec};
+use crate::log::{EventLog, LogConsumer, LogError, LogReader, PartitionLag, Position, Record, TopicSpec};
 
 /// Settings of the Kafka back-end.
 #[derive(Clone, Debug)]
@@ -210,7 +210,7 @@ impl EventLog for KafkaLog {
         Ok(Box::new(KafkaConsumer { consumer }))
     }
 
-    async fn group_lag(&self, group: &str, topics: &[String]) -> Result<i64, LogError> {
+    async fn partition_lags(&self, group: &str, topics: &[String]) -> Result<Vec<PartitionLag>, LogError> {
         let consumer = self.base_consumer(group)?;
         let topics = topics.to_vec();
         tokio::task::spawn_blocking(move || {
@@ -228,16 +228,16 @@ impl EventLog for KafkaLog {
                 }
             }
             let committed = consumer.committed_offsets(tpl, timeout).map_err(unavailable)?;
-            let mut lag = 0i64;
+            let mut lags = Vec::new();
             for e in committed.elements() {
                 let end = ends.get(&(e.topic().to_owned(), e.partition())).copied().unwrap_or(0);
                 let done = match e.offset() {
                     Offset::Offset(o) => o,
                     _ => 0,
                 };
-                lag += (end - done).max(0);
+                lags.push(PartitionLag { topic: e.topic().to_owned(), partition: e.partition(), end, committed: done });
             }
-            Ok(lag)
+            Ok(lags)
         })
         .await
         .map_err(|e| LogError::Fatal(e.to_string()))?

@@ -29,6 +29,24 @@ pub struct Record {
     pub timestamp: Option<DateTime<Utc>>,
 }
 
+/// How far a consumer group is behind on one partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub topic: String,
+    pub partition: i32,
+    /// The offset the next append will get.
+    pub end: i64,
+    /// The group's committed offset (the next record it will read); 0 when it never committed.
+    pub committed: i64,
+}
+
+impl PartitionLag {
+    /// Records appended and not committed by the group.
+    pub fn lag(&self) -> i64 {
+        (self.end - self.committed).max(0)
+    }
+}
+
 /// A topic to create at start-up.
 #[derive(Clone, Debug)]
 pub struct TopicSpec {
@@ -74,8 +92,13 @@ pub trait EventLog: Send + Sync + 'static {
     /// Joins a consumer group on some topics. A new group starts at the beginning of each topic.
     async fn subscribe(&self, group: &str, topics: &[String]) -> Result<Box<dyn LogConsumer>, LogError>;
 
+    /// (end offset, committed offset) of a group on every partition of some topics.
+    async fn partition_lags(&self, group: &str, topics: &[String]) -> Result<Vec<PartitionLag>, LogError>;
+
     /// The sum over partitions of (end offset - committed offset) for a group: its lag.
-    async fn group_lag(&self, group: &str, topics: &[String]) -> Result<i64, LogError>;
+    async fn group_lag(&self, group: &str, topics: &[String]) -> Result<i64, LogError> {
+        Ok(self.partition_lags(group, topics).await?.iter().map(PartitionLag::lag).sum())
+    }
 
     /// Reads topics from their beginning up to their ends as of this call, partition by
     /// partition in offset order, outside any consumer group (for `replay`: nothing is

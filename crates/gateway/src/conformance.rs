@@ -180,7 +180,7 @@ impl Conn {
 }
 
 fn frame(user: UserId, text: &str, except: Option<&ConnRef>) -> Push {
-    Push { user, text: Arc::from(text), except: except.cloned() }
+    Push { user, text: Arc::from(text), except: except.cloned(), sent_at_ms: None }
 }
 
 async fn push(node: &Node, pushes: Vec<Push>) {

@@ -62,6 +62,8 @@ pub struct Hub {
     /// Connection tasks not finished yet (their disconnect handling included).
     sessions: AtomicU64,
     closing: watch::Sender<bool>,
+    /// Message acceptance to frame queued on a connection (set by the gateway's metrics).
+    push_latency: std::sync::OnceLock<prometheus::Histogram>,
 }
 
 impl Default for Hub {
@@ -78,6 +80,7 @@ impl Hub {
             count: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
             closing: watch::channel(false).0,
+            push_latency: std::sync::OnceLock::new(),
         }
     }
 
@@ -125,9 +128,23 @@ impl Hub {
         }
     }
 
+    /// Where [`Hub::deliver`] records push latencies.
+    pub fn record_push_latency(&self, histogram: prometheus::Histogram) {
+        let _first = self.push_latency.set(histogram);
+    }
+
     /// Queues a frame on the given connections of a user (all of them when `ids` is None).
-    /// Returns how many connections got it.
-    pub fn deliver(&self, user: UserId, ids: Option<&[u64]>, text: &Outbound) -> usize {
+    /// Returns how many connections got it. `sent_at_ms`: a message's acceptance time, for the
+    /// push latency (observed once per delivery).
+    pub fn deliver(&self, user: UserId, ids: Option<&[u64]>, text: &Outbound, sent_at_ms: Option<i64>) -> usize {
+        let n = self.queue(user, ids, text);
+        if let (true, Some(at), Some(h)) = (n > 0, sent_at_ms, self.push_latency.get()) {
+            h.observe((chrono::Utc::now().timestamp_millis() - at).max(0) as f64 / 1000.0);
+        }
+        n
+    }
+
+    fn queue(&self, user: UserId, ids: Option<&[u64]>, text: &Outbound) -> usize {
         let map = self.conns.read().unwrap_or_else(|p| p.into_inner());
         let Some(list) = map.get(&user) else { return 0 };
         let mut n = 0;
@@ -186,8 +203,8 @@ mod tests {
         let kick = Arc::new(Kick::default());
         let id = hub.register(u, DeviceId::default_device(), 0, tx, kick.clone());
         let t: Outbound = Arc::from("x");
-        assert_eq!(hub.deliver(u, None, &t), 1);
-        assert_eq!(hub.deliver(u, None, &t), 0);
+        assert_eq!(hub.deliver(u, None, &t, None), 1);
+        assert_eq!(hub.deliver(u, None, &t, None), 0);
         // The kick was signalled: a waiter returns at once.
         let notified = kick.notified();
         futures::executor::block_on(notified);
@@ -205,7 +222,7 @@ mod tests {
         let a = hub.register(u, DeviceId::default_device(), 0, tx1, Arc::new(Kick::default()));
         let _b = hub.register(u, "phone".parse().unwrap(), 0, tx2, Arc::new(Kick::default()));
         let t: Outbound = Arc::from("x");
-        assert_eq!(hub.deliver(u, Some(&[a]), &t), 1);
+        assert_eq!(hub.deliver(u, Some(&[a]), &t, None), 1);
         assert!(rx1.try_recv().is_ok());
         assert!(rx2.try_recv().is_err());
     }

@@ -71,7 +71,7 @@ impl Routing for LocalRouting {
                     .unwrap_or_default()
             };
             if !ids.is_empty() {
-                self.hub.deliver(p.user, Some(&ids), &p.text);
+                self.hub.deliver(p.user, Some(&ids), &p.text, p.sent_at_ms);
             }
         }
         Ok(())

@@ -8,6 +8,7 @@ pub type ExtraMetrics = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
 
 pub struct Metrics {
     registry: Registry,
+    process: Registry,
     extra: std::sync::Mutex<Vec<ExtraMetrics>>,
     pub connections_open: IntGauge,
     pub connections_total: IntCounter,
@@ -16,6 +17,9 @@ pub struct Metrics {
     pub messages_sent: IntCounter,
     pub send_seconds: Histogram,
     pub slow_consumers: IntCounter,
+    /// A message accepted to its frame queued on a recipient's connection (one-to-one pushed by
+    /// the gateway, groups by the fan-out stage).
+    pub push_latency: Histogram,
 }
 
 impl Metrics {
@@ -32,7 +36,12 @@ impl Metrics {
                     .buckets(vec![0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
             )?,
             slow_consumers: IntCounter::new("slow_consumers_total", "connections closed because their queue was full")?,
+            push_latency: Histogram::with_opts(
+                HistogramOpts::new("push_latency_seconds", "message accepted to its frame queued on a recipient's connection")
+                    .buckets(vec![0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            )?,
             registry,
+            process: process_registry()?,
             extra: std::sync::Mutex::new(Vec::new()),
         };
         m.registry.register(Box::new(m.connections_open.clone()))?;
@@ -42,6 +51,7 @@ impl Metrics {
         m.registry.register(Box::new(m.messages_sent.clone()))?;
         m.registry.register(Box::new(m.send_seconds.clone()))?;
         m.registry.register(Box::new(m.slow_consumers.clone()))?;
+        m.registry.register(Box::new(m.push_latency.clone()))?;
         Ok(m)
     }
 
@@ -52,14 +62,29 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        if TextEncoder::new().encode(&self.registry.gather(), &mut buf).is_err() {
-            return String::new();
-        }
-        let mut out = String::from_utf8(buf).unwrap_or_default();
+        let mut out = render(&self.registry);
+        out.push_str(&render(&self.process));
         for extra in self.extra.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             out.push_str(&extra());
         }
         out
     }
+}
+
+/// A registry in the text exposition format.
+pub fn render(registry: &Registry) -> String {
+    let mut buf = Vec::new();
+    match TextEncoder::new().encode(&registry.gather(), &mut buf) {
+        Ok(()) => String::from_utf8(buf).unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// The process's own metrics (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+/// `process_open_fds`, `process_threads`, ...), read from /proc at each scrape.
+pub fn process_registry() -> Result<Registry, prometheus::Error> {
+    let registry = Registry::new();
+    #[cfg(target_os = "linux")]
+    registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+    Ok(registry)
 }

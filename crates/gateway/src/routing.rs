@@ -50,6 +50,8 @@ pub struct Push {
     pub user: UserId,
     pub text: Outbound,
     pub except: Option<ConnRef>,
+    /// For a message: when it was accepted (ms), for the push latency histogram.
+    pub sent_at_ms: Option<i64>,
 }
 
 /// Routing failures: the caller logs them; the durable path (sync) still delivers.
@@ -107,6 +109,9 @@ struct NodeDelivery {
     c: Vec<u64>,
     /// frame text
     f: String,
+    /// a message's acceptance time (ms), for the push latency
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    t: Option<i64>,
 }
 
 // KEYS: user key, deadlines. ARGV: member, now, expiry, key ttl, user id.
@@ -182,7 +187,7 @@ impl RedisRouting {
 
     fn deliver_local(&self, d: NodeDelivery) {
         let text: Outbound = Arc::from(d.f);
-        self.hub.deliver(d.u, Some(&d.c), &text);
+        self.hub.deliver(d.u, Some(&d.c), &text, d.t);
     }
 }
 
@@ -276,9 +281,9 @@ impl Routing for RedisRouting {
             }
             for (node, ids) in by_node {
                 if node == self.node {
-                    self.hub.deliver(p.user, Some(&ids), &p.text);
+                    self.hub.deliver(p.user, Some(&ids), &p.text, p.sent_at_ms);
                 } else {
-                    remote.entry(node.to_owned()).or_default().push(NodeDelivery { u: p.user, c: ids, f: p.text.to_string() });
+                    remote.entry(node.to_owned()).or_default().push(NodeDelivery { u: p.user, c: ids, f: p.text.to_string(), t: p.sent_at_ms });
                 }
             }
         }

@@ -669,9 +669,10 @@ impl Chat {
             media: m.media.clone(),
         });
         let text: Arc<str> = Arc::from(frame.to_text());
-        let mut pushes = vec![Push { user: ctx.user, text: text.clone(), except: Some(ctx.conn.clone()) }];
+        let at = Some(sent_at.timestamp_millis());
+        let mut pushes = vec![Push { user: ctx.user, text: text.clone(), except: Some(ctx.conn.clone()), sent_at_ms: at }];
         if let Some(peer) = m.conversation_id.peer_of(ctx.user) {
-            pushes.insert(0, Push { user: peer, text, except: None });
+            pushes.insert(0, Push { user: peer, text, except: None, sent_at_ms: at });
         }
         self.push(pushes).await;
     }
@@ -766,6 +767,7 @@ impl Chat {
                         .to_text(),
                     ),
                     except: None,
+                    sent_at_ms: None,
                 })
                 .collect();
             self.push(pushes).await;
@@ -803,6 +805,7 @@ impl Chat {
                     .to_text(),
                 ),
                 except: None,
+                sent_at_ms: None,
             });
         }
         self.push(pushes).await;
@@ -840,7 +843,7 @@ impl Chat {
             None => self.active_members(&conv).await?.into_iter().map(|m| m.member).filter(|m| *m != ctx.user).collect(),
         };
         let text: Arc<str> = Arc::from(ServerFrame::Typing { conversation_id: conv, from: ctx.user }.to_text());
-        self.push(others.into_iter().map(|u| Push { user: u, text: text.clone(), except: None }).collect()).await;
+        self.push(others.into_iter().map(|u| Push { user: u, text: text.clone(), except: None, sent_at_ms: None }).collect()).await;
         Ok(())
     }
 
@@ -899,7 +902,7 @@ impl Chat {
         };
         let last_seen = (status == PresenceStatus::Offline).then_some(env.occurred_at);
         let text: Arc<str> = Arc::from(ServerFrame::Presence { user_id: user, status: status.as_str(), last_seen }.to_text());
-        let pushes = contacts.into_iter().map(|c| Push { user: c, text: text.clone(), except: None }).collect();
+        let pushes = contacts.into_iter().map(|c| Push { user: c, text: text.clone(), except: None, sent_at_ms: None }).collect();
         debug!(%user, status = status.as_str(), "presence changed");
         self.push(pushes).await;
     }
