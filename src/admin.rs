@@ -38,6 +38,8 @@ pub struct Ops {
     pub tables: Arc<dyn Tables>,
     pub log: Arc<dyn EventLog>,
     pub topics: Topics,
+    /// Stops the process's worker stages (none run in a command's own process).
+    pub stages: crate::StageHold,
 }
 
 /// The server's state: what the commands work on and its configuration.
@@ -143,10 +145,12 @@ async fn audit(State(admin): State<Admin>, Json(q): Json<crate::AuditQuery>) -> 
 #[derive(serde::Deserialize)]
 struct Rebuild {
     into: Option<String>,
+    #[serde(default)]
+    swap: bool,
 }
 
 async fn rebuild(State(admin): State<Admin>, Json(r): Json<Rebuild>) -> Response {
-    match crate::rebuild_into(&admin.ops, &admin.cfg, r.into).await {
+    match crate::rebuild_into(&admin.ops, &admin.cfg, r.into, r.swap).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => failed(e),
     }

@@ -107,13 +107,19 @@ enum Command {
     /// mode it reads the data directory read-only, so `chat run` may keep running.
     Replay(ReplayArgs),
     /// Project the whole log again, from offset zero, into fresh tables and compare their
-    /// checksums with the live tables (exit status 1 if they differ). Embedded: stop `chat run`
-    /// first. Cluster: compare on a quiet system (live tables move while the rebuild runs).
+    /// checksums with the live tables (exit status 1 if they differ). Embedded: runs inside a
+    /// running `chat run` (through its admin socket) or on the stopped data directory. Cluster:
+    /// compare on a quiet system (live tables move while the rebuild runs).
     Rebuild {
         /// Where to build: a directory (embedded) or a keyspace (cluster)
         /// [default: <data_dir>/rebuild-<time> or <keyspace>_rebuild_<time>].
         #[arg(long)]
         into: Option<String>,
+        /// Embedded: then replace the live projection tables with the rebuilt ones, online (the
+        /// worker stages stop for the swap, reads wait for it), and delete the rebuilt copy.
+        /// Exit status 0 once swapped, whether or not the tables differed.
+        #[arg(long)]
+        swap: bool,
     },
 }
 
@@ -232,6 +238,38 @@ struct Platform {
     routing: Arc<dyn Routing>,
     /// What this process's worker stages count, for `/metrics` (read when it is rendered).
     worker_metrics: WorkerMetrics,
+    /// Stops `chat run`'s worker stages for a while (see [`StageHold`]).
+    stage_hold: StageHold,
+}
+
+/// Lets the admin socket stop the worker stages of `chat run` for a while: the swap of
+/// `chat rebuild --swap` replaces the projection tables while nothing projects into them.
+#[derive(Clone)]
+pub struct StageHold {
+    /// Held by whoever needs the stages stopped; a new generation of stages waits for it.
+    hold: Arc<tokio::sync::Mutex<()>>,
+    /// Bumped to end the running generation.
+    pause: Arc<watch::Sender<u64>>,
+    /// Whether a generation of stages is running.
+    running: Arc<watch::Sender<bool>>,
+}
+
+impl Default for StageHold {
+    fn default() -> Self {
+        StageHold { hold: Arc::default(), pause: Arc::new(watch::channel(0).0), running: Arc::new(watch::channel(false).0) }
+    }
+}
+
+impl StageHold {
+    /// Stops the stages (they commit their stored offsets) and keeps them stopped until the
+    /// guard is dropped.
+    pub async fn stop(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        let guard = self.hold.clone().lock_owned().await;
+        self.pause.send_modify(|n| *n += 1);
+        let mut running = self.running.subscribe();
+        let _stopped = running.wait_for(|running| !*running).await;
+        guard
+    }
 }
 
 /// The counters of this process's worker stages.
@@ -314,7 +352,7 @@ impl Platform {
         log.ensure_topics(&specs).await.context("creating topics (is Kafka up at CHAT_KAFKA_BROKERS?)")?;
         let hub = Arc::new(Hub::new());
         let routing = Self::routing(&cfg, hub.clone()).await?;
-        Ok(Platform { cfg, topics, log, kafka, tables, hub, routing, worker_metrics: WorkerMetrics::default() })
+        Ok(Platform { cfg, topics, log, kafka, tables, hub, routing, worker_metrics: WorkerMetrics::default(), stage_hold: StageHold::default() })
     }
 
     fn token_secret(&self) -> anyhow::Result<Vec<u8>> {
@@ -420,18 +458,25 @@ impl Platform {
     /// stage; then, after a pause, the tables take writes again and the stages start over from
     /// their stored offsets, in this process, as a restart would do. A still failing disk fails
     /// them again, with a longer pause (up to 30 s). Any other failure for good stops the process.
-    async fn supervise_workers(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    async fn supervise_workers(&self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let mut pause = Duration::from_secs(1);
+        let hold = &self.stage_hold;
+        let mut paused = hold.pause.subscribe();
         loop {
+            // Held (`chat rebuild --swap`): the next generation waits.
+            tokio::select! {
+                free = hold.hold.lock() => drop(free),
+                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            }
+            let pauses = *paused.borrow_and_update();
             let (generation, stages_stop) = watch::channel(false);
             let generation = Arc::new(generation);
             let forward = {
-                let (g, mut stop) = (generation.clone(), shutdown.clone());
+                let (g, mut stop, mut paused) = (generation.clone(), shutdown.clone(), paused.clone());
                 tokio::spawn(async move {
-                    while !*stop.borrow() {
-                        if stop.changed().await.is_err() {
-                            break;
-                        }
+                    tokio::select! {
+                        _ = stop.wait_for(|stop| *stop) => {}
+                        _ = paused.changed() => {}
                     }
                     let _ = g.send(true);
                 })
@@ -440,6 +485,7 @@ impl Platform {
             for (stage, task) in self.start_stages(stages_stop).await? {
                 set.spawn(async move { (stage, task.await.unwrap_or_else(|e| Err(e.to_string()))) });
             }
+            hold.running.send_replace(true);
             // The first stage to end ends the generation.
             let mut failures: Vec<(&str, String)> = Vec::new();
             if let Some(Ok((stage, Err(reason)))) = set.join_next().await {
@@ -452,8 +498,13 @@ impl Platform {
                 }
             }
             forward.abort();
+            hold.running.send_replace(false);
             if *shutdown.borrow() {
                 return Ok(());
+            }
+            if failures.is_empty() && *paused.borrow() != pauses {
+                info!("worker stages stopped on request; they start again from their stored offsets when released");
+                continue;
             }
             if !self.tables.lost() {
                 for (stage, reason) in failures {
@@ -624,7 +675,7 @@ impl Platform {
 
     /// What the operator's commands work on.
     fn ops(&self) -> admin::Ops {
-        admin::Ops { tables: self.tables.clone(), log: self.log.clone(), topics: self.topics.clone() }
+        admin::Ops { tables: self.tables.clone(), log: self.log.clone(), topics: self.topics.clone(), stages: self.stage_hold.clone() }
     }
 
     fn flush(&self) {
@@ -974,22 +1025,25 @@ async fn replay(cfg: Config, a: ReplayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn rebuild(cfg: Config, into: Option<String>) -> anyhow::Result<bool> {
+async fn rebuild(cfg: Config, into: Option<String>, swap: bool) -> anyhow::Result<bool> {
+    if swap && cfg.data_dir().is_none() {
+        bail!("--swap needs the embedded mode; in a cluster, compare with `chat rebuild` and rebuild the projections with `chat migrate` on stopped workers");
+    }
     // Embedded, beside a running server: the server rebuilds (it holds the log).
     let report: serde_json::Value = match cfg.data_dir().map(|dir| dir.to_path_buf()) {
-        Some(dir) => match admin::call::<serde_json::Value>(&dir, "/rebuild", &serde_json::json!({ "into": into })).await? {
+        Some(dir) => match admin::call::<serde_json::Value>(&dir, "/rebuild", &serde_json::json!({ "into": into, "swap": swap })).await? {
             Some(report) => report,
-            None => rebuild_locally(cfg, into).await?,
+            None => rebuild_locally(cfg, into, swap).await?,
         },
-        None => rebuild_locally(cfg, into).await?,
+        None => rebuild_locally(cfg, into, swap).await?,
     };
     print_json(&report)?;
-    Ok(report["equal"] == serde_json::json!(true))
+    Ok(report["equal"] == serde_json::json!(true) || report["swapped"] == serde_json::json!(true))
 }
 
-async fn rebuild_locally(cfg: Config, into: Option<String>) -> anyhow::Result<serde_json::Value> {
+async fn rebuild_locally(cfg: Config, into: Option<String>, swap: bool) -> anyhow::Result<serde_json::Value> {
     let live = Platform::open(cfg.clone()).await?;
-    let report = rebuild_into(&live.ops(), &cfg, into).await;
+    let report = rebuild_into(&live.ops(), &cfg, into, swap).await;
     live.flush();
     report
 }
@@ -997,7 +1051,16 @@ async fn rebuild_locally(cfg: Config, into: Option<String>) -> anyhow::Result<se
 /// Projects the whole log again, from offset zero, into fresh tables (a new directory or
 /// keyspace), then compares every table's checksum with the live tables' once both have
 /// projected the log to its end (waiting for a quiet moment when the live system is busy).
-async fn rebuild_into(live: &admin::Ops, cfg: &Config, into: Option<String>) -> anyhow::Result<serde_json::Value> {
+///
+/// With `swap` (embedded), the live worker stages are then stopped, the rebuild catches up with
+/// the log's end once more, and the live projection tables take the rebuilt rows in one
+/// transaction (reads wait meanwhile); the stages start again from their own stored offsets,
+/// which are at or before the rebuild's, so they project again what the rebuilt tables already
+/// hold (idempotent) and nothing in between is missed.
+async fn rebuild_into(live: &admin::Ops, cfg: &Config, into: Option<String>, swap: bool) -> anyhow::Result<serde_json::Value> {
+    if swap && !matches!(cfg.backend, Backend::Embedded { .. }) {
+        bail!("--swap needs the embedded mode");
+    }
     let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
     let (fresh, place): (Arc<dyn Tables>, String) = match &cfg.backend {
         Backend::Embedded { data_dir } => {
@@ -1032,7 +1095,9 @@ async fn rebuild_into(live: &admin::Ops, cfg: &Config, into: Option<String>) -> 
         }
         let lag = live.log.group_lag(&group, &topics).await?;
         info!(projected = stats.records.load(std::sync::atomic::Ordering::Relaxed), to_go = lag, "rebuild");
-        if lag == 0 {
+        // At the log's end, or (under constant traffic, where committed offsets always trail
+        // the end a little) at least as far as the live projections.
+        if lag == 0 || lag <= live.log.group_lag(&cfg.projection_group, &topics).await? {
             break;
         }
     }
@@ -1043,7 +1108,8 @@ async fn rebuild_into(live: &admin::Ops, cfg: &Config, into: Option<String>) -> 
             live.log.group_lag(&group, &topics).await? == 0 && live.log.group_lag(&cfg.projection_group, &topics).await? == 0,
         )
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    // (A swap does not wait long for a quiet moment: the comparison is only reported then.)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(if swap { 5 } else { 60 });
     let (a, b) = loop {
         if quiet().await? {
             let sums = (live.tables.checksums().await?, fresh.checksums().await?);
@@ -1056,6 +1122,29 @@ async fn rebuild_into(live: &admin::Ops, cfg: &Config, into: Option<String>) -> 
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    let held = if swap {
+        let held = live.stages.stop().await;
+        info!("live worker stages stopped for the swap; the rebuild catches up with the log's end");
+        loop {
+            // The live stages are stopped: their committed offsets no longer move, and the
+            // rebuild only has to reach them on every partition (it need not reach the log's
+            // end, which traffic keeps moving).
+            if caught_up(&*live.log, &group, &cfg.projection_group, &topics).await? {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                r = &mut task => bail!("the rebuild stopped before the swap: {}", match r {
+                    Ok(Ok(())) => "stopped".to_owned(),
+                    Ok(Err(reason)) => reason,
+                    Err(e) => e.to_string(),
+                }),
+            }
+        }
+        Some(held)
+    } else {
+        None
+    };
     let _ = stop.send(true);
     if let Err(reason) = task.await? {
         bail!("the rebuild failed: {reason}");
@@ -1064,7 +1153,29 @@ async fn rebuild_into(live: &admin::Ops, cfg: &Config, into: Option<String>) -> 
     for (table, live_sum) in &a {
         report.insert(table.clone(), serde_json::json!({"live": live_sum, "rebuilt": b.get(table), "equal": b.get(table) == Some(live_sum)}));
     }
-    Ok(serde_json::json!({"rebuilt_into": place, "equal": a == b, "tables": report}))
+    let mut out = serde_json::json!({"rebuilt_into": place, "equal": a == b, "tables": report});
+    if let Some(held) = held {
+        live.tables.replace_projections(&place).await.context("replacing the live projection tables")?;
+        drop(held);
+        drop(fresh);
+        let _ = live.log.delete_group(&group).await;
+        let removed = std::fs::remove_dir_all(&place).is_ok();
+        info!(from = %place, removed, "live projection tables replaced by the rebuilt ones; worker stages started again");
+        out["swapped"] = serde_json::json!(true);
+        out["rebuilt_copy_removed"] = serde_json::json!(removed);
+    }
+    Ok(out)
+}
+
+/// Whether group `ahead` has committed at least as far as group `behind` on every partition.
+async fn caught_up(log: &dyn EventLog, ahead: &str, behind: &str, topics: &[String]) -> anyhow::Result<bool> {
+    let behind: std::collections::HashMap<(String, i32), i64> =
+        log.partition_lags(behind, topics).await?.into_iter().map(|l| ((l.topic, l.partition), l.committed)).collect();
+    Ok(log
+        .partition_lags(ahead, topics)
+        .await?
+        .into_iter()
+        .all(|l| l.committed >= behind.get(&(l.topic, l.partition)).copied().unwrap_or(0)))
 }
 
 #[tokio::main]
@@ -1122,8 +1233,8 @@ async fn main() -> anyhow::Result<()> {
             p.log.delete_group(&group).await?;
             print_out(&format!("group {group} reset"))
         }
-        Command::Rebuild { into } => {
-            if !rebuild(cfg, into).await? {
+        Command::Rebuild { into, swap } => {
+            if !rebuild(cfg, into, swap).await? {
                 std::process::exit(1);
             }
             Ok(())

@@ -442,6 +442,75 @@ async fn assert_rebuild_matches(s: &Scope, messages: u64) {
     assert_eq!(report["tables"]["messages"]["rebuilt"]["rows"], json!(messages));
 }
 
+/// e3. (embedded) `chat rebuild --swap` beside the running server: projection tables emptied
+/// behind the server's back are replaced by a rebuild from the log while a client keeps sending;
+/// every message sent before, during and after the swap is in the history exactly once, and the
+/// live tables then equal a clean rebuild.
+async fn rebuild_swaps_online(mode: Mode) {
+    let s = Scope::new("swap", mode).await;
+    let gw = s.gateway("n1").await;
+    let alice = gw.register("alice").await;
+    let bob = gw.register("bob").await;
+    let mut a = gw.connect(&alice, "phone").await;
+    let mut conv = String::new();
+    for i in 0..20 {
+        conv = a.send_text(&bob.id, &format!("before-{i}"), &format!("before {i}")).await["conversation_id"].as_str().expect("conversation").to_owned();
+    }
+    s.wait_settled(T).await;
+    let store = s.store(&s.keyspace).await;
+    wait_for("projections emptied behind the server's back", T, || async { store.truncate_projections().await.ok() }).await;
+    assert_eq!(checksums(&store).await["messages"].rows, 0);
+
+    // alice keeps sending until the swap is over.
+    let (to, done) = (bob.id.clone(), Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let sender = tokio::spawn({
+        let done = done.clone();
+        async move {
+            let mut sent = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) || sent < 10 {
+                a.send_text(&to, &format!("during-{sent}"), &format!("during {sent}")).await;
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (a, sent)
+        }
+    });
+    let out = s.chat(&["rebuild", "--swap"]).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert!(out.status.success(), "rebuild --swap: {report:#}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(report["swapped"], true, "{report:#}");
+    assert_eq!(report["equal"], false, "the live tables were emptied: {report:#}");
+    assert_eq!(report["rebuilt_copy_removed"], true);
+    let (mut a, during) = sender.await.expect("sender");
+    for i in 0..10 {
+        a.send_text(&bob.id, &format!("after-{i}"), &format!("after {i}")).await;
+    }
+    let want: Vec<String> = (0..20)
+        .map(|i| format!("before {i}"))
+        .chain((0..during).map(|i| format!("during {i}")))
+        .chain((0..10).map(|i| format!("after {i}")))
+        .collect();
+    wait_for("every message in bob's history once, in order", T, || async {
+        let mut bodies: Vec<String> = Vec::new();
+        let mut before = String::new();
+        loop {
+            let (_, page) = gw.get(&bob.token, &format!("/v1/conversations/{conv}/messages?limit=200{before}")).await;
+            bodies.extend(page["messages"].as_array()?.iter().filter_map(|m| m["body"].as_str().map(str::to_owned)));
+            match page["next_cursor"].as_str() {
+                Some(cursor) => before = format!("&before={cursor}"),
+                None => break,
+            }
+        }
+        bodies.reverse();
+        (bodies == want).then_some(())
+    })
+    .await;
+    a.close().await;
+    s.wait_settled(T).await;
+    assert_rebuild_matches(&s, want.len() as u64).await;
+}
+
 async fn four_pairs(gw: &Gateway) -> Vec<(User, User)> {
     let mut users = Vec::new();
     for i in 0..8 {
@@ -997,6 +1066,7 @@ mod embedded {
         per_user_limits,
         protocol_violations_close_with_their_codes,
         websocket_conformance,
+        rebuild_swaps_online,
         disk_full_recovers,
     );
     scenarios!(Mode::Embedded;

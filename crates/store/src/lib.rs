@@ -340,6 +340,11 @@ pub trait TableAdmin: Send + Sync {
     async fn reset_projections(&self) -> StoreResult<()>;
     /// Empties every projection table (not the command gates), for a rebuild.
     async fn truncate_projections(&self) -> StoreResult<()>;
+    /// Replaces every projection table's rows with those of the store rebuilt at `place` (a
+    /// data directory of the same back-end, written by a projection group of this layout), in
+    /// one transaction; reads wait meanwhile and then see the new rows. Nothing may project into
+    /// either store while it runs. Embedded only: a cluster answers `Data`.
+    async fn replace_projections(&self, place: &str) -> StoreResult<()>;
     /// Row count and SHA-256 over the sorted rows of every projection table.
     async fn checksums(&self) -> StoreResult<BTreeMap<String, TableChecksum>>;
     /// Whether the store answers a trivial query.

@@ -1440,6 +1440,12 @@ impl TableAdmin for ScyllaStore {
         Self::set_layout(&self.session, ks).await
     }
 
+    async fn replace_projections(&self, place: &str) -> StoreResult<()> {
+        Err(StoreError::Data(format!(
+            "replacing the projection tables from {place} online needs the embedded store; in a cluster, compare with `chat rebuild` and reset the projections with `chat migrate` on a stopped set of workers"
+        )))
+    }
+
     async fn truncate_projections(&self) -> StoreResult<()> {
         for t in PROJECTION_TABLES {
             self.session

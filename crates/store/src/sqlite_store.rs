@@ -67,6 +67,9 @@ impl Cached for Connection {
 pub struct SqliteStore {
     commands: Arc<Engine<()>>,
     tables: Arc<Engine<()>>,
+    /// Reads of tables.db hold it shared; [`TableAdmin::replace_projections`] holds it
+    /// exclusively, so that no read sees the tables half replaced.
+    swap: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl From<EngineError> for StoreError {
@@ -265,7 +268,11 @@ impl SqliteStore {
         (tables.cache_kib, tables.window, tables.readers) = (65_536, Some(TABLES_WINDOW), READERS);
         (tables.answer, tables.shared_cache) = (Answer::Ran, true);
         tables.checkpoint_pages = CHECKPOINT_PAGES;
-        Ok(SqliteStore { commands: start(cmd_path, cmd_conn, commands)?, tables: start(tables_path, tables_conn, tables)? })
+        Ok(SqliteStore {
+            commands: start(cmd_path, cmd_conn, commands)?,
+            tables: start(tables_path, tables_conn, tables)?,
+            swap: Arc::new(tokio::sync::RwLock::new(())),
+        })
     }
 
     /// A projection write of tables.db, answered as soon as it ran in the open transaction
@@ -282,6 +289,7 @@ impl SqliteStore {
 
     /// A read of tables.db.
     async fn read<R: Send + 'static>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static) -> StoreResult<R> {
+        let _not_swapping = self.swap.read().await;
         Ok(self.tables.read(f).await?)
     }
 
@@ -1392,6 +1400,43 @@ impl TableAdmin for SqliteStore {
         .await
     }
 
+    async fn replace_projections(&self, place: &str) -> StoreResult<()> {
+        let from = Path::new(place).join("tables.db");
+        if !from.is_file() {
+            return Err(data(format!("no rebuilt tables at {}", from.display())));
+        }
+        let layout = {
+            let path = from.clone();
+            tokio::task::spawn_blocking(move || {
+                open_sqlite(&path, false)?.row("SELECT version FROM layout WHERE name = 'projections'", [], |r| r.get::<_, u32>(0))
+            })
+            .await
+            .map_err(|e| data(e.to_string()))?
+            .map_err(|e| data(format!("{}: {e}", from.display())))?
+        };
+        if layout != PROJECTION_LAYOUT {
+            return Err(data(format!("{} holds projection layout {layout}, this version writes {PROJECTION_LAYOUT}", from.display())));
+        }
+        let _swapping = self.swap.write().await;
+        self.write_synced(move |t| {
+            let src = open_sqlite(&from, false)?;
+            for table in PROJECTION_TABLES {
+                t.execute(&format!("DELETE FROM {table}"), [])?;
+                let mut select = src.prepare(&format!("SELECT * FROM {table}"))?;
+                let n = select.column_count();
+                let marks = vec!["?"; n].join(", ");
+                let mut insert = t.prepare(&format!("INSERT INTO {table} VALUES ({marks})"))?;
+                let mut rows = select.query([])?;
+                while let Some(row) = rows.next()? {
+                    let values = (0..n).map(|i| row.get::<_, rusqlite::types::Value>(i)).collect::<rusqlite::Result<Vec<_>>>()?;
+                    insert.execute(rusqlite::params_from_iter(values))?;
+                }
+            }
+            set_layout(t)
+        })
+        .await
+    }
+
     async fn truncate_projections(&self) -> StoreResult<()> {
         self.write_synced(|t| {
             for table in PROJECTION_TABLES {
@@ -1472,4 +1517,49 @@ impl Durable for SqliteStore {
         TABLES_SYNC_EVERY
     }
 
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("chat-store-{tag}-{}", Uuid::new_v4().simple()))
+    }
+
+    #[tokio::test]
+    async fn replace_projections_takes_the_rebuilt_rows_and_keeps_the_rest() {
+        let (live_dir, rebuilt_dir) = (scratch("live"), scratch("rebuilt"));
+        let live = SqliteStore::open(&live_dir).expect("live");
+        let rebuilt = SqliteStore::open(&rebuilt_dir).expect("rebuilt");
+        live.write_synced(|t| {
+            t.execute("INSERT INTO users VALUES ('u1', 'stale', 1)", [])?;
+            t.execute("INSERT INTO last_seen VALUES ('u1', 'online', 1, NULL)", [])?;
+            t.execute("INSERT INTO sends VALUES ('u1', 'c1', 'd.u1.u2', 'm1', 1, 'x', 7)", [])?;
+            Ok(())
+        })
+        .await
+        .expect("live rows");
+        rebuilt
+            .write_synced(|t| {
+                t.execute("INSERT INTO users VALUES ('u1', 'alice', 1)", [])?;
+                t.execute("INSERT INTO users VALUES ('u2', 'bob', 2)", [])?;
+                Ok(())
+            })
+            .await
+            .expect("rebuilt rows");
+        assert_ne!(live.checksums().await.expect("sums"), rebuilt.checksums().await.expect("sums"));
+
+        live.replace_projections(&rebuilt_dir.display().to_string()).await.expect("replace");
+        assert_eq!(live.checksums().await.expect("sums"), rebuilt.checksums().await.expect("sums"), "every projection table as rebuilt");
+        let names = live.read(|c| c.prepare("SELECT username FROM users ORDER BY user_id")?.query_map([], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()).await;
+        assert_eq!(names.expect("users"), ["alice", "bob"]);
+        let sends = live.read(|c| c.row("SELECT count(*) FROM sends", [], |r| r.get::<_, i64>(0))).await.expect("sends");
+        assert_eq!(sends, 1, "the fan-out's state (not a projection) is kept");
+
+        let missing = live.replace_projections(&scratch("missing").display().to_string()).await;
+        assert!(matches!(missing, Err(StoreError::Data(_))), "{missing:?}");
+        let _ = std::fs::remove_dir_all(&live_dir);
+        let _ = std::fs::remove_dir_all(&rebuilt_dir);
+    }
 }
