@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -65,6 +65,33 @@ pub fn router(chat: App) -> Router {
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(chat)
+}
+
+/// Path parameters. One that cannot be decoded (a percent-encoding that is not UTF-8) names
+/// nothing that exists: 404 `not_found` in our error format, like any malformed id.
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Path(v)),
+            Err(_) => Err(ApiError::not_found()),
+        }
+    }
+}
+
+/// [`Path`] for handlers that check the caller's role first: the 404 of an undecodable
+/// parameter comes after the 403.
+pub struct LaterPath<T>(pub Result<T, ApiError>);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for LaterPath<T> {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Ok(LaterPath(Path::<T>::from_request_parts(parts, state).await.map(|Path(v)| v)))
+    }
 }
 
 /// JSON body with errors in our format.
@@ -338,13 +365,15 @@ async fn analytics_topics(State(chat): State<App>, Caller(p): Caller, q: QueryMa
     Ok(Json(serde_json::json!({ "topics": chat.topic_counts(from, to).await? })).into_response())
 }
 
-async fn audit_message(State(chat): State<App>, Caller(p): Caller, Path(message_id): Path<String>) -> Result<Response, ApiError> {
+async fn audit_message(State(chat): State<App>, Caller(p): Caller, LaterPath(message_id): LaterPath<String>) -> Result<Response, ApiError> {
     require(&p, "auditor")?;
+    let message_id = message_id?;
     Ok(Json(chat.audit_message(&p, &message_id).await?).into_response())
 }
 
-async fn audit_user(State(chat): State<App>, Caller(p): Caller, Path(user_id): Path<String>, q: QueryMap) -> Result<Response, ApiError> {
+async fn audit_user(State(chat): State<App>, Caller(p): Caller, LaterPath(user_id): LaterPath<String>, q: QueryMap) -> Result<Response, ApiError> {
     require(&p, "auditor")?;
+    let user_id = user_id?;
     let q = query_map(q)?;
     let (from, to) = time_range(q.get("from").map(String::as_str), q.get("to").map(String::as_str))?;
     Ok(Json(serde_json::json!({ "user_id": user_id, "receipts": chat.audit_user(&p, &user_id, from, to).await? })).into_response())
