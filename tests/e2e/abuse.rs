@@ -698,7 +698,7 @@ async fn autobahn(kosoku: &Path, gw: &Gateway, include: &[&str], out: &Path) -> 
     for i in include {
         cmd.arg("-i").arg(i);
     }
-    let status = tokio::time::timeout(Duration::from_secs(600), cmd.stdout(std::process::Stdio::null()).status())
+    let status = tokio::time::timeout(Duration::from_secs(600), cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status())
         .await
         .expect("the suite ends within 10 minutes")
         .expect("kosoku runs");
