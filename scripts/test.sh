@@ -10,6 +10,7 @@
 #
 #   CHAT_KEEP_SERVICES=1   leave the services running afterwards (faster next run)
 #   CHAT_TEST_THREADS=N    test threads per test binary (default 2: the machines have 2 cores)
+#   CHAT_FUZZ_SECONDS=N    seconds per fuzz target on a full run (default 60; 0 skips fuzzing)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -25,6 +26,12 @@ while (($#)); do
   cargo_args+=("$1")
   shift
 done
+
+# A full run starts with the fuzz targets (scripts/fuzz.sh: the client frame parser and the
+# event decoder, from their committed corpora), before the services take the machine's memory.
+if ((${#cargo_args[@]} == 0)) && [[ ${CHAT_FUZZ_SECONDS:-60} != 0 ]]; then
+  bash scripts/fuzz.sh
+fi
 
 # Install the trap before `up`, so that a half-started set of services is stopped too.
 if [[ ${CHAT_KEEP_SERVICES:-0} != 1 ]]; then

@@ -429,6 +429,9 @@ impl Drop for Scope {
     /// Drops the scope's keyspaces (its own and any `chat rebuild` made beside it): every table
     /// costs Cassandra heap, and a run creates many.
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            print_log_tails(&self.log_dir);
+        }
         let (Some(svc), Mode::Cluster) = (&self.svc, self.mode) else { return };
         let nodes = vec![svc.cassandra.clone()];
         let prefix = self.keyspace.clone();
@@ -437,6 +440,38 @@ impl Drop for Scope {
             rt.block_on(ScyllaStore::drop_keyspaces(&nodes, &prefix)).ok()
         })
         .join();
+    }
+}
+
+/// On a failed test: the last warnings and errors of each process log of the scope, so that a
+/// CI log shows them (the files stay under the scope's folder).
+fn print_log_tails(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut logs: Vec<_> = entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "log")).collect();
+    logs.sort();
+    for path in logs {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<String> = text
+            .lines()
+            .map(|l| {
+                // Without the terminal colours.
+                let mut out = String::with_capacity(l.len());
+                let mut chars = l.chars();
+                while let Some(c) = chars.next() {
+                    if c == '\u{1b}' {
+                        chars.by_ref().find(|c| c.is_ascii_alphabetic());
+                    } else {
+                        out.push(c);
+                    }
+                }
+                out
+            })
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .collect();
+        eprintln!("---- {} ({} warnings and errors; the last 40, each cut to 400 bytes):", path.display(), lines.len());
+        for l in &lines[lines.len().saturating_sub(40)..] {
+            eprintln!("{}", l.chars().take(400).collect::<String>());
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 //! describes `data` and the envelope of each type. The decoder reads `type` and `version` first and
 //! then the `data` of that version, which is where an old version would be upcast.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{ConversationId, DeviceId, EventId, GroupId, MessageId, UserId};
@@ -196,7 +196,7 @@ pub struct UserRoleChanged {
 #[serde(deny_unknown_fields)]
 pub struct SessionsEnded {
     pub user_id: UserId,
-    #[serde(serialize_with = "serialize_time")]
+    #[serde(serialize_with = "serialize_time", deserialize_with = "deserialize_time")]
     pub until: DateTime<Utc>,
 }
 
@@ -306,7 +306,7 @@ pub enum StreamItem {
         #[serde(rename = "message_kind")]
         message_kind: MessageKind,
         body: String,
-        #[serde(serialize_with = "serialize_time")]
+        #[serde(serialize_with = "serialize_time", deserialize_with = "deserialize_time")]
         sent_at: DateTime<Utc>,
         /// The device that sent the message: on the sender's own copy only.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -325,7 +325,7 @@ pub enum StreamItem {
         message_id: MessageId,
         status: ReceiptStatus,
         by: UserId,
-        #[serde(serialize_with = "serialize_time")]
+        #[serde(serialize_with = "serialize_time", deserialize_with = "deserialize_time")]
         at: DateTime<Utc>,
         #[serde(default, skip_serializing_if = "is_false")]
         all: bool,
@@ -338,7 +338,7 @@ pub enum StreamItem {
     Read {
         conversation_id: ConversationId,
         up_to: MessageId,
-        #[serde(serialize_with = "serialize_time")]
+        #[serde(serialize_with = "serialize_time", deserialize_with = "deserialize_time")]
         at: DateTime<Utc>,
         /// The device that read.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -360,7 +360,7 @@ pub enum StreamItem {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         members: Option<Vec<UserId>>,
         by: UserId,
-        #[serde(serialize_with = "serialize_time")]
+        #[serde(serialize_with = "serialize_time", deserialize_with = "deserialize_time")]
         at: DateTime<Utc>,
         /// Offset of the change in the group's partition.
         position: i64,
@@ -385,6 +385,17 @@ fn is_false(b: &bool) -> bool {
 /// drops `.000` on whole seconds.
 pub fn serialize_time<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_time(t))
+}
+
+/// Reads a time that [`serialize_time`] wrote: any RFC 3339 time, cut to milliseconds (all the wire
+/// carries), so that a decoded time encodes back to itself.
+pub fn deserialize_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+    DateTime::<Utc>::deserialize(d).map(to_millis)
+}
+
+/// The time cut to milliseconds (a leap second stays one).
+fn to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.with_nanosecond(t.nanosecond() / 1_000_000 * 1_000_000).unwrap_or(t)
 }
 
 /// Written by the fan-out stage: an item for one recipient's stream. Its offset in the
@@ -502,8 +513,9 @@ impl Event {
             | Event::ProfileViewed(_)
             | Event::AuditAccessed(_)
             | Event::MediaUploaded(_) => 1,
-            // 2: with `source`.
-            Event::DeliveryQueued(_) => 2,
+            // 2: with `source`. One without (read from a version 1 record) is written as version
+            // 1 again: version 2 requires a source, so it would not decode.
+            Event::DeliveryQueued(q) => if q.source.is_some() { 2 } else { 1 },
         }
     }
 
@@ -764,6 +776,12 @@ impl Envelope {
         let occurred_at = DateTime::parse_from_rfc3339(&wire.occurred_at)
             .map_err(|e| CodecError::Malformed(format!("occurred_at: {e}")))?
             .with_timezone(&Utc);
+        // In UTC (an offset can move it out of years 0000-9999, which RFC 3339 cannot write, so
+        // it would not decode again) and to the millisecond, as `encode` writes it.
+        if !(0..=9999).contains(&occurred_at.year()) {
+            return Err(CodecError::Malformed(format!("occurred_at: {} is outside years 0000-9999 in UTC", wire.occurred_at)));
+        }
+        let occurred_at = to_millis(occurred_at);
         let event = Event::from_data(&wire.type_name, wire.version, wire.data)?;
         Ok(Envelope {
             event_id: wire.event_id,
@@ -1044,6 +1062,36 @@ mod tests {
         assert!(matches!(Envelope::decode(b"not json"), Err(CodecError::Malformed(_))));
         let bad = br#"{"event_id":"01932c07-8a4e-7b3c-9d2e-1f0a9b8c7d6e","type":"message.sent","version":1,"occurred_at":"2026-01-01T00:00:00.000Z","key":"k","data":{"x":1}}"#;
         assert!(matches!(Envelope::decode(bad), Err(CodecError::BadData { .. })));
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/event_decode.rs): a decoded envelope must encode to
+    /// bytes that decode to an equal envelope. A version 1 `delivery.queued` was written back as
+    /// version 2 without a source (which does not decode); an `occurred_at` whose offset moves it
+    /// out of years 0000-9999 in UTC was written as `+10000-…`/`-0001-…` (which does not
+    /// decode); a time with more than milliseconds lost them on the way back.
+    #[test]
+    fn decoded_envelopes_round_trip() {
+        let v1 = br#"{"event_id":"01932c07-8a4e-7b3c-9d2e-1f0a9b8c7d6e","type":"delivery.queued","version":1,"occurred_at":"2026-01-01T00:00:00.000Z","key":"7f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9","data":{"recipient":"7f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9","item":{"kind":"read","conversation_id":"d.0b6e3a5c-8d7f-4e21-9a3b-5c6d7e8f9a01.7f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9","up_to":"01932c07-8a4e-7b3c-9d2e-1f0a9b8c7d6e","at":"2026-01-01T00:00:00.123456Z"}}}"#;
+        let sessions = br#"{"event_id":"01932c07-8a4e-7b3c-9d2e-1f0a9b8c7d6e","type":"user.sessions_ended","version":1,"occurred_at":"2026-01-01T01:00:00.1239+01:00","key":"7f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9","data":{"user_id":"7f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9","until":"2016-12-31T23:59:60.5009Z"}}"#;
+        for raw in [&v1[..], &sessions[..]] {
+            let env = Envelope::decode(raw).expect("decodes");
+            let again = Envelope::decode(&env.encode()).expect("the re-encoded envelope decodes");
+            assert_eq!(again, env);
+            assert_eq!(again.encode(), env.encode());
+        }
+        assert_eq!(Envelope::decode(v1).expect("v1").to_json()["version"], 1);
+        let env = Envelope::decode(sessions).expect("decodes");
+        assert_eq!(format_time(&env.occurred_at), "2026-01-01T00:00:00.123Z");
+        assert_eq!(env.to_json()["data"]["until"], "2016-12-31T23:59:60.500Z", "to the millisecond, still a leap second");
+        for edge in ["9999-12-31T23:59:59.999-01:00", "0000-01-01T00:30:00.000+01:00"] {
+            let raw = String::from_utf8_lossy(sessions).replace("2026-01-01T01:00:00.1239+01:00", edge);
+            assert!(matches!(Envelope::decode(raw.as_bytes()), Err(CodecError::Malformed(_))), "{edge}");
+        }
+        for edge in ["9999-12-31T23:59:59.999Z", "0000-01-01T00:00:00.000Z"] {
+            let raw = String::from_utf8_lossy(sessions).replace("2026-01-01T01:00:00.1239+01:00", edge);
+            let env = Envelope::decode(raw.as_bytes()).expect(edge);
+            assert_eq!(env.to_json()["occurred_at"], edge);
+        }
     }
 
     #[test]

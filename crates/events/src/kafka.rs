@@ -5,10 +5,15 @@
 //!   reported as [`LogError::QueueFull`] at once instead of waiting.
 //! - Partitioner `murmur2_random`: the same key-to-partition mapping as the Java client, so that
 //!   tools written in other languages agree on where a conversation lives.
+//! - A producer that librdkafka declares broken for good (a fatal error, or an idempotence state
+//!   the broker refuses: out-of-order sequence, unknown producer id, fenced epoch; seen after a
+//!   broker that hung and came back) is replaced by a new one, so the process recovers without a
+//!   restart. Appends already waiting on the old one finish (or fail, and are retried) on it.
 //! - Consumer: `enable.auto.offset.store=false`; the worker stores an offset only after the writes
 //!   it covers succeeded, and librdkafka's auto-commit commits what was stored.
 
 use std::collections::HashMap;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,7 +27,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use crate::log::{EventLog, LogConsumer, LogError, LogReader, PartitionLag, Position, Record, TopicSpec};
 
@@ -56,7 +61,8 @@ impl KafkaConfig {
 /// Kafka as the event log.
 pub struct KafkaLog {
     config: KafkaConfig,
-    producer: FutureProducer,
+    /// The current producer (cloned per append: a clone shares it); replaced when broken.
+    producer: RwLock<FutureProducer>,
     admin: AdminClient<DefaultClientContext>,
 }
 
@@ -64,10 +70,33 @@ fn unavailable(e: KafkaError) -> LogError {
     LogError::Unavailable(e.to_string())
 }
 
+/// Delivery errors after which an idempotent producer does not recover by itself: its sequence
+/// or epoch state disagrees with the broker's, or librdkafka raised a fatal error.
+fn breaks_the_producer(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::Fatal
+            | RDKafkaErrorCode::Inconsistent
+            | RDKafkaErrorCode::OutOfOrderSequenceNumber
+            | RDKafkaErrorCode::UnknownProducerId
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::ProducerFenced
+    )
+}
+
 impl KafkaLog {
     /// Connects lazily (librdkafka connects in the background); fails only on bad configuration.
     pub fn new(config: KafkaConfig) -> Result<Self, LogError> {
-        let producer: FutureProducer = ClientConfig::new()
+        let producer = Self::new_producer(&config)?;
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .create()
+            .map_err(|e| LogError::Fatal(format!("admin client: {e}")))?;
+        Ok(KafkaLog { config, producer: RwLock::new(producer), admin })
+    }
+
+    fn new_producer(config: &KafkaConfig) -> Result<FutureProducer, LogError> {
+        ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -77,12 +106,33 @@ impl KafkaLog {
             .set("message.timeout.ms", config.append_timeout.as_millis().to_string())
             .set("compression.type", "lz4")
             .create()
-            .map_err(|e| LogError::Fatal(format!("producer: {e}")))?;
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            .create()
-            .map_err(|e| LogError::Fatal(format!("admin client: {e}")))?;
-        Ok(KafkaLog { config, producer, admin })
+            .map_err(|e| LogError::Fatal(format!("producer: {e}")))
+    }
+
+    /// The current producer.
+    fn producer(&self) -> FutureProducer {
+        self.producer.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// After a failed delivery on `used`: if that producer is broken for good, replaces it (once:
+    /// a later failure of the same broken producer finds it replaced already). Returns the error
+    /// to report.
+    fn after_failure(&self, used: &FutureProducer, e: KafkaError) -> LogError {
+        let fatal = used.client().fatal_error();
+        let broken = fatal.is_some() || e.rdkafka_error_code().is_some_and(breaks_the_producer);
+        if broken {
+            let mut current = self.producer.write().unwrap_or_else(|p| p.into_inner());
+            if std::ptr::eq(current.client().native_ptr(), used.client().native_ptr()) {
+                match Self::new_producer(&self.config) {
+                    Ok(fresh) => {
+                        error!(error = %e, fatal = ?fatal, "the Kafka producer is broken; replaced by a new one");
+                        *current = fresh;
+                    }
+                    Err(err) => error!(error = %e, replacement = %err, "the Kafka producer is broken and could not be replaced"),
+                }
+            }
+        }
+        unavailable(e)
     }
 
     fn base_consumer(&self, group: &str) -> Result<BaseConsumer, LogError> {
@@ -96,7 +146,7 @@ impl KafkaLog {
 
     /// Flushes what is queued (on shutdown).
     pub fn flush(&self, timeout: Duration) {
-        if let Err(e) = self.producer.flush(timeout) {
+        if let Err(e) = self.producer().flush(timeout) {
             warn!(error = %e, "producer flush on shutdown failed");
         }
     }
@@ -105,15 +155,16 @@ impl KafkaLog {
 #[async_trait]
 impl EventLog for KafkaLog {
     async fn append(&self, topic: &str, key: &str, payload: Vec<u8>) -> Result<Position, LogError> {
+        let producer = self.producer();
         let record = FutureRecord::to(topic).key(key).payload(&payload);
-        let delivery = match self.producer.send_result(record) {
+        let delivery = match producer.send_result(record) {
             Ok(d) => d,
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => return Err(LogError::QueueFull),
-            Err((e, _)) => return Err(unavailable(e)),
+            Err((e, _)) => return Err(self.after_failure(&producer, e)),
         };
         match delivery.await {
             Ok(Ok(d)) => Ok(Position { topic: topic.to_owned(), partition: d.partition, offset: d.offset }),
-            Ok(Err((e, _))) => Err(unavailable(e)),
+            Ok(Err((e, _))) => Err(self.after_failure(&producer, e)),
             Err(_) => Err(LogError::Unavailable("producer dropped the delivery".into())),
         }
     }
@@ -121,13 +172,14 @@ impl EventLog for KafkaLog {
     async fn append_batch(&self, records: Vec<(String, String, Vec<u8>)>) -> Vec<Result<Position, LogError>> {
         // Enqueue everything first (librdkafka keeps the enqueue order per partition, and the
         // idempotent producer keeps it through retries), then wait for every acknowledgement.
+        let producer = self.producer();
         let mut pending = Vec::with_capacity(records.len());
         for (topic, key, payload) in &records {
             let record = FutureRecord::to(topic).key(key).payload(payload);
-            pending.push(match self.producer.send_result(record) {
+            pending.push(match producer.send_result(record) {
                 Ok(d) => Ok((topic.clone(), d)),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Err(LogError::QueueFull),
-                Err((e, _)) => Err(unavailable(e)),
+                Err((e, _)) => Err(self.after_failure(&producer, e)),
             });
         }
         let mut out = Vec::with_capacity(pending.len());
@@ -136,7 +188,7 @@ impl EventLog for KafkaLog {
                 Err(e) => Err(e),
                 Ok((topic, d)) => match d.await {
                     Ok(Ok(d)) => Ok(Position { topic, partition: d.partition, offset: d.offset }),
-                    Ok(Err((e, _))) => Err(unavailable(e)),
+                    Ok(Err((e, _))) => Err(self.after_failure(&producer, e)),
                     Err(_) => Err(LogError::Unavailable("producer dropped the delivery".into())),
                 },
             });
@@ -167,7 +219,7 @@ impl EventLog for KafkaLog {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         for s in specs {
             loop {
-                let producer = self.producer.clone();
+                let producer = self.producer();
                 let name = s.name.clone();
                 let ready = tokio::task::spawn_blocking(move || {
                     producer
@@ -282,7 +334,7 @@ impl EventLog for KafkaLog {
     }
 
     async fn ping(&self) -> bool {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, Duration::from_secs(2)).is_ok())
             .await
             .unwrap_or(false)
@@ -391,5 +443,39 @@ impl LogConsumer for KafkaConsumer {
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
             Err(e) => Err(unavailable(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    use super::*;
+
+    /// A producer whose idempotence state the broker refuses (librdkafka's mock cluster answers a
+    /// produce with out-of-order sequence) is replaced at the failure, once, and the next append
+    /// goes through the new one.
+    #[tokio::test]
+    async fn a_broken_producer_is_replaced() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("t", 1, 1).expect("topic");
+        let mut config = KafkaConfig::new(cluster.bootstrap_servers());
+        config.append_timeout = Duration::from_secs(5);
+        let log = KafkaLog::new(config).expect("a log");
+        log.append("t", "k", b"first".to_vec()).await.expect("appended");
+        let broken = log.producer();
+        cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER; 3]);
+        let err = log.append("t", "k", b"refused".to_vec()).await.expect_err("the broker refuses the sequence");
+        assert!(matches!(err, LogError::Unavailable(_)), "{err:?}");
+        assert!(broken.client().fatal_error().is_some(), "librdkafka gave the old producer up: only a new one recovers");
+        let fresh = log.producer();
+        assert!(!std::ptr::eq(fresh.client().native_ptr(), broken.client().native_ptr()), "replaced after {err}");
+        // A late failure of the old producer does not replace the new one.
+        let _ = log.after_failure(&broken, KafkaError::MessageProduction(RDKafkaErrorCode::Fatal));
+        assert!(std::ptr::eq(log.producer().client().native_ptr(), fresh.client().native_ptr()), "replaced once");
+        cluster.clear_request_errors(RDKafkaApiKey::Produce);
+        log.append("t", "k", b"again".to_vec()).await.expect("the new producer appends");
+        assert!(std::ptr::eq(log.producer().client().native_ptr(), fresh.client().native_ptr()));
     }
 }

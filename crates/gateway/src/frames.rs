@@ -146,6 +146,37 @@ impl ClientFrame {
     }
 }
 
+/// Why a text frame is not a client frame: the answer's stable code (`bad_json` when the text
+/// is not JSON, `invalid_frame` otherwise), its message, and the `ref` to echo.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct FrameError {
+    pub code: &'static str,
+    pub message: String,
+    /// The frame's `ref` as written (`null` included), when the text was an object with
+    /// distinct keys; absent otherwise.
+    pub r#ref: Ref,
+}
+
+/// Parses a text frame: the client frame and its `ref` as written (echoed in any error answer,
+/// `null` included), or why it is not one. Pure (no I/O); `ws::handle_text` answers with it.
+pub fn parse_client_frame(text: &str) -> Result<(ClientFrame, Ref), FrameError> {
+    let invalid = |e: serde_json::Error, r#ref: Ref| FrameError { code: "invalid_frame", message: format!("not a valid client frame: {e}"), r#ref };
+    let bad_json = || FrameError { code: "bad_json", message: "frame is not valid JSON".into(), r#ref: None };
+    let value = match serde_json::from_str::<StrictObject>(text) {
+        Ok(v) => serde_json::Value::Object(v.0),
+        // A data error can come before the end of the text (`nullnull` is refused at the first
+        // `null` as "not an object", `[1,` at the `[`): `invalid_frame` only if the text is JSON.
+        Err(e) if e.is_data() && serde_json::from_str::<serde_json::Value>(text).is_ok() => return Err(invalid(e, None)),
+        Err(_) => return Err(bad_json()),
+    };
+    let r#ref = value.get("ref").cloned();
+    match serde_json::from_value::<ClientFrame>(value) {
+        Ok(frame) => Ok((frame, r#ref)),
+        Err(e) => Err(invalid(e, r#ref)),
+    }
+}
+
 fn time<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_time(t))
 }
@@ -321,6 +352,27 @@ mod tests {
         assert!(dup.is_data() && dup.to_string().contains("duplicate field `body`"), "{dup}");
         assert!(serde_json::from_str::<StrictObject>(r#"[1]"#).err().is_some_and(|e| e.is_data()), "an array is not a frame");
         assert!(serde_json::from_str::<StrictObject>(r#"{"a":"#).err().is_some_and(|e| !e.is_data()), "broken JSON is a syntax error");
+    }
+
+    /// `bad_json` exactly when the text is not JSON, `invalid_frame` for JSON that is not a client
+    /// frame, with the `ref` of an object with distinct keys as written. Found by fuzzing
+    /// (fuzz/fuzz_targets/client_frame.rs): a text that begins with a JSON value other than an
+    /// object (`nullnull`, `[1,`) was refused as `invalid_frame` at its first value.
+    #[test]
+    fn parse_client_frame_codes_and_refs() {
+        let code = |t: &str| parse_client_frame(t).err().map(|e| e.code);
+        for not_json in ["nullnull", "[1,", "[", "1 2", "\"a", "{\"type\":\"ping\"} x", "{\"type\":", "", "ping", "[".repeat(200).as_str()] {
+            assert_eq!(code(not_json), Some("bad_json"), "{not_json:?}");
+        }
+        for not_a_frame in ["null", "[1]", "42", "\"ping\"", "{\"type\":\"nope\"}", "{\"type\":\"ping\",\"ref\":1,\"ref\":2}"] {
+            assert_eq!(code(not_a_frame), Some("invalid_frame"), "{not_a_frame:?}");
+        }
+        let e = parse_client_frame(r#"{"type":"send","ref":{"a":1},"body":"x"}"#).expect_err("no client_msg_id");
+        assert_eq!((e.code, e.r#ref), ("invalid_frame", Some(serde_json::json!({"a": 1}))));
+        assert!(e.message.starts_with("not a valid client frame: missing field `client_msg_id`"), "{}", e.message);
+        assert_eq!(parse_client_frame(r#"{"type":"ping","ref":1,"ref":1}"#).err().and_then(|e| e.r#ref), None, "no ref from a duplicate");
+        let (frame, r#ref) = parse_client_frame(r#"{"type":"ping","ref":null}"#).expect("a ping");
+        assert_eq!((frame.type_name(), r#ref), ("ping", Some(serde_json::Value::Null)), "a null ref as written");
     }
 
     #[test]

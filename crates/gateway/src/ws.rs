@@ -313,25 +313,12 @@ async fn connection(
 
 /// Handles one text frame; returns the reply to queue, if any.
 async fn handle_text(chat: &Chat, ctx: &ConnCtx, text: &str) -> Option<Outbound> {
-    let value: serde_json::Value = match serde_json::from_str::<crate::frames::StrictObject>(text) {
-        Ok(v) => serde_json::Value::Object(v.0),
-        Err(e) if e.is_data() => {
-            // Valid JSON, but not one object with distinct keys.
-            chat.metrics.errors.with_label_values(&["invalid_frame"]).inc();
-            return Some(error_frame(&ApiError::bad_request("invalid_frame", format!("not a valid client frame: {e}")), None));
-        }
-        Err(_) => {
-            chat.metrics.errors.with_label_values(&["bad_json"]).inc();
-            return Some(error_frame(&ApiError::bad_request("bad_json", "frame is not valid JSON"), None));
-        }
-    };
-    let r#ref = value.get("ref").cloned();
-    let frame: ClientFrame = match serde_json::from_value(value) {
-        Ok(f) => f,
+    // `bad_json` (not JSON) or `invalid_frame` (not a client frame), echoing the object's `ref`.
+    let (frame, r#ref) = match crate::frames::parse_client_frame(text) {
+        Ok(parsed) => parsed,
         Err(e) => {
-            chat.metrics.errors.with_label_values(&["invalid_frame"]).inc();
-            let e = ApiError::bad_request("invalid_frame", format!("not a valid client frame: {e}"));
-            return Some(error_frame(&e, r#ref));
+            chat.metrics.errors.with_label_values(&[e.code]).inc();
+            return Some(error_frame(&ApiError::bad_request(e.code, e.message), e.r#ref));
         }
     };
     chat.metrics.frames_in.with_label_values(&[frame.type_name()]).inc();
