@@ -142,15 +142,8 @@ async fn audit(State(admin): State<Admin>, Json(q): Json<crate::AuditQuery>) -> 
     }
 }
 
-#[derive(serde::Deserialize)]
-struct Rebuild {
-    into: Option<String>,
-    #[serde(default)]
-    swap: bool,
-}
-
-async fn rebuild(State(admin): State<Admin>, Json(r): Json<Rebuild>) -> Response {
-    match crate::rebuild_into(&admin.ops, &admin.cfg, r.into, r.swap).await {
+async fn rebuild(State(admin): State<Admin>, Json(r): Json<crate::RebuildOpts>) -> Response {
+    match crate::rebuild_into(&admin.ops, &admin.cfg, r).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => failed(e),
     }

@@ -118,14 +118,18 @@ pub struct Settings {
     pub ws_echo: Option<bool>,
     /// Media in an S3-compatible store (cluster mode): endpoint URL, e.g. http://127.0.0.1:8333.
     #[arg(long, env = "CHAT_S3_ENDPOINT", global = true)]
+    /// Set with the bucket and both keys (all four, or none).
     pub s3_endpoint: Option<String>,
+    /// The bucket that holds the media objects (it must exist).
     #[arg(long, env = "CHAT_S3_BUCKET", global = true)]
     pub s3_bucket: Option<String>,
+    /// The S3 access key id.
     #[arg(long, env = "CHAT_S3_ACCESS_KEY", global = true)]
     pub s3_access_key: Option<String>,
+    /// The S3 secret access key (prefer the environment variable: arguments show in `ps`).
     #[arg(long, env = "CHAT_S3_SECRET_KEY", global = true, hide_env_values = true)]
     pub s3_secret_key: Option<String>,
-    /// [default: us-east-1]
+    /// The S3 region to sign requests for [default: us-east-1].
     #[arg(long, env = "CHAT_S3_REGION", global = true)]
     pub s3_region: Option<String>,
     /// Media on a filesystem path instead (shared by every gateway node) [embedded default:

@@ -120,7 +120,21 @@ enum Command {
         /// Exit status 0 once swapped, whether or not the tables differed.
         #[arg(long)]
         swap: bool,
+        /// Keep the rebuilt copy after the comparison (one at the default place is deleted; one
+        /// named with --into is always kept).
+        #[arg(long, conflicts_with = "swap")]
+        keep: bool,
     },
+}
+
+/// What `chat rebuild` was asked (also the body of the admin socket's `POST /rebuild`).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct RebuildOpts {
+    pub into: Option<String>,
+    #[serde(default)]
+    pub swap: bool,
+    #[serde(default)]
+    pub keep: bool,
 }
 
 type Opened = (Arc<dyn EventLog>, Option<Arc<KafkaLog>>, Arc<dyn Tables>);
@@ -914,31 +928,41 @@ async fn audit(cfg: Config, q: AuditQuery) -> anyhow::Result<()> {
 /// `audit.accessed` record first, then the answer as JSON.
 async fn audit_answer(ops: &admin::Ops, q: AuditQuery) -> anyhow::Result<serde_json::Value> {
     use chat_gateway::insights::{day_range, time_range};
+    // The input is checked first: like the HTTP endpoints, a refused query reads nothing and is
+    // not recorded.
+    enum Checked {
+        Receipts(chat_events::MessageId),
+        UserReceipts(chat_events::UserId, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>),
+        Daily(chrono::NaiveDate, chrono::NaiveDate),
+    }
     let (action, target, from, to) = match &q {
         AuditQuery::Receipts { message } => ("message_receipts", Some(message.clone()), None, None),
         AuditQuery::UserReceipts { user, from, to } => ("user_receipts", Some(user.clone()), from.clone(), to.clone()),
         AuditQuery::Daily { from, to } => ("daily_metrics", None, from.clone(), to.clone()),
     };
-    // The record first: no audit read without it.
-    let record = chat_events::AuditAccessed { auditor: None, via: "cli".into(), action: action.into(), target, from: from.clone(), to: to.clone() };
+    let checked = match &q {
+        AuditQuery::Receipts { message } => Checked::Receipts(message.parse().map_err(|_| anyhow::anyhow!("--message is not a message id"))?),
+        AuditQuery::UserReceipts { user, .. } => {
+            let (from, to) = time_range(from.as_deref(), to.as_deref()).map_err(cli_error)?;
+            Checked::UserReceipts(user.parse().map_err(|_| anyhow::anyhow!("--user is not a user id"))?, from, to)
+        }
+        AuditQuery::Daily { .. } => {
+            let (from, to) = day_range(from.as_deref(), to.as_deref()).map_err(cli_error)?;
+            Checked::Daily(from, to)
+        }
+    };
+    // The record next: no audit read without it.
+    let record = chat_events::AuditAccessed { auditor: None, via: "cli".into(), action: action.into(), target, from, to };
     let env = chat_events::Envelope::new(chat_events::EventId::new_v7(), None, chat_events::Event::AuditAccessed(record));
     chat_events::append_event(ops.log.as_ref(), &ops.topics, &env).await?;
-    Ok(match q {
-        AuditQuery::Receipts { message } => {
-            let id: chat_events::MessageId = message.parse().map_err(|_| anyhow::anyhow!("--message is not a message id"))?;
+    Ok(match checked {
+        Checked::Receipts(id) => {
             let meta = ops.tables.find_message(id).await?.with_context(|| format!("no message {id}"))?;
             // The same timeline as `GET /v1/audit/messages/{id}/receipts`.
             serde_json::to_value(chat_gateway::insights::AuditTimeline::of(ops.tables.as_ref(), &meta).await?)?
         }
-        AuditQuery::UserReceipts { user, .. } => {
-            let (from, to) = time_range(from.as_deref(), to.as_deref()).map_err(cli_error)?;
-            let user: chat_events::UserId = user.parse().map_err(|_| anyhow::anyhow!("--user is not a user id"))?;
-            serde_json::to_value(ops.tables.receipts_of_user(user, from, to).await?)?
-        }
-        AuditQuery::Daily { .. } => {
-            let (from, to) = day_range(from.as_deref(), to.as_deref()).map_err(cli_error)?;
-            serde_json::to_value(ops.tables.message_counts(from, to).await?)?
-        }
+        Checked::UserReceipts(user, from, to) => serde_json::to_value(ops.tables.receipts_of_user(user, from, to).await?)?,
+        Checked::Daily(from, to) => serde_json::to_value(ops.tables.message_counts(from, to).await?)?,
     })
 }
 
@@ -960,7 +984,8 @@ async fn replay(cfg: Config, a: ReplayArgs) -> anyhow::Result<()> {
     let user: Option<chat_events::UserId> = a.user.as_deref().map(|u| u.parse()).transpose().map_err(|_| anyhow::anyhow!("--user is not a user id"))?;
     for t in &a.types {
         if !chat_events::event::EVENT_TYPES.iter().any(|(name, _)| name == t) {
-            bail!("--type {t:?} is not an event type");
+            let known: Vec<&str> = chat_events::event::EVENT_TYPES.iter().map(|(name, _)| *name).collect();
+            bail!("--type {t:?} is not an event type; the types are: {}", known.join(", "));
         }
     }
     let names = Topics::new(cfg.topic_prefix.clone());
@@ -1025,25 +1050,25 @@ async fn replay(cfg: Config, a: ReplayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn rebuild(cfg: Config, into: Option<String>, swap: bool) -> anyhow::Result<bool> {
-    if swap && cfg.data_dir().is_none() {
+async fn rebuild(cfg: Config, opts: RebuildOpts) -> anyhow::Result<bool> {
+    if opts.swap && cfg.data_dir().is_none() {
         bail!("--swap needs the embedded mode; in a cluster, compare with `chat rebuild` and rebuild the projections with `chat migrate` on stopped workers");
     }
     // Embedded, beside a running server: the server rebuilds (it holds the log).
     let report: serde_json::Value = match cfg.data_dir().map(|dir| dir.to_path_buf()) {
-        Some(dir) => match admin::call::<serde_json::Value>(&dir, "/rebuild", &serde_json::json!({ "into": into, "swap": swap })).await? {
+        Some(dir) => match admin::call::<serde_json::Value>(&dir, "/rebuild", &opts).await? {
             Some(report) => report,
-            None => rebuild_locally(cfg, into, swap).await?,
+            None => rebuild_locally(cfg, opts).await?,
         },
-        None => rebuild_locally(cfg, into, swap).await?,
+        None => rebuild_locally(cfg, opts).await?,
     };
     print_json(&report)?;
     Ok(report["equal"] == serde_json::json!(true) || report["swapped"] == serde_json::json!(true))
 }
 
-async fn rebuild_locally(cfg: Config, into: Option<String>, swap: bool) -> anyhow::Result<serde_json::Value> {
+async fn rebuild_locally(cfg: Config, opts: RebuildOpts) -> anyhow::Result<serde_json::Value> {
     let live = Platform::open(cfg.clone()).await?;
-    let report = rebuild_into(&live.ops(), &cfg, into, swap).await;
+    let report = rebuild_into(&live.ops(), &cfg, opts).await;
     live.flush();
     report
 }
@@ -1057,20 +1082,26 @@ async fn rebuild_locally(cfg: Config, into: Option<String>, swap: bool) -> anyho
 /// transaction (reads wait meanwhile); the stages start again from their own stored offsets,
 /// which are at or before the rebuild's, so they project again what the rebuilt tables already
 /// hold (idempotent) and nothing in between is missed.
-async fn rebuild_into(live: &admin::Ops, cfg: &Config, into: Option<String>, swap: bool) -> anyhow::Result<serde_json::Value> {
+///
+/// Without `swap`, the rebuilt copy is deleted after the comparison when it is at the default
+/// place (a directory or keyspace made for this run), unless `keep`; one named with `into` stays.
+async fn rebuild_into(live: &admin::Ops, cfg: &Config, opts: RebuildOpts) -> anyhow::Result<serde_json::Value> {
+    let RebuildOpts { into, swap, keep } = opts;
+    let named = into.is_some();
     if swap && !matches!(cfg.backend, Backend::Embedded { .. }) {
         bail!("--swap needs the embedded mode");
     }
     let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
-    let (fresh, place): (Arc<dyn Tables>, String) = match &cfg.backend {
+    let (fresh, place, scylla): (Arc<dyn Tables>, String, Option<Arc<ScyllaStore>>) = match &cfg.backend {
         Backend::Embedded { data_dir } => {
             let dir = into.map(std::path::PathBuf::from).unwrap_or_else(|| data_dir.join(format!("rebuild-{stamp}")));
-            (Arc::new(SqliteStore::open(&dir)?), dir.display().to_string())
+            (Arc::new(SqliteStore::open(&dir)?), dir.display().to_string(), None)
         }
         Backend::Cluster { cassandra_nodes, .. } => {
             let keyspace = into.unwrap_or_else(|| format!("{}_rebuild_{stamp}", cfg.keyspace));
-            let scylla = ScyllaConfig { nodes: cassandra_nodes.clone(), keyspace: keyspace.clone(), replication_factor: cfg.cassandra_rf };
-            (Arc::new(ScyllaStore::connect(&scylla).await.context("creating the rebuild keyspace")?), keyspace)
+            let config = ScyllaConfig { nodes: cassandra_nodes.clone(), keyspace: keyspace.clone(), replication_factor: cfg.cassandra_rf };
+            let store = Arc::new(ScyllaStore::connect(&config).await.context("creating the rebuild keyspace")?);
+            (store.clone(), keyspace, Some(store))
         }
     };
     let group = format!("{}-rebuild-{stamp}", cfg.projection_group);
@@ -1149,6 +1180,7 @@ async fn rebuild_into(live: &admin::Ops, cfg: &Config, into: Option<String>, swa
     if let Err(reason) = task.await? {
         bail!("the rebuild failed: {reason}");
     }
+    info!(projected = stats.records.load(std::sync::atomic::Ordering::Relaxed), "rebuild: every record up to the log's end projected");
     let mut report = serde_json::Map::new();
     for (table, live_sum) in &a {
         report.insert(table.clone(), serde_json::json!({"live": live_sum, "rebuilt": b.get(table), "equal": b.get(table) == Some(live_sum)}));
@@ -1162,6 +1194,16 @@ async fn rebuild_into(live: &admin::Ops, cfg: &Config, into: Option<String>, swa
         let removed = std::fs::remove_dir_all(&place).is_ok();
         info!(from = %place, removed, "live projection tables replaced by the rebuilt ones; worker stages started again");
         out["swapped"] = serde_json::json!(true);
+        out["rebuilt_copy_removed"] = serde_json::json!(removed);
+    } else if !keep && !named {
+        let _ = live.log.delete_group(&group).await;
+        let removed = match scylla {
+            Some(store) => store.drop_own_keyspace().await.map_err(|e| warn!(keyspace = %place, error = %e, "could not drop the rebuilt keyspace")).is_ok(),
+            None => {
+                drop(fresh);
+                std::fs::remove_dir_all(&place).map_err(|e| warn!(dir = %place, error = %e, "could not delete the rebuilt copy")).is_ok()
+            }
+        };
         out["rebuilt_copy_removed"] = serde_json::json!(removed);
     }
     Ok(out)
@@ -1178,12 +1220,35 @@ async fn caught_up(log: &dyn EventLog, ahead: &str, behind: &str, topics: &[Stri
         .all(|l| l.committed >= behind.get(&(l.topic, l.partition)).copied().unwrap_or(0)))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Runs the command; an error ends the process with its message (and its causes) on stderr and
+/// exit status 1, never a backtrace: a command's errors are the user's to read, not panics (a
+/// `RUST_BACKTRACE` set for other programs would otherwise print anyhow's backtrace).
+fn main() -> std::process::ExitCode {
+    use std::io::IsTerminal as _;
+    // Colours only on a terminal (log files and pipes get plain text), and never with NO_COLOR.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CHAT_LOG").unwrap_or_else(|_| "info,scylla=warn".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run_command()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_command() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let cfg = cli.settings.resolve()?;
     match cli.command.unwrap_or(Command::Run) {
@@ -1233,8 +1298,8 @@ async fn main() -> anyhow::Result<()> {
             p.log.delete_group(&group).await?;
             print_out(&format!("group {group} reset"))
         }
-        Command::Rebuild { into, swap } => {
-            if !rebuild(cfg, into, swap).await? {
+        Command::Rebuild { into, swap, keep } => {
+            if !rebuild(cfg, RebuildOpts { into, swap, keep }).await? {
                 std::process::exit(1);
             }
             Ok(())

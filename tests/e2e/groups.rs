@@ -314,6 +314,16 @@ pub async fn replay_streams_filtered_json_lines(mode: Mode) {
     let carol_events = lines(s.chat(&["replay", "--user", &carol.id]).await);
     assert!(carol_events.iter().any(|e| e["type"] == "user.registered"));
     assert_eq!(carol_events.iter().filter(|e| e["type"] == "message.sent").count(), 1);
-    let bad = s.chat(&["replay", "--type", "message.nope"]).await;
-    assert!(!bad.status.success());
+    // A user error: its message and the valid choices, exit status 1, no backtrace even when
+    // RUST_BACKTRACE is set in the caller's environment.
+    let bad = s.chat_with_env(&["replay", "--type", "message.nope"], &[("RUST_BACKTRACE", "1")]).await;
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{err}");
+    assert!(err.contains("error: --type \"message.nope\" is not an event type; the types are: ") && err.contains("message.sent"), "{err}");
+    assert!(!err.to_lowercase().contains("backtrace"), "{err}");
+    // Log files are plain text (colours are for terminals).
+    for entry in std::fs::read_dir(&s.log_dir).expect("log dir").flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        assert!(!text.contains('\u{1b}'), "terminal escape codes in {}", entry.path().display());
+    }
 }

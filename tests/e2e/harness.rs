@@ -338,6 +338,15 @@ impl Scope {
         cmd.args(args).envs(self.env_for(&self.keyspace)).output().await.expect("run chat")
     }
 
+    /// Runs a `chat` subcommand with extra environment variables.
+    pub async fn chat_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+        let mut cmd = Command::new(bin());
+        for k in CLEARED_ENV {
+            cmd.env_remove(k);
+        }
+        cmd.args(args).envs(self.env_for(&self.keyspace)).envs(env.iter().copied()).output().await.expect("run chat")
+    }
+
     /// Runs a `chat` subcommand whose stdout reader goes away at once (as in `chat ... | head`).
     pub async fn chat_into_closed_pipe(&self, args: &[&str]) -> std::process::Output {
         let mut cmd = Command::new(bin());

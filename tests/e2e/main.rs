@@ -440,6 +440,12 @@ async fn assert_rebuild_matches(s: &Scope, messages: u64) {
     assert!(out.status.success(), "rebuild differs: {report:#}\n{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(report["equal"], true);
     assert_eq!(report["tables"]["messages"]["rebuilt"]["rows"], json!(messages));
+    // The compared copy is not left behind (a directory, or a keyspace in Cassandra).
+    assert_eq!(report["rebuilt_copy_removed"], true, "{report:#}");
+    if s.mode == Mode::Embedded {
+        let place = report["rebuilt_into"].as_str().expect("rebuilt_into");
+        assert!(!std::path::Path::new(place).exists(), "{place} left behind");
+    }
 }
 
 /// e3. (embedded) `chat rebuild --swap` beside the running server: projection tables emptied

@@ -254,6 +254,21 @@ pub async fn profiles_analytics_and_audit(mode: Mode) {
     assert_eq!(views[0]["views"], looks + 3, "{views}");
     let timeline = json_of(s.chat(&["audit", "receipts", "--message", &mid]).await);
     assert_eq!(timeline["receipts"].as_array().unwrap().len(), 3, "{timeline}");
+    // The same timeline as over HTTP: `sent_at`, and the transitions in time order (sent,
+    // delivered, seen).
+    assert!(timeline["sent_at"].as_str().is_some_and(|t| !t.is_empty()), "{timeline}");
+    let statuses: Vec<&str> = timeline["receipts"].as_array().unwrap().iter().filter_map(|r| r["status"].as_str()).collect();
+    assert_eq!(statuses, ["sent", "delivered", "seen"], "{timeline}");
+    let ats: Vec<&str> = timeline["receipts"].as_array().unwrap().iter().filter_map(|r| r["at"].as_str()).collect();
+    assert!(ats.windows(2).all(|w| w[0] <= w[1]), "time order: {timeline}");
+    let (st, http) = gw.get(&erin.token, &format!("/v1/audit/messages/{mid}/receipts")).await;
+    assert_eq!(st, 200);
+    assert_eq!(http["receipts"], timeline["receipts"], "one code path for the CLI and HTTP");
+    // Refused input is not an audit read (as over HTTP): no record.
+    for bad in [vec!["audit", "receipts", "--message", "nope"], vec!["audit", "user-receipts", "--user", "nope"], vec!["audit", "daily", "--from", "yesterday"]] {
+        let out = s.chat(&bad).await;
+        assert!(!out.status.success(), "{bad:?} refused");
+    }
     let out = s.chat(&["replay", "--type", "audit.accessed"]).await;
     let records: Vec<Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(records.iter().filter(|r| r["data"]["via"] == "cli").count(), 1, "the CLI read is on the record");

@@ -555,6 +555,12 @@ impl ScyllaStore {
         Ok(names)
     }
 
+    /// Drops this store's own keyspace (a rebuilt copy that was only compared).
+    pub async fn drop_own_keyspace(&self) -> StoreResult<()> {
+        self.session.query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", self.keyspace), ()).await.map_err(unavailable)?;
+        Ok(())
+    }
+
     /// The keyspace this store writes to.
     pub fn keyspace(&self) -> &str {
         &self.keyspace
