@@ -100,6 +100,11 @@ pub struct Settings {
     /// Registrations per client address in an hour; 0: no limit [default: 30].
     #[arg(long, env = "CHAT_REGISTRATIONS_PER_ADDRESS", global = true)]
     pub registrations_per_address: Option<usize>,
+    /// Seconds without any frame from a WebSocket client (pongs included) before the server
+    /// closes the connection with 1001; the server pings every third of it [default: 90; at
+    /// least 3].
+    #[arg(long, env = "CHAT_WS_IDLE_SECS", global = true)]
+    pub ws_idle_secs: Option<u64>,
     /// Seconds a connection's routing entry lives without a heartbeat [default: 30].
     #[arg(long, env = "CHAT_PRESENCE_TTL_SECS", global = true)]
     pub presence_ttl_secs: Option<u64>,
@@ -194,6 +199,7 @@ pub struct Config {
     /// (connections per user, sends per user and second); 0: off.
     pub user_limits: (usize, usize),
     pub presence_ttl: Duration,
+    pub ws_idle: Duration,
     pub max_group_size: usize,
     pub ws_echo: bool,
     pub analytics_keywords: Vec<String>,
@@ -257,6 +263,7 @@ impl Settings {
             max_connections_per_user,
             sends_per_user_per_sec,
             presence_ttl_secs,
+            ws_idle_secs,
             max_group_size,
             ws_echo,
             analytics_keywords,
@@ -355,6 +362,10 @@ impl Settings {
             bail!("{} must be between 8 and 65536, got {conn_queue}", key("conn_queue"));
         }
         let presence_ttl_secs = s.presence_ttl_secs.unwrap_or(30);
+        let ws_idle_secs = s.ws_idle_secs.unwrap_or(90);
+        if ws_idle_secs < 3 {
+            bail!("{} must be at least 3", key("ws_idle_secs"));
+        }
         if presence_ttl_secs < 3 {
             bail!("{} must be at least 3", key("presence_ttl_secs"));
         }
@@ -427,6 +438,7 @@ impl Settings {
             analytics_min_users: s.analytics_min_users.unwrap_or(5).max(1),
             user_limits: (s.max_connections_per_user.unwrap_or(32), s.sends_per_user_per_sec.unwrap_or(20)),
             presence_ttl: Duration::from_secs(presence_ttl_secs),
+            ws_idle: Duration::from_secs(ws_idle_secs),
             max_group_size,
             ws_echo: s.ws_echo.unwrap_or(false),
             media,

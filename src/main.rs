@@ -409,6 +409,7 @@ impl Platform {
             max_connections_per_user: c.user_limits.0,
             sends_per_user_per_sec: c.user_limits.1,
             presence_ttl: c.presence_ttl,
+            ws_idle: c.ws_idle,
             max_group_size: c.max_group_size,
             ws_echo: c.ws_echo,
             ..Limits::default()

@@ -61,6 +61,61 @@ pub async fn slow_consumer_is_dropped(mode: Mode) {
     drop(stuck);
 }
 
+/// A client from which no frame arrives for the idle timeout (here 3 s; its WebSocket stack does
+/// not even answer the server's pings, since nothing reads the socket) is closed with 1001, its
+/// socket is freed and its user goes offline; a client that keeps talking stays.
+pub async fn idle_connections_are_closed(mode: Mode) {
+    let s = Scope::new("idle", mode).await;
+    let gw = s.gateway_with("n1", &[("CHAT_WS_IDLE_SECS", "3")]).await;
+    let _worker = s.worker().await;
+    let (_alice, bob, mut a) = crate::acquainted(&gw).await;
+    // A raw socket: the upgrade by hand, then nothing is read or written (no pong either).
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let host = gw.url.trim_start_matches("http://").to_owned();
+    let mut idle = tokio::net::TcpStream::connect(&host).await.expect("connect");
+    let upgrade = format!(
+        "GET /v1/ws?device=idle HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {}\r\n\r\n",
+        bob.token
+    );
+    idle.write_all(upgrade.as_bytes()).await.expect("upgrade request");
+    a.expect("bob online", T, |f| f["type"] == "presence" && f["user_id"] == json!(bob.id) && f["status"] == "online").await;
+    let open = counter(&gw, "chat_gateway_connections_open").await;
+    // alice talks (application pings) while bob's socket is left alone for twice the timeout.
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        assert_eq!(a.request(json!({"type": "ping"})).await["type"], "pong");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Everything the server wrote, to its end of the connection (EOF: the socket is closed).
+    let mut bytes = Vec::new();
+    tokio::time::timeout(T, idle.read_to_end(&mut bytes)).await.expect("the server ended the connection").expect("read");
+    let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n").expect("upgrade answer") + 4;
+    assert!(bytes.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&bytes[..head_end]));
+    // The frames after it (server frames are not masked): welcome, pings, then the close.
+    let (mut at, mut code, mut pings) = (head_end, None, 0);
+    while at + 2 <= bytes.len() {
+        let (opcode, len7) = (bytes[at] & 0x0f, (bytes[at + 1] & 0x7f) as usize);
+        let (len, header) = match len7 {
+            126 => (u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]) as usize, 4),
+            127 => (u64::from_be_bytes(bytes[at + 2..at + 10].try_into().expect("length")) as usize, 10),
+            n => (n, 2),
+        };
+        let payload = &bytes[at + header..(at + header + len).min(bytes.len())];
+        match opcode {
+            0x8 => code = Some(u16::from_be_bytes([payload[0], payload[1]])),
+            0x9 => pings += 1,
+            _ => {}
+        }
+        at += header + len;
+    }
+    assert_eq!(code, Some(1001), "closed as idle (after {pings} unanswered pings)");
+    assert!(pings >= 1, "the server pinged within the idle time");
+    a.expect("bob offline", T, |f| f["type"] == "presence" && f["user_id"] == json!(bob.id) && f["status"] == "offline").await;
+    wait_for("bob's connection freed", T, || async { (counter(&gw, "chat_gateway_connections_open").await == open - 1.0).then_some(()) }).await;
+    // alice, who kept talking, is still connected.
+    assert_eq!(a.request(json!({"type": "ping"})).await["type"], "pong");
+}
+
 /// An id that names no group is answered as fast as a group the caller is not in (it waited
 /// ~10 s: a timing oracle for which ids exist, and a load multiplier), on every path that takes
 /// a group id; the creator of a new group may still post to it at once.
@@ -183,6 +238,39 @@ pub async fn slow_headers_are_cut(mode: Mode) {
     assert!(healthz < Duration::from_secs(1), "a normal request took {healthz:?}");
     let last = closed.iter().max().expect("sockets");
     assert!(*last < Duration::from_secs(20), "the last trickling socket was closed after {last:?}");
+
+    // The same on the body: headers at once, then 10 of 100 promised bytes and nothing more.
+    // The request fails with 408 `request_timeout` within the body's idle deadline (10 s), and
+    // the socket is closed; a JSON body and a media upload alike.
+    let alice = gw.register("alice").await;
+    let stalled = |head: String| async move {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(head.as_bytes()).await.expect("write");
+        tcp.write_all(b"{\"username").await.expect("write");
+        let t = std::time::Instant::now();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut answer)).await.expect("the server closed the socket").expect("read");
+        (t.elapsed(), String::from_utf8_lossy(&answer).into_owned())
+    };
+    let json_body = stalled("POST /v1/accounts HTTP/1.1\r\nHost: chat\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n".into());
+    let upload = stalled(format!(
+        "POST /v1/media?kind=image HTTP/1.1\r\nHost: chat\r\nAuthorization: Bearer {}\r\nContent-Length: 100000\r\n\r\n",
+        alice.token
+    ));
+    for (took, answer) in [json_body.await, upload.await] {
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("\"request_timeout\""), "{answer}");
+        assert!(took < Duration::from_secs(20), "closed after {took:?}");
+    }
+
+    // HTTP/2 is not spoken (hyper has no header deadline for it): a prior-knowledge preface
+    // gets no HTTP/2 answer (no SETTINGS frame) and the socket is closed within the header
+    // deadline.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), tcp.read_to_end(&mut answer)).await.expect("closed within the header deadline").ok();
+    assert!(answer.is_empty() || answer.starts_with(b"HTTP/1.1 "), "{:?}", String::from_utf8_lossy(&answer));
 }
 
 /// Input the documentation does not allow: a JSON array where an object is documented was
@@ -252,6 +340,37 @@ pub async fn login_and_registration_are_limited(mode: Mode) {
     let (st, body, _) = login("nobody", "wrong password").await;
     assert_eq!((st, body["error"]["code"].as_str()), (429, Some("rate_limited")), "{body}");
 
+    // 300 concurrent bogus log-ins from one address (127.0.0.2) cannot take the password-hashing
+    // queue: one address holds at most a share of it and the rest is refused at once, so a user
+    // on another address (127.0.0.3) logs in meanwhile, promptly, never `503 overloaded`.
+    let from = |ip: [u8; 4]| {
+        reqwest::Client::builder().local_address(std::net::IpAddr::from(ip)).timeout(Duration::from_secs(60)).build().expect("http client")
+    };
+    let (flooder, user) = (from([127, 0, 0, 2]), from([127, 0, 0, 3]));
+    let url = format!("{}/v1/sessions", gw.url);
+    let flood: Vec<_> = (0..300)
+        .map(|i| {
+            let (c, url) = (flooder.clone(), url.clone());
+            tokio::spawn(async move {
+                let r = c.post(url).json(&json!({"username": format!("ghost{i}"), "password": "wrong password"})).send().await;
+                r.map(|r| r.status().as_u16()).unwrap_or(0)
+            })
+        })
+        .collect();
+    let mut served = Vec::new();
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let r = user.post(&url).json(&json!({"username": "reg1", "password": "correct horse battery"})).send().await.expect("post");
+        served.push((r.status().as_u16(), t.elapsed()));
+    }
+    let mut flood_statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for t in flood {
+        *flood_statuses.entry(t.await.expect("flood task")).or_default() += 1;
+    }
+    eprintln!("log-in flood from one address: {flood_statuses:?}; another address's log-ins: {served:?}");
+    assert!(served.iter().all(|(st, took)| *st == 200 && *took < Duration::from_secs(5)), "{served:?}");
+    assert!(flood_statuses.keys().all(|st| [401, 429].contains(st)), "the flood gets 401 or 429 only: {flood_statuses:?}");
+    assert!(flood_statuses.get(&429).is_some_and(|n| *n > 0), "the address's share was enforced: {flood_statuses:?}");
 }
 
 async fn send_image(a: &mut Ws, conv: &str, cmid: &str, media: &str) {
@@ -396,6 +515,28 @@ pub async fn per_user_limits(mode: Mode) {
     tokio::time::sleep(Duration::from_millis(wait + 20)).await;
     let f = a.request(json!({"type": "send", "client_msg_id": "again", "to": bob.id, "body": "hi"})).await;
     assert_eq!(f["type"], "sent", "after retry_after_ms: {f}");
+
+    // 20 upgrades of one user at once: the cap holds (a slot is taken before the upgrade, not
+    // checked against the connections registered so far).
+    let carol = gw.register("carol").await;
+    let url = gw.ws_url();
+    let burst: Vec<_> = (0..20)
+        .map(|i| {
+            let (url, token) = (url.clone(), carol.token.clone());
+            tokio::spawn(async move { Ws::try_connect(&url, &token, &format!("b{i}")).await })
+        })
+        .collect();
+    let mut open = Vec::new();
+    for t in burst {
+        match t.await.expect("connect task") {
+            Ok(ws) => open.push(ws),
+            Err(e) => assert!(e.contains("429"), "{e}"),
+        }
+    }
+    assert_eq!(open.len(), 3, "exactly the cap of a burst is accepted");
+    // A closed connection gives its slot back.
+    open.pop().expect("one").close().await;
+    wait_for("a slot given back", T, || async { Ws::try_connect(&gw.ws_url(), &carol.token, "later").await.ok() }).await;
 }
 
 /// Close codes of protocol violations (RFC 6455 §7.4.1): a text message that is not UTF-8
@@ -738,7 +879,7 @@ pub async fn websocket_conformance(mode: Mode) {
     let gw = s.gateway_with("n1", &[("CHAT_WS_ECHO", "1"), ("CHAT_MAX_FRAME_BYTES", "16777216")]).await;
     let cases = autobahn(&kosoku, &gw, &[], &s.log_dir.join("autobahn")).await;
     assert!(cases.len() >= 500, "the whole suite ran: {} cases", cases.len());
-    // The cases that may end otherwise than OK, each explained in docs/protocol.md §11.1.
+    // The cases that may end otherwise than OK, each explained in docs/protocol.md §2.
     let explained = |c: &Case| match c.id.as_str() {
         // Invalid UTF-8 inside one frame that arrives in chops: refused (1007) once the frame is
         // whole, not at the first bad byte ("fail fast" is optional in RFC 6455 §8.1).

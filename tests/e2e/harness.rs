@@ -39,12 +39,28 @@ pub struct Services {
 /// Whether the real services are configured (`eval "$(bash scripts/services.sh env)"`). Without
 /// them a cluster test is skipped with a message, so that a bare `cargo test --workspace` runs
 /// everything else; under CI (`CI` set) a missing service is an error, never a skip.
+/// The variables that point the cluster tests at the services.
+const SERVICE_VARS: [&str; 8] = [
+    "CHAT_TEST_KAFKA",
+    "CHAT_TEST_CASSANDRA",
+    "CHAT_TEST_REDIS",
+    "CHAT_TEST_S3_ENDPOINT",
+    "CHAT_TEST_S3_BUCKET",
+    "CHAT_TEST_S3_ACCESS_KEY",
+    "CHAT_TEST_S3_SECRET_KEY",
+    "CHAT_TEST_S3_REGION",
+];
+
 pub fn cluster_available(test: &str) -> bool {
-    if std::env::var_os("CHAT_TEST_KAFKA").is_some() {
+    let missing: Vec<&str> = SERVICE_VARS.into_iter().filter(|k| std::env::var_os(k).is_none()).collect();
+    if missing.is_empty() {
         return true;
     }
-    assert!(std::env::var_os("CI").is_none(), "{test}: CI must run the cluster tests, but CHAT_TEST_KAFKA is not set");
-    eprintln!("SKIPPED {test}: needs Kafka, Cassandra, Redis and S3 (bash scripts/services.sh up; eval \"$(bash scripts/services.sh env)\")");
+    assert!(std::env::var_os("CI").is_none(), "{test}: CI must run the cluster tests, but {} not set", missing.join(", "));
+    eprintln!(
+        "SKIPPED {test}: needs Kafka, Cassandra, Redis and S3 ({} not set; bash scripts/services.sh up; eval \"$(bash scripts/services.sh env)\")",
+        missing.join(", ")
+    );
     false
 }
 

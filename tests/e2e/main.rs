@@ -1067,6 +1067,7 @@ mod embedded {
         k2_kill9_at_random_points_of_20000_messages,
         migrates_a_v1_data_directory,
         slow_headers_are_cut,
+        idle_connections_are_closed,
         login_and_registration_are_limited,
         weak_passwords_are_refused,
         per_user_limits,

@@ -99,46 +99,76 @@ impl Tokens {
     }
 }
 
-/// Runs password hashing (argon2id: 19 MiB and tens of milliseconds of CPU each) on a fixed
-/// set of threads, one per core, behind a bounded queue. Unbounded `spawn_blocking` let a burst
-/// of log-ins run hundreds of hashes at once, and the C allocator kept their memory in one arena
-/// per thread: 2.8 GB of RSS after 100 registrations. Here at most `threads` hashes are live and
-/// a full queue answers `overloaded` at once.
+/// The password-hashing pool: a thread per core behind bounded queues. Two lanes: log-ins are
+/// taken before registrations, so a registration burst (from many addresses) delays a log-in by
+/// at most the hashes already running, never by the registrations queued ahead of it. Each lane
+/// holds at most `queue` jobs; past that a job is refused at once (`503 overloaded`).
 pub struct KdfPool {
-    jobs: std::sync::mpsc::SyncSender<Box<dyn FnOnce() + Send>>,
+    shared: std::sync::Arc<KdfShared>,
+}
+
+/// Which lane a job waits in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KdfLane {
+    LogIn,
+    Registration,
+}
+
+type KdfJob = Box<dyn FnOnce() + Send>;
+
+struct KdfShared {
+    lanes: std::sync::Mutex<KdfLanes>,
+    ready: std::sync::Condvar,
+    queue: usize,
+}
+
+#[derive(Default)]
+struct KdfLanes {
+    log_ins: std::collections::VecDeque<KdfJob>,
+    registrations: std::collections::VecDeque<KdfJob>,
 }
 
 impl KdfPool {
     pub fn new(threads: usize, queue: usize) -> Self {
-        let (jobs, rx) = std::sync::mpsc::sync_channel::<Box<dyn FnOnce() + Send>>(queue);
-        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        let shared = std::sync::Arc::new(KdfShared { lanes: Default::default(), ready: std::sync::Condvar::new(), queue: queue.max(1) });
         for i in 0..threads.max(1) {
-            let rx = rx.clone();
+            let shared = shared.clone();
             let spawned = std::thread::Builder::new().name(format!("chat-kdf-{i}")).spawn(move || loop {
-                let job = match rx.lock() {
-                    Ok(r) => r.recv(),
-                    Err(_) => return,
+                let job = {
+                    let mut lanes = shared.lanes.lock().unwrap_or_else(|p| p.into_inner());
+                    loop {
+                        if let Some(job) = lanes.log_ins.pop_front().or_else(|| lanes.registrations.pop_front()) {
+                            break job;
+                        }
+                        lanes = shared.ready.wait(lanes).unwrap_or_else(|p| p.into_inner());
+                    }
                 };
-                match job {
-                    Ok(job) => job(),
-                    Err(_) => return,
-                }
+                job();
             });
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "could not start a password-hashing thread");
             }
         }
-        KdfPool { jobs }
+        KdfPool { shared }
     }
 
-    /// Runs `f` on the pool; `None` if the queue is full or the pool is gone.
-    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    /// Runs `f` on the pool in `lane`; `None` if that lane's queue is full.
+    pub async fn run<T: Send + 'static>(&self, lane: KdfLane, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.jobs
-            .try_send(Box::new(move || {
+        {
+            let mut lanes = self.shared.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            let q = match lane {
+                KdfLane::LogIn => &mut lanes.log_ins,
+                KdfLane::Registration => &mut lanes.registrations,
+            };
+            if q.len() >= self.shared.queue {
+                return None;
+            }
+            q.push_back(Box::new(move || {
                 let _ = tx.send(f());
-            }))
-            .ok()?;
+            }));
+        }
+        self.shared.ready.notify_one();
         rx.await.ok()
     }
 }
@@ -162,6 +192,53 @@ pub fn verify_password(password: &str, phc: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A log-in queued behind registrations is hashed before them; a full lane refuses at once
+    /// and does not refuse the other lane.
+    #[tokio::test]
+    async fn log_ins_go_before_queued_registrations() {
+        let pool = std::sync::Arc::new(KdfPool::new(1, 4));
+        let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        // Hold the one thread until the queues are filled.
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let busy = {
+            let (pool, started) = (pool.clone(), started.clone());
+            tokio::spawn(async move {
+                pool.run(KdfLane::Registration, move || {
+                    started.store(true, std::sync::atomic::Ordering::SeqCst);
+                    hold.recv().ok()
+                })
+                .await
+            })
+        };
+        while !started.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::task::yield_now().await;
+        }
+        let mut jobs = Vec::new();
+        for i in 0..4 {
+            let (pool, order) = (pool.clone(), order.clone());
+            jobs.push(tokio::spawn(async move { pool.run(KdfLane::Registration, move || order.lock().unwrap().push(format!("r{i}"))).await }));
+        }
+        while pool.shared.lanes.lock().unwrap().registrations.len() < 4 {
+            tokio::task::yield_now().await;
+        }
+        assert!(pool.run(KdfLane::Registration, || ()).await.is_none(), "the registrations' lane is full");
+        let login = {
+            let (pool, order) = (pool.clone(), order.clone());
+            tokio::spawn(async move { pool.run(KdfLane::LogIn, move || order.lock().unwrap().push("login".to_owned())).await })
+        };
+        while pool.shared.lanes.lock().unwrap().log_ins.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        release.send(()).unwrap();
+        assert!(busy.await.unwrap().is_some());
+        assert!(login.await.unwrap().is_some());
+        for j in jobs {
+            assert!(j.await.unwrap().is_some());
+        }
+        assert_eq!(order.lock().unwrap().first().map(String::as_str), Some("login"), "{:?}", order.lock().unwrap());
+    }
 
     #[test]
     fn tokens_round_trip_and_reject_tampering() {

@@ -64,7 +64,32 @@ pub fn router(chat: App) -> Router {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this path does not take that method")
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        // A request body that stops arriving (slowloris on the body) ends the request: no
+        // chunk for this long and reading it fails (408 `request_timeout`), which closes the
+        // connection. Between chunks, not in total, so a slow but moving upload goes on.
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(crate::server::BODY_IDLE_TIMEOUT))
         .with_state(chat)
+}
+
+/// Whether a body error (or one of its causes) is the body's idle timeout.
+pub(crate) fn body_timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// 408 `request_timeout`: the body stopped arriving.
+pub(crate) fn body_timeout() -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        format!("the request body stopped arriving (nothing for {} s)", crate::server::BODY_IDLE_TIMEOUT.as_secs()),
+    )
 }
 
 /// Path parameters. One that cannot be decoded (a percent-encoding that is not UTF-8) names
@@ -111,6 +136,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("bodies are at most {MAX_BODY} bytes")))
             }
+            Err(e) if body_timed_out(&e) => Err(body_timeout()),
             Err(e) => Err(ApiError::bad_request("invalid_json", e.body_text())),
         }
     }
@@ -408,17 +434,25 @@ async fn websocket(
             Err(e) => return ApiError::bad_request("invalid_device", e.to_string()).into_response(),
         },
     };
-    let cap = chat.limits.max_connections_per_user;
-    if cap > 0 && chat.hub.devices(principal.user_id).len() >= cap {
-        return ApiError::rate_limited(format!("at most {cap} connections per user on a node"), std::time::Duration::from_secs(5)).into_response();
-    }
+    // The slot is taken before the upgrade and held until the connection ends: upgrades that
+    // arrive together cannot all pass the cap.
+    let slot = match &chat.connection_slots {
+        None => None,
+        Some(slots) => match slots.enter_owned(principal.user_id) {
+            Some(slot) => Some(slot),
+            None => {
+                let cap = chat.limits.max_connections_per_user;
+                return ApiError::rate_limited(format!("at most {cap} connections per user on a node"), std::time::Duration::from_secs(5)).into_response();
+            }
+        },
+    };
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => {
             return ApiError::new(rejection.status(), "invalid_upgrade", rejection.body_text()).into_response();
         }
     };
-    configured(ws, &chat).on_upgrade(move |socket| crate::ws::serve(chat, principal, device, socket))
+    configured(ws, &chat).on_upgrade(move |socket| crate::ws::serve(chat, principal, device, socket, slot))
 }
 
 /// The WebSocket settings of every socket the gateway accepts.
@@ -438,7 +472,10 @@ fn configured(ws: WebSocketUpgrade, chat: &Chat) -> WebSocketUpgrade {
 /// gateway's WebSocket stack, which it cannot through the chat protocol's replies.
 async fn websocket_echo(State(chat): State<App>, ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>) -> Response {
     match ws {
-        Ok(ws) => configured(ws, &chat).on_upgrade(crate::ws::echo),
+        Ok(ws) => {
+            let idle = chat.limits.ws_idle;
+            configured(ws, &chat).on_upgrade(move |socket| crate::ws::echo(socket, idle))
+        }
         Err(rejection) => ApiError::new(rejection.status(), "invalid_upgrade", rejection.body_text()).into_response(),
     }
 }

@@ -99,25 +99,54 @@ impl<K: Hash + Eq + Clone> InFlight<K> {
 
     /// A slot for `key`, unless it has `max` under way.
     pub fn enter(&self, key: K) -> Option<Slot<'_, K>> {
+        self.take(&key).then_some(Slot { owner: self, key })
+    }
+
+    /// Counts one more for `key`, unless it has `max` under way.
+    fn take(&self, key: &K) -> bool {
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         let n = keys.entry(key.clone()).or_default();
         if *n >= self.max {
-            return None;
+            return false;
         }
         *n += 1;
-        Some(Slot { owner: self, key })
+        true
+    }
+}
+
+/// A slot that owns its counter: held as long as a connection lives (a task of its own).
+pub struct OwnedSlot<K: Hash + Eq + Clone> {
+    owner: std::sync::Arc<InFlight<K>>,
+    key: K,
+}
+
+impl<K: Hash + Eq + Clone> InFlight<K> {
+    /// [`InFlight::enter`], for a slot that outlives the borrow: taken and counted at once, so
+    /// operations started together cannot all pass a check made before any is counted.
+    pub fn enter_owned(self: &std::sync::Arc<Self>, key: K) -> Option<OwnedSlot<K>> {
+        self.take(&key).then(|| OwnedSlot { owner: self.clone(), key })
+    }
+
+    fn leave(&self, key: &K) {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = keys.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                keys.remove(key);
+            }
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> Drop for OwnedSlot<K> {
+    fn drop(&mut self) {
+        self.owner.leave(&self.key);
     }
 }
 
 impl<K: Hash + Eq + Clone> Drop for Slot<'_, K> {
     fn drop(&mut self) {
-        let mut keys = self.owner.keys.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = keys.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                keys.remove(&self.key);
-            }
-        }
+        self.owner.leave(&self.key);
     }
 }
 
@@ -231,5 +260,12 @@ mod tests {
         assert!(f.enter("b").is_some());
         drop(a1);
         assert!(f.enter("a").is_some(), "a slot came back");
+        // Owned slots count with the borrowed ones and are freed on drop too.
+        let f = std::sync::Arc::new(InFlight::new(2));
+        let o1 = f.enter_owned("a").expect("first");
+        let _b = f.enter("a").expect("second");
+        assert!(f.enter_owned("a").is_none(), "third refused");
+        drop(o1);
+        assert!(f.enter_owned("a").is_some(), "a slot came back");
     }
 }

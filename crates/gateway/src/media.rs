@@ -144,7 +144,13 @@ impl Chat {
         let mut stream = body.into_data_stream();
         let outcome: Result<(), ApiError> = async {
             while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|_| ApiError::bad_request("upload_interrupted", "the upload ended early"))?;
+                let chunk = chunk.map_err(|e| {
+                    if crate::http::body_timed_out(&e) {
+                        crate::http::body_timeout()
+                    } else {
+                        ApiError::bad_request("upload_interrupted", "the upload ended early")
+                    }
+                })?;
                 size += chunk.len() as u64;
                 if size > limit {
                     return Err(too_large(limit));

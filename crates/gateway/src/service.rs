@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tracing::{debug, warn};
 
-use crate::auth::{hash_password, verify_password, KdfPool, Principal, Tokens};
+use crate::auth::{hash_password, verify_password, KdfLane, KdfPool, Principal, Tokens};
 use crate::error::ApiError;
 use crate::frames::{Ref, ServerFrame, SyncItem};
 use crate::hub::Hub;
@@ -71,6 +71,9 @@ pub struct Limits {
     pub sends_per_user_per_sec: usize,
     /// Serve `/v1/ws/echo` (WebSocket conformance runs only).
     pub ws_echo: bool,
+    /// A WebSocket connection with no frame from the client for this long is closed (1001); the
+    /// server pings every third of it.
+    pub ws_idle: Duration,
 }
 
 impl Default for Limits {
@@ -91,6 +94,7 @@ impl Default for Limits {
             max_connections_per_user: 32,
             sends_per_user_per_sec: 20,
             ws_echo: false,
+            ws_idle: Duration::from_secs(90),
         }
     }
 }
@@ -143,6 +147,9 @@ pub struct Chat {
     account_limits: crate::limits::AccountLimits,
     /// Sends per user (none: no limit).
     send_buckets: Option<crate::limits::Buckets<UserId>>,
+    /// WebSocket connections per user on this node, counted from before the upgrade to the
+    /// connection's end (none: no limit).
+    pub(crate) connection_slots: Option<Arc<crate::limits::InFlight<UserId>>>,
     /// Ended sessions, as this node last read them.
     pub revocations: crate::revocations::Revocations,
 }
@@ -310,6 +317,7 @@ impl Chat {
             ),
             send_buckets: (limits.sends_per_user_per_sec > 0)
                 .then(|| crate::limits::Buckets::new(limits.sends_per_user_per_sec as f64, 2.0 * limits.sends_per_user_per_sec as f64)),
+            connection_slots: (limits.max_connections_per_user > 0).then(|| Arc::new(crate::limits::InFlight::new(limits.max_connections_per_user))),
         }
     }
 
@@ -352,7 +360,7 @@ impl Chat {
         }
         let _slot = self.hashing_slot(peer)?;
         let pw = password.to_owned();
-        let hash = self.kdf.run(move || hash_password(&pw)).await.ok_or_else(ApiError::overloaded)?.map_err(|e| ApiError::internal("hash", &e))?;
+        let hash = self.kdf.run(KdfLane::Registration, move || hash_password(&pw)).await.ok_or_else(ApiError::overloaded)?.map_err(|e| ApiError::internal("hash", &e))?;
         let account = Account { user_id: UserId::random(), username: username.clone(), password_hash: hash, created_at: now_millis() };
         if !self.store.create_account(&account).await? {
             return Err(ApiError::new(StatusCode::CONFLICT, "username_taken", "that username is taken"));
@@ -392,7 +400,7 @@ impl Chat {
         // which usernames exist.
         let ok = self
             .kdf
-            .run(move || match hash {
+            .run(KdfLane::LogIn, move || match hash {
                 Some(h) => verify_password(&pw, &h),
                 None => {
                     let _ = verify_password(&pw, DUMMY_HASH);

@@ -30,10 +30,6 @@ pub(crate) const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 
-/// A connection with no traffic for this long is closed (clients ping well within it).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// The server pings this often, so that dead peers are noticed and proxies keep the socket.
-const PING_EVERY: Duration = Duration::from_secs(30);
 /// A frame the peer's TCP window has not taken within this long makes the connection a slow
 /// consumer: it is dropped (its close frame could not be written either), and the client syncs
 /// from its cursor when it reconnects.
@@ -77,10 +73,10 @@ async fn finish_close(stream: &mut Stream) {
 
 /// `/v1/ws/echo`: every text and binary message back as it came; the reads, limits, close codes
 /// and close handshake of a chat connection.
-pub async fn echo(socket: WebSocket) {
+pub async fn echo(socket: WebSocket, idle: Duration) {
     let (mut sink, mut stream) = socket.split();
     let code = loop {
-        match tokio::time::timeout(IDLE_TIMEOUT, stream.next()).await {
+        match tokio::time::timeout(idle, stream.next()).await {
             Err(_) => break Some(CLOSE_GOING_AWAY),
             Ok(None) => return,
             Ok(Some(Err(e))) => match close_code_for(&e) {
@@ -148,11 +144,18 @@ fn close_code_for(e: &axum::Error) -> Option<u16> {
 /// Serves one authenticated connection until it closes: splits the socket and hands the halves
 /// to a task of their own, so that the upgrade task (which holds the whole socket and the
 /// handler's state, about 2 KB) ends at once and an idle connection keeps only what it uses.
-pub fn serve(chat: Arc<Chat>, principal: Principal, device: DeviceId, socket: WebSocket) -> std::future::Ready<()> {
+pub fn serve(chat: Arc<Chat>, principal: Principal, device: DeviceId, socket: WebSocket, slot: Option<ConnectionSlot>) -> std::future::Ready<()> {
     let (sink, stream) = socket.split();
-    tokio::spawn(connection(chat, principal, device, sink, stream));
+    tokio::spawn(async move {
+        connection(chat, principal, device, sink, stream).await;
+        // The user's connection slot on this node is given back when the connection has ended.
+        drop(slot);
+    });
     std::future::ready(())
 }
+
+/// A user's place under the node's connections-per-user cap, held for the connection's life.
+pub type ConnectionSlot = crate::limits::OwnedSlot<chat_events::UserId>;
 
 async fn connection(
     chat: Arc<Chat>,
@@ -177,9 +180,13 @@ async fn connection(
     chat.metrics.connections_total.inc();
 
     let (close_tx, mut close_rx) = oneshot::channel::<u16>();
+    let idle = chat.limits.ws_idle;
+    let ping_every = idle / 3;
     let metrics_chat = chat.clone();
     let writer = tokio::spawn(async move {
-        let mut ping = tokio::time::interval(PING_EVERY);
+        // The server pings this often (a third of the idle timeout), so that dead peers are
+        // noticed and proxies keep the socket; clients' stacks answer, which keeps them connected.
+        let mut ping = tokio::time::interval(ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;
         let slow = || metrics_chat.metrics.slow_consumers.inc();
@@ -236,7 +243,8 @@ async fn connection(
             break Some(CLOSE_GOING_AWAY);
         }
         let next = tokio::select! {
-            n = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => n,
+            // A connection with no frame from the client for this long is closed.
+            n = tokio::time::timeout(idle, stream.next()) => n,
             _ = closing.changed() => break Some(CLOSE_GOING_AWAY),
             _ = tokio::time::sleep_until(expiry) => break Some(CLOSE_POLICY),
             // The writer gave up (a slow consumer, or the peer is gone): so does the reader.
