@@ -11,6 +11,7 @@
 #   scripts/services.sh down --wipe   ... and delete their data directories
 #   scripts/services.sh status        print up/down for each one (exit 0 only if all four are up)
 #   scripts/services.sh env           print `export CHAT_TEST_*=...` lines, for `eval "$(... env)"`
+#   scripts/services.sh check         say what `up` would need and cannot get (Go, apt), download nothing
 #
 # Everything lives outside the clone, in ${CHAT_SERVICES_HOME:-$HOME/.cache/chat-services}:
 #   kafka/      fetch/ (throwaway pom.xml, mvn.log), lib/ (jars + .fetched marker naming the
@@ -802,6 +803,42 @@ cmd_up() {
   say "all services up ($((SECONDS - total)) s in total)"
 }
 
+# Checks, before anything is downloaded or built, that what `up` needs can be had: Debian
+# packages it would install (and a way to install them: apt-get, as root or with sudo), and Go
+# >= 1.26 unless SeaweedFS is built already. One line per problem; exit status 1 if any.
+cmd_check() {
+  local problems=() apt=()
+  if want kafka || want cassandra; then
+    [[ -x $JAVA17 ]] || apt+=(openjdk-17-jre-headless)
+    if ! command -v mvn >/dev/null && { [[ ! -f $KAFKA_DIR/lib/.fetched ]] || [[ ! -f $CASSANDRA_DIR/lib/.fetched ]]; }; then
+      apt+=(maven)
+    fi
+  fi
+  if want redis; then command -v redis-server >/dev/null || apt+=(redis-server); fi
+  if want s3; then command -v curl >/dev/null || apt+=(curl); fi
+  if ((${#apt[@]})); then
+    if ! command -v apt-get >/dev/null; then
+      problems+=("needs ${apt[*]}: install them (this script installs them only with apt-get, on Debian or Ubuntu)")
+    elif ((EUID != 0)) && ! sudo -n true 2>/dev/null; then
+      problems+=("needs ${apt[*]}: run as root or with password-less sudo so that apt-get can install them, or install them first")
+    fi
+  fi
+  if want s3 && ! [[ -x $S3_BIN && -f $S3_MARKER && "$(<"$S3_MARKER")" == "$SEAWEEDFS_MODULE@$SEAWEEDFS_VERSION" ]]; then
+    local go version
+    if ! go=$(find_go); then
+      problems+=("needs Go >= 1.26 once, to build SeaweedFS (the S3 store of the tests; about 17 min the first time): install it from https://go.dev/dl/ (tar -C /usr/local -xzf go1.26.*.linux-amd64.tar.gz; it is found in /usr/local/go/bin) or set CHAT_GO")
+    else
+      version=$("$go" env GOVERSION 2>/dev/null || true)
+      if ! printf '%s\n' "$version" | grep -Eq '^go(1\.(2[6-9]|[3-9][0-9])|[2-9])'; then
+        problems+=("needs Go >= 1.26 to build SeaweedFS; $go is ${version:-unknown}: install a newer one from https://go.dev/dl/ or set CHAT_GO")
+      fi
+    fi
+  fi
+  local p
+  for p in "${problems[@]}"; do say "ERROR: $p"; done
+  ((${#problems[@]} == 0))
+}
+
 cmd_down() {
   local wipe=0
   case "${1:-}" in
@@ -865,5 +902,6 @@ case "${1:-}" in
   down) shift; cmd_down "$@" ;;
   status) cmd_status ;;
   env) cmd_env ;;
-  *) echo "usage: $0 up|down [--wipe]|status|env" >&2; exit 2 ;;
+  check) cmd_check ;;
+  *) echo "usage: $0 up|down [--wipe]|status|env|check" >&2; exit 2 ;;
 esac

@@ -27,6 +27,13 @@ while (($#)); do
   shift
 done
 
+# What the services need and this machine cannot get (Go for SeaweedFS, apt for Java, Maven,
+# Redis), said up front, before anything is downloaded or built.
+bash scripts/services.sh check || {
+  echo "[test] the services of the end-to-end tests cannot be set up here (above); README.md, \"Prerequisites\"" >&2
+  exit 1
+}
+
 # A full run starts with the fuzz targets (scripts/fuzz.sh: the client frame parser and the
 # event decoder, from their committed corpora), before the services take the machine's memory.
 if ((${#cargo_args[@]} == 0)) && [[ ${CHAT_FUZZ_SECONDS:-60} != 0 ]]; then

@@ -455,6 +455,22 @@ impl Settings {
 }
 
 impl Config {
+    /// Which mode and which data a command works on, in one line (tools print it on stderr, so
+    /// that reading the wrong place is never silent).
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Embedded { data_dir } => format!("embedded, data in {}", data_dir.display()),
+            Backend::Cluster { kafka_brokers, cassandra_nodes, redis_url } => format!(
+                "cluster: Kafka {kafka_brokers} (topics {}*), Cassandra {} (keyspace {}), Redis {} (keys {}*)",
+                self.topic_prefix,
+                cassandra_nodes.join(","),
+                self.keyspace,
+                redact_url(redis_url),
+                self.redis_prefix
+            ),
+        }
+    }
+
     pub fn data_dir(&self) -> Option<&Path> {
         match &self.backend {
             Backend::Embedded { data_dir } => Some(data_dir),
@@ -463,9 +479,29 @@ impl Config {
     }
 }
 
+/// A URL without its password (`redis://user:secret@host` → `redis://user:***@host`).
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let auth = &url[scheme + 3..at];
+            let user = auth.split(':').next().unwrap_or("");
+            let hidden = if auth.contains(':') { format!("{user}:***") } else { user.to_owned() };
+            format!("{}{}{}", &url[..scheme + 3], hidden, &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_passwords_are_not_printed() {
+        assert_eq!(redact_url("redis://user:secret@host:6379/0"), "redis://user:***@host:6379/0");
+        assert_eq!(redact_url("redis://:secret@host"), "redis://:***@host");
+        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
 
     #[test]
     fn nothing_set_is_embedded_and_all_set_is_cluster() {

@@ -1252,7 +1252,12 @@ fn main() -> std::process::ExitCode {
 async fn run_command() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let cfg = cli.settings.resolve()?;
-    match cli.command.unwrap_or(Command::Run) {
+    let command = cli.command.unwrap_or(Command::Run);
+    // A tool says which mode and data it reads (the servers log where they run).
+    if !matches!(command, Command::Run | Command::Gateway | Command::Worker) {
+        eprintln!("chat: {}", cfg.describe());
+    }
+    match command {
         Command::Run => run(cfg).await,
         Command::Gateway => {
             cluster_only(&cfg, "gateway")?;

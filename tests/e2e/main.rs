@@ -1068,6 +1068,7 @@ mod embedded {
         migrates_a_v1_data_directory,
         slow_headers_are_cut,
         idle_connections_are_closed,
+        readme_by_hand_runs_as_written,
         login_and_registration_are_limited,
         weak_passwords_are_refused,
         per_user_limits,

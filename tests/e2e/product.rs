@@ -282,3 +282,28 @@ async fn relog(gw: &Gateway, mut u: User) -> User {
     }
     u
 }
+
+/// The README's "by hand" block, run as written (bash, curl, the `websockets` command-line
+/// client in a venv) against a fresh embedded server: alice's send is answered `sent`, and bob's
+/// device syncs the message. The README cannot drift from the product without this failing.
+pub async fn readme_by_hand_runs_as_written(mode: Mode) {
+    let s = Scope::new("readme", mode).await;
+    let gw = s.gateway("n1").await;
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md");
+    let start = readme.find("<!-- by-hand: tests/e2e/product.rs").expect("the by-hand block's start marker");
+    let end = readme[start..].find("<!-- by-hand: end -->").expect("the by-hand block's end marker") + start;
+    let block = &readme[start..end];
+    let script: String = block.lines().skip_while(|l| !l.starts_with("```sh")).skip(1).take_while(|l| !l.starts_with("```")).map(|l| format!("{l}\n")).collect();
+    assert!(script.contains("websockets"), "the block: {block}");
+    let out = tokio::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .env("CHAT", &gw.url)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("bash");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the README's block failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains(r#"{"type":"sent","ref":1,"client_msg_id":"c1""#), "alice's send answered: {stdout}");
+    assert!(stdout.contains(r#""body":"hi bob""#), "bob's sync has the message: {stdout}");
+}

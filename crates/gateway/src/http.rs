@@ -436,15 +436,9 @@ async fn websocket(
     };
     // The slot is taken before the upgrade and held until the connection ends: upgrades that
     // arrive together cannot all pass the cap.
-    let slot = match &chat.connection_slots {
-        None => None,
-        Some(slots) => match slots.enter_owned(principal.user_id) {
-            Some(slot) => Some(slot),
-            None => {
-                let cap = chat.limits.max_connections_per_user;
-                return ApiError::rate_limited(format!("at most {cap} connections per user on a node"), std::time::Duration::from_secs(5)).into_response();
-            }
-        },
+    let slot = match chat.connection_slot(principal.user_id) {
+        Ok(slot) => slot,
+        Err(e) => return e.into_response(),
     };
     let ws = match ws {
         Ok(ws) => ws,

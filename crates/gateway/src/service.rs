@@ -149,7 +149,7 @@ pub struct Chat {
     send_buckets: Option<crate::limits::Buckets<UserId>>,
     /// WebSocket connections per user on this node, counted from before the upgrade to the
     /// connection's end (none: no limit).
-    pub(crate) connection_slots: Option<Arc<crate::limits::InFlight<UserId>>>,
+    connection_slots: Option<Arc<crate::limits::InFlight<UserId>>>,
     /// Ended sessions, as this node last read them.
     pub revocations: crate::revocations::Revocations,
 }
@@ -329,6 +329,20 @@ impl Chat {
 
     async fn append(&self, env: &Envelope) -> Result<(), ApiError> {
         append_event(self.log.as_ref(), &self.topics, env).await.map(|_| ()).map_err(ApiError::from)
+    }
+
+    /// A place for one more WebSocket connection of `user` on this node, held until the
+    /// connection ends (`None`: no cap); `429 rate_limited` when the user has the most a node
+    /// takes.
+    pub fn connection_slot(&self, user: UserId) -> Result<Option<crate::ws::ConnectionSlot>, ApiError> {
+        let Some(slots) = &self.connection_slots else { return Ok(None) };
+        match slots.enter_owned(user) {
+            Some(slot) => Ok(Some(slot)),
+            None => {
+                let cap = self.limits.max_connections_per_user;
+                Err(ApiError::rate_limited(format!("at most {cap} connections per user on a node"), Duration::from_secs(5)))
+            }
+        }
     }
 
     // ----- accounts -----

@@ -1052,8 +1052,7 @@ async fn websocket_pre_upgrade_errors() {
     .await;
 
     // The user's connections on this node (1 here) are all taken.
-    let (tx, _rx) = tokio::sync::mpsc::channel(1);
-    p.chat.hub.register(user, DeviceId::default_device(), 0, tx, Arc::default());
+    let _held = p.chat.connection_slot(user).expect("a slot").expect("a cap");
     check(
         &p,
         vec![
