@@ -826,7 +826,7 @@ cmd_check() {
   if want s3 && ! [[ -x $S3_BIN && -f $S3_MARKER && "$(<"$S3_MARKER")" == "$SEAWEEDFS_MODULE@$SEAWEEDFS_VERSION" ]]; then
     local go version
     if ! go=$(find_go); then
-      problems+=("needs Go >= 1.26 once, to build SeaweedFS (the S3 store of the tests; about 17 min the first time): install it from https://go.dev/dl/ (tar -C /usr/local -xzf go1.26.*.linux-amd64.tar.gz; it is found in /usr/local/go/bin) or set CHAT_GO")
+      problems+=("needs Go >= 1.26 once, to build SeaweedFS (the S3 store of the tests; 4 to 17 min the first time): install it from https://go.dev/dl/ (tar -C /usr/local -xzf go1.26.*.linux-amd64.tar.gz; it is found in /usr/local/go/bin) or set CHAT_GO")
     else
       version=$("$go" env GOVERSION 2>/dev/null || true)
       if ! printf '%s\n' "$version" | grep -Eq '^go(1\.(2[6-9]|[3-9][0-9])|[2-9])'; then

@@ -184,7 +184,7 @@ impl Scope {
         scope
     }
 
-    fn svc(&self) -> &Services {
+    pub fn svc(&self) -> &Services {
         self.svc.as_ref().expect("cluster mode only")
     }
 

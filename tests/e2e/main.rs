@@ -1043,6 +1043,7 @@ mod cluster {
         replay_streams_filtered_json_lines,
         media_round_trip_with_ranges,
         profiles_analytics_and_audit,
+        migrates_a_layout_3_keyspace,
     );
 }
 

@@ -264,6 +264,10 @@ pub async fn profiles_analytics_and_audit(mode: Mode) {
     let (st, http) = gw.get(&erin.token, &format!("/v1/audit/messages/{mid}/receipts")).await;
     assert_eq!(st, 200);
     assert_eq!(http["receipts"], timeline["receipts"], "one code path for the CLI and HTTP");
+    if s.mode == Mode::Cluster {
+        auditor_cql_timeline(&s, &mid, &alice.id, &bob.id, 3).await;
+        auditor_cql_timeline(&s, &gmid, &alice.id, &bob.id, 6).await;
+    }
     // Refused input is not an audit read (as over HTTP): no record.
     for bad in [vec!["audit", "receipts", "--message", "nope"], vec!["audit", "user-receipts", "--user", "nope"], vec!["audit", "daily", "--from", "yesterday"]] {
         let out = s.chat(&bad).await;
@@ -306,4 +310,95 @@ pub async fn readme_by_hand_runs_as_written(mode: Mode) {
     assert!(out.status.success(), "the README's block failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains(r#"{"type":"sent","ref":1,"client_msg_id":"c1""#), "alice's send answered: {stdout}");
     assert!(stdout.contains(r#""body":"hi bob""#), "bob's sync has the message: {stdout}");
+}
+
+/// The receipt timeline query docs/operations.md gives auditors (cqlsh or any CQL client).
+const AUDITOR_CQL: &str = "SELECT at, sender, recipient, status, device_id FROM receipts WHERE message_id = ?";
+
+/// An auditor's one plain CQL query answers who sent a message and when each recipient got it
+/// and read it, in time order: `rows` rows, every one naming the sender, `sent` before
+/// `delivered` before `seen` for `recipient`.
+async fn auditor_cql_timeline(s: &Scope, message: &str, sender: &str, recipient: &str, rows: usize) {
+    use scylla::client::session_builder::SessionBuilder;
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md")).expect("docs/operations.md");
+    assert!(docs.contains(&AUDITOR_CQL.replace('?', "<message id>")), "docs/operations.md gives the auditor's query as tested");
+    let session = SessionBuilder::new().known_node(&s.svc().cassandra).use_keyspace(&s.keyspace, false).build().await.expect("connect to Cassandra");
+    let message: uuid::Uuid = message.parse().unwrap();
+    let got: Vec<(chrono::DateTime<chrono::Utc>, uuid::Uuid, uuid::Uuid, String, String)> = session
+        .query_unpaged(AUDITOR_CQL, (message,))
+        .await
+        .expect("the auditor's query")
+        .into_rows_result()
+        .expect("rows")
+        .rows()
+        .expect("typed rows")
+        .collect::<Result<_, _>>()
+        .expect("rows of the documented columns");
+    assert_eq!(got.len(), rows, "{got:?}");
+    assert!(got.windows(2).all(|w| w[0].0 <= w[1].0), "time order: {got:?}");
+    assert!(got.iter().all(|r| r.1.to_string() == sender), "every row names the sender: {got:?}");
+    let of_recipient: Vec<&str> = got.iter().filter(|r| r.2.to_string() == recipient).map(|r| r.3.as_str()).collect();
+    assert_eq!(of_recipient, ["sent", "delivered", "seen"], "{got:?}");
+}
+
+/// A keyspace of projection layout 3 (`receipts` keyed by recipient and status, no sender
+/// columns) is upgraded by `chat migrate`: the columns this version writes are added (so that its
+/// statements prepare and the command can connect at all), the projections are dropped, created
+/// in layout 4 and rebuilt from the log: the auditor's timeline query answers for a message sent
+/// before the upgrade. Cluster only (embedded data directories are upgraded by `chat run`,
+/// `migrates_a_v1_data_directory`).
+pub async fn migrates_a_layout_3_keyspace(mode: Mode) {
+    use scylla::client::session_builder::SessionBuilder;
+    let s = Scope::new("layout3", mode).await;
+    let gw = s.gateway("n1").await;
+    let worker = s.worker().await;
+    let (alice, bob) = (gw.register("alice").await, gw.register("bob").await);
+    let mut a = gw.connect(&alice, "p").await;
+    let mut b = gw.connect(&bob, "p").await;
+    let sent = a.send_text(&bob.id, "m1", "before the upgrade").await;
+    let (mid, conv) = (sent["message_id"].as_str().unwrap().to_owned(), sent["conversation_id"].as_str().unwrap().to_owned());
+    b.expect("the message", T, |f| f["type"] == "message" && f["message_id"] == json!(mid)).await;
+    b.request(json!({"type": "delivered", "conversation_id": conv, "message_ids": [mid]})).await;
+    b.request(json!({"type": "read", "conversation_id": conv, "up_to": mid})).await;
+    a.expect("seen", T, |f| f["type"] == "receipt" && f["status"] == "seen").await;
+    s.wait_settled(T).await;
+    a.close().await;
+    b.close().await;
+    gw.proc.terminate().await;
+    if let Some(w) = worker {
+        w.terminate().await;
+    }
+
+    // The receipt tables as layout 3 made them.
+    let session = SessionBuilder::new().known_node(&s.svc().cassandra).use_keyspace(&s.keyspace, false).build().await.expect("connect to Cassandra");
+    for ddl in [
+        "DROP TABLE receipts",
+        "CREATE TABLE receipts (message_id uuid, recipient uuid, status text, device_id text, at timestamp, conversation_id text, PRIMARY KEY (message_id, recipient, status, device_id))",
+        "DROP TABLE receipts_by_user",
+        "CREATE TABLE receipts_by_user (recipient uuid, message_id uuid, status text, device_id text, at timestamp, conversation_id text, PRIMARY KEY ((recipient), message_id, status, device_id))",
+        "INSERT INTO layout (name, version) VALUES ('projections', 3)",
+    ] {
+        session.query_unpaged(ddl, ()).await.unwrap_or_else(|e| panic!("{ddl}: {e}"));
+    }
+    session.await_schema_agreement().await.expect("schema agreement");
+
+    let out = s.chat(&["migrate"]).await;
+    assert!(out.status.success(), "chat migrate of a layout 3 keyspace: {}", String::from_utf8_lossy(&out.stderr));
+    let kind: Vec<(String,)> = session
+        .query_unpaged(
+            "SELECT kind FROM system_schema.columns WHERE keyspace_name = ? AND table_name = 'receipts' AND column_name = 'at'",
+            (s.keyspace.as_str(),),
+        )
+        .await
+        .expect("schema")
+        .into_rows_result()
+        .expect("rows")
+        .rows::<(String,)>()
+        .expect("typed")
+        .collect::<Result<_, _>>()
+        .expect("kind");
+    assert_eq!(kind, [("clustering".to_owned(),)], "receipts created anew, clustered by time");
+    let _worker = s.worker().await;
+    s.wait_settled(T).await;
+    auditor_cql_timeline(&s, &mid, &alice.id, &bob.id, 3).await;
 }

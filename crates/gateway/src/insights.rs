@@ -52,15 +52,16 @@ pub struct AuditTimeline {
 
 impl AuditTimeline {
     /// Every recipient's every transition for one message, oldest first: what the stored
-    /// timeline has, plus a direct message's `sent` transition, which is not stored (the
-    /// message's own row says when it was sent and to whom). One code path for the HTTP endpoints
-    /// and `chat audit receipts`.
+    /// timeline has, and a direct message's `sent` transition from the message's own row when
+    /// the timeline does not have it yet (not projected yet, or projected by a layout before 4).
+    /// One code path for the HTTP endpoints and `chat audit receipts`.
     pub async fn of(store: &dyn crate::service::GatewayStore, meta: &chat_store::MessageMeta) -> Result<AuditTimeline, chat_store::StoreError> {
         let mut receipts = store.receipts(meta.message_id).await?;
         if let Some(peer) = meta.conversation_id.peer_of(meta.sender) {
             if !receipts.iter().any(|r| r.status == chat_events::ReceiptStatus::Sent && r.recipient == peer) {
                 receipts.push(ReceiptRow {
                     message_id: meta.message_id,
+                    sender: meta.sender,
                     recipient: peer,
                     status: chat_events::ReceiptStatus::Sent,
                     device_id: String::new(),

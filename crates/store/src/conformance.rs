@@ -378,7 +378,8 @@ pub async fn stream_heads(t: &dyn Tables) {
 }
 
 fn receipt(m: MessageId, r: UserId, status: ReceiptStatus, device: &str, ms: i64, c: &ConversationId) -> ReceiptRow {
-    ReceiptRow { message_id: m, recipient: r, status, device_id: device.into(), at: at(ms), conversation_id: c.clone() }
+    let sender = c.peer_of(r).unwrap_or(UserId(uuid::Uuid::from_u128(0x5e4d)));
+    ReceiptRow { message_id: m, sender, recipient: r, status, device_id: device.into(), at: at(ms), conversation_id: c.clone() }
 }
 
 fn sorted_receipts(mut rows: Vec<ReceiptRow>) -> Vec<ReceiptRow> {
@@ -386,8 +387,9 @@ fn sorted_receipts(mut rows: Vec<ReceiptRow>) -> Vec<ReceiptRow> {
     rows
 }
 
-/// Receipts: one row per (message, recipient, status, device), and of two writes of one key the
-/// earliest `at` wins, in either write order, also within one call.
+/// Receipts: a message's timeline reads one transition per (recipient, status, device), in time
+/// order; of two writes of one key the earliest `at` is the transition, in either write order,
+/// also within one call.
 pub async fn receipts(t: &dyn Tables) {
     let (sender, r, c) = direct();
     let m = msg_id(DAY0_MS + 1_000);
@@ -413,7 +415,9 @@ pub async fn receipts(t: &dyn Tables) {
         receipt(m, r, ReceiptStatus::Delivered, "laptop", t3, &c),
         receipt(m, sender, ReceiptStatus::Sent, "", t1, &c),
     ]);
-    let got = sorted_receipts(t.receipts(m).await.expect("receipts"));
+    let timeline = t.receipts(m).await.expect("receipts");
+    assert!(timeline.windows(2).all(|w| w[0].at <= w[1].at), "receipts come in time order: {timeline:?}");
+    let got = sorted_receipts(timeline);
     assert_eq!(got, want, "receipts: one row per (message, recipient, status, device), the earliest `at` wins whatever the write order");
     assert_eq!(t.receipts(other).await.expect("receipts").len(), 1, "receipts are per message");
     assert!(t.receipts(msg_id(DAY0_MS)).await.expect("receipts").is_empty(), "receipts of an unknown message");
@@ -1164,8 +1168,10 @@ pub async fn receipts_of_user(t: &dyn Tables) {
         receipt(m3, r, Delivered, "laptop", t4, &c),
     ])
     .await;
-    // The sender's own receipt is theirs, not r's.
-    put(vec![receipt(m1, s, Sent, "", t1, &c)]).await;
+    // Another recipient's rows are theirs, not r's; a direct message's `sent` is in the
+    // message's timeline only, a group member's `sent` in their audit too.
+    let g = group();
+    put(vec![receipt(m1, s, Sent, "", t1, &c), receipt(m2, s, Sent, "", t1, &g)]).await;
 
     let of = |user: UserId, from: DateTime<Utc>, to: DateTime<Utc>| async move {
         t.receipts_of_user(user, from, to).await.unwrap_or_else(|e| panic!("receipts_of_user: {e}"))
@@ -1194,7 +1200,12 @@ pub async fn receipts_of_user(t: &dyn Tables) {
     );
     assert!(of(r, at(base), at(t1)).await.is_empty(), "receipts_of_user before the first receipt is empty");
     assert!(of(r, at(t5), at(base + DAY_MS)).await.is_empty(), "receipts_of_user after the last receipt is empty");
-    assert_eq!(of(s, at(base), at(base + DAY_MS)).await, vec![receipt(m1, s, Sent, "", t1, &c)], "receipts are per recipient");
+    assert_eq!(
+        of(s, at(base), at(base + DAY_MS)).await,
+        vec![receipt(m2, s, Sent, "", t1, &g)],
+        "receipts are per recipient, and a direct `sent` is not in the recipient's audit"
+    );
+    assert!(t.receipts(m1).await.expect("receipts").iter().any(|x| x.status == Sent), "the direct `sent` is in the timeline");
     assert!(of(UserId::random(), at(base), at(base + DAY_MS)).await.is_empty(), "receipts_of_user of a user with none");
     assert_eq!(t.receipts(m3).await.expect("receipts").len(), 3, "put_receipts still writes the timeline by message");
 }
@@ -1294,7 +1305,9 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         ("user_stream", 2),
         ("stream_heads", 1),
         ("pending_deliveries", 1),
-        ("receipts", 2),
+        // Two acks of one device at two times are two rows of the timeline (readers keep the
+        // first); by user, one.
+        ("receipts", 3),
         ("last_seen", 1),
         ("groups", 1),
         ("group_members", 2),

@@ -152,6 +152,16 @@ pub(crate) fn sort_topic_counts(rows: &mut [TopicCount]) {
     rows.sort_by(|a, b| a.day.cmp(&b.day).then(b.messages.cmp(&a.messages)).then(a.topic.cmp(&b.topic)));
 }
 
+/// A message's timeline as read from `receipts`, where a transition that happened again (a
+/// device acknowledging a message a second time, after a reconnect) is a row of its own: the
+/// earliest row per recipient, status and device, in time order.
+pub(crate) fn first_transitions(mut rows: Vec<ReceiptRow>) -> Vec<ReceiptRow> {
+    rows.sort_by(|a, b| (a.at, a.recipient, a.status, &a.device_id).cmp(&(b.at, b.recipient, b.status, &b.device_id)));
+    let mut seen = std::collections::HashSet::new();
+    rows.retain(|r| seen.insert((r.recipient, r.status, r.device_id.clone())));
+    rows
+}
+
 pub(crate) fn sort_receipts_of_user(rows: &mut [ReceiptRow]) {
     rows.sort_by(|a, b| {
         (a.at, a.message_id, a.status, &a.device_id).cmp(&(b.at, b.message_id, b.status, &b.device_id))

@@ -204,6 +204,8 @@ pub struct InboxRow {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ReceiptRow {
     pub message_id: MessageId,
+    /// Who sent the message (so a timeline read alone says who sent it to whom).
+    pub sender: UserId,
     pub recipient: UserId,
     pub status: ReceiptStatus,
     /// The device that acknowledged (empty for `sent`).
@@ -211,6 +213,17 @@ pub struct ReceiptRow {
     #[serde(serialize_with = "ser_time")]
     pub at: DateTime<Utc>,
     pub conversation_id: ConversationId,
+}
+
+impl ReceiptRow {
+    /// Whether the row also goes to `receipts_by_user` (the audit of one user): every transition
+    /// but a direct message's `sent`, which is in the message's timeline only (a row less per
+    /// one-to-one message; the audit of a direct recipient lists what their devices did, as
+    /// before layout 4). A group member's `sent` row stays there: it says which messages of the
+    /// group reached them.
+    pub fn in_user_audit(&self) -> bool {
+        self.status != ReceiptStatus::Sent || self.conversation_id.is_group()
+    }
 }
 
 /// Last seen of a user.
@@ -359,8 +372,10 @@ impl<T: CommandStore + ProjectionStore + ReadStore + TableAdmin + FanoutStore + 
 /// (direct conversations projected from stream items, inbox rows with their read position,
 /// stream heads in place of item-id rows). 3: inbox rows say whether their user wrote in the
 /// conversation (contacts, for presence); `media_messages` (group media readable as the messages
-/// that carry them).
-pub const PROJECTION_LAYOUT: u32 = 3;
+/// that carry them). 4: `receipts` clustered by time (an auditor reads a message's timeline in
+/// time order with one plain query), every receipt row names the message's sender, and a direct
+/// message's `sent` transition is stored like a group member's.
+pub const PROJECTION_LAYOUT: u32 = 4;
 
 /// Projection tables of older layouts, dropped by [`TableAdmin::reset_projections`].
 pub const RETIRED_PROJECTION_TABLES: &[&str] = &["read_markers", "user_stream_ids"];

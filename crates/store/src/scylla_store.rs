@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use tracing::info;
 use uuid::Uuid;
 
-use crate::insights::{days, profile_views_from, sort_message_counts, sort_receipts_of_user, sort_topic_counts};
+use crate::insights::{days, first_transitions, profile_views_from, sort_message_counts, sort_receipts_of_user, sort_topic_counts};
 use crate::*;
 
 /// Connection settings.
@@ -205,6 +205,26 @@ fn inbox_from(t: InboxTuple) -> StoreResult<InboxRow> {
     })
 }
 
+/// The table a `CREATE TABLE` statement of the schema creates, and its columns with their types
+/// (one column per line, as `schemas/cql/tables.cql` writes them; key-only lines skipped).
+fn table_columns(stmt: &str) -> Option<(String, Vec<(String, String)>)> {
+    let rest = stmt.split("CREATE TABLE IF NOT EXISTS ").nth(1)?;
+    let name = rest.split(|c: char| c.is_whitespace() || c == '(').next()?.rsplit('.').next()?.to_owned();
+    let columns = rest
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.trim_start().starts_with(')'))
+        .filter_map(|l| {
+            let l = l.trim().trim_end_matches(',');
+            let (column, ty) = l.split_once(char::is_whitespace)?;
+            let ty = ty.trim();
+            let plain = column.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            (plain && column != "primary" && !l.starts_with("PRIMARY") && !ty.contains("PRIMARY KEY")).then(|| (column.to_owned(), ty.to_owned()))
+        })
+        .collect();
+    Some((name, columns))
+}
+
 impl ScyllaStore {
     /// Connects, creates the keyspace and tables if needed, and prepares every statement.
     pub async fn connect(config: &ScyllaConfig) -> StoreResult<Self> {
@@ -229,18 +249,20 @@ impl ScyllaStore {
 
     async fn apply_schema(session: &Session, ks: &str, rf: u32) -> StoreResult<()> {
         let replication = format!("{{'class': 'SimpleStrategy', 'replication_factor': {rf}}}");
-        // Skip the DDL round trips when every table is already there (the common restart).
-        let existing: std::collections::HashSet<String> = match session
-            .query_unpaged("SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?", (ks,))
+        // Skip the DDL round trips when every table and column is already there (the common
+        // restart).
+        let existing_columns: std::collections::HashSet<(String, String)> = match session
+            .query_unpaged("SELECT table_name, column_name FROM system_schema.columns WHERE keyspace_name = ?", (ks,))
             .await
         {
             Ok(r) => r
                 .into_rows_result()
                 .ok()
-                .and_then(|r| r.rows::<(String,)>().ok().map(|rows| rows.filter_map(Result::ok).map(|(t,)| t).collect()))
+                .and_then(|r| r.rows::<(String, String)>().ok().map(|rows| rows.filter_map(Result::ok).collect()))
                 .unwrap_or_default(),
             Err(_) => Default::default(),
         };
+        let existing: std::collections::HashSet<String> = existing_columns.iter().map(|(t, _)| t.clone()).collect();
         let statements: Vec<String> = SCHEMA
             .split("\n;")
             .map(|s| {
@@ -253,10 +275,21 @@ impl ScyllaStore {
             })
             .filter(|s| !s.trim().is_empty())
             .collect();
-        let wanted = statements.iter().filter_map(|s| s.split("CREATE TABLE IF NOT EXISTS ").nth(1)).filter_map(|rest| {
-            rest.split(|c: char| c.is_whitespace() || c == '(').next().and_then(|name| name.rsplit('.').next()).map(str::to_owned)
-        });
-        if wanted.into_iter().all(|t| existing.contains(&t)) && !existing.is_empty() {
+        let tables: Vec<(String, Vec<(String, String)>)> = statements.iter().filter_map(|s| table_columns(s)).collect();
+        // Columns a table of an older version lacks: added, so that every statement of this
+        // version can be prepared on it (`chat migrate` can then connect and rebuild the
+        // projections of an older layout; their tables are dropped and created anew there).
+        let additions: Vec<String> = tables
+            .iter()
+            .filter(|(t, _)| existing.contains(t))
+            .flat_map(|(t, columns)| {
+                columns
+                    .iter()
+                    .filter(|(c, _)| !existing_columns.contains(&(t.clone(), c.clone())))
+                    .map(move |(c, ty)| format!("ALTER TABLE {ks}.{t} ADD {c} {ty}"))
+            })
+            .collect();
+        if tables.iter().all(|(t, _)| existing.contains(t)) && additions.is_empty() && !existing.is_empty() {
             return Ok(());
         }
         // Projection tables of versions before the layout was recorded are layout 1.
@@ -264,6 +297,10 @@ impl ScyllaStore {
         info!(keyspace = ks, "creating keyspace and tables");
         for stmt in statements {
             session.query_unpaged(stmt.as_str(), ()).await.map_err(unavailable)?;
+        }
+        for add in &additions {
+            info!(keyspace = ks, statement = %add, "adding a column this version writes");
+            session.query_unpaged(add.as_str(), ()).await.map_err(unavailable)?;
         }
         session.await_schema_agreement().await.map_err(unavailable)?;
         if fresh {
@@ -351,11 +388,11 @@ impl ScyllaStore {
             ))
             .await?,
             insert_receipt: p(format!(
-                "INSERT INTO {ks}.receipts (message_id, recipient, status, device_id, at, conversation_id) VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+                "INSERT INTO {ks}.receipts (message_id, at, recipient, status, device_id, sender, conversation_id) VALUES (?, ?, ?, ?, ?, ?, ?)"
             ))
             .await?,
             select_receipts: p(format!(
-                "SELECT message_id, recipient, status, device_id, at, conversation_id FROM {ks}.receipts WHERE message_id = ?"
+                "SELECT message_id, sender, recipient, status, device_id, at, conversation_id FROM {ks}.receipts WHERE message_id = ?"
             ))
             .await?,
             select_stream_head: p(format!("SELECT position FROM {ks}.stream_heads WHERE user_id = ? AND source_partition = ?")).await?,
@@ -519,11 +556,11 @@ impl ScyllaStore {
             insert_topic: p(format!("INSERT INTO {ks}.analytics_topics (day, topic, message_id, sender) VALUES (?, ?, ?, ?)")).await?,
             count_topics: p(format!("SELECT topic, sender FROM {ks}.analytics_topics WHERE day = ?")).await?,
             insert_receipt_by_user: p(format!(
-                "INSERT INTO {ks}.receipts_by_user (recipient, message_id, status, device_id, at, conversation_id) VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+                "INSERT INTO {ks}.receipts_by_user (recipient, message_id, status, device_id, at, sender, conversation_id) VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
             ))
             .await?,
             select_receipts_by_user_upto: p(format!(
-                "SELECT message_id, status, device_id, at, conversation_id FROM {ks}.receipts_by_user WHERE recipient = ? AND message_id <= ?"
+                "SELECT message_id, status, device_id, at, sender, conversation_id FROM {ks}.receipts_by_user WHERE recipient = ? AND message_id <= ?"
             ))
             .await?,
         })
@@ -841,12 +878,23 @@ impl ScyllaStore {
             Write::AddPending { user, message, conversation } => self.exec(&st.insert_pending, (user.0, message.0, conversation.as_str())).await,
             Write::RemovePending { user, message } => self.exec(&st.delete_pending, (user.0, message.0)).await,
             Write::Receipt(r) => {
-                // By message and by recipient (the audit of one user), with one write time, so
-                // both views keep the same earliest transition.
+                // By message (every row, in time order: the reader keeps the first per
+                // recipient, status and device) and by recipient (the audit of one user: the
+                // earliest transition wins by write time).
                 let ts = RECEIPT_TS_BASE - micros(&r.at);
+                let by_user = async {
+                    if !r.in_user_audit() {
+                        return Ok(());
+                    }
+                    self.exec(
+                        &st.insert_receipt_by_user,
+                        (r.recipient.0, r.message_id.0, r.status.as_str(), &r.device_id, r.at, r.sender.0, r.conversation_id.as_str(), ts),
+                    )
+                    .await
+                };
                 let (a, b) = futures::join!(
-                    self.exec(&st.insert_receipt, (r.message_id.0, r.recipient.0, r.status.as_str(), &r.device_id, r.at, r.conversation_id.as_str(), ts)),
-                    self.exec(&st.insert_receipt_by_user, (r.recipient.0, r.message_id.0, r.status.as_str(), &r.device_id, r.at, r.conversation_id.as_str(), ts))
+                    self.exec(&st.insert_receipt, (r.message_id.0, r.at, r.recipient.0, r.status.as_str(), &r.device_id, r.sender.0, r.conversation_id.as_str())),
+                    by_user
                 );
                 a.and(b)
             }
@@ -1031,20 +1079,15 @@ impl ReadStore for ScyllaStore {
 
     async fn receipts(&self, message: MessageId) -> StoreResult<Vec<ReceiptRow>> {
         let rows = self
-            .rows::<(Uuid, Uuid, String, String, DateTime<Utc>, String)>(&self.stmts.select_receipts, (message.0,))
+            .all_rows::<(Uuid, Uuid, Uuid, String, String, DateTime<Utc>, String)>(&self.stmts.select_receipts, (message.0,))
             .await?;
-        rows.into_iter()
-            .map(|(m, r, status, device_id, at, c)| {
-                Ok(ReceiptRow {
-                    message_id: MessageId(m),
-                    recipient: UserId(r),
-                    status: ReceiptStatus::parse(&status).ok_or_else(|| StoreError::Data(format!("bad status {status}")))?,
-                    device_id,
-                    at,
-                    conversation_id: conv(c)?,
-                })
+        let rows = rows
+            .into_iter()
+            .map(|(m, sender, r, s, device_id, at, c)| {
+                Ok(ReceiptRow { message_id: MessageId(m), sender: UserId(sender), recipient: UserId(r), status: status(s)?, device_id, at, conversation_id: conv(c)? })
             })
-            .collect()
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(first_transitions(rows))
     }
 
     async fn stream_after(&self, user: UserId, after: i64, limit: usize) -> StoreResult<Vec<StreamRow>> {
@@ -1402,12 +1445,12 @@ impl InsightStore for ScyllaStore {
         // filtered here.
         let upto = max_v7(to.timestamp_millis());
         let rows = self
-            .all_rows::<(Uuid, String, String, DateTime<Utc>, String)>(&self.stmts.select_receipts_by_user_upto, (user.0, upto))
+            .all_rows::<(Uuid, String, String, DateTime<Utc>, Uuid, String)>(&self.stmts.select_receipts_by_user_upto, (user.0, upto))
             .await?;
         let mut out = Vec::new();
-        for (m, s, device_id, at, c) in rows {
+        for (m, s, device_id, at, sender, c) in rows {
             if at >= from && at < to {
-                out.push(ReceiptRow { message_id: MessageId(m), recipient: user, status: status(s)?, device_id, at, conversation_id: conv(c)? });
+                out.push(ReceiptRow { message_id: MessageId(m), sender: UserId(sender), recipient: user, status: status(s)?, device_id, at, conversation_id: conv(c)? });
             }
         }
         sort_receipts_of_user(&mut out);
@@ -1513,5 +1556,20 @@ mod tests {
         let lens: Vec<usize> = stream_chunks(&rows).iter().map(|c| c.len()).collect();
         assert_eq!(lens, vec![1, 1, 2]);
         assert!(stream_chunks(&[]).is_empty());
+    }
+
+    #[test]
+    fn every_table_of_the_schema_is_read_with_its_columns() {
+        let tables: Vec<(String, Vec<(String, String)>)> = SCHEMA.split("\n;").filter_map(table_columns).collect();
+        let receipts = &tables.iter().find(|(t, _)| t == "receipts").expect("receipts").1;
+        let names: Vec<&str> = receipts.iter().map(|(c, _)| c.as_str()).collect();
+        assert_eq!(names, ["message_id", "at", "recipient", "status", "device_id", "sender", "conversation_id"]);
+        assert!(receipts.contains(&("at".to_owned(), "timestamp".to_owned())));
+        // A column declared as the whole key is not an addable column; its table is still read.
+        let index = &tables.iter().find(|(t, _)| t == "message_index").expect("message_index").1;
+        assert_eq!(index.first().map(|(c, _)| c.as_str()), Some("conversation_id"), "{index:?}");
+        let creates = SCHEMA.matches("CREATE TABLE IF NOT EXISTS").count();
+        assert_eq!(tables.len(), creates, "every table");
+        assert!(tables.iter().all(|(_, cols)| !cols.is_empty() && cols.iter().all(|(c, ty)| !c.is_empty() && !ty.is_empty() && !ty.contains("PRIMARY"))));
     }
 }

@@ -9,7 +9,7 @@
 //!   call it before they store offsets).
 //! - Reads run on a small pool of read-only connections per file (WAL lets them run beside the
 //!   writer).
-//! - Cassandra's write-time rules become conditional upserts: receipts keep the earliest time,
+//! - Cassandra's write-time rules become conditional upserts: receipts by user keep the earliest time,
 //!   a removed pending delivery stays removed, last seen keeps the latest change, group rows
 //!   keep the highest position, a closed membership interval stays closed, a profile keeps its
 //!   latest update. Analytics sets are `INSERT OR IGNORE`; days are `YYYY-MM-DD` text, which
@@ -29,7 +29,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::insights::{profile_views_from, sort_message_counts, sort_receipts_of_user, sort_topic_counts};
+use crate::insights::{first_transitions, profile_views_from, sort_message_counts, sort_receipts_of_user, sort_topic_counts};
 use crate::*;
 
 /// `execute` and `query_row` through the connection's statement cache.
@@ -105,7 +105,7 @@ CREATE TABLE IF NOT EXISTS inbox (user_id TEXT NOT NULL, conversation_id TEXT NO
 CREATE TABLE IF NOT EXISTS user_stream (user_id TEXT NOT NULL, seq INTEGER NOT NULL, item_id TEXT NOT NULL, item TEXT NOT NULL, PRIMARY KEY (user_id, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS stream_heads (user_id TEXT NOT NULL, source_partition INTEGER NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (user_id, source_partition)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending_deliveries (user_id TEXT NOT NULL, message_id TEXT NOT NULL, conversation_id TEXT, removed INTEGER NOT NULL, PRIMARY KEY (user_id, message_id)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS receipts (message_id TEXT NOT NULL, recipient TEXT NOT NULL, status TEXT NOT NULL, device_id TEXT NOT NULL, at INTEGER NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (message_id, recipient, status, device_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS receipts (message_id TEXT NOT NULL, at INTEGER NOT NULL, recipient TEXT NOT NULL, status TEXT NOT NULL, device_id TEXT NOT NULL, sender TEXT NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (message_id, at, recipient, status, device_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS last_seen (user_id TEXT PRIMARY KEY, status TEXT NOT NULL, changed_at INTEGER NOT NULL, last_seen INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sends (sender TEXT NOT NULL, client_msg_id TEXT NOT NULL, conversation_id TEXT NOT NULL, message_id TEXT NOT NULL, sent_at INTEGER NOT NULL, content_sha256 TEXT NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (sender, client_msg_id, conversation_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS fanout_groups (conversation_id TEXT PRIMARY KEY, name TEXT NOT NULL, created_at INTEGER NOT NULL, membership_version INTEGER NOT NULL) WITHOUT ROWID;
@@ -124,7 +124,7 @@ CREATE TABLE IF NOT EXISTS analytics_active_users (day TEXT NOT NULL, user_id TE
 CREATE TABLE IF NOT EXISTS analytics_profile_views (viewed TEXT NOT NULL, day TEXT NOT NULL, viewer TEXT NOT NULL, view_id TEXT NOT NULL, PRIMARY KEY (viewed, day, viewer, view_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS media_messages (media_id TEXT NOT NULL, conversation_id TEXT NOT NULL, message_id TEXT NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (media_id, conversation_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS analytics_topics (day TEXT NOT NULL, topic TEXT NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL DEFAULT '', PRIMARY KEY (day, topic, message_id)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS receipts_by_user (recipient TEXT NOT NULL, message_id TEXT NOT NULL, status TEXT NOT NULL, device_id TEXT NOT NULL, at INTEGER NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (recipient, message_id, status, device_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS receipts_by_user (recipient TEXT NOT NULL, message_id TEXT NOT NULL, status TEXT NOT NULL, device_id TEXT NOT NULL, at INTEGER NOT NULL, sender TEXT NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (recipient, message_id, status, device_id)) WITHOUT ROWID;
 DROP INDEX IF EXISTS receipts_by_user_at;
 CREATE TABLE IF NOT EXISTS sync_marks (id INTEGER PRIMARY KEY, n INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS layout (name TEXT PRIMARY KEY, version INTEGER NOT NULL) WITHOUT ROWID;
@@ -613,20 +613,21 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
             )?;
         }
         Write::Receipt(r) => {
-            let (message, recipient) = (r.message_id.to_string(), r.recipient.to_string());
+            let (message, recipient, sender) = (r.message_id.to_string(), r.recipient.to_string(), r.sender.to_string());
             t.exec(
-                "INSERT INTO receipts (message_id, recipient, status, device_id, at, conversation_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (message_id, recipient, status, device_id) DO UPDATE SET at = excluded.at, conversation_id = excluded.conversation_id
-                 WHERE excluded.at < receipts.at",
-                params![message, recipient, r.status.as_str(), r.device_id, ms(&r.at), r.conversation_id.as_str()],
+                "INSERT INTO receipts (message_id, recipient, status, device_id, at, sender, conversation_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (message_id, at, recipient, status, device_id) DO NOTHING",
+                params![message, recipient, r.status.as_str(), r.device_id, ms(&r.at), sender, r.conversation_id.as_str()],
             )?;
-            // The same row by recipient, with the same rule (the audit of one user).
-            t.exec(
-                "INSERT INTO receipts_by_user (recipient, message_id, status, device_id, at, conversation_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (recipient, message_id, status, device_id) DO UPDATE SET at = excluded.at, conversation_id = excluded.conversation_id
-                 WHERE excluded.at < receipts_by_user.at",
-                params![recipient, message, r.status.as_str(), r.device_id, ms(&r.at), r.conversation_id.as_str()],
-            )?;
+            // The transition by recipient, the earliest `at` kept (the audit of one user).
+            if r.in_user_audit() {
+                t.exec(
+                    "INSERT INTO receipts_by_user (recipient, message_id, status, device_id, at, sender, conversation_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (recipient, message_id, status, device_id) DO UPDATE SET at = excluded.at, conversation_id = excluded.conversation_id
+                     WHERE excluded.at < receipts_by_user.at",
+                    params![recipient, message, r.status.as_str(), r.device_id, ms(&r.at), sender, r.conversation_id.as_str()],
+                )?;
+            }
         }
         Write::Presence { user, online, at } => {
             // Cassandra's rule, so that a replay in any order gives the same row: the later change
@@ -852,22 +853,23 @@ impl ReadStore for SqliteStore {
     async fn receipts(&self, message: MessageId) -> StoreResult<Vec<ReceiptRow>> {
         self.read(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT message_id, recipient, status, device_id, at, conversation_id FROM receipts WHERE message_id = ?1 ORDER BY recipient, status, device_id",
+                "SELECT message_id, recipient, status, device_id, at, conversation_id, sender FROM receipts WHERE message_id = ?1",
             )?;
             let rows = st.query_map(params![message.to_string()], |r| {
-                let status: String = r.get(2)?;
                 Ok(ReceiptRow {
                     message_id: MessageId(uuid_at(r, 0)?),
+                    sender: UserId(uuid_at(r, 6)?),
                     recipient: UserId(uuid_at(r, 1)?),
-                    status: ReceiptStatus::parse(&status).ok_or_else(|| rusqlite::Error::InvalidColumnName(status.clone()))?,
+                    status: status_at(r, 2)?,
                     device_id: r.get(3)?,
                     at: time(r.get(4)?)?,
                     conversation_id: conv_at(r, 5)?,
                 })
             })?;
-            rows.collect()
+            rows.collect::<rusqlite::Result<Vec<_>>>()
         })
         .await
+        .map(first_transitions)
     }
 
     async fn stream_after(&self, user: UserId, after: i64, limit: usize) -> StoreResult<Vec<StreamRow>> {
@@ -1354,13 +1356,14 @@ impl InsightStore for SqliteStore {
                 // cost every receipt a second B-tree page (two per message), for a read only
                 // auditors make.
                 let mut st = c.prepare_cached(
-                    "SELECT message_id, status, device_id, at, conversation_id FROM receipts_by_user
+                    "SELECT message_id, status, device_id, at, conversation_id, sender FROM receipts_by_user
                      WHERE recipient = ?1 AND message_id <= ?2 AND at >= ?3 AND at < ?4",
                 )?;
                 let upto = crate::max_v7(to.timestamp_millis()).to_string();
                 let rows = st.query_map(params![user.to_string(), upto, ceil_ms(&from), ceil_ms(&to)], |r| {
                     Ok(ReceiptRow {
                         message_id: MessageId(uuid_at(r, 0)?),
+                        sender: UserId(uuid_at(r, 5)?),
                         recipient: user,
                         status: status_at(r, 1)?,
                         device_id: r.get(2)?,

@@ -85,8 +85,10 @@ pub fn read(out: &mut Vec<Write>, rows: &Rows, user: UserId, item: &StreamItem, 
 
 /// A direct message of the other member, read by `reader`: seen, and not pending any more.
 fn seen(out: &mut Vec<Write>, reader: UserId, conv: &chat_events::ConversationId, message: MessageId, at: &chrono::DateTime<chrono::Utc>, device: Option<&str>) {
+    let Some(sender) = conv.peer_of(reader) else { return };
     out.push(Write::Receipt(ReceiptRow {
         message_id: message,
+        sender,
         recipient: reader,
         status: ReceiptStatus::Seen,
         device_id: device.unwrap_or_default().to_owned(),

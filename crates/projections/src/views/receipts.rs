@@ -1,11 +1,12 @@
 //! The receipt timeline (`receipts`, and the same rows by recipient in `receipts_by_user`: one
 //! write, earliest `at` wins) and `pending_deliveries` (not yet delivered to any device).
 //!
-//! A direct message's `sent` transition is not stored: the message's own row says when it was
-//! sent and to whom (its other member), and the receipts endpoint adds it. Its `delivered` rows
-//! come from the devices' acks (`message.delivered`, checked by the gateway against the message
-//! id's tag), its `seen` rows from the reader's `read` items ([`super::inbox::read`]). A group
-//! message's rows come from the fan-out's per-member items.
+//! A message's `sent` rows come from its items in the recipients' streams (one per recipient, at
+//! the time it was sent). A direct message's `delivered` rows come from the devices' acks
+//! (`message.delivered`, checked by the gateway against the message id's tag), its `seen` rows
+//! from the reader's `read` items ([`super::inbox::read`]). A group message's `delivered` and
+//! `seen` rows come from the fan-out's per-member receipt items. Every row names the message's
+//! sender, so that the timeline alone says who sent the message to whom.
 
 use chat_events::{Envelope, MessageDelivered, ReceiptStatus, StreamItem, UserId};
 use chat_store::{ReceiptRow, Write};
@@ -22,8 +23,10 @@ pub fn delivered(out: &mut Vec<Write>, env: &Envelope, d: &MessageDelivered) {
     if !d.conversation_id.has_member(d.recipient) {
         return;
     }
+    let Some(sender) = d.conversation_id.peer_of(d.recipient) else { return };
     out.push(Write::Receipt(ReceiptRow {
         message_id: d.message_id,
+        sender,
         recipient: d.recipient,
         status: ReceiptStatus::Delivered,
         device_id: d.device_id.to_string(),
@@ -43,14 +46,15 @@ pub fn pending(out: &mut Vec<Write>, user: UserId, item: &StreamItem) {
     }
 }
 
-/// Group receipts, from stream items: each recipient's own message item is their `sent`
-/// transition; the sender's per-member receipt items are the `delivered` (first device) and
-/// `seen` ones. `all` items write nothing (the summary is computed when read).
-pub fn group_item(out: &mut Vec<Write>, user: UserId, item: &StreamItem) {
+/// Receipts from stream items: each recipient's own message item is their `sent` transition (direct
+/// and group); the group sender's per-member receipt items are the `delivered` (first device)
+/// and `seen` ones. `all` items write nothing (the summary is computed when read).
+pub fn stream_item(out: &mut Vec<Write>, user: UserId, item: &StreamItem) {
     match item {
-        StreamItem::Message { message_id, conversation_id, sender, sent_at, .. } if conversation_id.is_group() && *sender != user => {
+        StreamItem::Message { message_id, conversation_id, sender, sent_at, .. } if *sender != user => {
             out.push(Write::Receipt(ReceiptRow {
                 message_id: *message_id,
+                sender: *sender,
                 recipient: user,
                 status: ReceiptStatus::Sent,
                 device_id: String::new(),
@@ -59,8 +63,10 @@ pub fn group_item(out: &mut Vec<Write>, user: UserId, item: &StreamItem) {
             }));
         }
         StreamItem::Receipt { conversation_id, message_id, status, by, at, all: false, device_id } if conversation_id.is_group() => {
+            // A receipt item is in the stream of the message's sender.
             out.push(Write::Receipt(ReceiptRow {
                 message_id: *message_id,
+                sender: user,
                 recipient: *by,
                 status: *status,
                 device_id: device_id.clone().unwrap_or_default(),
@@ -80,12 +86,27 @@ mod tests {
 
     #[test]
     fn a_direct_ack_is_a_delivered_transition_and_ends_the_pending_row() {
-        let (_a, b, c) = users();
+        let (a, b, c) = users();
         let e = env(b, Event::MessageDelivered(MessageDelivered { message_id: msg_id(1), conversation_id: c, recipient: b, device_id: DeviceId::default_device() }));
         let Event::MessageDelivered(d) = &e.event else { unreachable!() };
         let mut out = Vec::new();
         delivered(&mut out, &e, d);
-        assert!(matches!(&out[..], [Write::Receipt(r), Write::RemovePending { user, .. }] if r.status == ReceiptStatus::Delivered && r.recipient == b && *user == b && r.device_id == "default"));
+        assert!(matches!(&out[..], [Write::Receipt(r), Write::RemovePending { user, .. }] if r.status == ReceiptStatus::Delivered && r.recipient == b && r.sender == a && *user == b && r.device_id == "default"));
+    }
+
+    #[test]
+    fn a_direct_message_item_is_the_recipients_sent_transition() {
+        let (a, b, c) = users();
+        let mut out = Vec::new();
+        stream_item(&mut out, b, &message_item(&c, a, msg_id(1), None));
+        assert!(
+            matches!(&out[..], [Write::Receipt(r)] if r.status == ReceiptStatus::Sent && r.recipient == b && r.sender == a && r.device_id.is_empty()),
+            "{out:?}"
+        );
+        // The sender's own copy is not a transition.
+        let mut out = Vec::new();
+        stream_item(&mut out, a, &message_item(&c, a, msg_id(1), None));
+        assert!(out.is_empty(), "{out:?}");
     }
 
     #[test]

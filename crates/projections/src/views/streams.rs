@@ -32,11 +32,11 @@ pub fn item(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, q: &Delivery
                 history::message(out, item);
                 analytics::message(out, settings, *message_id, *sender, message_kind.as_str(), conversation_id.is_group(), body, sent_at);
             } else {
-                receipts::group_item(out, user, item);
+                receipts::stream_item(out, user, item);
             }
             inbox::message(out, rows, user, item, offset)?;
         }
-        StreamItem::Receipt { .. } => receipts::group_item(out, user, item),
+        StreamItem::Receipt { .. } => receipts::stream_item(out, user, item),
         StreamItem::Read { .. } => inbox::read(out, rows, user, item, offset)?,
         StreamItem::Group { .. } => groups::membership(out, rows, user, item)?,
     }
