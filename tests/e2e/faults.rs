@@ -80,6 +80,17 @@ impl Private {
 impl Drop for Private {
     fn drop(&mut self) {
         let _ = self.script(&["down"]);
+        // A failed test keeps the service's own logs (what the broker or node did meanwhile).
+        if std::thread::panicking() {
+            let keep = std::env::temp_dir().join("chat-e2e").join(format!("private-{}-{}", self.name, std::process::id()));
+            let logs = self.home.join(self.name).join("logs");
+            if std::fs::create_dir_all(&keep).is_ok() {
+                for entry in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
+                    let _ = std::fs::copy(entry.path(), keep.join(entry.file_name()));
+                }
+                eprintln!("the private {}'s logs are kept in {}", self.name, keep.display());
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.home);
     }
 }

@@ -573,22 +573,44 @@ impl Gateway {
         self.url.replacen("http://", "ws://", 1) + "/v1/ws"
     }
 
+    /// Registers and logs in, as a client does: a 503 (Cassandra too busy to decide the name
+    /// claim in time, as when a thousand register at once on a loaded machine) is retried for up
+    /// to a minute, and a 409 after a 503 means the first attempt claimed the name after all.
     pub async fn register(&self, name: &str) -> User {
-        let r = self
-            .http
-            .post(format!("{}/v1/accounts", self.url))
-            .json(&json!({"username": name, "password": "correct horse battery"}))
-            .send()
-            .await
-            .expect("register");
-        assert_eq!(r.status(), 201, "register {name}: {}", r.text().await.unwrap_or_default());
-        let v: Value = r.json().await.expect("json");
-        let id = v["user_id"].as_str().expect("user_id").to_owned();
-        let token = self.login(name).await;
-        User { id, name: name.to_owned(), token }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut unavailable = false;
+        loop {
+            let r = self
+                .http
+                .post(format!("{}/v1/accounts", self.url))
+                .json(&json!({"username": name, "password": "correct horse battery"}))
+                .send()
+                .await
+                .expect("register");
+            let status = r.status().as_u16();
+            if status == 503 && tokio::time::Instant::now() < deadline {
+                unavailable = true;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            if status == 409 && unavailable {
+                let (token, id) = self.login_with_id(name).await;
+                return User { id, name: name.to_owned(), token };
+            }
+            assert_eq!(status, 201, "register {name}: {}", r.text().await.unwrap_or_default());
+            let v: Value = r.json().await.expect("json");
+            let id = v["user_id"].as_str().expect("user_id").to_owned();
+            let token = self.login(name).await;
+            return User { id, name: name.to_owned(), token };
+        }
     }
 
     pub async fn login(&self, name: &str) -> String {
+        self.login_with_id(name).await.0
+    }
+
+    /// (token, user id) of a log-in.
+    async fn login_with_id(&self, name: &str) -> (String, String) {
         let r = self
             .http
             .post(format!("{}/v1/sessions", self.url))
@@ -598,7 +620,7 @@ impl Gateway {
             .expect("login");
         assert_eq!(r.status(), 200);
         let v: Value = r.json().await.expect("json");
-        v["token"].as_str().expect("token").to_owned()
+        (v["token"].as_str().expect("token").to_owned(), v["user_id"].as_str().expect("user_id").to_owned())
     }
 
     /// GET with a bearer token: (status, JSON body).

@@ -242,6 +242,16 @@ pub async fn profiles_analytics_and_audit(mode: Mode) {
     for t in ["analytics_messages", "analytics_topics", "analytics_profile_views", "analytics_active_users", "profiles", "receipts_by_user"] {
         assert_eq!(report["tables"][t]["equal"], true, "{t}");
     }
+    // Its last progress line says the whole log was projected, not how much was still to go (the
+    // CLI's log in a cluster; the server's, which ran it, embedded).
+    let done = "rebuild: every record up to the log's end projected";
+    let mut logs = vec![String::from_utf8_lossy(&out.stderr).into_owned()];
+    for entry in std::fs::read_dir(&s.log_dir).expect("log dir").flatten() {
+        logs.push(std::fs::read_to_string(entry.path()).unwrap_or_default());
+    }
+    let progress = |log: &String| log.lines().rfind(|l| l.contains("to_go=") || l.contains(done)).map(str::to_owned);
+    let lasts: Vec<String> = logs.iter().filter_map(progress).collect();
+    assert!(!lasts.is_empty() && lasts.iter().all(|l| l.contains(done)), "the last rebuild progress line of each log: {lasts:?}");
 
     // The same queries from the command line (JSON out); an operator's audit read is recorded too.
     let json_of = |out: std::process::Output| -> Value {
