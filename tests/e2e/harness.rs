@@ -172,16 +172,27 @@ impl Scope {
         if mode == Mode::Embedded {
             return scope;
         }
-        let out = Command::new(bin())
-            .arg("migrate")
-            .envs(scope.env_for(&scope.keyspace))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
-            .await
-            .expect("run chat migrate");
-        assert!(out.status.success(), "chat migrate failed: {}", String::from_utf8_lossy(&out.stderr));
-        scope
+        // Creating a keyspace's ~40 tables can exceed the driver's 30 s request timeout on a
+        // machine busy with other suites (seen in CI): `chat migrate` is idempotent, so a failed
+        // attempt is retried twice, as an operator would.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let out = Command::new(bin())
+                .arg("migrate")
+                .envs(scope.env_for(&scope.keyspace))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .output()
+                .await
+                .expect("run chat migrate");
+            if out.status.success() {
+                return scope;
+            }
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(attempts < 3, "chat migrate failed {attempts} times: {err}");
+            eprintln!("[{name}] chat migrate failed (attempt {attempts}), retrying: {err}");
+        }
     }
 
     pub fn svc(&self) -> &Services {
