@@ -102,7 +102,10 @@ impl Tokens {
 /// The password-hashing pool: a thread per core behind bounded queues. Two lanes: log-ins are
 /// taken before registrations, so a registration burst (from many addresses) delays a log-in by
 /// at most the hashes already running, never by the registrations queued ahead of it. Each lane
-/// holds at most `queue` jobs; past that a job is refused at once (`503 overloaded`).
+/// holds at most `queue` jobs; past that a job is refused at once (`503 overloaded`). Within a
+/// lane the jobs of different client addresses take turns (round robin), so an address with many
+/// jobs queued delays another address's job by at most one of its own hashes per thread, not by
+/// its whole backlog.
 pub struct KdfPool {
     shared: std::sync::Arc<KdfShared>,
 }
@@ -124,8 +127,45 @@ struct KdfShared {
 
 #[derive(Default)]
 struct KdfLanes {
-    log_ins: std::collections::VecDeque<KdfJob>,
-    registrations: std::collections::VecDeque<KdfJob>,
+    log_ins: FairQueue,
+    registrations: FairQueue,
+}
+
+/// The jobs of one lane, a queue per client address (`None`: in-process callers), served in turn.
+#[derive(Default)]
+struct FairQueue {
+    by_key: std::collections::HashMap<Option<std::net::IpAddr>, std::collections::VecDeque<KdfJob>>,
+    /// The keys with jobs, in the order they are served next.
+    turns: std::collections::VecDeque<Option<std::net::IpAddr>>,
+    len: usize,
+}
+
+impl FairQueue {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, key: Option<std::net::IpAddr>, job: KdfJob) {
+        let q = self.by_key.entry(key).or_default();
+        if q.is_empty() {
+            self.turns.push_back(key);
+        }
+        q.push_back(job);
+        self.len += 1;
+    }
+
+    fn pop(&mut self) -> Option<KdfJob> {
+        let key = self.turns.pop_front()?;
+        let q = self.by_key.get_mut(&key)?;
+        let job = q.pop_front();
+        if q.is_empty() {
+            self.by_key.remove(&key);
+        } else {
+            self.turns.push_back(key);
+        }
+        self.len -= usize::from(job.is_some());
+        job
+    }
 }
 
 impl KdfPool {
@@ -137,7 +177,7 @@ impl KdfPool {
                 let job = {
                     let mut lanes = shared.lanes.lock().unwrap_or_else(|p| p.into_inner());
                     loop {
-                        if let Some(job) = lanes.log_ins.pop_front().or_else(|| lanes.registrations.pop_front()) {
+                        if let Some(job) = lanes.log_ins.pop().or_else(|| lanes.registrations.pop()) {
                             break job;
                         }
                         lanes = shared.ready.wait(lanes).unwrap_or_else(|p| p.into_inner());
@@ -152,8 +192,9 @@ impl KdfPool {
         KdfPool { shared }
     }
 
-    /// Runs `f` on the pool in `lane`; `None` if that lane's queue is full.
-    pub async fn run<T: Send + 'static>(&self, lane: KdfLane, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    /// Runs `f` on the pool in `lane`, in turn with the other addresses' jobs (`from`: the
+    /// client's address); `None` if that lane's queue is full.
+    pub async fn run<T: Send + 'static>(&self, lane: KdfLane, from: Option<std::net::IpAddr>, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         {
             let mut lanes = self.shared.lanes.lock().unwrap_or_else(|p| p.into_inner());
@@ -164,9 +205,12 @@ impl KdfPool {
             if q.len() >= self.shared.queue {
                 return None;
             }
-            q.push_back(Box::new(move || {
-                let _ = tx.send(f());
-            }));
+            q.push(
+                from,
+                Box::new(move || {
+                    let _ = tx.send(f());
+                }),
+            );
         }
         self.shared.ready.notify_one();
         rx.await.ok()
@@ -205,7 +249,7 @@ mod tests {
         let busy = {
             let (pool, started) = (pool.clone(), started.clone());
             tokio::spawn(async move {
-                pool.run(KdfLane::Registration, move || {
+                pool.run(KdfLane::Registration, None, move || {
                     started.store(true, std::sync::atomic::Ordering::SeqCst);
                     hold.recv().ok()
                 })
@@ -218,17 +262,17 @@ mod tests {
         let mut jobs = Vec::new();
         for i in 0..4 {
             let (pool, order) = (pool.clone(), order.clone());
-            jobs.push(tokio::spawn(async move { pool.run(KdfLane::Registration, move || order.lock().unwrap().push(format!("r{i}"))).await }));
+            jobs.push(tokio::spawn(async move { pool.run(KdfLane::Registration, None, move || order.lock().unwrap().push(format!("r{i}"))).await }));
         }
         while pool.shared.lanes.lock().unwrap().registrations.len() < 4 {
             tokio::task::yield_now().await;
         }
-        assert!(pool.run(KdfLane::Registration, || ()).await.is_none(), "the registrations' lane is full");
+        assert!(pool.run(KdfLane::Registration, None, || ()).await.is_none(), "the registrations' lane is full");
         let login = {
             let (pool, order) = (pool.clone(), order.clone());
-            tokio::spawn(async move { pool.run(KdfLane::LogIn, move || order.lock().unwrap().push("login".to_owned())).await })
+            tokio::spawn(async move { pool.run(KdfLane::LogIn, None, move || order.lock().unwrap().push("login".to_owned())).await })
         };
-        while pool.shared.lanes.lock().unwrap().log_ins.is_empty() {
+        while pool.shared.lanes.lock().unwrap().log_ins.len() == 0 {
             tokio::task::yield_now().await;
         }
         release.send(()).unwrap();
@@ -238,6 +282,32 @@ mod tests {
             assert!(j.await.unwrap().is_some());
         }
         assert_eq!(order.lock().unwrap().first().map(String::as_str), Some("login"), "{:?}", order.lock().unwrap());
+    }
+
+    /// Addresses take turns within a lane: an address with many log-ins queued delays another
+    /// address's log-in by one job, not by its backlog.
+    #[test]
+    fn addresses_take_turns_in_a_lane() {
+        let ip = |n: u8| Some(std::net::IpAddr::from([127, 0, 0, n]));
+        let mut q = FairQueue::default();
+        let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let job = |name: &'static str| -> KdfJob {
+            let order = order.clone();
+            Box::new(move || order.lock().unwrap().push(name))
+        };
+        for name in ["f1", "f2", "f3", "f4"] {
+            q.push(ip(2), job(name));
+        }
+        q.push(ip(3), job("user"));
+        q.push(None, job("local"));
+        q.push(ip(3), job("user2"));
+        assert_eq!(q.len(), 7);
+        while let Some(j) = q.pop() {
+            j();
+        }
+        assert_eq!(q.len(), 0);
+        assert!(q.by_key.is_empty() && q.turns.is_empty());
+        assert_eq!(*order.lock().unwrap(), ["f1", "user", "local", "f2", "user2", "f3", "f4"]);
     }
 
     #[test]

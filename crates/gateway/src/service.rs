@@ -374,7 +374,7 @@ impl Chat {
         }
         let _slot = self.hashing_slot(peer)?;
         let pw = password.to_owned();
-        let hash = self.kdf.run(KdfLane::Registration, move || hash_password(&pw)).await.ok_or_else(ApiError::overloaded)?.map_err(|e| ApiError::internal("hash", &e))?;
+        let hash = self.kdf.run(KdfLane::Registration, peer, move || hash_password(&pw)).await.ok_or_else(ApiError::overloaded)?.map_err(|e| ApiError::internal("hash", &e))?;
         let account = Account { user_id: UserId::random(), username: username.clone(), password_hash: hash, created_at: now_millis() };
         if !self.store.create_account(&account).await? {
             return Err(ApiError::new(StatusCode::CONFLICT, "username_taken", "that username is taken"));
@@ -414,7 +414,7 @@ impl Chat {
         // which usernames exist.
         let ok = self
             .kdf
-            .run(KdfLane::LogIn, move || match hash {
+            .run(KdfLane::LogIn, peer, move || match hash {
                 Some(h) => verify_password(&pw, &h),
                 None => {
                     let _ = verify_password(&pw, DUMMY_HASH);
