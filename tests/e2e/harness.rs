@@ -688,6 +688,8 @@ pub struct Ws {
     stream: futures::stream::SplitStream<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>>,
     pub buffered: VecDeque<Value>,
     pub closed: Option<u16>,
+    /// The `welcome` frame the connection began with.
+    pub welcome: Value,
     next_ref: u64,
 }
 
@@ -702,9 +704,12 @@ impl Ws {
         req.headers_mut().insert("Authorization", format!("Bearer {token}").parse().map_err(|_| "header")?);
         let (ws, _) = tokio_tungstenite::connect_async(req).await.map_err(|e| e.to_string())?;
         let (sink, stream) = ws.split();
-        let mut ws = Ws { sink, stream, buffered: VecDeque::new(), closed: None, next_ref: 1 };
+        let mut ws = Ws { sink, stream, buffered: VecDeque::new(), closed: None, welcome: Value::Null, next_ref: 1 };
         match ws.read(Duration::from_secs(10)).await {
-            Some(f) if f["type"] == "welcome" => Ok(ws),
+            Some(f) if f["type"] == "welcome" => {
+                ws.welcome = f;
+                Ok(ws)
+            }
             other => Err(format!("no welcome: {other:?}")),
         }
     }

@@ -195,6 +195,7 @@ async fn c_retried_send_is_one_message(mode: Mode) {
     let rows = page["messages"].as_array().unwrap().iter().filter(|m| m["client_msg_id"] == "same-id").count();
     assert_eq!(rows, 1, "one history row");
     let mut b = gw.connect(&bob, "phone").await;
+    assert_eq!(b.welcome["pending"], 2, "two unread messages: {}", b.welcome);
     let (items, _) = b.sync_until(None, 2, T).await;
     assert_eq!(items.iter().filter(|i| i["message_id"] == mid).count(), 1, "one stream item");
     let (_, r) = gw.get(&alice.token, &format!("/v1/messages/{}/receipts", mid.as_str().unwrap())).await;
@@ -203,7 +204,11 @@ async fn c_retried_send_is_one_message(mode: Mode) {
     let sums = checksums(&store).await;
     assert_eq!(sums["messages"].rows, 2);
     assert_eq!(sums["message_index"].rows, 2);
-    assert_eq!(sums["pending_deliveries"].rows, 2);
+    assert_eq!(sums["inbox"].rows, 2, "one conversation row each");
+    // Read up to the first: the welcome's count of unread messages drops to the other one.
+    let ack = b.request(json!({"type": "read", "conversation_id": conv, "up_to": mid})).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    wait_for("welcome.pending 1", T, || async { (gw.connect(&bob, "laptop").await.welcome["pending"] == 1).then_some(()) }).await;
 }
 
 /// The `message.sent` events of one `client_msg_id` in the conversations topic.

@@ -204,7 +204,7 @@ pub enum ServerFrame {
     Welcome {
         user_id: UserId,
         device_id: String,
-        /// Messages not yet delivered to any device of the user.
+        /// The user's unread messages over their conversations (a badge hint).
         pending: usize,
     },
     /// The message is durable in the log.

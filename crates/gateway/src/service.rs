@@ -949,9 +949,9 @@ impl Chat {
         Ok(rows.iter().all(|r| r.as_ref().is_some_and(|r| r.wrote)))
     }
 
-    /// Number of messages not yet delivered to any device of a user.
+    /// The welcome frame's `pending`: the user's unread messages over their conversations.
     pub async fn pending(&self, user: UserId) -> usize {
-        self.store.pending_count(user, 10_000).await.unwrap_or(0)
+        self.store.unread_count(user, 10_000).await.unwrap_or(0)
     }
 
     // ----- HTTP reads -----

@@ -44,7 +44,7 @@ pub async fn run_all(tables: Arc<dyn Tables>) {
     stream(t).await;
     stream_rows_appear_in_order(t).await;
     media_positions(t).await;
-    pending(t).await;
+    unread(t).await;
     last_seen(t).await;
     zero_limits(t).await;
     fanout_groups(t).await;
@@ -492,30 +492,35 @@ pub async fn media_positions(t: &dyn Tables) {
     assert!(t.media_positions(Uuid::new_v4(), &g1).await.expect("media_positions").is_empty(), "per media object");
 }
 
-/// Pending deliveries: a removed delivery never comes back, whatever the order; counts and caps.
-pub async fn pending(t: &dyn Tables) {
+/// The welcome frame's count: the sum of a user's inbox rows' `unread`, per user, capped.
+pub async fn unread(t: &dyn Tables) {
     let (u, v, c) = direct();
-    let m: Vec<MessageId> = (0..6).map(|i| msg_id(DAY0_MS + i)).collect();
-    let count = |user: UserId, cap: usize| async move { t.pending_count(user, cap).await.unwrap_or_else(|e| panic!("pending_count: {e}")) };
-    assert_eq!(count(u, 100).await, 0, "pending_count of a new user");
-    t.add_pending(u, m[0], &c).await.expect("add_pending");
-    assert_eq!(count(u, 100).await, 1, "add_pending adds one");
-    t.remove_pending(u, m[0]).await.expect("remove_pending");
-    assert_eq!(count(u, 100).await, 0, "add then remove: nothing pending");
-    t.remove_pending(u, m[1]).await.expect("remove_pending");
-    t.add_pending(u, m[1], &c).await.expect("add_pending");
-    assert_eq!(count(u, 100).await, 0, "remove then add (a replay out of order): the removed delivery does not come back");
-    t.add_pending(u, m[0], &c).await.expect("add_pending");
-    assert_eq!(count(u, 100).await, 0, "add after remove: still removed");
-    for i in [2, 3, 4, 2] {
-        t.add_pending(u, m[i], &c).await.expect("add_pending");
-    }
-    assert_eq!(count(u, 100).await, 3, "three distinct pending deliveries (one added twice)");
-    assert_eq!(count(u, 2).await, 2, "pending_count stops at its cap");
-    t.remove_pending(u, m[3]).await.expect("remove_pending");
-    assert_eq!(count(u, 100).await, 2, "remove_pending removes one");
-    t.add_pending(v, m[2], &c).await.expect("add_pending");
-    assert_eq!(count(v, 100).await, 1, "pending deliveries are per user");
+    let g = group();
+    let count = |user: UserId, cap: usize| async move { t.unread_count(user, cap).await.unwrap_or_else(|e| panic!("unread_count: {e}")) };
+    assert_eq!(count(u, 100).await, 0, "unread_count of a new user");
+    let row = |user: UserId, conv: &ConversationId, unread: i32| InboxRow {
+        user_id: user,
+        conversation_id: conv.clone(),
+        peer_id: conv.peer_of(user),
+        last_message_id: msg_id(DAY0_MS),
+        last_sender: v,
+        last_kind: "text".into(),
+        last_body: "x".into(),
+        last_at: at(DAY0_MS),
+        unread,
+        first_unread_seq: (unread > 0).then_some(1),
+        read_up_to: None,
+        applied_offset: 1,
+        wrote: false,
+    };
+    t.put_inbox_row(&row(u, &c, 3)).await.expect("put_inbox_row");
+    t.put_inbox_row(&row(u, &g, 4)).await.expect("put_inbox_row");
+    t.put_inbox_row(&row(v, &c, 0)).await.expect("put_inbox_row");
+    assert_eq!(count(u, 100).await, 7, "unread over the user's conversations");
+    assert_eq!(count(u, 5).await, 5, "unread_count stops at its cap");
+    assert_eq!(count(v, 100).await, 0, "per user");
+    t.put_inbox_row(&row(u, &c, 0)).await.expect("put_inbox_row");
+    assert_eq!(count(u, 100).await, 4, "a conversation read drops out");
 }
 
 /// Last seen: the latest change wins, in any order; last_seen is the latest offline time.
@@ -589,7 +594,6 @@ pub async fn zero_limits(t: &dyn Tables) {
     .await
     .expect("put_inbox_row");
     t.put_stream_item(u, &StreamRow { seq: 1, item_id: Uuid::new_v4(), item: "{}".into() }).await.expect("put_stream_item");
-    t.add_pending(u, row.message_id, &c).await.expect("add_pending");
     let ok = |what: &str, r: Result<usize, crate::StoreError>| match r {
         Ok(n) => assert_eq!(n, 0, "{what} with limit 0 returns nothing"),
         Err(e) => panic!("{what} with limit 0 must return nothing, not fail: {e}"),
@@ -597,7 +601,7 @@ pub async fn zero_limits(t: &dyn Tables) {
     ok("history_page", t.history_page(&c, None, 0).await.map(|v| v.len()));
     ok("inbox", t.inbox(u, 0).await.map(|v| v.len()));
     ok("stream_after", t.stream_after(u, 0, 0).await.map(|v| v.len()));
-    ok("pending_count", t.pending_count(u, 0).await);
+    ok("unread_count", t.unread_count(u, 0).await);
 }
 
 /// The fan-out's group record reads back whole and is overwritten; groups are separate.
@@ -1255,9 +1259,6 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         Write::StreamHead { user: b, source_partition: 0, position: 1 },
         Write::Stream { user: b, row: StreamRow { seq: 2, item_id: item2, item: "{\"n\":2}".into() } },
         Write::StreamHead { user: b, source_partition: 0, position: 2 },
-        Write::AddPending { user: b, message: m1.message_id, conversation: c.clone() },
-        Write::AddPending { user: b, message: m3.message_id, conversation: c.clone() },
-        Write::RemovePending { user: b, message: m1.message_id },
         Write::Receipt(receipt(m1.message_id, b, ReceiptStatus::Delivered, "phone", DAY0_MS + 7_200_000, &c)),
         Write::Receipt(receipt(m1.message_id, b, ReceiptStatus::Delivered, "phone", DAY0_MS + 7_100_000, &c)),
         Write::Receipt(receipt(m1.message_id, b, ReceiptStatus::Seen, "phone", DAY0_MS + 7_300_000, &c)),
@@ -1304,7 +1305,6 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         ("inbox", 2),
         ("user_stream", 2),
         ("stream_heads", 1),
-        ("pending_deliveries", 1),
         // Two acks of one device at two times are two rows of the timeline (readers keep the
         // first); by user, one.
         ("receipts", 3),

@@ -322,8 +322,9 @@ pub trait ReadStore: Send + Sync {
     async fn receipts(&self, message: MessageId) -> StoreResult<Vec<ReceiptRow>>;
     /// Stream items with `seq > after`, in order, at most `limit`.
     async fn stream_after(&self, user: UserId, after: i64, limit: usize) -> StoreResult<Vec<StreamRow>>;
-    /// Number of messages not yet delivered to any device, up to `cap`.
-    async fn pending_count(&self, user: UserId, cap: usize) -> StoreResult<usize>;
+    /// The user's unread messages over their conversations (the sum of the inbox rows' `unread`,
+    /// of at most [`UNREAD_SCAN_CONVERSATIONS`] conversations), up to `cap`.
+    async fn unread_count(&self, user: UserId, cap: usize) -> StoreResult<usize>;
     async fn last_seen(&self, user: UserId) -> StoreResult<Option<LastSeenRow>>;
     /// Whether `user` has `conv` in their conversation list.
     async fn in_inbox(&self, user: UserId, conv: &ConversationId) -> StoreResult<bool>;
@@ -378,7 +379,13 @@ impl<T: CommandStore + ProjectionStore + ReadStore + TableAdmin + FanoutStore + 
 pub const PROJECTION_LAYOUT: u32 = 4;
 
 /// Projection tables of older layouts, dropped by [`TableAdmin::reset_projections`].
-pub const RETIRED_PROJECTION_TABLES: &[&str] = &["read_markers", "user_stream_ids"];
+/// (`pending_deliveries`: a row per message not yet delivered to any device, added and removed
+/// per message, for the welcome frame's count alone; since 2026-12-06 that count is the inbox's
+/// unread sum, see [`ProjectionStore::unread_count`].)
+pub const RETIRED_PROJECTION_TABLES: &[&str] = &["read_markers", "user_stream_ids", "pending_deliveries"];
+
+/// [`ProjectionStore::unread_count`] reads at most this many of a user's conversations.
+pub const UNREAD_SCAN_CONVERSATIONS: usize = 10_000;
 
 /// The projection tables, in the order checksums report them.
 pub const PROJECTION_TABLES: &[&str] = &[
@@ -389,7 +396,6 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "inbox",
     "user_stream",
     "stream_heads",
-    "pending_deliveries",
     "receipts",
     "last_seen",
     "groups",

@@ -38,9 +38,6 @@ const SCHEMA: &str = include_str!("../../../schemas/cql/tables.cql");
 const RECEIPT_TS_BASE: i64 = 1 << 62;
 /// Write time of an accepted send: the lowest position wins.
 const SEND_TS_BASE: i64 = 1 << 62;
-/// Write times of pending rows: any delete beats any insert.
-const PENDING_INSERT_TS: i64 = 1;
-const PENDING_DELETE_TS: i64 = 2;
 
 fn unavailable(e: impl Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -102,9 +99,7 @@ struct Stmts {
     select_stream_after: PreparedStatement,
     insert_media_message: PreparedStatement,
     select_media_positions: PreparedStatement,
-    insert_pending: PreparedStatement,
-    delete_pending: PreparedStatement,
-    select_pending: PreparedStatement,
+    select_unread: PreparedStatement,
     insert_presence_online: PreparedStatement,
     insert_presence_offline: PreparedStatement,
     select_last_seen: PreparedStatement,
@@ -410,15 +405,7 @@ impl ScyllaStore {
                 "SELECT seq, item_id, item FROM {ks}.user_stream WHERE user_id = ? AND seq > ? LIMIT ?"
             ))
             .await?,
-            insert_pending: p(format!(
-                "INSERT INTO {ks}.pending_deliveries (user_id, message_id, conversation_id) VALUES (?, ?, ?) USING TIMESTAMP {PENDING_INSERT_TS}"
-            ))
-            .await?,
-            delete_pending: p(format!(
-                "DELETE FROM {ks}.pending_deliveries USING TIMESTAMP {PENDING_DELETE_TS} WHERE user_id = ? AND message_id = ?"
-            ))
-            .await?,
-            select_pending: p(format!("SELECT message_id FROM {ks}.pending_deliveries WHERE user_id = ? LIMIT ?")).await?,
+            select_unread: p(format!("SELECT unread FROM {ks}.inbox WHERE user_id = ? LIMIT ?")).await?,
             insert_presence_online: p(format!(
                 "INSERT INTO {ks}.last_seen (user_id, status, changed_at) VALUES (?, 'online', ?) USING TIMESTAMP ?"
             ))
@@ -875,8 +862,6 @@ impl ScyllaStore {
             Write::StreamHead { user, source_partition, position } => {
                 self.exec(&st.insert_stream_head, (user.0, *source_partition, *position, *position)).await
             }
-            Write::AddPending { user, message, conversation } => self.exec(&st.insert_pending, (user.0, message.0, conversation.as_str())).await,
-            Write::RemovePending { user, message } => self.exec(&st.delete_pending, (user.0, message.0)).await,
             Write::Receipt(r) => {
                 // By message (every row, in time order: the reader keeps the first per
                 // recipient, status and device) and by recipient (the audit of one user: the
@@ -1100,12 +1085,13 @@ impl ReadStore for ScyllaStore {
         Ok(rows.into_iter().map(|(seq, item_id, item)| StreamRow { seq, item_id, item }).collect())
     }
 
-    async fn pending_count(&self, user: UserId, cap: usize) -> StoreResult<usize> {
+    async fn unread_count(&self, user: UserId, cap: usize) -> StoreResult<usize> {
         if cap == 0 {
             return Ok(0);
         }
-        let rows = self.rows::<(Uuid,)>(&self.stmts.select_pending, (user.0, cap.min(100_000) as i32)).await?;
-        Ok(rows.len())
+        let rows = self.rows::<(Option<i32>,)>(&self.stmts.select_unread, (user.0, crate::UNREAD_SCAN_CONVERSATIONS as i32)).await?;
+        let sum: i64 = rows.into_iter().map(|(n,)| i64::from(n.unwrap_or(0).max(0))).sum();
+        Ok((sum as usize).min(cap))
     }
 
     async fn last_seen(&self, user: UserId) -> StoreResult<Option<LastSeenRow>> {

@@ -10,7 +10,7 @@
 //! - Reads run on a small pool of read-only connections per file (WAL lets them run beside the
 //!   writer).
 //! - Cassandra's write-time rules become conditional upserts: receipts by user keep the earliest time,
-//!   a removed pending delivery stays removed, last seen keeps the latest change, group rows
+//!   last seen keeps the latest change, group rows
 //!   keep the highest position, a closed membership interval stays closed, a profile keeps its
 //!   latest update. Analytics sets are `INSERT OR IGNORE`; days are `YYYY-MM-DD` text, which
 //!   sorts like the dates.
@@ -104,7 +104,6 @@ CREATE TABLE IF NOT EXISTS message_index (message_id TEXT PRIMARY KEY, conversat
 CREATE TABLE IF NOT EXISTS inbox (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, peer_id TEXT, last_message_id TEXT NOT NULL, last_sender TEXT NOT NULL, last_kind TEXT NOT NULL, last_body TEXT NOT NULL, last_at INTEGER NOT NULL, unread INTEGER NOT NULL, first_unread_seq INTEGER, read_up_to TEXT, applied_offset INTEGER NOT NULL, wrote INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (user_id, conversation_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS user_stream (user_id TEXT NOT NULL, seq INTEGER NOT NULL, item_id TEXT NOT NULL, item TEXT NOT NULL, PRIMARY KEY (user_id, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS stream_heads (user_id TEXT NOT NULL, source_partition INTEGER NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (user_id, source_partition)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS pending_deliveries (user_id TEXT NOT NULL, message_id TEXT NOT NULL, conversation_id TEXT, removed INTEGER NOT NULL, PRIMARY KEY (user_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS receipts (message_id TEXT NOT NULL, at INTEGER NOT NULL, recipient TEXT NOT NULL, status TEXT NOT NULL, device_id TEXT NOT NULL, sender TEXT NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (message_id, at, recipient, status, device_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS last_seen (user_id TEXT PRIMARY KEY, status TEXT NOT NULL, changed_at INTEGER NOT NULL, last_seen INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sends (sender TEXT NOT NULL, client_msg_id TEXT NOT NULL, conversation_id TEXT NOT NULL, message_id TEXT NOT NULL, sent_at INTEGER NOT NULL, content_sha256 TEXT NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (sender, client_msg_id, conversation_id)) WITHOUT ROWID;
@@ -598,20 +597,6 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 params![user.to_string(), source_partition, position],
             )?;
         }
-        Write::AddPending { user, message, conversation } => {
-            // A removed row stays removed: insert only if no row (live or removed) exists.
-            t.exec(
-                "INSERT OR IGNORE INTO pending_deliveries (user_id, message_id, conversation_id, removed) VALUES (?1, ?2, ?3, 0)",
-                params![user.to_string(), message.to_string(), conversation.as_str()],
-            )?;
-        }
-        Write::RemovePending { user, message } => {
-            t.exec(
-                "INSERT INTO pending_deliveries (user_id, message_id, conversation_id, removed) VALUES (?1, ?2, NULL, 1)
-                 ON CONFLICT (user_id, message_id) DO UPDATE SET removed = 1",
-                params![user.to_string(), message.to_string()],
-            )?;
-        }
         Write::Receipt(r) => {
             let (message, recipient, sender) = (r.message_id.to_string(), r.recipient.to_string(), r.sender.to_string());
             t.exec(
@@ -883,16 +868,16 @@ impl ReadStore for SqliteStore {
         .await
     }
 
-    async fn pending_count(&self, user: UserId, cap: usize) -> StoreResult<usize> {
+    async fn unread_count(&self, user: UserId, cap: usize) -> StoreResult<usize> {
         self.read(move |c| {
             c.row(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM pending_deliveries WHERE user_id = ?1 AND removed = 0 LIMIT ?2)",
-                params![user.to_string(), cap as i64],
+                "SELECT COALESCE(SUM(unread), 0) FROM (SELECT unread FROM inbox WHERE user_id = ?1 LIMIT ?2)",
+                params![user.to_string(), crate::UNREAD_SCAN_CONVERSATIONS as i64],
                 |r| r.get::<_, i64>(0),
             )
         })
         .await
-        .map(|n| n as usize)
+        .map(|n| (n.max(0) as usize).min(cap))
     }
 
     async fn last_seen(&self, user: UserId) -> StoreResult<Option<LastSeenRow>> {
@@ -1454,8 +1439,7 @@ impl TableAdmin for SqliteStore {
         self.read(|c| {
             let mut out = BTreeMap::new();
             for table in PROJECTION_TABLES {
-                let filter = if *table == "pending_deliveries" { " WHERE removed = 0" } else { "" };
-                let mut st = c.prepare(&format!("SELECT * FROM {table}{filter}"))?;
+                let mut st = c.prepare(&format!("SELECT * FROM {table}"))?;
                 let n = st.column_count();
                 let mut rows: Vec<String> = st
                     .query_map([], |r| {

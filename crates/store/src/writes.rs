@@ -36,10 +36,6 @@ pub enum Write {
     /// conversations topic (a guard: written after the items and everything they caused; the
     /// highest wins).
     StreamHead { user: UserId, source_partition: i32, position: i64 },
-    /// `pending_deliveries`: not yet delivered to any device (a no-op once removed).
-    AddPending { user: UserId, message: MessageId, conversation: ConversationId },
-    /// `pending_deliveries`: delivered, for good.
-    RemovePending { user: UserId, message: MessageId },
     /// `receipts` and `receipts_by_user`: a transition; the earliest `at` wins.
     Receipt(ReceiptRow),
     /// `last_seen`: the latest change wins.
@@ -79,7 +75,6 @@ impl Write {
             Write::Inbox(_) => "inbox",
             Write::Stream { .. } => "user_stream",
             Write::StreamHead { .. } => "stream_heads",
-            Write::AddPending { .. } | Write::RemovePending { .. } => "pending_deliveries",
             Write::Receipt(_) => "receipts",
             Write::Presence { .. } => "last_seen",
             Write::Group(_) | Write::GroupName { .. } => "groups",
@@ -176,12 +171,6 @@ pub trait WriteExt: WriteStore {
     }
     async fn put_stream_item(&self, user: UserId, row: &StreamRow) -> StoreResult<()> {
         self.apply(vec![Write::Stream { user, row: row.clone() }]).await
-    }
-    async fn add_pending(&self, user: UserId, message: MessageId, conversation: &ConversationId) -> StoreResult<()> {
-        self.apply(vec![Write::AddPending { user, message, conversation: conversation.clone() }]).await
-    }
-    async fn remove_pending(&self, user: UserId, message: MessageId) -> StoreResult<()> {
-        self.apply(vec![Write::RemovePending { user, message }]).await
     }
     async fn put_presence(&self, user: UserId, online: bool, at: DateTime<Utc>) -> StoreResult<()> {
         self.apply(vec![Write::Presence { user, online, at }]).await

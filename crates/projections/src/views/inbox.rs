@@ -47,8 +47,8 @@ pub fn message(out: &mut Vec<Write>, rows: &Rows, user: UserId, item: &StreamIte
 /// on some device): the other members' messages from the first unread one up to `up_to` are read,
 /// the ones after stay unread (counted over the user's own stream, at most
 /// [`super::rows::STREAM_SCAN`] items from the first unread). In a direct conversation each of
-/// them also gets its `seen` transition and is no longer pending (read implies delivered); a
-/// group's seen receipts come from the fan-out, per member.
+/// them also gets its `seen` transition; a group's seen receipts come from the fan-out, per
+/// member.
 pub fn read(out: &mut Vec<Write>, rows: &Rows, user: UserId, item: &StreamItem, offset: i64) -> Result<(), Missing> {
     let StreamItem::Read { conversation_id: conv, up_to, at, device_id } = item else { return Ok(()) };
     let Some(mut row) = rows.inbox(user, conv)? else { return Ok(()) };
@@ -83,7 +83,7 @@ pub fn read(out: &mut Vec<Write>, rows: &Rows, user: UserId, item: &StreamItem, 
     Ok(())
 }
 
-/// A direct message of the other member, read by `reader`: seen, and not pending any more.
+/// A direct message of the other member, read by `reader`: seen.
 fn seen(out: &mut Vec<Write>, reader: UserId, conv: &chat_events::ConversationId, message: MessageId, at: &chrono::DateTime<chrono::Utc>, device: Option<&str>) {
     let Some(sender) = conv.peer_of(reader) else { return };
     out.push(Write::Receipt(ReceiptRow {
@@ -95,7 +95,6 @@ fn seen(out: &mut Vec<Write>, reader: UserId, conv: &chat_events::ConversationId
         at: *at,
         conversation_id: conv.clone(),
     }));
-    out.push(Write::RemovePending { user: reader, message });
 }
 
 #[cfg(test)]
@@ -143,7 +142,6 @@ mod tests {
         let writes = apply(&mut rows, b, &[(14, read_item(&c, msg_id(2)))]);
         let seen: Vec<MessageId> = writes.iter().filter_map(|w| match w { Write::Receipt(r) if r.status == ReceiptStatus::Seen => Some(r.message_id), _ => None }).collect();
         assert_eq!(seen, vec![msg_id(1), msg_id(2)], "alice's messages up to 2, not bob's own");
-        assert!(writes.iter().any(|w| matches!(w, Write::RemovePending { message, .. } if *message == msg_id(2))));
         let row = rows.inbox(b, &c).unwrap().unwrap();
         assert_eq!((row.unread, row.first_unread_seq, row.read_up_to), (1, Some(13), Some(msg_id(2))), "4 is still unread");
         // The same read item again (redelivered): nothing.

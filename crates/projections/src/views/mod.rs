@@ -6,7 +6,7 @@
 //! One module per view:
 //! - [`history`]: `messages`, `conversation_buckets`, `message_index`;
 //! - [`inbox`]: `inbox` (last message, unread, how far the user read);
-//! - [`receipts`]: `receipts` / `receipts_by_user` and `pending_deliveries`;
+//! - [`receipts`]: `receipts` / `receipts_by_user`;
 //! - [`streams`]: `user_stream` / `stream_heads`, the collapse of repeated stream items;
 //! - [`groups`]: `groups`, `group_members`, `user_groups`, `user_group_intervals`;
 //! - [`people`]: `users`, `last_seen`, `profiles`;

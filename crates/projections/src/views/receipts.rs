@@ -1,5 +1,5 @@
 //! The receipt timeline (`receipts`, and the same rows by recipient in `receipts_by_user`: one
-//! write, earliest `at` wins) and `pending_deliveries` (not yet delivered to any device).
+//! write, earliest `at` wins).
 //!
 //! A message's `sent` rows come from its items in the recipients' streams (one per recipient, at
 //! the time it was sent). A direct message's `delivered` rows come from the devices' acks
@@ -11,16 +11,11 @@
 use chat_events::{Envelope, MessageDelivered, ReceiptStatus, StreamItem, UserId};
 use chat_store::{ReceiptRow, Write};
 
-/// A device acknowledged a message: it has it now (not pending any more) and, in a direct
-/// conversation, that is its `delivered` transition. (A group's delivered rows come from the
-/// fan-out's per-member receipt item, which knows whether the acker was a member at the
-/// message's position.)
+/// A device acknowledged a message: in a direct conversation, that is its `delivered`
+/// transition. (A group's delivered rows come from the fan-out's per-member receipt item, which
+/// knows whether the acker was a member at the message's position.)
 pub fn delivered(out: &mut Vec<Write>, env: &Envelope, d: &MessageDelivered) {
-    if d.conversation_id.is_group() {
-        out.push(Write::RemovePending { user: d.recipient, message: d.message_id });
-        return;
-    }
-    if !d.conversation_id.has_member(d.recipient) {
+    if d.conversation_id.is_group() || !d.conversation_id.has_member(d.recipient) {
         return;
     }
     let Some(sender) = d.conversation_id.peer_of(d.recipient) else { return };
@@ -33,17 +28,6 @@ pub fn delivered(out: &mut Vec<Write>, env: &Envelope, d: &MessageDelivered) {
         at: env.occurred_at,
         conversation_id: d.conversation_id.clone(),
     }));
-    out.push(Write::RemovePending { user: d.recipient, message: d.message_id });
-}
-
-/// A message item reached `user`'s stream: pending until a device acknowledges it (not for the
-/// user's own messages).
-pub fn pending(out: &mut Vec<Write>, user: UserId, item: &StreamItem) {
-    if let StreamItem::Message { message_id, conversation_id, sender, .. } = item {
-        if *sender != user {
-            out.push(Write::AddPending { user, message: *message_id, conversation: conversation_id.clone() });
-        }
-    }
 }
 
 /// Receipts from stream items: each recipient's own message item is their `sent` transition (direct
@@ -85,13 +69,13 @@ mod tests {
     use chat_events::{DeviceId, Event};
 
     #[test]
-    fn a_direct_ack_is_a_delivered_transition_and_ends_the_pending_row() {
+    fn a_direct_ack_is_a_delivered_transition() {
         let (a, b, c) = users();
         let e = env(b, Event::MessageDelivered(MessageDelivered { message_id: msg_id(1), conversation_id: c, recipient: b, device_id: DeviceId::default_device() }));
         let Event::MessageDelivered(d) = &e.event else { unreachable!() };
         let mut out = Vec::new();
         delivered(&mut out, &e, d);
-        assert!(matches!(&out[..], [Write::Receipt(r), Write::RemovePending { user, .. }] if r.status == ReceiptStatus::Delivered && r.recipient == b && r.sender == a && *user == b && r.device_id == "default"));
+        assert!(matches!(&out[..], [Write::Receipt(r)] if r.status == ReceiptStatus::Delivered && r.recipient == b && r.sender == a && r.device_id == "default"), "{out:?}");
     }
 
     #[test]

@@ -152,8 +152,6 @@ impl Rows {
             | Write::Message(_)
             | Write::Bucket { .. }
             | Write::MediaMessage { .. }
-            | Write::AddPending { .. }
-            | Write::RemovePending { .. }
             | Write::Receipt(_)
             | Write::Presence { .. }
             | Write::Group(_)

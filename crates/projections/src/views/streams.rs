@@ -24,7 +24,6 @@ pub fn item(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, q: &Delivery
         }
     }
     let item = &q.item;
-    receipts::pending(out, user, item);
     match item {
         StreamItem::Message { message_id, conversation_id, sender, message_kind, body, sent_at, .. } => {
             if *sender == user {
@@ -63,7 +62,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_item_is_pending_then_the_stream_row_then_the_head() {
+    fn a_new_item_writes_its_rows_then_the_stream_row_then_the_head() {
         let (a, b, c) = users();
         let mut rows = Rows::default();
         rows.insert(Key::Head(b, 3), Fetched::Head(Some(40 << 16)));
@@ -71,7 +70,7 @@ mod tests {
         let q = queued(b, message_item(&c, a, msg_id(1), None), 41);
         let mut out = Vec::new();
         item(&mut out, &rows, &Settings::default(), &q, 17).unwrap();
-        assert!(matches!(out.first(), Some(Write::AddPending { .. })));
+        assert!(matches!(out.first(), Some(Write::Receipt(r)) if r.recipient == b), "{out:?}");
         assert!(matches!(&out[out.len() - 2..], [Write::Stream { row, .. }, Write::StreamHead { position, .. }] if row.seq == 17 && *position == 41 << 16));
         assert!(out.iter().any(|w| matches!(w, Write::Inbox(r) if r.unread == 1)));
         assert!(!out.iter().any(|w| matches!(w, Write::Message(_))), "history comes from the sender's copy");
@@ -89,14 +88,14 @@ mod tests {
     }
 
     #[test]
-    fn the_senders_own_copy_writes_history_and_is_not_pending() {
+    fn the_senders_own_copy_writes_history_and_no_receipt() {
         let (a, _, c) = users();
         let mut rows = Rows::default();
         rows.insert(Key::Head(a, 3), Fetched::Head(None));
         rows.insert(Key::Inbox(a, c.clone()), Fetched::Inbox(None));
         let mut out = Vec::new();
         item(&mut out, &rows, &Settings::default(), &queued(a, message_item(&c, a, msg_id(1), Some("phone")), 5), 3).unwrap();
-        assert!(!out.iter().any(|w| matches!(w, Write::AddPending { .. })));
+        assert!(!out.iter().any(|w| matches!(w, Write::Receipt(_))));
         assert!(out.iter().any(|w| matches!(w, Write::Message(m) if m.sender_device == "phone")));
         assert!(out.iter().any(|w| matches!(w, Write::MessageStat { scope, .. } if scope == "direct")));
         assert!(out.iter().any(|w| matches!(w, Write::Inbox(r) if r.unread == 0 && r.first_unread_seq.is_none())));
