@@ -3,10 +3,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::JsonRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, RawQuery, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 use crate::auth::Principal;
 use crate::error::ApiError;
+use crate::frames::StrictObject;
 use crate::insights::{day_range, require, time_range, writer};
 use crate::service::Chat;
 
@@ -126,10 +127,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<serde_json::Value>::from_request(req, state).await {
-            // Every documented body is an object; serde would also take a struct from an array.
-            Ok(Json(v)) if !v.is_object() => Err(ApiError::bad_request("invalid_json", "the body must be a JSON object")),
-            Ok(Json(v)) => serde_json::from_value(v).map(ApiJson).map_err(|e| ApiError::bad_request("invalid_json", e.to_string())),
+        // Every documented body is an object with distinct keys (as frames are parsed): serde
+        // would also take a struct from an array, and with a plain `Value` the last of two equal
+        // keys would silently win.
+        match Json::<StrictObject>::from_request(req, state).await {
+            Ok(Json(StrictObject(m))) => serde_json::from_value(serde_json::Value::Object(m)).map(ApiJson).map_err(|e| ApiError::bad_request("invalid_json", e.to_string())),
             Err(JsonRejection::MissingJsonContentType(_)) => {
                 Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "send application/json"))
             }
@@ -142,8 +144,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
+/// The token of `Authorization: Bearer <token>` (the scheme's name in any case, RFC 9110 §11.1).
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
+    let (scheme, token) = headers.get(header::AUTHORIZATION)?.to_str().ok()?.split_once(' ')?;
+    let token = token.trim_start_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// The authenticated caller of an HTTP request (bearer token in `Authorization`).
@@ -158,9 +163,32 @@ impl FromRequestParts<App> for Caller {
     }
 }
 
-/// Query parameters; a malformed query string is a 400 in our error format.
-fn query_map(q: Result<Query<HashMap<String, String>>, QueryRejection>) -> Result<HashMap<String, String>, ApiError> {
-    q.map(|Query(m)| m).map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+/// Query parameters, parsed strictly: a parameter given twice, or one that is not UTF-8 once
+/// percent-decoded, is a 400 `invalid_query` (a lenient parser would keep the last of two and
+/// replace bad bytes, so the server would answer a question the client did not ask).
+fn query_map(RawQuery(raw): RawQuery) -> Result<HashMap<String, String>, ApiError> {
+    parse_query(raw.as_deref().unwrap_or(""))
+}
+
+fn parse_query(raw: &str) -> Result<HashMap<String, String>, ApiError> {
+    let invalid = |why: String| ApiError::bad_request("invalid_query", why);
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(&s.replace('+', " "))
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| invalid("the query string is not UTF-8 once percent-decoded".into()))
+    };
+    let mut out = HashMap::new();
+    for pair in raw.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let k = decode(k)?;
+        if out.contains_key(&k) {
+            let shown: String = k.chars().take(64).collect();
+            return Err(invalid(format!("the query parameter `{shown}` is given twice")));
+        }
+        out.insert(k, decode(v)?);
+    }
+    Ok(out)
 }
 
 async fn healthz() -> &'static str {
@@ -238,7 +266,7 @@ async fn history(
     State(chat): State<App>,
     Caller(p): Caller,
     Path(conversation_id): Path<String>,
-    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+    q: RawQuery,
 ) -> Result<Response, ApiError> {
     let q = query_map(q)?;
     let limit = match q.get("limit") {
@@ -334,7 +362,7 @@ struct ProfileUpdate {
     avatar_media_id: Option<String>,
 }
 
-type QueryMap = Result<Query<HashMap<String, String>>, QueryRejection>;
+type QueryMap = RawQuery;
 
 /// Streams the body into the media store; `?kind=image|audio|video`. The size limit of the kind
 /// is enforced while streaming (the default body limit is off for this route).
@@ -417,7 +445,7 @@ async fn audit_daily(State(chat): State<App>, Caller(p): Caller, q: QueryMap) ->
 async fn websocket(
     State(chat): State<App>,
     headers: HeaderMap,
-    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+    q: RawQuery,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let q = query_map(q).unwrap_or_default();
@@ -471,5 +499,37 @@ async fn websocket_echo(State(chat): State<App>, ws: Result<WebSocketUpgrade, We
             configured(ws, &chat).on_upgrade(move |socket| crate::ws::echo(socket, idle))
         }
         Err(rejection) => ApiError::new(rejection.status(), "invalid_upgrade", rejection.body_text()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_are_parsed_strictly() {
+        let q = parse_query("limit=5&before=a%20b&kind=image+x&flag").expect("a good query");
+        assert_eq!((q["limit"].as_str(), q["before"].as_str(), q["kind"].as_str(), q["flag"].as_str()), ("5", "a b", "image x", ""));
+        assert!(parse_query("").expect("empty").is_empty());
+        for bad in ["limit=1&limit=2", "a=%FF", "%C3%28=1", "x=1&x"] {
+            let e = parse_query(bad).err().unwrap_or_else(|| panic!("{bad} must be refused"));
+            assert_eq!(e.code, "invalid_query", "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::AUTHORIZATION, v.parse().unwrap());
+            m
+        };
+        assert_eq!(bearer(&h("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(&h("bearer abc")), Some("abc"));
+        assert_eq!(bearer(&h("BEARER  abc")), Some("abc"));
+        assert_eq!(bearer(&h("Basic abc")), None);
+        assert_eq!(bearer(&h("Bearer ")), None);
+        assert_eq!(bearer(&h("Bearerabc")), None);
+        assert_eq!(bearer(&HeaderMap::new()), None);
     }
 }

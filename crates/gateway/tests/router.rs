@@ -553,6 +553,8 @@ async fn json_bodies_are_checked_first() {
             c().json(unknown).is(400, "invalid_json"),
             c().json(json!({})).is(400, "invalid_json"),
             c().json(wrong_type).is(400, "invalid_json"),
+            // The first field given twice (with the same value): refused, as in frames.
+            c().raw(Some("application/json"), [format!("{{\"{first}\":{},", good[&first]).as_bytes(), &good_bytes[1..]].concat()).is(400, "invalid_json"),
             c().json(big).is(413, "body_too_large"),
             c().raw(Some("application/json"), vec![b' '; 65 * 1024]).is(413, "body_too_large"),
         ]);
@@ -670,6 +672,8 @@ async fn conversations_messages_people_and_profiles() {
             history("d.x.y", "", &alice.token).is(404, "not_found"),
             history(&format!("d.{}.{}", alice.id, alice.id), "", &alice.token).is(404, "not_found"),
             history(&ab, "?limit=abc", &alice.token).is(400, "invalid_limit"),
+            history(&ab, "?limit=1&limit=2", &alice.token).is(400, "invalid_query"),
+            history(&ab, "?limit=%FF", &alice.token).is(400, "invalid_query"),
             history(&ab, "?limit=-1", &alice.token).is(400, "invalid_limit"),
             history(&ab, "?limit=1.5", &alice.token).is(400, "invalid_limit"),
             history(&ab, "?limit=", &alice.token).is(400, "invalid_limit"),
