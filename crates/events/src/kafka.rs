@@ -17,22 +17,31 @@
 //!   they are recreated.)
 //! - Consumer: `enable.auto.offset.store=false`; the worker stores an offset only after the writes
 //!   it covers succeeded, and librdkafka's auto-commit commits what was stored.
+//! - A consumer whose group membership is stuck is replaced the same way: librdkafka's statistics
+//!   (every [`STATS_INTERVAL_MS`]) tell the group's state and its coordinator connection's, and a
+//!   consumer that has not been a steady member with a connected coordinator for
+//!   [`KafkaConfig::consumer_stall`] is closed and subscribed anew (it resumes from the last
+//!   committed offsets; the writes are idempotent). (Seen in CI: after the broker was stopped for
+//!   30 s and resumed, a worker's consumer kept 11 requests queued to its group coordinator,
+//!   timing out every minute for as long as the test ran, so the fan-out never resumed; librdkafka
+//!   has open reports of consumers stuck after their coordinator went away.)
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::FutureExt as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, warn};
 
@@ -51,7 +60,14 @@ pub struct KafkaConfig {
     pub append_timeout: Duration,
     /// Consumer session timeout: how long a dead worker holds its partitions.
     pub session_timeout_ms: u32,
+    /// How long a consumer may go without being a steady group member with a connected
+    /// coordinator before it is replaced (a broker that is down for longer makes it be replaced
+    /// again each time: harmless).
+    pub consumer_stall: Duration,
 }
+
+/// How often librdkafka reports a consumer's statistics (its group state among them).
+pub const STATS_INTERVAL_MS: u32 = 2_000;
 
 impl KafkaConfig {
     pub fn new(brokers: impl Into<String>) -> Self {
@@ -61,6 +77,7 @@ impl KafkaConfig {
             linger_ms: 1,
             append_timeout: Duration::from_secs(15),
             session_timeout_ms: 6_000,
+            consumer_stall: Duration::from_secs(30),
         }
     }
 }
@@ -290,22 +307,14 @@ impl EventLog for KafkaLog {
     }
 
     async fn subscribe(&self, group: &str, topics: &[String]) -> Result<Box<dyn LogConsumer>, LogError> {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.config.brokers)
-            .set("group.id", group)
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "500")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", self.config.session_timeout_ms.to_string())
-            .set("heartbeat.interval.ms", (self.config.session_timeout_ms / 3).to_string())
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("fetch.wait.max.ms", "20")
-            .create()
-            .map_err(|e| LogError::Fatal(format!("consumer: {e}")))?;
-        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&names).map_err(unavailable)?;
-        Ok(Box::new(KafkaConsumer { consumer }))
+        let (consumer, health) = group_consumer(&self.config, group, topics)?;
+        Ok(Box::new(KafkaConsumer {
+            consumer,
+            health,
+            config: self.config.clone(),
+            group: group.to_owned(),
+            topics: topics.to_vec(),
+        }))
     }
 
     async fn partition_lags(&self, group: &str, topics: &[String]) -> Result<Vec<PartitionLag>, LogError> {
@@ -435,8 +444,105 @@ impl LogReader for KafkaReader {
     }
 }
 
+/// A group member subscribed to `topics`, with the health its statistics report.
+fn group_consumer(config: &KafkaConfig, group: &str, topics: &[String]) -> Result<(StreamConsumer<Watched>, Arc<GroupHealth>), LogError> {
+    let health = Arc::new(GroupHealth::default());
+    let consumer: StreamConsumer<Watched> = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "500")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", config.session_timeout_ms.to_string())
+        .set("heartbeat.interval.ms", (config.session_timeout_ms / 3).to_string())
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("fetch.wait.max.ms", "20")
+        .set("statistics.interval.ms", STATS_INTERVAL_MS.to_string())
+        .create_with_context(Watched { health: health.clone() })
+        .map_err(|e| LogError::Fatal(format!("consumer: {e}")))?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names).map_err(unavailable)?;
+    Ok((consumer, health))
+}
+
+/// Since when a consumer's statistics have said that it is not a working group member.
+#[derive(Default)]
+struct GroupHealth {
+    unwell_since: Mutex<Option<(Instant, String)>>,
+}
+
+impl GroupHealth {
+    fn report(&self, trouble: Option<String>) {
+        let mut since = self.unwell_since.lock().unwrap_or_else(|p| p.into_inner());
+        match trouble {
+            None => *since = None,
+            Some(t) => match since.as_mut() {
+                Some((_, last)) => *last = t,
+                None => *since = Some((Instant::now(), t)),
+            },
+        }
+    }
+
+    /// How long it has been unwell, and the last reason.
+    fn unwell(&self) -> Option<(Duration, String)> {
+        let since = self.unwell_since.lock().unwrap_or_else(|p| p.into_inner());
+        since.as_ref().map(|(t, why)| (t.elapsed(), why.clone()))
+    }
+}
+
+/// What is wrong with a group member, per its statistics: `None` when it is a steady member whose
+/// coordinator connection is up.
+fn group_trouble(stats: &Statistics) -> Option<String> {
+    let Some(cgrp) = &stats.cgrp else { return Some("no consumer group state".into()) };
+    if cgrp.state != "up" || cgrp.join_state != "steady" {
+        return Some(format!("group state {}, join state {}", cgrp.state, cgrp.join_state));
+    }
+    let coordinator = stats.brokers.values().find(|b| b.source == "logical" && b.name.starts_with("GroupCoordinator"));
+    match coordinator {
+        Some(b) if b.state != "UP" => Some(format!("coordinator connection {} ({} requests waiting)", b.state, b.outbuf_cnt)),
+        _ => None,
+    }
+}
+
+/// The consumers' context: librdkafka's statistics go to the member's [`GroupHealth`].
+struct Watched {
+    health: Arc<GroupHealth>,
+}
+
+impl ClientContext for Watched {
+    fn stats(&self, statistics: Statistics) {
+        self.health.report(group_trouble(&statistics));
+    }
+}
+
+impl ConsumerContext for Watched {}
+
 struct KafkaConsumer {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<Watched>,
+    health: Arc<GroupHealth>,
+    config: KafkaConfig,
+    group: String,
+    topics: Vec<String>,
+}
+
+impl KafkaConsumer {
+    /// Replaces a consumer that has been unwell for [`KafkaConfig::consumer_stall`].
+    fn replace_if_stuck(&mut self) -> Result<(), LogError> {
+        let Some((unwell, why)) = self.health.unwell() else { return Ok(()) };
+        if unwell < self.config.consumer_stall {
+            return Ok(());
+        }
+        let (fresh, health) = group_consumer(&self.config, &self.group, &self.topics)?;
+        error!(group = %self.group, reason = %why, ?unwell, "the Kafka consumer is stuck; replaced by a new one (it resumes from the committed offsets)");
+        let old = std::mem::replace(&mut self.consumer, fresh);
+        self.health = health;
+        // Closing waits for the group coordinator (the stuck part): not on this thread.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn_blocking(move || drop(old));
+        }
+        Ok(())
+    }
 }
 
 fn to_record(m: &rdkafka::message::BorrowedMessage<'_>) -> Record {
@@ -453,6 +559,7 @@ fn to_record(m: &rdkafka::message::BorrowedMessage<'_>) -> Record {
 #[async_trait]
 impl LogConsumer for KafkaConsumer {
     async fn poll_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, LogError> {
+        self.replace_if_stuck()?;
         let mut out = Vec::new();
         match tokio::time::timeout(wait, self.consumer.recv()).await {
             Err(_) => return Ok(out),
@@ -557,6 +664,76 @@ mod tests {
         let t1 = Instant::now();
         while let Err(e) = log.append("t", "k", b"again".to_vec()).await {
             assert!(t1.elapsed() < Duration::from_secs(30), "the new producer never appended: {e:?}");
+        }
+    }
+
+    fn stats(state: &str, join: &str, coordinator: Option<&str>) -> Statistics {
+        let mut s = Statistics {
+            cgrp: Some(rdkafka::statistics::ConsumerGroup { state: state.into(), join_state: join.into(), ..Default::default() }),
+            ..Default::default()
+        };
+        if let Some(c) = coordinator {
+            let b = rdkafka::statistics::Broker { name: "GroupCoordinator".into(), source: "logical".into(), state: c.into(), ..Default::default() };
+            s.brokers.insert(b.name.clone(), b);
+        }
+        s
+    }
+
+    #[test]
+    fn a_member_is_well_when_steady_with_its_coordinator_up() {
+        assert_eq!(group_trouble(&stats("up", "steady", Some("UP"))), None);
+        assert_eq!(group_trouble(&stats("up", "steady", None)), None);
+        assert!(group_trouble(&stats("up", "steady", Some("APIVERSION_QUERY"))).is_some_and(|t| t.contains("APIVERSION_QUERY")));
+        assert!(group_trouble(&stats("wait-broker-transport", "init", Some("DOWN"))).is_some());
+        assert!(group_trouble(&stats("up", "wait-join", Some("UP"))).is_some());
+        assert!(group_trouble(&Statistics::default()).is_some());
+    }
+
+    /// A consumer whose group coordinator is away for longer than `consumer_stall` is replaced,
+    /// and the new one consumes what is appended once the broker is back.
+    #[tokio::test]
+    async fn a_stuck_consumer_is_replaced() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("t", 1, 1).expect("topic");
+        let mut config = KafkaConfig::new(cluster.bootstrap_servers());
+        config.append_timeout = Duration::from_secs(5);
+        config.consumer_stall = Duration::from_secs(3);
+        let log = KafkaLog::new(config.clone()).expect("a log");
+        log.append("t", "k", b"first".to_vec()).await.expect("appended");
+        let (consumer, health) = group_consumer(&config, "g", &["t".to_owned()]).expect("consumer");
+        let mut c = KafkaConsumer { consumer, health, config, group: "g".into(), topics: vec!["t".into()] };
+        let t0 = Instant::now();
+        loop {
+            assert!(t0.elapsed() < Duration::from_secs(30), "the first record never came");
+            if c.poll_batch(10, Duration::from_millis(200)).await.is_ok_and(|b| !b.is_empty()) {
+                break;
+            }
+        }
+        // Its statistics have said so (they come every two seconds).
+        while c.health.unwell().is_some() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "never a steady member: {:?}", c.health.unwell());
+            let _ = c.poll_batch(10, Duration::from_millis(200)).await;
+        }
+        let first = c.consumer.client().native_ptr() as usize;
+        cluster.broker_down(1).expect("broker down");
+        let t1 = Instant::now();
+        while c.consumer.client().native_ptr() as usize == first {
+            assert!(t1.elapsed() < Duration::from_secs(30), "never replaced");
+            let _ = c.poll_batch(10, Duration::from_millis(200)).await;
+        }
+        assert!(t1.elapsed() >= Duration::from_secs(3), "replaced before the stall: {:?}", t1.elapsed());
+        cluster.broker_up(1).expect("broker up");
+        let t2 = Instant::now();
+        while log.append("t", "k", b"again".to_vec()).await.is_err() {
+            assert!(t2.elapsed() < Duration::from_secs(30), "never appended again");
+        }
+        loop {
+            assert!(t2.elapsed() < Duration::from_secs(60), "the new consumer never read the new record");
+            if let Ok(batch) = c.poll_batch(10, Duration::from_millis(200)).await {
+                if batch.iter().any(|r| r.payload == b"again") {
+                    break;
+                }
+            }
         }
     }
 }

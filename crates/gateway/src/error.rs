@@ -9,6 +9,38 @@ use chat_events::LogError;
 use chat_store::StoreError;
 use tracing::error;
 
+/// An outage fails every request that needs the dependency (3,000 sends queued behind a hung
+/// broker fail together): one line per second tells it, with how many like it were not logged.
+static OUTAGE_LOG: LogThrottle = LogThrottle::new(std::time::Duration::from_secs(1));
+
+/// At most one log line per period; counts the lines it held back.
+struct LogThrottle {
+    period: std::time::Duration,
+    state: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
+}
+
+impl LogThrottle {
+    const fn new(period: std::time::Duration) -> Self {
+        LogThrottle { period, state: std::sync::Mutex::new(None) }
+    }
+
+    /// `Some(lines held back since the last one)` if a line may be logged at `now`.
+    fn admit(&self, now: std::time::Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match state.as_mut() {
+            Some((last, held)) if now.saturating_duration_since(*last) < self.period => {
+                *held += 1;
+                None
+            }
+            _ => {
+                let held = state.map_or(0, |(_, h)| h);
+                *state = Some((now, 0));
+                Some(held)
+            }
+        }
+    }
+}
+
 /// An error a client sees (HTTP body or WebSocket error frame).
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -42,7 +74,9 @@ impl ApiError {
 
     /// A dependency failed; logged here with its detail, generic for the client.
     pub fn unavailable(context: &str, detail: &dyn std::fmt::Display) -> Self {
-        error!(context, error = %detail, "dependency unavailable");
+        if let Some(suppressed) = OUTAGE_LOG.admit(std::time::Instant::now()) {
+            error!(context, error = %detail, suppressed, "dependency unavailable");
+        }
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the service is temporarily unavailable, retry later")
     }
 
@@ -94,5 +128,23 @@ impl IntoResponse for ApiError {
             }
             None => (self.status, Json(body)).into_response(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::LogThrottle;
+
+    #[test]
+    fn an_outage_is_logged_once_per_period_with_a_count() {
+        let t = LogThrottle::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert_eq!(t.admit(t0), Some(0));
+        assert_eq!(t.admit(t0 + Duration::from_millis(10)), None);
+        assert_eq!(t.admit(t0 + Duration::from_millis(900)), None);
+        assert_eq!(t.admit(t0 + Duration::from_millis(1_000)), Some(2), "the next line says how many were held back");
+        assert_eq!(t.admit(t0 + Duration::from_millis(2_500)), Some(0));
     }
 }
