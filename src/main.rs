@@ -543,7 +543,9 @@ impl Platform {
             let consumer = self.log.subscribe(&self.cfg.fanout_group, &[t.name(TopicKind::Conversations)]).await?;
             let store: Arc<dyn chat_store::FanoutStore> = self.tables.clone();
             let pusher: Arc<dyn Pusher> = Arc::new(RoutingPusher(self.routing.clone()));
-            let handler = Arc::new(FanOut::new(self.log.clone(), t.clone(), store, Some(pusher), self.cfg.max_group_size));
+            let handler = Arc::new(
+                FanOut::new(self.log.clone(), t.clone(), store, Some(pusher), self.cfg.max_group_size).with_committer(consumer.committer()),
+            );
             let stats = self.stage_stats("fanout");
             let (sd, dead) = (shutdown.clone(), dead.clone());
             tasks.push(("fanout", tokio::spawn(async move { chat_projections::run("fanout", consumer, handler, dead, stats, sd).await })));

@@ -19,7 +19,10 @@
 //! - `group_lag` counts exactly what is not committed, and is 0 when everything is; `partition_lags`
 //!   gives each partition's end and committed offsets;
 //! - `delete_group` is refused while the group has a live member, and afterwards the group
-//!   starts from the beginning.
+//!   starts from the beginning;
+//! - a member's `committer`, where the log has one, appends and commits the member's offset in
+//!   one step; a committed offset never goes back (a late commit of an older stored offset
+//!   leaves it); after another member joined, the committer refuses and appends nothing.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -47,6 +50,7 @@ pub async fn run_all(log: Arc<dyn EventLog>, prefix: &str) {
     ensure_topics_is_idempotent(log, prefix).await;
     append_batch_keeps_order(log, prefix).await;
     consumer_groups(log, prefix).await;
+    committed_appends(log, prefix).await;
 }
 
 /// `ping` is true for a working log.
@@ -462,4 +466,39 @@ pub async fn consumer_groups(log: &dyn EventLog, prefix: &str) {
     let mut c = subscribe(log, &group, &topics).await;
     read_range(&mut *c, &appended, &zero, &ends(&appended), "after delete_group the group reads again from offset 0").await;
     drop(c);
+}
+
+/// Appends committed with the member's offset (logs that can: the embedded one).
+pub async fn committed_appends(log: &dyn EventLog, prefix: &str) {
+    let (input, output) = (format!("{prefix}commit-in"), format!("{prefix}commit-out"));
+    ensure(log, &[input.clone(), output.clone()], 1).await;
+    let group = format!("{prefix}committer");
+    let inputs: Vec<(String, String, Vec<u8>)> = (0..3).map(|i| (input.clone(), "k".to_owned(), format!("in{i}").into_bytes())).collect();
+    let mut appended = Appended::new();
+    append_checked(log, inputs, 1, true, &mut appended).await;
+    let tp: Tp = (input.clone(), 0);
+    let mut member = subscribe(log, &group, std::slice::from_ref(&input)).await;
+    read_range(member.as_mut(), &appended, &BTreeMap::new(), &BTreeMap::from([(tp.clone(), 3)]), "committed_appends: first read").await;
+    let Some(committer) = member.committer() else { return };
+    let outs = |n: usize| (0..n).map(|i| (output.clone(), "k".to_owned(), format!("out{i}").into_bytes())).collect::<Vec<_>>();
+    let done = committer.append_committing(outs(2), &input, 0, 3).await.expect("committed_appends: the owner of the partition is not refused");
+    assert!(done.iter().all(Result::is_ok), "committed_appends: append_committing failed: {:?}", done.iter().filter_map(|r| r.as_ref().err()).collect::<Vec<_>>());
+    let committed = || {
+        let (group, input) = (group.clone(), input.clone());
+        async move { log.partition_lags(&group, &[input]).await.expect("partition_lags")[0].committed }
+    };
+    assert_eq!(committed().await, 3, "committed_appends: the offset is committed with the appends");
+    // A late commit of an older stored offset (a closed member's) leaves it.
+    store(member.as_mut(), &tp, 0, "committed_appends");
+    commit(member.as_mut(), "committed_appends").await;
+    assert_eq!(committed().await, 3, "committed_appends: a committed offset never goes back");
+    // Another member joins: the first one's committer refuses, appending nothing.
+    let mut other = subscribe(log, &group, std::slice::from_ref(&input)).await;
+    assert!(committer.append_committing(outs(1), &input, 0, 3).await.is_none(), "committed_appends: a committer must refuse once another member joined");
+    let end = log.partition_lags(&group, std::slice::from_ref(&output)).await.expect("partition_lags")[0].end;
+    assert_eq!(end, 2, "committed_appends: a refused committer appended something");
+    // Whoever owns the partition now continues after the committed offset.
+    drop(member);
+    append_checked(log, vec![(input.clone(), "k".to_owned(), b"in3".to_vec())], 1, false, &mut appended).await;
+    read_range(other.as_mut(), &appended, &BTreeMap::from([(tp.clone(), 3)]), &BTreeMap::from([(tp, 4)]), "committed_appends: after the commit").await;
 }

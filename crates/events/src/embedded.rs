@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::watch;
 use tracing::warn;
 
-use crate::log::{EventLog, LogConsumer, LogError, LogReader, PartitionLag, Position, Record, TopicSpec};
+use crate::log::{Committer, EventLog, LogConsumer, LogError, LogReader, PartitionLag, Position, Record, TopicSpec};
 use crate::sqlite::{Durability, Engine, EngineError, Lane, Options};
 
 pub use crate::sqlite::open_sqlite;
@@ -207,28 +208,47 @@ fn append_in(t: &Transaction<'_>, c: &mut Counters, records: Vec<(String, String
     Ok(out)
 }
 
-/// Commits a group's offsets in the writer's transaction.
+/// Commits a group's offsets in the writer's transaction. Never backwards: a member's late
+/// commit of an older stored offset (a closed consumer's, committed in the background) must not
+/// undo an offset committed with appends ([`EmbeddedCommitter`]), or those appends would be made
+/// again.
 fn commit_in(t: &Transaction<'_>, group: &str, offsets: &[(String, i32, i64)]) -> rusqlite::Result<()> {
     for (topic, partition, next) in offsets {
         t.prepare_cached(
             "INSERT INTO group_offsets (grp, topic, partition, next_offset) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (grp, topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+             ON CONFLICT (grp, topic, partition) DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
         )?
         .execute(params![group, topic, partition, next])?;
     }
     Ok(())
 }
 
+fn committed_in(c: &Connection, group: &str, topic: &str, partition: i32) -> rusqlite::Result<Option<i64>> {
+    c.prepare_cached("SELECT next_offset FROM group_offsets WHERE grp = ?1 AND topic = ?2 AND partition = ?3")?
+        .query_row(params![group, topic, partition], |r| r.get(0))
+        .optional()
+}
+
 impl Inner {
+    /// A group's committed offset of a partition, as last committed (for lags).
     async fn committed(&self, group: &str, topic: &str, partition: i32) -> Result<i64, LogError> {
         let (group, topic) = (group.to_owned(), topic.to_owned());
         let v: Option<i64> = self
             .engine
-            .read(move |c| {
-                c.prepare_cached("SELECT next_offset FROM group_offsets WHERE grp = ?1 AND topic = ?2 AND partition = ?3")?
-                    .query_row(params![group, topic, partition], |r| r.get(0))
-                    .optional()
-            })
+            .read(move |c| committed_in(c, &group, &topic, partition))
+            .await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    /// The same, for a new assignment: read on the writer (answered once its transaction
+    /// committed), not on a reader, so that an offset a departing member committed with its
+    /// appends ([`EmbeddedCommitter`]) in a transaction still open is seen, or this read fails
+    /// with it.
+    async fn committed_for_assignment(&self, group: &str, topic: &str, partition: i32) -> Result<i64, LogError> {
+        let (group, topic) = (group.to_owned(), topic.to_owned());
+        let v: Option<i64> = self
+            .engine
+            .write(Lane::Urgent, move |t, _| committed_in(t, &group, &topic, partition))
             .await?;
         Ok(v.unwrap_or(0))
     }
@@ -291,6 +311,7 @@ impl EventLog for EmbeddedLog {
             member,
             topics: topics.to_vec(),
             generation: 0,
+            shared_generation: Arc::new(AtomicU64::new(0)),
             positions: BTreeMap::new(),
             stored: BTreeMap::new(),
             committed: BTreeMap::new(),
@@ -342,12 +363,61 @@ fn clone_err(e: &LogError) -> LogError {
     }
 }
 
+/// A member's appends with its offset committed in the same transaction.
+struct EmbeddedCommitter {
+    log: Arc<Inner>,
+    group: String,
+    /// The group generation the member's partitions were assigned at.
+    generation: Arc<AtomicU64>,
+}
+
+#[async_trait]
+impl Committer for EmbeddedCommitter {
+    async fn append_committing(
+        &self,
+        records: Vec<(String, String, Vec<u8>)>,
+        topic: &str,
+        partition: i32,
+        next: i64,
+    ) -> Option<Vec<Result<Position, LogError>>> {
+        let n = records.len();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let (inner, group, topic, mine) = (self.log.clone(), self.group.clone(), topic.to_owned(), self.generation.load(Ordering::SeqCst));
+        let done = self
+            .log
+            .engine
+            .try_write(Lane::Urgent, move |t, c| {
+                // Checked on the writer, where a new assignment also reads the committed offsets
+                // (`Inner::committed_for_assignment`): a member that joined since bumped the generation before
+                // that read, so either this commit is seen by it or this member is refused here.
+                if lock(&inner.groups).get(&group).map(|g| g.generation) != Some(mine) {
+                    return Ok(None);
+                }
+                let out = append_in(t, c, records, now_ms)?;
+                if out.iter().all(Result::is_ok) {
+                    commit_in(t, &group, &[(topic, partition, next)])?;
+                }
+                Ok(Some(out))
+            })
+            .await;
+        match done {
+            Ok(out) => out,
+            Err(e) => {
+                let e = LogError::from(e);
+                Some((0..n).map(|_| Err(clone_err(&e))).collect())
+            }
+        }
+    }
+}
+
 struct EmbeddedConsumer {
     log: Arc<Inner>,
     group: String,
     member: u64,
     topics: Vec<String>,
     generation: u64,
+    /// The same, for this member's [`EmbeddedCommitter`].
+    shared_generation: Arc<AtomicU64>,
     /// Next offset to read, per assigned partition.
     positions: BTreeMap<(String, i32), i64>,
     /// Next offset to commit (stored by the worker after its writes).
@@ -387,13 +457,14 @@ impl EmbeddedConsumer {
         let mine: Vec<(String, i32)> = all.into_iter().enumerate().filter(|(i, _)| i % sorted.len().max(1) == me).map(|(_, tp)| tp).collect();
         let mut positions = BTreeMap::new();
         for (t, p) in mine {
-            let at = self.log.committed(&self.group, &t, p).await?;
+            let at = self.log.committed_for_assignment(&self.group, &t, p).await?;
             positions.insert((t, p), at);
         }
         self.positions = positions;
         self.stored.clear();
         self.committed.clear();
         self.generation = generation;
+        self.shared_generation.store(generation, Ordering::SeqCst);
         Ok(())
     }
 
@@ -508,6 +579,10 @@ impl LogConsumer for EmbeddedConsumer {
 
     async fn commit(&mut self) -> Result<(), LogError> {
         self.commit_stored().await
+    }
+
+    fn committer(&self) -> Option<Arc<dyn Committer>> {
+        Some(Arc::new(EmbeddedCommitter { log: self.log.clone(), group: self.group.clone(), generation: self.shared_generation.clone() }))
     }
 }
 

@@ -422,6 +422,11 @@ pub struct Source {
     pub partition: i32,
     pub offset: i64,
     pub index: u32,
+    /// Appended exactly once: in the same atomic step as the fan-out's offset (the embedded log),
+    /// so no later output repeats it and projections need not record its position as a guard
+    /// (they still drop it if an earlier, guarded output of the same source covered it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exactly_once: bool,
 }
 
 impl Source {
@@ -928,22 +933,22 @@ pub fn fixtures() -> Vec<Envelope> {
         Envelope::new(
             derive_id::delivery_queued(bob, &item, src),
             None,
-            Event::DeliveryQueued(DeliveryQueued { recipient: bob, item, source: Some(Source { partition: 2, offset: 40, index: 0 }) }),
+            Event::DeliveryQueued(DeliveryQueued { recipient: bob, item, source: Some(Source { partition: 2, offset: 40, index: 0, exactly_once: false }) }),
         ),
         Envelope::new(
             derive_id::delivery_queued(alice, &receipt, src),
             None,
-            Event::DeliveryQueued(DeliveryQueued { recipient: alice, item: receipt, source: Some(Source { partition: 2, offset: 40 + 1, index: 1 }) }),
+            Event::DeliveryQueued(DeliveryQueued { recipient: alice, item: receipt, source: Some(Source { partition: 2, offset: 40 + 1, index: 1, exactly_once: true }) }),
         ),
         Envelope::new(
             derive_id::delivery_queued(bob, &ritem, src),
             None,
-            Event::DeliveryQueued(DeliveryQueued { recipient: bob, item: ritem, source: Some(Source { partition: 2, offset: 40 + 2, index: 2 }) }),
+            Event::DeliveryQueued(DeliveryQueued { recipient: bob, item: ritem, source: Some(Source { partition: 2, offset: 40 + 2, index: 2, exactly_once: false }) }),
         ),
         Envelope::new(
             derive_id::delivery_queued(bob, &gitem, src),
             None,
-            Event::DeliveryQueued(DeliveryQueued { recipient: bob, item: gitem, source: Some(Source { partition: 2, offset: 40 + 3, index: 3 }) }),
+            Event::DeliveryQueued(DeliveryQueued { recipient: bob, item: gitem, source: Some(Source { partition: 2, offset: 40 + 3, index: 3, exactly_once: false }) }),
         ),
         Envelope::new(
             EventId::new_v7(),
@@ -1051,7 +1056,7 @@ mod tests {
         assert!(matches!(env.event, Event::DeliveryQueued(DeliveryQueued { source: None, .. })));
         let as_v2 = String::from_utf8_lossy(v1).replace("\"version\":1", "\"version\":2");
         assert!(matches!(Envelope::decode(as_v2.as_bytes()), Err(CodecError::BadData { .. })), "version 2 needs a source");
-        let s = Source { partition: 1, offset: 7, index: 3 };
+        let s = Source { partition: 1, offset: 7, index: 3, exactly_once: false };
         assert!(Source { offset: 7, index: 4, ..s }.packed() > s.packed() && Source { offset: 8, index: 0, ..s }.packed() > s.packed());
     }
 

@@ -33,5 +33,5 @@ pub use event::{
     SessionsEnded,
 };
 pub use ids::{ConversationId, DeviceId, EventId, GroupId, IdError, MessageId, UserId};
-pub use log::{append_event, EventLog, LogConsumer, LogError, LogReader, PartitionLag, Position, Record, TopicSpec};
+pub use log::{append_event, Committer, EventLog, LogConsumer, LogError, LogReader, PartitionLag, Position, Record, TopicSpec};
 pub use topics::{TopicKind, Topics};

@@ -1,6 +1,7 @@
 //! The event-log boundary: Kafka's semantics (topics, partitions by key, offsets, consumer groups
 //! with stored offsets) behind a trait, so that the Kafka back-end and an embedded one fit.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -125,6 +126,31 @@ pub trait LogConsumer: Send {
 
     /// Commits what was stored (synchronously; used on shutdown).
     async fn commit(&mut self) -> Result<(), LogError>;
+
+    /// A handle that appends records and commits this member's offset of a partition in one
+    /// atomic step, where the log can (the embedded log: one transaction); `None` where it
+    /// cannot (Kafka).
+    fn committer(&self) -> Option<Arc<dyn Committer>> {
+        None
+    }
+}
+
+/// Appends with this member's offset committed in the same atomic step: a stage whose outputs
+/// are appended this way never appends them again (after a crash it resumes after the records
+/// they came from), so its outputs are exactly once.
+#[async_trait]
+pub trait Committer: Send + Sync {
+    /// Appends `records` (as [`EventLog::append_batch`]) and commits `next` as the next offset
+    /// of `partition` of `topic` for this member's group, atomically. `None` when the member no
+    /// longer owns its partitions as it did at its last poll (another member joined): nothing
+    /// was appended, and the caller appends the ordinary way.
+    async fn append_committing(
+        &self,
+        records: Vec<(String, String, Vec<u8>)>,
+        topic: &str,
+        partition: i32,
+        next: i64,
+    ) -> Option<Vec<Result<Position, LogError>>>;
 }
 
 /// A one-pass reader over a snapshot of some topics.

@@ -72,7 +72,7 @@ impl Platform {
         let (stop, stopped) = watch::channel(false);
         let dead = DeadLetters { log: log.clone(), topics: topics.clone() };
         let consumer = log.subscribe("fanout", &[topics.name(TopicKind::Conversations)]).await.expect("fan-out consumer");
-        let fanout = Arc::new(FanOut::new(log.clone(), topics.clone(), tables.clone(), None, limits.max_group_size));
+        let fanout = Arc::new(FanOut::new(log.clone(), topics.clone(), tables.clone(), None, limits.max_group_size).with_committer(consumer.committer()));
         let (d, s) = (dead.clone(), stopped.clone());
         tokio::spawn(async move { chat_projections::run("fanout", consumer, fanout, d, Arc::new(WorkerStats::default()), s).await });
         let consumer = log.subscribe("projections", &projection_topics(&topics)).await.expect("projection consumer");

@@ -14,11 +14,12 @@
 //! only its validated output.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chat_events::{
-    derive_id, ConversationId, DeliveryQueued, Envelope, Event, EventLog, GroupChange, GroupRole, MessageDelivered,
+    derive_id, Committer, ConversationId, DeliveryQueued, Envelope, Event, EventLog, GroupChange, GroupRole, MessageDelivered,
     MessageRead, MessageSent, ReceiptStatus, Record, Source, StreamItem, Topics, UserId,
 };
 use chat_store::{content_sha256, FanoutGroup, FanoutMessage, FanoutStore, MemberInterval, SendRecord, StoreError};
@@ -46,7 +47,14 @@ pub struct FanOut {
     /// Member intervals per group, valid while the group's `membership_version` is unchanged.
     members: Mutex<HashMap<ConversationId, CachedMembers>>,
     /// Duplicate sends dropped since start.
-    duplicates: std::sync::atomic::AtomicU64,
+    duplicates: AtomicU64,
+    /// Appends outputs with the consumer's offset in one atomic step, where the log can (the
+    /// embedded log): outputs are then exactly once ([`Source::exactly_once`]).
+    committer: Option<Arc<dyn Committer>>,
+    /// Slices that wrote the fan-out's own state, counted; and how many of them a sync of the
+    /// store is known to cover. An atomic append syncs first unless every one is covered.
+    state_written: AtomicU64,
+    state_synced: AtomicU64,
 }
 
 type R<T> = Result<T, StoreError>;
@@ -69,12 +77,23 @@ fn queued(source: &Envelope, recipient: UserId, item: StreamItem) -> Envelope {
 }
 
 /// Numbers an event's outputs: each carries the event's partition and offset and its index.
-fn with_sources(outputs: &mut [Envelope], partition: i32, offset: i64) {
+fn with_sources(outputs: &mut [Envelope], partition: i32, offset: i64, exactly_once: bool) {
     for (index, out) in outputs.iter_mut().enumerate() {
         if let Event::DeliveryQueued(q) = &mut out.event {
-            q.source = Some(Source { partition, offset, index: index as u32 });
+            q.source = Some(Source { partition, offset, index: index as u32, exactly_once });
         }
     }
+}
+
+/// The same outputs, not marked exactly once (appended the ordinary way after all).
+fn guarded(outputs: &[(usize, Envelope)]) -> Vec<(usize, Envelope)> {
+    let mut outputs = outputs.to_vec();
+    for (_, out) in &mut outputs {
+        if let Event::DeliveryQueued(DeliveryQueued { source: Some(src), .. }) = &mut out.event {
+            src.exactly_once = false;
+        }
+    }
+    outputs
 }
 
 fn message_item(env: &Envelope, m: &MessageSent, position: Option<i64>) -> StreamItem {
@@ -181,7 +200,24 @@ impl FanOut {
         pusher: Option<Arc<dyn Pusher>>,
         max_group_size: usize,
     ) -> Self {
-        FanOut { log, topics, store, pusher, max_group_size, members: Mutex::new(HashMap::new()), duplicates: Default::default() }
+        FanOut {
+            log,
+            topics,
+            store,
+            pusher,
+            max_group_size,
+            members: Mutex::new(HashMap::new()),
+            duplicates: Default::default(),
+            committer: None,
+            state_written: AtomicU64::new(0),
+            state_synced: AtomicU64::new(0),
+        }
+    }
+
+    /// Appends outputs through the consumer's committer (see [`LogConsumer::committer`]).
+    pub fn with_committer(mut self, committer: Option<Arc<dyn Committer>>) -> Self {
+        self.committer = committer;
+        self
     }
 
     /// Every membership interval of a group (from the cache while its version is current).
@@ -441,7 +477,7 @@ impl Handler for FanOut {
         self.route_and_append(records).await
     }
     async fn sync(&self) -> Result<(), HandlerError> {
-        self.store.sync().await.map_err(|e| HandlerError::of_store(0, e))
+        self.sync_state().await
     }
 
     fn sync_every(&self) -> std::time::Duration {
@@ -487,6 +523,11 @@ impl FanOut {
             }
         }
         let mut sends = self.sends_of(&envs).await.map_err(|e| HandlerError::of_store(0, e).with_dead(dead.clone()))?;
+        // Outputs are exactly once where the log commits them with the offset, and only in a
+        // slice without undecodable records: those are dead-lettered by the worker after this
+        // returns, and an offset committed past them here would skip them after a crash.
+        let once = self.committer.is_some() && dead.is_empty();
+        let (topic, partition) = (records[0].topic.as_str(), records[0].partition);
         // (index of the source record, output) for every output of the slice. State is written
         // while routing (positional, so safe to write before the outputs are appended); the
         // accepted sends are written before the outputs, so that a fan-out that restarts in
@@ -501,7 +542,7 @@ impl FanOut {
                         // A second append of the same send (a retry that did not find the first):
                         // the first in log order is the message; this one reaches no one.
                         debug!(message = %m.message_id, first = %first.message_id, "duplicate send dropped");
-                        self.duplicates.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.duplicates.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                     _ => {}
@@ -509,7 +550,11 @@ impl FanOut {
             }
             match self.route(env, offset).await {
                 Ok(mut out) => {
-                    with_sources(&mut out, records[*i].partition, offset);
+                    with_sources(&mut out, records[*i].partition, offset, once);
+                    if env.event.conversation_id().is_some_and(|c| c.is_group()) {
+                        // Group routing writes positional state (members, positions).
+                        self.state_written.fetch_add(1, Ordering::SeqCst);
+                    }
                     if let (Event::MessageSent(m), false) = (&env.event, out.is_empty()) {
                         let record = SendRecord {
                             conversation_id: m.conversation_id.clone(),
@@ -528,13 +573,16 @@ impl FanOut {
                 }
                 Err(e) => {
                     self.record_sends(&accepted).await.map_err(|e| HandlerError::of_store(0, e).with_dead(dead.clone()))?;
-                    self.append_outputs(&outputs[..]).await.map_err(|e| e.with_dead(dead.clone()))?;
+                    let commit = once.then_some((topic, partition, offset));
+                    self.append_outputs(&outputs[..], commit).await.map_err(|e| e.with_dead(dead.clone()))?;
                     return Err(HandlerError::of_store(*i, e).with_dead(dead));
                 }
             }
         }
         self.record_sends(&accepted).await.map_err(|e| HandlerError::of_store(0, e).with_dead(dead.clone()))?;
-        self.append_outputs(&outputs).await.map_err(|e| e.with_dead(dead.clone()))?;
+        let next = records.last().map_or(0, |r| r.offset + 1);
+        let commit = once.then_some((topic, partition, next));
+        self.append_outputs(&outputs, commit).await.map_err(|e| e.with_dead(dead.clone()))?;
         Ok(Handled { dead })
     }
 
@@ -542,16 +590,45 @@ impl FanOut {
         if accepted.is_empty() {
             return Ok(());
         }
+        self.state_written.fetch_add(1, Ordering::SeqCst);
         self.store.put_send_records(accepted).await
     }
 
+    /// Makes the fan-out's own state durable (one synced commit of the store).
+    async fn sync_state(&self) -> Result<(), HandlerError> {
+        let written = self.state_written.load(Ordering::SeqCst);
+        self.store.sync().await.map_err(|e| HandlerError::of_store(0, e))?;
+        self.state_synced.fetch_max(written, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn encoded(&self, outputs: &[(usize, Envelope)]) -> Vec<(String, String, Vec<u8>)> {
+        outputs.iter().map(|(_, env)| (self.topics.name(env.event.topic_kind()), env.key(), env.encode())).collect()
+    }
+
     /// Appends outputs in order; on failure reports how many source records are fully done.
-    async fn append_outputs(&self, outputs: &[(usize, Envelope)]) -> Result<(), HandlerError> {
+    /// `commit`: (topic, partition, next offset) when the outputs are marked exactly once and go
+    /// with the consumer's offset.
+    async fn append_outputs(&self, outputs: &[(usize, Envelope)], commit: Option<(&str, i32, i64)>) -> Result<(), HandlerError> {
         if outputs.is_empty() {
             return Ok(());
         }
-        let batch = outputs.iter().map(|(_, env)| (self.topics.name(env.event.topic_kind()), env.key(), env.encode())).collect();
-        let results = self.log.append_batch(batch).await;
+        let results = match (commit, &self.committer) {
+            (Some((topic, partition, next)), Some(committer)) => {
+                // The fan-out's own state must be durable before the offset moves past the
+                // records that wrote it (the offset commit is, at once): this slice's and any
+                // earlier slice's not synced yet (one that went the ordinary way).
+                if self.state_synced.load(Ordering::SeqCst) < self.state_written.load(Ordering::SeqCst) {
+                    self.sync_state().await?;
+                }
+                match committer.append_committing(self.encoded(outputs), topic, partition, next).await {
+                    Some(results) => results,
+                    // Another member owns the partition now: the ordinary way, with guards.
+                    None => self.log.append_batch(self.encoded(&guarded(outputs))).await,
+                }
+            }
+            _ => self.log.append_batch(self.encoded(outputs)).await,
+        };
         // The first failed output decides how far the slice got; everything after it is
         // retried (outputs that did land are collapsed downstream by their derived ids).
         if let Some(pos) = results.iter().position(|r| r.is_err()) {
@@ -736,6 +813,71 @@ mod tests {
         };
         assert_eq!(items(f.route(&read(bob), 7).await.unwrap()), vec![(admin, false)]);
         assert_eq!(items(f.route(&read(carol), 8).await.unwrap()), vec![(admin, false), (admin, true)], "seen by all");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    async fn poll(c: &mut dyn chat_events::LogConsumer) -> Vec<Record> {
+        for _ in 0..50 {
+            let batch = c.poll_batch(10, std::time::Duration::from_millis(100)).await.expect("poll");
+            if !batch.is_empty() {
+                return batch;
+            }
+        }
+        panic!("nothing to poll");
+    }
+
+    /// On the embedded log the outputs go with the consumer's offset, in one transaction, marked
+    /// exactly once; once another member has joined the group (the partition may be someone
+    /// else's), they are appended the ordinary way and unmarked.
+    #[tokio::test]
+    async fn outputs_go_with_the_offset_where_the_log_can() {
+        use chat_events::{TopicKind, TopicSpec};
+        let dir = std::env::temp_dir().join(format!("chat-fanout-{}", uuid::Uuid::new_v4()));
+        let store = Arc::new(chat_store::SqliteStore::open(&dir).expect("store"));
+        let log = Arc::new(chat_events::embedded::EmbeddedLog::open(&dir.join("log"), 100).expect("log"));
+        let topics = Topics::default();
+        let specs: Vec<TopicSpec> = topics.all().into_iter().map(|name| TopicSpec { name, partitions: 1, replication: 1 }).collect();
+        log.ensure_topics(&specs).await.expect("topics");
+        let conversations = topics.name(TopicKind::Conversations);
+        let mut consumer = log.subscribe("fanout", std::slice::from_ref(&conversations)).await.expect("consumer");
+        let f = FanOut::new(log.clone(), topics.clone(), store, None, 8).with_committer(consumer.committer());
+        let (a, b) = (UserId::random(), UserId::random());
+        let conv = ConversationId::direct(a, b);
+        let deliveries = |n: usize| {
+            let log = log.clone();
+            let topic = topics.name(TopicKind::Deliveries);
+            async move {
+                let mut r = log.read_all(&[topic]).await.expect("reader");
+                let mut all = Vec::new();
+                loop {
+                    let batch = r.next_batch(100).await.expect("read");
+                    if batch.is_empty() {
+                        break;
+                    }
+                    all.extend(batch.into_iter().map(|rec| match Envelope::decode(&rec.payload).expect("decode").event {
+                        Event::DeliveryQueued(q) => q.source.expect("source").exactly_once,
+                        other => panic!("{other:?}"),
+                    }));
+                }
+                assert_eq!(all.len(), n, "{all:?}");
+                all
+            }
+        };
+        let committed = || async { log.partition_lags("fanout", std::slice::from_ref(&conversations)).await.expect("lags")[0].committed };
+
+        log.append(&conversations, &conv.to_string(), sent(&conv, a, "1").encode()).await.expect("append");
+        let slice = poll(consumer.as_mut()).await;
+        f.handle(&slice).await.expect("handled");
+        assert_eq!(deliveries(2).await, vec![true, true], "marked exactly once");
+        assert_eq!(committed().await, 1, "the offset was committed with them");
+
+        // Another member joins: the first no longer knows that the partition is its own.
+        let _other = log.subscribe("fanout", std::slice::from_ref(&conversations)).await.expect("second member");
+        let second = sent(&conv, a, "2").encode();
+        let at = log.append(&conversations, &conv.to_string(), second.clone()).await.expect("append");
+        f.handle(&[Record { offset: at.offset, payload: second, ..slice[0].clone() }]).await.expect("handled");
+        assert_eq!(deliveries(4).await[2..], [false, false], "appended the ordinary way");
+        assert_eq!(committed().await, 1, "and no offset with them");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

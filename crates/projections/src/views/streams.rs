@@ -8,6 +8,11 @@
 //! a fan-out routes a partition in order and the log keeps each producer's order; so the head
 //! alone says what was applied. The head is a guard: written after the items and what they caused
 //! (last in a slice's writes; on Cassandra, after the others).
+//!
+//! An output the fan-out appended exactly once (`Source::exactly_once`: with its offset, in one
+//! transaction of the embedded log) is never repeated, so it writes no head; it is still dropped
+//! when an earlier guarded output of the same source covered it (a log written before the
+//! fan-out appended exactly once, routed again after an upgrade).
 
 use chat_events::{DeliveryQueued, StreamItem};
 use chat_store::{StreamRow, Write};
@@ -44,7 +49,8 @@ pub fn item(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, q: &Delivery
     // The item id: the event id the fan-out derived for it (the same for a repeated item).
     let item_id = chat_events::derive_id::delivery_queued(user, item, chat_events::EventId(uuid::Uuid::nil())).0;
     out.push(Write::Stream { user, row: StreamRow { seq: offset, item_id, item: json } });
-    if let Some(src) = q.source {
+    // An output appended exactly once is never repeated: no guard to keep for it.
+    if let Some(src) = q.source.filter(|s| !s.exactly_once) {
         out.push(Write::StreamHead { user, source_partition: src.partition, position: src.packed() });
     }
     Ok(())
@@ -58,7 +64,7 @@ mod tests {
     use chat_events::{Source, UserId};
 
     fn queued(recipient: UserId, item: StreamItem, offset: i64) -> DeliveryQueued {
-        DeliveryQueued { recipient, item, source: Some(Source { partition: 3, offset, index: 0 }) }
+        DeliveryQueued { recipient, item, source: Some(Source { partition: 3, offset, index: 0, exactly_once: false }) }
     }
 
     #[test]
@@ -99,5 +105,23 @@ mod tests {
         assert!(out.iter().any(|w| matches!(w, Write::Message(m) if m.sender_device == "phone")));
         assert!(out.iter().any(|w| matches!(w, Write::MessageStat { scope, .. } if scope == "direct")));
         assert!(out.iter().any(|w| matches!(w, Write::Inbox(r) if r.unread == 0 && r.first_unread_seq.is_none())));
+    }
+
+    #[test]
+    fn an_exactly_once_item_writes_no_head_and_is_still_dropped_below_one() {
+        let (a, b, c) = users();
+        let mut rows = Rows::default();
+        rows.insert(Key::Head(b, 3), Fetched::Head(Some(40 << 16)));
+        rows.insert(Key::Inbox(b, c.clone()), Fetched::Inbox(None));
+        let once = |q: DeliveryQueued| DeliveryQueued { source: q.source.map(|s| Source { exactly_once: true, ..s }), ..q };
+        let q = once(queued(b, message_item(&c, a, msg_id(1), None), 41));
+        let mut out = Vec::new();
+        item(&mut out, &rows, &Settings::default(), &q, 17).unwrap();
+        assert!(matches!(out.last(), Some(Write::Stream { row, .. }) if row.seq == 17), "{out:?}");
+        assert!(!out.iter().any(|w| matches!(w, Write::StreamHead { .. })), "no guard for what is never repeated");
+        // The same source routed again after an upgrade: a guarded output wrote head 40 first.
+        let mut old = Vec::new();
+        item(&mut old, &rows, &Settings::default(), &once(queued(b, message_item(&c, a, msg_id(0), None), 40)), 18).unwrap();
+        assert!(old.is_empty(), "{old:?}");
     }
 }
