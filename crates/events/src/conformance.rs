@@ -488,6 +488,11 @@ pub async fn committed_appends(log: &dyn EventLog, prefix: &str) {
         async move { log.partition_lags(&group, &[input]).await.expect("partition_lags")[0].committed }
     };
     assert_eq!(committed().await, 3, "committed_appends: the offset is committed with the appends");
+    // The committer reads a partition's range back (for a stage catching its state up).
+    let range = committer.read(&input, 0, 1, 3, 10).await.expect("committed_appends: read");
+    let got: Vec<(i64, Vec<u8>)> = range.into_iter().map(|r| (r.offset, r.payload)).collect();
+    assert_eq!(got, vec![(1, b"in1".to_vec()), (2, b"in2".to_vec())], "committed_appends: read returns [from, end) in order");
+    assert_eq!(committer.read(&input, 0, 0, 3, 1).await.expect("committed_appends: read").len(), 1, "committed_appends: read returns at most max");
     // A late commit of an older stored offset (a closed member's) leaves it.
     store(member.as_mut(), &tp, 0, "committed_appends");
     commit(member.as_mut(), "committed_appends").await;

@@ -408,6 +408,11 @@ impl Committer for EmbeddedCommitter {
             }
         }
     }
+
+    async fn read(&self, topic: &str, partition: i32, from: i64, end: i64, max: usize) -> Result<Vec<Record>, LogError> {
+        let topic = topic.to_owned();
+        Ok(self.log.engine.read(move |c| read_range(c, &topic, partition, from, end, max)).await?)
+    }
 }
 
 struct EmbeddedConsumer {
@@ -647,24 +652,25 @@ impl LogReader for SnapshotReader {
 
 fn read_records_from(dir: &Path, topic: &str, partition: i32, from: i64, end: i64, max: usize) -> Result<Vec<Record>, LogError> {
     let c = open_sqlite(&dir.join("log.db"), false).map_err(fatal)?;
-    let mut st = c
-        .prepare_cached(
-            "SELECT offset, key, payload, ts_ms FROM records WHERE topic = ?1 AND partition = ?2 AND offset >= ?3 AND offset < ?4 ORDER BY offset LIMIT ?5",
-        )
-        .map_err(fatal)?;
-    let rows = st
-        .query_map(params![topic, partition, from, end, max as i64], |r| {
-            Ok(Record {
-                topic: topic.to_owned(),
-                partition,
-                offset: r.get(0)?,
-                key: r.get(1)?,
-                payload: r.get(2)?,
-                timestamp: DateTime::from_timestamp_millis(r.get(3)?),
-            })
+    read_range(&c, topic, partition, from, end, max).map_err(fatal)
+}
+
+/// Records `from <= offset < end` of one partition, at most `max`.
+fn read_range(c: &Connection, topic: &str, partition: i32, from: i64, end: i64, max: usize) -> rusqlite::Result<Vec<Record>> {
+    let mut st = c.prepare_cached(
+        "SELECT offset, key, payload, ts_ms FROM records WHERE topic = ?1 AND partition = ?2 AND offset >= ?3 AND offset < ?4 ORDER BY offset LIMIT ?5",
+    )?;
+    let rows = st.query_map(params![topic, partition, from, end, max as i64], |r| {
+        Ok(Record {
+            topic: topic.to_owned(),
+            partition,
+            offset: r.get(0)?,
+            key: r.get(1)?,
+            payload: r.get(2)?,
+            timestamp: DateTime::from_timestamp_millis(r.get(3)?),
         })
-        .map_err(fatal)?;
-    rows.collect::<rusqlite::Result<_>>().map_err(fatal)
+    })?;
+    rows.collect()
 }
 
 /// Read-only views of a data directory, usable while another process owns it (tests, tools).

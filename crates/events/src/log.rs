@@ -151,6 +151,10 @@ pub trait Committer: Send + Sync {
         partition: i32,
         next: i64,
     ) -> Option<Vec<Result<Position, LogError>>>;
+
+    /// Records `from <= offset < end` of a partition, at most `max`, in offset order (for a
+    /// stage that rebuilds state its offset already moved past: see the fan-out's watermark).
+    async fn read(&self, topic: &str, partition: i32, from: i64, end: i64, max: usize) -> Result<Vec<Record>, LogError>;
 }
 
 /// A one-pass reader over a snapshot of some topics.

@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chat_events::{
@@ -23,7 +24,7 @@ use chat_events::{
     MessageRead, MessageSent, ReceiptStatus, Record, Source, StreamItem, Topics, UserId,
 };
 use chat_store::{content_sha256, FanoutGroup, FanoutMessage, FanoutStore, MemberInterval, SendRecord, StoreError};
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use crate::worker::{Handled, Handler, HandlerError};
 
@@ -51,10 +52,27 @@ pub struct FanOut {
     /// Appends outputs with the consumer's offset in one atomic step, where the log can (the
     /// embedded log): outputs are then exactly once ([`Source::exactly_once`]).
     committer: Option<Arc<dyn Committer>>,
-    /// Slices that wrote the fan-out's own state, counted; and how many of them a sync of the
-    /// store is known to cover. An atomic append syncs first unless every one is covered.
-    state_written: AtomicU64,
-    state_synced: AtomicU64,
+    /// Per partition, the offset after the last slice handled (a slice starting elsewhere, the
+    /// first after a start or a rebalance, first catches the fan-out's state up to it), and when
+    /// its watermark was last written by this fan-out.
+    next: Mutex<HashMap<(String, i32), PartitionMark>>,
+}
+
+/// A partition's next offset and when this fan-out last wrote its watermark.
+type PartitionMark = (i64, Option<Instant>);
+
+/// Records read per page when the state is caught up (see [`FanOut::catch_up`]).
+const CATCH_UP_PAGE: usize = 1000;
+
+/// How often, at most, a partition's watermark is written: it only bounds a catch-up from
+/// below, so an older one is as correct (and costs a row write per interval, not per slice).
+const WATERMARK_EVERY: Duration = Duration::from_secs(1);
+
+/// A slice routed: its outputs (with the index of their source record), and the record whose
+/// routing failed, if any (the outputs are those of the records before it).
+struct Routed {
+    outputs: Vec<(usize, Envelope)>,
+    failed: Option<(usize, StoreError)>,
 }
 
 type R<T> = Result<T, StoreError>;
@@ -209,8 +227,7 @@ impl FanOut {
             members: Mutex::new(HashMap::new()),
             duplicates: Default::default(),
             committer: None,
-            state_written: AtomicU64::new(0),
-            state_synced: AtomicU64::new(0),
+            next: Mutex::new(HashMap::new()),
         }
     }
 
@@ -477,7 +494,7 @@ impl Handler for FanOut {
         self.route_and_append(records).await
     }
     async fn sync(&self) -> Result<(), HandlerError> {
-        self.sync_state().await
+        self.store.sync().await.map_err(|e| HandlerError::of_store(0, e))
     }
 
     fn sync_every(&self) -> std::time::Duration {
@@ -513,28 +530,54 @@ impl FanOut {
     }
 
     async fn route_and_append(&self, records: &[Record]) -> Result<Handled, HandlerError> {
-        let mut dead = Vec::new();
-        let mut envs = Vec::with_capacity(records.len());
-        for (i, rec) in records.iter().enumerate() {
-            match Envelope::decode(&rec.payload) {
-                Ok(env) => envs.push((i, env)),
-                // Permanent: the worker dead-letters it and moves on.
-                Err(e) => dead.push((i, e.to_string())),
-            }
+        let (envs, dead) = decoded(records);
+        let (topic, partition) = (records[0].topic.as_str(), records[0].partition);
+        if let Some(committer) = &self.committer {
+            self.catch_up(committer.as_ref(), topic, partition, records[0].offset).await.map_err(|e| e.with_dead(dead.clone()))?;
         }
-        let mut sends = self.sends_of(&envs).await.map_err(|e| HandlerError::of_store(0, e).with_dead(dead.clone()))?;
         // Outputs are exactly once where the log commits them with the offset, and only in a
         // slice without undecodable records: those are dead-lettered by the worker after this
         // returns, and an offset committed past them here would skip them after a crash.
         let once = self.committer.is_some() && dead.is_empty();
-        let (topic, partition) = (records[0].topic.as_str(), records[0].partition);
-        // (index of the source record, output) for every output of the slice. State is written
-        // while routing (positional, so safe to write before the outputs are appended); the
-        // accepted sends are written before the outputs, so that a fan-out that restarts in
-        // between recognises its own decision (same position) and routes the message again.
+        let routed = self.route_records(records, &envs, once).await.map_err(|e| HandlerError::of_store(0, e).with_dead(dead.clone()))?;
+        if let Some((i, e)) = routed.failed {
+            lock(&self.next).remove(&(topic.to_owned(), partition));
+            let commit = once.then_some((topic, partition, records[i].offset));
+            self.append_outputs(&routed.outputs, commit).await.map_err(|e| e.with_dead(dead.clone()))?;
+            return Err(HandlerError::of_store(i, e).with_dead(dead));
+        }
+        let next = records.last().map_or(0, |r| r.offset + 1);
+        let commit = once.then_some((topic, partition, next));
+        let key = (topic.to_owned(), partition);
+        let marked = lock(&self.next).get(&key).and_then(|(_, at)| *at);
+        // The slice's state is written: its watermark may go beside the append (never ahead of
+        // the state; one that is lost or old only makes a later catch-up longer).
+        let mark = self.committer.is_some() && marked.is_none_or(|at| at.elapsed() >= WATERMARK_EVERY);
+        let write_mark = async {
+            if mark {
+                if let Err(e) = self.store.put_fanout_watermark(topic, partition, next).await {
+                    warn!(topic, partition, error = %e, "fan-out watermark not written; the next catch-up starts from an older one");
+                }
+            }
+        };
+        let (appended, ()) = tokio::join!(self.append_outputs(&routed.outputs, commit), write_mark);
+        appended.map_err(|e| e.with_dead(dead.clone()))?;
+        let at = if mark { Some(Instant::now()) } else { marked };
+        lock(&self.next).insert(key, (next, at));
+        Ok(Handled { dead })
+    }
+
+    /// Routes a slice, writing the fan-out's state as it goes. State is positional, so it is
+    /// safe to write before the outputs are appended; the accepted sends are written before the
+    /// outputs, so that a fan-out that restarts in between recognises its own decision (same
+    /// position) and routes the message again. Fails as a whole only when the slice's accepted
+    /// sends cannot be read or written.
+    async fn route_records(&self, records: &[Record], envs: &[(usize, Envelope)], once: bool) -> R<Routed> {
+        let mut sends = self.sends_of(envs).await?;
         let mut outputs: Vec<(usize, Envelope)> = Vec::new();
         let mut accepted: Vec<SendRecord> = Vec::new();
-        for (i, env) in &envs {
+        let mut failed = None;
+        for (i, env) in envs {
             let offset = records[*i].offset;
             if let Event::MessageSent(m) = &env.event {
                 match sends.get(&send_key(m)).cloned().flatten() {
@@ -551,10 +594,6 @@ impl FanOut {
             match self.route(env, offset).await {
                 Ok(mut out) => {
                     with_sources(&mut out, records[*i].partition, offset, once);
-                    if env.event.conversation_id().is_some_and(|c| c.is_group()) {
-                        // Group routing writes positional state (members, positions).
-                        self.state_written.fetch_add(1, Ordering::SeqCst);
-                    }
                     if let (Event::MessageSent(m), false) = (&env.event, out.is_empty()) {
                         let record = SendRecord {
                             conversation_id: m.conversation_id.clone(),
@@ -572,33 +611,52 @@ impl FanOut {
                     outputs.extend(out.into_iter().map(|o| (*i, o)));
                 }
                 Err(e) => {
-                    self.record_sends(&accepted).await.map_err(|e| HandlerError::of_store(0, e).with_dead(dead.clone()))?;
-                    let commit = once.then_some((topic, partition, offset));
-                    self.append_outputs(&outputs[..], commit).await.map_err(|e| e.with_dead(dead.clone()))?;
-                    return Err(HandlerError::of_store(*i, e).with_dead(dead));
+                    failed = Some((*i, e));
+                    break;
                 }
             }
         }
-        self.record_sends(&accepted).await.map_err(|e| HandlerError::of_store(0, e).with_dead(dead.clone()))?;
-        let next = records.last().map_or(0, |r| r.offset + 1);
-        let commit = once.then_some((topic, partition, next));
-        self.append_outputs(&outputs, commit).await.map_err(|e| e.with_dead(dead.clone()))?;
-        Ok(Handled { dead })
+        if !accepted.is_empty() {
+            self.store.put_send_records(&accepted).await?;
+        }
+        Ok(Routed { outputs, failed })
     }
 
-    async fn record_sends(&self, accepted: &[SendRecord]) -> R<()> {
-        if accepted.is_empty() {
+    /// Before the first slice of a partition (after a start, a rebalance or a failed slice):
+    /// routes again, state only, the records between the partition's watermark and `first`.
+    ///
+    /// With a committer the offset moves with the outputs, in `log.db`, while the state is in
+    /// `tables.db`, whose commits are synced only every [`chat_store::Durable::sync_every`]: a
+    /// power loss can take back state whose records' offset is committed. The watermark is
+    /// written after the state it covers, in the same store, so it is taken back with it; the
+    /// records from it to the committed offset are routed again (positional: the same
+    /// decisions), and their outputs, already in the log, are not appended again. No watermark
+    /// (a store written before watermarks existed, or never) means from the start.
+    async fn catch_up(&self, committer: &dyn Committer, topic: &str, partition: i32, first: i64) -> Result<(), HandlerError> {
+        let key = (topic.to_owned(), partition);
+        if lock(&self.next).get(&key).map(|(next, _)| *next) == Some(first) {
             return Ok(());
         }
-        self.state_written.fetch_add(1, Ordering::SeqCst);
-        self.store.put_send_records(accepted).await
-    }
-
-    /// Makes the fan-out's own state durable (one synced commit of the store).
-    async fn sync_state(&self) -> Result<(), HandlerError> {
-        let written = self.state_written.load(Ordering::SeqCst);
-        self.store.sync().await.map_err(|e| HandlerError::of_store(0, e))?;
-        self.state_synced.fetch_max(written, Ordering::SeqCst);
+        let from = self.store.fanout_watermark(topic, partition).await.map_err(|e| HandlerError::of_store(0, e))?.unwrap_or(0);
+        let (mut at, mut routed) = (from, 0usize);
+        while at < first {
+            let page = committer.read(topic, partition, at, first, CATCH_UP_PAGE).await.map_err(|e| HandlerError::retry(0, e.to_string()))?;
+            let Some(last) = page.last() else { break };
+            at = last.offset + 1;
+            routed += page.len();
+            // Undecodable records were dead-lettered when they were first handled.
+            let (envs, _) = decoded(&page);
+            if let Some((_, e)) = self.route_records(&page, &envs, false).await.map_err(|e| HandlerError::of_store(0, e))?.failed {
+                return Err(HandlerError::of_store(0, e));
+            }
+        }
+        let mut marked = None;
+        if from < first {
+            info!(topic, partition, from, to = first, records = routed, "fan-out state caught up with the committed offset");
+            self.store.put_fanout_watermark(topic, partition, first).await.map_err(|e| HandlerError::of_store(0, e))?;
+            marked = Some(Instant::now());
+        }
+        lock(&self.next).insert(key, (first, marked));
         Ok(())
     }
 
@@ -615,12 +673,8 @@ impl FanOut {
         }
         let results = match (commit, &self.committer) {
             (Some((topic, partition, next)), Some(committer)) => {
-                // The fan-out's own state must be durable before the offset moves past the
-                // records that wrote it (the offset commit is, at once): this slice's and any
-                // earlier slice's not synced yet (one that went the ordinary way).
-                if self.state_synced.load(Ordering::SeqCst) < self.state_written.load(Ordering::SeqCst) {
-                    self.sync_state().await?;
-                }
+                // The state this offset moves past may be less durable than the offset: see
+                // `catch_up`.
                 match committer.append_committing(self.encoded(outputs), topic, partition, next).await {
                     Some(results) => results,
                     // Another member owns the partition now: the ordinary way, with guards.
@@ -654,6 +708,26 @@ impl FanOut {
         }
         Ok(())
     }
+}
+
+/// Undecodable records of a slice: (index, reason).
+type Dead = Vec<(usize, String)>;
+
+/// A slice's decodable events (with their index) and its undecodable records (index, reason):
+/// those are permanent failures, dead-lettered by the worker.
+fn decoded(records: &[Record]) -> (Vec<(usize, Envelope)>, Dead) {
+    let (mut envs, mut dead) = (Vec::with_capacity(records.len()), Vec::new());
+    for (i, rec) in records.iter().enumerate() {
+        match Envelope::decode(&rec.payload) {
+            Ok(env) => envs.push((i, env)),
+            Err(e) => dead.push((i, e.to_string())),
+        }
+    }
+    (envs, dead)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn is_group_push(item: &StreamItem) -> bool {
@@ -878,6 +952,72 @@ mod tests {
         f.handle(&[Record { offset: at.offset, payload: second, ..slice[0].clone() }]).await.expect("handled");
         assert_eq!(deliveries(4).await[2..], [false, false], "appended the ordinary way");
         assert_eq!(committed().await, 1, "and no offset with them");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// State a power loss took back while the offset (committed with the outputs) stayed: the
+    /// next fan-out routes again, state only, the records from the store's watermark to the
+    /// committed offset, so a retried send is still recognised, and appends nothing for them.
+    #[tokio::test]
+    async fn lost_state_is_caught_up_from_the_watermark() {
+        use chat_events::{TopicKind, TopicSpec};
+        let dir = std::env::temp_dir().join(format!("chat-fanout-{}", uuid::Uuid::new_v4()));
+        let log = Arc::new(chat_events::embedded::EmbeddedLog::open(&dir.join("log"), 100).expect("log"));
+        let topics = Topics::default();
+        let specs: Vec<TopicSpec> = topics.all().into_iter().map(|name| TopicSpec { name, partitions: 1, replication: 1 }).collect();
+        log.ensure_topics(&specs).await.expect("topics");
+        let conversations = topics.name(TopicKind::Conversations);
+        let deliveries = || {
+            let (dir, topic) = (dir.join("log"), topics.name(TopicKind::Deliveries));
+            async move { chat_events::embedded::inspect::records(&dir, &topic).expect("records").len() }
+        };
+        let (a, b) = (UserId::random(), UserId::random());
+        let conv = ConversationId::direct(a, b);
+        let append = |env: Envelope| {
+            let (log, topic, key) = (log.clone(), conversations.clone(), conv.to_string());
+            async move { log.append(&topic, &key, env.encode()).await.expect("append") }
+        };
+        {
+            let store = Arc::new(chat_store::SqliteStore::open(&dir.join("before")).expect("store"));
+            let mut consumer = log.subscribe("fanout", std::slice::from_ref(&conversations)).await.expect("consumer");
+            let f = FanOut::new(log.clone(), topics.clone(), store.clone(), None, 8).with_committer(consumer.committer());
+            for cmid in ["1", "2", "3"] {
+                append(sent(&conv, a, cmid)).await;
+            }
+            let mut handled = 0;
+            while handled < 3 {
+                let slice = poll(consumer.as_mut()).await;
+                handled += slice.len();
+                f.handle(&slice).await.expect("handled");
+            }
+            // Written with the first slice, then at most once a second.
+            let mark = store.fanout_watermark(&conversations, 0).await.expect("watermark");
+            assert!(mark.is_some_and(|m| (1..=3).contains(&m)), "the watermark follows the state: {mark:?}");
+        }
+        assert_eq!(deliveries().await, 6);
+
+        // The tables as a power loss may leave them: state and watermark up to offset 1 only.
+        let store = Arc::new(chat_store::SqliteStore::open(&dir.join("after")).expect("store"));
+        store.put_fanout_watermark(&conversations, 0, 1).await.expect("watermark");
+        let mut consumer = log.subscribe("fanout", std::slice::from_ref(&conversations)).await.expect("consumer");
+        let f = FanOut::new(log.clone(), topics.clone(), store.clone(), None, 8).with_committer(consumer.committer());
+        // Retries of the sends at offsets 1 and 0 are appended (at offsets 3 and 4).
+        append(sent(&conv, a, "2")).await;
+        append(sent(&conv, a, "1")).await;
+        let slice = poll(consumer.as_mut()).await;
+        assert_eq!(slice[0].offset, 3, "the committed offset stayed");
+        f.handle(&slice).await.expect("handled");
+        let n = slice.len();
+        if n == 1 {
+            f.handle(&poll(consumer.as_mut()).await).await.expect("handled");
+        }
+        assert_eq!(store.send_record(&conv, a, "2").await.expect("send").map(|r| r.position), Some(1), "offset 1 was routed again");
+        assert_eq!(store.send_record(&conv, a, "3").await.expect("send").map(|r| r.position), Some(2), "offset 2 was routed again");
+        // Offset 0 is below the watermark: taken as written, so the retry of "1" is a new send
+        // (which shows that the catch-up started at the watermark, not before it).
+        assert_eq!(store.send_record(&conv, a, "1").await.expect("send").map(|r| r.position), Some(4));
+        assert_eq!(deliveries().await, 8, "the retry of 2 reached no one; nothing was appended again for offsets 1 and 2");
+        assert_eq!(store.fanout_watermark(&conversations, 0).await.expect("watermark"), Some(3), "written when caught up");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -52,6 +52,7 @@ pub async fn run_all(tables: Arc<dyn Tables>) {
     fanout_messages(t).await;
     fanout_acks(t).await;
     fanout_read_markers(t).await;
+    fanout_watermarks(t).await;
     group_rows_highest_position_wins(t).await;
     user_group_intervals(t).await;
     roles(t).await;
@@ -778,6 +779,18 @@ pub async fn fanout_read_markers(t: &dyn Tables) {
     assert_eq!(t.fanout_read_marker(&c, u).await.expect("fanout_read_marker"), Some((m2, 7)), "put_fanout_read_marker overwrites");
 }
 
+/// The fan-out's watermarks read back per (topic, partition) and are overwritten.
+pub async fn fanout_watermarks(t: &dyn Tables) {
+    let topic = format!("conversations-{}", UserId::random());
+    assert_eq!(t.fanout_watermark(&topic, 0).await.expect("fanout_watermark"), None, "fanout_watermark before any write");
+    t.put_fanout_watermark(&topic, 0, 17).await.expect("put_fanout_watermark");
+    assert_eq!(t.fanout_watermark(&topic, 0).await.expect("fanout_watermark"), Some(17), "fanout_watermark reads back");
+    assert_eq!(t.fanout_watermark(&topic, 1).await.expect("fanout_watermark"), None, "fanout watermarks are per partition");
+    assert_eq!(t.fanout_watermark(&format!("{topic}-other"), 0).await.expect("fanout_watermark"), None, "fanout watermarks are per topic");
+    t.put_fanout_watermark(&topic, 0, 40).await.expect("put_fanout_watermark");
+    assert_eq!(t.fanout_watermark(&topic, 0).await.expect("fanout_watermark"), Some(40), "put_fanout_watermark overwrites");
+}
+
 /// Group projections keep, per row, the write with the highest position, in either write order;
 /// a write repeated at the same position changes nothing; reads return what was written.
 pub async fn group_rows_highest_position_wins(t: &dyn Tables) {
@@ -1378,6 +1391,8 @@ pub async fn checksums_and_truncate(t: &dyn Tables) {
     t.put_fanout_message(&fmessage).await.expect("put_fanout_message");
     t.add_fanout_ack(fmessage.message_id, ReceiptStatus::Delivered, sender).await.expect("add_fanout_ack");
     t.put_fanout_read_marker(&g, sender, fmessage.message_id, 2).await.expect("put_fanout_read_marker");
+    let watermark_topic = format!("conversations-{g}");
+    t.put_fanout_watermark(&watermark_topic, 3, 9).await.expect("put_fanout_watermark");
 
     let (writes, want) = fixture();
     for w in &writes {
@@ -1436,6 +1451,11 @@ pub async fn checksums_and_truncate(t: &dyn Tables) {
         t.fanout_read_marker(&g, sender).await.expect("fanout_read_marker"),
         Some((fmessage.message_id, 2)),
         "truncate_projections keeps fanout_read_markers"
+    );
+    assert_eq!(
+        t.fanout_watermark(&watermark_topic, 3).await.expect("fanout_watermark"),
+        Some(9),
+        "truncate_projections keeps fanout_watermarks"
     );
     assert_eq!(t.roles(sender).await.expect("roles"), ["auditor"], "truncate_projections keeps user_roles");
 }

@@ -92,6 +92,12 @@ pub trait FanoutStore: crate::Durable {
     /// How far a member has read a group, and the position of that read.
     async fn fanout_read_marker(&self, conv: &ConversationId, reader: UserId) -> StoreResult<Option<(MessageId, i64)>>;
     async fn put_fanout_read_marker(&self, conv: &ConversationId, reader: UserId, up_to: MessageId, position: i64) -> StoreResult<()>;
+    /// How far the fan-out's state of a partition is written: every record below the returned
+    /// offset has had its state written. `None` when never recorded.
+    async fn fanout_watermark(&self, topic: &str, partition: i32) -> StoreResult<Option<i64>>;
+    /// Records that every record of a partition below `next` has had its state written (call
+    /// only after those writes succeeded).
+    async fn put_fanout_watermark(&self, topic: &str, partition: i32, next: i64) -> StoreResult<()>;
 }
 
 /// A group as its members see it.

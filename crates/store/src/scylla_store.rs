@@ -117,6 +117,8 @@ struct Stmts {
     count_fanout_acks: PreparedStatement,
     insert_fanout_read_marker: PreparedStatement,
     select_fanout_read_marker: PreparedStatement,
+    insert_fanout_watermark: PreparedStatement,
+    select_fanout_watermark: PreparedStatement,
 
     insert_group: PreparedStatement,
     update_group_name: PreparedStatement,
@@ -466,6 +468,8 @@ impl ScyllaStore {
                 "SELECT up_to, position FROM {ks}.fanout_read_markers WHERE conversation_id = ? AND reader = ?"
             ))
             .await?,
+            insert_fanout_watermark: p(format!("INSERT INTO {ks}.fanout_watermarks (topic, partition, next) VALUES (?, ?, ?)")).await?,
+            select_fanout_watermark: p(format!("SELECT next FROM {ks}.fanout_watermarks WHERE topic = ? AND partition = ?")).await?,
 
             // Write time = position: the highest position wins, in any write order.
             insert_group: p(format!(
@@ -1232,6 +1236,15 @@ impl FanoutStore for ScyllaStore {
 
     async fn put_fanout_read_marker(&self, c: &ConversationId, reader: UserId, up_to: MessageId, position: i64) -> StoreResult<()> {
         self.exec(&self.stmts.insert_fanout_read_marker, (c.as_str(), reader.0, up_to.0, position)).await
+    }
+
+    async fn fanout_watermark(&self, topic: &str, partition: i32) -> StoreResult<Option<i64>> {
+        let rows = self.rows::<(i64,)>(&self.stmts.select_fanout_watermark, (topic, partition)).await?;
+        Ok(rows.into_iter().next().map(|(n,)| n))
+    }
+
+    async fn put_fanout_watermark(&self, topic: &str, partition: i32, next: i64) -> StoreResult<()> {
+        self.exec(&self.stmts.insert_fanout_watermark, (topic, partition, next)).await
     }
 }
 

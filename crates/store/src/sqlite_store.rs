@@ -112,6 +112,7 @@ CREATE TABLE IF NOT EXISTS fanout_members (conversation_id TEXT NOT NULL, member
 CREATE TABLE IF NOT EXISTS fanout_messages (conversation_id TEXT NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL, position INTEGER NOT NULL, recipients INTEGER NOT NULL, PRIMARY KEY (conversation_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS fanout_acks (message_id TEXT NOT NULL, status TEXT NOT NULL, member TEXT NOT NULL, PRIMARY KEY (message_id, status, member)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS fanout_read_markers (conversation_id TEXT NOT NULL, reader TEXT NOT NULL, up_to TEXT NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (conversation_id, reader)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fanout_watermarks (topic TEXT NOT NULL, partition INTEGER NOT NULL, next INTEGER NOT NULL, PRIMARY KEY (topic, partition)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS groups (conversation_id TEXT PRIMARY KEY, name TEXT NOT NULL, name_position INTEGER NOT NULL, creator TEXT, created_at INTEGER, position INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS group_members (conversation_id TEXT NOT NULL, member TEXT NOT NULL, role TEXT NOT NULL, active INTEGER NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (conversation_id, member)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS user_groups (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, role TEXT NOT NULL, active INTEGER NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (user_id, conversation_id)) WITHOUT ROWID;
@@ -1116,6 +1117,25 @@ impl FanoutStore for SqliteStore {
         self.write(move |t| {
             t.prepare_cached("INSERT OR REPLACE INTO fanout_read_markers (conversation_id, reader, up_to, position) VALUES (?1, ?2, ?3, ?4)")?
                 .execute(params![c.as_str(), reader.to_string(), up_to.to_string(), position])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn fanout_watermark(&self, topic: &str, partition: i32) -> StoreResult<Option<i64>> {
+        let topic = topic.to_owned();
+        self.read(move |conn| {
+            conn.row("SELECT next FROM fanout_watermarks WHERE topic = ?1 AND partition = ?2", params![topic, partition], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
+    async fn put_fanout_watermark(&self, topic: &str, partition: i32, next: i64) -> StoreResult<()> {
+        let topic = topic.to_owned();
+        self.write(move |t| {
+            t.prepare_cached("INSERT OR REPLACE INTO fanout_watermarks (topic, partition, next) VALUES (?1, ?2, ?3)")?
+                .execute(params![topic, partition, next])?;
             Ok(())
         })
         .await
