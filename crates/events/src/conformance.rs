@@ -488,6 +488,13 @@ pub async fn committed_appends(log: &dyn EventLog, prefix: &str) {
         async move { log.partition_lags(&group, &[input]).await.expect("partition_lags")[0].committed }
     };
     assert_eq!(committed().await, 3, "committed_appends: the offset is committed with the appends");
+    // All or nothing: one record that cannot be appended fails them all, and moves no offset.
+    let mut torn = outs(1);
+    torn.push((format!("{prefix}no-such-topic"), "k".to_owned(), b"x".to_vec()));
+    let failed = committer.append_committing(torn, &input, 0, 3).await.expect("committed_appends: the owner is not refused");
+    assert!(failed.iter().all(Result::is_err), "committed_appends: a batch with an unappendable record must fail as a whole: {failed:?}");
+    let end = log.partition_lags(&group, std::slice::from_ref(&output)).await.expect("partition_lags")[0].end;
+    assert_eq!(end, 2, "committed_appends: a failed batch appended part of itself");
     // The committer reads a partition's range back (for a stage catching its state up).
     let range = committer.read(&input, 0, 1, 3, 10).await.expect("committed_appends: read");
     let got: Vec<(i64, Vec<u8>)> = range.into_iter().map(|r| (r.offset, r.payload)).collect();

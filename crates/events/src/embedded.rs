@@ -393,6 +393,14 @@ impl Committer for EmbeddedCommitter {
                 if lock(&inner.groups).get(&group).map(|g| g.generation) != Some(mine) {
                     return Ok(None);
                 }
+                // All or nothing: a record that cannot be appended (its topic is unknown, the
+                // only failure of one record) fails them all, before any is appended. Appends
+                // committed without the offset would be appended again by the retry, and marked
+                // exactly once they would reach their readers twice.
+                if let Some((topic, _, _)) = records.iter().find(|(topic, _, _)| !c.topics.contains_key(topic)) {
+                    let e = LogError::Fatal(format!("unknown topic {topic}"));
+                    return Ok(Some((0..n).map(|_| Err(clone_err(&e))).collect()));
+                }
                 let out = append_in(t, c, records, now_ms)?;
                 if out.iter().all(Result::is_ok) {
                     commit_in(t, &group, &[(topic, partition, next)])?;
