@@ -87,20 +87,26 @@ impl From<EngineError> for LogError {
     }
 }
 
+/// The records are a rowid table in append order (`seq`), so a commit's records fill its last
+/// pages one after the other, and a small index finds a partition's offsets. (Layout 1 kept them
+/// in a table ordered by (topic, partition, offset): every commit rewrote the tail page of each
+/// partition it appended to, about four times the bytes written per record; see
+/// docs/benchmarks.md. [`migrate_records`] converts it.)
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS topics (
     topic      TEXT PRIMARY KEY,
     partitions INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS records (
+    seq       INTEGER PRIMARY KEY,
     topic     TEXT NOT NULL,
     partition INTEGER NOT NULL,
     offset    INTEGER NOT NULL,
     key       BLOB,
     payload   BLOB NOT NULL,
-    ts_ms     INTEGER NOT NULL,
-    PRIMARY KEY (topic, partition, offset)
-) WITHOUT ROWID;
+    ts_ms     INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS records_position ON records (topic, partition, offset);
 CREATE TABLE IF NOT EXISTS group_offsets (
     grp         TEXT NOT NULL,
     topic       TEXT NOT NULL,
@@ -126,7 +132,8 @@ impl EmbeddedLog {
             fatal(format!("data directory {} is in use by another chat process (stop it first)", dir.display()))
         })?;
         let path = dir.join("log.db");
-        let conn = open_sqlite(&path, true).map_err(|e| fatal(format!("{}: {e}", path.display())))?;
+        let mut conn = open_sqlite(&path, true).map_err(|e| fatal(format!("{}: {e}", path.display())))?;
+        migrate_records(&mut conn).map_err(|e| fatal(format!("{}: converting the records to the append-ordered layout: {e}", path.display())))?;
         conn.execute_batch(SCHEMA).map_err(fatal)?;
         let mut topics = HashMap::new();
         {
@@ -183,6 +190,33 @@ impl EmbeddedLog {
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
+}
+
+/// Converts a log written with layout 1 (records ordered by (topic, partition, offset), without
+/// a rowid) to the append-ordered layout, in one transaction: the records are copied in the
+/// order they were appended (by time, then position; a partition's offsets keep their order).
+/// Returns whether there was anything to convert.
+pub(crate) fn migrate_records(conn: &mut Connection) -> rusqlite::Result<bool> {
+    let sql: Option<String> = conn
+        .query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'records'", [], |r| r.get(0))
+        .optional()?;
+    if !sql.is_some_and(|s| s.contains("WITHOUT ROWID")) {
+        return Ok(false);
+    }
+    tracing::info!("converting the event log to the append-ordered layout (once; the file keeps its size, freed pages are reused)");
+    let began = Instant::now();
+    let t = conn.transaction()?;
+    t.execute_batch(
+        "ALTER TABLE records RENAME TO records_layout1;
+         CREATE TABLE records (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL, key BLOB, payload BLOB NOT NULL, ts_ms INTEGER NOT NULL);
+         INSERT INTO records (topic, partition, offset, key, payload, ts_ms)
+             SELECT topic, partition, offset, key, payload, ts_ms FROM records_layout1 ORDER BY ts_ms, topic, partition, offset;
+         DROP TABLE records_layout1;",
+    )?;
+    let records: i64 = t.query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))?;
+    t.commit()?;
+    tracing::info!(records, seconds = began.elapsed().as_secs_f64(), "event log converted to the append-ordered layout");
+    Ok(true)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -749,5 +783,56 @@ mod tests {
         let h = murmur2::murmur2(b"21", murmur2::KAFKA_SEED) as i32;
         assert_eq!(h, -973932308);
         assert_eq!(partition_for(b"21", 1), 0);
+    }
+
+    /// A log written with layout 1 (records without a rowid, ordered by position) opens with
+    /// every record, offset, end and group offset as before, in the append-ordered layout, and
+    /// appends continue each partition's offsets.
+    #[tokio::test]
+    async fn a_layout_1_log_is_converted_at_open() {
+        let dir = std::env::temp_dir().join(format!("chat-log-layout1-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            let c = Connection::open(dir.join("log.db")).unwrap();
+            c.execute_batch(
+                "CREATE TABLE topics (topic TEXT PRIMARY KEY, partitions INTEGER NOT NULL);
+                 CREATE TABLE records (topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL, key BLOB, payload BLOB NOT NULL, ts_ms INTEGER NOT NULL, PRIMARY KEY (topic, partition, offset)) WITHOUT ROWID;
+                 CREATE TABLE group_offsets (grp TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL, PRIMARY KEY (grp, topic, partition)) WITHOUT ROWID;
+                 INSERT INTO topics VALUES ('t', 2);
+                 INSERT INTO group_offsets VALUES ('g', 't', 1, 2);",
+            )
+            .unwrap();
+            // Partition 1's records were appended over time, interleaved with partition 0's.
+            for (p, o, ts) in [(1, 0, 10), (0, 0, 11), (1, 1, 12), (1, 2, 12), (0, 1, 13)] {
+                c.execute("INSERT INTO records VALUES ('t', ?1, ?2, ?3, ?4, ?5)", params![p, o, b"k".to_vec(), format!("{p}/{o}").into_bytes(), ts])
+                    .unwrap();
+            }
+        }
+        let log = EmbeddedLog::open(&dir, 16).unwrap();
+        let sql: String = Connection::open(dir.join("log.db"))
+            .unwrap()
+            .query_row("SELECT sql FROM sqlite_master WHERE name = 'records'", [], |r| r.get(0))
+            .unwrap();
+        assert!(sql.contains("seq INTEGER PRIMARY KEY"), "{sql}");
+        let consumer = log.subscribe("g", &["t".to_owned()]).await.unwrap();
+        let committer = consumer.committer().unwrap();
+        let read = |p: i32| {
+            let committer = committer.clone();
+            async move {
+                committer.read("t", p, 0, 10, 10).await.unwrap().into_iter().map(|r| (r.offset, String::from_utf8(r.payload).unwrap())).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(read(0).await, vec![(0, "0/0".to_owned()), (1, "0/1".to_owned())]);
+        assert_eq!(read(1).await, vec![(0, "1/0".to_owned()), (1, "1/1".to_owned()), (2, "1/2".to_owned())]);
+        let lags = log.partition_lags("g", &["t".to_owned()]).await.unwrap();
+        let p1 = lags.iter().find(|l| l.partition == 1).unwrap();
+        assert_eq!((p1.end, p1.committed), (3, 2));
+        // "k" goes to one partition; its next append continues that partition's offsets.
+        let at = log.append("t", "k", b"new".to_vec()).await.unwrap();
+        assert_eq!(at.offset, if at.partition == 0 { 2 } else { 3 });
+        drop(committer);
+        drop(consumer);
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -38,7 +38,12 @@ pub struct Projector {
     v1_items: Mutex<Bounded<(chat_events::UserId, uuid::Uuid)>>,
     /// Point rows (inbox rows, stream heads) as the last slice of each partition left them.
     cache: Mutex<RowCache>,
+    /// Sees every list of writes the store applied (the engine benchmark records them).
+    tap: Option<WriteTap>,
 }
+
+/// A callback given every list of writes after the store applied it.
+pub type WriteTap = Arc<dyn Fn(&[Write]) + Send + Sync>;
 
 /// Point rows per partition, carried from one slice to the next.
 ///
@@ -123,7 +128,15 @@ impl Projector {
             applied_sets: Mutex::new(Bounded::new(APPLIED_SETS)),
             v1_items: Mutex::new(Bounded::new(V1_WINDOW)),
             cache: Mutex::new(RowCache::default()),
+            tap: None,
         }
+    }
+
+    /// Calls `tap` with every list of writes once the store applied it, in the order applied
+    /// (`chat-enginebench` records a projection run this way and replays it on other engines).
+    pub fn with_tap(mut self, tap: WriteTap) -> Self {
+        self.tap = Some(tap);
+        self
     }
 
     /// Rows written per table since start.
@@ -221,6 +234,10 @@ impl Projector {
         let mut w = self.written.lock().unwrap_or_else(|p| p.into_inner());
         for x in writes {
             *w.entry(x.table()).or_default() += 1;
+        }
+        drop(w);
+        if let Some(tap) = &self.tap {
+            tap(writes);
         }
     }
 
