@@ -37,12 +37,33 @@ pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
     (h % partitions.max(1) as u32) as i32
 }
 
+/// A partition's offsets that are multiples of this are marked (see [`SCHEMA`]).
+const MARK_EVERY: i64 = 64;
+/// ... and so is a record appended this many rows (of any partition) or more after its
+/// partition's last mark: a partition's unmarked records lie within this many rows after its
+/// mark before them, which bounds every scan that starts at a mark (at open, reads from an
+/// offset), however rarely the partition is written.
+const MARK_GAP: i64 = 4_096;
+/// `PRAGMA user_version` of a log in layout 3 (records in append order, sparse marks).
+const LAYOUT: i64 = 3;
+
 /// What the log's writer keeps in memory (and puts back if a transaction fails): the partition
-/// count of every topic, and the next offset of every partition.
+/// count of every topic, the next offset of every partition, the row of every partition's last
+/// mark and the last row appended.
 #[derive(Clone, Default)]
 struct Counters {
     topics: HashMap<String, i32>,
     ends: HashMap<(String, i32), i64>,
+    last_mark: HashMap<(String, i32), i64>,
+    max_seq: i64,
+}
+
+/// The ends of the partitions and the last row, as of one commit (published together, so that
+/// a partition at its end has no record at or below `max_seq` past that end).
+#[derive(Clone, Default)]
+struct Tail {
+    ends: HashMap<(String, i32), i64>,
+    max_seq: i64,
 }
 
 #[derive(Default)]
@@ -59,8 +80,8 @@ struct Inner {
     engine: Arc<Engine<Counters>>,
     /// Partition count per topic.
     topics: Mutex<HashMap<String, i32>>,
-    /// Next offset per (topic, partition): the end of each partition.
-    ends: Mutex<HashMap<(String, i32), i64>>,
+    /// Next offset per (topic, partition), the end of each partition, and the last row.
+    tail: Mutex<Tail>,
     /// Bumped after every commit of appends; consumers wait on it.
     appended: watch::Sender<u64>,
     groups: Mutex<HashMap<String, GroupState>>,
@@ -87,11 +108,16 @@ impl From<EngineError> for LogError {
     }
 }
 
-/// The records are a rowid table in append order (`seq`), so a commit's records fill its last
-/// pages one after the other, and a small index finds a partition's offsets. (Layout 1 kept them
-/// in a table ordered by (topic, partition, offset): every commit rewrote the tail page of each
-/// partition it appended to, about four times the bytes written per record; see
-/// docs/benchmarks.md. [`migrate_records`] converts it.)
+/// Layout 3. The records are a rowid table in append order (`seq`): a commit's records fill the
+/// table's last pages one after the other, whatever partitions they go to. There is no index of
+/// every record's position: a full index (layout 2) had one entry per record in a B-tree ordered
+/// by (topic, partition, offset), so each commit rewrote one index page per partition it touched,
+/// most of the bytes the log wrote (docs/benchmarks.md). Instead `record_marks` holds the row of a
+/// partition's offset every [`MARK_EVERY`] offsets (and after a gap of [`MARK_GAP`] rows), a
+/// page written once per 64 records of a partition; a read from an offset starts at the mark
+/// before it and scans in append order, and a consumer scans once for all its partitions, from
+/// where it stopped ([`scan_records`]). Offsets of a partition rise with `seq` (one writer), which
+/// every scan relies on. Layouts 1 and 2 are converted at open ([`migrate`]).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS topics (
     topic      TEXT PRIMARY KEY,
@@ -106,7 +132,13 @@ CREATE TABLE IF NOT EXISTS records (
     payload   BLOB NOT NULL,
     ts_ms     INTEGER NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS records_position ON records (topic, partition, offset);
+CREATE TABLE IF NOT EXISTS record_marks (
+    topic     TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    offset    INTEGER NOT NULL,
+    seq       INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition, offset)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS group_offsets (
     grp         TEXT NOT NULL,
     topic       TEXT NOT NULL,
@@ -133,27 +165,10 @@ impl EmbeddedLog {
         })?;
         let path = dir.join("log.db");
         let mut conn = open_sqlite(&path, true).map_err(|e| fatal(format!("{}: {e}", path.display())))?;
-        migrate_records(&mut conn).map_err(|e| fatal(format!("{}: converting the records to the append-ordered layout: {e}", path.display())))?;
-        conn.execute_batch(SCHEMA).map_err(fatal)?;
-        let mut topics = HashMap::new();
-        {
-            let mut st = conn.prepare("SELECT topic, partitions FROM topics").map_err(fatal)?;
-            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i32>(1)?))).map_err(fatal)?;
-            for r in rows {
-                let (t, p) = r.map_err(fatal)?;
-                topics.insert(t, p);
-            }
-        }
-        let mut ends = HashMap::new();
-        for (t, n) in &topics {
-            for p in 0..*n {
-                let end: Option<i64> = conn
-                    .query_row("SELECT MAX(offset) FROM records WHERE topic = ?1 AND partition = ?2", params![t, p], |r| r.get(0))
-                    .map_err(fatal)?;
-                ends.insert((t.clone(), p), end.map(|e| e + 1).unwrap_or(0));
-            }
-        }
-        let counters = Counters { topics: topics.clone(), ends: ends.clone() };
+        migrate(&mut conn).map_err(|e| fatal(format!("{}: converting the records to layout {LAYOUT}: {e}", path.display())))?;
+        let topics = read_topics(&conn).map_err(fatal)?;
+        let (tail, last_mark) = read_tail(&conn, &topics).map_err(fatal)?;
+        let counters = Counters { topics: topics.clone(), ends: tail.ends.clone(), last_mark, max_seq: tail.max_seq };
         // The engine publishes the counters after each commit, through this slot (the log's
         // inner state does not exist yet when the engine starts).
         let published: Arc<Mutex<std::sync::Weak<Inner>>> = Arc::new(Mutex::new(std::sync::Weak::new()));
@@ -161,12 +176,13 @@ impl EmbeddedLog {
         let mut options = Options::new("log", Durability::Full);
         options.queue = queue;
         options.jobs_per_commit = 1024;
-        // The tail page of each partition is rewritten by many commits: checkpointed once per
-        // 40 MiB of WAL instead of once per 4 MiB.
-        options.checkpoint_pages = 10_000;
+        // A checkpoint runs in the writer after a commit and holds up the next one: once per 8 MiB
+        // of WAL, not per 40 MiB as layout 2 did (its stalls doubled a send's p99 at 4,000/s;
+        // docs/benchmarks.md), nor per SQLite's 4 MiB.
+options.checkpoint_pages = 2_000;
         let engine = Engine::start(path.clone(), conn, counters, options, move |c: &Counters| {
             if let Some(inner) = lock(&slot).upgrade() {
-                *lock(&inner.ends) = c.ends.clone();
+                *lock(&inner.tail) = Tail { ends: c.ends.clone(), max_seq: c.max_seq };
                 *lock(&inner.topics) = c.topics.clone();
                 inner.appended.send_modify(|v| *v += 1);
             }
@@ -177,7 +193,7 @@ impl EmbeddedLog {
             _lock: lock_file,
             engine,
             topics: Mutex::new(topics),
-            ends: Mutex::new(ends),
+            tail: Mutex::new(tail),
             appended: watch::channel(0).0,
             groups: Mutex::new(HashMap::new()),
             next_member: Mutex::new(1),
@@ -192,31 +208,156 @@ impl EmbeddedLog {
     }
 }
 
-/// Converts a log written with layout 1 (records ordered by (topic, partition, offset), without
-/// a rowid) to the append-ordered layout, in one transaction: the records are copied in the
-/// order they were appended (by time, then position; a partition's offsets keep their order).
-/// Returns whether there was anything to convert.
-pub(crate) fn migrate_records(conn: &mut Connection) -> rusqlite::Result<bool> {
-    let sql: Option<String> = conn
-        .query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'records'", [], |r| r.get(0))
-        .optional()?;
-    if !sql.is_some_and(|s| s.contains("WITHOUT ROWID")) {
+fn read_topics(conn: &Connection) -> rusqlite::Result<HashMap<String, i32>> {
+    let mut st = conn.prepare("SELECT topic, partitions FROM topics")?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i32>(1)?)))?;
+    rows.collect()
+}
+
+/// The row of each partition's last mark.
+type Marks = HashMap<(String, i32), i64>;
+
+/// The end of every partition, the last row, and the row of every partition's last mark, read
+/// from the marks and a bounded scan: a partition's records after its last mark lie within
+/// [`MARK_GAP`] rows of it.
+fn read_tail(conn: &Connection, topics: &HashMap<String, i32>) -> rusqlite::Result<(Tail, Marks)> {
+    let mut last_mark = HashMap::new();
+    let mut ends = HashMap::new();
+    let mut from: HashMap<(String, i32), i64> = HashMap::new();
+    {
+        let mut st = conn.prepare_cached("SELECT offset, seq FROM record_marks WHERE topic = ?1 AND partition = ?2 ORDER BY offset DESC LIMIT 1")?;
+        for (t, n) in topics {
+            for p in 0..*n {
+                let mark: Option<(i64, i64)> = st.query_row(params![t, p], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+                // Offset 0 is always marked: no mark, no record.
+                ends.insert((t.clone(), p), mark.map(|(o, _)| o + 1).unwrap_or(0));
+                if let Some((_, seq)) = mark {
+                    last_mark.insert((t.clone(), p), seq);
+                    from.insert((t.clone(), p), seq);
+                }
+            }
+        }
+    }
+    // The stretches to scan, merged.
+    let mut spans: Vec<(i64, i64)> = from.values().map(|s| (*s, s + MARK_GAP)).collect();
+    spans.sort_unstable();
+    let mut merged: Vec<(i64, i64)> = Vec::new();
+    for (a, b) in spans {
+        match merged.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    let mut st = conn.prepare_cached("SELECT seq, topic, partition, offset FROM records WHERE seq >= ?1 AND seq < ?2")?;
+    for (a, b) in merged {
+        let mut rows = st.query(params![a, b])?;
+        while let Some(r) = rows.next()? {
+            let (seq, partition, offset): (i64, i32, i64) = (r.get(0)?, r.get(2)?, r.get(3)?);
+            let topic = r.get_ref(1)?.as_str().map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e)))?;
+            let key = (topic.to_owned(), partition);
+            if from.get(&key).is_some_and(|f| seq >= *f) {
+                let end = ends.entry(key).or_insert(0);
+                *end = (*end).max(offset + 1);
+            }
+        }
+    }
+    let max_seq: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM records", [], |r| r.get(0))?;
+    Ok((Tail { ends, max_seq }, last_mark))
+}
+
+/// Brings a log of any earlier layout to layout 3, in one transaction (nothing to do on a log in
+/// layout 3; a new log gets its tables). Layout 1 (records without a rowid, ordered by position)
+/// is copied partition after partition; layout 2 (append order with a full index) loses the
+/// index. Both get their marks from one pass over the records in `seq` order, which also checks
+/// that each partition's offsets rise with `seq` (a layout-2 log converted from layout 1 by an
+/// earlier release was copied by append time, which two racing appends can invert: such a log is
+/// copied again, partition after partition). Returns whether there was anything to convert.
+pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<bool> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version >= LAYOUT {
         return Ok(false);
     }
-    tracing::info!("converting the event log to the append-ordered layout (once; the file keeps its size, freed pages are reused)");
     let began = Instant::now();
     let t = conn.transaction()?;
-    t.execute_batch(
-        "ALTER TABLE records RENAME TO records_layout1;
-         CREATE TABLE records (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL, key BLOB, payload BLOB NOT NULL, ts_ms INTEGER NOT NULL);
-         INSERT INTO records (topic, partition, offset, key, payload, ts_ms)
-             SELECT topic, partition, offset, key, payload, ts_ms FROM records_layout1 ORDER BY ts_ms, topic, partition, offset;
-         DROP TABLE records_layout1;",
-    )?;
+    let sql: Option<String> = t
+        .query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'records'", [], |r| r.get(0))
+        .optional()?;
+    let existed = sql.is_some();
+    if existed {
+        tracing::info!("converting the event log to layout {LAYOUT} (once; records in append order, sparse marks instead of an index)");
+    }
+    if sql.is_some_and(|s| s.contains("WITHOUT ROWID")) {
+        recopy_by_position(&t, "records")?;
+    }
+    t.execute_batch("DROP INDEX IF EXISTS records_position;")?;
+    t.execute_batch(SCHEMA)?;
+    if !write_marks(&t)? {
+        tracing::warn!("the event log's records were not in offset order within a partition; copying them again by position");
+        t.execute_batch("ALTER TABLE records RENAME TO records_unordered;")?;
+        recopy_by_position(&t, "records_unordered")?;
+        if !write_marks(&t)? {
+            return Err(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT), Some("the event log's offsets are not consecutive within a partition".into())));
+        }
+    }
     let records: i64 = t.query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))?;
+    t.pragma_update(None, "user_version", LAYOUT)?;
     t.commit()?;
-    tracing::info!(records, seconds = began.elapsed().as_secs_f64(), "event log converted to the append-ordered layout");
+    if existed {
+        tracing::info!(records, seconds = began.elapsed().as_secs_f64(), "event log converted to layout {LAYOUT}");
+    }
+    Ok(existed)
+}
+
+/// Replaces `records` with a copy of `from` (then dropped) in (topic, partition, offset) order.
+fn recopy_by_position(t: &Transaction<'_>, from: &str) -> rusqlite::Result<()> {
+    let moved = if from == "records" {
+        t.execute_batch("ALTER TABLE records RENAME TO records_old;")?;
+        "records_old"
+    } else {
+        from
+    };
+    t.execute_batch(&format!(
+        "CREATE TABLE records (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL, key BLOB, payload BLOB NOT NULL, ts_ms INTEGER NOT NULL);
+         INSERT INTO records (topic, partition, offset, key, payload, ts_ms)
+             SELECT topic, partition, offset, key, payload, ts_ms FROM {moved} ORDER BY topic, partition, offset;
+         DROP TABLE {moved};"
+    ))
+}
+
+/// Writes the marks of every record, in one pass in `seq` order. Returns false (and writes
+/// nothing) when a partition's offsets do not rise by one from 0 in that order.
+fn write_marks(t: &Transaction<'_>) -> rusqlite::Result<bool> {
+    t.execute("DELETE FROM record_marks", [])?;
+    let mut marks: Vec<(String, i32, i64, i64)> = Vec::new();
+    let mut next: HashMap<(String, i32), i64> = HashMap::new();
+    let mut last_mark: HashMap<(String, i32), i64> = HashMap::new();
+    {
+        let mut st = t.prepare("SELECT seq, topic, partition, offset FROM records ORDER BY seq")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let (seq, topic, partition, offset): (i64, String, i32, i64) = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+            let key = (topic, partition);
+            let expected = next.entry(key.clone()).or_insert(0);
+            if offset != *expected {
+                return Ok(false);
+            }
+            *expected += 1;
+            if is_mark(offset, seq, last_mark.get(&key).copied()) {
+                last_mark.insert(key.clone(), seq);
+                marks.push((key.0, key.1, offset, seq));
+            }
+        }
+    }
+    let mut st = t.prepare("INSERT INTO record_marks (topic, partition, offset, seq) VALUES (?1, ?2, ?3, ?4)")?;
+    for (topic, partition, offset, seq) in marks {
+        st.execute(params![topic, partition, offset, seq])?;
+    }
     Ok(true)
+}
+
+/// Whether the record at `offset`, row `seq`, is marked, given its partition's last mark.
+fn is_mark(offset: i64, seq: i64, last_mark: Option<i64>) -> bool {
+    offset % MARK_EVERY == 0 || last_mark.is_none_or(|m| seq - m >= MARK_GAP)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -232,12 +373,20 @@ fn append_in(t: &Transaction<'_>, c: &mut Counters, records: Vec<(String, String
             continue;
         };
         let partition = partition_for(key.as_bytes(), n);
-        let end = c.ends.entry((topic.clone(), partition)).or_insert(0);
+        let tp = (topic, partition);
+        let end = c.ends.entry(tp.clone()).or_insert(0);
         let offset = *end;
         t.prepare_cached("INSERT INTO records (topic, partition, offset, key, payload, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
-            .execute(params![topic, partition, offset, key.as_bytes(), payload, now_ms])?;
+            .execute(params![tp.0, partition, offset, key.as_bytes(), payload, now_ms])?;
         *end += 1;
-        out.push(Ok(Position { topic, partition, offset }));
+        let seq = t.last_insert_rowid();
+        c.max_seq = seq;
+        if is_mark(offset, seq, c.last_mark.get(&tp).copied()) {
+            t.prepare_cached("INSERT INTO record_marks (topic, partition, offset, seq) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![tp.0, partition, offset, seq])?;
+            c.last_mark.insert(tp.clone(), seq);
+        }
+        out.push(Ok(Position { topic: tp.0, partition, offset }));
     }
     Ok(out)
 }
@@ -351,12 +500,12 @@ impl EventLog for EmbeddedLog {
             committed: BTreeMap::new(),
             last_commit: Instant::now(),
             appended: self.inner.appended.subscribe(),
-            cursor: 0,
+            scanned: 0,
         }))
     }
 
     async fn partition_lags(&self, group: &str, topics: &[String]) -> Result<Vec<PartitionLag>, LogError> {
-        let ends = lock(&self.inner.ends).clone();
+        let ends = lock(&self.inner.tail).ends.clone();
         let mut lags = Vec::new();
         for ((topic, partition), end) in ends {
             if topics.contains(&topic) {
@@ -472,8 +621,9 @@ struct EmbeddedConsumer {
     committed: BTreeMap<(String, i32), i64>,
     last_commit: Instant,
     appended: watch::Receiver<u64>,
-    /// Round-robin start among partitions, so no partition starves.
-    cursor: usize,
+    /// Every record of an assigned partition at or past its position is in a row after this one:
+    /// the next scan starts here.
+    scanned: i64,
 }
 
 impl EmbeddedConsumer {
@@ -502,11 +652,27 @@ impl EmbeddedConsumer {
         sorted.sort_unstable();
         let me = sorted.iter().position(|m| *m == self.member).unwrap_or(0);
         let mine: Vec<(String, i32)> = all.into_iter().enumerate().filter(|(i, _)| i % sorted.len().max(1) == me).map(|(_, tp)| tp).collect();
+        // The ends before the committed offsets: a partition whose committed offset is at or past
+        // this end has no record to read up to this tail's last row.
+        let tail = lock(&self.log.tail).clone();
         let mut positions = BTreeMap::new();
+        let mut behind = Vec::new();
         for (t, p) in mine {
             let at = self.log.committed_for_assignment(&self.group, &t, p).await?;
+            if at < tail.ends.get(&(t.clone(), p)).copied().unwrap_or(0) {
+                behind.push((t.clone(), p, at));
+            }
             positions.insert((t, p), at);
         }
+        // A partition behind its end is read from the mark at or before its position.
+        let from = self.log.engine.read(move |c| {
+            let mut from = tail.max_seq;
+            for (t, p, at) in &behind {
+                from = from.min(mark_before(c, t, *p, *at)?);
+            }
+            Ok(from)
+        });
+        self.scanned = from.await?;
         self.positions = positions;
         self.stored.clear();
         self.committed.clear();
@@ -535,48 +701,70 @@ impl EmbeddedConsumer {
         Ok(())
     }
 
-    /// The assigned partitions that have records past our position.
-    fn readable(&self) -> Vec<((String, i32), i64)> {
-        let ends = lock(&self.log.ends).clone();
-        let mut parts: Vec<((String, i32), i64)> = self
-            .positions
-            .iter()
-            .filter(|(k, pos)| ends.get(*k).copied().unwrap_or(0) > **pos)
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        if !parts.is_empty() {
-            let n = parts.len();
-            parts.rotate_left(self.cursor % n);
+    /// Whether an assigned partition has records past its position; when none has, the scan
+    /// can start at the tail's last row.
+    fn readable(&mut self) -> bool {
+        let tail = lock(&self.log.tail).clone();
+        let readable = self.positions.iter().any(|(k, pos)| tail.ends.get(k).copied().unwrap_or(0) > *pos);
+        if !readable {
+            self.scanned = self.scanned.max(tail.max_seq);
         }
-        parts
+        readable
     }
 }
 
-/// Reads up to `max` records from the given partitions, starting at the given offsets.
-fn read_records(conn: &Connection, parts: &[((String, i32), i64)], max: usize) -> rusqlite::Result<Vec<Record>> {
-    let mut out = Vec::new();
-    let per = (max / parts.len().max(1)).max(1);
-    let mut st = conn.prepare_cached(
-        "SELECT offset, key, payload, ts_ms FROM records WHERE topic = ?1 AND partition = ?2 AND offset >= ?3 ORDER BY offset LIMIT ?4",
-    )?;
-    for ((topic, partition), pos) in parts {
-        if out.len() >= max {
-            break;
-        }
-        let rows = st.query_map(params![topic, partition, pos, per.min(max - out.len()) as i64], |r| {
-            Ok(Record {
-                topic: topic.clone(),
-                partition: *partition,
-                offset: r.get(0)?,
-                key: r.get(1)?,
-                payload: r.get(2)?,
-                timestamp: DateTime::from_timestamp_millis(r.get(3)?),
-            })
-        })?;
-        for r in rows {
-            out.push(r?);
+/// The row of the mark at or before `offset` of a partition, less one: its records from
+/// `offset` on are in rows after it.
+fn mark_before(c: &Connection, topic: &str, partition: i32, offset: i64) -> rusqlite::Result<i64> {
+    let seq: Option<i64> = c
+        .prepare_cached("SELECT seq FROM record_marks WHERE topic = ?1 AND partition = ?2 AND offset <= ?3 ORDER BY offset DESC LIMIT 1")?
+        .query_row(params![topic, partition, offset], |r| r.get(0))
+        .optional()?;
+    Ok(seq.map(|s| s - 1).unwrap_or(0))
+}
+
+/// Rows a scan examines at most (records of other topics and partitions, or before a
+/// position, are passed over).
+const SCAN_ROWS: i64 = 65_536;
+
+/// What one scan found.
+struct Scan {
+    records: Vec<Record>,
+    /// The last row examined (every wanted record up to it is in `records`).
+    last: i64,
+    /// The scan reached the last row (not its row budget or `max`).
+    at_end: bool,
+}
+
+/// Reads, in append order, the records in rows after `after` of the partitions in `positions`
+/// from their positions on: up to `max` records, up to [`SCAN_ROWS`] rows examined, up to row
+/// `until` if given.
+fn scan_records(c: &Connection, after: i64, until: Option<i64>, positions: &[(String, i32, i64)], max: usize) -> rusqlite::Result<Scan> {
+    let mut st = c.prepare_cached("SELECT seq, topic, partition, offset, key, payload, ts_ms FROM records WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3")?;
+    let mut rows = st.query(params![after, until.unwrap_or(i64::MAX), SCAN_ROWS])?;
+    let mut out = Scan { records: Vec::new(), last: after, at_end: true };
+    let mut examined = 0;
+    while let Some(r) = rows.next()? {
+        examined += 1;
+        out.last = r.get(0)?;
+        let (partition, offset): (i32, i64) = (r.get(2)?, r.get(3)?);
+        let topic = r.get_ref(1)?.as_str().map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e)))?;
+        if positions.iter().any(|(t, p, pos)| *p == partition && offset >= *pos && t == topic) {
+            out.records.push(Record {
+                topic: topic.to_owned(),
+                partition,
+                offset,
+                key: r.get(4)?,
+                payload: r.get(5)?,
+                timestamp: DateTime::from_timestamp_millis(r.get(6)?),
+            });
+            if out.records.len() >= max {
+                out.at_end = false;
+                return Ok(out);
+            }
         }
     }
+    out.at_end = examined < SCAN_ROWS;
     Ok(out)
 }
 
@@ -592,18 +780,22 @@ impl LogConsumer for EmbeddedConsumer {
                 }
             }
             self.appended.borrow_and_update();
-            let parts = self.readable();
-            if !parts.is_empty() {
-                let batch = self.log.engine.read(move |c| read_records(c, &parts, max)).await?;
-                self.cursor = self.cursor.wrapping_add(1);
-                for r in &batch {
-                    // Only advance partitions still assigned (a rebalance may have run meanwhile).
+            if self.readable() {
+                let positions: Vec<(String, i32, i64)> = self.positions.iter().map(|((t, p), o)| (t.clone(), *p, *o)).collect();
+                let after = self.scanned;
+                let scan = self.log.engine.read(move |c| scan_records(c, after, None, &positions, max.max(1))).await?;
+                self.scanned = scan.last;
+                for r in &scan.records {
                     if let Some(pos) = self.positions.get_mut(&(r.topic.clone(), r.partition)) {
                         *pos = (*pos).max(r.offset + 1);
                     }
                 }
-                if !batch.is_empty() {
-                    return Ok(batch);
+                if !scan.records.is_empty() {
+                    return Ok(scan.records);
+                }
+                if !scan.at_end {
+                    // Rows of other partitions passed over; go on scanning.
+                    continue;
                 }
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -655,11 +847,15 @@ impl Drop for EmbeddedConsumer {
     }
 }
 
-/// Reads partitions one after the other, in pages, on a read-only connection.
+/// Reads topics in one pass in append order, in pages, on a read-only connection, up to the
+/// last row when it was made.
 struct SnapshotReader {
     dir: PathBuf,
-    /// (topic, partition, next offset, end) still to read.
-    parts: Vec<(String, i32, i64, i64)>,
+    /// Every partition of the topics, from offset 0.
+    parts: Vec<(String, i32, i64)>,
+    /// The last row read, and the last row of the snapshot.
+    after: i64,
+    until: i64,
     total: i64,
     read: i64,
 }
@@ -667,23 +863,24 @@ struct SnapshotReader {
 #[async_trait]
 impl LogReader for SnapshotReader {
     async fn next_batch(&mut self, max: usize) -> Result<Vec<Record>, LogError> {
-        let Some((topic, partition, from, end)) = self.parts.first().cloned() else { return Ok(Vec::new()) };
-        let dir = self.dir.clone();
-        let page = tokio::task::spawn_blocking(move || {
-            read_records_from(&dir, &topic, partition, from, end, max)
+        if self.after >= self.until {
+            return Ok(Vec::new());
+        }
+        let (dir, parts, mut after, until, max) = (self.dir.clone(), self.parts.clone(), self.after, self.until, max.max(1));
+        let (page, last) = tokio::task::spawn_blocking(move || -> Result<(Vec<Record>, i64), LogError> {
+            let c = open_sqlite(&dir.join("log.db"), false).map_err(fatal)?;
+            let mut page = Vec::new();
+            while page.len() < max && after < until {
+                let scan = scan_records(&c, after, Some(until), &parts, max - page.len()).map_err(fatal)?;
+                after = if scan.at_end && scan.records.len() < max - page.len() { until } else { scan.last };
+                page.extend(scan.records);
+            }
+            Ok((page, after))
         })
         .await
         .map_err(fatal)??;
-        let next = page.last().map(|r| r.offset + 1).unwrap_or(end);
+        self.after = last;
         self.read += page.len() as i64;
-        if next >= end {
-            self.parts.remove(0);
-        } else if let Some(p) = self.parts.first_mut() {
-            p.2 = next;
-        }
-        if page.is_empty() && !self.parts.is_empty() {
-            return Box::pin(self.next_batch(max)).await;
-        }
         Ok(page)
     }
 
@@ -692,27 +889,26 @@ impl LogReader for SnapshotReader {
     }
 }
 
-fn read_records_from(dir: &Path, topic: &str, partition: i32, from: i64, end: i64, max: usize) -> Result<Vec<Record>, LogError> {
-    let c = open_sqlite(&dir.join("log.db"), false).map_err(fatal)?;
-    read_range(&c, topic, partition, from, end, max).map_err(fatal)
-}
-
-/// Records `from <= offset < end` of one partition, at most `max`.
+/// Records `from <= offset < end` of one partition, at most `max`: from the mark at or before
+/// `from`, in append order.
 fn read_range(c: &Connection, topic: &str, partition: i32, from: i64, end: i64, max: usize) -> rusqlite::Result<Vec<Record>> {
-    let mut st = c.prepare_cached(
-        "SELECT offset, key, payload, ts_ms FROM records WHERE topic = ?1 AND partition = ?2 AND offset >= ?3 AND offset < ?4 ORDER BY offset LIMIT ?5",
-    )?;
-    let rows = st.query_map(params![topic, partition, from, end, max as i64], |r| {
-        Ok(Record {
-            topic: topic.to_owned(),
-            partition,
-            offset: r.get(0)?,
-            key: r.get(1)?,
-            payload: r.get(2)?,
-            timestamp: DateTime::from_timestamp_millis(r.get(3)?),
-        })
-    })?;
-    rows.collect()
+    let mut after = mark_before(c, topic, partition, from)?;
+    let (mut out, mut pos) = (Vec::new(), from);
+    while out.len() < max && pos < end {
+        let scan = scan_records(c, after, None, &[(topic.to_owned(), partition, pos)], max - out.len())?;
+        after = scan.last;
+        for r in scan.records {
+            if r.offset >= end {
+                return Ok(out);
+            }
+            pos = r.offset + 1;
+            out.push(r);
+        }
+        if scan.at_end {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 /// Read-only views of a data directory, usable while another process owns it (tests, tools).
@@ -723,44 +919,65 @@ pub mod inspect {
         open_sqlite(&dir.join("log.db"), false).map_err(fatal)
     }
 
+    /// The end of every partition (the marks of layout 3; a scan of an older layout's records,
+    /// which `chat run` converts when it opens them).
+    fn ends(c: &Connection) -> Result<(HashMap<String, i32>, Tail), LogError> {
+        let topics = read_topics(c).map_err(fatal)?;
+        let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(fatal)?;
+        if version >= LAYOUT {
+            let (tail, _) = read_tail(c, &topics).map_err(fatal)?;
+            return Ok((topics, tail));
+        }
+        let mut tail = Tail::default();
+        let mut st = c.prepare("SELECT topic, partition, MAX(offset) + 1 FROM records GROUP BY topic, partition").map_err(fatal)?;
+        let rows = st.query_map([], |r| Ok(((r.get::<_, String>(0)?, r.get::<_, i32>(1)?), r.get::<_, i64>(2)?))).map_err(fatal)?;
+        for r in rows {
+            let (k, end) = r.map_err(fatal)?;
+            tail.ends.insert(k, end);
+        }
+        Ok((topics, tail))
+    }
+
     /// Records still to be consumed by a group on some topics (end − committed, summed).
     pub fn group_lag(dir: &Path, group: &str, topics: &[String]) -> Result<i64, LogError> {
         let c = conn(dir)?;
+        let (_, tail) = ends(&c)?;
         let mut lag = 0;
-        for t in topics {
-            let mut st = c
-                .prepare(
-                    "SELECT r.partition, MAX(r.offset) + 1, COALESCE((SELECT next_offset FROM group_offsets g WHERE g.grp = ?1 AND g.topic = r.topic AND g.partition = r.partition), 0)
-                     FROM records r WHERE r.topic = ?2 GROUP BY r.partition",
-                )
-                .map_err(fatal)?;
-            let rows = st.query_map(params![group, t], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))).map_err(fatal)?;
-            for r in rows {
-                let (end, done) = r.map_err(fatal)?;
-                lag += (end - done).max(0);
+        let mut st = c.prepare("SELECT next_offset FROM group_offsets WHERE grp = ?1 AND topic = ?2 AND partition = ?3").map_err(fatal)?;
+        for ((t, p), end) in &tail.ends {
+            if topics.contains(t) {
+                let done: Option<i64> = st.query_row(params![group, t, p], |r| r.get(0)).optional().map_err(fatal)?;
+                lag += (end - done.unwrap_or(0)).max(0);
             }
         }
         Ok(lag)
     }
 
-    /// A one-pass reader over a snapshot of topics (read-only: works while `chat run` owns the
-    /// directory).
+    /// A one-pass reader over a snapshot of topics, in append order (read-only: works while
+    /// `chat run` owns the directory). A log of layout 1 (before 2026-12-06) is read once
+    /// `chat run` has converted it.
     pub fn reader(dir: &Path, topics: &[String]) -> Result<Box<dyn LogReader>, LogError> {
         let c = conn(dir)?;
+        let sql: Option<String> = c
+            .query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'records'", [], |r| r.get(0))
+            .optional()
+            .map_err(fatal)?;
+        if sql.as_deref().is_some_and(|s| s.contains("WITHOUT ROWID")) {
+            return Err(LogError::Fatal(format!(
+                "{}: the event log is in layout 1; start `chat run` on this data directory once to convert it",
+                dir.join("log.db").display()
+            )));
+        }
+        let until: i64 = if sql.is_some() { c.query_row("SELECT COALESCE(MAX(seq), 0) FROM records", [], |r| r.get(0)).map_err(fatal)? } else { 0 };
+        let (counts, tail) = ends(&c)?;
         let mut parts = Vec::new();
-        let mut total = 0;
         for t in topics {
-            let mut st = c.prepare("SELECT partition, MIN(offset), MAX(offset) FROM records WHERE topic = ?1 GROUP BY partition ORDER BY partition").map_err(fatal)?;
-            let rows = st
-                .query_map(params![t], |r| Ok((r.get::<_, i32>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
-                .map_err(fatal)?;
-            for r in rows {
-                let (p, lo, hi) = r.map_err(fatal)?;
-                parts.push((t.clone(), p, lo, hi + 1));
-                total += hi + 1 - lo;
+            for p in 0..counts.get(t).copied().unwrap_or(0) {
+                parts.push((t.clone(), p, 0));
             }
         }
-        Ok(Box::new(SnapshotReader { dir: dir.to_path_buf(), parts, total, read: 0 }))
+        let total = tail.ends.iter().filter(|((t, _), _)| topics.contains(t)).map(|(_, e)| *e).sum();
+        Ok(Box::new(SnapshotReader { dir: dir.to_path_buf(), parts, after: 0, until, total, read: 0 }))
     }
 
     /// Every record payload of a topic, in (partition, offset) order.
@@ -833,6 +1050,129 @@ mod tests {
         drop(committer);
         drop(consumer);
         drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A log written with layout 2 (append order, a full index), converted from layout 1 by an
+    /// earlier release in append-time order that two racing appends inverted, opens in layout 3:
+    /// no index, marks written, each partition's offsets rising with `seq`, every record read.
+    #[tokio::test]
+    async fn a_layout_2_log_is_converted_at_open_and_offsets_put_in_order() {
+        let dir = std::env::temp_dir().join(format!("chat-log-layout2-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            let c = Connection::open(dir.join("log.db")).unwrap();
+            c.execute_batch(
+                "CREATE TABLE topics (topic TEXT PRIMARY KEY, partitions INTEGER NOT NULL);
+                 CREATE TABLE records (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL, key BLOB, payload BLOB NOT NULL, ts_ms INTEGER NOT NULL);
+                 CREATE UNIQUE INDEX records_position ON records (topic, partition, offset);
+                 CREATE TABLE group_offsets (grp TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL, PRIMARY KEY (grp, topic, partition)) WITHOUT ROWID;
+                 INSERT INTO topics VALUES ('t', 2);",
+            )
+            .unwrap();
+            // Partition 0's offsets 1 and 2 are in the wrong order.
+            for (p, o) in [(0, 0), (1, 0), (0, 2), (0, 1), (1, 1)] {
+                c.execute("INSERT INTO records (topic, partition, offset, key, payload, ts_ms) VALUES ('t', ?1, ?2, NULL, ?3, 1)", params![p, o, format!("{p}/{o}").into_bytes()])
+                    .unwrap();
+            }
+        }
+        let log = EmbeddedLog::open(&dir, 16).unwrap();
+        {
+            let c = Connection::open(dir.join("log.db")).unwrap();
+            let index: i64 = c.query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'records_position'", [], |r| r.get(0)).unwrap();
+            assert_eq!(index, 0);
+            let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+            assert_eq!(version, LAYOUT);
+            let marks: i64 = c.query_row("SELECT COUNT(*) FROM record_marks WHERE offset = 0", [], |r| r.get(0)).unwrap();
+            assert_eq!(marks, 2);
+        }
+        let mut consumer = log.subscribe("g", &["t".to_owned()]).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            let batch = consumer.poll_batch(10, Duration::from_secs(5)).await.unwrap();
+            assert!(!batch.is_empty(), "read {got:?}");
+            got.extend(batch.into_iter().map(|r| String::from_utf8(r.payload).unwrap()));
+        }
+        let p0: Vec<&String> = got.iter().filter(|s| s.starts_with("0/")).collect();
+        assert_eq!(p0, ["0/0", "0/1", "0/2"]);
+        let lags = log.partition_lags("g", &["t".to_owned()]).await.unwrap();
+        assert_eq!(lags.iter().map(|l| l.end).sum::<i64>(), 5);
+        drop(consumer);
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A partition written rarely, between thousands of another partition's records: its end
+    /// after a reopen, a read of a range of it and a consumer starting behind on it find its
+    /// records (the gap marks bound each scan), and a group reads every record once, in order.
+    #[tokio::test]
+    async fn a_rarely_written_partition_is_found_after_a_reopen() {
+        let dir = std::env::temp_dir().join(format!("chat-log-quiet-{}", uuid::Uuid::new_v4()));
+        let topic = "t".to_owned();
+        let topics = std::slice::from_ref(&topic);
+        let key_of = |p: i32| (0..).map(|i| format!("k{i}")).find(|k| partition_for(k.as_bytes(), 2) == p).unwrap();
+        let (busy, quiet) = (key_of(0), key_of(1));
+        let batch = |key: &str, n: usize, tag: &str| -> Vec<(String, String, Vec<u8>)> {
+            (0..n).map(|i| (topic.clone(), key.to_owned(), format!("{tag}{i}").into_bytes())).collect()
+        };
+        {
+            let log = EmbeddedLog::open(&dir, 16).unwrap();
+            log.ensure_topics(&[TopicSpec { name: topic.clone(), partitions: 2, replication: 1 }]).await.unwrap();
+            log.append_batch(batch(&quiet, 3, "q")).await.into_iter().for_each(|r| assert!(r.is_ok()));
+            for _ in 0..9 {
+                log.append_batch(batch(&busy, 1_000, "b")).await.into_iter().for_each(|r| assert!(r.is_ok()));
+            }
+            log.append_batch(batch(&quiet, 2, "r")).await.into_iter().for_each(|r| assert!(r.is_ok()));
+            for _ in 0..5 {
+                log.append_batch(batch(&busy, 1_000, "c")).await.into_iter().for_each(|r| assert!(r.is_ok()));
+            }
+            let mut g = log.subscribe("half", topics).await.unwrap();
+            let _ = g.poll_batch(1, Duration::from_secs(5)).await.unwrap();
+            g.store(&topic, 1, 3).unwrap();
+            g.store(&topic, 0, 13_990).unwrap();
+            g.commit().await.unwrap();
+        }
+        let log = EmbeddedLog::open(&dir, 16).unwrap();
+        let lags = log.partition_lags("half", topics).await.unwrap();
+        let end = |p: i32| lags.iter().find(|l| l.partition == p).unwrap().end;
+        assert_eq!((end(0), end(1)), (14_000, 5));
+        let mut g = log.subscribe("half", topics).await.unwrap();
+        let committer = g.committer().unwrap();
+        let range: Vec<i64> = committer.read(&topic, 1, 2, 5, 10).await.unwrap().iter().map(|r| r.offset).collect();
+        assert_eq!(range, [2, 3, 4]);
+        let mut rest = Vec::new();
+        while rest.len() < 10 {
+            let b = g.poll_batch(100, Duration::from_secs(5)).await.unwrap();
+            assert!(!b.is_empty(), "read {rest:?}");
+            rest.extend(b.into_iter().map(|r| (r.partition, r.offset)));
+        }
+        let quiet_read: Vec<i64> = rest.iter().filter(|(p, _)| *p == 1).map(|(_, o)| *o).collect();
+        assert_eq!(quiet_read, [4]);
+        assert_eq!(rest.len(), 10);
+        let mut all = log.subscribe("all", topics).await.unwrap();
+        let mut seen: HashMap<i32, i64> = HashMap::new();
+        let mut n = 0;
+        while n < 14_005 {
+            let b = all.poll_batch(1_000, Duration::from_secs(5)).await.unwrap();
+            assert!(!b.is_empty(), "read {n}");
+            for r in b {
+                let next = seen.entry(r.partition).or_insert(0);
+                assert_eq!(r.offset, *next, "partition {}", r.partition);
+                *next += 1;
+                n += 1;
+            }
+        }
+        let mut snapshot = log.read_all(topics).await.unwrap();
+        let mut read = 0;
+        loop {
+            let b = snapshot.next_batch(4_000).await.unwrap();
+            if b.is_empty() {
+                break;
+            }
+            read += b.len();
+        }
+        assert_eq!((read, snapshot.progress()), (14_005, (14_005, 14_005)));
+        drop((g, all, committer, log));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
