@@ -494,12 +494,12 @@ impl<S: Clone, F: FnMut(&S)> Writer<S, F> {
         let name = self.options.name;
         let max = self.options.jobs_per_commit.max(1);
         let (mut commits, mut jobs_done, mut since) = (0u64, 0u64, Instant::now());
-        let (mut in_jobs, mut in_commit) = (Duration::ZERO, Duration::ZERO);
+        let (mut in_jobs, mut in_commit, mut longest) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         loop {
             if since.elapsed() >= Duration::from_secs(10) {
-                debug!(db = name, commits, jobs = jobs_done, per_commit = jobs_done as f64 / commits.max(1) as f64, jobs_ms = in_jobs.as_millis() as u64, commit_ms = in_commit.as_millis() as u64, "writer in the last 10 s");
+                debug!(db = name, commits, jobs = jobs_done, per_commit = jobs_done as f64 / commits.max(1) as f64, jobs_ms = in_jobs.as_millis() as u64, commit_ms = in_commit.as_millis() as u64, longest_commit_ms = longest.as_millis() as u64, "writer in the last 10 s");
                 (commits, jobs_done, since) = (0, 0, Instant::now());
-                (in_jobs, in_commit) = Default::default();
+                (in_jobs, in_commit, longest) = Default::default();
             }
             if self.queue.is_empty() {
                 match rx.recv() {
@@ -572,6 +572,7 @@ impl<S: Clone, F: FnMut(&S)> Writer<S, F> {
             let committing = Instant::now();
             let committed = tx.commit();
             in_commit += committing.elapsed();
+            longest = longest.max(committing.elapsed());
             if sync {
                 if let Err(e) = self.conn.pragma_update(None, "synchronous", "NORMAL") {
                     error!(db = name, error = %e, "cannot switch back to unsynced commits");
