@@ -81,7 +81,8 @@ struct Inner {
     /// Partition count per topic.
     topics: Mutex<HashMap<String, i32>>,
     /// Next offset per (topic, partition), the end of each partition, and the last row.
-    tail: Mutex<Tail>,
+    /// (Shared, not copied: every consumer's poll reads it.)
+    tail: Mutex<Arc<Tail>>,
     /// Bumped after every commit of appends; consumers wait on it.
     appended: watch::Sender<u64>,
     groups: Mutex<HashMap<String, GroupState>>,
@@ -182,7 +183,7 @@ impl EmbeddedLog {
 options.checkpoint_pages = 2_000;
         let engine = Engine::start(path.clone(), conn, counters, options, move |c: &Counters| {
             if let Some(inner) = lock(&slot).upgrade() {
-                *lock(&inner.tail) = Tail { ends: c.ends.clone(), max_seq: c.max_seq };
+                *lock(&inner.tail) = Arc::new(Tail { ends: c.ends.clone(), max_seq: c.max_seq });
                 *lock(&inner.topics) = c.topics.clone();
                 inner.appended.send_modify(|v| *v += 1);
             }
@@ -193,7 +194,7 @@ options.checkpoint_pages = 2_000;
             _lock: lock_file,
             engine,
             topics: Mutex::new(topics),
-            tail: Mutex::new(tail),
+            tail: Mutex::new(Arc::new(tail)),
             appended: watch::channel(0).0,
             groups: Mutex::new(HashMap::new()),
             next_member: Mutex::new(1),
@@ -654,7 +655,7 @@ impl EmbeddedConsumer {
         let mine: Vec<(String, i32)> = all.into_iter().enumerate().filter(|(i, _)| i % sorted.len().max(1) == me).map(|(_, tp)| tp).collect();
         // The ends before the committed offsets: a partition whose committed offset is at or past
         // this end has no record to read up to this tail's last row.
-        let tail = lock(&self.log.tail).clone();
+        let tail = Arc::clone(&lock(&self.log.tail));
         let mut positions = BTreeMap::new();
         let mut behind = Vec::new();
         for (t, p) in mine {
@@ -704,7 +705,7 @@ impl EmbeddedConsumer {
     /// Whether an assigned partition has records past its position; when none has, the scan
     /// can start at the tail's last row.
     fn readable(&mut self) -> bool {
-        let tail = lock(&self.log.tail).clone();
+        let tail = Arc::clone(&lock(&self.log.tail));
         let readable = self.positions.iter().any(|(k, pos)| tail.ends.get(k).copied().unwrap_or(0) > *pos);
         if !readable {
             self.scanned = self.scanned.max(tail.max_seq);
