@@ -209,6 +209,10 @@ options.checkpoint_pages = 2_000;
     }
 }
 
+fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+}
+
 fn read_topics(conn: &Connection) -> rusqlite::Result<HashMap<String, i32>> {
     let mut st = conn.prepare("SELECT topic, partitions FROM topics")?;
     let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i32>(1)?)))?;
@@ -274,8 +278,11 @@ fn read_tail(conn: &Connection, topics: &HashMap<String, i32>) -> rusqlite::Resu
 /// earlier release was copied by append time, which two racing appends can invert: such a log is
 /// copied again, partition after partition). Returns whether there was anything to convert.
 pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<bool> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version >= LAYOUT {
+    let version = user_version(conn)?;
+    // An earlier release that opened a log of layout 3 put its index back and appended without
+    // marks (it leaves the version as it found it): its marks are written again.
+    let index: bool = conn.query_row("SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'index' AND name = 'records_position'", [], |r| r.get(0))?;
+    if version >= LAYOUT && !index {
         return Ok(false);
     }
     let began = Instant::now();
@@ -857,6 +864,8 @@ struct SnapshotReader {
     /// The last row read, and the last row of the snapshot.
     after: i64,
     until: i64,
+    /// The layout when the snapshot was taken: a conversion renumbers the rows.
+    layout: i64,
     total: i64,
     read: i64,
 }
@@ -867,9 +876,12 @@ impl LogReader for SnapshotReader {
         if self.after >= self.until {
             return Ok(Vec::new());
         }
-        let (dir, parts, mut after, until, max) = (self.dir.clone(), self.parts.clone(), self.after, self.until, max.max(1));
+        let (dir, parts, mut after, until, max, layout) = (self.dir.clone(), self.parts.clone(), self.after, self.until, max.max(1), self.layout);
         let (page, last) = tokio::task::spawn_blocking(move || -> Result<(Vec<Record>, i64), LogError> {
             let c = open_sqlite(&dir.join("log.db"), false).map_err(fatal)?;
+            if user_version(&c).map_err(fatal)? != layout {
+                return Err(LogError::Fatal("the event log was converted to a new layout while it was read (by `chat run` starting); run the command again".into()));
+            }
             let mut page = Vec::new();
             while page.len() < max && after < until {
                 let scan = scan_records(&c, after, Some(until), &parts, max - page.len()).map_err(fatal)?;
@@ -924,8 +936,7 @@ pub mod inspect {
     /// which `chat run` converts when it opens them).
     fn ends(c: &Connection) -> Result<(HashMap<String, i32>, Tail), LogError> {
         let topics = read_topics(c).map_err(fatal)?;
-        let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(fatal)?;
-        if version >= LAYOUT {
+        if user_version(c).map_err(fatal)? >= LAYOUT {
             let (tail, _) = read_tail(c, &topics).map_err(fatal)?;
             return Ok((topics, tail));
         }
@@ -978,7 +989,8 @@ pub mod inspect {
             }
         }
         let total = tail.ends.iter().filter(|((t, _), _)| topics.contains(t)).map(|(_, e)| *e).sum();
-        Ok(Box::new(SnapshotReader { dir: dir.to_path_buf(), parts, after: 0, until, total, read: 0 }))
+        let layout = user_version(&c).map_err(fatal)?;
+        Ok(Box::new(SnapshotReader { dir: dir.to_path_buf(), parts, after: 0, until, layout, total, read: 0 }))
     }
 
     /// Every record payload of a topic, in (partition, offset) order.
@@ -1174,6 +1186,45 @@ mod tests {
         }
         assert_eq!((read, snapshot.progress()), (14_005, (14_005, 14_005)));
         drop((g, all, committer, log));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A log of layout 3 opened by the release before it (which put its index back and
+    /// appended without marks) gets its marks written again: a record appended then, far after
+    /// its partition's last mark, still counts in the partition's end.
+    #[tokio::test]
+    async fn marks_are_written_again_after_an_older_release_appended() {
+        let dir = std::env::temp_dir().join(format!("chat-log-downgrade-{}", uuid::Uuid::new_v4()));
+        let topic = "t".to_owned();
+        let key_of = |p: i32| (0..).map(|i| format!("k{i}")).find(|k| partition_for(k.as_bytes(), 2) == p).unwrap();
+        {
+            let log = EmbeddedLog::open(&dir, 16).unwrap();
+            log.ensure_topics(&[TopicSpec { name: topic.clone(), partitions: 2, replication: 1 }]).await.unwrap();
+            let records = (0..3).map(|i| (topic.clone(), key_of(1), format!("q{i}").into_bytes())).collect();
+            log.append_batch(records).await.into_iter().for_each(|r| assert!(r.is_ok()));
+        }
+        {
+            // What the older release does: its schema's index, appends without marks.
+            let c = Connection::open(dir.join("log.db")).unwrap();
+            c.execute_batch("CREATE UNIQUE INDEX records_position ON records (topic, partition, offset)").unwrap();
+            let mut st = c.prepare("INSERT INTO records (topic, partition, offset, key, payload, ts_ms) VALUES ('t', ?1, ?2, NULL, x'00', 1)").unwrap();
+            for o in 0..(MARK_GAP + 10) {
+                st.execute(params![0, o]).unwrap();
+            }
+            st.execute(params![1, 3]).unwrap();
+        }
+        let log = EmbeddedLog::open(&dir, 16).unwrap();
+        let lags = log.partition_lags("g", std::slice::from_ref(&topic)).await.unwrap();
+        let end = |p: i32| lags.iter().find(|l| l.partition == p).unwrap().end;
+        assert_eq!((end(0), end(1)), (MARK_GAP + 10, 4));
+        let index: i64 = Connection::open(dir.join("log.db"))
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'records_position'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(index, 0);
+        let at = log.append(&topic, &key_of(1), b"next".to_vec()).await.unwrap();
+        assert_eq!(at.offset, 4);
+        drop(log);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -318,6 +318,15 @@ impl<S: Clone + Send + 'static> Engine<S> {
                     return None;
                 }
             };
+            // A job that failed can have taken the whole transaction with it (SQLite rolls it
+            // all back on some I/O, full-disk or out-of-memory errors). The jobs after it must not
+            // run outside it: each `SAVEPOINT` would begin a transaction of its own, which its
+            // `RELEASE` commits, while the writer then fails the batch and puts its state back
+            // (the log would hand out the same offsets again).
+            if t.is_autocommit() {
+                let _ = tx.send(Err(EngineError::NotCommitted("the transaction was rolled back by an earlier failure".into())));
+                return None;
+            }
             // A savepoint per job: a failing job leaves nothing behind and takes no other job
             // down. (Both statements come from the statement cache.)
             let before = state.clone();
@@ -651,6 +660,52 @@ mod tests {
         assert_eq!(keys, vec![1, 4], "the refused job's first insert was rolled back with it");
         let state = e.write(Lane::Background, |_, n| Ok(*n)).await.unwrap();
         assert_eq!(state, 101, "the refused job's state change was put back");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A job whose failure rolled back the whole transaction (here it runs `ROLLBACK` itself,
+    /// as SQLite does on some I/O errors) fails its batch: the jobs after it do not run on their
+    /// own, so no job is answered "failed" with its writes on disk, and the state is put back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transaction_rolled_back_under_its_jobs_fails_them_all() {
+        let dir = std::env::temp_dir().join(format!("chat-engine-{}", uuid::Uuid::new_v4()));
+        let e = engine(&dir);
+        // Hold the writer so that the three jobs below are queued and taken in one transaction.
+        let busy = {
+            let e = e.clone();
+            tokio::spawn(async move {
+                e.write(Lane::Urgent, |_, _| {
+                    std::thread::sleep(Duration::from_millis(300));
+                    Ok(())
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (a, b, c) = tokio::join!(
+            e.write(Lane::Urgent, |t, n| {
+                *n += 1;
+                t.execute("INSERT INTO t (k, v) VALUES (1, 'a')", [])
+            }),
+            e.write(Lane::Urgent, |t, _| {
+                t.execute_batch("ROLLBACK")?;
+                Err::<(), _>(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR), Some("disk I/O error".into())))
+            }),
+            e.write(Lane::Urgent, |t, n| {
+                *n += 100;
+                t.execute("INSERT INTO t (k, v) VALUES (3, 'c')", [])
+            }),
+        );
+        busy.await.unwrap().unwrap();
+        let keys: Vec<i64> = e
+            .read(|c| c.prepare("SELECT k FROM t ORDER BY k")?.query_map([], |r| r.get(0))?.collect())
+            .await
+            .unwrap();
+        assert!(b.is_err());
+        assert_eq!((a.is_ok(), c.is_ok()), (keys.contains(&1), keys.contains(&3)), "answers {a:?} {c:?} against rows {keys:?}");
+        assert!(keys.is_empty(), "the three jobs shared one transaction: {keys:?}");
+        let state = e.write(Lane::Background, |_, n| Ok(*n)).await.unwrap();
+        assert_eq!(state, 0, "the batch's state changes were put back");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
