@@ -41,7 +41,7 @@ use serde_json::json;
 #[derive(Parser)]
 #[command(about = "Projection tables on SQLite, fjall, redb and in memory: CPU, bytes written and time per message for the writes the real projector makes")]
 struct Args {
-    /// Data directory of a stopped `chat run` (its `log.db` holds the events to project).
+    /// Data directory of a stopped `chat run` (its `log/` holds the events to project).
     #[arg(long)]
     log: PathBuf,
     /// The topic prefix the server used.

@@ -1,33 +1,43 @@
-//! The embedded back-end of the event log: Kafka's semantics on SQLite, in one process.
+//! The embedded back-end of the event log: Kafka's semantics on segment files, in one process.
 //!
-//! - One SQLite database (`log.db` in the data directory, WAL journal, `synchronous=FULL`): a
-//!   record is acknowledged only after the transaction that holds it is on disk, so neither a
-//!   SIGKILL nor a power cut loses an acknowledged event.
-//! - The writer of the one SQLite engine ([`crate::sqlite`]) assigns offsets (per topic partition,
-//!   from 0, no gaps) and commits appends in groups: every request that arrives while a commit is
-//!   running goes into the next transaction, which is how it keeps up under load with one fsync
-//!   per group.
+//! - Layout 4 (since 2026-12-07): the directory `log/` of the data directory holds segment files
+//!   of checksummed frames (`files`). One writer thread appends, in groups: every request that
+//!   arrives while a write is running goes into the next frame, which is written with one
+//!   `write` and made durable with one `fdatasync`; a record is acknowledged only after that, so
+//!   neither a SIGKILL nor a power cut loses an acknowledged event. A frame is a commit: a crash
+//!   in the middle of one leaves a torn frame, cut off at the next open (nothing of it was
+//!   acknowledged).
+//! - The writer assigns offsets (per topic partition, from 0, no gaps). Appends and a consumer's
+//!   committed offset can share a frame ([`Committer`]): the fan-out's outputs are exactly once.
 //! - Partitions by key with Kafka's own partitioner (murmur2, seed 0x9747b28c, positive modulo),
 //!   so a key lands in the same partition number here and in Kafka.
 //! - Consumer groups: members of a group in this process share the partitions (round-robin over
 //!   sorted partitions; reassigned when a member joins or leaves); each member reads from its
-//!   group's committed offset; stored offsets are committed every 500 ms and on `commit`.
-//!   Committed offsets live in the same database.
+//!   group's committed offset, scanning frames in append order from the mark (kept in memory,
+//!   every 64th offset of a partition) at or before it; stored offsets are committed every
+//!   500 ms and on `commit`, as entries of the next frame.
+//! - A failed write or sync (a full disk) fails its frame's requests with `unavailable`: the file
+//!   is cut back to where the frame began and the writer's state put back, so nothing of it is
+//!   kept, and the next frame is written there; `ping` fails until a write goes through again
+//!   (it writes a tiny frame to find out). If the file cannot even be cut back, the writer stops
+//!   for good, and a restart reads the files again.
+//! - The SQLite layouts of earlier releases (`log.db`) are converted at open (`legacy`).
+
+mod files;
+mod legacy;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use chrono::DateTime;
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
-use tokio::sync::watch;
-use tracing::warn;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, error, warn};
 
+use self::files::{Cursor, Entry, Segment, State, Tp};
 use crate::log::{Committer, EventLog, LogConsumer, LogError, LogReader, PartitionLag, Position, Record, TopicSpec};
-use crate::sqlite::{Durability, Engine, EngineError, Lane, Options};
 
 pub use crate::sqlite::open_sqlite;
 
@@ -37,33 +47,101 @@ pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
     (h % partitions.max(1) as u32) as i32
 }
 
-/// A partition's offsets that are multiples of this are marked (see [`SCHEMA`]).
-const MARK_EVERY: i64 = 64;
-/// ... and so is a record appended this many rows (of any partition) or more after its
-/// partition's last mark: a partition's unmarked records lie within this many rows after its
-/// mark before them, which bounds every scan that starts at a mark (at open, reads from an
-/// offset), however rarely the partition is written.
-const MARK_GAP: i64 = 4_096;
-/// `PRAGMA user_version` of a log in layout 3 (records in append order, sparse marks).
-const LAYOUT: i64 = 3;
+/// Jobs (appends, commits) one frame holds at most.
+const JOBS_PER_COMMIT: usize = 1024;
+/// Bytes of frames one scan examines at most (records of other partitions, or before a
+/// position, are passed over).
+const SCAN_BYTES: u64 = 8 << 20;
+/// A consumer this far behind the tail reads on a blocking thread (the frames may not be in
+/// the page cache any more).
+const FAR_BEHIND: u64 = 1 << 20;
 
-/// What the log's writer keeps in memory (and puts back if a transaction fails): the partition
-/// count of every topic, the next offset of every partition, the row of every partition's last
-/// mark and the last row appended.
-#[derive(Clone, Default)]
-struct Counters {
-    topics: HashMap<String, i32>,
-    ends: HashMap<(String, i32), i64>,
-    last_mark: HashMap<(String, i32), i64>,
-    max_seq: i64,
+type Records = Vec<(String, String, Vec<u8>)>;
+type Appended = Vec<Result<Position, LogError>>;
+
+/// Work for the writer thread.
+enum Job {
+    Append { records: Records, ts_ms: i64, reply: oneshot::Sender<Appended> },
+    /// Appends with a group's offset, if `current` still holds (the member's assignment).
+    AppendCommitting {
+        records: Records,
+        ts_ms: i64,
+        group: String,
+        offset: (String, i32, i64),
+        current: Box<dyn Fn() -> bool + Send>,
+        reply: oneshot::Sender<Option<Appended>>,
+    },
+    Commit { group: String, offsets: Vec<(String, i32, i64)>, reply: Option<oneshot::Sender<Result<(), LogError>>> },
+    /// A group's committed offset, answered once the frame being built is durable.
+    Committed { group: String, topic: String, partition: i32, reply: oneshot::Sender<Result<i64, LogError>> },
+    Topics { specs: Vec<(String, i32)>, reply: oneshot::Sender<Result<(), LogError>> },
+    DeleteGroup { group: String, reply: oneshot::Sender<Result<(), LogError>> },
+    /// A write as large as the one that failed, to find out whether writes go through again.
+    Probe { pad: u32, reply: oneshot::Sender<Result<(), LogError>> },
 }
 
-/// The ends of the partitions and the last row, as of one commit (published together, so that
-/// a partition at its end has no record at or below `max_seq` past that end).
+/// An answer sent once the frame is durable (or failed with the write).
+enum Reply {
+    Append(oneshot::Sender<Appended>, Appended),
+    AppendCommitting(oneshot::Sender<Option<Appended>>, Option<Appended>),
+    Done(oneshot::Sender<Result<(), LogError>>, Result<(), LogError>),
+    Committed(oneshot::Sender<Result<i64, LogError>>, i64),
+    /// Nobody waits (a closed consumer's commit).
+    Nothing,
+}
+
+impl Reply {
+    fn send(self) {
+        match self {
+            Reply::Append(tx, v) => drop(tx.send(v)),
+            Reply::AppendCommitting(tx, v) => drop(tx.send(v)),
+            Reply::Done(tx, v) => drop(tx.send(v)),
+            Reply::Committed(tx, v) => drop(tx.send(Ok(v))),
+            Reply::Nothing => {}
+        }
+    }
+
+    fn fail(self, e: &LogError) {
+        match self {
+            Reply::Append(tx, v) => drop(tx.send(v.iter().map(|_| Err(clone_err(e))).collect())),
+            Reply::AppendCommitting(tx, v) => drop(tx.send(v.map(|v| v.iter().map(|_| Err(clone_err(e))).collect()))),
+            Reply::Done(tx, _) => drop(tx.send(Err(clone_err(e)))),
+            Reply::Committed(tx, _) => drop(tx.send(Err(clone_err(e)))),
+            Reply::Nothing => {}
+        }
+    }
+}
+
+/// Topic names and ids (changed only when a topic is created).
+#[derive(Default)]
+struct Catalog {
+    names: Vec<String>,
+    topics: HashMap<String, (u32, i32)>,
+}
+
+/// The ends of the partitions and the position after the last durable frame, as of one write
+/// (published together, so that a partition at its end has no record before `end` past it).
 #[derive(Clone, Default)]
 struct Tail {
     ends: HashMap<(String, i32), i64>,
-    max_seq: i64,
+    end: u64,
+}
+
+/// What the writer publishes after each durable write, for readers.
+struct Shared {
+    catalog: Mutex<Arc<Catalog>>,
+    tail: Mutex<Arc<Tail>>,
+    /// The sparse index: (offset, frame) of every partition's marks, in offset order.
+    marks: RwLock<HashMap<Tp, Vec<(i64, u64)>>>,
+    /// Committed offsets by group.
+    committed: Mutex<HashMap<String, HashMap<Tp, i64>>>,
+    segments: Mutex<Arc<Vec<Segment>>>,
+    /// Bumped after every durable write; consumers wait on it.
+    appended: watch::Sender<u64>,
+    /// Why the last write failed, while writes fail.
+    failed: Mutex<Option<String>>,
+    /// The size of the last write that failed.
+    failed_bytes: AtomicU64,
 }
 
 #[derive(Default)]
@@ -77,14 +155,8 @@ struct Inner {
     /// Held for the life of the log: one process per data directory (the writer's offsets live
     /// in its memory, so a second writer would corrupt them).
     _lock: std::fs::File,
-    engine: Arc<Engine<Counters>>,
-    /// Partition count per topic.
-    topics: Mutex<HashMap<String, i32>>,
-    /// Next offset per (topic, partition), the end of each partition, and the last row.
-    /// (Shared, not copied: every consumer's poll reads it.)
-    tail: Mutex<Arc<Tail>>,
-    /// Bumped after every commit of appends; consumers wait on it.
-    appended: watch::Sender<u64>,
+    jobs: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
     groups: Mutex<HashMap<String, GroupState>>,
     next_member: Mutex<u64>,
 }
@@ -99,59 +171,18 @@ fn fatal(e: impl std::fmt::Display) -> LogError {
     LogError::Fatal(e.to_string())
 }
 
-impl From<EngineError> for LogError {
-    fn from(e: EngineError) -> Self {
-        match e {
-            EngineError::QueueFull => LogError::QueueFull,
-            EngineError::Refused(e) | EngineError::Lost(e) => LogError::Fatal(e),
-            e @ (EngineError::NotCommitted(_) | EngineError::Stopped) => LogError::Unavailable(e.to_string()),
-        }
-    }
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Layout 3. The records are a rowid table in append order (`seq`): a commit's records fill the
-/// table's last pages one after the other, whatever partitions they go to. There is no index of
-/// every record's position: a full index (layout 2) had one entry per record in a B-tree ordered
-/// by (topic, partition, offset), so each commit rewrote one index page per partition it touched,
-/// most of the bytes the log wrote (docs/benchmarks.md). Instead `record_marks` holds the row of a
-/// partition's offset every [`MARK_EVERY`] offsets (and after a gap of [`MARK_GAP`] rows), a
-/// page written once per 64 records of a partition; a read from an offset starts at the mark
-/// before it and scans in append order, and a consumer scans once for all its partitions, from
-/// where it stopped ([`scan_records`]). Offsets of a partition rise with `seq` (one writer), which
-/// every scan relies on. Layouts 1 and 2 are converted at open ([`migrate`]).
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS topics (
-    topic      TEXT PRIMARY KEY,
-    partitions INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS records (
-    seq       INTEGER PRIMARY KEY,
-    topic     TEXT NOT NULL,
-    partition INTEGER NOT NULL,
-    offset    INTEGER NOT NULL,
-    key       BLOB,
-    payload   BLOB NOT NULL,
-    ts_ms     INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS record_marks (
-    topic     TEXT NOT NULL,
-    partition INTEGER NOT NULL,
-    offset    INTEGER NOT NULL,
-    seq       INTEGER NOT NULL,
-    PRIMARY KEY (topic, partition, offset)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS group_offsets (
-    grp         TEXT NOT NULL,
-    topic       TEXT NOT NULL,
-    partition   INTEGER NOT NULL,
-    next_offset INTEGER NOT NULL,
-    PRIMARY KEY (grp, topic, partition)
-) WITHOUT ROWID;
-";
+fn stopped() -> LogError {
+    LogError::Unavailable("the event log's writer stopped".into())
+}
 
 impl EmbeddedLog {
-    /// Opens (or creates) the log in `dir/log.db`. `queue` bounds the appends waiting for the
-    /// writer; beyond it `append` fails with [`LogError::QueueFull`].
+    /// Opens (or creates) the log in `dir/log/`, converting a `dir/log.db` of an earlier release.
+    /// `queue` bounds the requests waiting for the writer; beyond it `append` fails with
+    /// [`LogError::QueueFull`].
     pub fn open(dir: &Path, queue: usize) -> Result<Self, LogError> {
         std::fs::create_dir_all(dir).map_err(|e| fatal(format!("data directory {}: {e}", dir.display())))?;
         let lock_path = dir.join("log.lock");
@@ -164,284 +195,399 @@ impl EmbeddedLog {
         lock_file.try_lock().map_err(|_| {
             fatal(format!("data directory {} is in use by another chat process (stop it first)", dir.display()))
         })?;
-        let path = dir.join("log.db");
-        let mut conn = open_sqlite(&path, true).map_err(|e| fatal(format!("{}: {e}", path.display())))?;
-        migrate(&mut conn).map_err(|e| fatal(format!("{}: converting the records to layout {LAYOUT}: {e}", path.display())))?;
-        let topics = read_topics(&conn).map_err(fatal)?;
-        let (tail, last_mark) = read_tail(&conn, &topics).map_err(fatal)?;
-        let counters = Counters { topics: topics.clone(), ends: tail.ends.clone(), last_mark, max_seq: tail.max_seq };
-        // The engine publishes the counters after each commit, through this slot (the log's
-        // inner state does not exist yet when the engine starts).
-        let published: Arc<Mutex<std::sync::Weak<Inner>>> = Arc::new(Mutex::new(std::sync::Weak::new()));
-        let slot = published.clone();
-        let mut options = Options::new("log", Durability::Full);
-        options.queue = queue;
-        options.jobs_per_commit = 1024;
-        // A checkpoint runs in the writer after a commit and holds up the next one: once per 8 MiB
-        // of WAL, not per 40 MiB as layout 2 did (its stalls doubled a send's p99 at 4,000/s;
-        // docs/benchmarks.md), nor per SQLite's 4 MiB.
-options.checkpoint_pages = 2_000;
-        let engine = Engine::start(path.clone(), conn, counters, options, move |c: &Counters| {
-            if let Some(inner) = lock(&slot).upgrade() {
-                *lock(&inner.tail) = Arc::new(Tail { ends: c.ends.clone(), max_seq: c.max_seq });
-                *lock(&inner.topics) = c.topics.clone();
-                inner.appended.send_modify(|v| *v += 1);
-            }
-        })
-        .map_err(fatal)?;
-        let inner = Arc::new(Inner {
-            path: path.clone(),
-            _lock: lock_file,
-            engine,
-            topics: Mutex::new(topics),
-            tail: Mutex::new(Arc::new(tail)),
+        let path = dir.join("log");
+        convert_legacy(dir, &path)?;
+        std::fs::create_dir_all(&path).map_err(|e| fatal(format!("{}: {e}", path.display())))?;
+        let began = Instant::now();
+        let opened = files::open_segments(&path, true).map_err(|e| fatal(format!("{}: {e}", path.display())))?;
+        tracing::info!(bytes = opened.state.end, segments = opened.segs.len(), seconds = began.elapsed().as_secs_f64(), "event log read");
+        let writer = match opened.segs.last() {
+            Some(last) => files::Writer::resume(&path, last.clone(), opened.last_len),
+            None => files::Writer::create(&path, 0).map_err(|e| fatal(format!("{}: {e}", path.display())))?,
+        };
+        let mut segs = opened.segs;
+        if segs.is_empty() {
+            segs.push(writer.segment());
+        }
+        let state = opened.state;
+        let shared = Arc::new(Shared {
+            catalog: Mutex::new(Arc::new(Catalog { names: state.names.clone(), topics: state.topics.clone() })),
+            tail: Mutex::new(Arc::new(tail_of(&state))),
+            marks: RwLock::new(opened.marks),
+            committed: Mutex::new(state.groups.clone()),
+            segments: Mutex::new(Arc::new(segs)),
             appended: watch::channel(0).0,
+            failed: Mutex::new(None),
+            failed_bytes: AtomicU64::new(0),
+        });
+        let (jobs, rx) = mpsc::channel(queue.max(1));
+        let published = shared.clone();
+        std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(move || write_loop(rx, writer, state, published))
+            .map_err(|e| fatal(format!("starting the log's writer: {e}")))?;
+        let inner = Arc::new(Inner {
+            path,
+            _lock: lock_file,
+            jobs,
+            shared,
             groups: Mutex::new(HashMap::new()),
             next_member: Mutex::new(1),
         });
-        *lock(&published) = Arc::downgrade(&inner);
         Ok(EmbeddedLog { inner })
     }
 
-    /// The database file.
+    /// The log's directory.
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
 }
 
-fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("PRAGMA user_version", [], |r| r.get(0))
-}
-
-fn read_topics(conn: &Connection) -> rusqlite::Result<HashMap<String, i32>> {
-    let mut st = conn.prepare("SELECT topic, partitions FROM topics")?;
-    let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i32>(1)?)))?;
-    rows.collect()
-}
-
-/// The row of each partition's last mark.
-type Marks = HashMap<(String, i32), i64>;
-
-/// The end of every partition, the last row, and the row of every partition's last mark, read
-/// from the marks and a bounded scan: a partition's records after its last mark lie within
-/// [`MARK_GAP`] rows of it.
-fn read_tail(conn: &Connection, topics: &HashMap<String, i32>) -> rusqlite::Result<(Tail, Marks)> {
-    let mut last_mark = HashMap::new();
-    let mut ends = HashMap::new();
-    let mut from: HashMap<(String, i32), i64> = HashMap::new();
-    {
-        let mut st = conn.prepare_cached("SELECT offset, seq FROM record_marks WHERE topic = ?1 AND partition = ?2 ORDER BY offset DESC LIMIT 1")?;
-        for (t, n) in topics {
-            for p in 0..*n {
-                let mark: Option<(i64, i64)> = st.query_row(params![t, p], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
-                // Offset 0 is always marked: no mark, no record.
-                ends.insert((t.clone(), p), mark.map(|(o, _)| o + 1).unwrap_or(0));
-                if let Some((_, seq)) = mark {
-                    last_mark.insert((t.clone(), p), seq);
-                    from.insert((t.clone(), p), seq);
-                }
-            }
+/// Converts a `log.db` of an earlier release into segment files, once: written into
+/// `log.converting/` and synced; then `log.db` is renamed to `log.db.converted` (kept: remove it
+/// once the new release is trusted); then `log.converting/` is renamed to `log/`. A crash before
+/// the first rename converts again at the next open; after it, the next open does the second.
+fn convert_legacy(dir: &Path, path: &Path) -> Result<(), LogError> {
+    let (db, tmp, kept) = (dir.join("log.db"), dir.join("log.converting"), dir.join("log.db.converted"));
+    let converted = !files::list_segments(path).map_err(fatal)?.is_empty();
+    if db.exists() {
+        if converted {
+            return Err(fatal(format!(
+                "{} and {} both exist: an earlier release wrote `log.db` after this data directory was converted to segment files, and its appends are not in `log/`; keep one of them (move the other away) and start again",
+                db.display(),
+                path.display()
+            )));
         }
-    }
-    // The stretches to scan, merged.
-    let mut spans: Vec<(i64, i64)> = from.values().map(|s| (*s, s + MARK_GAP)).collect();
-    spans.sort_unstable();
-    let mut merged: Vec<(i64, i64)> = Vec::new();
-    for (a, b) in spans {
-        match merged.last_mut() {
-            Some(last) if a <= last.1 => last.1 = last.1.max(b),
-            _ => merged.push((a, b)),
+        tracing::info!("converting the event log to layout 4 (segment files; once)");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| fatal(format!("{}: {e}", tmp.display())))?;
         }
-    }
-    let mut st = conn.prepare_cached("SELECT seq, topic, partition, offset FROM records WHERE seq >= ?1 AND seq < ?2")?;
-    for (a, b) in merged {
-        let mut rows = st.query(params![a, b])?;
-        while let Some(r) = rows.next()? {
-            let (seq, partition, offset): (i64, i32, i64) = (r.get(0)?, r.get(2)?, r.get(3)?);
-            let topic = r.get_ref(1)?.as_str().map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e)))?;
-            let key = (topic.to_owned(), partition);
-            if from.get(&key).is_some_and(|f| seq >= *f) {
-                let end = ends.entry(key).or_insert(0);
-                *end = (*end).max(offset + 1);
-            }
+        legacy::convert(&db, &tmp).map_err(|e| fatal(format!("{}: converting to layout 4: {e}", db.display())))?;
+        for leftover in ["log.db-wal", "log.db-shm"] {
+            let _ = std::fs::remove_file(dir.join(leftover));
         }
+        std::fs::rename(&db, &kept).map_err(|e| fatal(format!("{}: {e}", db.display())))?;
+        files::sync_dir(dir).map_err(fatal)?;
     }
-    let max_seq: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM records", [], |r| r.get(0))?;
-    Ok((Tail { ends, max_seq }, last_mark))
-}
-
-/// Brings a log of any earlier layout to layout 3, in one transaction (nothing to do on a log in
-/// layout 3; a new log gets its tables). Layout 1 (records without a rowid, ordered by position)
-/// is copied partition after partition; layout 2 (append order with a full index) loses the
-/// index. Both get their marks from one pass over the records in `seq` order, which also checks
-/// that each partition's offsets rise with `seq` (a layout-2 log converted from layout 1 by an
-/// earlier release was copied by append time, which two racing appends can invert: such a log is
-/// copied again, partition after partition). Returns whether there was anything to convert.
-pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<bool> {
-    let version = user_version(conn)?;
-    // An earlier release that opened a log of layout 3 put its index back and appended without
-    // marks (it leaves the version as it found it): its marks are written again.
-    let index: bool = conn.query_row("SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'index' AND name = 'records_position'", [], |r| r.get(0))?;
-    if version >= LAYOUT && !index {
-        return Ok(false);
-    }
-    let began = Instant::now();
-    let t = conn.transaction()?;
-    let sql: Option<String> = t
-        .query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'records'", [], |r| r.get(0))
-        .optional()?;
-    let existed = sql.is_some();
-    if existed {
-        tracing::info!("converting the event log to layout {LAYOUT} (once; records in append order, sparse marks instead of an index)");
-    }
-    if sql.is_some_and(|s| s.contains("WITHOUT ROWID")) {
-        recopy_by_position(&t, "records")?;
-    }
-    t.execute_batch("DROP INDEX IF EXISTS records_position;")?;
-    t.execute_batch(SCHEMA)?;
-    if !write_marks(&t)? {
-        tracing::warn!("the event log's records were not in offset order within a partition; copying them again by position");
-        t.execute_batch("ALTER TABLE records RENAME TO records_unordered;")?;
-        recopy_by_position(&t, "records_unordered")?;
-        if !write_marks(&t)? {
-            return Err(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT), Some("the event log's offsets are not consecutive within a partition".into())));
+    if tmp.exists() && !converted {
+        if path.exists() {
+            std::fs::remove_dir(path).map_err(|e| fatal(format!("{}: {e}", path.display())))?;
         }
-    }
-    let records: i64 = t.query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))?;
-    t.pragma_update(None, "user_version", LAYOUT)?;
-    t.commit()?;
-    if existed {
-        tracing::info!(records, seconds = began.elapsed().as_secs_f64(), "event log converted to layout {LAYOUT}");
-    }
-    Ok(existed)
-}
-
-/// Replaces `records` with a copy of `from` (then dropped) in (topic, partition, offset) order.
-fn recopy_by_position(t: &Transaction<'_>, from: &str) -> rusqlite::Result<()> {
-    let moved = if from == "records" {
-        t.execute_batch("ALTER TABLE records RENAME TO records_old;")?;
-        "records_old"
-    } else {
-        from
-    };
-    t.execute_batch(&format!(
-        "CREATE TABLE records (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL, key BLOB, payload BLOB NOT NULL, ts_ms INTEGER NOT NULL);
-         INSERT INTO records (topic, partition, offset, key, payload, ts_ms)
-             SELECT topic, partition, offset, key, payload, ts_ms FROM {moved} ORDER BY topic, partition, offset;
-         DROP TABLE {moved};"
-    ))
-}
-
-/// Writes the marks of every record, in one pass in `seq` order. Returns false (and writes
-/// nothing) when a partition's offsets do not rise by one from 0 in that order.
-fn write_marks(t: &Transaction<'_>) -> rusqlite::Result<bool> {
-    t.execute("DELETE FROM record_marks", [])?;
-    let mut marks: Vec<(String, i32, i64, i64)> = Vec::new();
-    let mut next: HashMap<(String, i32), i64> = HashMap::new();
-    let mut last_mark: HashMap<(String, i32), i64> = HashMap::new();
-    {
-        let mut st = t.prepare("SELECT seq, topic, partition, offset FROM records ORDER BY seq")?;
-        let mut rows = st.query([])?;
-        while let Some(r) = rows.next()? {
-            let (seq, topic, partition, offset): (i64, String, i32, i64) = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
-            let key = (topic, partition);
-            let expected = next.entry(key.clone()).or_insert(0);
-            if offset != *expected {
-                return Ok(false);
-            }
-            *expected += 1;
-            if is_mark(offset, seq, last_mark.get(&key).copied()) {
-                last_mark.insert(key.clone(), seq);
-                marks.push((key.0, key.1, offset, seq));
-            }
-        }
-    }
-    let mut st = t.prepare("INSERT INTO record_marks (topic, partition, offset, seq) VALUES (?1, ?2, ?3, ?4)")?;
-    for (topic, partition, offset, seq) in marks {
-        st.execute(params![topic, partition, offset, seq])?;
-    }
-    Ok(true)
-}
-
-/// Whether the record at `offset`, row `seq`, is marked, given its partition's last mark.
-fn is_mark(offset: i64, seq: i64, last_mark: Option<i64>) -> bool {
-    offset % MARK_EVERY == 0 || last_mark.is_none_or(|m| seq - m >= MARK_GAP)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Appends records in the writer's transaction: the next offset of each record's partition.
-fn append_in(t: &Transaction<'_>, c: &mut Counters, records: Vec<(String, String, Vec<u8>)>, now_ms: i64) -> rusqlite::Result<Vec<Result<Position, LogError>>> {
-    let mut out = Vec::with_capacity(records.len());
-    for (topic, key, payload) in records {
-        let Some(n) = c.topics.get(&topic).copied() else {
-            out.push(Err(LogError::Fatal(format!("unknown topic {topic}"))));
-            continue;
-        };
-        let partition = partition_for(key.as_bytes(), n);
-        let tp = (topic, partition);
-        let end = c.ends.entry(tp.clone()).or_insert(0);
-        let offset = *end;
-        t.prepare_cached("INSERT INTO records (topic, partition, offset, key, payload, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
-            .execute(params![tp.0, partition, offset, key.as_bytes(), payload, now_ms])?;
-        *end += 1;
-        let seq = t.last_insert_rowid();
-        c.max_seq = seq;
-        if is_mark(offset, seq, c.last_mark.get(&tp).copied()) {
-            t.prepare_cached("INSERT INTO record_marks (topic, partition, offset, seq) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(params![tp.0, partition, offset, seq])?;
-            c.last_mark.insert(tp.clone(), seq);
-        }
-        out.push(Ok(Position { topic: tp.0, partition, offset }));
-    }
-    Ok(out)
-}
-
-/// Commits a group's offsets in the writer's transaction. Never backwards: a member's late
-/// commit of an older stored offset (a closed consumer's, committed in the background) must not
-/// undo an offset committed with appends ([`EmbeddedCommitter`]), or those appends would be made
-/// again.
-fn commit_in(t: &Transaction<'_>, group: &str, offsets: &[(String, i32, i64)]) -> rusqlite::Result<()> {
-    for (topic, partition, next) in offsets {
-        t.prepare_cached(
-            "INSERT INTO group_offsets (grp, topic, partition, next_offset) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (grp, topic, partition) DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
-        )?
-        .execute(params![group, topic, partition, next])?;
+        std::fs::rename(&tmp, path).map_err(|e| fatal(format!("{}: {e}", path.display())))?;
+        files::sync_dir(dir).map_err(fatal)?;
     }
     Ok(())
 }
 
-fn committed_in(c: &Connection, group: &str, topic: &str, partition: i32) -> rusqlite::Result<Option<i64>> {
-    c.prepare_cached("SELECT next_offset FROM group_offsets WHERE grp = ?1 AND topic = ?2 AND partition = ?3")?
-        .query_row(params![group, topic, partition], |r| r.get(0))
-        .optional()
+fn tail_of(state: &State) -> Tail {
+    let ends = state.ends.iter().map(|((t, p), e)| ((state.names[*t as usize].clone(), *p), *e)).collect();
+    Tail { ends, end: state.end }
+}
+
+/// Counters of the writer, logged every 10 s at debug level.
+#[derive(Default)]
+struct Counters {
+    writes: u64,
+    jobs: u64,
+    bytes: u64,
+    longest: Duration,
+    since: Option<Instant>,
+}
+
+/// The writer thread: takes every job waiting (up to [`JOBS_PER_COMMIT`]), builds one frame of
+/// them, writes and syncs it, publishes what changed, then answers.
+fn write_loop(mut rx: mpsc::Receiver<Job>, mut writer: files::Writer, mut state: State, shared: Arc<Shared>) {
+    let (mut buf, mut undone) = (Vec::new(), Vec::new());
+    let mut counters = Counters { since: Some(Instant::now()), ..Counters::default() };
+    while let Some(first) = rx.blocking_recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < JOBS_PER_COMMIT {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let began = Instant::now();
+        files::begin_frame(&mut buf);
+        undone.clear();
+        let frame = state.end;
+        let mut batch = Batch { state: &mut state, buf: &mut buf, undo: &mut undone, frame, marks: Vec::new(), topics_changed: false, groups_changed: false };
+        let n = jobs.len();
+        let replies: Vec<Reply> = jobs.into_iter().map(|j| batch.job(j)).collect();
+        let (marks, topics_changed, groups_changed) = (batch.marks, batch.topics_changed, batch.groups_changed);
+        let written = buf.len() as u64;
+        match writer.write_frame(&mut buf, true) {
+            Ok(new_segment) => {
+                if written > files::HEADER as u64 {
+                    state.end = frame + written;
+                    publish(&shared, &state, marks, topics_changed, groups_changed, new_segment);
+                }
+                if lock(&shared.failed).take().is_some() {
+                    tracing::info!("the event log's writes go through again");
+                }
+                replies.into_iter().for_each(Reply::send);
+            }
+            Err(e) => {
+                // Nothing of the frame is in the file (cut back) and nothing of it in the state.
+                undo(&mut state, &mut undone);
+                let mut failed = lock(&shared.failed);
+                if failed.is_none() || writer.broken {
+                    if writer.broken {
+                        error!(error = %e, "writing the event log failed and the file could not be put back; its writer stops (appends fail until the process is restarted, which reads the files again)");
+                    } else {
+                        error!(error = %e, "writing the event log failed; appends fail until a write goes through (nothing of the failed write is kept)");
+                    }
+                }
+                *failed = Some(e.to_string());
+                drop(failed);
+                shared.failed_bytes.store(written, Ordering::Relaxed);
+                let e = LogError::Unavailable(format!("writing the event log failed: {e}"));
+                replies.into_iter().for_each(|r| r.fail(&e));
+                continue;
+            }
+        }
+        let took = began.elapsed();
+        counters.writes += 1;
+        counters.jobs += n as u64;
+        counters.bytes += written;
+        counters.longest = counters.longest.max(took);
+        if counters.since.is_some_and(|s| s.elapsed() >= Duration::from_secs(10)) {
+            debug!(
+                writes = counters.writes,
+                jobs_per_write = counters.jobs as f64 / counters.writes.max(1) as f64,
+                bytes_per_write = counters.bytes / counters.writes.max(1),
+                longest_write_ms = counters.longest.as_secs_f64() * 1e3,
+                "log writer"
+            );
+            counters = Counters { since: Some(Instant::now()), ..Counters::default() };
+        }
+    }
+}
+
+/// Makes what a durable frame changed visible to readers, then wakes the consumers.
+fn publish(shared: &Shared, state: &State, marks: Vec<files::Mark>, topics_changed: bool, groups_changed: bool, new_segment: Option<Segment>) {
+    if topics_changed {
+        *lock(&shared.catalog) = Arc::new(Catalog { names: state.names.clone(), topics: state.topics.clone() });
+    }
+    if !marks.is_empty() {
+        let mut index = shared.marks.write().unwrap_or_else(|p| p.into_inner());
+        for (tp, offset, frame) in marks {
+            index.entry(tp).or_default().push((offset, frame));
+        }
+    }
+    if groups_changed {
+        *lock(&shared.committed) = state.groups.clone();
+    }
+    if let Some(seg) = new_segment {
+        let mut segs = lock(&shared.segments);
+        let mut next = (**segs).clone();
+        next.push(seg);
+        *segs = Arc::new(next);
+    }
+    *lock(&shared.tail) = Arc::new(tail_of(state));
+    shared.appended.send_modify(|v| *v += 1);
+}
+
+/// One frame being built from jobs.
+struct Batch<'a> {
+    state: &'a mut State,
+    buf: &'a mut Vec<u8>,
+    /// How to put the state back if the frame is not written.
+    undo: &'a mut Vec<Undo>,
+    frame: u64,
+    marks: Vec<files::Mark>,
+    topics_changed: bool,
+    groups_changed: bool,
+}
+
+/// One change of the writer's state by an entry, to be undone if its frame is not written.
+enum Undo {
+    Topic(String),
+    End(Tp, Option<u64>),
+    Commit(String, Tp, Option<i64>),
+    Group(String, Option<HashMap<Tp, i64>>),
+}
+
+/// Puts the state back as it was before the changes in `undo` (undone last first).
+fn undo(state: &mut State, undo: &mut Vec<Undo>) {
+    while let Some(u) = undo.pop() {
+        match u {
+            Undo::Topic(name) => {
+                state.names.pop();
+                if let Some((id, n)) = state.topics.remove(&name) {
+                    for p in 0..n {
+                        state.ends.remove(&(id, p));
+                        state.last_mark.remove(&(id, p));
+                    }
+                }
+            }
+            Undo::End(tp, mark) => {
+                if let Some(end) = state.ends.get_mut(&tp) {
+                    *end -= 1;
+                }
+                match mark {
+                    Some(m) => state.last_mark.insert(tp, m),
+                    None => state.last_mark.remove(&tp),
+                };
+            }
+            Undo::Commit(group, tp, before) => {
+                let g = state.groups.entry(group).or_default();
+                match before {
+                    Some(v) => g.insert(tp, v),
+                    None => g.remove(&tp),
+                };
+            }
+            Undo::Group(group, before) => {
+                if let Some(g) = before {
+                    state.groups.insert(group, g);
+                }
+            }
+        }
+    }
+}
+
+impl Batch<'_> {
+    fn put(&mut self, e: &Entry<'_>) -> Result<(), String> {
+        let undo = match *e {
+            Entry::Topic { name, .. } => Some(Undo::Topic(name.to_owned())),
+            Entry::Record { topic, partition, .. } => Some(Undo::End((topic, partition), self.state.last_mark.get(&(topic, partition)).copied())),
+            Entry::Commit { group, topic, partition, .. } => {
+                Some(Undo::Commit(group.to_owned(), (topic, partition), self.state.groups.get(group).and_then(|g| g.get(&(topic, partition))).copied()))
+            }
+            Entry::DeleteGroup { group } => Some(Undo::Group(group.to_owned(), self.state.groups.get(group).cloned())),
+            Entry::Probe { .. } => None,
+        };
+        if let Some(m) = self.state.apply(e, self.frame)? {
+            self.marks.push(m);
+        }
+        self.undo.extend(undo);
+        files::put_entry(self.buf, e);
+        Ok(())
+    }
+
+    fn append(&mut self, records: Records, ts_ms: i64) -> Appended {
+        let mut out = Vec::with_capacity(records.len());
+        for (topic, key, payload) in records {
+            let Some((id, n)) = self.state.topics.get(&topic).copied() else {
+                out.push(Err(LogError::Fatal(format!("unknown topic {topic}"))));
+                continue;
+            };
+            let partition = partition_for(key.as_bytes(), n);
+            let offset = self.state.ends.get(&(id, partition)).copied().unwrap_or(0);
+            let e = Entry::Record { topic: id, partition, offset, ts_ms, key: Some(key.as_bytes()), payload: &payload };
+            out.push(self.put(&e).map(|()| Position { topic, partition, offset }).map_err(LogError::Fatal));
+        }
+        out
+    }
+
+    fn commit(&mut self, group: &str, offsets: &[(String, i32, i64)]) -> Result<(), LogError> {
+        for (topic, partition, next) in offsets {
+            let Some((id, _)) = self.state.topics.get(topic).copied() else {
+                return Err(LogError::Fatal(format!("unknown topic {topic}")));
+            };
+            self.put(&Entry::Commit { group, topic: id, partition: *partition, next: *next }).map_err(LogError::Fatal)?;
+            self.groups_changed = true;
+        }
+        Ok(())
+    }
+
+    fn job(&mut self, job: Job) -> Reply {
+        match job {
+            Job::Append { records, ts_ms, reply } => Reply::Append(reply, self.append(records, ts_ms)),
+            Job::AppendCommitting { records, ts_ms, group, offset, current, reply } => {
+                // Checked on the writer, where a new assignment also reads the committed offsets
+                // (`Job::Committed`): a member that joined since bumped the generation before
+                // that read, so either this commit is seen by it or this member is refused here.
+                if !current() {
+                    return Reply::AppendCommitting(reply, None);
+                }
+                // All or nothing: a record that cannot be appended (its topic is unknown, the
+                // only failure of one record) fails them all, before any is appended. Appends
+                // committed without the offset would be appended again by the retry, and marked
+                // exactly once they would reach their readers twice.
+                if let Some((topic, _, _)) = records.iter().find(|(topic, _, _)| !self.state.topics.contains_key(topic)) {
+                    let e = LogError::Fatal(format!("unknown topic {topic}"));
+                    return Reply::AppendCommitting(reply, Some(records.iter().map(|_| Err(clone_err(&e))).collect()));
+                }
+                let out = self.append(records, ts_ms);
+                if out.iter().all(Result::is_ok) {
+                    if let Err(e) = self.commit(&group, &[offset]) {
+                        return Reply::AppendCommitting(reply, Some(out.iter().map(|_| Err(clone_err(&e))).collect()));
+                    }
+                }
+                Reply::AppendCommitting(reply, Some(out))
+            }
+            Job::Commit { group, offsets, reply } => {
+                let r = self.commit(&group, &offsets);
+                match reply {
+                    Some(tx) => Reply::Done(tx, r),
+                    None => {
+                        if let Err(e) = r {
+                            warn!(error = %e, "committing offsets of a closed consumer failed");
+                        }
+                        Reply::Nothing
+                    }
+                }
+            }
+            Job::Committed { group, topic, partition, reply } => {
+                let v = self.state.topics.get(&topic).map(|(id, _)| self.state.committed(&group, (*id, partition))).unwrap_or(0);
+                Reply::Committed(reply, v)
+            }
+            Job::Topics { specs, reply } => {
+                let mut r = Ok(());
+                for (name, partitions) in specs {
+                    if self.state.topics.contains_key(&name) {
+                        continue;
+                    }
+                    let id = self.state.names.len() as u32;
+                    if let Err(e) = self.put(&Entry::Topic { id, partitions, name: &name }) {
+                        r = Err(LogError::Fatal(e));
+                        break;
+                    }
+                    self.topics_changed = true;
+                }
+                Reply::Done(reply, r)
+            }
+            Job::DeleteGroup { group, reply } => {
+                let r = self.put(&Entry::DeleteGroup { group: &group }).map_err(LogError::Fatal);
+                self.groups_changed = true;
+                Reply::Done(reply, r)
+            }
+            Job::Probe { pad, reply } => {
+                let r = self.put(&Entry::Probe { at_ms: chrono::Utc::now().timestamp_millis(), pad }).map_err(LogError::Fatal);
+                Reply::Done(reply, r)
+            }
+        }
+    }
 }
 
 impl Inner {
-    /// A group's committed offset of a partition, as last committed (for lags).
-    async fn committed(&self, group: &str, topic: &str, partition: i32) -> Result<i64, LogError> {
-        let (group, topic) = (group.to_owned(), topic.to_owned());
-        let v: Option<i64> = self
-            .engine
-            .read(move |c| committed_in(c, &group, &topic, partition))
-            .await?;
-        Ok(v.unwrap_or(0))
+    fn failed(&self) -> Option<LogError> {
+        lock(&self.shared.failed).as_ref().map(|why| LogError::Unavailable(format!("the event log's writer stopped: {why}")))
     }
 
-    /// The same, for a new assignment: read on the writer (answered once its transaction
-    /// committed), not on a reader, so that an offset a departing member committed with its
-    /// appends ([`EmbeddedCommitter`]) in a transaction still open is seen, or this read fails
-    /// with it.
+    /// Sends a job that waits for room in the queue.
+    async fn send(&self, job: Job) -> Result<(), LogError> {
+        self.jobs.send(job).await.map_err(|_| stopped())
+    }
+
+    /// A group's committed offset of a partition, as last made durable (for lags).
+    fn committed(&self, group: &str, topic: &str, partition: i32) -> i64 {
+        let Some((id, _)) = lock(&self.shared.catalog).topics.get(topic).copied() else { return 0 };
+        lock(&self.shared.committed).get(group).and_then(|g| g.get(&(id, partition))).copied().unwrap_or(0)
+    }
+
+    /// The same, for a new assignment: read on the writer (answered once the frame it is
+    /// building is durable), so that an offset a departing member committed with its appends
+    /// ([`EmbeddedCommitter`]) in a frame still being written is seen, or this read fails with it.
     async fn committed_for_assignment(&self, group: &str, topic: &str, partition: i32) -> Result<i64, LogError> {
-        let (group, topic) = (group.to_owned(), topic.to_owned());
-        let v: Option<i64> = self
-            .engine
-            .write(Lane::Urgent, move |t, _| committed_in(t, &group, &topic, partition))
-            .await?;
-        Ok(v.unwrap_or(0))
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::Committed { group: group.to_owned(), topic: topic.to_owned(), partition, reply: tx }).await?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    fn segments(&self) -> Arc<Vec<Segment>> {
+        lock(&self.shared.segments).clone()
     }
 }
 
@@ -454,34 +600,23 @@ impl EventLog for EmbeddedLog {
 
     async fn append_batch(&self, records: Vec<(String, String, Vec<u8>)>) -> Vec<Result<Position, LogError>> {
         let n = records.len();
-        let now_ms = chrono::Utc::now().timestamp_millis();
+        let fail = |e: LogError| (0..n).map(|_| Err(clone_err(&e))).collect();
+        let (tx, rx) = oneshot::channel();
+        let ts_ms = chrono::Utc::now().timestamp_millis();
         // Appends shed load when the writer is behind (the gateway answers `overloaded`).
-        match self.inner.engine.try_write(Lane::Urgent, move |t, c| append_in(t, c, records, now_ms)).await {
-            Ok(out) => out,
-            Err(e) => {
-                let e = LogError::from(e);
-                (0..n).map(|_| Err(clone_err(&e))).collect()
-            }
+        match self.inner.jobs.try_send(Job::Append { records, ts_ms, reply: tx }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => return fail(LogError::QueueFull),
+            Err(mpsc::error::TrySendError::Closed(_)) => return fail(stopped()),
         }
+        rx.await.unwrap_or_else(|_| fail(stopped()))
     }
 
     async fn ensure_topics(&self, specs: &[TopicSpec]) -> Result<(), LogError> {
         let specs: Vec<(String, i32)> = specs.iter().map(|s| (s.name.clone(), s.partitions)).collect();
-        self.inner
-            .engine
-            .write(Lane::Urgent, move |t, c| {
-                for (name, partitions) in specs {
-                    t.execute("INSERT OR IGNORE INTO topics (topic, partitions) VALUES (?1, ?2)", params![name, partitions])?;
-                    let n: i32 = t.query_row("SELECT partitions FROM topics WHERE topic = ?1", params![name], |r| r.get(0))?;
-                    c.topics.insert(name.clone(), n);
-                    for p in 0..n {
-                        c.ends.entry((name.clone(), p)).or_insert(0);
-                    }
-                }
-                Ok(())
-            })
-            .await
-            .map_err(LogError::from)
+        let (tx, rx) = oneshot::channel();
+        self.inner.send(Job::Topics { specs, reply: tx }).await?;
+        rx.await.map_err(|_| stopped())?
     }
 
     async fn subscribe(&self, group: &str, topics: &[String]) -> Result<Box<dyn LogConsumer>, LogError> {
@@ -507,17 +642,18 @@ impl EventLog for EmbeddedLog {
             stored: BTreeMap::new(),
             committed: BTreeMap::new(),
             last_commit: Instant::now(),
-            appended: self.inner.appended.subscribe(),
+            appended: self.inner.shared.appended.subscribe(),
             scanned: 0,
+            cursor: Some(Cursor::new(self.inner.segments())),
         }))
     }
 
     async fn partition_lags(&self, group: &str, topics: &[String]) -> Result<Vec<PartitionLag>, LogError> {
-        let ends = lock(&self.inner.tail).ends.clone();
+        let ends = lock(&self.inner.shared.tail).ends.clone();
         let mut lags = Vec::new();
         for ((topic, partition), end) in ends {
             if topics.contains(&topic) {
-                let committed = self.inner.committed(group, &topic, partition).await?;
+                let committed = self.inner.committed(group, &topic, partition);
                 lags.push(PartitionLag { topic, partition, end, committed });
             }
         }
@@ -525,24 +661,33 @@ impl EventLog for EmbeddedLog {
     }
 
     async fn read_all(&self, topics: &[String]) -> Result<Box<dyn LogReader>, LogError> {
-        inspect::reader(self.inner.path.parent().unwrap_or(Path::new(".")), topics)
+        let catalog = lock(&self.inner.shared.catalog).clone();
+        let tail = lock(&self.inner.shared.tail).clone();
+        Ok(Box::new(SnapshotReader::new(self.inner.segments(), &catalog.names, &catalog.topics, &tail, topics)))
     }
 
-    /// Appends are going through (the last commit of `log.db` succeeded).
+    /// Appends are going through: the last write succeeded, or (after a failure) a write as
+    /// large as the one that failed goes through now. Without the probe an idle log would stay failed after the disk has room
+    /// again (nothing would be written), and a node that is not ready gets no traffic.
     async fn ping(&self) -> bool {
-        self.inner.engine.probe().await
+        if self.inner.failed().is_none() {
+            return !self.inner.jobs.is_closed();
+        }
+        let (tx, rx) = oneshot::channel();
+        let pad = self.inner.shared.failed_bytes.load(Ordering::Relaxed).clamp(4 << 10, 1 << 20) as u32;
+        if self.inner.send(Job::Probe { pad, reply: tx }).await.is_err() {
+            return false;
+        }
+        matches!(rx.await, Ok(Ok(()))) && self.inner.failed().is_none()
     }
 
     async fn delete_group(&self, group: &str) -> Result<(), LogError> {
         if lock(&self.inner.groups).get(group).is_some_and(|g| !g.members.is_empty()) {
             return Err(LogError::Fatal(format!("group {group} has live members")));
         }
-        let group = group.to_owned();
-        self.inner
-            .engine
-            .write(Lane::Urgent, move |t, _| t.execute("DELETE FROM group_offsets WHERE grp = ?1", params![group]).map(|_| ()))
-            .await
-            .map_err(LogError::from)
+        let (tx, rx) = oneshot::channel();
+        self.inner.send(Job::DeleteGroup { group: group.to_owned(), reply: tx }).await?;
+        rx.await.map_err(|_| stopped())?
     }
 }
 
@@ -554,7 +699,7 @@ fn clone_err(e: &LogError) -> LogError {
     }
 }
 
-/// A member's appends with its offset committed in the same transaction.
+/// A member's appends with its offset committed in the same frame.
 struct EmbeddedCommitter {
     log: Arc<Inner>,
     group: String,
@@ -572,45 +717,48 @@ impl Committer for EmbeddedCommitter {
         next: i64,
     ) -> Option<Vec<Result<Position, LogError>>> {
         let n = records.len();
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        let (inner, group, topic, mine) = (self.log.clone(), self.group.clone(), topic.to_owned(), self.generation.load(Ordering::SeqCst));
-        let done = self
-            .log
-            .engine
-            .try_write(Lane::Urgent, move |t, c| {
-                // Checked on the writer, where a new assignment also reads the committed offsets
-                // (`Inner::committed_for_assignment`): a member that joined since bumped the generation before
-                // that read, so either this commit is seen by it or this member is refused here.
-                if lock(&inner.groups).get(&group).map(|g| g.generation) != Some(mine) {
-                    return Ok(None);
-                }
-                // All or nothing: a record that cannot be appended (its topic is unknown, the
-                // only failure of one record) fails them all, before any is appended. Appends
-                // committed without the offset would be appended again by the retry, and marked
-                // exactly once they would reach their readers twice.
-                if let Some((topic, _, _)) = records.iter().find(|(topic, _, _)| !c.topics.contains_key(topic)) {
-                    let e = LogError::Fatal(format!("unknown topic {topic}"));
-                    return Ok(Some((0..n).map(|_| Err(clone_err(&e))).collect()));
-                }
-                let out = append_in(t, c, records, now_ms)?;
-                if out.iter().all(Result::is_ok) {
-                    commit_in(t, &group, &[(topic, partition, next)])?;
-                }
-                Ok(Some(out))
-            })
-            .await;
-        match done {
-            Ok(out) => out,
-            Err(e) => {
-                let e = LogError::from(e);
-                Some((0..n).map(|_| Err(clone_err(&e))).collect())
-            }
+        let fail = |e: LogError| Some((0..n).map(|_| Err(clone_err(&e))).collect());
+        let (inner, group, mine) = (self.log.clone(), self.group.clone(), self.generation.load(Ordering::SeqCst));
+        let current = Box::new(move || lock(&inner.groups).get(&group).map(|g| g.generation) == Some(mine));
+        let (tx, rx) = oneshot::channel();
+        let job = Job::AppendCommitting {
+            records,
+            ts_ms: chrono::Utc::now().timestamp_millis(),
+            group: self.group.clone(),
+            offset: (topic.to_owned(), partition, next),
+            current,
+            reply: tx,
+        };
+        match self.log.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => return fail(LogError::QueueFull),
+            Err(mpsc::error::TrySendError::Closed(_)) => return fail(stopped()),
         }
+        rx.await.unwrap_or_else(|_| fail(stopped()))
     }
 
     async fn read(&self, topic: &str, partition: i32, from: i64, end: i64, max: usize) -> Result<Vec<Record>, LogError> {
-        let topic = topic.to_owned();
-        Ok(self.log.engine.read(move |c| read_range(c, &topic, partition, from, end, max)).await?)
+        let catalog = lock(&self.log.shared.catalog).clone();
+        let Some((id, _)) = catalog.topics.get(topic).copied() else { return Ok(Vec::new()) };
+        let tail = lock(&self.log.shared.tail).clone();
+        let mut after = files::mark_before(&self.log.shared.marks.read().unwrap_or_else(|p| p.into_inner()), (id, partition), from);
+        let mut cursor = Cursor::new(self.log.segments());
+        let mut parts = [((id, partition), from)];
+        let mut out = Vec::new();
+        while out.len() < max && parts[0].1 < end {
+            let scan = files::scan(&mut cursor, &catalog.names, after, tail.end, &mut parts, max - out.len(), SCAN_BYTES).map_err(fatal)?;
+            after = scan.next;
+            for r in scan.records {
+                if r.offset >= end {
+                    return Ok(out);
+                }
+                out.push(r);
+            }
+            if scan.at_end {
+                break;
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -629,9 +777,11 @@ struct EmbeddedConsumer {
     committed: BTreeMap<(String, i32), i64>,
     last_commit: Instant,
     appended: watch::Receiver<u64>,
-    /// Every record of an assigned partition at or past its position is in a row after this one:
-    /// the next scan starts here.
-    scanned: i64,
+    /// Every record of an assigned partition at or past its position is in a frame at or after
+    /// this position: the next scan starts here.
+    scanned: u64,
+    /// The member's reading buffer (moved to a blocking thread and back when far behind).
+    cursor: Option<Cursor>,
 }
 
 impl EmbeddedConsumer {
@@ -648,10 +798,10 @@ impl EmbeddedConsumer {
         // Give up what we had: commit what was stored for it first, like Kafka's
         // commit-on-revoke.
         self.commit_stored().await?;
-        let topics = lock(&self.log.topics).clone();
+        let catalog = lock(&self.log.shared.catalog).clone();
         let mut all: Vec<(String, i32)> = Vec::new();
         for t in &self.topics {
-            for p in 0..topics.get(t).copied().unwrap_or(0) {
+            for p in 0..catalog.topics.get(t).map(|(_, n)| *n).unwrap_or(0) {
                 all.push((t.clone(), p));
             }
         }
@@ -660,27 +810,21 @@ impl EmbeddedConsumer {
         sorted.sort_unstable();
         let me = sorted.iter().position(|m| *m == self.member).unwrap_or(0);
         let mine: Vec<(String, i32)> = all.into_iter().enumerate().filter(|(i, _)| i % sorted.len().max(1) == me).map(|(_, tp)| tp).collect();
-        // The ends before the committed offsets: a partition whose committed offset is at or past
-        // this end has no record to read up to this tail's last row.
-        let tail = Arc::clone(&lock(&self.log.tail));
+        // The tail before the committed offsets: a partition whose committed offset is at or
+        // past this tail's end has no record to read before this tail's position.
+        let tail = lock(&self.log.shared.tail).clone();
         let mut positions = BTreeMap::new();
-        let mut behind = Vec::new();
+        let mut from = tail.end;
         for (t, p) in mine {
             let at = self.log.committed_for_assignment(&self.group, &t, p).await?;
             if at < tail.ends.get(&(t.clone(), p)).copied().unwrap_or(0) {
-                behind.push((t.clone(), p, at));
+                // A partition behind its end is read from the mark at or before its position.
+                let id = catalog.topics.get(&t).map(|(id, _)| *id).unwrap_or(0);
+                from = from.min(files::mark_before(&self.log.shared.marks.read().unwrap_or_else(|p| p.into_inner()), (id, p), at));
             }
             positions.insert((t, p), at);
         }
-        // A partition behind its end is read from the mark at or before its position.
-        let from = self.log.engine.read(move |c| {
-            let mut from = tail.max_seq;
-            for (t, p, at) in &behind {
-                from = from.min(mark_before(c, t, *p, *at)?);
-            }
-            Ok(from)
-        });
-        self.scanned = from.await?;
+        self.scanned = from;
         self.positions = positions;
         self.stored.clear();
         self.committed.clear();
@@ -701,79 +845,62 @@ impl EmbeddedConsumer {
             return Ok(());
         }
         // Commits wait for room in the queue rather than fail: they are small and rare.
-        let (group, committing) = (self.group.clone(), offsets.clone());
-        self.log.engine.write(Lane::Background, move |t, _| commit_in(t, &group, &committing)).await?;
+        let (tx, rx) = oneshot::channel();
+        self.log.send(Job::Commit { group: self.group.clone(), offsets: offsets.clone(), reply: Some(tx) }).await?;
+        rx.await.map_err(|_| stopped())??;
         for (t, p, o) in offsets {
             self.committed.insert((t, p), o);
         }
         Ok(())
     }
 
-    /// Whether an assigned partition has records past its position; when none has, the scan
-    /// can start at the tail's last row.
-    fn readable(&mut self) -> bool {
-        let tail = Arc::clone(&lock(&self.log.tail));
+    /// The tail, if an assigned partition has records past its position; when none has, the
+    /// scan can start at the tail's end.
+    fn readable(&mut self) -> Option<Arc<Tail>> {
+        let tail = lock(&self.log.shared.tail).clone();
         let readable = self.positions.iter().any(|(k, pos)| tail.ends.get(k).copied().unwrap_or(0) > *pos);
         if !readable {
-            self.scanned = self.scanned.max(tail.max_seq);
+            self.scanned = self.scanned.max(tail.end);
+            return None;
         }
-        readable
+        Some(tail)
     }
-}
 
-/// The row of the mark at or before `offset` of a partition, less one: its records from
-/// `offset` on are in rows after it.
-fn mark_before(c: &Connection, topic: &str, partition: i32, offset: i64) -> rusqlite::Result<i64> {
-    let seq: Option<i64> = c
-        .prepare_cached("SELECT seq FROM record_marks WHERE topic = ?1 AND partition = ?2 AND offset <= ?3 ORDER BY offset DESC LIMIT 1")?
-        .query_row(params![topic, partition, offset], |r| r.get(0))
-        .optional()?;
-    Ok(seq.map(|s| s - 1).unwrap_or(0))
-}
-
-/// Rows a scan examines at most (records of other topics and partitions, or before a
-/// position, are passed over).
-const SCAN_ROWS: i64 = 65_536;
-
-/// What one scan found.
-struct Scan {
-    records: Vec<Record>,
-    /// The last row examined (every wanted record up to it is in `records`).
-    last: i64,
-    /// The scan reached the last row (not its row budget or `max`).
-    at_end: bool,
-}
-
-/// Reads, in append order, the records in rows after `after` of the partitions in `positions`
-/// from their positions on: up to `max` records, up to [`SCAN_ROWS`] rows examined, up to row
-/// `until` if given.
-fn scan_records(c: &Connection, after: i64, until: Option<i64>, positions: &[(String, i32, i64)], max: usize) -> rusqlite::Result<Scan> {
-    let mut st = c.prepare_cached("SELECT seq, topic, partition, offset, key, payload, ts_ms FROM records WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3")?;
-    let mut rows = st.query(params![after, until.unwrap_or(i64::MAX), SCAN_ROWS])?;
-    let mut out = Scan { records: Vec::new(), last: after, at_end: true };
-    let mut examined = 0;
-    while let Some(r) = rows.next()? {
-        examined += 1;
-        out.last = r.get(0)?;
-        let (partition, offset): (i32, i64) = (r.get(2)?, r.get(3)?);
-        let topic = r.get_ref(1)?.as_str().map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e)))?;
-        if positions.iter().any(|(t, p, pos)| *p == partition && offset >= *pos && t == topic) {
-            out.records.push(Record {
-                topic: topic.to_owned(),
-                partition,
-                offset,
-                key: r.get(4)?,
-                payload: r.get(5)?,
-                timestamp: DateTime::from_timestamp_millis(r.get(6)?),
-            });
-            if out.records.len() >= max {
-                out.at_end = false;
-                return Ok(out);
+    /// One scan from where the last one stopped, up to the tail's end.
+    async fn scan(&mut self, tail: &Tail, max: usize) -> Result<files::Scan, LogError> {
+        let catalog = lock(&self.log.shared.catalog).clone();
+        let mut parts: Vec<(Tp, i64)> = self
+            .positions
+            .iter()
+            .filter_map(|((t, p), o)| catalog.topics.get(t).map(|(id, _)| ((*id, *p), *o)))
+            .collect();
+        let mut cursor = self.cursor.take().unwrap_or_else(|| Cursor::new(self.log.segments()));
+        cursor.set_segments(self.log.segments());
+        let (after, until) = (self.scanned, tail.end);
+        let (cursor, scan) = if until - after.min(until) > FAR_BEHIND {
+            tokio::task::spawn_blocking(move || {
+                let scan = files::scan(&mut cursor, &catalog.names, after, until, &mut parts, max, SCAN_BYTES);
+                (cursor, scan)
+            })
+            .await
+            .map_err(fatal)?
+        } else {
+            let scan = files::scan(&mut cursor, &catalog.names, after, until, &mut parts, max, SCAN_BYTES);
+            (cursor, scan)
+        };
+        self.cursor = Some(cursor);
+        let scan = scan.map_err(|e| {
+            error!(error = %e, "reading the event log failed");
+            fatal(e)
+        })?;
+        self.scanned = scan.next;
+        for r in &scan.records {
+            if let Some(pos) = self.positions.get_mut(&(r.topic.clone(), r.partition)) {
+                *pos = (*pos).max(r.offset + 1);
             }
         }
+        Ok(scan)
     }
-    out.at_end = examined < SCAN_ROWS;
-    Ok(out)
 }
 
 #[async_trait]
@@ -788,21 +915,13 @@ impl LogConsumer for EmbeddedConsumer {
                 }
             }
             self.appended.borrow_and_update();
-            if self.readable() {
-                let positions: Vec<(String, i32, i64)> = self.positions.iter().map(|((t, p), o)| (t.clone(), *p, *o)).collect();
-                let after = self.scanned;
-                let scan = self.log.engine.read(move |c| scan_records(c, after, None, &positions, max.max(1))).await?;
-                self.scanned = scan.last;
-                for r in &scan.records {
-                    if let Some(pos) = self.positions.get_mut(&(r.topic.clone(), r.partition)) {
-                        *pos = (*pos).max(r.offset + 1);
-                    }
-                }
+            if let Some(tail) = self.readable() {
+                let scan = self.scan(&tail, max.max(1)).await?;
                 if !scan.records.is_empty() {
                     return Ok(scan.records);
                 }
                 if !scan.at_end {
-                    // Rows of other partitions passed over; go on scanning, within the wait.
+                    // Frames of other partitions passed over; go on scanning, within the wait.
                     if tokio::time::Instant::now() >= deadline {
                         return Ok(Vec::new());
                     }
@@ -841,11 +960,12 @@ impl Drop for EmbeddedConsumer {
         // Like Kafka's consumer close: commit what was stored (best effort, not awaited).
         let offsets = self.uncommitted();
         if !offsets.is_empty() {
-            let (engine, group) = (self.log.engine.clone(), self.group.clone());
+            let job = Job::Commit { group: self.group.clone(), offsets, reply: None };
+            let jobs = self.log.jobs.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
-                    if let Err(e) = engine.write(Lane::Background, move |t, _| commit_in(t, &group, &offsets)).await {
-                        warn!(error = %e, "committing offsets of a closed consumer failed");
+                    if jobs.send(job).await.is_err() {
+                        warn!("committing offsets of a closed consumer failed: the log's writer stopped");
                     }
                 });
             }
@@ -858,19 +978,32 @@ impl Drop for EmbeddedConsumer {
     }
 }
 
-/// Reads topics in one pass in append order, in pages, on a read-only connection, up to the
-/// last row when it was made.
+/// Reads topics in one pass in append order, up to the log's end when it was made.
 struct SnapshotReader {
-    dir: PathBuf,
-    /// Every partition of the topics, from offset 0.
-    parts: Vec<(String, i32, i64)>,
-    /// The last row read, and the last row of the snapshot.
-    after: i64,
-    until: i64,
-    /// The layout when the snapshot was taken: a conversion renumbers the rows.
-    layout: i64,
+    cursor: Option<Cursor>,
+    names: Arc<Vec<String>>,
+    /// Every partition of the topics, and the next offset to read.
+    parts: Vec<(Tp, i64)>,
+    after: u64,
+    until: u64,
     total: i64,
     read: i64,
+}
+
+impl SnapshotReader {
+    fn new(segs: Arc<Vec<Segment>>, names: &[String], ids: &HashMap<String, (u32, i32)>, tail: &Tail, topics: &[String]) -> Self {
+        let mut parts = Vec::new();
+        for t in topics {
+            if let Some((id, n)) = ids.get(t) {
+                for p in 0..*n {
+                    parts.push(((*id, p), 0));
+                }
+            }
+        }
+        let total = tail.ends.iter().filter(|((t, _), _)| topics.contains(t)).map(|(_, e)| *e).sum();
+        let after = segs.first().map_or(0, |s| s.start);
+        SnapshotReader { cursor: Some(Cursor::new(segs)), names: Arc::new(names.to_vec()), parts, after, until: tail.end, total, read: 0 }
+    }
 }
 
 #[async_trait]
@@ -879,23 +1012,31 @@ impl LogReader for SnapshotReader {
         if self.after >= self.until {
             return Ok(Vec::new());
         }
-        let (dir, parts, mut after, until, max, layout) = (self.dir.clone(), self.parts.clone(), self.after, self.until, max.max(1), self.layout);
-        let (page, last) = tokio::task::spawn_blocking(move || -> Result<(Vec<Record>, i64), LogError> {
-            let c = open_sqlite(&dir.join("log.db"), false).map_err(fatal)?;
-            if user_version(&c).map_err(fatal)? != layout {
-                return Err(LogError::Fatal("the event log was converted to a new layout while it was read (by `chat run` starting); run the command again".into()));
-            }
+        let (mut cursor, names, mut parts, mut after, until, max) =
+            (self.cursor.take().ok_or_else(|| fatal("reader failed before"))?, self.names.clone(), std::mem::take(&mut self.parts), self.after, self.until, max.max(1));
+        let (cursor, parts, page, after) = tokio::task::spawn_blocking(move || {
             let mut page = Vec::new();
+            let mut result = Ok(());
             while page.len() < max && after < until {
-                let scan = scan_records(&c, after, Some(until), &parts, max - page.len()).map_err(fatal)?;
-                after = if scan.at_end && scan.records.len() < max - page.len() { until } else { scan.last };
-                page.extend(scan.records);
+                match files::scan(&mut cursor, &names, after, until, &mut parts, max - page.len(), SCAN_BYTES) {
+                    Ok(scan) => {
+                        after = if scan.at_end { until } else { scan.next };
+                        page.extend(scan.records);
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
             }
-            Ok((page, after))
+            (cursor, parts, result.map(|()| page), after)
         })
         .await
-        .map_err(fatal)??;
-        self.after = last;
+        .map_err(fatal)?;
+        self.cursor = Some(cursor);
+        self.parts = parts;
+        self.after = after;
+        let page = page.map_err(fatal)?;
         self.read += page.len() as i64;
         Ok(page)
     }
@@ -905,331 +1046,65 @@ impl LogReader for SnapshotReader {
     }
 }
 
-/// Records `from <= offset < end` of one partition, at most `max`: from the mark at or before
-/// `from`, in append order.
-fn read_range(c: &Connection, topic: &str, partition: i32, from: i64, end: i64, max: usize) -> rusqlite::Result<Vec<Record>> {
-    let mut after = mark_before(c, topic, partition, from)?;
-    let (mut out, mut pos) = (Vec::new(), from);
-    while out.len() < max && pos < end {
-        let scan = scan_records(c, after, None, &[(topic.to_owned(), partition, pos)], max - out.len())?;
-        after = scan.last;
-        for r in scan.records {
-            if r.offset >= end {
-                return Ok(out);
-            }
-            pos = r.offset + 1;
-            out.push(r);
-        }
-        if scan.at_end {
-            break;
-        }
-    }
-    Ok(out)
-}
-
-/// Read-only views of a data directory, usable while another process owns it (tests, tools).
+/// Read-only views of a data directory, usable while another process owns it (tests, tools):
+/// the frames are read up to the last whole one.
 pub mod inspect {
     use super::*;
 
-    fn conn(dir: &Path) -> Result<Connection, LogError> {
-        open_sqlite(&dir.join("log.db"), false).map_err(fatal)
-    }
-
-    /// The end of every partition (the marks of layout 3; a scan of an older layout's records,
-    /// which `chat run` converts when it opens them).
-    fn ends(c: &Connection) -> Result<(HashMap<String, i32>, Tail), LogError> {
-        let topics = read_topics(c).map_err(fatal)?;
-        if user_version(c).map_err(fatal)? >= LAYOUT {
-            let (tail, _) = read_tail(c, &topics).map_err(fatal)?;
-            return Ok((topics, tail));
+    fn open(dir: &Path) -> Result<files::Opened, LogError> {
+        let path = dir.join("log");
+        if files::list_segments(&path).map_err(fatal)?.is_empty() && dir.join("log.db").exists() {
+            return Err(LogError::Fatal(format!(
+                "{}: the event log is in an earlier layout; start `chat run` on this data directory once to convert it",
+                dir.join("log.db").display()
+            )));
         }
-        let mut tail = Tail::default();
-        let mut st = c.prepare("SELECT topic, partition, MAX(offset) + 1 FROM records GROUP BY topic, partition").map_err(fatal)?;
-        let rows = st.query_map([], |r| Ok(((r.get::<_, String>(0)?, r.get::<_, i32>(1)?), r.get::<_, i64>(2)?))).map_err(fatal)?;
-        for r in rows {
-            let (k, end) = r.map_err(fatal)?;
-            tail.ends.insert(k, end);
-        }
-        Ok((topics, tail))
+        files::open_segments(&path, false).map_err(|e| fatal(format!("{}: {e}", path.display())))
     }
 
     /// Records still to be consumed by a group on some topics (end − committed, summed).
     pub fn group_lag(dir: &Path, group: &str, topics: &[String]) -> Result<i64, LogError> {
-        let c = conn(dir)?;
-        let (_, tail) = ends(&c)?;
+        let o = open(dir)?;
         let mut lag = 0;
-        let mut st = c.prepare("SELECT next_offset FROM group_offsets WHERE grp = ?1 AND topic = ?2 AND partition = ?3").map_err(fatal)?;
-        for ((t, p), end) in &tail.ends {
-            if topics.contains(t) {
-                let done: Option<i64> = st.query_row(params![group, t, p], |r| r.get(0)).optional().map_err(fatal)?;
-                lag += (end - done.unwrap_or(0)).max(0);
+        for (name, (id, n)) in &o.state.topics {
+            if topics.contains(name) {
+                for p in 0..*n {
+                    let end = o.state.ends.get(&(*id, p)).copied().unwrap_or(0);
+                    lag += (end - o.state.committed(group, (*id, p))).max(0);
+                }
             }
         }
         Ok(lag)
     }
 
-    /// A one-pass reader over a snapshot of topics, in append order (read-only: works while
-    /// `chat run` owns the directory). A log of layout 1 (before 2026-12-06) is read once
-    /// `chat run` has converted it.
+    /// A one-pass reader over a snapshot of topics, in append order.
     pub fn reader(dir: &Path, topics: &[String]) -> Result<Box<dyn LogReader>, LogError> {
-        let c = conn(dir)?;
-        let sql: Option<String> = c
-            .query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'records'", [], |r| r.get(0))
-            .optional()
-            .map_err(fatal)?;
-        if sql.as_deref().is_some_and(|s| s.contains("WITHOUT ROWID")) {
-            return Err(LogError::Fatal(format!(
-                "{}: the event log is in layout 1; start `chat run` on this data directory once to convert it",
-                dir.join("log.db").display()
-            )));
-        }
-        // The last row and the ends from one snapshot, so that `progress` ends at its total.
-        c.execute_batch("BEGIN").map_err(fatal)?;
-        let until: i64 = if sql.is_some() { c.query_row("SELECT COALESCE(MAX(seq), 0) FROM records", [], |r| r.get(0)).map_err(fatal)? } else { 0 };
-        let (counts, tail) = ends(&c)?;
-        let mut parts = Vec::new();
-        for t in topics {
-            for p in 0..counts.get(t).copied().unwrap_or(0) {
-                parts.push((t.clone(), p, 0));
-            }
-        }
-        let total = tail.ends.iter().filter(|((t, _), _)| topics.contains(t)).map(|(_, e)| *e).sum();
-        let layout = user_version(&c).map_err(fatal)?;
-        Ok(Box::new(SnapshotReader { dir: dir.to_path_buf(), parts, after: 0, until, layout, total, read: 0 }))
+        let o = open(dir)?;
+        let tail = tail_of(&o.state);
+        Ok(Box::new(SnapshotReader::new(Arc::new(o.segs), &o.state.names, &o.state.topics, &tail, topics)))
     }
 
     /// Every record payload of a topic, in (partition, offset) order.
     pub fn records(dir: &Path, topic: &str) -> Result<Vec<Vec<u8>>, LogError> {
-        let c = conn(dir)?;
-        let mut st = c.prepare("SELECT payload FROM records WHERE topic = ?1 ORDER BY partition, offset").map_err(fatal)?;
-        let rows = st.query_map(params![topic], |r| r.get::<_, Vec<u8>>(0)).map_err(fatal)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(fatal)
+        let o = open(dir)?;
+        let Some((id, n)) = o.state.topics.get(topic).copied() else { return Ok(Vec::new()) };
+        let mut parts: Vec<(Tp, i64)> = (0..n).map(|p| ((id, p), 0)).collect();
+        let start = o.segs.first().map_or(0, |s| s.start);
+        let mut cursor = Cursor::new(Arc::new(o.segs));
+        let mut out = Vec::new();
+        let mut after = start;
+        loop {
+            let scan = files::scan(&mut cursor, &o.state.names, after, o.state.end, &mut parts, usize::MAX, u64::MAX).map_err(fatal)?;
+            out.extend(scan.records);
+            if scan.at_end {
+                break;
+            }
+            after = scan.next;
+        }
+        out.sort_by_key(|r| (r.partition, r.offset));
+        Ok(out.into_iter().map(|r| r.payload).collect())
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn partitions_match_kafkas_murmur2() {
-        // Values computed by Kafka's own Utils.murmur2 (toPositive(murmur2(key)) % n), as
-        // published in its test suite: murmur2("21") = -973932308.
-        let h = murmur2::murmur2(b"21", murmur2::KAFKA_SEED) as i32;
-        assert_eq!(h, -973932308);
-        assert_eq!(partition_for(b"21", 1), 0);
-    }
-
-    /// A log written with layout 1 (records without a rowid, ordered by position) opens with
-    /// every record, offset, end and group offset as before, in the append-ordered layout, and
-    /// appends continue each partition's offsets.
-    #[tokio::test]
-    async fn a_layout_1_log_is_converted_at_open() {
-        let dir = std::env::temp_dir().join(format!("chat-log-layout1-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        {
-            let c = Connection::open(dir.join("log.db")).unwrap();
-            c.execute_batch(
-                "CREATE TABLE topics (topic TEXT PRIMARY KEY, partitions INTEGER NOT NULL);
-                 CREATE TABLE records (topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL, key BLOB, payload BLOB NOT NULL, ts_ms INTEGER NOT NULL, PRIMARY KEY (topic, partition, offset)) WITHOUT ROWID;
-                 CREATE TABLE group_offsets (grp TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL, PRIMARY KEY (grp, topic, partition)) WITHOUT ROWID;
-                 INSERT INTO topics VALUES ('t', 2);
-                 INSERT INTO group_offsets VALUES ('g', 't', 1, 2);",
-            )
-            .unwrap();
-            // Partition 1's records were appended over time, interleaved with partition 0's.
-            for (p, o, ts) in [(1, 0, 10), (0, 0, 11), (1, 1, 12), (1, 2, 12), (0, 1, 13)] {
-                c.execute("INSERT INTO records VALUES ('t', ?1, ?2, ?3, ?4, ?5)", params![p, o, b"k".to_vec(), format!("{p}/{o}").into_bytes(), ts])
-                    .unwrap();
-            }
-        }
-        let log = EmbeddedLog::open(&dir, 16).unwrap();
-        let sql: String = Connection::open(dir.join("log.db"))
-            .unwrap()
-            .query_row("SELECT sql FROM sqlite_master WHERE name = 'records'", [], |r| r.get(0))
-            .unwrap();
-        assert!(sql.contains("seq INTEGER PRIMARY KEY"), "{sql}");
-        let consumer = log.subscribe("g", &["t".to_owned()]).await.unwrap();
-        let committer = consumer.committer().unwrap();
-        let read = |p: i32| {
-            let committer = committer.clone();
-            async move {
-                committer.read("t", p, 0, 10, 10).await.unwrap().into_iter().map(|r| (r.offset, String::from_utf8(r.payload).unwrap())).collect::<Vec<_>>()
-            }
-        };
-        assert_eq!(read(0).await, vec![(0, "0/0".to_owned()), (1, "0/1".to_owned())]);
-        assert_eq!(read(1).await, vec![(0, "1/0".to_owned()), (1, "1/1".to_owned()), (2, "1/2".to_owned())]);
-        let lags = log.partition_lags("g", &["t".to_owned()]).await.unwrap();
-        let p1 = lags.iter().find(|l| l.partition == 1).unwrap();
-        assert_eq!((p1.end, p1.committed), (3, 2));
-        // "k" goes to one partition; its next append continues that partition's offsets.
-        let at = log.append("t", "k", b"new".to_vec()).await.unwrap();
-        assert_eq!(at.offset, if at.partition == 0 { 2 } else { 3 });
-        drop(committer);
-        drop(consumer);
-        drop(log);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// A log written with layout 2 (append order, a full index), converted from layout 1 by an
-    /// earlier release in append-time order that two racing appends inverted, opens in layout 3:
-    /// no index, marks written, each partition's offsets rising with `seq`, every record read.
-    #[tokio::test]
-    async fn a_layout_2_log_is_converted_at_open_and_offsets_put_in_order() {
-        let dir = std::env::temp_dir().join(format!("chat-log-layout2-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        {
-            let c = Connection::open(dir.join("log.db")).unwrap();
-            c.execute_batch(
-                "CREATE TABLE topics (topic TEXT PRIMARY KEY, partitions INTEGER NOT NULL);
-                 CREATE TABLE records (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL, key BLOB, payload BLOB NOT NULL, ts_ms INTEGER NOT NULL);
-                 CREATE UNIQUE INDEX records_position ON records (topic, partition, offset);
-                 CREATE TABLE group_offsets (grp TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL, PRIMARY KEY (grp, topic, partition)) WITHOUT ROWID;
-                 INSERT INTO topics VALUES ('t', 2);",
-            )
-            .unwrap();
-            // Partition 0's offsets 1 and 2 are in the wrong order.
-            for (p, o) in [(0, 0), (1, 0), (0, 2), (0, 1), (1, 1)] {
-                c.execute("INSERT INTO records (topic, partition, offset, key, payload, ts_ms) VALUES ('t', ?1, ?2, NULL, ?3, 1)", params![p, o, format!("{p}/{o}").into_bytes()])
-                    .unwrap();
-            }
-        }
-        let log = EmbeddedLog::open(&dir, 16).unwrap();
-        {
-            let c = Connection::open(dir.join("log.db")).unwrap();
-            let index: i64 = c.query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'records_position'", [], |r| r.get(0)).unwrap();
-            assert_eq!(index, 0);
-            let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-            assert_eq!(version, LAYOUT);
-            let marks: i64 = c.query_row("SELECT COUNT(*) FROM record_marks WHERE offset = 0", [], |r| r.get(0)).unwrap();
-            assert_eq!(marks, 2);
-        }
-        let mut consumer = log.subscribe("g", &["t".to_owned()]).await.unwrap();
-        let mut got = Vec::new();
-        while got.len() < 5 {
-            let batch = consumer.poll_batch(10, Duration::from_secs(5)).await.unwrap();
-            assert!(!batch.is_empty(), "read {got:?}");
-            got.extend(batch.into_iter().map(|r| String::from_utf8(r.payload).unwrap()));
-        }
-        let p0: Vec<&String> = got.iter().filter(|s| s.starts_with("0/")).collect();
-        assert_eq!(p0, ["0/0", "0/1", "0/2"]);
-        let lags = log.partition_lags("g", &["t".to_owned()]).await.unwrap();
-        assert_eq!(lags.iter().map(|l| l.end).sum::<i64>(), 5);
-        drop(consumer);
-        drop(log);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// A partition written rarely, between thousands of another partition's records: its end
-    /// after a reopen, a read of a range of it and a consumer starting behind on it find its
-    /// records (the gap marks bound each scan), and a group reads every record once, in order.
-    #[tokio::test]
-    async fn a_rarely_written_partition_is_found_after_a_reopen() {
-        let dir = std::env::temp_dir().join(format!("chat-log-quiet-{}", uuid::Uuid::new_v4()));
-        let topic = "t".to_owned();
-        let topics = std::slice::from_ref(&topic);
-        let key_of = |p: i32| (0..).map(|i| format!("k{i}")).find(|k| partition_for(k.as_bytes(), 2) == p).unwrap();
-        let (busy, quiet) = (key_of(0), key_of(1));
-        let batch = |key: &str, n: usize, tag: &str| -> Vec<(String, String, Vec<u8>)> {
-            (0..n).map(|i| (topic.clone(), key.to_owned(), format!("{tag}{i}").into_bytes())).collect()
-        };
-        {
-            let log = EmbeddedLog::open(&dir, 16).unwrap();
-            log.ensure_topics(&[TopicSpec { name: topic.clone(), partitions: 2, replication: 1 }]).await.unwrap();
-            log.append_batch(batch(&quiet, 3, "q")).await.into_iter().for_each(|r| assert!(r.is_ok()));
-            for _ in 0..9 {
-                log.append_batch(batch(&busy, 1_000, "b")).await.into_iter().for_each(|r| assert!(r.is_ok()));
-            }
-            log.append_batch(batch(&quiet, 2, "r")).await.into_iter().for_each(|r| assert!(r.is_ok()));
-            for _ in 0..5 {
-                log.append_batch(batch(&busy, 1_000, "c")).await.into_iter().for_each(|r| assert!(r.is_ok()));
-            }
-            let mut g = log.subscribe("half", topics).await.unwrap();
-            let _ = g.poll_batch(1, Duration::from_secs(5)).await.unwrap();
-            g.store(&topic, 1, 3).unwrap();
-            g.store(&topic, 0, 13_990).unwrap();
-            g.commit().await.unwrap();
-        }
-        let log = EmbeddedLog::open(&dir, 16).unwrap();
-        let lags = log.partition_lags("half", topics).await.unwrap();
-        let end = |p: i32| lags.iter().find(|l| l.partition == p).unwrap().end;
-        assert_eq!((end(0), end(1)), (14_000, 5));
-        let mut g = log.subscribe("half", topics).await.unwrap();
-        let committer = g.committer().unwrap();
-        let range: Vec<i64> = committer.read(&topic, 1, 2, 5, 10).await.unwrap().iter().map(|r| r.offset).collect();
-        assert_eq!(range, [2, 3, 4]);
-        let mut rest = Vec::new();
-        while rest.len() < 10 {
-            let b = g.poll_batch(100, Duration::from_secs(5)).await.unwrap();
-            assert!(!b.is_empty(), "read {rest:?}");
-            rest.extend(b.into_iter().map(|r| (r.partition, r.offset)));
-        }
-        let quiet_read: Vec<i64> = rest.iter().filter(|(p, _)| *p == 1).map(|(_, o)| *o).collect();
-        assert_eq!(quiet_read, [4]);
-        assert_eq!(rest.len(), 10);
-        let mut all = log.subscribe("all", topics).await.unwrap();
-        let mut seen: HashMap<i32, i64> = HashMap::new();
-        let mut n = 0;
-        while n < 14_005 {
-            let b = all.poll_batch(1_000, Duration::from_secs(5)).await.unwrap();
-            assert!(!b.is_empty(), "read {n}");
-            for r in b {
-                let next = seen.entry(r.partition).or_insert(0);
-                assert_eq!(r.offset, *next, "partition {}", r.partition);
-                *next += 1;
-                n += 1;
-            }
-        }
-        let mut snapshot = log.read_all(topics).await.unwrap();
-        let mut read = 0;
-        loop {
-            let b = snapshot.next_batch(4_000).await.unwrap();
-            if b.is_empty() {
-                break;
-            }
-            read += b.len();
-        }
-        assert_eq!((read, snapshot.progress()), (14_005, (14_005, 14_005)));
-        drop((g, all, committer, log));
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// A log of layout 3 opened by the release before it (which put its index back and
-    /// appended without marks) gets its marks written again: a record appended then, far after
-    /// its partition's last mark, still counts in the partition's end.
-    #[tokio::test]
-    async fn marks_are_written_again_after_an_older_release_appended() {
-        let dir = std::env::temp_dir().join(format!("chat-log-downgrade-{}", uuid::Uuid::new_v4()));
-        let topic = "t".to_owned();
-        let key_of = |p: i32| (0..).map(|i| format!("k{i}")).find(|k| partition_for(k.as_bytes(), 2) == p).unwrap();
-        {
-            let log = EmbeddedLog::open(&dir, 16).unwrap();
-            log.ensure_topics(&[TopicSpec { name: topic.clone(), partitions: 2, replication: 1 }]).await.unwrap();
-            let records = (0..3).map(|i| (topic.clone(), key_of(1), format!("q{i}").into_bytes())).collect();
-            log.append_batch(records).await.into_iter().for_each(|r| assert!(r.is_ok()));
-        }
-        {
-            // What the older release does: its schema's index, appends without marks.
-            let c = Connection::open(dir.join("log.db")).unwrap();
-            c.execute_batch("CREATE UNIQUE INDEX records_position ON records (topic, partition, offset)").unwrap();
-            let mut st = c.prepare("INSERT INTO records (topic, partition, offset, key, payload, ts_ms) VALUES ('t', ?1, ?2, NULL, x'00', 1)").unwrap();
-            for o in 0..(MARK_GAP + 10) {
-                st.execute(params![0, o]).unwrap();
-            }
-            st.execute(params![1, 3]).unwrap();
-        }
-        let log = EmbeddedLog::open(&dir, 16).unwrap();
-        let lags = log.partition_lags("g", std::slice::from_ref(&topic)).await.unwrap();
-        let end = |p: i32| lags.iter().find(|l| l.partition == p).unwrap().end;
-        assert_eq!((end(0), end(1)), (MARK_GAP + 10, 4));
-        let index: i64 = Connection::open(dir.join("log.db"))
-            .unwrap()
-            .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'records_position'", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(index, 0);
-        let at = log.append(&topic, &key_of(1), b"next".to_vec()).await.unwrap();
-        assert_eq!(at.offset, 4);
-        drop(log);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-}
+mod tests;

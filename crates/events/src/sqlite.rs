@@ -1,6 +1,7 @@
 //! The one SQLite engine of the embedded mode: a database file with a single writer thread that
-//! group-commits, and a pool of read connections. The embedded event log (`log.db`) and the
-//! embedded tables (`commands.db`, `tables.db`) all run on it, with one failure rule:
+//! group-commits, and a pool of read connections. The embedded tables (`commands.db`,
+//! `tables.db`) run on it (the event log did too until its layout 4, segment files of its own:
+//! `crate::embedded`), with one failure rule:
 //!
 //! - A job runs inside the writer's current transaction, in its own savepoint. If the job fails,
 //!   its savepoint is rolled back (nothing of it stays, and the writer state it changed is put
