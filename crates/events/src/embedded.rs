@@ -49,6 +49,8 @@ pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
 
 /// Jobs (appends, commits) one frame holds at most.
 const JOBS_PER_COMMIT: usize = 1024;
+/// A frame is closed once it holds this many bytes; the jobs left go into the next one.
+const FRAME_BYTES: usize = 64 << 20;
 /// Bytes of frames one scan examines at most (records of other partitions, or before a
 /// position, are passed over).
 const SCAN_BYTES: u64 = 8 << 20;
@@ -152,9 +154,8 @@ struct GroupState {
 
 struct Inner {
     path: PathBuf,
-    /// Held for the life of the log: one process per data directory (the writer's offsets live
-    /// in its memory, so a second writer would corrupt them).
-    _lock: std::fs::File,
+    /// To the writer thread, which holds the lock on `log.lock` until it ends: one writer per
+    /// data directory (its offsets live in its memory, so a second writer would corrupt them).
     jobs: mpsc::Sender<Job>,
     shared: Arc<Shared>,
     groups: Mutex<HashMap<String, GroupState>>,
@@ -192,12 +193,21 @@ impl EmbeddedLog {
             .write(true)
             .open(&lock_path)
             .map_err(|e| fatal(format!("{}: {e}", lock_path.display())))?;
-        lock_file.try_lock().map_err(|_| {
-            fatal(format!("data directory {} is in use by another chat process (stop it first)", dir.display()))
-        })?;
+        // The lock is the writer thread's, released when it has written its last frame and
+        // checkpoint: a log closed in this process a moment ago may still hold it briefly.
+        let waited = Instant::now();
+        while lock_file.try_lock().is_err() {
+            if waited.elapsed() >= Duration::from_secs(2) {
+                return Err(fatal(format!("data directory {} is in use by another chat process (stop it first)", dir.display())));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let path = dir.join("log");
         convert_legacy(dir, &path)?;
-        std::fs::create_dir_all(&path).map_err(|e| fatal(format!("{}: {e}", path.display())))?;
+        if !path.exists() {
+            std::fs::create_dir_all(&path).map_err(|e| fatal(format!("{}: {e}", path.display())))?;
+            files::sync_dir(dir).map_err(|e| fatal(format!("{}: {e}", dir.display())))?;
+        }
         let began = Instant::now();
         let opened = files::open_segments(&path, true).map_err(|e| fatal(format!("{}: {e}", path.display())))?;
         tracing::info!(bytes = opened.state.end, segments = opened.segs.len(), seconds = began.elapsed().as_secs_f64(), "event log read");
@@ -224,11 +234,13 @@ impl EmbeddedLog {
         let published = shared.clone();
         std::thread::Builder::new()
             .name("log-writer".into())
-            .spawn(move || write_loop(rx, writer, state, published))
+            .spawn(move || {
+                write_loop(rx, writer, state, published);
+                drop(lock_file);
+            })
             .map_err(|e| fatal(format!("starting the log's writer: {e}")))?;
         let inner = Arc::new(Inner {
             path,
-            _lock: lock_file,
             jobs,
             shared,
             groups: Mutex::new(HashMap::new()),
@@ -299,12 +311,16 @@ struct Counters {
 fn write_loop(mut rx: mpsc::Receiver<Job>, mut writer: files::Writer, mut state: State, shared: Arc<Shared>) {
     let (mut buf, mut undone) = (Vec::new(), Vec::new());
     let mut counters = Counters { since: Some(Instant::now()), ..Counters::default() };
-    while let Some(first) = rx.blocking_recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < JOBS_PER_COMMIT {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
+    let mut pending: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
+    loop {
+        if pending.is_empty() {
+            let Some(first) = rx.blocking_recv() else { break };
+            pending.push_back(first);
+            while pending.len() < JOBS_PER_COMMIT {
+                match rx.try_recv() {
+                    Ok(j) => pending.push_back(j),
+                    Err(_) => break,
+                }
             }
         }
         let began = Instant::now();
@@ -312,18 +328,30 @@ fn write_loop(mut rx: mpsc::Receiver<Job>, mut writer: files::Writer, mut state:
         undone.clear();
         let frame = state.end;
         let mut batch = Batch { state: &mut state, buf: &mut buf, undo: &mut undone, frame, marks: Vec::new(), topics_changed: false, groups_changed: false };
-        let n = jobs.len();
-        let replies: Vec<Reply> = jobs.into_iter().map(|j| batch.job(j)).collect();
+        // One frame per group commit, up to FRAME_BYTES: the jobs left go into the next one.
+        let mut replies = Vec::new();
+        while let Some(job) = pending.pop_front() {
+            replies.push(batch.job(job));
+            if batch.buf.len() >= FRAME_BYTES {
+                break;
+            }
+        }
+        let n = replies.len();
         let (marks, topics_changed, groups_changed) = (batch.marks, batch.topics_changed, batch.groups_changed);
         let written = buf.len() as u64;
         match writer.write_frame(&mut buf, true) {
             Ok(new_segment) => {
                 if written > files::HEADER as u64 {
                     state.end = frame + written;
+                    let rolled = new_segment.is_some();
                     publish(&shared, &state, marks, topics_changed, groups_changed, new_segment);
-                }
-                if lock(&shared.failed).take().is_some() {
-                    tracing::info!("the event log's writes go through again");
+                    if rolled {
+                        checkpoint(&writer, &state, &shared);
+                    }
+                    // Only a write that went through says writes go through again.
+                    if lock(&shared.failed).take().is_some() {
+                        tracing::info!("the event log's writes go through again");
+                    }
                 }
                 replies.into_iter().for_each(Reply::send);
             }
@@ -361,6 +389,22 @@ fn write_loop(mut rx: mpsc::Receiver<Job>, mut writer: files::Writer, mut state:
             );
             counters = Counters { since: Some(Instant::now()), ..Counters::default() };
         }
+    }
+    // Closed: the next open reads from here.
+    if lock(&shared.failed).is_none() && !writer.broken {
+        checkpoint(&writer, &state, &shared);
+    }
+}
+
+/// Writes the checkpoint of everything durable so far (after a segment is full, and when the
+/// log closes): the next open reads only the frames after it. A failure only costs that open
+/// a longer read.
+fn checkpoint(writer: &files::Writer, state: &State, shared: &Shared) {
+    let began = Instant::now();
+    let marks = shared.marks.read().unwrap_or_else(|p| p.into_inner());
+    match files::write_checkpoint(writer.dir(), state, &marks) {
+        Ok(()) => debug!(at = state.end, seconds = began.elapsed().as_secs_f64(), "event log checkpoint written"),
+        Err(e) => warn!(error = %e, "writing the event log's checkpoint failed (the next start reads more of the log)"),
     }
 }
 
@@ -455,7 +499,7 @@ impl Batch<'_> {
                 Some(Undo::Commit(group.to_owned(), (topic, partition), self.state.groups.get(group).and_then(|g| g.get(&(topic, partition))).copied()))
             }
             Entry::DeleteGroup { group } => Some(Undo::Group(group.to_owned(), self.state.groups.get(group).cloned())),
-            Entry::Probe { .. } => None,
+            Entry::Probe { .. } | Entry::Position { .. } | Entry::End { .. } | Entry::Mark { .. } => None,
         };
         if let Some(m) = self.state.apply(e, self.frame)? {
             self.marks.push(m);
@@ -480,11 +524,13 @@ impl Batch<'_> {
         out
     }
 
+    /// Commits a group's offsets: all of them, or none if a topic is unknown.
     fn commit(&mut self, group: &str, offsets: &[(String, i32, i64)]) -> Result<(), LogError> {
+        if let Some((topic, _, _)) = offsets.iter().find(|(topic, _, _)| !self.state.topics.contains_key(topic)) {
+            return Err(LogError::Fatal(format!("unknown topic {topic}")));
+        }
         for (topic, partition, next) in offsets {
-            let Some((id, _)) = self.state.topics.get(topic).copied() else {
-                return Err(LogError::Fatal(format!("unknown topic {topic}")));
-            };
+            let id = self.state.topics.get(topic).map(|(id, _)| *id).unwrap_or_default();
             self.put(&Entry::Commit { group, topic: id, partition: *partition, next: *next }).map_err(LogError::Fatal)?;
             self.groups_changed = true;
         }
@@ -505,7 +551,8 @@ impl Batch<'_> {
                 // only failure of one record) fails them all, before any is appended. Appends
                 // committed without the offset would be appended again by the retry, and marked
                 // exactly once they would reach their readers twice.
-                if let Some((topic, _, _)) = records.iter().find(|(topic, _, _)| !self.state.topics.contains_key(topic)) {
+                let unknown = records.iter().map(|(topic, _, _)| topic).chain([&offset.0]).find(|topic| !self.state.topics.contains_key(*topic));
+                if let Some(topic) = unknown {
                     let e = LogError::Fatal(format!("unknown topic {topic}"));
                     return Reply::AppendCommitting(reply, Some(records.iter().map(|_| Err(clone_err(&e))).collect()));
                 }
@@ -538,6 +585,10 @@ impl Batch<'_> {
                 for (name, partitions) in specs {
                     if self.state.topics.contains_key(&name) {
                         continue;
+                    }
+                    if partitions < 1 {
+                        r = Err(LogError::Fatal(format!("topic {name}: {partitions} partitions")));
+                        break;
                     }
                     let id = self.state.names.len() as u32;
                     if let Err(e) = self.put(&Entry::Topic { id, partitions, name: &name }) {
@@ -1053,6 +1104,9 @@ pub mod inspect {
 
     fn open(dir: &Path) -> Result<files::Opened, LogError> {
         let path = dir.join("log");
+        if files::list_segments(&path).map_err(fatal)?.is_empty() && dir.join("log.converting").exists() {
+            return Err(LogError::Fatal(format!("{}: the event log is being converted by `chat run`; run the command again", dir.display())));
+        }
         if files::list_segments(&path).map_err(fatal)?.is_empty() && dir.join("log.db").exists() {
             return Err(LogError::Fatal(format!(
                 "{}: the event log is in an earlier layout; start `chat run` on this data directory once to convert it",

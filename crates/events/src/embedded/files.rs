@@ -37,6 +37,8 @@ const CHUNK: usize = 256 << 10;
 
 /// A topic partition by topic id.
 pub(super) type Tp = (u32, i32);
+/// The sparse index: (offset, frame) of every partition's marks, in offset order.
+pub(super) type Marks = HashMap<Tp, Vec<(i64, u64)>>;
 
 /// One entry of a frame.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +51,11 @@ pub(super) enum Entry<'a> {
     /// bytes (as large as the write that failed: a few bytes fit in a file's last block when a
     /// frame does not).
     Probe { at_ms: i64, pad: u32 },
+    /// Checkpoint entries (in `checkpoint`, never in a segment): the position the checkpoint
+    /// was taken at, a partition's end and last mark, a mark of the sparse index.
+    Position { at: u64 },
+    End { topic: u32, partition: i32, end: i64, last_mark: Option<u64> },
+    Mark { topic: u32, partition: i32, offset: i64, frame: u64 },
 }
 
 const TOPIC: u8 = 1;
@@ -56,6 +63,9 @@ const RECORD: u8 = 2;
 const COMMIT: u8 = 3;
 const DELETE_GROUP: u8 = 4;
 const PROBE: u8 = 5;
+const POSITION: u8 = 6;
+const END: u8 = 7;
+const MARK: u8 = 8;
 /// Marks a key that is absent.
 const NO_KEY: u32 = u32::MAX;
 
@@ -101,6 +111,24 @@ pub(super) fn put_entry(buf: &mut Vec<u8>, e: &Entry<'_>) {
             buf.extend_from_slice(&at_ms.to_le_bytes());
             buf.extend_from_slice(&pad.to_le_bytes());
             buf.resize(buf.len() + *pad as usize, 0);
+        }
+        Entry::Position { at } => {
+            buf.push(POSITION);
+            buf.extend_from_slice(&at.to_le_bytes());
+        }
+        Entry::End { topic, partition, end, last_mark } => {
+            buf.push(END);
+            buf.extend_from_slice(&topic.to_le_bytes());
+            buf.extend_from_slice(&partition.to_le_bytes());
+            buf.extend_from_slice(&end.to_le_bytes());
+            buf.extend_from_slice(&last_mark.unwrap_or(u64::MAX).to_le_bytes());
+        }
+        Entry::Mark { topic, partition, offset, frame } => {
+            buf.push(MARK);
+            buf.extend_from_slice(&topic.to_le_bytes());
+            buf.extend_from_slice(&partition.to_le_bytes());
+            buf.extend_from_slice(&offset.to_le_bytes());
+            buf.extend_from_slice(&frame.to_le_bytes());
         }
     }
 }
@@ -172,6 +200,12 @@ impl<'a> Entries<'a> {
             COMMIT => Entry::Commit { group: self.str()?, topic: self.u32()?, partition: self.i32()?, next: self.i64()? },
             DELETE_GROUP => Entry::DeleteGroup { group: self.str()? },
             PROBE => Entry::Probe { at_ms: self.i64()?, pad: self.bytes()?.len() as u32 },
+            POSITION => Entry::Position { at: self.i64()? as u64 },
+            END => {
+                let (topic, partition, end, mark) = (self.u32()?, self.i32()?, self.i64()?, self.i64()? as u64);
+                Entry::End { topic, partition, end, last_mark: (mark != u64::MAX).then_some(mark) }
+            }
+            MARK => Entry::Mark { topic: self.u32()?, partition: self.i32()?, offset: self.i64()?, frame: self.i64()? as u64 },
             t => return Err(format!("unknown entry type {t}")),
         })
     }
@@ -249,6 +283,7 @@ impl State {
                 self.groups.remove(group);
             }
             Entry::Probe { .. } => {}
+            Entry::Position { .. } | Entry::End { .. } | Entry::Mark { .. } => return Err("a checkpoint entry in a segment".into()),
         }
         Ok(None)
     }
@@ -309,13 +344,28 @@ impl Writer {
     pub fn create(dir: &Path, start: u64) -> io::Result<Writer> {
         let path = segment_path(dir, start);
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
-        sync_dir(dir)?;
+        if let Err(e) = sync_dir(dir) {
+            // Not left behind: a later segment would not follow it, and the log would not open.
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         Ok(Writer { dir: dir.to_path_buf(), seg: Segment { start, file: Arc::new(file) }, len: 0, broken: false })
     }
 
     /// A writer at the end (`len` bytes) of an existing segment.
     pub fn resume(dir: &Path, seg: Segment, len: u64) -> Writer {
         Writer { dir: dir.to_path_buf(), seg, len, broken: false }
+    }
+
+    /// Makes everything written to the segment durable.
+    pub fn sync(&self) -> io::Result<()> {
+        self.seg.file.sync_data()
+    }
+
+    /// The log's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The segment written to.
@@ -344,7 +394,8 @@ impl Writer {
         let end = at + buf.len() as u64;
         let written = self.seg.file.write_all_at(buf, at).and_then(|()| if sync || end >= SEGMENT_BYTES { self.seg.file.sync_data() } else { Ok(()) });
         if let Err(e) = written {
-            if let Err(t) = self.seg.file.set_len(at) {
+            // Cut back, durably: a frame whose sync failed must not come back after a power cut.
+            if let Err(t) = self.seg.file.set_len(at).and_then(|()| self.seg.file.sync_all()) {
                 self.broken = true;
                 return Err(io::Error::other(format!("{e}; cutting the frame off failed too: {t}")));
             }
@@ -415,6 +466,20 @@ impl Cursor {
         }
         let from = (pos - self.buf_at) as usize;
         Ok(&self.buf[from..from + n])
+    }
+
+    /// Where the frame at `pos` would end by its header, if that is within `until` and leaves
+    /// bytes after it (a damaged frame followed by more).
+    pub fn skip_damaged(&mut self, pos: u64, until: u64) -> Result<Option<u64>, String> {
+        let Some(seg) = self.segs.iter().rposition(|s| s.start <= pos) else { return Ok(None) };
+        let limit = self.segs.get(seg + 1).map_or(until, |next| next.start.min(until));
+        if limit.saturating_sub(pos) < HEADER as u64 {
+            return Ok(None);
+        }
+        let head = self.bytes(seg, pos, HEADER, limit - pos).map_err(|e| e.to_string())?;
+        let len = u32::from_le_bytes(head[..4].try_into().unwrap_or_default()) as u64;
+        let next = pos + HEADER as u64 + len;
+        Ok((len > 0 && next < limit).then_some(next))
     }
 
     /// The frame at `pos`, looking no further than `until`.
@@ -515,7 +580,7 @@ pub(super) fn scan(cur: &mut Cursor, names: &[String], after: u64, until: u64, p
 /// off when `repair`, else reading stops before it; torn bytes anywhere else are an error.
 pub(super) struct Opened {
     pub state: State,
-    pub marks: HashMap<Tp, Vec<(i64, u64)>>,
+    pub marks: Marks,
     pub segs: Vec<Segment>,
     /// The length of the last segment (where the next frame goes).
     pub last_len: u64,
@@ -531,19 +596,71 @@ pub(super) fn open_segments(dir: &Path, repair: bool) -> Result<Opened, String> 
         segs.push(Segment { start: *start, file: Arc::new(file) });
         lens.push(len);
     }
+    // An empty segment (left by a failed roll) holds nothing: dropped, unless it is the last one
+    // and follows the one before it (the one the writer goes on with).
+    let mut i = 0;
+    while i < segs.len() {
+        let follows = i > 0 && segs[i - 1].start + lens[i - 1] == segs[i].start;
+        if lens[i] == 0 && segs.len() > 1 && !(i + 1 == segs.len() && follows) {
+            if repair {
+                let _ = std::fs::remove_file(segment_path(dir, segs[i].start));
+            }
+            segs.remove(i);
+            lens.remove(i);
+            continue;
+        }
+        i += 1;
+    }
     for (i, s) in segs.iter().enumerate().skip(1) {
         let prev = &segs[i - 1];
         if prev.start + lens[i - 1] != s.start {
             return Err(format!("segment {} does not start where segment {} ends ({} bytes)", s.start, prev.start, lens[i - 1]));
         }
     }
-    let segs = Arc::new(segs);
-    let mut cur = Cursor::new(segs.clone());
-    let mut state = State::default();
-    let mut marks: HashMap<Tp, Vec<(i64, u64)>> = HashMap::new();
+    let first = segs.first().map_or(0, |s| s.start);
     let total = segs.last().map_or(0, |s| s.start) + lens.last().copied().unwrap_or(0);
-    let mut pos = segs.first().map_or(0, |s| s.start);
+    let segs = Arc::new(segs);
+    // From the checkpoint if there is a sound one (written only at positions already durable),
+    // else from the start; a checkpoint that the frames after it contradict is not used.
+    let from_checkpoint = match read_checkpoint(dir) {
+        Ok(Some((state, marks))) if state.end >= first && state.end <= total => Some((state, marks)),
+        Ok(Some((state, _))) => {
+            tracing::warn!(at = state.end, log_end = total, "the event log's checkpoint is beyond its files; reading them from the start");
+            None
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "the event log's checkpoint is unreadable; reading the files from the start");
+            None
+        }
+    };
+    let read = match from_checkpoint {
+        Some((state, marks)) => match read_frames(&segs, state, marks, total, repair) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "the event log's frames after its checkpoint do not follow it; reading the files from the start");
+                read_frames(&segs, State { end: first, ..State::default() }, HashMap::new(), total, repair)
+            }
+        },
+        None => read_frames(&segs, State { end: first, ..State::default() }, HashMap::new(), total, repair),
+    };
+    let (state, marks, cut) = read?;
     let mut last_len = lens.last().copied().unwrap_or(0);
+    if let Some(at) = cut {
+        last_len = at - segs.last().map_or(0, |s| s.start);
+    }
+    let segs = Arc::try_unwrap(segs).unwrap_or_else(|a| (*a).clone());
+    Ok(Opened { state, marks, segs, last_len })
+}
+
+/// Reads the frames from `state.end` to `total`, applying them. Returns the state at the end of
+/// the last whole frame, the marks, and where the last segment was cut (a torn last frame).
+type Read = (State, Marks, Option<u64>);
+
+fn read_frames(segs: &Arc<Vec<Segment>>, mut state: State, mut marks: Marks, total: u64, repair: bool) -> Result<Read, String> {
+    let mut cur = Cursor::new(segs.clone());
+    let mut pos = state.end;
+    let mut cut = None;
     loop {
         match cur.frame(pos, total).map_err(|e| format!("reading the log at {pos}: {e}"))? {
             Frame::Whole(body, next) => {
@@ -561,26 +678,109 @@ pub(super) fn open_segments(dir: &Path, repair: bool) -> Result<Opened, String> 
                 if pos < last {
                     return Err(format!("the log is damaged before its last segment: {why}"));
                 }
+                // A torn write is the file's last bytes: a whole frame after a damaged one means
+                // damage, and cutting there would drop acknowledged frames.
+                if let Some(next) = cur.skip_damaged(pos, total)? {
+                    if matches!(cur.frame(next, total).map_err(|e| e.to_string())?, Frame::Whole(..)) {
+                        return Err(format!("the log is damaged at {pos} in its last segment ({why}), with whole frames after it"));
+                    }
+                }
                 if repair {
                     let s = segs.last().ok_or("no segment")?;
                     tracing::warn!(at = pos, dropped = total - pos, reason = %why, "the event log's last write was cut short (a crash during a commit that was never acknowledged); dropping it");
                     s.file.set_len(pos - s.start).map_err(|e| format!("truncating the log: {e}"))?;
                     s.file.sync_all().map_err(|e| format!("truncating the log: {e}"))?;
-                    last_len = pos - s.start;
+                    cut = Some(pos);
                 }
                 break;
             }
         }
     }
     state.end = pos;
-    drop(cur);
-    let segs = Arc::try_unwrap(segs).unwrap_or_else(|a| (*a).clone());
-    Ok(Opened { state, marks, segs, last_len })
+    Ok((state, marks, cut))
+}
+
+const CHECKPOINT: &str = "checkpoint";
+
+/// Writes the state and the marks as of `state.end` (every frame before it durable) to
+/// `checkpoint` (a new file, synced, then renamed over the old one), so that the next open
+/// reads only the frames after it.
+pub(super) fn write_checkpoint(dir: &Path, state: &State, marks: &Marks) -> io::Result<()> {
+    let mut buf = Vec::new();
+    begin_frame(&mut buf);
+    put_entry(&mut buf, &Entry::Position { at: state.end });
+    for (id, name) in state.names.iter().enumerate() {
+        let partitions = state.topics.get(name).map_or(0, |(_, n)| *n);
+        put_entry(&mut buf, &Entry::Topic { id: id as u32, partitions, name });
+    }
+    for ((topic, partition), end) in &state.ends {
+        let last_mark = state.last_mark.get(&(*topic, *partition)).copied();
+        put_entry(&mut buf, &Entry::End { topic: *topic, partition: *partition, end: *end, last_mark });
+    }
+    for (group, offsets) in &state.groups {
+        for ((topic, partition), next) in offsets {
+            put_entry(&mut buf, &Entry::Commit { group, topic: *topic, partition: *partition, next: *next });
+        }
+    }
+    for ((topic, partition), list) in marks {
+        for (offset, frame) in list {
+            put_entry(&mut buf, &Entry::Mark { topic: *topic, partition: *partition, offset: *offset, frame: *frame });
+        }
+    }
+    finish_frame(&mut buf);
+    let tmp = dir.join("checkpoint.tmp");
+    let f = File::create(&tmp)?;
+    f.write_all_at(&buf, 0)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(CHECKPOINT))?;
+    sync_dir(dir)
+}
+
+/// The state and marks of `checkpoint`, if there is one.
+fn read_checkpoint(dir: &Path) -> Result<Option<(State, Marks)>, String> {
+    let bytes = match std::fs::read(dir.join(CHECKPOINT)) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    if bytes.len() < HEADER {
+        return Err("shorter than a frame header".into());
+    }
+    let len = u32::from_le_bytes(bytes[..4].try_into().unwrap_or_default()) as usize;
+    let crc = u32::from_le_bytes(bytes[4..HEADER].try_into().unwrap_or_default());
+    let body = bytes.get(HEADER..HEADER + len).ok_or("cut short")?;
+    if crc32fast::hash(body) != crc {
+        return Err("checksum mismatch".into());
+    }
+    let mut state = State::default();
+    let mut marks: Marks = HashMap::new();
+    let mut at = None;
+    for e in entries(body) {
+        match e? {
+            Entry::Position { at: p } => at = Some(p),
+            e @ (Entry::Topic { .. } | Entry::Commit { .. }) => {
+                state.apply(&e, 0)?;
+            }
+            Entry::End { topic, partition, end, last_mark } => {
+                state.ends.insert((topic, partition), end);
+                if let Some(m) = last_mark {
+                    state.last_mark.insert((topic, partition), m);
+                }
+            }
+            Entry::Mark { topic, partition, offset, frame } => marks.entry((topic, partition)).or_default().push((offset, frame)),
+            e => return Err(format!("unexpected entry {e:?}")),
+        }
+    }
+    for list in marks.values_mut() {
+        list.sort_unstable();
+    }
+    state.end = at.ok_or("no position")?;
+    Ok(Some((state, marks)))
 }
 
 /// The frame of the mark at or before `offset` of a partition: its records from `offset` on are
 /// in frames from there.
-pub(super) fn mark_before(marks: &HashMap<Tp, Vec<(i64, u64)>>, tp: Tp, offset: i64) -> u64 {
+pub(super) fn mark_before(marks: &Marks, tp: Tp, offset: i64) -> u64 {
     let Some(m) = marks.get(&tp) else { return 0 };
     let i = m.partition_point(|(o, _)| *o <= offset);
     if i == 0 {
@@ -603,6 +803,10 @@ mod tests {
             Entry::Commit { group: "g", topic: 0, partition: 2, next: 1 },
             Entry::DeleteGroup { group: "g" },
             Entry::Probe { at_ms: 9, pad: 3 },
+            Entry::Position { at: 1 << 40 },
+            Entry::End { topic: 0, partition: 2, end: 1, last_mark: None },
+            Entry::End { topic: 0, partition: 1, end: 1, last_mark: Some(77) },
+            Entry::Mark { topic: 0, partition: 2, offset: 0, frame: 77 },
         ];
         let mut buf = Vec::new();
         begin_frame(&mut buf);

@@ -224,6 +224,8 @@ pub(super) fn convert(db: &Path, out: &Path) -> Result<u64, String> {
         }
     }
     w.write_frame(&mut buf, true).map_err(|e| e.to_string())?;
+    // Synced even when the last frame was empty (the frames before it were written unsynced).
+    w.sync().map_err(|e| e.to_string())?;
     files::sync_dir(out).map_err(|e| e.to_string())?;
     // Everything of the old file in the file itself (its WAL emptied), so that it can be kept
     // as it was, beside the new log.

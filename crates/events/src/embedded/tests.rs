@@ -204,6 +204,17 @@ fn topic(name: &str, partitions: i32) -> TopicSpec {
     TopicSpec { name: name.to_owned(), partitions, replication: 1 }
 }
 
+/// Waits until the writer thread of a dropped log has ended (written its checkpoint and
+/// released the directory's lock).
+fn wait_closed(dir: &Path) {
+    let f = std::fs::File::open(dir.join("log.lock")).unwrap();
+    let began = Instant::now();
+    while f.try_lock().is_err() {
+        assert!(began.elapsed() < Duration::from_secs(5), "the log's writer did not end");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// The last segment file of a log directory.
 fn last_segment(dir: &Path) -> PathBuf {
     files::list_segments(&dir.join("log")).unwrap().pop().unwrap().1
@@ -270,6 +281,8 @@ async fn everything_is_read_back_after_a_reopen_over_several_segments() {
         log.delete_group("h").await.unwrap();
     }
     assert!(files::list_segments(&dir.join("log")).unwrap().len() >= 3, "4 MB of records over 1 MiB segments");
+    // Closed: a checkpoint at the end, so the next open reads no frame.
+    assert!(dir.join("log/checkpoint").exists());
     let log = EmbeddedLog::open(&dir, 64).unwrap();
     let a = log.partition_lags("g", &["a".to_owned()]).await.unwrap();
     assert_eq!(a.iter().map(|l| l.end).sum::<i64>(), 500);
@@ -301,6 +314,15 @@ async fn everything_is_read_back_after_a_reopen_over_several_segments() {
     // The same from another process's point of view (read-only).
     assert_eq!(inspect::group_lag(&dir, "g", &["a".to_owned()]).unwrap(), 485);
     assert_eq!(inspect::records(&dir, "b").unwrap().len(), 500);
+    // A damaged checkpoint is passed over: everything is read from the frames.
+    std::fs::write(dir.join("log/checkpoint"), b"not a checkpoint").unwrap();
+    let log = EmbeddedLog::open(&dir, 64).unwrap();
+    let a = log.partition_lags("g", &["a".to_owned()]).await.unwrap();
+    assert_eq!((a.iter().map(|l| l.end).sum::<i64>(), a.iter().map(|l| l.committed).sum::<i64>()), (500, 15));
+    drop(log);
+    // Damage before the last segment, read without a checkpoint, stops the open.
+    wait_closed(&dir);
+    std::fs::remove_file(dir.join("log/checkpoint")).unwrap();
     let first = files::list_segments(&dir.join("log")).unwrap()[0].1.clone();
     {
         let f = std::fs::OpenOptions::new().write(true).open(&first).unwrap();
@@ -308,5 +330,110 @@ async fn everything_is_read_back_after_a_reopen_over_several_segments() {
     }
     let err = EmbeddedLog::open(&dir, 64).err().expect("a damaged segment before the last one stops the open");
     assert!(err.to_string().contains("damaged"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// After a kill -9 the last checkpoint is the one written when a segment filled up: the open
+/// reads it and then the frames after it (records, offsets, a new topic, a deleted group).
+#[tokio::test]
+async fn an_older_checkpoint_and_the_frames_after_it_give_the_same_log() {
+    let dir = temp("checkpoint");
+    let big = |i: usize| format!("{i:>4000}").into_bytes();
+    let (a, b) = ("a".to_owned(), "b".to_owned());
+    {
+        let log = EmbeddedLog::open(&dir, 64).unwrap();
+        log.ensure_topics(&[topic("a", 2)]).await.unwrap();
+        let records = (0..300).map(|i| (a.clone(), format!("k{i}"), big(i))).collect();
+        assert!(log.append_batch(records).await.iter().all(Result::is_ok));
+        let mut g = log.subscribe("g", std::slice::from_ref(&a)).await.unwrap();
+        let _ = g.poll_batch(1, Duration::from_secs(5)).await.unwrap();
+        g.store(&a, 0, 9).unwrap();
+        g.commit().await.unwrap();
+        drop(g);
+    }
+    wait_closed(&dir);
+    // The checkpoint written at close: keep it, and put it back after more frames, as if the
+    // process were killed before it wrote another one.
+    let kept = std::fs::read(dir.join("log/checkpoint")).unwrap();
+    {
+        let log = EmbeddedLog::open(&dir, 64).unwrap();
+        log.ensure_topics(&[topic("b", 1)]).await.unwrap();
+        let records = (0..50).map(|i| (if i % 2 == 0 { &a } else { &b }.clone(), format!("k{i}"), big(i))).collect();
+        assert!(log.append_batch(records).await.iter().all(Result::is_ok));
+        let mut h = log.subscribe("h", std::slice::from_ref(&b)).await.unwrap();
+        let _ = h.poll_batch(1, Duration::from_secs(5)).await.unwrap();
+        h.store(&b, 0, 4).unwrap();
+        h.commit().await.unwrap();
+        drop(h);
+        log.delete_group("g").await.unwrap();
+    }
+    wait_closed(&dir);
+    std::fs::write(dir.join("log/checkpoint"), kept).unwrap();
+    let log = EmbeddedLog::open(&dir, 64).unwrap();
+    let la = log.partition_lags("g", std::slice::from_ref(&a)).await.unwrap();
+    assert_eq!((la.iter().map(|l| l.end).sum::<i64>(), la.iter().map(|l| l.committed).sum::<i64>()), (325, 0));
+    let lb = log.partition_lags("h", std::slice::from_ref(&b)).await.unwrap();
+    assert_eq!((lb[0].end, lb[0].committed), (25, 5));
+    // Reads from the marks of both the checkpoint and the frames after it.
+    let mut all = log.subscribe("all", &[a.clone(), b.clone()]).await.unwrap();
+    let mut n = 0;
+    while n < 350 {
+        let batch = all.poll_batch(100, Duration::from_secs(5)).await.unwrap();
+        assert!(!batch.is_empty(), "read {n}");
+        n += batch.len();
+    }
+    assert_eq!(n, 350);
+    let c = all.committer().unwrap();
+    let got: Vec<i64> = c.read(&a, 1, 140, 150, 100).await.unwrap().iter().map(|r| r.offset).collect();
+    assert_eq!(got, (140..150).collect::<Vec<_>>());
+    drop((c, all, log));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The frame boundaries of a segment file.
+fn frames_of(path: &Path) -> Vec<u64> {
+    let bytes = std::fs::read(path).unwrap();
+    let (mut pos, mut out) = (0usize, Vec::new());
+    while pos + 8 <= bytes.len() {
+        out.push(pos as u64);
+        pos += 8 + u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+    }
+    out
+}
+
+/// A damaged frame with whole frames after it is damage, not a torn write: the open refuses
+/// rather than cut off acknowledged frames. An empty segment file left by a failed roll is
+/// dropped.
+#[tokio::test]
+async fn damage_in_the_last_segment_is_refused_and_a_leftover_empty_segment_dropped() {
+    let dir = temp("damage");
+    {
+        let log = EmbeddedLog::open(&dir, 16).unwrap();
+        log.ensure_topics(&[topic("t", 1)]).await.unwrap();
+        for i in 0..400 {
+            log.append("t", "k", format!("{i:>4000}").into_bytes()).await.unwrap();
+        }
+    }
+    wait_closed(&dir);
+    let segs = files::list_segments(&dir.join("log")).unwrap();
+    assert!(segs.len() >= 2, "1.6 MB over 1 MiB segments");
+    // A leftover empty segment between the two (a roll that failed, then one that worked).
+    let leftover = files::segment_path(&dir.join("log"), segs[1].0 - 100);
+    std::fs::File::create(&leftover).unwrap();
+    let log = EmbeddedLog::open(&dir, 16).unwrap();
+    assert!(!leftover.exists());
+    assert_eq!(log.partition_lags("g", &["t".to_owned()]).await.unwrap()[0].end, 400);
+    drop(log);
+    wait_closed(&dir);
+    std::fs::remove_file(dir.join("log/checkpoint")).unwrap();
+    let last = files::list_segments(&dir.join("log")).unwrap().pop().unwrap().1;
+    let frames = frames_of(&last);
+    assert!(frames.len() > 3);
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&last).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0xAB], frames[1] + 20).unwrap();
+    }
+    let err = EmbeddedLog::open(&dir, 16).err().expect("refused");
+    assert!(err.to_string().contains("whole frames after it"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
