@@ -700,6 +700,15 @@ impl Platform {
             k.flush(Duration::from_secs(5));
         }
     }
+
+    /// Before the process exits: the embedded log writes its checkpoint (so the next start reads
+    /// no frame again), Kafka's producer sends what it holds.
+    async fn close(&self) {
+        if let Err(e) = self.log.close().await {
+            warn!(error = %e, "closing the event log failed (the next start reads more of it)");
+        }
+        self.flush();
+    }
 }
 
 /// A worker stage that failed for good (writes it was told about are gone) stops the process:
@@ -804,7 +813,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let (served, supervised) = tokio::join!(serving, workers);
     served??;
     supervised?;
-    p.flush();
+    p.close().await;
     Ok(())
 }
 
@@ -859,7 +868,7 @@ async fn role(cfg: Config, action: RoleAction) -> anyhow::Result<()> {
     }
     let p = Platform::open(cfg).await?;
     let message = change_role(&p.ops(), &change).await?;
-    p.flush();
+    p.close().await;
     print_out(&message)
 }
 
@@ -923,7 +932,7 @@ async fn audit(cfg: Config, q: AuditQuery) -> anyhow::Result<()> {
     }
     let p = Platform::open(cfg).await?;
     let answer = audit_answer(&p.ops(), q).await;
-    p.flush();
+    p.close().await;
     print_json(&answer?)
 }
 
@@ -1268,7 +1277,7 @@ async fn run_command() -> anyhow::Result<()> {
             // The first line on stdout says where we listen (tests and scripts read it).
             println!("chat gateway node {} listening on http://{addr}", p.cfg.node_id);
             gateway.await??;
-            p.flush();
+            p.close().await;
             Ok(())
         }
         Command::Worker => {
@@ -1290,7 +1299,7 @@ async fn run_command() -> anyhow::Result<()> {
             for w in workers {
                 w.await?;
             }
-            p.flush();
+            p.close().await;
             Ok(())
         }
         Command::Migrate => {

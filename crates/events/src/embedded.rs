@@ -80,6 +80,8 @@ enum Job {
     DeleteGroup { group: String, reply: oneshot::Sender<Result<(), LogError>> },
     /// A write as large as the one that failed, to find out whether writes go through again.
     Probe { pad: u32, reply: oneshot::Sender<Result<(), LogError>> },
+    /// Write the checkpoint once the frame being built is durable.
+    Checkpoint { reply: oneshot::Sender<Result<(), LogError>> },
 }
 
 /// An answer sent once the frame is durable (or failed with the write).
@@ -90,6 +92,7 @@ enum Reply {
     Committed(oneshot::Sender<Result<i64, LogError>>, i64),
     /// Nobody waits (a closed consumer's commit).
     Nothing,
+    Checkpoint(oneshot::Sender<Result<(), LogError>>),
 }
 
 impl Reply {
@@ -100,6 +103,7 @@ impl Reply {
             Reply::Done(tx, v) => drop(tx.send(v)),
             Reply::Committed(tx, v) => drop(tx.send(Ok(v))),
             Reply::Nothing => {}
+            Reply::Checkpoint(tx) => drop(tx.send(Ok(()))),
         }
     }
 
@@ -110,6 +114,7 @@ impl Reply {
             Reply::Done(tx, _) => drop(tx.send(Err(clone_err(e)))),
             Reply::Committed(tx, _) => drop(tx.send(Err(clone_err(e)))),
             Reply::Nothing => {}
+            Reply::Checkpoint(tx) => drop(tx.send(Err(clone_err(e)))),
         }
     }
 }
@@ -337,6 +342,7 @@ fn write_loop(mut rx: mpsc::Receiver<Job>, mut writer: files::Writer, mut state:
             }
         }
         let n = replies.len();
+        let asked = replies.iter().any(|r| matches!(r, Reply::Checkpoint(_)));
         let (marks, topics_changed, groups_changed) = (batch.marks, batch.topics_changed, batch.groups_changed);
         let written = buf.len() as u64;
         match writer.write_frame(&mut buf, true) {
@@ -345,13 +351,16 @@ fn write_loop(mut rx: mpsc::Receiver<Job>, mut writer: files::Writer, mut state:
                     state.end = frame + written;
                     let rolled = new_segment.is_some();
                     publish(&shared, &state, marks, topics_changed, groups_changed, new_segment);
-                    if rolled {
+                    if rolled && !asked {
                         checkpoint(&writer, &state, &shared);
                     }
                     // Only a write that went through says writes go through again.
                     if lock(&shared.failed).take().is_some() {
                         tracing::info!("the event log's writes go through again");
                     }
+                }
+                if asked {
+                    checkpoint(&writer, &state, &shared);
                 }
                 replies.into_iter().for_each(Reply::send);
             }
@@ -604,6 +613,7 @@ impl Batch<'_> {
                 self.groups_changed = true;
                 Reply::Done(reply, r)
             }
+            Job::Checkpoint { reply } => Reply::Checkpoint(reply),
             Job::Probe { pad, reply } => {
                 let r = self.put(&Entry::Probe { at_ms: chrono::Utc::now().timestamp_millis(), pad }).map_err(LogError::Fatal);
                 Reply::Done(reply, r)
@@ -730,6 +740,12 @@ impl EventLog for EmbeddedLog {
             return false;
         }
         matches!(rx.await, Ok(Ok(()))) && self.inner.failed().is_none()
+    }
+
+    async fn close(&self) -> Result<(), LogError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.send(Job::Checkpoint { reply: tx }).await?;
+        rx.await.map_err(|_| stopped())?
     }
 
     async fn delete_group(&self, group: &str) -> Result<(), LogError> {

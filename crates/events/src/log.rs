@@ -109,6 +109,12 @@ pub trait EventLog: Send + Sync + 'static {
     /// Whether the log answers (for readiness checks).
     async fn ping(&self) -> bool;
 
+    /// Puts down what the log keeps in memory before the process exits (the embedded log writes
+    /// its checkpoint, so the next start reads no frame again); appends may still follow.
+    async fn close(&self) -> Result<(), LogError> {
+        Ok(())
+    }
+
     /// Forgets a group's committed offsets, so that it starts again from the beginning.
     /// The group must have no live members.
     async fn delete_group(&self, group: &str) -> Result<(), LogError>;

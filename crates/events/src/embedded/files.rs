@@ -737,7 +737,7 @@ pub(super) fn write_checkpoint(dir: &Path, state: &State, marks: &Marks) -> io::
 }
 
 /// The state and marks of `checkpoint`, if there is one.
-fn read_checkpoint(dir: &Path) -> Result<Option<(State, Marks)>, String> {
+pub(super) fn read_checkpoint(dir: &Path) -> Result<Option<(State, Marks)>, String> {
     let bytes = match std::fs::read(dir.join(CHECKPOINT)) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),

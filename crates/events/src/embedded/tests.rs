@@ -437,3 +437,20 @@ async fn damage_in_the_last_segment_is_refused_and_a_leftover_empty_segment_drop
     assert!(err.to_string().contains("whole frames after it"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `close` writes the checkpoint at once (a process exits right after it, without waiting for
+/// the writer thread to end).
+#[tokio::test]
+async fn close_writes_the_checkpoint() {
+    let dir = temp("close");
+    let log = EmbeddedLog::open(&dir, 16).unwrap();
+    log.ensure_topics(&[topic("t", 1)]).await.unwrap();
+    log.append("t", "k", b"x".to_vec()).await.unwrap();
+    assert!(!dir.join("log/checkpoint").exists());
+    log.close().await.unwrap();
+    let (state, _) = files::read_checkpoint(&dir.join("log")).unwrap().unwrap();
+    assert_eq!(state.end, lock(&log.inner.shared.tail).end);
+    assert_eq!(state.ends.get(&(0, 0)), Some(&1));
+    drop(log);
+    let _ = std::fs::remove_dir_all(&dir);
+}
