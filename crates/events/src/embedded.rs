@@ -344,10 +344,13 @@ fn write_loop(mut rx: mpsc::Receiver<Job>, mut writer: files::Writer, mut state:
         let n = replies.len();
         let asked = replies.iter().any(|r| matches!(r, Reply::Checkpoint(_)));
         let (marks, topics_changed, groups_changed) = (batch.marks, batch.topics_changed, batch.groups_changed);
+        let before = writer.end();
+        let wrote = writer.write_frame(&mut buf, true);
+        // The frame as written (compressed), or as it would have been.
         let written = buf.len() as u64;
-        match writer.write_frame(&mut buf, true) {
+        match wrote {
             Ok(new_segment) => {
-                if written > files::HEADER as u64 {
+                if writer.end() != before || new_segment.is_some() {
                     state.end = frame + written;
                     let rolled = new_segment.is_some();
                     publish(&shared, &state, marks, topics_changed, groups_changed, new_segment);

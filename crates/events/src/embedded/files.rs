@@ -110,7 +110,14 @@ pub(super) fn put_entry(buf: &mut Vec<u8>, e: &Entry<'_>) {
             buf.push(PROBE);
             buf.extend_from_slice(&at_ms.to_le_bytes());
             buf.extend_from_slice(&pad.to_le_bytes());
-            buf.resize(buf.len() + *pad as usize, 0);
+            // Bytes that do not compress (xorshift), so the frame is as large as asked.
+            let mut x = (*at_ms as u64) | 1;
+            for _ in 0..*pad {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                buf.push(x as u8);
+            }
         }
         Entry::Position { at } => {
             buf.push(POSITION);
@@ -133,22 +140,63 @@ pub(super) fn put_entry(buf: &mut Vec<u8>, e: &Entry<'_>) {
     }
 }
 
-/// Starts a frame in `buf` (cleared): room for its header.
+/// Starts a frame in `buf` (cleared): room for its header, and the body's format byte.
 pub(super) fn begin_frame(buf: &mut Vec<u8>) {
     buf.clear();
     buf.extend_from_slice(&[0; HEADER]);
+    buf.push(RAW);
 }
 
-/// Fills in the header of the frame in `buf`; false when it has no entry.
-pub(super) fn finish_frame(buf: &mut [u8]) -> bool {
-    if buf.len() <= HEADER {
+/// Body formats: the entries as they are, or LZ4-compressed (a block, after the entries'
+/// length as a u32). JSON events compress 2–3× in frames of a few records.
+const RAW: u8 = 0;
+const LZ4: u8 = 1;
+/// Bodies shorter than this are stored as they are.
+const COMPRESS_FROM: usize = 128;
+
+/// Fills in the header of the frame in `buf`, compressing its entries when that makes it
+/// smaller; false when it has no entry.
+pub(super) fn finish_frame(buf: &mut Vec<u8>) -> bool {
+    if buf.len() <= HEADER + 1 {
         return false;
+    }
+    let plain = buf.len() - HEADER - 1;
+    if plain >= COMPRESS_FROM {
+        let packed = lz4_flex::block::compress(&buf[HEADER + 1..]);
+        if packed.len() + 4 < plain {
+            buf.truncate(HEADER);
+            buf.push(LZ4);
+            buf.extend_from_slice(&(plain as u32).to_le_bytes());
+            buf.extend_from_slice(&packed);
+        }
     }
     let len = (buf.len() - HEADER) as u32;
     let crc = crc32fast::hash(&buf[HEADER..]);
     buf[..4].copy_from_slice(&len.to_le_bytes());
     buf[4..HEADER].copy_from_slice(&crc.to_le_bytes());
     true
+}
+
+/// The entries of a stored body (`plain` holds them when they were compressed).
+pub(super) fn body_entries<'a>(stored: &'a [u8], plain: &'a mut Vec<u8>) -> Result<&'a [u8], String> {
+    match stored.first() {
+        Some(&RAW) => Ok(&stored[1..]),
+        Some(&LZ4) => {
+            let n = stored.get(1..5).ok_or("compressed body cut short")?;
+            let n = u32::from_le_bytes(n.try_into().map_err(|_| "length")?) as usize;
+            if n > MAX_FRAME {
+                return Err(format!("a compressed body of {n} bytes"));
+            }
+            plain.resize(n, 0);
+            let got = lz4_flex::block::decompress_into(&stored[5..], plain).map_err(|e| format!("decompressing a frame: {e}"))?;
+            if got != n {
+                return Err(format!("a compressed body of {got} bytes where {n} were announced"));
+            }
+            Ok(&plain[..])
+        }
+        Some(f) => Err(format!("unknown body format {f}")),
+        None => Err("an empty body".into()),
+    }
 }
 
 /// The entries of a frame's body.
@@ -383,7 +431,7 @@ impl Writer {
     /// Returns the new segment when one was begun. On an error the file is cut back to where
     /// the frame began, so that the next frame goes there; if even that fails, `broken` is set
     /// and nothing more may be written.
-    pub fn write_frame(&mut self, buf: &mut [u8], sync: bool) -> io::Result<Option<Segment>> {
+    pub fn write_frame(&mut self, buf: &mut Vec<u8>, sync: bool) -> io::Result<Option<Segment>> {
         if self.broken {
             return Err(io::Error::other("an earlier failed write could not be cut off"));
         }
@@ -437,11 +485,14 @@ pub(super) struct Cursor {
     /// The segment and position of `buf[0]`.
     buf_seg: usize,
     buf_at: u64,
+    /// The entries of the last compressed frame read, and its position.
+    plain: Vec<u8>,
+    plain_at: u64,
 }
 
 impl Cursor {
     pub fn new(segs: Arc<Vec<Segment>>) -> Self {
-        Cursor { segs, buf: Vec::new(), buf_seg: usize::MAX, buf_at: 0 }
+        Cursor { segs, buf: Vec::new(), buf_seg: usize::MAX, buf_at: 0, plain: Vec::new(), plain_at: u64::MAX }
     }
 
     /// Uses a newer list of segments (the writer began one).
@@ -449,6 +500,7 @@ impl Cursor {
         if !Arc::ptr_eq(&self.segs, &segs) {
             self.segs = segs;
             self.buf_seg = usize::MAX;
+            self.plain_at = u64::MAX;
         }
     }
 
@@ -501,12 +553,27 @@ impl Cursor {
         if len == 0 || len > MAX_FRAME || (HEADER + len) as u64 > room {
             return Ok(Frame::Torn(format!("a frame of {len} bytes at {pos} with {room} bytes left")));
         }
+        let next = pos + (HEADER + len) as u64;
+        if self.plain_at == pos {
+            return Ok(Frame::Whole(&self.plain, next));
+        }
         let whole = self.bytes(seg, pos, HEADER + len, room)?;
-        let body = &whole[HEADER..];
-        if crc32fast::hash(body) != crc {
+        if crc32fast::hash(&whole[HEADER..]) != crc {
             return Ok(Frame::Torn(format!("checksum mismatch in the frame at {pos}")));
         }
-        Ok(Frame::Whole(body, pos + (HEADER + len) as u64))
+        if whole[HEADER] == RAW {
+            let from = (pos - self.buf_at) as usize + HEADER + 1;
+            return Ok(Frame::Whole(&self.buf[from..from + len - 1], next));
+        }
+        let stored = &self.buf[(pos - self.buf_at) as usize + HEADER..][..len];
+        self.plain_at = u64::MAX;
+        match body_entries(stored, &mut self.plain) {
+            Ok(_) => {
+                self.plain_at = pos;
+                Ok(Frame::Whole(&self.plain, next))
+            }
+            Err(e) => Ok(Frame::Torn(format!("the frame at {pos}: {e}"))),
+        }
     }
 }
 
@@ -748,10 +815,12 @@ pub(super) fn read_checkpoint(dir: &Path) -> Result<Option<(State, Marks)>, Stri
     }
     let len = u32::from_le_bytes(bytes[..4].try_into().unwrap_or_default()) as usize;
     let crc = u32::from_le_bytes(bytes[4..HEADER].try_into().unwrap_or_default());
-    let body = bytes.get(HEADER..HEADER + len).ok_or("cut short")?;
-    if crc32fast::hash(body) != crc {
+    let stored = bytes.get(HEADER..HEADER + len).ok_or("cut short")?;
+    if crc32fast::hash(stored) != crc {
         return Err("checksum mismatch".into());
     }
+    let mut plain = Vec::new();
+    let body = body_entries(stored, &mut plain)?;
     let mut state = State::default();
     let mut marks: Marks = HashMap::new();
     let mut at = None;
@@ -798,7 +867,7 @@ mod tests {
     fn entries_round_trip() {
         let all = [
             Entry::Topic { id: 0, partitions: 3, name: "t" },
-            Entry::Record { topic: 0, partition: 2, offset: 0, ts_ms: 7, key: Some(b"k"), payload: b"p" },
+            Entry::Record { topic: 0, partition: 2, offset: 0, ts_ms: 7, key: Some(b"k"), payload: &[b'p'; 300] },
             Entry::Record { topic: 0, partition: 1, offset: 0, ts_ms: 8, key: None, payload: b"" },
             Entry::Commit { group: "g", topic: 0, partition: 2, next: 1 },
             Entry::DeleteGroup { group: "g" },
@@ -813,10 +882,16 @@ mod tests {
         for e in &all {
             put_entry(&mut buf, e);
         }
+        let raw = buf[HEADER + 1..].to_vec();
         assert!(finish_frame(&mut buf));
-        let read: Vec<Entry<'_>> = entries(&buf[HEADER..]).collect::<Result<_, _>>().unwrap();
+        assert_eq!(buf[HEADER], LZ4, "the probe's pad is small, the rest compresses");
+        let mut plain = Vec::new();
+        let body = body_entries(&buf[HEADER..], &mut plain).unwrap();
+        assert_eq!(body, &raw[..]);
+        let read: Vec<Entry<'_>> = entries(body).collect::<Result<_, _>>().unwrap();
         assert_eq!(read, all);
-        // A body cut short is an error, not a panic.
-        assert!(entries(&buf[HEADER..buf.len() - 1]).any(|e| e.is_err()));
+        // A body cut short is an error, not a panic; so is a compressed body cut short.
+        assert!(entries(&body[..body.len() - 1]).any(|e| e.is_err()));
+        assert!(body_entries(&buf[HEADER..buf.len() - 3], &mut plain).is_err());
     }
 }

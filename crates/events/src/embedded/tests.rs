@@ -133,7 +133,7 @@ async fn a_rarely_written_partition_is_found_after_a_reopen() {
     // 1 KB records: the busy partition's 14 MB put the quiet one's records more than
     // `MARK_GAP` apart, and over several segments.
     let batch = |key: &str, n: usize, tag: &str| -> Vec<(String, String, Vec<u8>)> {
-        (0..n).map(|i| (topic.clone(), key.to_owned(), format!("{tag}{i:>1000}").into_bytes())).collect()
+        (0..n).map(|i| (topic.clone(), key.to_owned(), noise(tag, i, 1000))).collect()
     };
     {
         let log = EmbeddedLog::open(&dir, 16).unwrap();
@@ -194,6 +194,19 @@ async fn a_rarely_written_partition_is_found_after_a_reopen() {
     assert_eq!((read, snapshot.progress()), (14_005, (14_005, 14_005)));
     drop((g, all, committer, log));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `n` bytes that do not compress (frames are LZ4-compressed), after `tag`.
+fn noise(tag: &str, i: usize, n: usize) -> Vec<u8> {
+    let mut out = tag.as_bytes().to_vec();
+    let mut x = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.push(x as u8);
+    }
+    out
 }
 
 fn temp(name: &str) -> PathBuf {
@@ -258,7 +271,7 @@ async fn a_torn_last_frame_is_cut_off_at_open() {
 #[tokio::test]
 async fn everything_is_read_back_after_a_reopen_over_several_segments() {
     let dir = temp("reopen");
-    let big = |i: usize| format!("{i:>4000}").into_bytes();
+    let big = |i: usize| noise("", i, 4000);
     {
         let log = EmbeddedLog::open(&dir, 64).unwrap();
         log.ensure_topics(&[topic("a", 3), topic("b", 2)]).await.unwrap();
@@ -338,7 +351,7 @@ async fn everything_is_read_back_after_a_reopen_over_several_segments() {
 #[tokio::test]
 async fn an_older_checkpoint_and_the_frames_after_it_give_the_same_log() {
     let dir = temp("checkpoint");
-    let big = |i: usize| format!("{i:>4000}").into_bytes();
+    let big = |i: usize| noise("", i, 4000);
     let (a, b) = ("a".to_owned(), "b".to_owned());
     {
         let log = EmbeddedLog::open(&dir, 64).unwrap();
@@ -411,7 +424,7 @@ async fn damage_in_the_last_segment_is_refused_and_a_leftover_empty_segment_drop
         let log = EmbeddedLog::open(&dir, 16).unwrap();
         log.ensure_topics(&[topic("t", 1)]).await.unwrap();
         for i in 0..400 {
-            log.append("t", "k", format!("{i:>4000}").into_bytes()).await.unwrap();
+            log.append("t", "k", noise("", i, 4000)).await.unwrap();
         }
     }
     wait_closed(&dir);
