@@ -15,8 +15,22 @@ use crate::harness::*;
 
 const T: Duration = Duration::from_secs(120);
 
+/// A free port for a private service, below the kernel's ephemeral range (32768–60999 on Linux):
+/// a port the kernel handed out (`bind(0)`) can be taken as the source port of any outgoing
+/// connection while the service is down, and the restart then fails with "address already in
+/// use" (seen in CI: a private Cassandra stopped for a minute could not bind its port again).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Processes running beside each other start at different places of the range.
+    let start = std::process::id() % 12_000;
+    for _ in 0..12_000 {
+        let port = 20_000 + ((start + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000-31999")
 }
 
 /// One service of `scripts/services.sh`, run privately: its own home (the jars of the shared
