@@ -1,11 +1,12 @@
 //! The operator's commands beside a running embedded server. `chat run` holds its data
-//! directory (one writer of the log), so `chat role`, `chat audit` and `chat rebuild`, which append
-//! to or consume the log, cannot open it while the server runs. Instead the server listens on a Unix socket in the data
+//! directory (one writer of the log, one owner of the tables), so `chat role`, `chat audit`,
+//! `chat rebuild`, `chat analytics` and `chat checksums` cannot open it while the server runs. Instead the server listens on a Unix socket in the data
 //! directory, `admin.sock`, and those commands send their request there when it answers; the
 //! server runs the very same code as the command would. Only the data directory's owner may use
 //! it: the socket is created owner-only and every connection's peer credentials are checked.
 //!
-//! The protocol is HTTP/1.1 with JSON bodies (`POST /role`, `POST /audit`, `POST /rebuild`); an error is a 4xx/5xx
+//! The protocol is HTTP/1.1 with JSON bodies (`POST /role`, `POST /audit`, `POST /rebuild`, `POST /analytics`,
+//! `POST /checksums`); an error is a 4xx/5xx
 //! status with `{"error": "..."}`. It is an interface between two builds of this binary, not a
 //! public API.
 
@@ -107,6 +108,8 @@ pub async fn serve(dir: &Path, ops: Ops, cfg: crate::config::Config, mut shutdow
         .route("/role", post(role))
         .route("/audit", post(audit))
         .route("/rebuild", post(rebuild))
+        .route("/analytics", post(analytics))
+        .route("/checksums", post(checksums))
         .with_state(Admin { ops, cfg: Arc::new(cfg) });
     info!(socket = %path.display(), "admin socket listening");
     Ok(tokio::spawn(async move {
@@ -139,6 +142,20 @@ async fn audit(State(admin): State<Admin>, Json(q): Json<crate::AuditQuery>) -> 
     match crate::audit_answer(&admin.ops, q).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => failed(e),
+    }
+}
+
+async fn analytics(State(admin): State<Admin>, Json(q): Json<crate::AnalyticsQuery>) -> Response {
+    match crate::analytics_answer(&*admin.ops.tables, q).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+async fn checksums(State(admin): State<Admin>) -> Response {
+    match admin.ops.tables.checksums().await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => failed(e.into()),
     }
 }
 

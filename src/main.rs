@@ -50,7 +50,7 @@ use chat_gateway::{Chat, Hub, Limits, LocalRouting, RedisRouting, Routing, Token
 use chat_projections::projector::projection_topics;
 use chat_projections::fanout::Pusher;
 use chat_projections::{DeadLetters, FanOut, Projector, WorkerStats};
-use chat_store::{ScyllaConfig, ScyllaStore, SqliteStore, Tables};
+use chat_store::{FjallStore, ScyllaConfig, ScyllaStore, Tables};
 use clap::{Parser, Subcommand};
 use config::{Backend, Config, Settings};
 use tokio::net::TcpListener;
@@ -157,7 +157,8 @@ enum RoleAction {
 }
 
 /// Days are YYYY-MM-DD (default: the last 7 days).
-#[derive(Subcommand)]
+#[derive(Subcommand, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "query", rename_all = "snake_case")]
 enum AnalyticsQuery {
     /// Messages per day by kind and scope (direct, group).
     Messages {
@@ -347,7 +348,7 @@ impl Platform {
         let (log, kafka, tables): Opened = match &cfg.backend {
             Backend::Embedded { data_dir } => {
                 let log = EmbeddedLog::open(data_dir, 100_000).context("opening the embedded event log (CHAT_DATA_DIR)")?;
-                let tables = SqliteStore::open(data_dir).context("opening the embedded tables (CHAT_DATA_DIR)")?;
+                let tables = open_embedded_tables(data_dir).context("opening the embedded tables (CHAT_DATA_DIR)")?;
                 (Arc::new(log), None, Arc::new(tables))
             }
             Backend::Cluster { kafka_brokers, cassandra_nodes, .. } => {
@@ -817,10 +818,20 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Only the tables (no log): read-only tools may run beside `chat run` in embedded mode.
+/// The embedded tables of a data directory: fjall (`tables/`) with the command side in SQLite
+/// (`commands.db`); a directory of an earlier release has its `tables.db` converted first.
+fn open_embedded_tables(dir: &std::path::Path) -> anyhow::Result<FjallStore> {
+    if let Some(c) = chat_store::fjall_store::convert::from_sqlite(dir).context("moving the tables from tables.db to tables/")? {
+        info!(rows = ?c.rows, "tables.db converted; the projections are rebuilt from the log");
+    }
+    Ok(FjallStore::open(dir)?)
+}
+
+/// Only the tables (no log), for the read-only commands. Embedded, the tables belong to one
+/// process at a time: beside a running server these commands ask it instead (admin socket).
 async fn open_tables(cfg: &Config) -> anyhow::Result<Arc<dyn Tables>> {
     Ok(match &cfg.backend {
-        Backend::Embedded { data_dir } => Arc::new(SqliteStore::open(data_dir)?),
+        Backend::Embedded { data_dir } => Arc::new(open_embedded_tables(data_dir)?),
         Backend::Cluster { cassandra_nodes, .. } => {
             let scylla = ScyllaConfig { nodes: cassandra_nodes.clone(), keyspace: cfg.keyspace.clone(), replication_factor: cfg.cassandra_rf };
             Arc::new(ScyllaStore::connect(&scylla).await.context("connecting to CHAT_CASSANDRA_NODES")?)
@@ -898,29 +909,49 @@ async fn change_role(ops: &admin::Ops, c: &admin::RoleChange) -> anyhow::Result<
 }
 
 async fn analytics(cfg: Config, q: AnalyticsQuery) -> anyhow::Result<()> {
+    // Embedded, beside a running server: the server answers (it holds the tables).
+    if let Some(dir) = cfg.data_dir() {
+        if let Some(answer) = admin::call::<serde_json::Value>(dir, "/analytics", &q).await? {
+            return print_json(&answer);
+        }
+    }
+    print_json(&analytics_answer(&*open_tables(&cfg).await?, q).await?)
+}
+
+/// `chat analytics`, in the command's process or in the running server's (admin socket).
+async fn analytics_answer(t: &dyn Tables, q: AnalyticsQuery) -> anyhow::Result<serde_json::Value> {
     use chat_gateway::insights::day_range;
-    let t = open_tables(&cfg).await?;
-    match q {
+    Ok(match q {
         AnalyticsQuery::Messages { from, to } => {
             let (from, to) = day_range(from.as_deref(), to.as_deref()).map_err(cli_error)?;
-            print_json(&t.message_counts(from, to).await?)
+            serde_json::to_value(t.message_counts(from, to).await?)?
         }
         AnalyticsQuery::ActiveUsers { from, to } => {
             let (from, to) = day_range(from.as_deref(), to.as_deref()).map_err(cli_error)?;
             let rows: Vec<serde_json::Value> =
                 t.active_users(from, to).await?.into_iter().map(|(day, users)| serde_json::json!({"day": day, "users": users})).collect();
-            print_json(&rows)
+            serde_json::Value::Array(rows)
         }
         AnalyticsQuery::ProfileViews { user, from, to } => {
             let (from, to) = day_range(from.as_deref(), to.as_deref()).map_err(cli_error)?;
             let user: chat_events::UserId = user.parse().map_err(|_| anyhow::anyhow!("--user is not a user id"))?;
-            print_json(&t.profile_views(user, from, to).await?)
+            serde_json::to_value(t.profile_views(user, from, to).await?)?
         }
         AnalyticsQuery::Topics { from, to } => {
             let (from, to) = day_range(from.as_deref(), to.as_deref()).map_err(cli_error)?;
-            print_json(&t.topic_counts(from, to).await?)
+            serde_json::to_value(t.topic_counts(from, to).await?)?
+        }
+    })
+}
+
+/// `chat checksums`: embedded beside a running server, the server answers (it holds the tables).
+async fn checksums(cfg: Config) -> anyhow::Result<()> {
+    if let Some(dir) = cfg.data_dir() {
+        if let Some(answer) = admin::call::<serde_json::Value>(dir, "/checksums", &serde_json::json!({})).await? {
+            return print_json(&answer);
         }
     }
+    print_json(&open_tables(&cfg).await?.checksums().await?)
 }
 
 async fn audit(cfg: Config, q: AuditQuery) -> anyhow::Result<()> {
@@ -1107,7 +1138,7 @@ async fn rebuild_into(live: &admin::Ops, cfg: &Config, opts: RebuildOpts) -> any
     let (fresh, place, scylla): (Arc<dyn Tables>, String, Option<Arc<ScyllaStore>>) = match &cfg.backend {
         Backend::Embedded { data_dir } => {
             let dir = into.map(std::path::PathBuf::from).unwrap_or_else(|| data_dir.join(format!("rebuild-{stamp}")));
-            (Arc::new(SqliteStore::open(&dir)?), dir.display().to_string(), None)
+            (Arc::new(FjallStore::open(&dir)?), dir.display().to_string(), None)
         }
         Backend::Cluster { cassandra_nodes, .. } => {
             let keyspace = into.unwrap_or_else(|| format!("{}_rebuild_{stamp}", cfg.keyspace));
@@ -1199,9 +1230,10 @@ async fn rebuild_into(live: &admin::Ops, cfg: &Config, opts: RebuildOpts) -> any
     }
     let mut out = serde_json::json!({"rebuilt_into": place, "equal": a == b, "tables": report});
     if let Some(held) = held {
+        // The rebuilt tables are opened again by the live store (one instance per directory).
+        drop(fresh);
         live.tables.replace_projections(&place).await.context("replacing the live projection tables")?;
         drop(held);
-        drop(fresh);
         let _ = live.log.delete_group(&group).await;
         let removed = std::fs::remove_dir_all(&place).is_ok();
         info!(from = %place, removed, "live projection tables replaced by the rebuilt ones; worker stages started again");
@@ -1240,7 +1272,7 @@ fn main() -> std::process::ExitCode {
     // Colours only on a terminal (log files and pipes get plain text), and never with NO_COLOR.
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CHAT_LOG").unwrap_or_else(|_| "info,scylla=warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CHAT_LOG").unwrap_or_else(|_| "info,scylla=warn,fjall=warn,lsm_tree=warn".into()))
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .init();
@@ -1325,7 +1357,6 @@ async fn run_command() -> anyhow::Result<()> {
         Command::Role { action } => role(cfg, action).await,
         Command::Analytics { query } => analytics(cfg, query).await,
         Command::Audit { query } => audit(cfg, query).await,
-        // Reads the tables only: in embedded mode it may run beside `chat run`.
-        Command::Checksums => print_json(&open_tables(&cfg).await?.checksums().await?),
+        Command::Checksums => checksums(cfg).await,
     }
 }

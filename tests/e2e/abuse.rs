@@ -721,14 +721,15 @@ fn fill(fs: &Tmpfs, leave: u64) -> std::path::PathBuf {
 pub async fn disk_full_recovers(mode: Mode) {
     assert_eq!(mode, Mode::Embedded, "a data directory on small file systems: embedded only");
     let s = Scope::new("diskfull", mode).await;
-    // The data directory on one tmpfs, tables.db (a symlink; SQLite keeps its WAL beside the
-    // target) on another, so that each can be filled on its own.
+    // The data directory on one tmpfs, the tables (`tables/`, a symlink to a directory) on
+    // another, so that each can be filled on its own.
     let Some(data_fs) = Tmpfs::mount(&s.data_dir, 64) else {
         eprintln!("SKIPPED disk_full_recovers: mounting a tmpfs needs root");
         return;
     };
     let tables_fs = Tmpfs::mount(&s.log_dir.join("tables-fs"), 64).expect("second tmpfs");
-    std::os::unix::fs::symlink(tables_fs.0.join("tables.db"), s.data_dir.join("tables.db")).expect("symlink");
+    std::fs::create_dir(tables_fs.0.join("tables")).expect("tables directory");
+    std::os::unix::fs::symlink(tables_fs.0.join("tables"), s.data_dir.join("tables")).expect("symlink");
     let gw = s.gateway("n1").await;
     let (alice, bob, mut a) = crate::acquainted(&gw).await;
     let mut b = gw.connect(&bob, "phone").await;

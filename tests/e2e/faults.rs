@@ -369,8 +369,7 @@ pub async fn cassandra_stopped_for_a_minute(mode: Mode) {
     eprintln!("lag back to zero {:?} after Cassandra answered again", restarted.elapsed());
     let out = Arc::try_unwrap(out).ok().expect("senders done").into_inner().unwrap();
     check_delivery(&s, &gw, &users, &out).await;
-    let store = s.store(&s.keyspace).await;
-    assert_eq!(checksums(&store).await["messages"].rows, out.acked.len() as u64, "one row per message, no duplicates");
+    assert_eq!(s.checksums().await["messages"].rows, out.acked.len() as u64, "one row per message, no duplicates");
     for ws in conns {
         ws.close().await;
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use chat_events::kafka::{KafkaConfig, KafkaLog};
 use chat_events::{EventLog, TopicKind, Topics};
-use chat_store::{ScyllaConfig, ScyllaStore, SqliteStore, TableChecksum, Tables};
+use chat_store::{FjallStore, ScyllaConfig, ScyllaStore, TableChecksum, Tables};
 use futures::{SinkExt, StreamExt};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
@@ -221,7 +221,7 @@ impl Scope {
             ("CHAT_TOKEN_SECRET".into(), SECRET.into()),
             ("CHAT_PROJECTION_GROUP".into(), self.projection_group()),
             ("CHAT_FANOUT_GROUP".into(), self.fanout_group()),
-            ("CHAT_LOG".into(), "info,scylla=warn,rdkafka=warn".into()),
+            ("CHAT_LOG".into(), "info,scylla=warn,rdkafka=warn,fjall=warn,lsm_tree=warn".into()),
             ("CHAT_ANALYTICS_KEYWORDS".into(), "rain,sun".into()),
             // Tests register many users from 127.0.0.1 (a group of 1,024); the limit's own test
             // sets it.
@@ -340,7 +340,21 @@ impl Scope {
         }
     }
 
-    /// The scope's tables (cluster: a keyspace; embedded: the data directory's).
+    /// Checksums of the scope's projection tables (embedded: `chat checksums`, which asks the
+    /// running server when there is one, since the tables belong to one process at a time).
+    pub async fn checksums(&self) -> BTreeMap<String, TableChecksum> {
+        match self.mode {
+            Mode::Cluster => checksums(&self.store(&self.keyspace).await).await,
+            Mode::Embedded => {
+                let out = self.chat(&["checksums"]).await;
+                assert!(out.status.success(), "chat checksums: {}", String::from_utf8_lossy(&out.stderr));
+                serde_json::from_slice(&out.stdout).expect("checksums as JSON")
+            }
+        }
+    }
+
+    /// The scope's tables (cluster: a keyspace; embedded: the data directory's, which only a
+    /// stopped server leaves to another process).
     pub async fn store(&self, keyspace: &str) -> Arc<dyn Tables> {
         match self.mode {
             Mode::Cluster => Arc::new(
@@ -348,7 +362,7 @@ impl Scope {
                     .await
                     .expect("connect store"),
             ),
-            Mode::Embedded => Arc::new(SqliteStore::open(&self.data_dir).expect("open tables")),
+            Mode::Embedded => Arc::new(FjallStore::open(&self.data_dir).expect("open tables (is the server stopped?)")),
         }
     }
 

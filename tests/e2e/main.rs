@@ -200,8 +200,7 @@ async fn c_retried_send_is_one_message(mode: Mode) {
     assert_eq!(items.iter().filter(|i| i["message_id"] == mid).count(), 1, "one stream item");
     let (_, r) = gw.get(&alice.token, &format!("/v1/messages/{}/receipts", mid.as_str().unwrap())).await;
     assert_eq!(r["receipts"].as_array().unwrap().len(), 1, "one sent receipt: {r}");
-    let store = s.store(&s.keyspace).await;
-    let sums = checksums(&store).await;
+    let sums = s.checksums().await;
     assert_eq!(sums["messages"].rows, 2);
     assert_eq!(sums["message_index"].rows, 2);
     assert_eq!(sums["inbox"].rows, 2, "one conversation row each");
@@ -339,6 +338,9 @@ async fn migrates_a_v1_data_directory(mode: Mode) {
     }
     let ids: Value = serde_json::from_slice(&std::fs::read(fixture.join("ids.json")).expect("ids.json")).expect("ids");
     let gw = s.gateway("n1").await;
+    // The tables moved from SQLite to fjall; the old file is set aside, not deleted.
+    assert!(s.data_dir.join("tables").is_dir(), "tables/ created");
+    assert!(s.data_dir.join("tables.db.migrated").is_file() && !s.data_dir.join("tables.db").exists(), "tables.db set aside");
     let login = |name: &str| {
         let gw = &gw;
         let name = name.to_owned();
@@ -468,9 +470,17 @@ async fn rebuild_swaps_online(mode: Mode) {
         conv = a.send_text(&bob.id, &format!("before-{i}"), &format!("before {i}")).await["conversation_id"].as_str().expect("conversation").to_owned();
     }
     s.wait_settled(T).await;
-    let store = s.store(&s.keyspace).await;
-    wait_for("projections emptied behind the server's back", T, || async { store.truncate_projections().await.ok() }).await;
-    assert_eq!(checksums(&store).await["messages"].rows, 0);
+    // The projections are lost while the server is down (the tables belong to one process at a
+    // time); it starts with them empty and its offsets past every record.
+    a.close().await;
+    gw.proc.terminate().await;
+    {
+        let store = s.store(&s.keyspace).await;
+        store.truncate_projections().await.expect("truncate");
+        assert_eq!(checksums(&store).await["messages"].rows, 0);
+    }
+    let gw = s.gateway("n1b").await;
+    let mut a = gw.connect(&alice, "phone").await;
 
     // alice keeps sending until the swap is over.
     let (to, done) = (bob.id.clone(), Arc::new(std::sync::atomic::AtomicBool::new(false)));
@@ -539,9 +549,8 @@ async fn d_sigkill_loses_and_duplicates_nothing(mode: Mode) {
     let pairs = four_pairs(&gw).await;
     let sender = tokio::spawn(traffic(gw.ws_url(), pairs, 500, "d"));
     // Kill mid-stream, once projections have made progress.
-    let store = s.store(&s.keyspace).await;
     wait_for("some messages projected", T, || async {
-        let n = checksums(&store).await["messages"].rows;
+        let n = s.checksums().await["messages"].rows;
         (n > 200).then_some(())
     })
     .await;
@@ -561,11 +570,11 @@ async fn d_sigkill_loses_and_duplicates_nothing(mode: Mode) {
             s.wait_settled(Duration::from_secs(180)).await;
             // `chat rebuild` needs the data directory to itself.
             gw.proc.terminate().await;
-            assert_eq!(checksums(&store).await["messages"].rows, 2000);
+            assert_eq!(s.checksums().await["messages"].rows, 2000);
             return assert_rebuild_matches(&s, 2000).await;
         }
     };
-    assert_eq!(checksums(&store).await["messages"].rows, 2000);
+    assert_eq!(s.checksums().await["messages"].rows, 2000);
     assert_rebuild_matches(&s, 2000).await;
 }
 
@@ -590,8 +599,7 @@ async fn e_rebuild_gives_identical_tables(mode: Mode) {
     b.close().await;
     a.close().await;
     s.wait_settled(T).await;
-    let store = s.store(&s.keyspace).await;
-    let before = checksums(&store).await;
+    let before = s.checksums().await;
     assert!(before["receipts"].rows > 30);
     assert!(before["last_seen"].rows >= 1);
 
@@ -606,8 +614,11 @@ async fn e_rebuild_gives_identical_tables(mode: Mode) {
             None
         }
     };
-    store.truncate_projections().await.expect("truncate");
-    assert_eq!(checksums(&store).await["messages"].rows, 0);
+    {
+        let store = s.store(&s.keyspace).await;
+        store.truncate_projections().await.expect("truncate");
+        assert_eq!(checksums(&store).await["messages"].rows, 0);
+    }
     let out = s.chat(&["reset-group", "--group", &s.projection_group()]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let _running = match gw {
@@ -616,7 +627,7 @@ async fn e_rebuild_gives_identical_tables(mode: Mode) {
     };
     s.wait_settled(T).await;
     let after = wait_for("rebuild complete", T, || async {
-        let c = checksums(&store).await;
+        let c = s.checksums().await;
         (c["messages"].rows == before["messages"].rows && c["user_stream"].rows == before["user_stream"].rows).then_some(c)
     })
     .await;
@@ -643,7 +654,7 @@ async fn sigkill_keeps_every_acked_message(mode: Mode) {
     let got: Vec<&str> = items.iter().map(|i| i["message_id"].as_str().unwrap()).collect();
     assert_eq!(got, ids.iter().map(String::as_str).collect::<Vec<_>>(), "all 1,000, once each, in order");
     s.wait_settled(Duration::from_secs(180)).await;
-    let sums = checksums(&s.store(&s.keyspace).await).await;
+    let sums = s.checksums().await;
     assert_eq!(sums["messages"].rows, 1000);
     assert_eq!(sums["user_stream"].rows, 2000, "bob's 1,000 and alice's own 1,000");
     assert_eq!(sums["inbox"].rows, 2);
@@ -717,8 +728,7 @@ async fn k2_kill9_at_random_points_of_20000_messages(mode: Mode) {
         assert_eq!(bodies, want, "{}'s stream holds {}'s messages once each, in order", to.name, from.name);
         ws.close().await;
     }
-    let store = s.store(&s.keyspace).await;
-    assert_eq!(checksums(&store).await["messages"].rows, (PAIRS * EACH) as u64);
+    assert_eq!(s.checksums().await["messages"].rows, (PAIRS * EACH) as u64);
     if mode == Mode::Embedded {
         // `chat rebuild` needs the data directory to itself.
         for g in gateways {

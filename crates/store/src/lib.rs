@@ -17,6 +17,7 @@
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod fjall_store;
 pub mod groups;
 pub mod insights;
 pub mod scylla_store;
@@ -33,7 +34,8 @@ use serde::Serialize;
 pub use insights::{InsightStore, MessageCount, ProfileRow, ProfileViews, TopicCount, MESSAGE_KINDS, MESSAGE_SCOPES, REVOCATIONS_KEPT};
 pub use groups::{FanoutGroup, FanoutMessage, FanoutStore, GroupMemberRow, GroupRow, GroupStore, MemberInterval, UserGroupRow};
 pub use scylla_store::{ScyllaConfig, ScyllaStore};
-pub use sqlite_store::SqliteStore;
+pub use fjall_store::FjallStore;
+pub use sqlite_store::{SqliteCommands, SqliteStore};
 pub use writes::{coalesce, Write, WriteExt, WriteStore};
 
 /// Table-store failures.
@@ -333,7 +335,7 @@ pub trait ReadStore: Send + Sync {
 }
 
 /// Row count and content hash of one table.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct TableChecksum {
     pub rows: u64,
     pub sha256: String,

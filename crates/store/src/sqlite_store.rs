@@ -65,7 +65,7 @@ impl Cached for Connection {
 /// write leaves nothing and takes no other down; a failed commit fails every write of it).
 #[derive(Clone)]
 pub struct SqliteStore {
-    commands: Arc<Engine<()>>,
+    commands: SqliteCommands,
     tables: Arc<Engine<()>>,
     /// Reads of tables.db hold it shared; [`TableAdmin::replace_projections`] holds it
     /// exclusively, so that no read sees the tables half replaced.
@@ -256,9 +256,7 @@ impl SqliteStore {
         }
         move_command_tables(&mut cmd_conn, &tables_conn, &tables_path)?;
         migrate_send_gates(&cmd_conn, &mut tables_conn, &cmd_path)?;
-        // commands.db: every commit on disk before it is answered (a user waits for these).
-        let mut commands = Options::new("commands", Durability::Full);
-        commands.readers = READERS;
+        let commands = command_options();
         // tables.db: rows derived from the log, answered when they ran (readers share the
         // writer's cache and see them at once), committed unsynced and synced by `Durable::sync`
         // before a worker stores an offset past them. A failed commit loses answered writes: the
@@ -271,7 +269,7 @@ impl SqliteStore {
         (tables.answer, tables.shared_cache) = (Answer::Ran, true);
         tables.checkpoint_pages = CHECKPOINT_PAGES;
         Ok(SqliteStore {
-            commands: start(cmd_path, cmd_conn, commands)?,
+            commands: SqliteCommands { engine: start(cmd_path, cmd_conn, commands)? },
             tables: start(tables_path, tables_conn, tables)?,
             swap: Arc::new(tokio::sync::RwLock::new(())),
         })
@@ -295,18 +293,80 @@ impl SqliteStore {
         Ok(self.tables.read(f).await?)
     }
 
+}
+
+/// The command side alone (`commands.db`): the gates the gateway checks before it appends, and
+/// the session revocations. Part of [`SqliteStore`], and the command side of the embedded store
+/// whose tables are on fjall ([`crate::FjallStore`]).
+#[derive(Clone)]
+pub struct SqliteCommands {
+    engine: Arc<Engine<()>>,
+}
+
+impl SqliteCommands {
+    /// Opens (or creates) `dir/commands.db`.
+    pub fn open(dir: &Path) -> StoreResult<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| data(format!("data directory {}: {e}", dir.display())))?;
+        let path = dir.join("commands.db");
+        let conn = open_db(&path, COMMAND_SCHEMA)?;
+        Ok(SqliteCommands { engine: start(path, conn, command_options())? })
+    }
+
     /// A command write (commands.db), answered once on disk.
     async fn command<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<R> + Send + 'static,
     ) -> StoreResult<R> {
-        Ok(self.commands.write(Lane::Urgent, move |t, _| f(t)).await?)
+        Ok(self.engine.write(Lane::Urgent, move |t, _| f(t)).await?)
     }
 
     /// A read of commands.db.
     async fn command_read<R: Send + 'static>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static) -> StoreResult<R> {
-        Ok(self.commands.read(f).await?)
+        Ok(self.engine.read(f).await?)
     }
+
+    /// Creates the command tables that do not exist.
+    pub async fn migrate(&self) -> StoreResult<()> {
+        self.command(|t| t.execute_batch(COMMAND_SCHEMA)).await
+    }
+
+    /// Reads answer and the last commit succeeded.
+    pub async fn ping(&self) -> bool {
+        self.engine.probe().await && self.command_read(|c| c.row("SELECT 1", [], |r| r.get::<_, i64>(0))).await.is_ok()
+    }
+
+    /// See [`InsightStore::revoke_sessions`].
+    pub async fn revoke_sessions(&self, user: UserId, at: DateTime<Utc>) -> StoreResult<()> {
+        let expired = ms(&(Utc::now() - crate::insights::REVOCATIONS_KEPT));
+        self.command(move |t| {
+            t.prepare_cached("INSERT OR IGNORE INTO session_revocations (at, user_id) VALUES (?1, ?2)")?
+                .execute(params![ms(&at), user.to_string()])?;
+            t.prepare_cached("DELETE FROM session_revocations WHERE at < ?1")?.execute(params![expired])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// See [`InsightStore::revocations_since`].
+    pub async fn revocations_since(&self, since: DateTime<Utc>) -> StoreResult<Vec<(UserId, DateTime<Utc>)>> {
+        let since = ms(&since.max(Utc::now() - crate::insights::REVOCATIONS_KEPT));
+        self.command_read(move |c| {
+            let mut st = c.prepare_cached("SELECT at, user_id FROM session_revocations WHERE at >= ?1 ORDER BY at, user_id")?;
+            let rows = st.query_map(params![since], |r| {
+                let user: String = r.get(1)?;
+                Ok((user.parse::<UserId>().map_err(conversion)?, time(r.get(0)?)?))
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+}
+
+/// commands.db: every commit on disk before it is answered (a user waits for these).
+fn command_options() -> Options {
+    let mut commands = Options::new("commands", Durability::Full);
+    commands.readers = READERS;
+    commands
 }
 
 /// Sends reserved by versions before the delivery pipeline v2 (`send_dedup` in `commands.db`)
@@ -416,8 +476,48 @@ fn inbox_row(r: &Row<'_>) -> rusqlite::Result<InboxRow> {
     })
 }
 
+/// `CommandStore` for a store that keeps its command gates in a `commands: SqliteCommands` field
+/// (the embedded stores: the gates are in `commands.db` whatever holds the tables).
+macro_rules! commands_in_sqlite {
+    ($store:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::CommandStore for $store {
+            async fn create_account(&self, account: &$crate::Account) -> $crate::StoreResult<bool> {
+                self.commands.create_account(account).await
+            }
+            async fn remove_account(&self, account: &$crate::Account) -> $crate::StoreResult<()> {
+                self.commands.remove_account(account).await
+            }
+            async fn account_by_name(&self, username: &str) -> $crate::StoreResult<Option<$crate::Account>> {
+                self.commands.account_by_name(username).await
+            }
+            async fn account_by_id(&self, user: chat_events::UserId) -> $crate::StoreResult<Option<String>> {
+                self.commands.account_by_id(user).await
+            }
+            async fn put_media(&self, m: &$crate::MediaObject) -> $crate::StoreResult<()> {
+                self.commands.put_media(m).await
+            }
+            async fn media(&self, id: uuid::Uuid) -> $crate::StoreResult<Option<$crate::MediaObject>> {
+                self.commands.media(id).await
+            }
+            async fn set_media_public(&self, id: uuid::Uuid) -> $crate::StoreResult<()> {
+                self.commands.set_media_public(id).await
+            }
+            async fn share_media(&self, id: uuid::Uuid, conv: &chat_events::ConversationId) -> $crate::StoreResult<()> {
+                self.commands.share_media(id, conv).await
+            }
+            async fn media_shares(&self, id: uuid::Uuid) -> $crate::StoreResult<Vec<chat_events::ConversationId>> {
+                self.commands.media_shares(id).await
+            }
+        }
+    };
+}
+pub(crate) use commands_in_sqlite;
+
+commands_in_sqlite!(SqliteStore);
+
 #[async_trait]
-impl CommandStore for SqliteStore {
+impl CommandStore for SqliteCommands {
     async fn create_account(&self, a: &Account) -> StoreResult<bool> {
         let a = a.clone();
         self.command(move |t| {
@@ -465,10 +565,6 @@ impl CommandStore for SqliteStore {
         })
         .await
     }
-
-
-
-
 
 
     async fn put_media(&self, m: &MediaObject) -> StoreResult<()> {
@@ -1252,27 +1348,11 @@ impl InsightStore for SqliteStore {
     }
 
     async fn revoke_sessions(&self, user: UserId, at: DateTime<Utc>) -> StoreResult<()> {
-        let expired = ms(&(Utc::now() - crate::insights::REVOCATIONS_KEPT));
-        self.command(move |t| {
-            t.prepare_cached("INSERT OR IGNORE INTO session_revocations (at, user_id) VALUES (?1, ?2)")?
-                .execute(params![ms(&at), user.to_string()])?;
-            t.prepare_cached("DELETE FROM session_revocations WHERE at < ?1")?.execute(params![expired])?;
-            Ok(())
-        })
-        .await
+        self.commands.revoke_sessions(user, at).await
     }
 
     async fn revocations_since(&self, since: DateTime<Utc>) -> StoreResult<Vec<(UserId, DateTime<Utc>)>> {
-        let since = ms(&since.max(Utc::now() - crate::insights::REVOCATIONS_KEPT));
-        self.command_read(move |c| {
-            let mut st = c.prepare_cached("SELECT at, user_id FROM session_revocations WHERE at >= ?1 ORDER BY at, user_id")?;
-            let rows = st.query_map(params![since], |r| {
-                let user: String = r.get(1)?;
-                Ok((user.parse::<UserId>().map_err(conversion)?, time(r.get(0)?)?))
-            })?;
-            rows.collect()
-        })
-        .await
+        self.commands.revocations_since(since).await
     }
 
     async fn profile(&self, user: UserId) -> StoreResult<Option<ProfileRow>> {
@@ -1389,7 +1469,7 @@ impl InsightStore for SqliteStore {
 #[async_trait]
 impl TableAdmin for SqliteStore {
     async fn migrate(&self) -> StoreResult<()> {
-        self.command(|t| t.execute_batch(COMMAND_SCHEMA)).await?;
+        self.commands.migrate().await?;
         self.write_synced(|t| t.execute_batch(SCHEMA)).await
     }
 
@@ -1494,10 +1574,7 @@ impl TableAdmin for SqliteStore {
     /// Reads answer and writes go through (the last commit of each file succeeded, and
     /// `tables.db` lost no answered write since the last [`Durable::recover`]).
     async fn ping(&self) -> bool {
-        self.tables.probe().await
-            && self.commands.probe().await
-            && self.read(|c| c.row("SELECT 1", [], |r| r.get::<_, i64>(0))).await.is_ok()
-            && self.command_read(|c| c.row("SELECT 1", [], |r| r.get::<_, i64>(0))).await.is_ok()
+        self.tables.probe().await && self.read(|c| c.row("SELECT 1", [], |r| r.get::<_, i64>(0))).await.is_ok() && self.commands.ping().await
     }
 }
 
