@@ -294,6 +294,8 @@ struct Receipts {
     last_at: Mutex<Option<Instant>>,
     delivered: AtomicU64,
     duplicated: AtomicU64,
+    /// Warm-up messages received (not measured).
+    warm: AtomicU64,
     /// Distinct (receiver, client_msg_id) deliveries, to compute losses.
     seen: Mutex<HashSet<(usize, String)>>,
     inject_loss: AtomicU64,
@@ -307,6 +309,7 @@ impl Receipts {
             last_at: Mutex::new(None),
             delivered: AtomicU64::new(0),
             duplicated: AtomicU64::new(0),
+            warm: AtomicU64::new(0),
             seen: Mutex::new(HashSet::new()),
             inject_loss: AtomicU64::new(c.inject_loss),
             inject_dup: AtomicU64::new(c.inject_dup),
@@ -322,6 +325,10 @@ impl Receipts {
             return;
         }
         let Some(body) = frame["body"].as_str() else { return };
+        if body == WARMUP_BODY {
+            self.warm.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let mut parts = body.split('|');
         let (Some("lg"), Some(cmid), Some(sent)) = (parts.next(), parts.next(), parts.next()) else { return };
         if Self::take(&self.inject_loss) {
@@ -808,8 +815,19 @@ async fn group(c: &Common, client: &Client, groups: usize, size: usize, rate: f6
             receiver_id += 1;
         }
     }
-    // Let the group creations reach the projections (the gateway checks membership there).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Warm-up, not measured: one message to each group, until every connected member has it. The
+    // group's creation must reach the projections first (the gateway checks membership there),
+    // and the first message also loads the fan-out's member list; a fixed wait that ended before
+    // that put the wait into the first measured message.
+    for (admin, conv) in admins.iter().zip(&convs) {
+        warm_up(client, &admin.token, conv).await?;
+    }
+    let warm_expected = (groups * size.saturating_sub(1)) as u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while receipts.warm.load(Ordering::Relaxed) < warm_expected {
+        anyhow::ensure!(Instant::now() < deadline, "the warm-up message reached {} of {warm_expected} members in 60 s", receipts.warm.load(Ordering::Relaxed));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let sends = Arc::new(Sends::default());
     let interval = Duration::from_secs_f64(groups as f64 / rate);
     let measured = Measured::start(c);
@@ -830,6 +848,35 @@ async fn group(c: &Common, client: &Client, groups: usize, size: usize, rate: f6
         let _ = t.await;
     }
     Ok(summary("group", &sends, &receipts, expected, rate, duration, measured.started, m, json!({"groups": groups, "size": size})))
+}
+
+/// The body of a warm-up message (receivers count it apart from the measured ones).
+const WARMUP_BODY: &str = "warmup";
+
+/// Sends one warm-up message to `conv` and waits for its `sent`; a group whose creation is not
+/// projected yet answers an error, and the send is tried again (up to 30 s).
+async fn warm_up(client: &Client, token: &str, conv: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut ws = client.connect(token, "warmup").await?;
+    for attempt in 0.. {
+        let frame = json!({"type": "send", "conversation_id": conv, "client_msg_id": format!("warmup-{attempt}"), "body": WARMUP_BODY});
+        ws.send(Message::Text(frame.to_string().into())).await?;
+        let answer = loop {
+            let m = tokio::time::timeout_at(deadline.into(), ws.next()).await.context("no answer to the warm-up message in 30 s")?;
+            let Some(Ok(Message::Text(t))) = m else { anyhow::bail!("the warm-up connection closed") };
+            let v: Value = serde_json::from_str(t.as_str())?;
+            if matches!(v["type"].as_str(), Some("sent" | "error")) {
+                break v;
+            }
+        };
+        if answer["type"] == "sent" {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the warm-up message was refused for 30 s: {answer}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = ws.close(None).await;
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

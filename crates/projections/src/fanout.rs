@@ -261,7 +261,7 @@ impl FanOut {
     /// Writes member intervals, then the group row with its new membership version (the row
     /// last: a cached member list is reloaded once the version moves).
     async fn write_members(&self, group: &mut FanoutGroup, members: &[MemberInterval], position: i64) -> R<()> {
-        futures::future::try_join_all(members.iter().map(|m| self.store.put_fanout_member(&group.conversation_id, m))).await?;
+        self.store.put_fanout_members(&group.conversation_id, members).await?;
         group.membership_version = group.membership_version.max(position);
         self.store.put_fanout_group(group).await
     }

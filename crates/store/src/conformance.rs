@@ -674,6 +674,16 @@ pub async fn fanout_member_intervals(t: &dyn Tables) {
         "fanout_members lists every interval of the group (close before open gives the closed interval, repeats add nothing)"
     );
     assert_eq!(members(other).await, vec![interval(a, 1, None, GroupRole::Member)], "intervals are per group");
+
+    // Several at once (a creation's members), the merge rule applied within the batch too.
+    let third = group();
+    let batch = [interval(b, 3, None, GroupRole::Admin), interval(d, 3, Some(9), GroupRole::Member), interval(d, 3, None, GroupRole::Member)];
+    t.put_fanout_members(&third, &batch).await.expect("put_fanout_members");
+    assert_eq!(
+        sorted_intervals(members(third).await),
+        sorted_intervals(vec![interval(b, 3, None, GroupRole::Admin), interval(d, 3, Some(9), GroupRole::Member)]),
+        "put_fanout_members writes each interval, an open after its close in the same batch leaves it closed"
+    );
 }
 
 fn fanout_ids(rows: &[FanoutMessage]) -> Vec<MessageId> {

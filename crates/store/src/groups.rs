@@ -75,6 +75,11 @@ pub trait FanoutStore: crate::Durable {
     /// Writes an interval, keyed by (group, member, since); writing it again with `until` set
     /// closes it.
     async fn put_fanout_member(&self, conv: &ConversationId, m: &MemberInterval) -> StoreResult<()>;
+    /// Writes several intervals of one group (a creation's members): one batch where the engine
+    /// has batches, else concurrent writes.
+    async fn put_fanout_members(&self, conv: &ConversationId, members: &[MemberInterval]) -> StoreResult<()> {
+        futures::future::try_join_all(members.iter().map(|m| self.put_fanout_member(conv, m))).await.map(|_| ())
+    }
     async fn fanout_message(&self, conv: &ConversationId, message: MessageId) -> StoreResult<Option<FanoutMessage>>;
     async fn put_fanout_message(&self, m: &FanoutMessage) -> StoreResult<()>;
     /// Group messages with `after < id <= up_to` (from the start when `after` is None), oldest

@@ -1086,6 +1086,11 @@ impl FanoutStore for FjallStore {
         self.write(move |tx| put_member(tx, &c, &m)).await
     }
 
+    async fn put_fanout_members(&self, c: &ConversationId, members: &[MemberInterval]) -> StoreResult<()> {
+        let (c, members) = (c.clone(), members.to_vec());
+        self.write(move |tx| members.iter().try_for_each(|m| put_member(tx, &c, m))).await
+    }
+
     async fn fanout_message(&self, c: &ConversationId, message: MessageId) -> StoreResult<Option<FanoutMessage>> {
         let key = fanout_message_key(c, message);
         self.get("fanout_messages", &key)?.map(|v| fanout_message_row(&key, &v)).transpose()
