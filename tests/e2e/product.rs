@@ -239,7 +239,7 @@ pub async fn profiles_analytics_and_audit(mode: Mode) {
     let out = s.chat(&["rebuild"]).await;
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     assert!(out.status.success(), "rebuild differs: {report:#}");
-    for t in ["analytics_messages", "analytics_topics", "analytics_profile_views", "analytics_active_users", "profiles", "receipts_by_user"] {
+    for t in ["analytics_message_counts", "analytics_topics", "analytics_profile_views", "analytics_active_users", "profiles", "receipts_by_user"] {
         assert_eq!(report["tables"][t]["equal"], true, "{t}");
     }
     // Its last progress line says the whole log was projected, not how much was still to go (the
@@ -354,7 +354,7 @@ async fn auditor_cql_timeline(s: &Scope, message: &str, sender: &str, recipient:
 /// A keyspace of projection layout 3 (`receipts` keyed by recipient and status, no sender
 /// columns) is upgraded by `chat migrate`: the columns this version writes are added (so that its
 /// statements prepare and the command can connect at all), the projections are dropped, created
-/// in layout 4 and rebuilt from the log: the auditor's timeline query answers for a message sent
+/// in the current layout and rebuilt from the log: the auditor's timeline query answers for a message sent
 /// before the upgrade. Cluster only (embedded data directories are upgraded by `chat run`,
 /// `migrates_a_v1_data_directory`).
 pub async fn migrates_a_layout_3_keyspace(mode: Mode) {

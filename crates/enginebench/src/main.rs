@@ -402,9 +402,12 @@ fn rows(w: &Write) -> Vec<Row> {
             e().i(ms(&p.updated_at)).t(&p.display_name).ot(p.avatar_media_id.map(|a| a.to_string())),
             Max,
         )],
-        Write::MessageStat { day, kind, scope, message } => {
-            vec![row("analytics_messages", e().t(&day.to_string()).t(kind).t(scope).t(&message.to_string()), e(), Put)]
-        }
+        Write::MessageCount { key, messages, applied_offset } => vec![row(
+            "analytics_message_counts",
+            e().t(&key.day.to_string()).t(&key.kind).t(&key.scope).i(i64::from(key.partition)),
+            e().i(*applied_offset).i(*messages),
+            Max,
+        )],
         Write::ActiveUser { day, user } => vec![row("analytics_active_users", e().t(&day.to_string()).t(&user.to_string()), e(), Put)],
         Write::ProfileView { viewed, day, viewer, view } => vec![row(
             "analytics_profile_views",

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chat_events::{Envelope, Record, TopicKind, Topics};
-use chat_store::{coalesce, StoreError, Tables, Write};
+use chat_store::{coalesce, MessageCountKey, StoreError, Tables, Write};
 use futures::StreamExt;
 
 use crate::views::{self, Fetched, Input, Key, Missing, Rows, Settings};
@@ -38,6 +38,10 @@ pub struct Projector {
     v1_items: Mutex<Bounded<(chat_events::UserId, uuid::Uuid)>>,
     /// Point rows (inbox rows, stream heads) as the last slice of each partition left them.
     cache: Mutex<RowCache>,
+    /// Stream heads and message count rows of applied slices not written yet: written by the
+    /// next [`Handler::sync`], before the offsets they cover are stored (see
+    /// [`Projector::flush_deferred`]).
+    deferred: Mutex<Deferred>,
     /// Sees every list of writes the store applied (the engine benchmark records them).
     tap: Option<WriteTap>,
 }
@@ -128,6 +132,7 @@ impl Projector {
             applied_sets: Mutex::new(Bounded::new(APPLIED_SETS)),
             v1_items: Mutex::new(Bounded::new(V1_WINDOW)),
             cache: Mutex::new(RowCache::default()),
+            deferred: Mutex::new(Deferred::default()),
             tap: None,
         }
     }
@@ -157,9 +162,22 @@ impl Projector {
         let s = &self.store;
         Ok(match key {
             Key::Inbox(u, c) => Fetched::Inbox(s.inbox_row(*u, c).await?),
-            Key::Head(u, p) => Fetched::Head(s.stream_head(*u, *p).await?),
+            Key::Head(u, p) => {
+                let pending = self.deferred.lock().unwrap_or_else(|p| p.into_inner()).heads.get(&(*u, *p)).copied();
+                match pending {
+                    Some(head) => Fetched::Head(Some(head)),
+                    None => Fetched::Head(s.stream_head(*u, *p).await?),
+                }
+            }
             Key::StreamAfter(u, after) => Fetched::Stream(s.stream_after(*u, *after, views::rows::STREAM_SCAN).await?),
             Key::Intervals(u, c) => Fetched::Intervals(s.user_group_intervals(*u, c).await?),
+            Key::MessageCount(k) => {
+                let pending = self.deferred.lock().unwrap_or_else(|p| p.into_inner()).counts.get(k).copied();
+                match pending {
+                    Some(row) => Fetched::Count(Some(row)),
+                    None => Fetched::Count(s.message_count_row(k).await?),
+                }
+            }
         })
     }
 
@@ -184,9 +202,13 @@ impl Projector {
         for ((u, c), r) in inboxes.into_iter().zip(inbox_rows?) {
             rows.insert(Key::Inbox(u, c), Fetched::Inbox(r));
         }
+        let deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
         for ((u, p), r) in heads.into_iter().zip(head_rows?) {
+            // A deferred head is newer than the stored one (heads only grow).
+            let r = deferred.heads.get(&(u, p)).copied().or(r);
             rows.insert(Key::Head(u, p), Fetched::Head(r));
         }
+        drop(deferred);
         for (k, v) in results {
             rows.insert(k, v?);
         }
@@ -195,17 +217,17 @@ impl Projector {
 
     /// Folds every input in order; returns each record's writes and the rows as they are after
     /// them.
-    async fn fold_all(&self, inputs: &[(usize, Envelope, i64)], mut rows: Rows) -> Result<(Vec<(usize, Vec<Write>)>, Rows), StoreError> {
+    async fn fold_all(&self, partition: i32, inputs: &[(usize, Envelope, i64)], mut rows: Rows) -> Result<(Vec<(usize, Vec<Write>)>, Rows), StoreError> {
         let mut keys = Vec::new();
         for (_, env, offset) in inputs {
-            views::prefetch(Input { env, offset: *offset }, &mut keys);
+            views::prefetch(Input { env, partition, offset: *offset }, &mut keys);
         }
         self.fetch(&mut rows, keys).await?;
         let mut out = Vec::with_capacity(inputs.len());
         let mut k = 0;
         while k < inputs.len() {
             let (i, env, offset) = &inputs[k];
-            match views::fold(Input { env, offset: *offset }, &rows, &self.settings) {
+            match views::fold(Input { env, partition, offset: *offset }, &rows, &self.settings) {
                 Ok(writes) => {
                     for w in &writes {
                         rows.note(w);
@@ -219,7 +241,7 @@ impl Projector {
                     // now; the real fold comes after).
                     let mut more = vec![key];
                     for (_, env, offset) in &inputs[k + 1..] {
-                        if let Err(Missing(key)) = views::fold(Input { env, offset: *offset }, &rows, &self.settings) {
+                        if let Err(Missing(key)) = views::fold(Input { env, partition, offset: *offset }, &rows, &self.settings) {
                             more.push(key);
                         }
                     }
@@ -241,9 +263,87 @@ impl Projector {
         }
     }
 
+    /// Keeps the deferred rows of writes the store applied, for the next sync.
+    fn defer(&self, writes: Vec<Write>) {
+        let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        for w in writes {
+            match w {
+                Write::MessageCount { key, messages, applied_offset } => {
+                    let e = d.counts.entry(key).or_insert((messages, applied_offset));
+                    if applied_offset > e.1 {
+                        *e = (messages, applied_offset);
+                    }
+                }
+                Write::StreamHead { user, source_partition, position } => {
+                    let e = d.heads.entry((user, source_partition)).or_insert(position);
+                    *e = (*e).max(position);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Writes the rows deferred since the last sync, one write per row.
+    ///
+    /// Stream heads (the guards that say a source's items were applied) and message count rows
+    /// are written at sync time instead of with their slice. The worker stores a partition's
+    /// offsets only after a sync succeeded, so a crash before it loses the deferred rows together
+    /// with the offsets that covered them: the records come again, no head says they were
+    /// applied, and every other write of theirs is idempotent (rows by key, the inbox guarded by
+    /// its offset), so they are applied and counted again from the stored rows. A head is never
+    /// durable before the count of an item it covers (the count would be lost for good: a repeat
+    /// at or below the head writes nothing). Until the sync, folds read these rows from here
+    /// ([`Projector::fetch_one`], [`Projector::fetch`]), so a slice handled again, or one whose
+    /// cached rows were dropped, goes on from them. The rows cost one write per row and sync
+    /// instead of one per item.
+    async fn flush_deferred(&self) -> Result<(), StoreError> {
+        let (counts, heads) = {
+            let d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+            (d.counts.clone(), d.heads.clone())
+        };
+        if counts.is_empty() && heads.is_empty() {
+            return Ok(());
+        }
+        let mut writes: Vec<Write> =
+            counts.iter().map(|(key, (messages, applied_offset))| Write::MessageCount { key: key.clone(), messages: *messages, applied_offset: *applied_offset }).collect();
+        // The guards last (a back-end that applies a list concurrently writes them after the rest).
+        writes.extend(heads.iter().map(|(&(user, source_partition), &position)| Write::StreamHead { user, source_partition, position }));
+        self.store.apply(writes.clone()).await?;
+        self.count(&writes);
+        let mut d = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, row) in counts {
+            if d.counts.get(&key) == Some(&row) {
+                d.counts.remove(&key);
+            }
+        }
+        for (key, position) in heads {
+            if d.heads.get(&key) == Some(&position) {
+                d.heads.remove(&key);
+            }
+        }
+        Ok(())
+    }
+
     /// Applies the slice's writes; if the store refuses one for good, applies the records one by
-    /// one and returns the ones refused (to be dead-lettered).
+    /// one and returns the ones refused (to be dead-lettered). Stream heads and message count
+    /// rows are deferred to the next sync ([`Projector::flush_deferred`]).
     async fn apply(&self, per_record: Vec<(usize, Vec<Write>)>) -> Result<Vec<(usize, String)>, HandlerError> {
+        // Each record's deferred rows apart from its other writes (a count the store would refuse
+        // stays with its record, which is then refused and dead-lettered like any other).
+        let mut deferred: Vec<Vec<Write>> = Vec::with_capacity(per_record.len());
+        let per_record: Vec<(usize, Vec<Write>)> = per_record
+            .into_iter()
+            .map(|(i, writes)| {
+                let (d, mut w): (Vec<Write>, Vec<Write>) = writes.into_iter().partition(is_deferred);
+                if chat_store::writes::validate(&d).is_ok() {
+                    deferred.push(d);
+                } else {
+                    w.extend(d);
+                    deferred.push(Vec::new());
+                }
+                (i, w)
+            })
+            .collect();
         let all: Vec<Write> = {
             let known = self.applied_sets.lock().unwrap_or_else(|p| p.into_inner());
             coalesce(per_record.iter().flat_map(|(_, w)| w.iter().cloned()).filter(|w| set_row(w).is_none_or(|k| !known.contains(&k))).collect())
@@ -251,6 +351,7 @@ impl Projector {
         let n = all.len();
         match self.store.apply(all.clone()).await {
             Ok(()) => {
+                self.defer(deferred.into_iter().flatten().collect());
                 self.count(&all);
                 let mut known = self.applied_sets.lock().unwrap_or_else(|p| p.into_inner());
                 for k in all.iter().filter_map(set_row) {
@@ -263,9 +364,12 @@ impl Projector {
             Err(StoreError::Data(e)) => {
                 tracing::warn!(writes = n, error = %e, "the store refused a slice's writes; applying its records one by one");
                 let mut refused = Vec::new();
-                for (i, writes) in per_record {
+                for ((i, writes), deferred) in per_record.into_iter().zip(deferred) {
                     match self.store.apply(writes.clone()).await {
-                        Ok(()) => self.count(&writes),
+                        Ok(()) => {
+                            self.count(&writes);
+                            self.defer(deferred);
+                        }
                         Err(StoreError::Data(e)) => refused.push((i, e)),
                         Err(e @ StoreError::Lost(_)) => return Err(HandlerError::fatal(e)),
                         Err(StoreError::Unavailable(e)) => return Err(HandlerError::retry(i, e).with_dead(refused)),
@@ -312,7 +416,7 @@ impl Handler for Projector {
             _ => return Ok(Handled { dead }),
         };
         let rows = self.cache.lock().unwrap_or_else(|p| p.into_inner()).take(&partition, first);
-        let (per_record, rows) = match self.fold_all(&inputs, rows).await {
+        let (per_record, rows) = match self.fold_all(partition.1, &inputs, rows).await {
             Ok(r) => r,
             Err(e) => return Err(HandlerError::of_store(0, e).with_dead(dead)),
         };
@@ -331,12 +435,24 @@ impl Handler for Projector {
     }
 
     async fn sync(&self) -> Result<(), HandlerError> {
+        self.flush_deferred().await.map_err(|e| HandlerError::of_store(0, e))?;
         self.store.sync().await.map_err(|e| HandlerError::of_store(0, e))
     }
 
     fn sync_every(&self) -> std::time::Duration {
         self.store.sync_every()
     }
+}
+
+/// Rows written at sync instead of with their slice ([`Projector::flush_deferred`]).
+#[derive(Default)]
+struct Deferred {
+    counts: BTreeMap<MessageCountKey, (i64, i64)>,
+    heads: HashMap<(chat_events::UserId, i32), i64>,
+}
+
+fn is_deferred(w: &Write) -> bool {
+    matches!(w, Write::MessageCount { .. } | Write::StreamHead { .. })
 }
 
 /// A row that only ever inserts the same values (a day bucket, a user active on a day): applied
@@ -362,4 +478,97 @@ pub fn projection_topics(topics: &Topics) -> Vec<String> {
         topics.name(TopicKind::Users),
         topics.name(TopicKind::Deliveries),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::views::fixtures::*;
+    use chat_events::{DeliveryQueued, Event, EventId, Source, TopicKind};
+
+    /// The sender's own copy of message `n` from source offset `n`, at `offset` of deliveries
+    /// partition 0.
+    fn own_copy(topics: &Topics, n: i64, offset: i64, exactly_once: bool) -> Record {
+        let (a, _, c) = users();
+        let item = message_item(&c, a, msg_id(n as u64 + 1), Some("phone"));
+        let source = Some(Source { partition: 0, offset: n, index: 0, exactly_once });
+        let env = Envelope::new(EventId(uuid::Uuid::from_u128(0x100 + n as u128)), Some(a), Event::DeliveryQueued(DeliveryQueued { recipient: a, item, source }));
+        Record { topic: topics.name(TopicKind::Deliveries), partition: 0, offset, key: None, payload: env.encode(), timestamp: None }
+    }
+
+    /// The sender's own copies of `n` messages at offsets `0..n` of deliveries partition 0.
+    fn own_copies(topics: &Topics, n: i64) -> Vec<Record> {
+        (0..n).map(|i| own_copy(topics, i, i, true)).collect()
+    }
+
+    /// Outputs of a fan-out that appends at least once (Kafka): each item's head is deferred
+    /// with its count, so a crash before the sync loses both and the redelivered items are
+    /// applied and counted again; a repeat of an item (same source, later offset) is dropped.
+    #[tokio::test]
+    async fn a_guarded_items_head_is_written_with_its_count() {
+        let dir = std::env::temp_dir().join(format!("chat-projector-{}", uuid::Uuid::new_v4()));
+        let store: Arc<dyn Tables> = Arc::new(chat_store::FjallStore::open(&dir).expect("store"));
+        let topics = Topics::new("t.");
+        let records: Vec<Record> = (0..2).map(|i| own_copy(&topics, i, i, false)).collect();
+        let p = Projector::new(store.clone(), topics.clone(), Vec::new());
+        p.handle(&records).await.expect("handle");
+        let (a, _, _) = users();
+        assert_eq!(store.stream_head(a, 0).await.expect("head"), None, "the head waits for the sync");
+        // Crash before the sync: the same records again, on a new projector.
+        let q = Projector::new(store.clone(), topics.clone(), Vec::new());
+        q.handle(&records).await.expect("handle");
+        // A repeat of the second item (the fan-out routed its source again), at offset 2.
+        q.handle(&[own_copy(&topics, 1, 2, false)]).await.expect("handle");
+        q.sync().await.expect("sync");
+        assert_eq!(counted(&store).await, 2, "each message counted once");
+        assert_eq!(store.stream_head(a, 0).await.expect("head"), Some(Source { partition: 0, offset: 1, index: 0, exactly_once: false }.packed()));
+        assert_eq!(q.written().get("stream_heads"), Some(&1), "one head written for three items");
+        drop((p, q, store));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    async fn counted(store: &Arc<dyn Tables>) -> u64 {
+        let day = chrono::DateTime::from_timestamp_millis(1_700_000_000_000).unwrap_or_default().date_naive();
+        store.message_counts(day, day).await.expect("message_counts").iter().map(|c| c.messages).sum()
+    }
+
+    /// Message counts are written at sync, once per row, and count each record once: across a
+    /// redelivery that overlaps what was handled, and across a projector that lost its deferred
+    /// rows (a crash before the sync, whose offsets were therefore not stored either).
+    #[tokio::test]
+    async fn message_counts_are_written_at_sync_and_count_each_record_once() {
+        let dir = std::env::temp_dir().join(format!("chat-projector-{}", uuid::Uuid::new_v4()));
+        let store: Arc<dyn Tables> = Arc::new(chat_store::FjallStore::open(&dir).expect("store"));
+        let topics = Topics::new("t.");
+        let records = own_copies(&topics, 3);
+        let p = Projector::new(store.clone(), topics.clone(), Vec::new());
+        p.handle(&records[..2]).await.expect("handle");
+        assert_eq!(counted(&store).await, 0, "deferred until the sync");
+        // Deferred rows lost with their offsets (a new projector, as after a crash): the records
+        // come again and are counted from the stored row.
+        let q = Projector::new(store.clone(), topics.clone(), Vec::new());
+        q.handle(&records[..2]).await.expect("handle");
+        q.sync().await.expect("sync");
+        assert_eq!(counted(&store).await, 2);
+        assert_eq!(q.written().get("analytics_message_counts"), Some(&1), "one row written for two messages");
+        // Redelivered from offset 1 (the slice does not follow the last one: cached rows dropped).
+        q.handle(&records[1..]).await.expect("handle");
+        q.sync().await.expect("sync");
+        assert_eq!(counted(&store).await, 3);
+        // A slice that does not follow the last one (its cached rows dropped, as when a failed
+        // slice is retried from where it failed) while the row is deferred: counted on from the
+        // deferred row, not from the stored one.
+        let r = Projector::new(store.clone(), topics.clone(), Vec::new());
+        let more = own_copies(&topics, 6);
+        r.handle(&more[3..4]).await.expect("handle");
+        r.handle(&more[5..]).await.expect("handle");
+        r.sync().await.expect("sync");
+        assert_eq!(counted(&store).await, 5);
+        // A sync with nothing deferred writes nothing.
+        let before = r.written().get("analytics_message_counts").copied();
+        r.sync().await.expect("sync");
+        assert_eq!(r.written().get("analytics_message_counts").copied(), before);
+        drop((p, q, r, store));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

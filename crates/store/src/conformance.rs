@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::{
     Write, WriteExt,
-    bucket_of, Account, FanoutGroup, FanoutMessage, GroupMemberRow, GroupRow, InboxRow, MemberInterval, MessageCount, MessageMeta,
+    bucket_of, Account, FanoutGroup, FanoutMessage, GroupMemberRow, GroupRow, InboxRow, MemberInterval, MessageCount, MessageCountKey, MessageMeta,
     MessageRow, ProfileRow, ProfileViews, ReceiptRow, SendRecord, StoreError, StreamRow, Tables, TopicCount,
     UserGroupRow, PROJECTION_TABLES,
 };
@@ -1022,28 +1022,35 @@ pub async fn profiles_latest_wins(t: &dyn Tables) {
     );
 }
 
-/// Message counts: a message counts once however often it is written, per (day, kind, scope);
-/// a range covers its first and last day and nothing else, days and keys with nothing are
-/// left out; an unknown kind or scope is refused.
+/// Message counts: each deliveries partition's row of a (day, kind, scope) holds what that
+/// partition counted up to an offset; the row with the highest offset wins whatever the order
+/// of writes (a replayed older version changes nothing); a query sums the partitions' rows; a
+/// range covers its first and last day and nothing else, days and keys with nothing are left
+/// out; an unknown kind or scope is refused.
 pub async fn message_counts(t: &dyn Tables) {
     let d0 = case_day(0);
     let (d1, d2, d3) = (plus_days(d0, 1), plus_days(d0, 2), plus_days(d0, 3));
     let before = d0.pred_opt().expect("a day before");
-    let add = |day: NaiveDate, kind: &'static str, scope: &'static str, m: MessageId| async move {
-        t.add_message_stat(day, kind, scope, m).await.unwrap_or_else(|e| panic!("add_message_stat: {e}"))
+    let put = |day: NaiveDate, kind: &'static str, scope: &'static str, partition: i32, messages: i64, applied_offset: i64| async move {
+        let key = MessageCountKey { day, kind: kind.into(), scope: scope.into(), partition };
+        t.apply(vec![Write::MessageCount { key, messages, applied_offset }]).await.unwrap_or_else(|e| panic!("MessageCount: {e}"))
     };
-    let m: Vec<MessageId> = (0..10).map(|i| msg_on(d0, i)).collect();
-    add(d0, "text", "direct", m[0]).await;
-    add(d0, "text", "direct", m[1]).await;
-    add(d0, "text", "direct", m[0]).await;
-    add(d0, "image", "group", m[2]).await;
-    add(d2, "video", "direct", m[3]).await;
-    add(d2, "text", "group", m[4]).await;
-    add(d2, "text", "group", m[5]).await;
-    add(d2, "text", "group", m[5]).await;
-    add(d2, "audio", "direct", m[6]).await;
-    add(d3, "text", "direct", m[7]).await;
-    add(before, "text", "direct", m[8]).await;
+    put(d0, "text", "direct", 0, 2, 10).await;
+    put(d0, "text", "direct", 0, 1, 5).await;
+    put(d0, "text", "direct", 1, 3, 7).await;
+    put(d0, "image", "group", 0, 1, 11).await;
+    put(d2, "video", "direct", 0, 1, 20).await;
+    put(d2, "text", "group", 0, 2, 4).await;
+    put(d2, "text", "group", 0, 2, 4).await;
+    put(d2, "text", "group", 3, 1, 3).await;
+    put(d2, "text", "group", 3, 4, 9).await;
+    put(d2, "audio", "direct", 2, 1, 1).await;
+    put(d3, "text", "direct", 0, 1, 30).await;
+    put(before, "text", "direct", 0, 1, 1).await;
+    let key = MessageCountKey { day: d2, kind: "text".into(), scope: "group".into(), partition: 3 };
+    assert_eq!(t.message_count_row(&key).await.expect("message_count_row"), Some((4, 9)), "message_count_row: the latest version");
+    let none = MessageCountKey { partition: 4, ..key };
+    assert_eq!(t.message_count_row(&none).await.expect("message_count_row"), None, "message_count_row of a partition that counted nothing");
 
     let counts = |from: NaiveDate, to: NaiveDate| async move {
         t.message_counts(from, to).await.unwrap_or_else(|e| panic!("message_counts: {e}"))
@@ -1052,25 +1059,26 @@ pub async fn message_counts(t: &dyn Tables) {
     assert_eq!(
         counts(d0, d2).await,
         vec![
-            count(d0, "text", "direct", 2),
+            count(d0, "text", "direct", 5),
             count(d0, "image", "group", 1),
-            count(d2, "text", "group", 2),
+            count(d2, "text", "group", 6),
             count(d2, "audio", "direct", 1),
             count(d2, "video", "direct", 1),
         ],
-        "message_counts: each message once per (day, kind, scope), both ends of the range included, empty days and keys left \
-         out, by day then kind and scope in the order of MESSAGE_KINDS and MESSAGE_SCOPES"
+        "message_counts: the partitions' latest rows summed per (day, kind, scope), both ends of the range included, empty \
+         days and keys left out, by day then kind and scope in the order of MESSAGE_KINDS and MESSAGE_SCOPES"
     );
     assert!(counts(d1, d1).await.is_empty(), "message_counts of a day with no messages is empty");
     assert_eq!(counts(d3, d3).await, vec![count(d3, "text", "direct", 1)], "message_counts of one day");
 
     for (kind, scope) in [("sticker", "direct"), ("text", "channel")] {
-        match t.add_message_stat(d1, kind, scope, m[9]).await {
+        let key = MessageCountKey { day: d1, kind: kind.into(), scope: scope.into(), partition: 0 };
+        match t.apply(vec![Write::MessageCount { key, messages: 1, applied_offset: 1 }]).await {
             Err(StoreError::Data(_)) => {}
-            other => panic!("add_message_stat({kind}, {scope}) must be refused as a data error, got {other:?}"),
+            other => panic!("MessageCount({kind}, {scope}) must be refused as a data error, got {other:?}"),
         }
     }
-    assert!(counts(d1, d1).await.is_empty(), "a refused add_message_stat writes nothing");
+    assert!(counts(d1, d1).await.is_empty(), "a refused MessageCount writes nothing");
 }
 
 /// Active users: a user counts once per day, per day in the range, days with none left out.
@@ -1250,6 +1258,7 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
     let m3 = message(&c, a, DAY0_MS + DAY_MS + 5, 3);
     let day0 = m1.sent_at.date_naive();
     let day1 = m3.sent_at.date_naive();
+    let count_key = |day: NaiveDate, partition: i32| MessageCountKey { day, kind: "text".into(), scope: "direct".into(), partition };
     let (view1, view2) = (EventId(Uuid::new_v4()), EventId(Uuid::new_v4()));
     let (item1, item2) = (Uuid::new_v4(), Uuid::new_v4());
     let inbox = |user: UserId, peer: UserId, unread: i32| InboxRow {
@@ -1303,10 +1312,10 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         // receipts of each recipient.
         Write::Profile(ProfileRow { user_id: a, display_name: "Alice".into(), avatar_media_id: Some(Uuid::new_v4()), updated_at: at(DAY0_MS) }),
         Write::Profile(ProfileRow { user_id: a, display_name: "Alice ✓".into(), avatar_media_id: None, updated_at: at(DAY0_MS + 5) }),
-        Write::MessageStat { day: day0, kind: "text".into(), scope: "direct".into(), message: m1.message_id },
-        Write::MessageStat { day: day0, kind: "text".into(), scope: "direct".into(), message: m2.message_id },
-        Write::MessageStat { day: day0, kind: "text".into(), scope: "direct".into(), message: m1.message_id },
-        Write::MessageStat { day: day1, kind: "text".into(), scope: "direct".into(), message: m3.message_id },
+        Write::MessageCount { key: count_key(day0, 0), messages: 2, applied_offset: 8 },
+        Write::MessageCount { key: count_key(day0, 0), messages: 1, applied_offset: 4 },
+        Write::MessageCount { key: count_key(day0, 0), messages: 2, applied_offset: 8 },
+        Write::MessageCount { key: count_key(day1, 1), messages: 1, applied_offset: 9 },
         Write::ActiveUser { day: day0, user: a },
         Write::ActiveUser { day: day0, user: b },
         Write::ActiveUser { day: day0, user: a },
@@ -1337,7 +1346,7 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         ("user_groups", 2),
         ("user_group_intervals", 2),
         ("profiles", 1),
-        ("analytics_messages", 3),
+        ("analytics_message_counts", 2),
         ("analytics_active_users", 2),
         ("analytics_profile_views", 2),
         ("analytics_topics", 2),

@@ -101,7 +101,7 @@ pub const MESSAGE_KINDS: &[&str] = &["text", "image", "audio", "video"];
 /// The scopes of a message.
 pub const MESSAGE_SCOPES: &[&str] = &["direct", "group"];
 
-/// Checks a message statistic's kind and scope (see [`InsightStore::add_message_stat`]).
+/// Checks a message statistic's kind and scope (a [`crate::Write::MessageCount`] of another is refused).
 pub(crate) fn check_message_stat(kind: &str, scope: &str) -> StoreResult<()> {
     if !MESSAGE_KINDS.contains(&kind) {
         return Err(StoreError::Data(format!("unknown message kind {kind:?} for analytics")));

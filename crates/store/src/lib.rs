@@ -36,7 +36,7 @@ pub use groups::{FanoutGroup, FanoutMessage, FanoutStore, GroupMemberRow, GroupR
 pub use scylla_store::{ScyllaConfig, ScyllaStore};
 pub use fjall_store::FjallStore;
 pub use sqlite_store::{SqliteCommands, SqliteStore};
-pub use writes::{coalesce, Write, WriteExt, WriteStore};
+pub use writes::{coalesce, MessageCountKey, Write, WriteExt, WriteStore};
 
 /// Table-store failures.
 #[derive(Debug, thiserror::Error)]
@@ -297,6 +297,8 @@ pub trait ProjectionStore: Durable + WriteStore {
     /// The highest source ([`chat_events::Source::packed`]) applied to a user's stream from one
     /// partition of the conversations topic.
     async fn stream_head(&self, user: UserId, source_partition: i32) -> StoreResult<Option<i64>>;
+    /// The `analytics_message_counts` row of a deliveries partition: (messages, applied offset).
+    async fn message_count_row(&self, key: &MessageCountKey) -> StoreResult<Option<(i64, i64)>>;
     /// Several inbox rows at once (one round trip where the back-end can).
     async fn inbox_rows(&self, keys: &[(UserId, ConversationId)]) -> StoreResult<Vec<Option<InboxRow>>> {
         futures::future::try_join_all(keys.iter().map(|(u, c)| self.inbox_row(*u, c))).await
@@ -377,14 +379,18 @@ impl<T: CommandStore + ProjectionStore + ReadStore + TableAdmin + FanoutStore + 
 /// conversation (contacts, for presence); `media_messages` (group media readable as the messages
 /// that carry them). 4: `receipts` clustered by time (an auditor reads a message's timeline in
 /// time order with one plain query), every receipt row names the message's sender, and a direct
-/// message's `sent` transition is stored like a group member's.
-pub const PROJECTION_LAYOUT: u32 = 4;
+/// message's `sent` transition is stored like a group member's. 5: messages are counted for
+/// analytics in `analytics_message_counts` (a count per day, kind, scope and deliveries
+/// partition, guarded by the partition's offset) instead of a row per message in
+/// `analytics_messages`.
+pub const PROJECTION_LAYOUT: u32 = 5;
 
 /// Projection tables of older layouts, dropped by [`TableAdmin::reset_projections`].
 /// (`pending_deliveries`: a row per message not yet delivered to any device, added and removed
 /// per message, for the welcome frame's count alone; since 2026-12-06 that count is the inbox's
-/// unread sum, see [`ProjectionStore::unread_count`].)
-pub const RETIRED_PROJECTION_TABLES: &[&str] = &["read_markers", "user_stream_ids", "pending_deliveries"];
+/// unread sum, see [`ProjectionStore::unread_count`]. `analytics_messages`: a row per message,
+/// counted at query time, until layout 5.)
+pub const RETIRED_PROJECTION_TABLES: &[&str] = &["read_markers", "user_stream_ids", "pending_deliveries", "analytics_messages"];
 
 /// [`ProjectionStore::unread_count`] reads at most this many of a user's conversations.
 pub const UNREAD_SCAN_CONVERSATIONS: usize = 10_000;
@@ -405,7 +411,7 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "user_groups",
     "user_group_intervals",
     "profiles",
-    "analytics_messages",
+    "analytics_message_counts",
     "analytics_active_users",
     "analytics_profile_views",
     "analytics_topics",

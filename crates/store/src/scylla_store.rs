@@ -139,8 +139,9 @@ struct Stmts {
     select_revocations: PreparedStatement,
     insert_profile: PreparedStatement,
     select_profile: PreparedStatement,
-    insert_analytics_message: PreparedStatement,
-    count_analytics_messages: PreparedStatement,
+    insert_message_count: PreparedStatement,
+    select_message_count: PreparedStatement,
+    select_message_counts_of_day: PreparedStatement,
     insert_active_user: PreparedStatement,
     count_active_users: PreparedStatement,
     insert_profile_view: PreparedStatement,
@@ -526,14 +527,16 @@ impl ScyllaStore {
                 "SELECT display_name, avatar_media_id, updated_at FROM {ks}.profiles WHERE user_id = ?"
             ))
             .await?,
-            insert_analytics_message: p(format!(
-                "INSERT INTO {ks}.analytics_messages (day, kind, scope, message_id) VALUES (?, ?, ?, ?)"
+            // Write time = the partition's offset: the row counting further wins, in any order.
+            insert_message_count: p(format!(
+                "INSERT INTO {ks}.analytics_message_counts (day, kind, scope, part, messages, applied_offset) VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
             ))
             .await?,
-            count_analytics_messages: p(format!(
-                "SELECT COUNT(*) FROM {ks}.analytics_messages WHERE day = ? AND kind = ? AND scope = ?"
+            select_message_count: p(format!(
+                "SELECT messages, applied_offset FROM {ks}.analytics_message_counts WHERE day = ? AND kind = ? AND scope = ? AND part = ?"
             ))
             .await?,
+            select_message_counts_of_day: p(format!("SELECT kind, scope, messages FROM {ks}.analytics_message_counts WHERE day = ?")).await?,
             insert_active_user: p(format!("INSERT INTO {ks}.analytics_active_users (day, user_id) VALUES (?, ?)")).await?,
             count_active_users: p(format!("SELECT COUNT(*) FROM {ks}.analytics_active_users WHERE day = ?")).await?,
             insert_profile_view: p(format!(
@@ -907,7 +910,9 @@ impl ScyllaStore {
             Write::Profile(p) => {
                 self.exec(&st.insert_profile, (p.user_id.0, &p.display_name, p.avatar_media_id, p.updated_at, micros(&p.updated_at))).await
             }
-            Write::MessageStat { day, kind, scope, message } => self.exec(&st.insert_analytics_message, (*day, kind, scope, message.0)).await,
+            Write::MessageCount { key, messages, applied_offset } => {
+                self.exec(&st.insert_message_count, (key.day, &key.kind, &key.scope, key.partition, *messages, *applied_offset, *applied_offset)).await
+            }
             Write::ActiveUser { day, user } => self.exec(&st.insert_active_user, (*day, user.0)).await,
             Write::ProfileView { viewed, day, viewer, view } => self.exec(&st.insert_profile_view, (viewed.0, *day, viewer.0, view.0)).await,
             Write::Topic { day, topic, message, sender } => self.exec(&st.insert_topic, (*day, topic, message.0, sender.0)).await,
@@ -999,6 +1004,11 @@ impl ProjectionStore for ScyllaStore {
     async fn stream_head(&self, user: UserId, source_partition: i32) -> StoreResult<Option<i64>> {
         let rows = self.rows::<(i64,)>(&self.stmts.select_stream_head, (user.0, source_partition)).await?;
         Ok(rows.into_iter().next().map(|(p,)| p))
+    }
+
+    async fn message_count_row(&self, key: &MessageCountKey) -> StoreResult<Option<(i64, i64)>> {
+        let rows = self.rows::<(i64, i64)>(&self.stmts.select_message_count, (key.day, key.kind.as_str(), key.scope.as_str(), key.partition)).await?;
+        Ok(rows.into_iter().next())
     }
 
 
@@ -1368,25 +1378,21 @@ impl InsightStore for ScyllaStore {
     }
 
     async fn message_counts(&self, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<MessageCount>> {
-        // One partition per (day, kind, scope): count each known one.
-        // Indices in a Vec, not an iterator of borrowed names: those trip rustc's inference of
-        // `Send` for the `async_trait` future (rust-lang/rust#102211).
-        let mut keys: Vec<(NaiveDate, usize, usize)> = Vec::new();
-        for day in days(from, to) {
-            for k in 0..MESSAGE_KINDS.len() {
-                keys.extend((0..MESSAGE_SCOPES.len()).map(|s| (day, k, s)));
-            }
-        }
-        let counts: Vec<MessageCount> = futures::stream::iter(keys)
-            .map(|(day, k, s)| async move {
-                let (kind, scope) = (MESSAGE_KINDS[k], MESSAGE_SCOPES[s]);
-                let n = self.count(&self.stmts.count_analytics_messages, (day, kind, scope)).await?;
-                Ok::<_, StoreError>(MessageCount { day, kind: kind.to_owned(), scope: scope.to_owned(), messages: n })
+        // One partition per day: a row per (kind, scope, deliveries partition), summed here.
+        let days: Vec<Vec<(NaiveDate, String, String, i64)>> = futures::stream::iter(days(from, to))
+            .map(|day| async move {
+                let rows = self.rows::<(String, String, i64)>(&self.stmts.select_message_counts_of_day, (day,)).await?;
+                Ok::<_, StoreError>(rows.into_iter().map(|(kind, scope, n)| (day, kind, scope, n)).collect())
             })
             .buffered(ANALYTICS_CONCURRENCY)
             .try_collect()
             .await?;
-        let mut rows: Vec<MessageCount> = counts.into_iter().filter(|c| c.messages > 0).collect();
+        let mut sums: BTreeMap<(NaiveDate, String, String), u64> = BTreeMap::new();
+        for (day, kind, scope, n) in days.into_iter().flatten() {
+            *sums.entry((day, kind, scope)).or_default() += u64::try_from(n).unwrap_or(0);
+        }
+        let mut rows: Vec<MessageCount> =
+            sums.into_iter().filter(|(_, n)| *n > 0).map(|((day, kind, scope), messages)| MessageCount { day, kind, scope, messages }).collect();
         sort_message_counts(&mut rows);
         Ok(rows)
     }

@@ -119,7 +119,7 @@ CREATE TABLE IF NOT EXISTS user_groups (user_id TEXT NOT NULL, conversation_id T
 CREATE TABLE IF NOT EXISTS user_group_intervals (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, since INTEGER NOT NULL, until INTEGER, PRIMARY KEY (user_id, conversation_id, since)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS user_roles (user_id TEXT NOT NULL, role TEXT NOT NULL, PRIMARY KEY (user_id, role)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS profiles (user_id TEXT PRIMARY KEY, display_name TEXT NOT NULL, avatar_media_id TEXT, updated_at INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS analytics_messages (day TEXT NOT NULL, kind TEXT NOT NULL, scope TEXT NOT NULL, message_id TEXT NOT NULL, PRIMARY KEY (day, kind, scope, message_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS analytics_message_counts (day TEXT NOT NULL, kind TEXT NOT NULL, scope TEXT NOT NULL, part INTEGER NOT NULL, messages INTEGER NOT NULL, applied_offset INTEGER NOT NULL, PRIMARY KEY (day, kind, scope, part)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS analytics_active_users (day TEXT NOT NULL, user_id TEXT NOT NULL, PRIMARY KEY (day, user_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS analytics_profile_views (viewed TEXT NOT NULL, day TEXT NOT NULL, viewer TEXT NOT NULL, view_id TEXT NOT NULL, PRIMARY KEY (viewed, day, viewer, view_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS media_messages (media_id TEXT NOT NULL, conversation_id TEXT NOT NULL, message_id TEXT NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (media_id, conversation_id, message_id)) WITHOUT ROWID;
@@ -802,10 +802,12 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 params![p.user_id.to_string(), p.display_name, p.avatar_media_id.map(|a| a.to_string()), ms(&p.updated_at)],
             )?;
         }
-        Write::MessageStat { day, kind, scope, message } => {
+        Write::MessageCount { key, messages, applied_offset } => {
             t.exec(
-                "INSERT OR IGNORE INTO analytics_messages (day, kind, scope, message_id) VALUES (?1, ?2, ?3, ?4)",
-                params![day_text(*day), kind, scope, message.to_string()],
+                "INSERT INTO analytics_message_counts (day, kind, scope, part, messages, applied_offset) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (day, kind, scope, part) DO UPDATE SET messages = excluded.messages, applied_offset = excluded.applied_offset
+                 WHERE excluded.applied_offset > analytics_message_counts.applied_offset",
+                params![day_text(key.day), key.kind, key.scope, key.partition, messages, applied_offset],
             )?;
         }
         Write::ActiveUser { day, user } => {
@@ -868,6 +870,19 @@ impl ProjectionStore for SqliteStore {
 
     async fn stream_head(&self, user: UserId, source_partition: i32) -> StoreResult<Option<i64>> {
         Ok(self.stream_heads(&[(user, source_partition)]).await?.pop().flatten())
+    }
+
+    async fn message_count_row(&self, key: &MessageCountKey) -> StoreResult<Option<(i64, i64)>> {
+        let key = key.clone();
+        self.read(move |c| {
+            c.row(
+                "SELECT messages, applied_offset FROM analytics_message_counts WHERE day = ?1 AND kind = ?2 AND scope = ?3 AND part = ?4",
+                params![day_text(key.day), key.kind, key.scope, key.partition],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })
+        .await
     }
 
     async fn inbox_rows(&self, keys: &[(UserId, ConversationId)]) -> StoreResult<Vec<Option<InboxRow>>> {
@@ -1381,7 +1396,7 @@ impl InsightStore for SqliteStore {
         let mut rows = self
             .read(move |c| {
                 let mut st = c.prepare_cached(
-                    "SELECT day, kind, scope, COUNT(*) FROM analytics_messages WHERE day >= ?1 AND day <= ?2 GROUP BY day, kind, scope",
+                    "SELECT day, kind, scope, SUM(messages) FROM analytics_message_counts WHERE day >= ?1 AND day <= ?2 GROUP BY day, kind, scope HAVING SUM(messages) > 0",
                 )?;
                 let rows = st.query_map(params![day_text(from), day_text(to)], |r| {
                     Ok(MessageCount { day: day_at(r, 0)?, kind: r.get(1)?, scope: r.get(2)?, messages: count_at(r, 3)? })

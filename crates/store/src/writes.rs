@@ -19,6 +19,17 @@ use crate::groups::{GroupMemberRow, GroupRow, UserGroupRow};
 use crate::insights::ProfileRow;
 use crate::{InboxRow, MessageRow, ReceiptRow, StoreResult, StreamRow};
 
+/// The row of `analytics_message_counts` one deliveries partition writes for a (day, kind,
+/// scope): messages are counted by the partition of their sender's own copy, whose single
+/// projector owns the row.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageCountKey {
+    pub day: NaiveDate,
+    pub kind: String,
+    pub scope: String,
+    pub partition: i32,
+}
+
 /// One idempotent write to a projection table.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Write {
@@ -52,8 +63,10 @@ pub enum Write {
     UserGroupInterval { user: UserId, conversation: ConversationId, since: i64, until: Option<i64> },
     /// `profiles`: the latest `updated_at` wins.
     Profile(ProfileRow),
-    /// `analytics_messages`: a set.
-    MessageStat { day: NaiveDate, kind: String, scope: String, message: MessageId },
+    /// `analytics_message_counts`: the messages of a (day, kind, scope) counted by one
+    /// deliveries partition, up to `applied_offset` of it (the whole row, from its single
+    /// writer's read-modify-write; the highest `applied_offset` wins).
+    MessageCount { key: MessageCountKey, messages: i64, applied_offset: i64 },
     /// `analytics_active_users`: a set.
     ActiveUser { day: NaiveDate, user: UserId },
     /// `analytics_profile_views`: a set.
@@ -82,7 +95,7 @@ impl Write {
             Write::UserGroup(_) => "user_groups",
             Write::UserGroupInterval { .. } => "user_group_intervals",
             Write::Profile(_) => "profiles",
-            Write::MessageStat { .. } => "analytics_messages",
+            Write::MessageCount { .. } => "analytics_message_counts",
             Write::ActiveUser { .. } => "analytics_active_users",
             Write::ProfileView { .. } => "analytics_profile_views",
             Write::Topic { .. } => "analytics_topics",
@@ -103,6 +116,8 @@ impl Write {
             Write::Inbox(r) => Some(("inbox", format!("{}/{}", r.user_id, r.conversation_id))),
             // Positions of one partition only grow: the last one is the highest.
             Write::StreamHead { user, source_partition, .. } => Some(("stream_heads", format!("{user}/{source_partition}"))),
+            // Offsets of one partition only grow: the last one counts every earlier message.
+            Write::MessageCount { key, .. } => Some(("analytics_message_counts", format!("{}/{}/{}/{}", key.day, key.kind, key.scope, key.partition))),
             _ => None,
         }
     }
@@ -113,8 +128,8 @@ impl Write {
 /// before they apply anything.
 pub fn validate(writes: &[Write]) -> StoreResult<()> {
     for w in writes {
-        if let Write::MessageStat { kind, scope, .. } = w {
-            crate::insights::check_message_stat(kind, scope)?;
+        if let Write::MessageCount { key, .. } = w {
+            crate::insights::check_message_stat(&key.kind, &key.scope)?;
         }
     }
     Ok(())
@@ -192,9 +207,6 @@ pub trait WriteExt: WriteStore {
     }
     async fn put_profile(&self, p: &ProfileRow) -> StoreResult<()> {
         self.apply(vec![Write::Profile(p.clone())]).await
-    }
-    async fn add_message_stat(&self, day: NaiveDate, kind: &str, scope: &str, message: MessageId) -> StoreResult<()> {
-        self.apply(vec![Write::MessageStat { day, kind: kind.to_owned(), scope: scope.to_owned(), message }]).await
     }
     async fn add_active_user(&self, day: NaiveDate, user: UserId) -> StoreResult<()> {
         self.apply(vec![Write::ActiveUser { day, user }]).await

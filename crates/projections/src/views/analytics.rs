@@ -1,13 +1,19 @@
-//! Analytics: sets, never counters (`analytics_messages`, `analytics_active_users`,
-//! `analytics_profile_views`, `analytics_topics`). A replayed event writes the same rows again
-//! and changes no number.
+//! Analytics, idempotent: a replayed event changes no number. Active users, profile views and
+//! topics are sets (`analytics_active_users`, `analytics_profile_views`, `analytics_topics`: a
+//! replayed event writes the same rows again). Messages are counted per deliveries partition
+//! (`analytics_message_counts`): a row per (day, kind, scope, partition) that the partition's
+//! single projector reads, adds to and writes whole with the offset it counted up to, so an
+//! item at or below that offset (redelivered, replayed) is not counted again. The projector
+//! writes the row at its next sync (`Projector::flush_deferred`), so the messages between two
+//! syncs cost one write per row instead of one per message.
 
 use std::collections::BTreeSet;
 
 use chat_events::{Envelope, MessageId, ProfileViewed, UserId};
-use chat_store::Write;
+use chat_store::{MessageCountKey, Write};
 use chrono::{DateTime, NaiveDate, Utc};
 
+use super::rows::{Missing, Rows};
 use super::Settings;
 
 /// `user` was active on the day of `at`.
@@ -15,16 +21,36 @@ pub fn active(out: &mut Vec<Write>, at: &DateTime<Utc>, user: UserId) {
     out.push(Write::ActiveUser { day: day_of(at), user });
 }
 
-/// One accepted message: counted once per (day, kind, scope), its sender active that day, its
+/// Where and what a message is counted as: its sender's copy at `offset` of deliveries
+/// partition `partition`.
+#[derive(Clone, Copy, Debug)]
+pub struct Counted<'a> {
+    pub partition: i32,
+    pub offset: i64,
+    pub kind: &'a str,
+    pub group: bool,
+}
+
+/// The count row a message sent at `at` goes to.
+pub fn count_key(partition: i32, kind: &str, group: bool, at: &DateTime<Utc>) -> MessageCountKey {
+    MessageCountKey { day: day_of(at), kind: kind.to_owned(), scope: if group { "group" } else { "direct" }.to_owned(), partition }
+}
+
+/// One accepted message: counted once in its (day, kind, scope), its sender active that day, its
 /// topics.
 #[allow(clippy::too_many_arguments)]
-pub fn message(out: &mut Vec<Write>, settings: &Settings, id: MessageId, sender: UserId, kind: &str, group: bool, body: &str, at: &DateTime<Utc>) {
+pub fn message(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, c: &Counted<'_>, id: MessageId, sender: UserId, body: &str, at: &DateTime<Utc>) -> Result<(), Missing> {
     let day = day_of(at);
-    out.push(Write::MessageStat { day, kind: kind.to_owned(), scope: if group { "group" } else { "direct" }.to_owned(), message: id });
+    let key = count_key(c.partition, c.kind, c.group, at);
+    match rows.message_count(&key)? {
+        Some((_, applied)) if applied >= c.offset => {}
+        row => out.push(Write::MessageCount { key, messages: row.map_or(0, |(n, _)| n) + 1, applied_offset: c.offset }),
+    }
     out.push(Write::ActiveUser { day, user: sender });
     for topic in topics_of(body, &settings.keywords) {
         out.push(Write::Topic { day, topic, message: id, sender });
     }
+    Ok(())
 }
 
 /// One profile view (keyed by the view event's id).
@@ -75,6 +101,34 @@ pub fn topics_of(text: &str, keywords: &[String]) -> BTreeSet<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::views::fixtures::*;
+    use crate::views::rows::{Fetched, Key};
+
+    #[test]
+    fn messages_are_counted_once_per_offset_of_their_partition() {
+        let (a, _, _) = users();
+        let at = chrono::DateTime::from_timestamp_millis(1_700_000_000_000).unwrap_or_default();
+        let key = count_key(2, "text", false, &at);
+        let mut rows = Rows::default();
+        rows.insert(Key::MessageCount(key.clone()), Fetched::Count(Some((5, 40))));
+        let count = |rows: &Rows, offset: i64| {
+            let mut out = Vec::new();
+            let c = Counted { partition: 2, offset, kind: "text", group: false };
+            message(&mut out, rows, &Settings::default(), &c, msg_id(offset as u64), a, "hi", &at).unwrap();
+            out.into_iter().find_map(|w| match w {
+                Write::MessageCount { key: k, messages, applied_offset } if k == key => Some((messages, applied_offset)),
+                _ => None,
+            })
+        };
+        assert_eq!(count(&rows, 41), Some((6, 41)), "one more, counted up to its offset");
+        assert_eq!(count(&rows, 40), None, "at the row's offset: counted already");
+        assert_eq!(count(&rows, 12), None, "below it: counted already");
+        rows.note(&Write::MessageCount { key: key.clone(), messages: 6, applied_offset: 41 });
+        assert_eq!(count(&rows, 44), Some((7, 44)), "the slice's own writes count");
+        let mut out = Vec::new();
+        let c = Counted { partition: 2, offset: 50, kind: "text", group: true };
+        assert_eq!(message(&mut out, &rows, &Settings::default(), &c, msg_id(1), a, "hi", &at), Err(Missing(Key::MessageCount(count_key(2, "text", true, &at)))));
+    }
 
     #[test]
     fn hashtags_and_keywords() {

@@ -43,10 +43,11 @@ pub struct Settings {
     pub keywords: Vec<String>,
 }
 
-/// One record to project: the event and its offset in its partition.
+/// One record to project: the event, its partition and its offset there.
 #[derive(Clone, Copy, Debug)]
 pub struct Input<'a> {
     pub env: &'a Envelope,
+    pub partition: i32,
     pub offset: i64,
 }
 
@@ -57,7 +58,13 @@ pub fn prefetch(input: Input<'_>, out: &mut Vec<Key>) {
             out.push(Key::Head(q.recipient, src.partition));
         }
         match &q.item {
-            StreamItem::Message { conversation_id, .. } | StreamItem::Read { conversation_id, .. } => {
+            StreamItem::Message { conversation_id, sender, message_kind, sent_at, .. } => {
+                out.push(Key::Inbox(q.recipient, conversation_id.clone()));
+                if *sender == q.recipient {
+                    out.push(Key::MessageCount(analytics::count_key(input.partition, message_kind.as_str(), conversation_id.is_group(), sent_at)));
+                }
+            }
+            StreamItem::Read { conversation_id, .. } => {
                 out.push(Key::Inbox(q.recipient, conversation_id.clone()));
             }
             StreamItem::Receipt { .. } | StreamItem::Group { .. } => {}
@@ -90,7 +97,7 @@ pub fn fold(input: Input<'_>, rows: &Rows, settings: &Settings) -> Result<Vec<Wr
         Event::MessageSent(_) | Event::MessageRead(_) => {}
         Event::GroupCreated(_) | Event::GroupRenamed(_) | Event::GroupMemberAdded(_) | Event::GroupMemberRemoved(_) => {}
         Event::MessageDelivered(d) => receipts::delivered(&mut out, env, d),
-        Event::DeliveryQueued(q) => streams::item(&mut out, rows, settings, q, input.offset)?,
+        Event::DeliveryQueued(q) => streams::item(&mut out, rows, settings, q, input.partition, input.offset)?,
     }
     Ok(out)
 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use chat_events::{ConversationId, UserId};
-use chat_store::{InboxRow, StreamRow, Write};
+use chat_store::{InboxRow, MessageCountKey, StreamRow, Write};
 
 /// A row (or a range of rows) a fold needs.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -18,6 +18,8 @@ pub enum Key {
     StreamAfter(UserId, i64),
     /// A user's membership intervals in a group.
     Intervals(UserId, ConversationId),
+    /// `analytics_message_counts` of a deliveries partition.
+    MessageCount(MessageCountKey),
 }
 
 /// How many stream items a [`Key::StreamAfter`] covers.
@@ -30,6 +32,8 @@ pub enum Fetched {
     Head(Option<i64>),
     Stream(Vec<StreamRow>),
     Intervals(Vec<(i64, Option<i64>)>),
+    /// (messages, applied offset)
+    Count(Option<(i64, i64)>),
 }
 
 /// A fold needs a row that is not loaded yet: the driver fetches it and folds the record again.
@@ -76,6 +80,15 @@ impl Rows {
         }
     }
 
+    /// The messages a deliveries partition counted for a (day, kind, scope), and up to which
+    /// offset.
+    pub fn message_count(&self, key: &MessageCountKey) -> Result<Option<(i64, i64)>, Missing> {
+        match self.get(Key::MessageCount(key.clone()))? {
+            Fetched::Count(c) => Ok(*c),
+            _ => Ok(None),
+        }
+    }
+
     /// Stream items of a user after `after`, in order, at most [`STREAM_SCAN`]: the store's and
     /// the slice's own.
     pub fn stream_after(&self, user: UserId, after: i64) -> Result<Vec<StreamRow>, Missing> {
@@ -110,10 +123,10 @@ impl Rows {
         Ok(all.into_iter().collect())
     }
 
-    /// Only the point rows (inbox rows, stream heads), for the next slice of the same partition:
+    /// Only the point rows (inbox rows, stream heads, message counts), for the next slice of the same partition:
     /// ranges are read again, since later slices add to them.
     pub fn into_points(self) -> Rows {
-        let fetched = self.fetched.into_iter().filter(|(k, _)| matches!(k, Key::Inbox(..) | Key::Head(..))).collect();
+        let fetched = self.fetched.into_iter().filter(|(k, _)| matches!(k, Key::Inbox(..) | Key::Head(..) | Key::MessageCount(..))).collect();
         Rows { fetched, ..Rows::default() }
     }
 
@@ -147,6 +160,9 @@ impl Rows {
             Write::UserGroupInterval { user, conversation, since, until } => {
                 self.intervals.push((*user, conversation.clone(), *since, *until));
             }
+            Write::MessageCount { key, messages, applied_offset } => {
+                self.fetched.insert(Key::MessageCount(key.clone()), Fetched::Count(Some((*messages, *applied_offset))));
+            }
             // Nothing a fold reads back.
             Write::User { .. }
             | Write::Message(_)
@@ -159,7 +175,6 @@ impl Rows {
             | Write::GroupMember(_)
             | Write::UserGroup(_)
             | Write::Profile(_)
-            | Write::MessageStat { .. }
             | Write::ActiveUser { .. }
             | Write::ProfileView { .. }
             | Write::Topic { .. } => {}

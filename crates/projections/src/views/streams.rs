@@ -7,7 +7,8 @@
 //! repeat and writes nothing. Items from one source partition reach a user in source order, since
 //! a fan-out routes a partition in order and the log keeps each producer's order; so the head
 //! alone says what was applied. The head is a guard: written after the items and what they caused
-//! (last in a slice's writes; on Cassandra, after the others).
+//! (the projector defers it to its next sync, with the message count rows, so that a head is
+//! never durable before everything the items it covers caused; see `Projector::flush_deferred`).
 //!
 //! An output the fan-out appended exactly once (`Source::exactly_once`: with its offset, in one
 //! transaction of the embedded log) is never repeated, so it writes no head; it is still dropped
@@ -20,8 +21,8 @@ use chat_store::{StreamRow, Write};
 use super::rows::{Missing, Rows};
 use super::{analytics, groups, history, inbox, receipts, Settings};
 
-/// A `delivery.queued` at `offset` of the recipient's deliveries partition.
-pub fn item(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, q: &DeliveryQueued, offset: i64) -> Result<(), Missing> {
+/// A `delivery.queued` at `offset` of the recipient's deliveries partition `partition`.
+pub fn item(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, q: &DeliveryQueued, partition: i32, offset: i64) -> Result<(), Missing> {
     let user = q.recipient;
     if let Some(src) = q.source {
         if rows.head(user, src.partition)?.is_some_and(|head| head >= src.packed()) {
@@ -34,7 +35,8 @@ pub fn item(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, q: &Delivery
             if *sender == user {
                 // The sender's own copy writes history: once per accepted message.
                 history::message(out, item);
-                analytics::message(out, settings, *message_id, *sender, message_kind.as_str(), conversation_id.is_group(), body, sent_at);
+                let counted = analytics::Counted { partition, offset, kind: message_kind.as_str(), group: conversation_id.is_group() };
+                analytics::message(out, rows, settings, &counted, *message_id, *sender, body, sent_at)?;
             } else {
                 receipts::stream_item(out, user, item);
             }
@@ -75,7 +77,7 @@ mod tests {
         rows.insert(Key::Inbox(b, c.clone()), Fetched::Inbox(None));
         let q = queued(b, message_item(&c, a, msg_id(1), None), 41);
         let mut out = Vec::new();
-        item(&mut out, &rows, &Settings::default(), &q, 17).unwrap();
+        item(&mut out, &rows, &Settings::default(), &q, 0, 17).unwrap();
         assert!(matches!(out.first(), Some(Write::Receipt(r)) if r.recipient == b), "{out:?}");
         assert!(matches!(&out[out.len() - 2..], [Write::Stream { row, .. }, Write::StreamHead { position, .. }] if row.seq == 17 && *position == 41 << 16));
         assert!(out.iter().any(|w| matches!(w, Write::Inbox(r) if r.unread == 1)));
@@ -85,11 +87,11 @@ mod tests {
             rows.note(w);
         }
         let mut again = Vec::new();
-        item(&mut again, &rows, &Settings::default(), &q, 23).unwrap();
+        item(&mut again, &rows, &Settings::default(), &q, 0, 23).unwrap();
         assert!(again.is_empty(), "{again:?}");
         // Older than the head: nothing either.
         let mut old = Vec::new();
-        item(&mut old, &rows, &Settings::default(), &queued(b, message_item(&c, a, msg_id(0), None), 39), 24).unwrap();
+        item(&mut old, &rows, &Settings::default(), &queued(b, message_item(&c, a, msg_id(0), None), 39), 0, 24).unwrap();
         assert!(old.is_empty());
     }
 
@@ -99,11 +101,13 @@ mod tests {
         let mut rows = Rows::default();
         rows.insert(Key::Head(a, 3), Fetched::Head(None));
         rows.insert(Key::Inbox(a, c.clone()), Fetched::Inbox(None));
+        let at = chrono::DateTime::from_timestamp_millis(1_700_000_000_000).unwrap_or_default();
+        rows.insert(Key::MessageCount(analytics::count_key(0, "text", false, &at)), Fetched::Count(None));
         let mut out = Vec::new();
-        item(&mut out, &rows, &Settings::default(), &queued(a, message_item(&c, a, msg_id(1), Some("phone")), 5), 3).unwrap();
+        item(&mut out, &rows, &Settings::default(), &queued(a, message_item(&c, a, msg_id(1), Some("phone")), 5), 0, 3).unwrap();
         assert!(!out.iter().any(|w| matches!(w, Write::Receipt(_))));
         assert!(out.iter().any(|w| matches!(w, Write::Message(m) if m.sender_device == "phone")));
-        assert!(out.iter().any(|w| matches!(w, Write::MessageStat { scope, .. } if scope == "direct")));
+        assert!(out.iter().any(|w| matches!(w, Write::MessageCount { key, messages: 1, applied_offset: 3 } if key.scope == "direct")));
         assert!(out.iter().any(|w| matches!(w, Write::Inbox(r) if r.unread == 0 && r.first_unread_seq.is_none())));
     }
 
@@ -116,12 +120,12 @@ mod tests {
         let once = |q: DeliveryQueued| DeliveryQueued { source: q.source.map(|s| Source { exactly_once: true, ..s }), ..q };
         let q = once(queued(b, message_item(&c, a, msg_id(1), None), 41));
         let mut out = Vec::new();
-        item(&mut out, &rows, &Settings::default(), &q, 17).unwrap();
+        item(&mut out, &rows, &Settings::default(), &q, 0, 17).unwrap();
         assert!(matches!(out.last(), Some(Write::Stream { row, .. }) if row.seq == 17), "{out:?}");
         assert!(!out.iter().any(|w| matches!(w, Write::StreamHead { .. })), "no guard for what is never repeated");
         // The same source routed again after an upgrade: a guarded output wrote head 40 first.
         let mut old = Vec::new();
-        item(&mut old, &rows, &Settings::default(), &once(queued(b, message_item(&c, a, msg_id(0), None), 40)), 18).unwrap();
+        item(&mut old, &rows, &Settings::default(), &once(queued(b, message_item(&c, a, msg_id(0), None), 40)), 0, 18).unwrap();
         assert!(old.is_empty(), "{old:?}");
     }
 }

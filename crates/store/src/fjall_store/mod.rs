@@ -571,6 +571,10 @@ fn message_row(k: &[u8], v: &[u8]) -> StoreResult<MessageRow> {
     })
 }
 
+fn message_count_key(k: &MessageCountKey) -> Vec<u8> {
+    Key::new().day(k.day).s(&k.kind).s(&k.scope).i(i64::from(k.partition)).done()
+}
+
 fn inbox_key(u: UserId, c: &ConversationId) -> Vec<u8> {
     Key::new().u(u.0).conv(c).done()
 }
@@ -787,8 +791,16 @@ fn apply_write(tx: &mut Tx<'_>, w: &Write) -> StoreResult<()> {
             };
             tx.put("profiles", key, Val::new().s(&merged.0).ou(merged.1).i(merged.2).done())
         }
-        Write::MessageStat { day, kind, scope, message } => {
-            tx.put("analytics_messages", Key::new().day(*day).s(kind).s(scope).u(message.0).done(), Vec::new())
+        Write::MessageCount { key, messages, applied_offset } => {
+            let k = message_count_key(key);
+            if let Some(old) = tx.get("analytics_message_counts", &k)? {
+                let mut v = ValReader(&old);
+                let (_, old_offset) = (v.i()?, v.i()?);
+                if old_offset >= *applied_offset {
+                    return Ok(());
+                }
+            }
+            tx.put("analytics_message_counts", k, Val::new().i(*messages).i(*applied_offset).done())
         }
         Write::ActiveUser { day, user } => tx.put("analytics_active_users", Key::new().day(*day).u(user.0).done(), Vec::new()),
         Write::ProfileView { viewed, day, viewer, view } => {
@@ -869,6 +881,16 @@ impl ProjectionStore for FjallStore {
         let _r = self.shared.swap.read().await;
         let key = Key::new().u(user.0).i(i64::from(source_partition)).done();
         self.get("stream_heads", &key)?.map(|v| ValReader(&v).i()).transpose()
+    }
+
+    async fn message_count_row(&self, key: &MessageCountKey) -> StoreResult<Option<(i64, i64)>> {
+        let _r = self.shared.swap.read().await;
+        self.get("analytics_message_counts", &message_count_key(key))?
+            .map(|v| {
+                let mut v = ValReader(&v);
+                Ok((v.i()?, v.i()?))
+            })
+            .transpose()
     }
 
     async fn inbox_rows(&self, keys: &[(UserId, ConversationId)]) -> StoreResult<Vec<Option<InboxRow>>> {
@@ -1217,6 +1239,18 @@ fn by_day<G: Ord>(
     to: NaiveDate,
     group: impl Fn(&mut KeyReader<'_>, &[u8]) -> StoreResult<G>,
 ) -> StoreResult<BTreeMap<(NaiveDate, G), u64>> {
+    sum_by_day(store, table, prefix, from, to, |k, v| Ok((group(k, v)?, 1)))
+}
+
+/// [`by_day`] with a number per row (its group's sum instead of its row count).
+fn sum_by_day<G: Ord>(
+    store: &FjallStore,
+    table: &'static str,
+    prefix: &[u8],
+    from: NaiveDate,
+    to: NaiveDate,
+    group: impl Fn(&mut KeyReader<'_>, &[u8]) -> StoreResult<(G, u64)>,
+) -> StoreResult<BTreeMap<(NaiveDate, G), u64>> {
     let start = {
         let mut k = prefix.to_vec();
         k.extend(Key::new().day(from).done());
@@ -1234,7 +1268,8 @@ fn by_day<G: Ord>(
         if day > to {
             continue;
         }
-        *out.entry((day, group(&mut r, &v)?)).or_insert(0) += 1;
+        let (g, n) = group(&mut r, &v)?;
+        *out.entry((day, g)).or_insert(0) += n;
     }
     Ok(out)
 }
@@ -1276,9 +1311,12 @@ impl InsightStore for FjallStore {
 
     async fn message_counts(&self, from: NaiveDate, to: NaiveDate) -> StoreResult<Vec<MessageCount>> {
         let _r = self.shared.swap.read().await;
-        let counts = by_day(self, "analytics_messages", &[], from, to, |k, _| Ok((k.s()?, k.s()?)))?;
-        let mut rows: Vec<MessageCount> =
-            counts.into_iter().map(|((day, (kind, scope)), messages)| MessageCount { day, kind, scope, messages }).collect();
+        let counts = sum_by_day(self, "analytics_message_counts", &[], from, to, |k, v| Ok(((k.s()?, k.s()?), u64::try_from(ValReader(v).i()?).unwrap_or(0))))?;
+        let mut rows: Vec<MessageCount> = counts
+            .into_iter()
+            .filter(|(_, messages)| *messages > 0)
+            .map(|((day, (kind, scope)), messages)| MessageCount { day, kind, scope, messages })
+            .collect();
         sort_message_counts(&mut rows);
         Ok(rows)
     }
@@ -1363,6 +1401,10 @@ impl TableAdmin for FjallStore {
             inner.set_layout(0)?;
             for table in PROJECTION_TABLES {
                 inner.spaces[table].clear().map_err(unavailable)?;
+            }
+            for table in RETIRED_PROJECTION_TABLES.iter().filter(|t| inner.db.keyspace_exists(t)) {
+                let ks = inner.db.keyspace(table, keyspace_options).map_err(unavailable)?;
+                inner.db.delete_keyspace(ks).map_err(unavailable)?;
             }
             inner.set_layout(PROJECTION_LAYOUT)
         })
