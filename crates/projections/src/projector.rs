@@ -439,17 +439,10 @@ impl Handler for Projector {
         self.store.sync().await.map_err(|e| HandlerError::of_store(0, e))
     }
 
-    /// The store's interval, and at least [`DEFERRED_EVERY`] (the deferred rows are written
-    /// once per row and sync).
     fn sync_every(&self) -> std::time::Duration {
-        self.store.sync_every().max(DEFERRED_EVERY)
+        self.store.sync_every()
     }
 }
-
-/// How often, at least, the projection stage syncs (and writes its deferred rows): Kafka
-/// commits stored offsets every 500 ms (`auto.commit.interval.ms`), so storing them more often
-/// moves nothing; the embedded tables sync every second anyway.
-pub const DEFERRED_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Rows written at sync instead of with their slice ([`Projector::flush_deferred`]).
 #[derive(Default)]
