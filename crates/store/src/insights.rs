@@ -1,9 +1,11 @@
 //! Profiles, roles, analytics and audit tables.
 //!
-//! Analytics are sets, never counters: each table holds one row per counted thing (a message, an
-//! active user, a profile view, a topic mention), keyed by what makes it unique, and a number is
-//! the size of a set at query time. A replay or a redelivered event writes the same rows again
-//! and changes no number.
+//! Analytics are idempotent: a replay or a redelivered event changes no number. Active users,
+//! profile views and topic mentions are sets (one row per counted thing, keyed by what makes it
+//! unique; a number is the size of a set at query time). Messages are counted per deliveries
+//! partition (`analytics_message_counts`: the count and the offset it reaches, written whole by
+//! the partition's single projector, the row reaching further winning), never in Cassandra
+//! counter columns.
 
 use async_trait::async_trait;
 use chat_events::UserId;

@@ -1551,6 +1551,33 @@ mod tests {
         assert_eq!(prefix_end(&[1, 0xff, 0xff]), Some(vec![2]));
         assert_eq!(prefix_end(&[0xff]), None);
     }
+
+    /// Tables of projection layout 4 (a row per message in `analytics_messages`): a reset drops
+    /// the retired keyspace, empties the others and records this layout, and the state stays.
+    #[tokio::test]
+    async fn a_reset_drops_retired_keyspaces() {
+        let dir = std::env::temp_dir().join("chat-fjall-tests").join(format!("reset-{}", Uuid::new_v4().simple()));
+        let user = UserId(Uuid::now_v7());
+        {
+            let store = FjallStore::open(&dir).expect("fjall");
+            store.set_role(user, "analyst", true).await.expect("role");
+            store.apply(vec![Write::ActiveUser { day: NaiveDate::from_ymd_opt(2026, 12, 1).expect("day"), user }]).await.expect("apply");
+            let inner = store.inner().expect("inner");
+            let old = inner.db.keyspace("analytics_messages", keyspace_options).expect("old keyspace");
+            old.insert(b"2026-12-01/text/direct/m", b"").expect("old row");
+            inner.set_layout(4).expect("layout 4");
+        }
+        let store = FjallStore::open(&dir).expect("fjall");
+        assert_eq!(store.projection_layout().await.expect("layout"), 4);
+        assert!(store.inner().expect("inner").db.keyspace_exists("analytics_messages"));
+        store.reset_projections().await.expect("reset");
+        assert_eq!(store.projection_layout().await.expect("layout"), PROJECTION_LAYOUT);
+        assert!(!store.inner().expect("inner").db.keyspace_exists("analytics_messages"), "the retired keyspace is gone");
+        assert_eq!(store.checksums().await.expect("checksums")["analytics_active_users"].rows, 0, "projections emptied");
+        assert_eq!(store.roles(user).await.expect("roles"), vec!["analyst".to_owned()], "state kept");
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 #[cfg(test)]
