@@ -355,8 +355,9 @@ pub enum StreamItem {
         member: Option<UserId>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         role: Option<GroupRole>,
-        /// created: every initial member, the creator included (so any member's copy of the
-        /// item can project the whole membership).
+        /// created, in the creator's copy only: every initial member, the creator included (that
+        /// copy's projection writes the whole membership, then the group row). Before 2026-12-07
+        /// every member's copy listed them (n² rows and bytes for a creation).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         members: Option<Vec<UserId>>,
         by: UserId,

@@ -203,7 +203,17 @@ impl Chat {
     pub async fn group_info(&self, user: UserId, conversation_id: &str) -> Result<GroupInfo, ApiError> {
         let conv = parse_group(conversation_id)?;
         self.active_member(&conv, user).await?.ok_or_else(ApiError::not_found)?;
-        let name = self.store.group(&conv).await?.map(|g| g.name).unwrap_or_default();
+        // A member's own rows can be projected before the creator's copy of the creation, which
+        // writes every member row and then the group row: wait for the group row (bounded), so
+        // the answer never lists part of the initial members.
+        let deadline = tokio::time::Instant::now() + NEW_GROUP_WAIT;
+        let name = loop {
+            match self.store.group(&conv).await? {
+                Some(g) => break g.name,
+                None if tokio::time::Instant::now() >= deadline => break String::new(),
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
         let members = self.active_members(&conv).await?;
         Ok(GroupInfo { conversation_id: conv, name, members })
     }

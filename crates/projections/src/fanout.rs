@@ -306,11 +306,15 @@ impl FanOut {
                     })
                     .collect();
                 self.write_members(&mut group, &intervals, o).await?;
-                let mut item = Self::group_item(env, &conv, GroupChange::Created, (Some(g.name.clone()), None, None), g.creator, o);
-                if let StreamItem::Group { members: m, .. } = &mut item {
+                // Only the creator's copy lists the members (its projection writes every member
+                // row, then the group row); each other member's copy writes that member's own
+                // rows. A list in every copy made a creation cost n² rows and bytes.
+                let item = Self::group_item(env, &conv, GroupChange::Created, (Some(g.name.clone()), None, None), g.creator, o);
+                let mut listed = item.clone();
+                if let StreamItem::Group { members: m, .. } = &mut listed {
                     *m = Some(members.clone());
                 }
-                Ok(members.iter().map(|m| queued(env, *m, item.clone())).collect())
+                Ok(members.iter().map(|m| queued(env, *m, if *m == g.creator { listed.clone() } else { item.clone() })).collect())
             }
             Event::GroupRenamed(r) => {
                 let (Some(mut group), Some(actor)) = (existing, actor) else { return Ok(Vec::new()) };
@@ -818,7 +822,17 @@ mod tests {
             admin,
             Event::GroupCreated(GroupCreated { conversation_id: conv.clone(), group_id: g, name: "g".into(), creator: admin, members: vec![bob, carol] }),
         );
-        assert_eq!(recipients(&f.route(&created, 1).await.unwrap()), sorted(vec![admin, bob, carol]));
+        let out = f.route(&created, 1).await.unwrap();
+        assert_eq!(recipients(&out), sorted(vec![admin, bob, carol]));
+        // Only the creator's copy lists the members (a list in every copy is n² for a creation).
+        let listed: Vec<(UserId, Option<usize>)> = out
+            .iter()
+            .filter_map(|e| match &e.event {
+                Event::DeliveryQueued(DeliveryQueued { recipient, item: StreamItem::Group { members, .. }, .. }) => Some((*recipient, members.as_ref().map(Vec::len))),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(listed, vec![(admin, Some(3)), (bob, None), (carol, None)]);
 
         let m2 = sent(&conv, bob, "m2");
         assert_eq!(recipients(&f.route(&m2, 2).await.unwrap()), sorted(vec![admin, bob, carol]));

@@ -2,7 +2,9 @@
 //! stream, which carry positions. Each user's items are projected by one writer in stream order,
 //! so the rows of one user (their inbox row of a group, `user_groups`, `user_group_intervals`)
 //! have a single writer. `groups` and `group_members` are written from every member's stream, in
-//! no particular order: every write carries its position and the highest position wins.
+//! no particular order: every write carries its position and the highest position wins. A
+//! creation's member rows and its group row come from the creator's copy, the only one that lists
+//! the members; each other member's copy writes that member's own row.
 
 use chat_events::{ConversationId, GroupChange, GroupRole, StreamItem, UserId};
 use chat_store::{GroupMemberRow, GroupRow, UserGroupRow, Write};
@@ -65,7 +67,11 @@ fn apply(out: &mut Vec<Write>, rows: &Rows, user: UserId, c: Change<'_>) -> Resu
         out.push(Write::UserGroupInterval { user, conversation: c.conv.clone(), since, until });
     }
     if c.change == GroupChange::Created {
-        out.push(Write::Group(GroupRow { conversation_id: c.conv.clone(), name, creator: c.by, created_at: *c.at, position: p }));
+        // Only the copy that listed every member makes the group visible (the creator's; logs
+        // written before 2026-12-07 list them in every copy).
+        if c.members.is_some() {
+            out.push(Write::Group(GroupRow { conversation_id: c.conv.clone(), name, creator: c.by, created_at: *c.at, position: p }));
+        }
     } else {
         out.push(Write::GroupName { conversation: c.conv.clone(), name, position: p });
     }
@@ -116,5 +122,39 @@ mod tests {
         membership(&mut theirs, &rows, admin, &group_item(GroupChange::MemberRemoved, Some(bob), admin, 9)).unwrap();
         assert!(!theirs.iter().any(|w| matches!(w, Write::UserGroup(_) | Write::UserGroupInterval { .. })));
         assert!(theirs.iter().any(|w| matches!(w, Write::GroupMember(m) if m.member == bob && !m.active)));
+    }
+
+    #[test]
+    fn a_creation_is_projected_whole_from_the_creators_copy_and_each_member_writes_its_own_rows() {
+        let (admin, bob, carol) = (UserId(uuid::Uuid::from_u128(1)), UserId(uuid::Uuid::from_u128(2)), UserId(uuid::Uuid::from_u128(3)));
+        let rows = Rows::default();
+        let created = |members: Option<Vec<UserId>>| {
+            let mut item = group_item(GroupChange::Created, None, admin, 4);
+            if let StreamItem::Group { members: m, role, .. } = &mut item {
+                *m = members;
+                *role = None;
+            }
+            item
+        };
+        // The creator's copy: every member row, then the group row last.
+        let mut out = Vec::new();
+        membership(&mut out, &rows, admin, &created(Some(vec![admin, bob, carol]))).unwrap();
+        let members: Vec<(UserId, GroupRole)> = out.iter().filter_map(|w| match w { Write::GroupMember(m) => Some((m.member, m.role)), _ => None }).collect();
+        for m in [(admin, GroupRole::Admin), (bob, GroupRole::Member), (carol, GroupRole::Member)] {
+            assert!(members.contains(&m), "{out:?}");
+        }
+        assert!(matches!(out.last(), Some(Write::Group(g)) if g.creator == admin), "{out:?}");
+        // bob's copy: bob's own rows only, and not the group row (a reader that sees the group
+        // must see every member of the creation).
+        let mut out = Vec::new();
+        membership(&mut out, &rows, bob, &created(None)).unwrap();
+        assert!(!out.iter().any(|w| matches!(w, Write::Group(_))), "{out:?}");
+        assert!(out.iter().all(|w| match w {
+            Write::GroupMember(m) => m.member == bob && m.role == GroupRole::Member && m.active,
+            Write::UserGroup(g) => g.user_id == bob,
+            Write::UserGroupInterval { user, since, until, .. } => *user == bob && *since == 4 && until.is_none(),
+            _ => false,
+        }), "{out:?}");
+        assert_eq!(out.len(), 3, "{out:?}");
     }
 }
