@@ -675,6 +675,25 @@ impl FanOut {
         if outputs.is_empty() {
             return Ok(());
         }
+        // Group items are pushed by the fan-out: only it knows who may get them. (Direct
+        // conversations are pushed by the gateway right after the send's append.) The push does
+        // not wait for the items' append: the event they come from is durable and its routing
+        // is positional, so a fan-out that fails or dies before the append routes it again to
+        // the same items (then pushed again: clients de-duplicate, protocol §5.6), and the
+        // stream gets them. Waiting put the append of every member's item (a group of 1,024:
+        // 1,023 records and an fsync) before the first push.
+        if let Some(pusher) = &self.pusher {
+            let pushes: Vec<(UserId, StreamItem)> = outputs
+                .iter()
+                .filter_map(|(_, env)| match &env.event {
+                    Event::DeliveryQueued(q) if is_group_push(&q.item) => Some((q.recipient, q.item.clone())),
+                    _ => None,
+                })
+                .collect();
+            if !pushes.is_empty() {
+                pusher.push(pushes).await;
+            }
+        }
         let results = match (commit, &self.committer) {
             (Some((topic, partition, next)), Some(committer)) => {
                 // The state this offset moves past may be less durable than the offset: see
@@ -695,20 +714,6 @@ impl FanOut {
                 Ok(_) => String::new(),
             };
             return Err(HandlerError::retry(outputs[pos].0, reason));
-        }
-        // Group items are pushed by the fan-out: only it knows who may get them. (Direct
-        // conversations are pushed by the gateway right after the append.)
-        if let Some(pusher) = &self.pusher {
-            let pushes: Vec<(UserId, StreamItem)> = outputs
-                .iter()
-                .filter_map(|(_, env)| match &env.event {
-                    Event::DeliveryQueued(q) if is_group_push(&q.item) => Some((q.recipient, q.item.clone())),
-                    _ => None,
-                })
-                .collect();
-            if !pushes.is_empty() {
-                pusher.push(pushes).await;
-            }
         }
         Ok(())
     }
