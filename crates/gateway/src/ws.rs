@@ -293,11 +293,14 @@ async fn connection(
         }
     };
 
-    chat.hub.unregister(user, id);
-    drop(tx);
+    // The close code goes to the writer before its queue closes: with the queue closed first,
+    // a writer waiting on it could end with 1000 before the code arrived (seen in CI: a frame over
+    // the limit closed with 1000 instead of 1009).
     if let Some(code) = close_code {
         let _sent = close_tx.send(code);
     }
+    chat.hub.unregister(user, id);
+    drop(tx);
     // The socket is closed (both halves dropped) before the disconnect is handled: that appends
     // a presence event and pushes to contacts, and holding the descriptor meanwhile let a burst of
     // reconnects run the process out of descriptors (the accept loop then pauses for a second).
