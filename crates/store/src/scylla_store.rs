@@ -986,7 +986,11 @@ impl WriteStore for ScyllaStore {
         // cursor order (see [`ScyllaStore::apply_streams`]).
         let (guards, rest): (Vec<Write>, Vec<Write>) = writes.into_iter().partition(Write::is_guard);
         let (streams, rest): (Vec<Write>, Vec<Write>) = rest.into_iter().partition(|w| matches!(w, Write::Stream { .. }));
+        // A group's row after its member rows: a reader that sees the group sees every member
+        // its creation made (the gateway's membership check relies on it).
+        let (groups, rest): (Vec<Write>, Vec<Write>) = rest.into_iter().partition(|w| matches!(w, Write::Group(_)));
         self.apply_all(&rest).await?;
+        self.apply_all(&groups).await?;
         self.apply_streams(streams).await?;
         self.apply_all(&guards).await
     }
