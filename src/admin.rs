@@ -6,7 +6,7 @@
 //! it: the socket is created owner-only and every connection's peer credentials are checked.
 //!
 //! The protocol is HTTP/1.1 with JSON bodies (`POST /role`, `POST /audit`, `POST /rebuild`, `POST /analytics`,
-//! `POST /checksums`); an error is a 4xx/5xx
+//! `POST /checksums`, `POST /find-text`); an error is a 4xx/5xx
 //! status with `{"error": "..."}`. It is an interface between two builds of this binary, not a
 //! public API.
 
@@ -110,6 +110,7 @@ pub async fn serve(dir: &Path, ops: Ops, cfg: crate::config::Config, mut shutdow
         .route("/rebuild", post(rebuild))
         .route("/analytics", post(analytics))
         .route("/checksums", post(checksums))
+        .route("/find-text", post(find_text))
         .with_state(Admin { ops, cfg: Arc::new(cfg) });
     info!(socket = %path.display(), "admin socket listening");
     Ok(tokio::spawn(async move {
@@ -154,6 +155,18 @@ async fn analytics(State(admin): State<Admin>, Json(q): Json<crate::AnalyticsQue
 
 async fn checksums(State(admin): State<Admin>) -> Response {
     match admin.ops.tables.checksums().await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => failed(e.into()),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct FindText {
+    needle: String,
+}
+
+async fn find_text(State(admin): State<Admin>, Json(q): Json<FindText>) -> Response {
+    match admin.ops.tables.tables_containing(&q.needle).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => failed(e.into()),
     }

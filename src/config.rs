@@ -117,6 +117,10 @@ pub struct Settings {
     /// Members per group, the creator included [default: 1024].
     #[arg(long, env = "CHAT_MAX_GROUP_SIZE", global = true)]
     pub max_group_size: Option<usize>,
+    /// How long after sending a message may be edited or deleted for everyone, in seconds (the
+    /// gateway and the fan-out must agree) [default: 172800, 48 hours].
+    #[arg(long, env = "CHAT_EDIT_WINDOW_SECS", global = true)]
+    pub edit_window_secs: Option<u64>,
     /// Serves `/v1/ws/echo`, an unauthenticated WebSocket echo on the gateway's WebSocket stack,
     /// for conformance runs (Autobahn); never in production [default: false].
     #[arg(long, env = "CHAT_WS_ECHO", global = true, value_parser = clap::builder::BoolishValueParser::new())]
@@ -201,6 +205,7 @@ pub struct Config {
     pub presence_ttl: Duration,
     pub ws_idle: Duration,
     pub max_group_size: usize,
+    pub edit_window: Duration,
     pub ws_echo: bool,
     pub analytics_keywords: Vec<String>,
     pub media: MediaBackend,
@@ -265,6 +270,7 @@ impl Settings {
             presence_ttl_secs,
             ws_idle_secs,
             max_group_size,
+            edit_window_secs,
             ws_echo,
             analytics_keywords,
             s3_endpoint,
@@ -409,6 +415,10 @@ impl Settings {
         if !(2..=100_000).contains(&max_group_size) {
             bail!("{} must be between 2 and 100000, got {max_group_size}", key("max_group_size"));
         }
+        let edit_window_secs = s.edit_window_secs.unwrap_or(chat_events::DEFAULT_EDIT_WINDOW.as_secs());
+        if !(1..=10 * 365 * 86_400).contains(&edit_window_secs) {
+            bail!("{} must be between 1 second and 10 years, got {edit_window_secs}", key("edit_window_secs"));
+        }
         let stages: Vec<String> =
             s.stages.unwrap_or_else(|| "fanout,projections".into()).split(',').map(|x| x.trim().to_owned()).filter(|x| !x.is_empty()).collect();
         if let Some(bad) = stages.iter().find(|x| *x != "fanout" && *x != "projections") {
@@ -440,6 +450,7 @@ impl Settings {
             presence_ttl: Duration::from_secs(presence_ttl_secs),
             ws_idle: Duration::from_secs(ws_idle_secs),
             max_group_size,
+            edit_window: Duration::from_secs(edit_window_secs),
             ws_echo: s.ws_echo.unwrap_or(false),
             media,
             media_limits,

@@ -5,7 +5,8 @@
 //!   routing in process); with Kafka, Cassandra and Redis configured it runs the same roles on them.
 //! - `chat gateway`, `chat worker`: the cluster roles, any number of each.
 //! - `chat migrate`: creates topics and tables; `chat reset-group`: forgets a consumer group's
-//!   offsets (for a rebuild); `chat checksums`: row counts and hashes of the projection tables.
+//!   offsets (for a rebuild); `chat checksums`: row counts and hashes of the projection tables; `chat find-text`: the tables
+//!   holding a text.
 //!
 //! Configuration: see [`config`] (defaults → `--config` TOML file → `CHAT_*` → flags).
 
@@ -85,6 +86,12 @@ enum Command {
     },
     /// Print row counts and SHA-256 of every projection table as JSON.
     Checksums,
+    /// Print, as JSON, the projection tables holding rows whose text contains NEEDLE, with how
+    /// many (to check that a deleted message's text is gone from every table).
+    FindText {
+        /// The text to look for (exact, case-sensitive).
+        needle: String,
+    },
     /// Grant or revoke a role (analyst, auditor): the user's sessions end within seconds and
     /// their next log-in has the change. Embedded: works beside a running `chat run`.
     Role {
@@ -412,6 +419,7 @@ impl Platform {
             presence_ttl: c.presence_ttl,
             ws_idle: c.ws_idle,
             max_group_size: c.max_group_size,
+            edit_window: c.edit_window,
             ws_echo: c.ws_echo,
             ..Limits::default()
         };
@@ -545,7 +553,9 @@ impl Platform {
             let store: Arc<dyn chat_store::FanoutStore> = self.tables.clone();
             let pusher: Arc<dyn Pusher> = Arc::new(RoutingPusher(self.routing.clone()));
             let handler = Arc::new(
-                FanOut::new(self.log.clone(), t.clone(), store, Some(pusher), self.cfg.max_group_size).with_committer(consumer.committer()),
+                FanOut::new(self.log.clone(), t.clone(), store, Some(pusher), self.cfg.max_group_size)
+                    .with_edit_window(self.cfg.edit_window)
+                    .with_committer(consumer.committer()),
             );
             let stats = self.stage_stats("fanout");
             let (sd, dead) = (shutdown.clone(), dead.clone());
@@ -954,6 +964,17 @@ async fn checksums(cfg: Config) -> anyhow::Result<()> {
     print_json(&open_tables(&cfg).await?.checksums().await?)
 }
 
+/// `chat find-text`: like `chat checksums`, the running server answers when there is one.
+async fn find_text(cfg: Config, needle: String) -> anyhow::Result<()> {
+    let q = serde_json::json!({ "needle": needle });
+    if let Some(dir) = cfg.data_dir() {
+        if let Some(answer) = admin::call::<serde_json::Value>(dir, "/find-text", &q).await? {
+            return print_json(&answer);
+        }
+    }
+    print_json(&open_tables(&cfg).await?.tables_containing(&needle).await?)
+}
+
 async fn audit(cfg: Config, q: AuditQuery) -> anyhow::Result<()> {
     // Embedded, beside a running server: the server records and answers it.
     if let Some(dir) = cfg.data_dir() {
@@ -1358,5 +1379,6 @@ async fn run_command() -> anyhow::Result<()> {
         Command::Analytics { query } => analytics(cfg, query).await,
         Command::Audit { query } => audit(cfg, query).await,
         Command::Checksums => checksums(cfg).await,
+        Command::FindText { needle } => find_text(cfg, needle).await,
     }
 }

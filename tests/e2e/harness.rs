@@ -353,6 +353,14 @@ impl Scope {
         }
     }
 
+    /// The projection tables holding `needle`, with how many rows (`chat find-text`; embedded:
+    /// the running server answers).
+    pub async fn tables_containing(&self, needle: &str) -> BTreeMap<String, u64> {
+        let out = self.chat(&["find-text", needle]).await;
+        assert!(out.status.success(), "chat find-text: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("find-text as JSON")
+    }
+
     /// The scope's tables (cluster: a keyspace; embedded: the data directory's, which only a
     /// stopped server leaves to another process).
     pub async fn store(&self, keyspace: &str) -> Arc<dyn Tables> {

@@ -4,6 +4,7 @@
 
 mod abuse;
 mod conformance;
+mod edits;
 mod faults;
 mod groups;
 mod harness;
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use chat_events::TopicKind;
 use abuse::*;
+use edits::*;
 use faults::*;
 use groups::*;
 use harness::*;
@@ -587,11 +589,20 @@ async fn e_rebuild_gives_identical_tables(mode: Mode) {
     let bob = gw.register("bob").await;
     let mut a = gw.connect(&alice, "phone").await;
     let mut b = gw.connect(&bob, "phone").await;
-    let mut last = String::new();
+    let mut ids = Vec::new();
     for i in 0..30 {
-        last = a.send_text(&bob.id, &format!("e-{i}"), &format!("hi {i}")).await["message_id"].as_str().unwrap().to_owned();
+        ids.push(a.send_text(&bob.id, &format!("e-{i}"), &format!("hi {i} #rebuild")).await["message_id"].as_str().unwrap().to_owned());
     }
+    let last = ids[29].clone();
     let conv = b.expect("message", T, is_type("message")).await["conversation_id"].as_str().unwrap().to_owned();
+    // Edits and deletes (the last message's too, which the inbox shows) are rebuilt alike.
+    for (n, f) in [(3, json!({"type": "edit", "body": "hi 3, edited"})), (5, json!({"type": "delete"})), (3, json!({"type": "delete"})), (29, json!({"type": "delete"}))] {
+        let mut f = f;
+        f["conversation_id"] = json!(conv);
+        f["message_id"] = json!(ids[n]);
+        let answer = a.request(f).await;
+        assert_eq!(answer["type"], "ack", "{answer}");
+    }
     b.request(json!({"type": "delivered", "conversation_id": conv, "message_ids": [last]})).await;
     b.request(json!({"type": "read", "conversation_id": conv, "up_to": last})).await;
     b.send_text(&alice.id, "reply", "hello back").await;
@@ -1021,6 +1032,8 @@ macro_rules! abuse_scenarios {
             cli_output_into_a_closed_pipe,
             sessions_end_everywhere,
             metrics_cover_stages_and_the_process,
+            edits_and_deletes_for_everyone,
+            group_edits_and_admin_deletes,
         );
     };
 }

@@ -118,7 +118,7 @@ pub async fn media_round_trip_with_ranges(mode: Mode) {
 /// Grants a role with the CLI (embedded: beside the running server, through its admin socket),
 /// and waits until the user's old sessions are ended (the change takes effect at their next
 /// log-in).
-async fn grant(s: &Scope, gw: Gateway, username: &str, role: &str) -> Gateway {
+pub async fn grant(s: &Scope, gw: Gateway, username: &str, role: &str) -> Gateway {
     let out = s.chat(&["role", "grant", "--username", username, "--role", role]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("granted {role} for {username}")), "{out:?}");
@@ -288,7 +288,7 @@ pub async fn profiles_analytics_and_audit(mode: Mode) {
     assert_eq!(records.iter().filter(|r| r["data"]["via"] == "cli").count(), 1, "the CLI read is on the record");
 }
 
-async fn relog(gw: &Gateway, mut u: User) -> User {
+pub async fn relog(gw: &Gateway, mut u: User) -> User {
     u.token = gw.login(&u.name).await;
     if u.id.is_empty() {
         let (_, me) = gw.get(&u.token, &format!("/v1/users/by-username/{}", u.name)).await;

@@ -118,6 +118,45 @@ pub struct MessageRead {
     pub up_to: MessageId,
 }
 
+/// The sender changed the text (or a media message's caption) of their message, within the edit
+/// window (see docs/protocol.md §5.7). The envelope's actor is the sender. The log keeps every
+/// version: the history of edits, for auditors.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageEdited {
+    pub message_id: MessageId,
+    pub conversation_id: ConversationId,
+    /// The message's sender (the only one who may edit it).
+    pub sender: UserId,
+    /// The new text or caption.
+    pub body: String,
+}
+
+/// A message was deleted for everyone: by its sender, or by an admin of its group (the
+/// envelope's actor). Every projection drops its body; its receipts stay.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageDeleted {
+    pub message_id: MessageId,
+    pub conversation_id: ConversationId,
+    /// The message's sender.
+    pub sender: UserId,
+    /// Who deleted it: the sender or a group admin.
+    pub deleted_by: UserId,
+}
+
+/// How long after it was sent a message may be edited or deleted for everyone, by default.
+pub const DEFAULT_EDIT_WINDOW: std::time::Duration = std::time::Duration::from_secs(48 * 3600);
+
+/// Whether a change at `at` is within `window` of the message's sending (the time in its id,
+/// minted when the message was accepted). The gateway asks with the time it puts on the event, the
+/// fan-out with the event's time: from the log alone, the same answer on every run.
+pub fn within_edit_window(at: &DateTime<Utc>, message: MessageId, window: std::time::Duration) -> bool {
+    let age_ms = at.timestamp_millis() - message.unix_millis();
+    // An id a minute in the future is a clock step between nodes, not a forgery worth refusing.
+    age_ms >= -60_000 && u128::try_from(age_ms.max(0)).unwrap_or(0) <= window.as_millis()
+}
+
 /// A member's role in a group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -344,6 +383,28 @@ pub enum StreamItem {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         device_id: Option<String>,
     },
+    /// A message's sender edited it: its text (or caption) is now `body`. Each edit is one item.
+    Edited {
+        conversation_id: ConversationId,
+        message_id: MessageId,
+        /// The message's sender, who edited it.
+        sender: UserId,
+        body: String,
+        #[serde(serialize_with = "serialize_time", deserialize_with = "deserialize_time")]
+        at: DateTime<Utc>,
+    },
+    /// A message was deleted for everyone. In a user's stream this item also takes the place of
+    /// the message's own item and of its edits (the body is gone from every row).
+    Deleted {
+        conversation_id: ConversationId,
+        message_id: MessageId,
+        /// The message's sender.
+        sender: UserId,
+        /// The sender, or an admin of the group.
+        by: UserId,
+        #[serde(serialize_with = "serialize_time", deserialize_with = "deserialize_time")]
+        at: DateTime<Utc>,
+    },
     /// A change of a group the user is (or was just) in.
     Group {
         conversation_id: ConversationId,
@@ -444,6 +505,8 @@ pub enum Event {
     MessageSent(MessageSent),
     MessageDelivered(MessageDelivered),
     MessageRead(MessageRead),
+    MessageEdited(MessageEdited),
+    MessageDeleted(MessageDeleted),
     PresenceChanged(PresenceChanged),
     DeliveryQueued(DeliveryQueued),
     GroupCreated(GroupCreated),
@@ -464,6 +527,8 @@ pub const EVENT_TYPES: &[(&str, u32)] = &[
     ("message.sent", 1),
     ("message.delivered", 1),
     ("message.read", 1),
+    ("message.edited", 1),
+    ("message.deleted", 1),
     ("presence.changed", 1),
     ("delivery.queued", 2),
     ("group.created", 1),
@@ -486,6 +551,8 @@ impl Event {
             Event::MessageSent(_) => "message.sent",
             Event::MessageDelivered(_) => "message.delivered",
             Event::MessageRead(_) => "message.read",
+            Event::MessageEdited(_) => "message.edited",
+            Event::MessageDeleted(_) => "message.deleted",
             Event::PresenceChanged(_) => "presence.changed",
             Event::DeliveryQueued(_) => "delivery.queued",
             Event::GroupCreated(_) => "group.created",
@@ -508,6 +575,8 @@ impl Event {
             | Event::MessageSent(_)
             | Event::MessageDelivered(_)
             | Event::MessageRead(_)
+            | Event::MessageEdited(_)
+            | Event::MessageDeleted(_)
             | Event::PresenceChanged(_)
             | Event::GroupCreated(_)
             | Event::GroupRenamed(_)
@@ -539,6 +608,8 @@ impl Event {
             Event::MessageSent(_)
             | Event::MessageDelivered(_)
             | Event::MessageRead(_)
+            | Event::MessageEdited(_)
+            | Event::MessageDeleted(_)
             | Event::GroupCreated(_)
             | Event::GroupRenamed(_)
             | Event::GroupMemberAdded(_)
@@ -556,6 +627,8 @@ impl Event {
             Event::MessageSent(e) => e.conversation_id.to_string(),
             Event::MessageDelivered(e) => e.conversation_id.to_string(),
             Event::MessageRead(e) => e.conversation_id.to_string(),
+            Event::MessageEdited(e) => e.conversation_id.to_string(),
+            Event::MessageDeleted(e) => e.conversation_id.to_string(),
             Event::DeliveryQueued(e) => e.recipient.to_string(),
             Event::GroupCreated(e) => e.conversation_id.to_string(),
             Event::GroupRenamed(e) => e.conversation_id.to_string(),
@@ -576,6 +649,8 @@ impl Event {
             Event::MessageSent(m) => Some(&m.conversation_id),
             Event::MessageDelivered(d) => Some(&d.conversation_id),
             Event::MessageRead(r) => Some(&r.conversation_id),
+            Event::MessageEdited(e) => Some(&e.conversation_id),
+            Event::MessageDeleted(d) => Some(&d.conversation_id),
             Event::GroupCreated(g) => Some(&g.conversation_id),
             Event::GroupRenamed(g) => Some(&g.conversation_id),
             Event::GroupMemberAdded(g) => Some(&g.conversation_id),
@@ -584,6 +659,8 @@ impl Event {
                 StreamItem::Message { conversation_id, .. }
                 | StreamItem::Receipt { conversation_id, .. }
                 | StreamItem::Read { conversation_id, .. }
+                | StreamItem::Edited { conversation_id, .. }
+                | StreamItem::Deleted { conversation_id, .. }
                 | StreamItem::Group { conversation_id, .. } => conversation_id,
             }),
             Event::UserRegistered(_)
@@ -610,6 +687,8 @@ impl Event {
             }
             Event::MessageDelivered(e) => vec![e.recipient],
             Event::MessageRead(e) => vec![e.reader],
+            Event::MessageEdited(e) => vec![e.sender],
+            Event::MessageDeleted(e) => vec![e.sender, e.deleted_by],
             Event::PresenceChanged(e) => vec![e.user_id],
             Event::DeliveryQueued(e) => vec![e.recipient],
             Event::GroupCreated(e) => {
@@ -635,6 +714,8 @@ impl Event {
             Event::MessageSent(e) => serde_json::to_value(e),
             Event::MessageDelivered(e) => serde_json::to_value(e),
             Event::MessageRead(e) => serde_json::to_value(e),
+            Event::MessageEdited(e) => serde_json::to_value(e),
+            Event::MessageDeleted(e) => serde_json::to_value(e),
             Event::PresenceChanged(e) => serde_json::to_value(e),
             Event::DeliveryQueued(e) => serde_json::to_value(e),
             Event::GroupCreated(e) => serde_json::to_value(e),
@@ -662,6 +743,8 @@ impl Event {
             ("message.sent", 1) => serde_json::from_value(data).map(Event::MessageSent).map_err(bad),
             ("message.delivered", 1) => serde_json::from_value(data).map(Event::MessageDelivered).map_err(bad),
             ("message.read", 1) => serde_json::from_value(data).map(Event::MessageRead).map_err(bad),
+            ("message.edited", 1) => serde_json::from_value(data).map(Event::MessageEdited).map_err(bad),
+            ("message.deleted", 1) => serde_json::from_value(data).map(Event::MessageDeleted).map_err(bad),
             ("presence.changed", 1) => serde_json::from_value(data).map(Event::PresenceChanged).map_err(bad),
             // Version 1 had no `source`; version 2 always has one.
             ("delivery.queued", 1) => serde_json::from_value::<DeliveryQueued>(data)
@@ -817,6 +900,11 @@ pub mod derive_id {
         EventId::derived(&["message.read", conversation.as_str(), &reader.to_string(), &up_to.to_string()])
     }
 
+    /// `message.deleted`: one per message (a retried or repeated delete is the same event).
+    pub fn message_deleted(message: MessageId) -> EventId {
+        EventId::derived(&["message.deleted", &message.to_string()])
+    }
+
     /// `user.registered`: one per user.
     pub fn user_registered(user: UserId) -> EventId {
         EventId::derived(&["user.registered", &user.to_string()])
@@ -840,6 +928,12 @@ pub mod derive_id {
             ]),
             StreamItem::Read { conversation_id, up_to, .. } => {
                 EventId::derived(&["delivery.queued", &r, "read", conversation_id.as_str(), &up_to.to_string()])
+            }
+            // One edit is one source event; the caller passes its id.
+            StreamItem::Edited { .. } => EventId::derived(&["delivery.queued", &r, "edited", &source.to_string()]),
+            // A message is deleted once: the item in its place and the delete's own item are one.
+            StreamItem::Deleted { message_id, .. } => {
+                EventId::derived(&["delivery.queued", &r, "deleted", &message_id.to_string()])
             }
             // One group change is one source event; the caller passes its id.
             StreamItem::Group { .. } => EventId::derived(&["delivery.queued", &r, "group", &source.to_string()]),
@@ -890,6 +984,8 @@ pub fn fixtures() -> Vec<Envelope> {
         position: 7,
     };
     let src = EventId::new_v7();
+    let eitem = StreamItem::Edited { conversation_id: conv.clone(), message_id: msg, sender: alice, body: "hello, world".into(), at };
+    let ditem = StreamItem::Deleted { conversation_id: conv.clone(), message_id: msg, sender: alice, by: alice, at };
     let ritem = StreamItem::Read { conversation_id: conv.clone(), up_to: msg, at, device_id: Some("phone".into()) };
     vec![
         Envelope::new(
@@ -969,6 +1065,26 @@ pub fn fixtures() -> Vec<Envelope> {
             Event::GroupMemberAdded(GroupMemberAdded { conversation_id: gconv.clone(), member: bob, role: GroupRole::Admin }),
         ),
         Envelope::new(EventId::new_v7(), Some(bob), Event::GroupMemberRemoved(GroupMemberRemoved { conversation_id: gconv, member: bob })),
+        Envelope::new(
+            EventId::new_v7(),
+            Some(alice),
+            Event::MessageEdited(MessageEdited { message_id: msg, conversation_id: conv.clone(), sender: alice, body: "hello, world".into() }),
+        ),
+        Envelope::new(
+            derive_id::message_deleted(msg),
+            Some(alice),
+            Event::MessageDeleted(MessageDeleted { message_id: msg, conversation_id: conv.clone(), sender: alice, deleted_by: alice }),
+        ),
+        Envelope::new(
+            derive_id::delivery_queued(bob, &eitem, src),
+            None,
+            Event::DeliveryQueued(DeliveryQueued { recipient: bob, item: eitem, source: Some(Source { partition: 2, offset: 50, index: 0, exactly_once: false }) }),
+        ),
+        Envelope::new(
+            derive_id::delivery_queued(bob, &ditem, src),
+            None,
+            Event::DeliveryQueued(DeliveryQueued { recipient: bob, item: ditem, source: Some(Source { partition: 2, offset: 51, index: 0, exactly_once: false }) }),
+        ),
         Envelope::new(
             EventId::new_v7(),
             Some(alice),

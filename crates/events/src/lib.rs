@@ -25,9 +25,9 @@ pub mod sqlite;
 pub mod topics;
 
 pub use event::{
-    derive_id, format_time, now_millis, AuditAccessed, CodecError, DeliveryQueued, Envelope, Event, GroupChange, GroupCreated,
+    derive_id, format_time, within_edit_window, DEFAULT_EDIT_WINDOW, now_millis, AuditAccessed, CodecError, DeliveryQueued, Envelope, Event, GroupChange, GroupCreated,
     GroupMemberAdded, GroupMemberRemoved, GroupRenamed, GroupRole, MediaAttachment, MediaUploaded, MessageDelivered, MessageKind,
-    MessageRead, MessageSent,
+    MessageDeleted, MessageEdited, MessageRead, MessageSent,
     PresenceChanged, PresenceStatus, ProfileUpdated, ProfileViewed, ReceiptStatus, Source, StreamItem, UserRegistered,
     UserRoleChanged,
     SessionsEnded,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use chat_events::event::{
     fixtures, AuditAccessed, Envelope, Event, GroupChange, GroupRole, MediaAttachment, MessageKind, StreamItem, EVENT_TYPES,
 };
-use chat_events::{ConversationId, GroupId};
+use chat_events::{ConversationId, GroupId, UserId};
 use serde_json::{json, Value};
 
 fn schemas_dir() -> PathBuf {
@@ -39,6 +39,8 @@ fn item_kind(item: &StreamItem) -> &'static str {
         StreamItem::Message { .. } => "message",
         StreamItem::Receipt { .. } => "receipt",
         StreamItem::Read { .. } => "read",
+        StreamItem::Edited { .. } => "edited",
+        StreamItem::Deleted { .. } => "deleted",
         StreamItem::Group { .. } => "group",
     }
 }
@@ -256,6 +258,19 @@ fn optional_fields_validate_when_present() {
                     *conversation_id = g.clone();
                 }
             }),
+            StreamItem::Edited { .. } => changed(|item, g| {
+                if let StreamItem::Edited { conversation_id, body, .. } = item {
+                    *conversation_id = g.clone();
+                    *body = "é".repeat(100);
+                }
+            }),
+            // Deleted by an admin of the group, not the sender.
+            StreamItem::Deleted { .. } => changed(|item, g| {
+                if let StreamItem::Deleted { conversation_id, by, .. } = item {
+                    *conversation_id = g.clone();
+                    *by = ADMIN.parse::<UserId>().expect("uuid");
+                }
+            }),
             StreamItem::Group { .. } => {
                 changed(|item, _| {
                     if let StreamItem::Group { change, name, member, role, .. } = item {
@@ -281,7 +296,7 @@ fn optional_fields_validate_when_present() {
             }
         }
     }
-    assert!(variants.len() >= 9, "not every stream item kind was varied");
+    assert!(variants.len() >= 11, "not every stream item kind was varied");
     for env in variants {
         let json = env.to_json();
         let errs = errors(&event_schema("delivery.queued"), &json);
@@ -392,6 +407,21 @@ fn malformed_envelopes_are_refused() {
         ("message.read", "bad uuid", |v| v["data"]["up_to"] = json!("not-a-uuid"), true),
         ("message.read", "upper-case uuid", |v| v["event_id"] = json!("0B6E3A5C-8D7F-4E21-9A3B-5C6D7E8F9A01"), false),
         ("message.read", "upper-case group conversation id", |v| v["data"]["conversation_id"] = json!("g.5A1E0000-4000-8000-0000-000000000001"), false),
+        ("message.edited", "extra data field", |v| v["data"]["deleted_by"] = v["data"]["sender"].clone(), true),
+        ("message.edited", "missing body", |v| remove(&mut v["data"], "body"), true),
+        ("message.edited", "missing sender", |v| remove(&mut v["data"], "sender"), true),
+        ("message.edited", "body not a string", |v| v["data"]["body"] = json!(["hello"]), true),
+        ("message.edited", "bad message id", |v| v["data"]["message_id"] = json!("not-a-uuid"), true),
+        ("message.edited", "other version", |v| v["version"] = json!(2), true),
+        ("message.edited", "key not a conversation id", |v| v["key"] = v["data"]["sender"].clone(), false),
+        ("message.edited", "upper-case sender", |v| v["data"]["sender"] = json!("0B6E3A5C-8D7F-4E21-9A3B-5C6D7E8F9A01"), false),
+        ("message.deleted", "extra data field", |v| v["data"]["body"] = json!("hello"), true),
+        ("message.deleted", "missing deleted_by", |v| remove(&mut v["data"], "deleted_by"), true),
+        ("message.deleted", "missing sender", |v| remove(&mut v["data"], "sender"), true),
+        ("message.deleted", "bad deleted_by", |v| v["data"]["deleted_by"] = json!("alice"), true),
+        ("message.deleted", "g. conversation id with a bad uuid", |v| v["data"]["conversation_id"] = json!("g.5a1e0000-4000-8000-0000-00000000001"), true),
+        ("message.deleted", "other type", |v| v["type"] = json!("message.removed"), true),
+        ("message.deleted", "time without milliseconds", |v| v["occurred_at"] = json!("2026-01-01T00:00:00Z"), false),
         ("message.delivered", "bad conversation id", |v| v["data"]["conversation_id"] = json!("g.1"), true),
         ("presence.changed", "bad status", |v| v["data"]["status"] = json!("away"), true),
         ("user.registered", "extra envelope field", |v| v["extra"] = json!(1), false),
@@ -428,6 +458,21 @@ fn malformed_envelopes_are_refused() {
         ("delivery.queued#read", "missing up_to", |v| remove(&mut v["data"]["item"], "up_to"), true),
         ("delivery.queued#read", "extra read field", |v| v["data"]["item"]["status"] = json!("seen"), true),
         ("delivery.queued#read", "time without milliseconds", |v| v["data"]["item"]["at"] = json!("2026-01-01T00:00:00Z"), false),
+        ("delivery.queued#edited", "missing body", |v| remove(&mut v["data"]["item"], "body"), true),
+        ("delivery.queued#edited", "missing sender", |v| remove(&mut v["data"]["item"], "sender"), true),
+        ("delivery.queued#edited", "extra edited field", |v| v["data"]["item"]["by"] = v["data"]["item"]["sender"].clone(), true),
+        ("delivery.queued#edited", "position in an edited item", |v| v["data"]["item"]["position"] = json!(3), true),
+        ("delivery.queued#edited", "body not a string", |v| v["data"]["item"]["body"] = Value::Null, true),
+        ("delivery.queued#edited", "time without milliseconds", |v| v["data"]["item"]["at"] = json!("2026-01-01T00:00:00Z"), false),
+        ("delivery.queued#deleted", "missing by", |v| remove(&mut v["data"]["item"], "by"), true),
+        ("delivery.queued#deleted", "missing at", |v| remove(&mut v["data"]["item"], "at"), true),
+        ("delivery.queued#deleted", "a body in a deleted item", |v| v["data"]["item"]["body"] = json!("hello"), true),
+        ("delivery.queued#deleted", "bad message id", |v| v["data"]["item"]["message_id"] = json!("01932c07"), true),
+        ("delivery.queued#deleted", "deleted_by instead of by", |v| {
+            v["data"]["item"]["deleted_by"] = v["data"]["item"]["by"].clone();
+            remove(&mut v["data"]["item"], "by");
+        }, true),
+        ("delivery.queued#deleted", "time not in UTC", |v| v["data"]["item"]["at"] = json!("2026-01-01T00:00:00.000+01:00"), false),
         ("delivery.queued#group", "group item without position", |v| remove(&mut v["data"]["item"], "position"), true),
         ("delivery.queued#group", "unknown change", |v| v["data"]["item"]["change"] = json!("archived"), true),
         ("delivery.queued#group", "bad role", |v| v["data"]["item"]["role"] = json!("owner"), true),
@@ -531,6 +576,8 @@ fn stream_item_times_keep_their_milliseconds_at_whole_seconds() {
                 StreamItem::Message { sent_at, .. } => *sent_at = whole_second,
                 StreamItem::Receipt { at, .. } => *at = whole_second,
                 StreamItem::Read { at, .. } => *at = whole_second,
+                StreamItem::Edited { at, .. } => *at = whole_second,
+                StreamItem::Deleted { at, .. } => *at = whole_second,
                 StreamItem::Group { at, .. } => *at = whole_second,
             }
             let json = env.to_json();
@@ -550,6 +597,9 @@ fn remove(v: &mut Value, field: &str) {
 fn media_json() -> Value {
     json!({"media_id": "00000000-0000-0000-0000-000000000007", "content_type": "image/png", "size": 1234, "width": 640, "height": 480})
 }
+
+/// A user other than the fixtures' two (an admin of a group deleting someone else's message).
+const ADMIN: &str = "3c4d5e6f-7a8b-4c9d-8e0f-1a2b3c4d5e6f";
 
 /// A valid direct conversation id (of the fixtures' two users).
 fn direct_conversation() -> Value {

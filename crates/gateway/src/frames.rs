@@ -120,6 +120,22 @@ pub enum ClientFrame {
         #[serde(default)]
         limit: Option<usize>,
     },
+    /// Change the text (or caption) of a message this user sent, within the edit window.
+    Edit {
+        #[serde(rename = "ref", default)]
+        r#ref: Ref,
+        conversation_id: String,
+        message_id: String,
+        body: String,
+    },
+    /// Delete a message for everyone: one this user sent (within the edit window), or, for a
+    /// group admin, any message of the group.
+    Delete {
+        #[serde(rename = "ref", default)]
+        r#ref: Ref,
+        conversation_id: String,
+        message_id: String,
+    },
     /// The user is typing (ephemeral: not an event, not stored).
     Typing {
         #[serde(rename = "ref", default)]
@@ -140,6 +156,8 @@ impl ClientFrame {
             ClientFrame::Delivered { .. } => "delivered",
             ClientFrame::Read { .. } => "read",
             ClientFrame::Sync { .. } => "sync",
+            ClientFrame::Edit { .. } => "edit",
+            ClientFrame::Delete { .. } => "delete",
             ClientFrame::Typing { .. } => "typing",
             ClientFrame::Ping { .. } => "ping",
         }
@@ -258,6 +276,24 @@ pub enum ServerFrame {
         #[serde(serialize_with = "time")]
         at: DateTime<Utc>,
     },
+    /// A message was edited by its sender: its text (or caption) is now `body`.
+    Edited {
+        conversation_id: ConversationId,
+        message_id: MessageId,
+        sender: UserId,
+        body: String,
+        #[serde(serialize_with = "time")]
+        at: DateTime<Utc>,
+    },
+    /// A message was deleted for everyone (by its sender or a group admin, `by`).
+    Deleted {
+        conversation_id: ConversationId,
+        message_id: MessageId,
+        sender: UserId,
+        by: UserId,
+        #[serde(serialize_with = "time")]
+        at: DateTime<Utc>,
+    },
     /// This user read a conversation up to a message on another device.
     Read {
         conversation_id: ConversationId,
@@ -283,7 +319,8 @@ pub enum ServerFrame {
     },
     /// The other member is typing.
     Typing { conversation_id: ConversationId, from: UserId },
-    /// A `delivered`, `read` or `typing` frame was accepted (and, for the first two, is durable).
+    /// A `delivered`, `read`, `edit`, `delete` or `typing` frame was accepted (and, for all but
+    /// `typing`, is durable).
     Ack {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         r#ref: Ref,
@@ -334,6 +371,12 @@ impl ServerFrame {
                 ServerFrame::Group { conversation_id, change, name, member, role, by, at }
             }
             StreamItem::Read { conversation_id, up_to, at, .. } => ServerFrame::Read { conversation_id, up_to, at },
+            StreamItem::Edited { conversation_id, message_id, sender, body, at } => {
+                ServerFrame::Edited { conversation_id, message_id, sender, body, at }
+            }
+            StreamItem::Deleted { conversation_id, message_id, sender, by, at } => {
+                ServerFrame::Deleted { conversation_id, message_id, sender, by, at }
+            }
         }
     }
 }

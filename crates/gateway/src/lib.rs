@@ -16,6 +16,7 @@
 pub mod auth;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod edits;
 pub mod error;
 pub mod frames;
 pub mod groups;

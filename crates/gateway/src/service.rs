@@ -69,6 +69,9 @@ pub struct Limits {
     /// `send` frames per user and second on one node, on average (bursts of twice as many; 0: no
     /// limit).
     pub sends_per_user_per_sec: usize,
+    /// How long after sending a message may be edited or deleted for everyone (the fan-out
+    /// decides for good with its own setting; keep them equal).
+    pub edit_window: Duration,
     /// Serve `/v1/ws/echo` (WebSocket conformance runs only).
     pub ws_echo: bool,
     /// A WebSocket connection with no frame from the client for this long is closed (1001); the
@@ -86,6 +89,7 @@ impl Default for Limits {
             max_sync: 500,
             max_page: 200,
             max_group_size: 1024,
+            edit_window: chat_events::DEFAULT_EDIT_WINDOW,
             presence_ttl: Duration::from_secs(30),
             login_failures_per_account: 10,
             login_failures_per_address: 50,
@@ -327,7 +331,7 @@ impl Chat {
         self
     }
 
-    async fn append(&self, env: &Envelope) -> Result<(), ApiError> {
+    pub(crate) async fn append(&self, env: &Envelope) -> Result<(), ApiError> {
         append_event(self.log.as_ref(), &self.topics, env).await.map(|_| ()).map_err(ApiError::from)
     }
 
@@ -510,12 +514,18 @@ impl Chat {
     // ----- WebSocket commands -----
 
     /// Accepts a message: gate on (sender, client_msg_id), append, then ack; push afterwards.
+    /// One command of the user's send budget (sends, edits and deletes share it).
+    pub(crate) fn take_send_budget(&self, user: UserId) -> Result<(), ApiError> {
+        if let Some(b) = &self.send_buckets {
+            b.take(user).map_err(|wait| ApiError::rate_limited("too many messages; slow down", wait))?;
+        }
+        Ok(())
+    }
+
     pub async fn send(&self, ctx: &ConnCtx, cmd: SendCommand) -> Result<ServerFrame, ApiError> {
         let SendCommand { r#ref, client_msg_id, to, conversation_id, kind, body, media_id, metadata, retry } = cmd;
         let started = Instant::now();
-        if let Some(b) = &self.send_buckets {
-            b.take(ctx.user).map_err(|wait| ApiError::rate_limited("too many messages; slow down", wait))?;
-        }
+        self.take_send_budget(ctx.user)?;
         if client_msg_id.is_empty() || client_msg_id.len() > 64 {
             return Err(bad("invalid_client_msg_id", "client_msg_id must be 1-64 bytes"));
         }
@@ -699,7 +709,7 @@ impl Chat {
         self.push(pushes).await;
     }
 
-    async fn push(&self, pushes: Vec<Push>) {
+    pub(crate) async fn push(&self, pushes: Vec<Push>) {
         if let Err(e) = self.routing.push(pushes).await {
             // The durable path (sync) still delivers; the push was only the fast path.
             warn!(error = %e, "push failed");

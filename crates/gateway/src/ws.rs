@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite;
 use tracing::debug;
 
 use crate::auth::Principal;
+use crate::edits::Change;
 use crate::error::ApiError;
 use crate::frames::{ClientFrame, ServerFrame};
 use crate::hub::Outbound;
@@ -333,7 +334,15 @@ async fn handle_text(chat: &Chat, ctx: &ConnCtx, text: &str) -> Option<Outbound>
         }
     };
     chat.metrics.frames_in.with_label_values(&[frame.type_name()]).inc();
-    let writes = matches!(frame, ClientFrame::Send { .. } | ClientFrame::Delivered { .. } | ClientFrame::Read { .. } | ClientFrame::Typing { .. });
+    let writes = matches!(
+        frame,
+        ClientFrame::Send { .. }
+            | ClientFrame::Delivered { .. }
+            | ClientFrame::Read { .. }
+            | ClientFrame::Edit { .. }
+            | ClientFrame::Delete { .. }
+            | ClientFrame::Typing { .. }
+    );
     if writes && ctx.read_only {
         let e = ApiError::new(axum::http::StatusCode::FORBIDDEN, "forbidden", "auditor accounts are read-only");
         chat.metrics.errors.with_label_values(&[e.code]).inc();
@@ -350,6 +359,14 @@ async fn handle_text(chat: &Chat, ctx: &ConnCtx, text: &str) -> Option<Outbound>
         ClientFrame::Read { r#ref, conversation_id, up_to } => {
             chat.read(ctx, &conversation_id, &up_to).await.map(|()| ServerFrame::Ack { r#ref, for_type: "read" })
         }
+        ClientFrame::Edit { r#ref, conversation_id, message_id, body } => chat
+            .change_message(ctx, &conversation_id, &message_id, Change::Edit { body })
+            .await
+            .map(|()| ServerFrame::Ack { r#ref, for_type: "edit" }),
+        ClientFrame::Delete { r#ref, conversation_id, message_id } => chat
+            .change_message(ctx, &conversation_id, &message_id, Change::Delete)
+            .await
+            .map(|()| ServerFrame::Ack { r#ref, for_type: "delete" }),
         ClientFrame::Sync { r#ref, after, limit } => chat.sync(ctx, r#ref, after, limit).await,
         ClientFrame::Typing { r#ref, conversation_id } => {
             chat.typing(ctx, &conversation_id).await.map(|()| ServerFrame::Ack { r#ref, for_type: "typing" })

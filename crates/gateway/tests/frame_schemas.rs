@@ -24,6 +24,8 @@ fn server_type(f: &ServerFrame) -> &'static str {
         ServerFrame::Message { .. } => "message",
         ServerFrame::Receipt { .. } => "receipt",
         ServerFrame::Group { .. } => "group",
+        ServerFrame::Edited { .. } => "edited",
+        ServerFrame::Deleted { .. } => "deleted",
         ServerFrame::Read { .. } => "read",
         ServerFrame::Sync { .. } => "sync",
         ServerFrame::Presence { .. } => "presence",
@@ -41,6 +43,8 @@ fn client_type(f: &ClientFrame) -> &'static str {
         ClientFrame::Delivered { .. } => "delivered",
         ClientFrame::Read { .. } => "read",
         ClientFrame::Sync { .. } => "sync",
+        ClientFrame::Edit { .. } => "edit",
+        ClientFrame::Delete { .. } => "delete",
         ClientFrame::Typing { .. } => "typing",
         ClientFrame::Ping { .. } => "ping",
     }
@@ -79,6 +83,8 @@ fn item_kind(item: &StreamItem) -> &'static str {
         StreamItem::Message { .. } => "message",
         StreamItem::Receipt { .. } => "receipt",
         StreamItem::Read { .. } => "read",
+        StreamItem::Edited { .. } => "edited",
+        StreamItem::Deleted { .. } => "deleted",
         StreamItem::Group { .. } => "group",
     }
 }
@@ -88,6 +94,8 @@ const BOB: &str = "7f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9";
 const MSG: &str = "01932c07-8a4e-7b3c-9d2e-1f0a9b8c7d6e";
 const GROUP: &str = "5a1e0000-4000-8000-0000-000000000001";
 const MEDIA: &str = "00000000-0000-0000-0000-000000000007";
+/// An admin of the group, who is neither of the other two.
+const ADMIN: &str = "3c4d5e6f-7a8b-4c9d-8e0f-1a2b3c4d5e6f";
 
 fn ids() -> (UserId, UserId, ConversationId, MessageId) {
     let alice: UserId = ALICE.parse().expect("id");
@@ -123,6 +131,13 @@ struct Items {
     group_receipt: StreamItem,
     all_receipt: StreamItem,
     read: StreamItem,
+    edited: StreamItem,
+    /// An edit of a group message.
+    group_edited: StreamItem,
+    /// Deleted by its sender.
+    deleted: StreamItem,
+    /// A group message deleted by an admin of the group.
+    admin_deleted: StreamItem,
     group_created: StreamItem,
     member_added: StreamItem,
 }
@@ -138,6 +153,10 @@ impl Items {
             self.group_receipt.clone(),
             self.all_receipt.clone(),
             self.read.clone(),
+            self.edited.clone(),
+            self.group_edited.clone(),
+            self.deleted.clone(),
+            self.admin_deleted.clone(),
             self.group_created.clone(),
             self.member_added.clone(),
         ]
@@ -216,7 +235,17 @@ fn items() -> Items {
         receipt: receipt(conv.clone(), bob, false, None),
         group_receipt: receipt(g.clone(), bob, false, Some("phone".into())),
         all_receipt: receipt(g.clone(), alice, true, None),
-        read: StreamItem::Read { conversation_id: conv, up_to: msg, at: at(), device_id: Some("phone".into()) },
+        read: StreamItem::Read { conversation_id: conv.clone(), up_to: msg, at: at(), device_id: Some("phone".into()) },
+        edited: StreamItem::Edited { conversation_id: conv.clone(), message_id: msg, sender: alice, body: "hello, world".into(), at: at() },
+        group_edited: StreamItem::Edited { conversation_id: g.clone(), message_id: msg, sender: alice, body: "é".repeat(100), at: at() },
+        deleted: StreamItem::Deleted { conversation_id: conv, message_id: msg, sender: alice, by: alice, at: at() },
+        admin_deleted: StreamItem::Deleted {
+            conversation_id: g.clone(),
+            message_id: msg,
+            sender: bob,
+            by: ADMIN.parse().expect("id"),
+            at: at(),
+        },
         group_created: StreamItem::Group {
             conversation_id: g.clone(),
             change: GroupChange::Created,
@@ -295,6 +324,8 @@ fn every_server_frame() -> Vec<ServerFrame> {
         ServerFrame::Typing { conversation_id: group_conv(), from: bob },
         ServerFrame::Ack { r#ref: Some(json!({"n": 1})), for_type: "delivered" },
         ServerFrame::Ack { r#ref: None, for_type: "read" },
+        ServerFrame::Ack { r#ref: Some(json!("e-1")), for_type: "edit" },
+        ServerFrame::Ack { r#ref: None, for_type: "delete" },
         ServerFrame::Ack { r#ref: None, for_type: "typing" },
         ServerFrame::Pong { r#ref: Some(json!(1)) },
         ServerFrame::Pong { r#ref: None },
@@ -359,6 +390,23 @@ fn push_frames_of_group_items() {
     assert_eq!(device["device_id"], json!("phone"));
 }
 
+/// The push frame of an edit or a delete is the stream item with `type` for `kind`; a delete
+/// carries no body.
+#[test]
+fn push_frames_of_edits_and_deletes() {
+    let items = items();
+    for item in [&items.edited, &items.group_edited, &items.deleted, &items.admin_deleted] {
+        let push = server_json(&ServerFrame::from_item(item));
+        let mut stream = serde_json::to_value(item).expect("item");
+        let kind = stream.as_object_mut().and_then(|o| o.remove("kind")).expect("a kind");
+        stream["type"] = kind;
+        assert_eq!(push, stream);
+    }
+    let deleted = server_json(&ServerFrame::from_item(&items.admin_deleted));
+    assert!(deleted.get("body").is_none(), "{deleted}");
+    assert_eq!((&deleted["sender"], &deleted["by"]), (&json!(BOB), &json!(ADMIN)));
+}
+
 /// The push frame of a media message carries its media as the stream item has it; a text has
 /// none.
 #[test]
@@ -401,6 +449,10 @@ fn client_examples() -> Vec<Value> {
         json!({"type": "read", "conversation_id": g, "up_to": MSG}),
         json!({"type": "sync", "ref": {"any": "json"}, "after": "41", "limit": 50}),
         json!({"type": "sync"}),
+        json!({"type": "edit", "ref": 2, "conversation_id": c, "message_id": MSG, "body": "hello, world"}),
+        json!({"type": "edit", "conversation_id": g, "message_id": MSG, "body": "é"}),
+        json!({"type": "delete", "ref": "x-1", "conversation_id": c, "message_id": MSG}),
+        json!({"type": "delete", "conversation_id": g, "message_id": MSG}),
         json!({"type": "typing", "conversation_id": c}),
         json!({"type": "typing", "conversation_id": g}),
         json!({"type": "ping", "ref": null}),
@@ -441,6 +493,15 @@ fn malformed_client_frames_are_refused_by_serde_and_schema() {
         json!({"type": "read", "conversation_id": c, "up_to": 5}),
         json!({"type": "delivered", "conversation_id": c, "message_ids": MSG}),
         json!({"type": "sync", "limit": -1}),
+        json!({"type": "edit", "conversation_id": c, "message_id": MSG}),
+        json!({"type": "edit", "conversation_id": c, "message_id": MSG, "body": null}),
+        json!({"type": "edit", "conversation_id": c, "body": "hi"}),
+        json!({"type": "edit", "conversation_id": c, "message_id": MSG, "body": "hi", "kind": "text"}),
+        json!({"type": "edit", "conversation_id": c, "message_id": [MSG], "body": "hi"}),
+        json!({"type": "delete", "conversation_id": c}),
+        json!({"type": "delete", "message_id": MSG}),
+        json!({"type": "delete", "conversation_id": c, "message_id": MSG, "body": "hi"}),
+        json!({"type": "delete", "conversation_id": c, "message_ids": [MSG]}),
         json!({"type": "Send", "client_msg_id": "c-1", "to": BOB, "body": "hi"}),
     ];
     for json in cases {
@@ -480,6 +541,11 @@ fn client_json_states_the_content_rules() {
         json!({"type": "read", "conversation_id": "g.1", "up_to": MSG}),
         json!({"type": "read", "conversation_id": format!("g.{GROUP}x"), "up_to": MSG}),
         json!({"type": "typing", "conversation_id": format!("x.{GROUP}")}),
+        json!({"type": "edit", "conversation_id": c, "message_id": MSG, "body": ""}),
+        json!({"type": "edit", "conversation_id": "g.1", "message_id": MSG, "body": "hi"}),
+        json!({"type": "edit", "conversation_id": c, "message_id": "not-a-uuid", "body": "hi"}),
+        json!({"type": "delete", "conversation_id": c, "message_id": MSG.to_uppercase()}),
+        json!({"type": "delete", "conversation_id": format!("g.{GROUP}x"), "message_id": MSG}),
         json!({"type": "send", "client_msg_id": "c-1", "conversation_id": format!("g.{MSG}.{GROUP}"), "body": "hi"}),
     ];
     for json in cases {
@@ -501,6 +567,8 @@ fn server_json_refuses_drifted_frames() {
         (ServerFrame::Pong { r#ref: None }, "null ref", |v| v["ref"] = Value::Null),
         (ServerFrame::Welcome { user_id: bob, device_id: "phone".into(), pending: 0 }, "extra field", |v| v["extra"] = json!(1)),
         (ServerFrame::Ack { r#ref: None, for_type: "read" }, "ack for a non-acked frame", |v| v["for"] = json!("send")),
+        (ServerFrame::Ack { r#ref: None, for_type: "edit" }, "ack for a server frame name", |v| v["for"] = json!("edited")),
+        (ServerFrame::Ack { r#ref: None, for_type: "delete" }, "ack for a sync", |v| v["for"] = json!("sync")),
         (ServerFrame::from_item(&i.message), "time without milliseconds", |v| v["sent_at"] = json!("2026-01-01T00:00:00Z")),
         (ServerFrame::from_item(&i.message), "position in a message frame", |v| v["position"] = json!(3)),
         (ServerFrame::from_item(&i.message), "g. conversation id with a bad uuid", |v| v["conversation_id"] = json!("g.5a1e0000-4000-8000-0000-00000000000")),
@@ -525,6 +593,15 @@ fn server_json_refuses_drifted_frames() {
         (group_frame(), "direct conversation id", |v| v["conversation_id"] = json!(conv())),
         (group_frame(), "empty name", |v| v["name"] = json!("")),
         (group_frame(), "missing by", |v| remove(v, "by")),
+        (ServerFrame::from_item(&i.edited), "missing body", |v| remove(v, "body")),
+        (ServerFrame::from_item(&i.edited), "missing sender", |v| remove(v, "sender")),
+        (ServerFrame::from_item(&i.edited), "kind in an edited frame", |v| v["kind"] = json!("text")),
+        (ServerFrame::from_item(&i.edited), "body not a string", |v| v["body"] = Value::Null),
+        (ServerFrame::from_item(&i.group_edited), "time without milliseconds", |v| v["at"] = json!("2026-01-01T00:00:00Z")),
+        (ServerFrame::from_item(&i.deleted), "missing by", |v| remove(v, "by")),
+        (ServerFrame::from_item(&i.deleted), "a body in a deleted frame", |v| v["body"] = json!("hello")),
+        (ServerFrame::from_item(&i.admin_deleted), "bad by", |v| v["by"] = json!("admin")),
+        (ServerFrame::from_item(&i.admin_deleted), "missing message_id", |v| remove(v, "message_id")),
         (ServerFrame::from_item(&i.read), "missing up_to", |v| remove(v, "up_to")),
         (ServerFrame::from_item(&i.read), "extra read field", |v| v["status"] = json!("seen")),
         (sync_of(vec![i.message.clone()]), "extra sync item field", |v| v["items"][0]["extra"] = json!(1)),
@@ -538,6 +615,12 @@ fn server_json_refuses_drifted_frames() {
         (sync_of(vec![i.message.clone()]), "sync item text with media", |v| v["items"][0]["media"] = json!({"media_id": MEDIA, "content_type": "image/png", "size": 1})),
         (sync_of(vec![i.message.clone()]), "sync item with an unknown message kind", |v| v["items"][0]["message_kind"] = json!("sticker")),
         (sync_of(vec![i.read.clone()]), "read sync item without at", |v| remove(&mut v["items"][0], "at")),
+        (sync_of(vec![i.edited.clone()]), "edited sync item without body", |v| remove(&mut v["items"][0], "body")),
+        (sync_of(vec![i.group_edited.clone()]), "edited sync item with a position", |v| v["items"][0]["position"] = json!(3)),
+        (sync_of(vec![i.edited.clone()]), "edited sync item without cursor", |v| remove(&mut v["items"][0], "cursor")),
+        (sync_of(vec![i.deleted.clone()]), "deleted sync item with a body", |v| v["items"][0]["body"] = json!("hello")),
+        (sync_of(vec![i.admin_deleted.clone()]), "deleted sync item without by", |v| remove(&mut v["items"][0], "by")),
+        (sync_of(vec![i.deleted.clone()]), "deleted sync item as a push frame", |v| v["items"][0]["type"] = json!("deleted")),
         (sync_of(vec![i.read.clone()]), "unknown sync item kind", |v| v["items"][0]["kind"] = json!("typing")),
         (sync_of(vec![i.read.clone()]), "sync item as a push frame", |v| v["items"][0]["type"] = json!("read")),
         (ServerFrame::Sync { r#ref: None, items: vec![], cursor: None, has_more: false }, "missing cursor", |v| remove(v, "cursor")),
@@ -565,7 +648,11 @@ fn sync_item_times_keep_their_milliseconds_at_whole_seconds() {
     for item in &mut all {
         match item {
             StreamItem::Message { sent_at, .. } => *sent_at = whole_second,
-            StreamItem::Receipt { at, .. } | StreamItem::Read { at, .. } | StreamItem::Group { at, .. } => *at = whole_second,
+            StreamItem::Receipt { at, .. }
+            | StreamItem::Read { at, .. }
+            | StreamItem::Edited { at, .. }
+            | StreamItem::Deleted { at, .. }
+            | StreamItem::Group { at, .. } => *at = whole_second,
         }
     }
     let json = server_json(&sync_of(all));

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chat_events::{
-    derive_id, Committer, ConversationId, DeliveryQueued, Envelope, Event, EventLog, GroupChange, GroupRole, MessageDelivered,
-    MessageRead, MessageSent, ReceiptStatus, Record, Source, StreamItem, Topics, UserId,
+    derive_id, within_edit_window, Committer, ConversationId, DeliveryQueued, Envelope, Event, EventLog, GroupChange, GroupRole, MessageDeleted,
+    MessageDelivered, MessageEdited, MessageRead, MessageSent, DEFAULT_EDIT_WINDOW, ReceiptStatus, Record, Source, StreamItem, Topics, UserId,
 };
 use chat_store::{content_sha256, FanoutGroup, FanoutMessage, FanoutStore, MemberInterval, SendRecord, StoreError};
 use tracing::{debug, info, warn};
@@ -45,6 +45,8 @@ pub struct FanOut {
     store: Arc<dyn FanoutStore>,
     pusher: Option<Arc<dyn Pusher>>,
     max_group_size: usize,
+    /// How long after sending a message may be edited or deleted for everyone.
+    edit_window: Duration,
     /// Member intervals per group, valid while the group's `membership_version` is unchanged.
     members: Mutex<HashMap<ConversationId, CachedMembers>>,
     /// Duplicate sends dropped since start.
@@ -142,10 +144,46 @@ fn read_item(env: &Envelope, r: &MessageRead) -> StreamItem {
     StreamItem::Read { conversation_id: r.conversation_id.clone(), up_to: r.up_to, at: env.occurred_at, device_id: Some(r.device_id.to_string()) }
 }
 
-/// What one event of a direct conversation puts into users' streams (no state needed: the
-/// conversation id names both members).
-pub fn route_direct(env: &Envelope) -> Vec<Envelope> {
+/// The items of an edit or a delete (the same item for every recipient).
+fn change_item(env: &Envelope) -> Option<StreamItem> {
     match &env.event {
+        Event::MessageEdited(e) => Some(StreamItem::Edited {
+            conversation_id: e.conversation_id.clone(),
+            message_id: e.message_id,
+            sender: e.sender,
+            body: e.body.clone(),
+            at: env.occurred_at,
+        }),
+        Event::MessageDeleted(d) => Some(StreamItem::Deleted {
+            conversation_id: d.conversation_id.clone(),
+            message_id: d.message_id,
+            sender: d.sender,
+            by: d.deleted_by,
+            at: env.occurred_at,
+        }),
+        _ => None,
+    }
+}
+
+/// What one event of a direct conversation puts into users' streams (no state needed: the
+/// conversation id names both members). An edit or delete is the sender's, within `edit_window`
+/// (the gateway checked that the message is the sender's before the append).
+pub fn route_direct(env: &Envelope, edit_window: Duration) -> Vec<Envelope> {
+    match &env.event {
+        Event::MessageEdited(MessageEdited { message_id, conversation_id, sender, .. })
+        | Event::MessageDeleted(MessageDeleted { message_id, conversation_id, sender, .. }) => {
+            let by = match &env.event {
+                Event::MessageDeleted(d) => d.deleted_by,
+                _ => *sender,
+            };
+            let peer = conversation_id.peer_of(*sender);
+            match (peer, change_item(env)) {
+                (Some(peer), Some(item)) if env.actor == Some(*sender) && by == *sender && within_edit_window(&env.occurred_at, *message_id, edit_window) => {
+                    vec![queued(env, peer, item.clone()), queued(env, *sender, item)]
+                }
+                _ => Vec::new(),
+            }
+        }
         Event::MessageSent(m) => {
             let Some((a, b)) = m.conversation_id.direct_members() else {
                 return Vec::new();
@@ -224,11 +262,18 @@ impl FanOut {
             store,
             pusher,
             max_group_size,
+            edit_window: DEFAULT_EDIT_WINDOW,
             members: Mutex::new(HashMap::new()),
             duplicates: Default::default(),
             committer: None,
             next: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Edits and deletes for everyone are refused this long after a message was sent.
+    pub fn with_edit_window(mut self, window: Duration) -> Self {
+        self.edit_window = window;
+        self
     }
 
     /// Appends outputs through the consumer's committer (see [`LogConsumer::committer`]).
@@ -383,6 +428,24 @@ impl FanOut {
                 let own = senders_copy(&item, m);
                 Ok(members.iter().map(|i| queued(env, i.member, if i.member == m.sender { own.clone() } else { item.clone() })).collect())
             }
+            Event::MessageEdited(MessageEdited { message_id, sender, .. }) | Event::MessageDeleted(MessageDeleted { message_id, sender, .. }) => {
+                let (Some(group), Some(actor), Some(item)) = (existing, actor, change_item(env)) else { return Ok(Vec::new()) };
+                let Some(msg) = self.store.fanout_message(&conv, *message_id).await? else { return Ok(Vec::new()) };
+                let now = self.members_at(&group, o).await?;
+                let is_delete = matches!(env.event, Event::MessageDeleted(_));
+                // The sender, still a member, changes their own message; an admin may delete
+                // anyone's. Both within the window.
+                let allowed = msg.sender == *sender
+                    && within_edit_window(&env.occurred_at, *message_id, self.edit_window)
+                    && now.iter().any(|m| m.member == actor && (actor == msg.sender || (is_delete && m.role == GroupRole::Admin)));
+                if !allowed {
+                    debug!(message = %message_id, "edit or delete refused at its position");
+                    return Ok(Vec::new());
+                }
+                // Everyone who got the message, members removed since included: each holds it.
+                let had = self.members_at(&group, msg.position).await?;
+                Ok(to_all(&had, item))
+            }
             Event::MessageDelivered(d) => self.group_delivered(env, &conv, d).await,
             Event::MessageRead(r) => {
                 let Some(group) = existing else { return Ok(Vec::new()) };
@@ -487,7 +550,7 @@ impl FanOut {
     async fn route(&self, env: &Envelope, offset: i64) -> R<Vec<Envelope>> {
         match env.event.conversation_id() {
             Some(c) if c.is_group() => self.route_group(env, offset).await,
-            _ => Ok(route_direct(env)),
+            _ => Ok(route_direct(env, self.edit_window)),
         }
     }
 }
@@ -743,6 +806,8 @@ fn is_group_push(item: &StreamItem) -> bool {
     match item {
         StreamItem::Message { conversation_id, .. }
         | StreamItem::Receipt { conversation_id, .. }
+        | StreamItem::Edited { conversation_id, .. }
+        | StreamItem::Deleted { conversation_id, .. }
         | StreamItem::Group { conversation_id, .. } => conversation_id.is_group(),
         StreamItem::Read { .. } => false,
     }
@@ -794,16 +859,77 @@ mod tests {
         let (a, b) = (UserId::random(), UserId::random());
         let conv = ConversationId::direct(a, b);
         let env = sent(&conv, a, "x");
-        assert_eq!(recipients(&route_direct(&env)), sorted(vec![a, b]));
+        assert_eq!(recipients(&route_direct(&env, DEFAULT_EDIT_WINDOW)), sorted(vec![a, b]));
         // Same input, same ids: a replayed fan-out collapses downstream.
-        assert_eq!(route_direct(&env), route_direct(&env));
+        assert_eq!(route_direct(&env, DEFAULT_EDIT_WINDOW), route_direct(&env, DEFAULT_EDIT_WINDOW));
         let read = Envelope::new(
             EventId::new_v7(),
             Some(b),
             Event::MessageRead(MessageRead { conversation_id: conv, reader: b, device_id: DeviceId::default_device(), up_to: MessageId::new_v7() }),
         );
         // A seen receipt to the sender, and a read marker to the reader's other devices.
-        assert_eq!(recipients(&route_direct(&read)), sorted(vec![a, b]));
+        assert_eq!(recipients(&route_direct(&read, DEFAULT_EDIT_WINDOW)), sorted(vec![a, b]));
+    }
+
+    fn edited(conv: &ConversationId, actor: UserId, sender: UserId, id: MessageId, at: chrono::DateTime<chrono::Utc>) -> Envelope {
+        let mut env = event(actor, Event::MessageEdited(MessageEdited { message_id: id, conversation_id: conv.clone(), sender, body: "v2".into() }));
+        env.occurred_at = at;
+        env
+    }
+
+    fn deleted(conv: &ConversationId, actor: UserId, sender: UserId, id: MessageId, at: chrono::DateTime<chrono::Utc>) -> Envelope {
+        let mut env = event(actor, Event::MessageDeleted(MessageDeleted { message_id: id, conversation_id: conv.clone(), sender, deleted_by: actor }));
+        env.occurred_at = at;
+        env
+    }
+
+    #[test]
+    fn a_direct_edit_or_delete_is_the_senders_within_the_window() {
+        let (a, b) = (UserId::random(), UserId::random());
+        let conv = ConversationId::direct(a, b);
+        let Event::MessageSent(m) = sent(&conv, a, "x").event else { unreachable!() };
+        let now = chrono::Utc::now();
+        assert_eq!(recipients(&route_direct(&edited(&conv, a, a, m.message_id, now), DEFAULT_EDIT_WINDOW)), sorted(vec![a, b]));
+        assert_eq!(recipients(&route_direct(&deleted(&conv, a, a, m.message_id, now), DEFAULT_EDIT_WINDOW)), sorted(vec![a, b]));
+        assert!(route_direct(&edited(&conv, b, a, m.message_id, now), DEFAULT_EDIT_WINDOW).is_empty(), "not the sender");
+        assert!(route_direct(&deleted(&conv, b, a, m.message_id, now), DEFAULT_EDIT_WINDOW).is_empty(), "not the sender");
+        let late = now + chrono::Duration::hours(49);
+        assert!(route_direct(&edited(&conv, a, a, m.message_id, late), DEFAULT_EDIT_WINDOW).is_empty(), "past the window");
+        assert!(!route_direct(&edited(&conv, a, a, m.message_id, late), Duration::from_secs(50 * 3600)).is_empty(), "the window is a setting");
+    }
+
+    #[tokio::test]
+    async fn a_group_edit_or_delete_is_decided_at_its_position_and_reaches_everyone_who_got_the_message() {
+        let dir = std::env::temp_dir().join(format!("chat-fanout-{}", uuid::Uuid::new_v4()));
+        let f = fanout(&dir, 8);
+        let (admin, bob, carol, dave) = (UserId::random(), UserId::random(), UserId::random(), UserId::random());
+        let g = GroupId::random();
+        let conv = ConversationId::group(g);
+        let created = event(
+            admin,
+            Event::GroupCreated(GroupCreated { conversation_id: conv.clone(), group_id: g, name: "g".into(), creator: admin, members: vec![bob, carol] }),
+        );
+        f.route(&created, 1).await.unwrap();
+        let m = sent(&conv, bob, "m");
+        f.route(&m, 2).await.unwrap();
+        let Event::MessageSent(msg) = &m.event else { unreachable!() };
+        let id = msg.message_id;
+        // carol leaves, dave joins: the message's holders are admin, bob and carol.
+        f.route(&event(carol, Event::GroupMemberRemoved(GroupMemberRemoved { conversation_id: conv.clone(), member: carol })), 3).await.unwrap();
+        let add = event(admin, Event::GroupMemberAdded(GroupMemberAdded { conversation_id: conv.clone(), member: dave, role: GroupRole::Member }));
+        f.route(&add, 4).await.unwrap();
+        let now = chrono::Utc::now();
+        assert_eq!(recipients(&f.route(&edited(&conv, bob, bob, id, now), 5).await.unwrap()), sorted(vec![admin, bob, carol]));
+        assert!(f.route(&edited(&conv, admin, bob, id, now), 6).await.unwrap().is_empty(), "an admin edits no one else's message");
+        assert!(f.route(&deleted(&conv, dave, bob, id, now), 7).await.unwrap().is_empty(), "a member deletes no one else's message");
+        assert!(f.route(&edited(&conv, bob, admin, id, now), 8).await.unwrap().is_empty(), "the event must name the real sender");
+        let late = now + chrono::Duration::hours(49);
+        assert!(f.route(&deleted(&conv, admin, bob, id, late), 9).await.unwrap().is_empty(), "past the window");
+        assert_eq!(recipients(&f.route(&deleted(&conv, admin, bob, id, now), 10).await.unwrap()), sorted(vec![admin, bob, carol]), "an admin deletes anyone's");
+        // A sender who left can no longer change their message.
+        f.route(&event(bob, Event::GroupMemberRemoved(GroupMemberRemoved { conversation_id: conv.clone(), member: bob })), 11).await.unwrap();
+        assert!(f.route(&edited(&conv, bob, bob, id, now), 12).await.unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn fanout(dir: &std::path::Path, max: usize) -> FanOut {

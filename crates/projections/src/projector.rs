@@ -171,6 +171,7 @@ impl Projector {
             }
             Key::StreamAfter(u, after) => Fetched::Stream(s.stream_after(*u, *after, views::rows::STREAM_SCAN).await?),
             Key::Intervals(u, c) => Fetched::Intervals(s.user_group_intervals(*u, c).await?),
+            Key::StreamMessages(u, m) => Fetched::Seqs(s.stream_messages(*u, *m).await?),
             Key::MessageCount(k) => {
                 let pending = self.deferred.lock().unwrap_or_else(|p| p.into_inner()).counts.get(k).copied();
                 match pending {

@@ -38,6 +38,7 @@ pub async fn run_all(tables: Arc<dyn Tables>) {
     send_records(t).await;
     media_objects(t).await;
     history(t).await;
+    message_changes(t).await;
     inbox(t).await;
     stream_heads(t).await;
     receipts(t).await;
@@ -127,6 +128,8 @@ fn message(conv: &ConversationId, sender: UserId, ms: i64, n: usize) -> MessageR
             height: None,
             duration_ms: Some(n as u64),
         }),
+        edited_at: None,
+        deleted: false,
     }
 }
 
@@ -245,6 +248,50 @@ pub async fn send_records(t: &dyn Tables) {
 }
 
 /// History: newest-first pages with `before` across two day buckets, `find_message`.
+/// Edits and deletes of a message: the last edit's text, a delete for good (its body and media
+/// gone, whatever is applied after it), and the `stream_messages` rows a delete reads.
+pub async fn message_changes(t: &dyn Tables) {
+    let (a, b, conv) = direct();
+    let m = message(&conv, a, DAY0_MS + 5_000, 3);
+    assert!(m.media.is_some(), "the fixture carries media");
+    let at = |s: i64| DateTime::from_timestamp_millis(DAY0_MS + s * 1000).unwrap_or_default();
+    let edit = |body: &str, s: i64| Write::MessageEdited { conversation: conv.clone(), message: m.message_id, body: body.into(), at: at(s) };
+    let read = || async { t.history_page(&conv, None, 10).await.expect("history_page").into_iter().next().expect("the message") };
+    // An edit of a message not in history writes nothing.
+    t.apply(vec![edit("early", 1)]).await.expect("apply");
+    assert!(t.history_page(&conv, None, 10).await.expect("history_page").is_empty(), "no row from an edit alone");
+    t.put_message(&m).await.expect("put_message");
+    let secret = format!("second {}", uuid::Uuid::new_v4());
+    t.apply(vec![edit("first", 10), edit(&secret, 20)]).await.expect("apply");
+    let row = read().await;
+    assert_eq!((row.body.as_str(), row.edited_at, row.deleted), (secret.as_str(), Some(at(20)), false), "the last edit of a list counts");
+    let found = t.tables_containing(&secret).await.expect("tables_containing");
+    assert_eq!(found, BTreeMap::from([("messages".to_owned(), 1)]), "tables_containing finds the text");
+    // The message item applied again (a redelivery) keeps the edit.
+    t.put_message(&m).await.expect("put_message");
+    assert_eq!(read().await.body, secret, "a message written again never undoes an edit");
+    t.apply(vec![Write::MessageDeleted { conversation: conv.clone(), message: m.message_id }]).await.expect("apply");
+    let row = read().await;
+    assert!(row.deleted && row.body.is_empty() && row.media.is_none() && row.edited_at.is_none(), "a deleted message keeps no body, media or edit time: {row:?}");
+    assert!(t.tables_containing(&secret).await.expect("tables_containing").is_empty(), "the deleted text is in no table");
+    t.put_message(&m).await.expect("put_message");
+    t.apply(vec![edit("after", 30)]).await.expect("apply");
+    let row = read().await;
+    assert!(row.deleted && row.body.is_empty() && row.media.is_none(), "deleted stays deleted: {row:?}");
+    assert_eq!(row.sender, a, "the rest of the row stays");
+
+    // Where a message sits in a user's stream, by seq; per user and message.
+    let sm = |user, message: MessageId, seq, deleted| Write::StreamMessage { user, message, seq, deleted };
+    let other = msg_id(DAY0_MS + 6_000);
+    t.apply(vec![sm(b, m.message_id, 40, false), sm(b, m.message_id, 7, false), sm(b, other, 8, false), sm(a, m.message_id, 9, false)])
+        .await
+        .expect("apply");
+    t.apply(vec![sm(b, m.message_id, 41, true), sm(b, m.message_id, 7, false)]).await.expect("apply");
+    assert_eq!(t.stream_messages(b, m.message_id).await.expect("stream_messages"), vec![(7, false), (40, false), (41, true)]);
+    assert_eq!(t.stream_messages(a, m.message_id).await.expect("stream_messages"), vec![(9, false)]);
+    assert!(t.stream_messages(a, other).await.expect("stream_messages").is_empty());
+}
+
 pub async fn history(t: &dyn Tables) {
     let (a, b, conv) = direct();
     let (_, _, other) = direct();
@@ -1174,6 +1221,12 @@ pub async fn topic_counts(t: &dyn Tables) {
     );
     assert!(topics(d1, d1).await.is_empty(), "topic_counts of a day with none is empty");
     assert_eq!(topics(d3, d3).await, vec![tc(d3, "rain", 1, 1)], "topic_counts of one day");
+    // A deleted message's topics go.
+    t.apply(vec![Write::TopicRemoved { day: d0, topic: "#climb".into(), message: m[0] }, Write::TopicRemoved { day: d3, topic: "rain".into(), message: m[5] }])
+        .await
+        .expect("apply");
+    assert!(topics(d3, d3).await.is_empty(), "a removed topic row is gone");
+    assert_eq!(topics(d0, d0).await[0], tc(d0, "#climb", 2, 1), "only the removed message's row goes");
 }
 
 /// The receipts of one recipient: filled by `put_receipts`, with the earliest `at` per key in
@@ -1328,6 +1381,9 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         Write::MediaMessage { media: item1, conversation: c.clone(), message: m1.message_id, position: 7 },
         Write::MediaMessage { media: item1, conversation: c.clone(), message: m2.message_id, position: 9 },
         Write::MediaMessage { media: item1, conversation: c.clone(), message: m1.message_id, position: 7 },
+        Write::StreamMessage { user: b, message: m1.message_id, seq: 1, deleted: false },
+        Write::StreamMessage { user: b, message: m1.message_id, seq: 2, deleted: false },
+        Write::StreamMessage { user: b, message: m1.message_id, seq: 1, deleted: false },
     ];
     let rows = BTreeMap::from([
         ("users", 2),
@@ -1352,6 +1408,7 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         ("analytics_topics", 2),
         ("receipts_by_user", 2),
         ("media_messages", 2),
+        ("stream_messages", 2),
     ]);
     (writes, rows)
 }

@@ -160,6 +160,12 @@ pub struct MessageRow {
     pub position: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub media: Option<chat_events::MediaAttachment>,
+    /// When its sender last edited it (`body` is then the edited text).
+    #[serde(serialize_with = "ser_opt_time", skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<DateTime<Utc>>,
+    /// Deleted for everyone: `body` is empty and `media` absent.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
 }
 
 /// Where a message lives.
@@ -297,6 +303,8 @@ pub trait ProjectionStore: Durable + WriteStore {
     /// The highest source ([`chat_events::Source::packed`]) applied to a user's stream from one
     /// partition of the conversations topic.
     async fn stream_head(&self, user: UserId, source_partition: i32) -> StoreResult<Option<i64>>;
+    /// The `stream_messages` rows of a user and message: (seq, deleted), by seq.
+    async fn stream_messages(&self, user: UserId, message: MessageId) -> StoreResult<Vec<(i64, bool)>>;
     /// The `analytics_message_counts` row of a deliveries partition: (messages, applied offset).
     async fn message_count_row(&self, key: &MessageCountKey) -> StoreResult<Option<(i64, i64)>>;
     /// Several inbox rows at once (one round trip where the back-end can).
@@ -365,6 +373,9 @@ pub trait TableAdmin: Send + Sync {
     async fn replace_projections(&self, place: &str) -> StoreResult<()>;
     /// Row count and SHA-256 over the sorted rows of every projection table.
     async fn checksums(&self) -> StoreResult<BTreeMap<String, TableChecksum>>;
+    /// The projection tables holding a row whose text contains `needle`, with how many such rows
+    /// (what an operator runs to check that a deleted message's text is gone from every table).
+    async fn tables_containing(&self, needle: &str) -> StoreResult<BTreeMap<String, u64>>;
     /// Whether the store answers a trivial query.
     async fn ping(&self) -> bool;
 }
@@ -382,8 +393,10 @@ impl<T: CommandStore + ProjectionStore + ReadStore + TableAdmin + FanoutStore + 
 /// message's `sent` transition is stored like a group member's. 5: messages are counted for
 /// analytics in `analytics_message_counts` (a count per day, kind, scope and deliveries
 /// partition, guarded by the partition's offset) instead of a row per message in
-/// `analytics_messages`.
-pub const PROJECTION_LAYOUT: u32 = 5;
+/// `analytics_messages`. 6: edits and deletes (`messages` says when a message was edited and
+/// whether it was deleted; `stream_messages` finds the stream rows of a message, which a delete
+/// replaces).
+pub const PROJECTION_LAYOUT: u32 = 6;
 
 /// Projection tables of older layouts, dropped by [`TableAdmin::reset_projections`].
 /// (`pending_deliveries`: a row per message not yet delivered to any device, added and removed
@@ -417,6 +430,7 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "analytics_topics",
     "receipts_by_user",
     "media_messages",
+    "stream_messages",
 ];
 
 /// Convenience: a device id as stored in the receipts table.

@@ -82,6 +82,11 @@ struct Stmts {
 
     insert_user: PreparedStatement,
     insert_message: PreparedStatement,
+    update_message_edited: PreparedStatement,
+    update_message_deleted: PreparedStatement,
+    insert_stream_message: PreparedStatement,
+    select_stream_messages: PreparedStatement,
+    delete_topic: PreparedStatement,
     insert_bucket: PreparedStatement,
     insert_message_index: PreparedStatement,
     select_message_index: PreparedStatement,
@@ -160,8 +165,13 @@ pub struct ScyllaStore {
     stmts: Stmts,
 }
 
-const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media";
-type MessageTuple = (String, Uuid, Uuid, String, String, String, String, DateTime<Utc>, Option<i64>, Option<String>);
+/// The write time of a message's delete: above any edit's (written at the time it is applied),
+/// so a deleted message stays deleted whatever is applied after it.
+const DELETED_TS: i64 = 1 << 62;
+
+const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media, edited_at, deleted";
+type MessageTuple =
+    (String, Uuid, Uuid, String, String, String, String, DateTime<Utc>, Option<i64>, Option<String>, Option<DateTime<Utc>>, Option<bool>);
 
 fn message_from(t: MessageTuple) -> StoreResult<MessageRow> {
     Ok(MessageRow {
@@ -178,6 +188,8 @@ fn message_from(t: MessageTuple) -> StoreResult<MessageRow> {
             Some(j) => Some(serde_json::from_str(&j).map_err(data)?),
             None => None,
         },
+        edited_at: t.10,
+        deleted: t.11.unwrap_or(false),
     })
 }
 
@@ -224,6 +236,23 @@ fn table_columns(stmt: &str) -> Option<(String, Vec<(String, String)>)> {
 }
 
 impl ScyllaStore {
+    /// Every row of a table, as Cassandra's JSON (every column in a canonical text form,
+    /// whatever the types).
+    async fn rows_as_json(&self, table: &str) -> StoreResult<Vec<String>> {
+        let mut stream = self
+            .session
+            .query_iter(format!("SELECT JSON * FROM {}.{}", self.keyspace, table), ())
+            .await
+            .map_err(unavailable)?
+            .rows_stream::<(String,)>()
+            .map_err(data)?;
+        let mut rows = Vec::new();
+        while let Some((json,)) = stream.try_next().await.map_err(unavailable)? {
+            rows.push(json);
+        }
+        Ok(rows)
+    }
+
     /// Connects, creates the keyspace and tables if needed, and prepares every statement.
     pub async fn connect(config: &ScyllaConfig) -> StoreResult<Self> {
         if !config.keyspace.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || config.keyspace.is_empty() {
@@ -358,7 +387,7 @@ impl ScyllaStore {
 
             insert_user: p(format!("INSERT INTO {ks}.users (user_id, username, registered_at) VALUES (?, ?, ?)")).await?,
             insert_message: p(format!(
-                "INSERT INTO {ks}.messages (conversation_id, bucket, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT INTO {ks}.messages (conversation_id, bucket, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP 1"
             ))
             .await?,
             insert_bucket: p(format!("INSERT INTO {ks}.conversation_buckets (conversation_id, bucket) VALUES (?, ?)")).await?,
@@ -547,7 +576,18 @@ impl ScyllaStore {
                 "SELECT viewer, COUNT(*) FROM {ks}.analytics_profile_views WHERE viewed = ? AND day = ? GROUP BY viewer"
             ))
             .await?,
-            insert_topic: p(format!("INSERT INTO {ks}.analytics_topics (day, topic, message_id, sender) VALUES (?, ?, ?, ?)")).await?,
+            insert_topic: p(format!("INSERT INTO {ks}.analytics_topics (day, topic, message_id, sender) VALUES (?, ?, ?, ?) USING TIMESTAMP 1")).await?,
+            delete_topic: p(format!("DELETE FROM {ks}.analytics_topics WHERE day = ? AND topic = ? AND message_id = ?")).await?,
+            update_message_edited: p(format!(
+                "UPDATE {ks}.messages SET body = ?, edited_at = ? WHERE conversation_id = ? AND bucket = ? AND message_id = ?"
+            ))
+            .await?,
+            update_message_deleted: p(format!(
+                "UPDATE {ks}.messages USING TIMESTAMP {DELETED_TS} SET body = '', media = null, edited_at = null, deleted = true WHERE conversation_id = ? AND bucket = ? AND message_id = ?"
+            ))
+            .await?,
+            insert_stream_message: p(format!("INSERT INTO {ks}.stream_messages (user_id, message_id, seq, deleted) VALUES (?, ?, ?, ?)")).await?,
+            select_stream_messages: p(format!("SELECT seq, deleted FROM {ks}.stream_messages WHERE user_id = ? AND message_id = ?")).await?,
             count_topics: p(format!("SELECT topic, sender FROM {ks}.analytics_topics WHERE day = ?")).await?,
             insert_receipt_by_user: p(format!(
                 "INSERT INTO {ks}.receipts_by_user (recipient, message_id, status, device_id, at, sender, conversation_id) VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
@@ -916,6 +956,16 @@ impl ScyllaStore {
             Write::ActiveUser { day, user } => self.exec(&st.insert_active_user, (*day, user.0)).await,
             Write::ProfileView { viewed, day, viewer, view } => self.exec(&st.insert_profile_view, (viewed.0, *day, viewer.0, view.0)).await,
             Write::Topic { day, topic, message, sender } => self.exec(&st.insert_topic, (*day, topic, message.0, sender.0)).await,
+            Write::TopicRemoved { day, topic, message } => self.exec(&st.delete_topic, (*day, topic, message.0)).await,
+            // An edit of a deleted message is never written (the sender's copy knows it is
+            // deleted); the two updates of one list are coalesced to the last.
+            Write::MessageEdited { conversation, message, body, at } => {
+                self.exec(&st.update_message_edited, (body, *at, conversation.as_str(), bucket_of(*message), message.0)).await
+            }
+            Write::MessageDeleted { conversation, message } => {
+                self.exec(&st.update_message_deleted, (conversation.as_str(), bucket_of(*message), message.0)).await
+            }
+            Write::StreamMessage { user, message, seq, deleted } => self.exec(&st.insert_stream_message, (user.0, message.0, *seq, *deleted)).await,
             Write::MediaMessage { media, conversation, message, position } => {
                 self.exec(&st.insert_media_message, (*media, conversation.as_str(), message.0, *position)).await
             }
@@ -1008,6 +1058,11 @@ impl ProjectionStore for ScyllaStore {
     async fn stream_head(&self, user: UserId, source_partition: i32) -> StoreResult<Option<i64>> {
         let rows = self.rows::<(i64,)>(&self.stmts.select_stream_head, (user.0, source_partition)).await?;
         Ok(rows.into_iter().next().map(|(p,)| p))
+    }
+
+    async fn stream_messages(&self, user: UserId, message: MessageId) -> StoreResult<Vec<(i64, bool)>> {
+        let rows = self.rows::<(i64, Option<bool>)>(&self.stmts.select_stream_messages, (user.0, message.0)).await?;
+        Ok(rows.into_iter().map(|(seq, d)| (seq, d.unwrap_or(false))).collect())
     }
 
     async fn message_count_row(&self, key: &MessageCountKey) -> StoreResult<Option<(i64, i64)>> {
@@ -1514,21 +1569,21 @@ impl TableAdmin for ScyllaStore {
         Ok(())
     }
 
+    async fn tables_containing(&self, needle: &str) -> StoreResult<BTreeMap<String, u64>> {
+        let mut out = BTreeMap::new();
+        for t in PROJECTION_TABLES {
+            let n = self.rows_as_json(t).await?.iter().filter(|r| !needle.is_empty() && r.contains(needle)).count() as u64;
+            if n > 0 {
+                out.insert((*t).to_owned(), n);
+            }
+        }
+        Ok(out)
+    }
+
     async fn checksums(&self) -> StoreResult<BTreeMap<String, TableChecksum>> {
         let mut out = BTreeMap::new();
         for t in PROJECTION_TABLES {
-            // SELECT JSON gives every column in a canonical text form, whatever the types.
-            let mut stream = self
-                .session
-                .query_iter(format!("SELECT JSON * FROM {}.{}", self.keyspace, t), ())
-                .await
-                .map_err(unavailable)?
-                .rows_stream::<(String,)>()
-                .map_err(data)?;
-            let mut rows = Vec::new();
-            while let Some((json,)) = stream.try_next().await.map_err(unavailable)? {
-                rows.push(json);
-            }
+            let mut rows = self.rows_as_json(t).await?;
             rows.sort_unstable();
             let mut h = Sha256::new();
             for r in &rows {

@@ -98,7 +98,7 @@ CREATE TABLE IF NOT EXISTS session_revocations (at INTEGER NOT NULL, user_id TEX
 /// which reads and writes the same rows).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, username TEXT NOT NULL, registered_at INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS messages (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL, sender_device TEXT NOT NULL, client_msg_id TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL, media TEXT, PRIMARY KEY (conversation_id, message_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS messages (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL, sender_device TEXT NOT NULL, client_msg_id TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL, media TEXT, edited_at INTEGER, deleted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (conversation_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS conversation_buckets (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, PRIMARY KEY (conversation_id, bucket)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS message_index (message_id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL, sender TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS inbox (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, peer_id TEXT, last_message_id TEXT NOT NULL, last_sender TEXT NOT NULL, last_kind TEXT NOT NULL, last_body TEXT NOT NULL, last_at INTEGER NOT NULL, unread INTEGER NOT NULL, first_unread_seq INTEGER, read_up_to TEXT, applied_offset INTEGER NOT NULL, wrote INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (user_id, conversation_id)) WITHOUT ROWID;
@@ -124,6 +124,7 @@ CREATE TABLE IF NOT EXISTS analytics_active_users (day TEXT NOT NULL, user_id TE
 CREATE TABLE IF NOT EXISTS analytics_profile_views (viewed TEXT NOT NULL, day TEXT NOT NULL, viewer TEXT NOT NULL, view_id TEXT NOT NULL, PRIMARY KEY (viewed, day, viewer, view_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS media_messages (media_id TEXT NOT NULL, conversation_id TEXT NOT NULL, message_id TEXT NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (media_id, conversation_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS analytics_topics (day TEXT NOT NULL, topic TEXT NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL DEFAULT '', PRIMARY KEY (day, topic, message_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS stream_messages (user_id TEXT NOT NULL, message_id TEXT NOT NULL, seq INTEGER NOT NULL, deleted INTEGER NOT NULL, PRIMARY KEY (user_id, message_id, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS receipts_by_user (recipient TEXT NOT NULL, message_id TEXT NOT NULL, status TEXT NOT NULL, device_id TEXT NOT NULL, at INTEGER NOT NULL, sender TEXT NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (recipient, message_id, status, device_id)) WITHOUT ROWID;
 DROP INDEX IF EXISTS receipts_by_user_at;
 CREATE TABLE IF NOT EXISTS sync_marks (id INTEGER PRIMARY KEY, n INTEGER NOT NULL);
@@ -430,6 +431,28 @@ fn move_command_tables(cmd: &mut Connection, tables: &Connection, tables_path: &
     Ok(())
 }
 
+/// Every row of a table as a JSON array of its columns.
+fn table_rows_as_json(c: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
+    let mut st = c.prepare(&format!("SELECT * FROM {table}"))?;
+    let n = st.column_count();
+    let rows = st
+        .query_map([], |r| {
+            let mut vals = Vec::with_capacity(n);
+            for i in 0..n {
+                vals.push(match r.get_ref(i)? {
+                    rusqlite::types::ValueRef::Null => serde_json::Value::Null,
+                    rusqlite::types::ValueRef::Integer(v) => serde_json::json!(v),
+                    rusqlite::types::ValueRef::Real(v) => serde_json::json!(v),
+                    rusqlite::types::ValueRef::Text(t) => serde_json::json!(String::from_utf8_lossy(t)),
+                    rusqlite::types::ValueRef::Blob(b) => serde_json::json!(hex::encode(b)),
+                });
+            }
+            Ok(serde_json::Value::Array(vals).to_string())
+        })?
+        .collect::<rusqlite::Result<_>>();
+    rows
+}
+
 fn message_row(r: &Row<'_>) -> rusqlite::Result<MessageRow> {
     Ok(MessageRow {
         conversation_id: conv_at(r, 0)?,
@@ -445,10 +468,12 @@ fn message_row(r: &Row<'_>) -> rusqlite::Result<MessageRow> {
             Some(j) => Some(serde_json::from_str(&j).map_err(conversion)?),
             None => None,
         },
+        edited_at: r.get::<_, Option<i64>>(10)?.and_then(DateTime::from_timestamp_millis),
+        deleted: r.get(11)?,
     })
 }
 
-const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media";
+const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media, edited_at, deleted";
 const INBOX_COLS: &str =
     "user_id, conversation_id, peer_id, last_message_id, last_sender, last_kind, last_body, last_at, unread, first_unread_seq, read_up_to, applied_offset, wrote";
 
@@ -639,7 +664,8 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
         Write::Message(m) => {
             let bucket = bucket_of(m.message_id);
             t.exec(
-                &format!("INSERT OR REPLACE INTO messages (bucket, {MESSAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+                // Written once: a message item applied again never undoes an edit or a delete.
+                &format!("INSERT OR IGNORE INTO messages (bucket, {MESSAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
                 params![
                     bucket,
                     m.conversation_id.as_str(),
@@ -651,7 +677,9 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                     m.body,
                     ms(&m.sent_at),
                     m.position,
-                    m.media.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default())
+                    m.media.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default()),
+                    m.edited_at.as_ref().map(ms),
+                    m.deleted
                 ],
             )?;
             t.exec(
@@ -825,6 +853,30 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 params![media.to_string(), conversation.as_str(), message.to_string(), position],
             )?;
         }
+        Write::MessageEdited { conversation, message, body, at } => {
+            t.exec(
+                "UPDATE messages SET body = ?3, edited_at = ?4 WHERE conversation_id = ?1 AND message_id = ?2 AND deleted = 0",
+                params![conversation.as_str(), message.to_string(), body, ms(at)],
+            )?;
+        }
+        Write::MessageDeleted { conversation, message } => {
+            t.exec(
+                "UPDATE messages SET body = '', media = NULL, edited_at = NULL, deleted = 1 WHERE conversation_id = ?1 AND message_id = ?2",
+                params![conversation.as_str(), message.to_string()],
+            )?;
+        }
+        Write::StreamMessage { user, message, seq, deleted } => {
+            t.exec(
+                "INSERT OR REPLACE INTO stream_messages (user_id, message_id, seq, deleted) VALUES (?1, ?2, ?3, ?4)",
+                params![user.to_string(), message.to_string(), seq, deleted],
+            )?;
+        }
+        Write::TopicRemoved { day, topic, message } => {
+            t.exec(
+                "DELETE FROM analytics_topics WHERE day = ?1 AND topic = ?2 AND message_id = ?3",
+                params![day_text(*day), topic, message.to_string()],
+            )?;
+        }
         Write::Topic { day, topic, message, sender } => {
             t.exec(
                 "INSERT OR IGNORE INTO analytics_topics (day, topic, message_id, sender) VALUES (?1, ?2, ?3, ?4)",
@@ -870,6 +922,15 @@ impl ProjectionStore for SqliteStore {
 
     async fn stream_head(&self, user: UserId, source_partition: i32) -> StoreResult<Option<i64>> {
         Ok(self.stream_heads(&[(user, source_partition)]).await?.pop().flatten())
+    }
+
+    async fn stream_messages(&self, user: UserId, message: MessageId) -> StoreResult<Vec<(i64, bool)>> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached("SELECT seq, deleted FROM stream_messages WHERE user_id = ?1 AND message_id = ?2 ORDER BY seq")?;
+            let rows = st.query_map(params![user.to_string(), message.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))?.collect();
+            rows
+        })
+        .await
     }
 
     async fn message_count_row(&self, key: &MessageCountKey) -> StoreResult<Option<(i64, i64)>> {
@@ -1552,27 +1613,26 @@ impl TableAdmin for SqliteStore {
         .await
     }
 
+    async fn tables_containing(&self, needle: &str) -> StoreResult<BTreeMap<String, u64>> {
+        let needle = needle.to_owned();
+        self.read(move |c| {
+            let mut out = BTreeMap::new();
+            for table in PROJECTION_TABLES {
+                let n = table_rows_as_json(c, table)?.iter().filter(|r| !needle.is_empty() && r.contains(&needle)).count() as u64;
+                if n > 0 {
+                    out.insert((*table).to_owned(), n);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn checksums(&self) -> StoreResult<BTreeMap<String, TableChecksum>> {
         self.read(|c| {
             let mut out = BTreeMap::new();
             for table in PROJECTION_TABLES {
-                let mut st = c.prepare(&format!("SELECT * FROM {table}"))?;
-                let n = st.column_count();
-                let mut rows: Vec<String> = st
-                    .query_map([], |r| {
-                        let mut vals = Vec::with_capacity(n);
-                        for i in 0..n {
-                            vals.push(match r.get_ref(i)? {
-                                rusqlite::types::ValueRef::Null => serde_json::Value::Null,
-                                rusqlite::types::ValueRef::Integer(v) => serde_json::json!(v),
-                                rusqlite::types::ValueRef::Real(v) => serde_json::json!(v),
-                                rusqlite::types::ValueRef::Text(t) => serde_json::json!(String::from_utf8_lossy(t)),
-                                rusqlite::types::ValueRef::Blob(b) => serde_json::json!(hex::encode(b)),
-                            });
-                        }
-                        Ok(serde_json::Value::Array(vals).to_string())
-                    })?
-                    .collect::<rusqlite::Result<_>>()?;
+                let mut rows = table_rows_as_json(c, table)?;
                 rows.sort_unstable();
                 let mut h = Sha256::new();
                 for r in &rows {

@@ -73,6 +73,17 @@ pub enum Write {
     ProfileView { viewed: UserId, day: NaiveDate, viewer: UserId, view: EventId },
     /// `analytics_topics`: a set (with the message's sender, for the distinct users of a topic).
     Topic { day: NaiveDate, topic: String, message: MessageId, sender: UserId },
+    /// `messages`: its sender edited a message (a message's changes come from its sender's copy,
+    /// in log order: the last applied wins; a deleted message stays deleted).
+    MessageEdited { conversation: ConversationId, message: MessageId, body: String, at: DateTime<Utc> },
+    /// `messages`: a message was deleted for everyone (its body, media and edit time gone, for
+    /// good: the row is the same whether its edits were applied before or coalesced away).
+    MessageDeleted { conversation: ConversationId, message: MessageId },
+    /// `stream_messages`: a user's stream row at `seq` holds message `message` (its item or an
+    /// edit; `deleted`: the delete's own item). A set: what a delete reads to replace those rows.
+    StreamMessage { user: UserId, message: MessageId, seq: i64, deleted: bool },
+    /// `analytics_topics`: a deleted message's topics go.
+    TopicRemoved { day: NaiveDate, topic: String, message: MessageId },
     /// `media_messages`: a set (a group message carrying a media object, at its position: who
     /// may download the object follows who may read the message).
     MediaMessage { media: uuid::Uuid, conversation: ConversationId, message: MessageId, position: i64 },
@@ -100,6 +111,9 @@ impl Write {
             Write::ProfileView { .. } => "analytics_profile_views",
             Write::Topic { .. } => "analytics_topics",
             Write::MediaMessage { .. } => "media_messages",
+            Write::MessageEdited { .. } | Write::MessageDeleted { .. } => "messages",
+            Write::StreamMessage { .. } => "stream_messages",
+            Write::TopicRemoved { .. } => "analytics_topics",
         }
     }
 
@@ -114,6 +128,13 @@ impl Write {
     pub fn replaces(&self) -> Option<(&'static str, String)> {
         match self {
             Write::Inbox(r) => Some(("inbox", format!("{}/{}", r.user_id, r.conversation_id))),
+            // A stream row rewritten by a delete in the same list: the delete's version counts.
+            Write::Stream { user, row } => Some(("user_stream", format!("{user}/{}", row.seq))),
+            // A message's changes come in log order from its sender's copy: the last one counts
+            // (a delete after an edit, or the later of two edits).
+            Write::MessageEdited { conversation, message, .. } | Write::MessageDeleted { conversation, message } => {
+                Some(("message_change", format!("{conversation}/{message}")))
+            }
             // Positions of one partition only grow: the last one is the highest.
             Write::StreamHead { user, source_partition, .. } => Some(("stream_heads", format!("{user}/{source_partition}"))),
             // Offsets of one partition only grow: the last one counts every earlier message.

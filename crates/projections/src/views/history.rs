@@ -19,6 +19,8 @@ pub fn message(out: &mut Vec<Write>, item: &StreamItem) {
             sent_at: *sent_at,
             position: position.unwrap_or_default(),
             media: media.clone(),
+            edited_at: None,
+            deleted: false,
         }));
         out.push(Write::Bucket { conversation: conversation_id.clone(), bucket: bucket_of(*message_id) });
         if let (Some(m), Some(p), true) = (media, position, conversation_id.is_group()) {

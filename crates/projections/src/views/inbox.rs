@@ -43,6 +43,28 @@ pub fn message(out: &mut Vec<Write>, rows: &Rows, user: UserId, item: &StreamIte
     Ok(())
 }
 
+/// An `edited` or `deleted` item at `offset` of `user`'s stream: the conversation list's preview
+/// follows when the message is the conversation's last (a deleted one shows kind `deleted` and no
+/// text). The unread count stays: a deleted message keeps its place, as a placeholder.
+pub fn edited(out: &mut Vec<Write>, rows: &Rows, user: UserId, item: &StreamItem, offset: i64) -> Result<(), Missing> {
+    let (conv, message, text) = match item {
+        StreamItem::Edited { conversation_id, message_id, body, .. } => (conversation_id, message_id, Some(body)),
+        StreamItem::Deleted { conversation_id, message_id, .. } => (conversation_id, message_id, None),
+        _ => return Ok(()),
+    };
+    let Some(mut row) = rows.inbox(user, conv)? else { return Ok(()) };
+    if row.applied_offset >= offset || row.last_message_id != *message {
+        return Ok(());
+    }
+    match text {
+        Some(body) => row.last_body = preview(body),
+        None => (row.last_body, row.last_kind) = (String::new(), "deleted".to_owned()),
+    }
+    row.applied_offset = offset;
+    out.push(Write::Inbox(row));
+    Ok(())
+}
+
 /// A `read` item at `offset` of `user`'s stream (the user read a conversation up to a message,
 /// on some device): the other members' messages from the first unread one up to `up_to` are read,
 /// the ones after stay unread (counted over the user's own stream, at most
@@ -60,8 +82,14 @@ pub fn read(out: &mut Vec<Write>, rows: &Rows, user: UserId, item: &StreamItem, 
     if let Some(start) = row.first_unread_seq {
         // Only the items before this one: later ones may be in the store already when a slice is
         // projected again, and must not count.
+        // A deleted message still counts (in its place: the delete item that replaced it), once.
+        let mut deleted = std::collections::HashSet::new();
         for r in rows.stream_after(user, start - 1)?.into_iter().take_while(|r| r.seq < offset) {
-            let Ok(StreamItem::Message { conversation_id, sender, message_id, .. }) = serde_json::from_str::<StreamItem>(&r.item) else { continue };
+            let (conversation_id, sender, message_id) = match serde_json::from_str::<StreamItem>(&r.item) {
+                Ok(StreamItem::Message { conversation_id, sender, message_id, .. }) => (conversation_id, sender, message_id),
+                Ok(StreamItem::Deleted { conversation_id, sender, message_id, .. }) if deleted.insert(message_id) => (conversation_id, sender, message_id),
+                _ => continue,
+            };
             if &conversation_id != conv || sender == user {
                 continue;
             }

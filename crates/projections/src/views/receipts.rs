@@ -58,7 +58,12 @@ pub fn stream_item(out: &mut Vec<Write>, user: UserId, item: &StreamItem) {
                 conversation_id: conversation_id.clone(),
             }));
         }
-        StreamItem::Message { .. } | StreamItem::Receipt { .. } | StreamItem::Read { .. } | StreamItem::Group { .. } => {}
+        StreamItem::Message { .. }
+        | StreamItem::Receipt { .. }
+        | StreamItem::Read { .. }
+        | StreamItem::Edited { .. }
+        | StreamItem::Deleted { .. }
+        | StreamItem::Group { .. } => {}
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use chat_events::{ConversationId, UserId};
+use chat_events::{ConversationId, MessageId, UserId};
 use chat_store::{InboxRow, MessageCountKey, StreamRow, Write};
 
 /// A row (or a range of rows) a fold needs.
@@ -20,6 +20,8 @@ pub enum Key {
     Intervals(UserId, ConversationId),
     /// `analytics_message_counts` of a deliveries partition.
     MessageCount(MessageCountKey),
+    /// `stream_messages` of (user, message): where the message sits in the user's stream.
+    StreamMessages(UserId, MessageId),
 }
 
 /// How many stream items a [`Key::StreamAfter`] covers.
@@ -34,6 +36,8 @@ pub enum Fetched {
     Intervals(Vec<(i64, Option<i64>)>),
     /// (messages, applied offset)
     Count(Option<(i64, i64)>),
+    /// (seq, deleted), by seq
+    Seqs(Vec<(i64, bool)>),
 }
 
 /// A fold needs a row that is not loaded yet: the driver fetches it and folds the record again.
@@ -48,6 +52,8 @@ pub struct Rows {
     stream: BTreeMap<(UserId, i64), StreamRow>,
     /// Interval writes of the slice so far, in order.
     intervals: Vec<(UserId, ConversationId, i64, Option<i64>)>,
+    /// `stream_messages` rows written by the slice so far.
+    stream_messages: BTreeMap<(UserId, MessageId, i64), bool>,
 }
 
 impl Rows {
@@ -101,6 +107,20 @@ impl Rows {
             all.insert(*seq, r.clone());
         }
         Ok(all.into_values().take(STREAM_SCAN).collect())
+    }
+
+    /// Where a message sits in a user's stream: (seq, deleted) by seq, the store's and the
+    /// slice's own.
+    pub fn stream_messages(&self, user: UserId, message: MessageId) -> Result<Vec<(i64, bool)>, Missing> {
+        let base = match self.get(Key::StreamMessages(user, message))? {
+            Fetched::Seqs(v) => v,
+            _ => return Ok(Vec::new()),
+        };
+        let mut all: BTreeMap<i64, bool> = base.iter().copied().collect();
+        for ((_, _, seq), deleted) in self.stream_messages.range((user, message, i64::MIN)..=(user, message, i64::MAX)) {
+            all.insert(*seq, *deleted);
+        }
+        Ok(all.into_iter().collect())
     }
 
     /// A user's intervals `(since, until)` in a group, by `since`: the store's with the slice's
@@ -163,8 +183,14 @@ impl Rows {
             Write::MessageCount { key, messages, applied_offset } => {
                 self.fetched.insert(Key::MessageCount(key.clone()), Fetched::Count(Some((*messages, *applied_offset))));
             }
+            Write::StreamMessage { user, message, seq, deleted } => {
+                self.stream_messages.insert((*user, *message, *seq), *deleted);
+            }
             // Nothing a fold reads back.
-            Write::User { .. }
+            Write::MessageEdited { .. }
+            | Write::MessageDeleted { .. }
+            | Write::TopicRemoved { .. }
+            | Write::User { .. }
             | Write::Message(_)
             | Write::Bucket { .. }
             | Write::MediaMessage { .. }

@@ -15,7 +15,7 @@
 //! when an earlier guarded output of the same source covered it (a log written before the
 //! fan-out appended exactly once, routed again after an upgrade).
 
-use chat_events::{DeliveryQueued, StreamItem};
+use chat_events::{DeliveryQueued, StreamItem, UserId};
 use chat_store::{StreamRow, Write};
 
 use super::rows::{Missing, Rows};
@@ -30,6 +30,9 @@ pub fn item(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, q: &Delivery
         }
     }
     let item = &q.item;
+    // Whether the item takes its place in the stream (an edit of a deleted message, or a second
+    // delete, changes nothing).
+    let mut keep = true;
     match item {
         StreamItem::Message { message_id, conversation_id, sender, message_kind, body, sent_at, .. } => {
             if *sender == user {
@@ -41,19 +44,69 @@ pub fn item(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, q: &Delivery
                 receipts::stream_item(out, user, item);
             }
             inbox::message(out, rows, user, item, offset)?;
+            out.push(Write::StreamMessage { user, message: *message_id, seq: offset, deleted: false });
+        }
+        StreamItem::Edited { message_id, conversation_id, sender, body, at } => {
+            keep = !rows.stream_messages(user, *message_id)?.iter().any(|(_, deleted)| *deleted);
+            if keep {
+                if *sender == user {
+                    out.push(Write::MessageEdited { conversation: conversation_id.clone(), message: *message_id, body: body.clone(), at: *at });
+                }
+                inbox::edited(out, rows, user, item, offset)?;
+                out.push(Write::StreamMessage { user, message: *message_id, seq: offset, deleted: false });
+            }
+        }
+        StreamItem::Deleted { message_id, .. } => {
+            let seqs = rows.stream_messages(user, *message_id)?;
+            keep = !seqs.iter().any(|(_, deleted)| *deleted);
+            if keep {
+                deleted(out, rows, settings, user, item, &seqs)?;
+                inbox::edited(out, rows, user, item, offset)?;
+                out.push(Write::StreamMessage { user, message: *message_id, seq: offset, deleted: true });
+            }
         }
         StreamItem::Receipt { .. } => receipts::stream_item(out, user, item),
         StreamItem::Read { .. } => inbox::read(out, rows, user, item, offset)?,
         StreamItem::Group { .. } => groups::membership(out, rows, user, item)?,
     }
+    if keep {
+        out.push(Write::Stream { user, row: stream_row(user, item, offset) });
+    }
+    // An output appended exactly once is never repeated: no guard to keep for it.
+    if let Some(src) = q.source.filter(|s| !s.exactly_once) {
+        out.push(Write::StreamHead { user, source_partition: src.partition, position: src.packed() });
+    }
+    Ok(())
+}
+
+/// The stream row of an item at `seq`.
+fn stream_row(user: UserId, item: &StreamItem, seq: i64) -> StreamRow {
     // Serialising an item of strings, ids and numbers cannot fail.
     let json = serde_json::to_string(item).unwrap_or_default();
     // The item id: the event id the fan-out derived for it (the same for a repeated item).
     let item_id = chat_events::derive_id::delivery_queued(user, item, chat_events::EventId(uuid::Uuid::nil())).0;
-    out.push(Write::Stream { user, row: StreamRow { seq: offset, item_id, item: json } });
-    // An output appended exactly once is never repeated: no guard to keep for it.
-    if let Some(src) = q.source.filter(|s| !s.exactly_once) {
-        out.push(Write::StreamHead { user, source_partition: src.partition, position: src.packed() });
+    StreamRow { seq, item_id, item: json }
+}
+
+/// A message deleted for everyone, in `user`'s stream: the delete item takes the place of the
+/// message's item and of its edits (at `seqs`), so no row of the stream keeps the body. The
+/// sender's copy also empties the history row and takes the message's topics out of analytics
+/// (the topics of the text as sent, read from the sender's own message item).
+fn deleted(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, user: UserId, item: &StreamItem, seqs: &[(i64, bool)]) -> Result<(), Missing> {
+    let StreamItem::Deleted { conversation_id, message_id, sender, .. } = item else { return Ok(()) };
+    if *sender == user {
+        if let Some((first, _)) = seqs.first() {
+            let original = rows.stream_after(user, first - 1)?.into_iter().find(|r| r.seq == *first);
+            if let Some(Ok(StreamItem::Message { body, sent_at, .. })) = original.map(|r| serde_json::from_str::<StreamItem>(&r.item)) {
+                for topic in analytics::topics_of(&body, &settings.keywords) {
+                    out.push(Write::TopicRemoved { day: analytics::day_of(&sent_at), topic, message: *message_id });
+                }
+            }
+        }
+        out.push(Write::MessageDeleted { conversation: conversation_id.clone(), message: *message_id });
+    }
+    for (seq, _) in seqs {
+        out.push(Write::Stream { user, row: stream_row(user, item, *seq) });
     }
     Ok(())
 }
@@ -109,6 +162,89 @@ mod tests {
         assert!(out.iter().any(|w| matches!(w, Write::Message(m) if m.sender_device == "phone")));
         assert!(out.iter().any(|w| matches!(w, Write::MessageCount { key, messages: 1, applied_offset: 3 } if key.scope == "direct")));
         assert!(out.iter().any(|w| matches!(w, Write::Inbox(r) if r.unread == 0 && r.first_unread_seq.is_none())));
+    }
+
+    fn change(conv: &chat_events::ConversationId, sender: UserId, id: chat_events::MessageId, body: Option<&str>) -> StreamItem {
+        let at = chrono::DateTime::from_timestamp_millis(1_700_000_005_000).unwrap_or_default();
+        match body {
+            Some(b) => StreamItem::Edited { conversation_id: conv.clone(), message_id: id, sender, body: b.into(), at },
+            None => StreamItem::Deleted { conversation_id: conv.clone(), message_id: id, sender, by: sender, at },
+        }
+    }
+
+    /// Folds `items` (at deliveries offsets 10, 11, ...) into `user`'s rows as one slice would,
+    /// fetching what a fold asks for from `store` (rows of earlier slices).
+    fn fold_all(user: UserId, items: &[StreamItem], store: &[StreamRow], settings: &Settings) -> Vec<Write> {
+        let mut rows = Rows::default();
+        let mut out = Vec::new();
+        for (i, it) in items.iter().enumerate() {
+            let q = queued(user, it.clone(), 100 + i as i64);
+            loop {
+                let mut w = Vec::new();
+                match item(&mut w, &rows, settings, &q, 0, 10 + i as i64) {
+                    Ok(()) => {
+                        for x in &w {
+                            rows.note(x);
+                        }
+                        out.extend(w);
+                        break;
+                    }
+                    Err(Missing(k)) => {
+                        let v = match &k {
+                            Key::Head(..) => Fetched::Head(None),
+                            Key::Inbox(..) => Fetched::Inbox(None),
+                            Key::StreamMessages(..) => Fetched::Seqs(Vec::new()),
+                            Key::StreamAfter(_, after) => Fetched::Stream(store.iter().filter(|r| r.seq > *after).cloned().collect()),
+                            Key::MessageCount(..) => Fetched::Count(None),
+                            Key::Intervals(..) => Fetched::Intervals(Vec::new()),
+                        };
+                        rows.insert(k, v);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn bodies(out: &[Write]) -> Vec<(i64, String)> {
+        let mut rows: std::collections::BTreeMap<i64, String> = Default::default();
+        for w in out {
+            if let Write::Stream { row, .. } = w {
+                rows.insert(row.seq, row.item.clone());
+            }
+        }
+        rows.into_iter().collect()
+    }
+
+    #[test]
+    fn a_delete_replaces_the_message_and_its_edits_in_every_row_of_the_stream() {
+        let (a, b, c) = users();
+        let settings = Settings { keywords: vec!["pizza".into()] };
+        let mut m = message_item(&c, a, msg_id(1), Some("phone"));
+        if let StreamItem::Message { body, .. } = &mut m {
+            *body = "secret #plan pizza".into();
+        }
+        let items = [m, change(&c, a, msg_id(1), Some("secret v2")), change(&c, a, msg_id(1), None), change(&c, a, msg_id(1), Some("too late"))];
+        // The sender's copy: history, analytics and the stream.
+        let out = fold_all(a, &items, &[], &settings);
+        let rows = bodies(&out);
+        assert_eq!(rows.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![10, 11, 12], "the edit after the delete takes no row");
+        assert!(rows.iter().all(|(_, j)| j.contains("\"kind\":\"deleted\"") && !j.contains("secret")), "{rows:?}");
+        assert!(out.iter().any(|w| matches!(w, Write::MessageEdited { body, .. } if body == "secret v2")));
+        let deleted_at = out.iter().position(|w| matches!(w, Write::MessageDeleted { .. })).expect("the history row is emptied");
+        assert!(!out[deleted_at..].iter().any(|w| matches!(w, Write::MessageEdited { .. })), "no edit after the delete");
+        let mut removed: Vec<&str> = out.iter().filter_map(|w| if let Write::TopicRemoved { topic, .. } = w { Some(topic.as_str()) } else { None }).collect();
+        removed.sort();
+        assert_eq!(removed, vec!["#plan", "pizza"], "the topics of the text as sent go");
+        // The inbox preview: the last version says deleted, with no text.
+        let last_inbox = out.iter().rev().find_map(|w| if let Write::Inbox(r) = w { Some(r.clone()) } else { None }).expect("inbox");
+        assert_eq!((last_inbox.last_kind.as_str(), last_inbox.last_body.as_str()), ("deleted", ""));
+        // A recipient's copy: its own stream rows, no history or analytics writes.
+        let out = fold_all(b, &items, &[], &settings);
+        assert!(bodies(&out).iter().all(|(_, j)| !j.contains("secret")));
+        assert!(!out.iter().any(|w| matches!(w, Write::MessageEdited { .. } | Write::MessageDeleted { .. } | Write::TopicRemoved { .. })));
+        let last_inbox = out.iter().rev().find_map(|w| if let Write::Inbox(r) = w { Some(r.clone()) } else { None }).expect("inbox");
+        assert_eq!((last_inbox.unread, last_inbox.last_kind.as_str()), (1, "deleted"), "a deleted message keeps its place as unread");
     }
 
     #[test]

@@ -547,6 +547,8 @@ fn message_val(m: &MessageRow) -> Vec<u8> {
         .t(&m.sent_at)
         .i(m.position)
         .os(media.as_deref())
+        .oi(m.edited_at.map(|t| t.timestamp_millis()))
+        .b(m.deleted)
         .done()
 }
 
@@ -568,6 +570,8 @@ fn message_row(k: &[u8], v: &[u8]) -> StoreResult<MessageRow> {
             Some(j) => Some(serde_json::from_str(&j).map_err(data)?),
             None => None,
         },
+        edited_at: v.oi()?.and_then(DateTime::from_timestamp_millis),
+        deleted: v.b()?,
     })
 }
 
@@ -658,7 +662,11 @@ fn apply_write(tx: &mut Tx<'_>, w: &Write) -> StoreResult<()> {
     match w {
         Write::User { user, username, at } => tx.put("users", Key::new().u(user.0).done(), Val::new().s(username).t(at).done()),
         Write::Message(m) => {
-            tx.put("messages", message_key(&m.conversation_id, m.message_id), message_val(m))?;
+            // Written once: a message item applied again never undoes an edit or a delete.
+            let key = message_key(&m.conversation_id, m.message_id);
+            if tx.get("messages", &key)?.is_none() {
+                tx.put("messages", key, message_val(m))?;
+            }
             tx.put(
                 "message_index",
                 Key::new().u(m.message_id.0).done(),
@@ -809,6 +817,27 @@ fn apply_write(tx: &mut Tx<'_>, w: &Write) -> StoreResult<()> {
         Write::MediaMessage { media, conversation, message, position } => {
             tx.put("media_messages", Key::new().u(*media).conv(conversation).u(message.0).done(), Val::new().i(*position).done())
         }
+        Write::MessageEdited { conversation, message, body, at } => {
+            let key = message_key(conversation, *message);
+            let Some(old) = tx.get("messages", &key)? else { return Ok(()) };
+            let mut row = message_row(&key, &old)?;
+            if row.deleted {
+                return Ok(());
+            }
+            (row.body, row.edited_at) = (body.clone(), Some(*at));
+            tx.put("messages", key, message_val(&row))
+        }
+        Write::MessageDeleted { conversation, message } => {
+            let key = message_key(conversation, *message);
+            let Some(old) = tx.get("messages", &key)? else { return Ok(()) };
+            let mut row = message_row(&key, &old)?;
+            (row.body, row.media, row.edited_at, row.deleted) = (String::new(), None, None, true);
+            tx.put("messages", key, message_val(&row))
+        }
+        Write::StreamMessage { user, message, seq, deleted } => {
+            tx.put("stream_messages", Key::new().u(user.0).u(message.0).i(*seq).done(), Val::new().b(*deleted).done())
+        }
+        Write::TopicRemoved { day, topic, message } => tx.del("analytics_topics", Key::new().day(*day).s(topic).u(message.0).done()),
         Write::Topic { day, topic, message, sender } => {
             let key = Key::new().day(*day).s(topic).u(message.0).done();
             if tx.get("analytics_topics", &key)?.is_some() {
@@ -881,6 +910,18 @@ impl ProjectionStore for FjallStore {
         let _r = self.shared.swap.read().await;
         let key = Key::new().u(user.0).i(i64::from(source_partition)).done();
         self.get("stream_heads", &key)?.map(|v| ValReader(&v).i()).transpose()
+    }
+
+    async fn stream_messages(&self, user: UserId, message: MessageId) -> StoreResult<Vec<(i64, bool)>> {
+        let _r = self.shared.swap.read().await;
+        self.prefix("stream_messages", &Key::new().u(user.0).u(message.0).done())?
+            .iter()
+            .map(|(k, v)| {
+                let mut k = KeyReader(k);
+                let (_user, _message, seq) = (k.u()?, k.u()?, k.i()?);
+                Ok((seq, ValReader(v).b()?))
+            })
+            .collect()
     }
 
     async fn message_count_row(&self, key: &MessageCountKey) -> StoreResult<Option<(i64, i64)>> {
@@ -1484,6 +1525,25 @@ impl TableAdmin for FjallStore {
                 rows += 1;
             }
             out.insert((*table).to_owned(), TableChecksum { rows, sha256: hex::encode(h.finalize()) });
+        }
+        Ok(out)
+    }
+
+    async fn tables_containing(&self, needle: &str) -> StoreResult<BTreeMap<String, u64>> {
+        let _r = self.shared.swap.read().await;
+        let needle = needle.as_bytes();
+        let mut out = BTreeMap::new();
+        for table in PROJECTION_TABLES {
+            let mut n = 0u64;
+            for g in self.inner()?.spaces[table].iter() {
+                let (k, v) = g.into_inner().map_err(unavailable)?;
+                if [&k[..], &v[..]].iter().any(|b| !needle.is_empty() && b.windows(needle.len()).any(|w| w == needle)) {
+                    n += 1;
+                }
+            }
+            if n > 0 {
+                out.insert((*table).to_owned(), n);
+            }
         }
         Ok(out)
     }
