@@ -147,7 +147,33 @@ pub async fn edits_and_deletes_for_everyone(mode: Mode) {
     s.wait_settled(T).await;
     let found = s.tables_containing(&secret).await;
     assert!(found.is_empty(), "the deleted text is still in {found:?}");
-    for ws in [a, a2, b, b2, c, e] {
+
+    // Delete for me: bob's copy goes, alice's stays. A stranger, an auditor, a random id, a bad
+    // scope: refused.
+    let me = |conv: &str, id: &str| json!({"type": "delete", "conversation_id": conv, "message_id": id, "scope": "me"});
+    assert_eq!(code(&c.request(me(&conv, &keep)).await), "not_found", "a stranger");
+    assert_eq!(code(&e.request(me(&conv, &keep)).await), "forbidden", "auditors are read-only");
+    assert_eq!(code(&b.request(me(&conv, &random)).await), "not_found");
+    assert_eq!(code(&b.request(me(&conv, &foreign)).await), "not_found");
+    let mut bad = me(&conv, &keep);
+    bad["scope"] = json!("all");
+    assert_eq!(code(&b.request(bad).await), "invalid_frame");
+    acked(&b.request(me(&conv, &keep)).await, "delete");
+    b2.expect("hidden push to bob's other device", T, |f| f["type"] == "hidden" && f["message_id"] == json!(keep)).await;
+    wait_for("gone from bob's history", T, || async {
+        let (_, page) = gw.get(&bob.token, &format!("/v1/conversations/{conv}/messages?limit=50")).await;
+        (!page["messages"].as_array().unwrap().iter().any(|m| m["message_id"] == json!(keep))).then_some(())
+    })
+    .await;
+    history_row(&gw, &alice, &conv, &keep, |m| m["body"] == "this one stays").await;
+    let mut b3 = gw.connect(&bob, "watch").await;
+    let items = stream_until(&mut b3, "bob's stream hides it", |items| items.iter().any(|i| i["kind"] == "hidden" && i["message_id"] == json!(keep))).await;
+    assert!(!serde_json::to_string(&items).unwrap().contains("this one stays"), "{items:?}");
+    let (_, list) = gw.get(&bob.token, "/v1/conversations").await;
+    assert!(!list.to_string().contains("this one stays"), "{list}");
+    let alice_items = stream_until(&mut a2, "alice keeps it", |items| items.iter().any(|i| i["kind"] == "message" && i["message_id"] == json!(keep))).await;
+    assert!(serde_json::to_string(&alice_items).unwrap().contains("this one stays"));
+    for ws in [a, a2, b, b2, b3, c, e] {
         ws.close().await;
     }
 }

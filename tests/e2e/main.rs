@@ -603,6 +603,8 @@ async fn e_rebuild_gives_identical_tables(mode: Mode) {
         let answer = a.request(f).await;
         assert_eq!(answer["type"], "ack", "{answer}");
     }
+    let hid = b.request(json!({"type": "delete", "scope": "me", "conversation_id": conv, "message_id": ids[7]})).await;
+    assert_eq!(hid["type"], "ack", "{hid}");
     b.request(json!({"type": "delivered", "conversation_id": conv, "message_ids": [last]})).await;
     b.request(json!({"type": "read", "conversation_id": conv, "up_to": last})).await;
     b.send_text(&alice.id, "reply", "hello back").await;

@@ -145,6 +145,18 @@ pub struct MessageDeleted {
     pub deleted_by: UserId,
 }
 
+/// A member deleted a message for themselves only ("delete for me"): it leaves their own stream,
+/// history and conversation list, on every device of theirs; nobody else sees a change. The
+/// envelope's actor is the user.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageHidden {
+    pub message_id: MessageId,
+    pub conversation_id: ConversationId,
+    /// Who deleted it for themselves.
+    pub user: UserId,
+}
+
 /// How long after it was sent a message may be edited or deleted for everyone, by default.
 pub const DEFAULT_EDIT_WINDOW: std::time::Duration = std::time::Duration::from_secs(48 * 3600);
 
@@ -405,6 +417,14 @@ pub enum StreamItem {
         #[serde(serialize_with = "serialize_time", deserialize_with = "deserialize_time")]
         at: DateTime<Utc>,
     },
+    /// The user deleted a message for themselves. In the user's stream this item also takes the
+    /// place of the message's own item and of its edits.
+    Hidden {
+        conversation_id: ConversationId,
+        message_id: MessageId,
+        #[serde(serialize_with = "serialize_time", deserialize_with = "deserialize_time")]
+        at: DateTime<Utc>,
+    },
     /// A change of a group the user is (or was just) in.
     Group {
         conversation_id: ConversationId,
@@ -507,6 +527,7 @@ pub enum Event {
     MessageRead(MessageRead),
     MessageEdited(MessageEdited),
     MessageDeleted(MessageDeleted),
+    MessageHidden(MessageHidden),
     PresenceChanged(PresenceChanged),
     DeliveryQueued(DeliveryQueued),
     GroupCreated(GroupCreated),
@@ -529,6 +550,7 @@ pub const EVENT_TYPES: &[(&str, u32)] = &[
     ("message.read", 1),
     ("message.edited", 1),
     ("message.deleted", 1),
+    ("message.hidden", 1),
     ("presence.changed", 1),
     ("delivery.queued", 2),
     ("group.created", 1),
@@ -553,6 +575,7 @@ impl Event {
             Event::MessageRead(_) => "message.read",
             Event::MessageEdited(_) => "message.edited",
             Event::MessageDeleted(_) => "message.deleted",
+            Event::MessageHidden(_) => "message.hidden",
             Event::PresenceChanged(_) => "presence.changed",
             Event::DeliveryQueued(_) => "delivery.queued",
             Event::GroupCreated(_) => "group.created",
@@ -577,6 +600,7 @@ impl Event {
             | Event::MessageRead(_)
             | Event::MessageEdited(_)
             | Event::MessageDeleted(_)
+            | Event::MessageHidden(_)
             | Event::PresenceChanged(_)
             | Event::GroupCreated(_)
             | Event::GroupRenamed(_)
@@ -610,6 +634,7 @@ impl Event {
             | Event::MessageRead(_)
             | Event::MessageEdited(_)
             | Event::MessageDeleted(_)
+            | Event::MessageHidden(_)
             | Event::GroupCreated(_)
             | Event::GroupRenamed(_)
             | Event::GroupMemberAdded(_)
@@ -629,6 +654,7 @@ impl Event {
             Event::MessageRead(e) => e.conversation_id.to_string(),
             Event::MessageEdited(e) => e.conversation_id.to_string(),
             Event::MessageDeleted(e) => e.conversation_id.to_string(),
+            Event::MessageHidden(e) => e.conversation_id.to_string(),
             Event::DeliveryQueued(e) => e.recipient.to_string(),
             Event::GroupCreated(e) => e.conversation_id.to_string(),
             Event::GroupRenamed(e) => e.conversation_id.to_string(),
@@ -651,6 +677,7 @@ impl Event {
             Event::MessageRead(r) => Some(&r.conversation_id),
             Event::MessageEdited(e) => Some(&e.conversation_id),
             Event::MessageDeleted(d) => Some(&d.conversation_id),
+            Event::MessageHidden(h) => Some(&h.conversation_id),
             Event::GroupCreated(g) => Some(&g.conversation_id),
             Event::GroupRenamed(g) => Some(&g.conversation_id),
             Event::GroupMemberAdded(g) => Some(&g.conversation_id),
@@ -661,6 +688,7 @@ impl Event {
                 | StreamItem::Read { conversation_id, .. }
                 | StreamItem::Edited { conversation_id, .. }
                 | StreamItem::Deleted { conversation_id, .. }
+                | StreamItem::Hidden { conversation_id, .. }
                 | StreamItem::Group { conversation_id, .. } => conversation_id,
             }),
             Event::UserRegistered(_)
@@ -689,6 +717,7 @@ impl Event {
             Event::MessageRead(e) => vec![e.reader],
             Event::MessageEdited(e) => vec![e.sender],
             Event::MessageDeleted(e) => vec![e.sender, e.deleted_by],
+            Event::MessageHidden(e) => vec![e.user],
             Event::PresenceChanged(e) => vec![e.user_id],
             Event::DeliveryQueued(e) => vec![e.recipient],
             Event::GroupCreated(e) => {
@@ -716,6 +745,7 @@ impl Event {
             Event::MessageRead(e) => serde_json::to_value(e),
             Event::MessageEdited(e) => serde_json::to_value(e),
             Event::MessageDeleted(e) => serde_json::to_value(e),
+            Event::MessageHidden(e) => serde_json::to_value(e),
             Event::PresenceChanged(e) => serde_json::to_value(e),
             Event::DeliveryQueued(e) => serde_json::to_value(e),
             Event::GroupCreated(e) => serde_json::to_value(e),
@@ -745,6 +775,7 @@ impl Event {
             ("message.read", 1) => serde_json::from_value(data).map(Event::MessageRead).map_err(bad),
             ("message.edited", 1) => serde_json::from_value(data).map(Event::MessageEdited).map_err(bad),
             ("message.deleted", 1) => serde_json::from_value(data).map(Event::MessageDeleted).map_err(bad),
+            ("message.hidden", 1) => serde_json::from_value(data).map(Event::MessageHidden).map_err(bad),
             ("presence.changed", 1) => serde_json::from_value(data).map(Event::PresenceChanged).map_err(bad),
             // Version 1 had no `source`; version 2 always has one.
             ("delivery.queued", 1) => serde_json::from_value::<DeliveryQueued>(data)
@@ -905,6 +936,11 @@ pub mod derive_id {
         EventId::derived(&["message.deleted", &message.to_string()])
     }
 
+    /// `message.hidden`: one per (message, user).
+    pub fn message_hidden(message: MessageId, user: UserId) -> EventId {
+        EventId::derived(&["message.hidden", &message.to_string(), &user.to_string()])
+    }
+
     /// `user.registered`: one per user.
     pub fn user_registered(user: UserId) -> EventId {
         EventId::derived(&["user.registered", &user.to_string()])
@@ -935,6 +971,7 @@ pub mod derive_id {
             StreamItem::Deleted { message_id, .. } => {
                 EventId::derived(&["delivery.queued", &r, "deleted", &message_id.to_string()])
             }
+            StreamItem::Hidden { message_id, .. } => EventId::derived(&["delivery.queued", &r, "hidden", &message_id.to_string()]),
             // One group change is one source event; the caller passes its id.
             StreamItem::Group { .. } => EventId::derived(&["delivery.queued", &r, "group", &source.to_string()]),
         }
@@ -985,6 +1022,7 @@ pub fn fixtures() -> Vec<Envelope> {
     };
     let src = EventId::new_v7();
     let eitem = StreamItem::Edited { conversation_id: conv.clone(), message_id: msg, sender: alice, body: "hello, world".into(), at };
+    let hitem = StreamItem::Hidden { conversation_id: conv.clone(), message_id: msg, at };
     let ditem = StreamItem::Deleted { conversation_id: conv.clone(), message_id: msg, sender: alice, by: alice, at };
     let ritem = StreamItem::Read { conversation_id: conv.clone(), up_to: msg, at, device_id: Some("phone".into()) };
     vec![
@@ -1079,6 +1117,16 @@ pub fn fixtures() -> Vec<Envelope> {
             derive_id::delivery_queued(bob, &eitem, src),
             None,
             Event::DeliveryQueued(DeliveryQueued { recipient: bob, item: eitem, source: Some(Source { partition: 2, offset: 50, index: 0, exactly_once: false }) }),
+        ),
+        Envelope::new(
+            derive_id::message_hidden(msg, bob),
+            Some(bob),
+            Event::MessageHidden(MessageHidden { message_id: msg, conversation_id: conv.clone(), user: bob }),
+        ),
+        Envelope::new(
+            derive_id::delivery_queued(bob, &hitem, src),
+            None,
+            Event::DeliveryQueued(DeliveryQueued { recipient: bob, item: hitem, source: Some(Source { partition: 2, offset: 52, index: 0, exactly_once: false }) }),
         ),
         Envelope::new(
             derive_id::delivery_queued(bob, &ditem, src),

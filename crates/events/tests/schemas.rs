@@ -41,6 +41,7 @@ fn item_kind(item: &StreamItem) -> &'static str {
         StreamItem::Read { .. } => "read",
         StreamItem::Edited { .. } => "edited",
         StreamItem::Deleted { .. } => "deleted",
+        StreamItem::Hidden { .. } => "hidden",
         StreamItem::Group { .. } => "group",
     }
 }
@@ -271,6 +272,12 @@ fn optional_fields_validate_when_present() {
                     *by = ADMIN.parse::<UserId>().expect("uuid");
                 }
             }),
+            // A group message deleted for the user only.
+            StreamItem::Hidden { .. } => changed(|item, g| {
+                if let StreamItem::Hidden { conversation_id, .. } = item {
+                    *conversation_id = g.clone();
+                }
+            }),
             StreamItem::Group { .. } => {
                 changed(|item, _| {
                     if let StreamItem::Group { change, name, member, role, .. } = item {
@@ -296,7 +303,7 @@ fn optional_fields_validate_when_present() {
             }
         }
     }
-    assert!(variants.len() >= 11, "not every stream item kind was varied");
+    assert!(variants.len() >= 12, "not every stream item kind was varied");
     for env in variants {
         let json = env.to_json();
         let errs = errors(&event_schema("delivery.queued"), &json);
@@ -422,6 +429,21 @@ fn malformed_envelopes_are_refused() {
         ("message.deleted", "g. conversation id with a bad uuid", |v| v["data"]["conversation_id"] = json!("g.5a1e0000-4000-8000-0000-00000000001"), true),
         ("message.deleted", "other type", |v| v["type"] = json!("message.removed"), true),
         ("message.deleted", "time without milliseconds", |v| v["occurred_at"] = json!("2026-01-01T00:00:00Z"), false),
+        ("message.hidden", "extra data field", |v| v["data"]["sender"] = v["data"]["user"].clone(), true),
+        ("message.hidden", "a body in the data", |v| v["data"]["body"] = json!("hello"), true),
+        ("message.hidden", "missing user", |v| remove(&mut v["data"], "user"), true),
+        ("message.hidden", "missing message_id", |v| remove(&mut v["data"], "message_id"), true),
+        ("message.hidden", "deleted_by instead of user", |v| {
+            v["data"]["deleted_by"] = v["data"]["user"].clone();
+            remove(&mut v["data"], "user");
+        }, true),
+        ("message.hidden", "bad user", |v| v["data"]["user"] = json!("bob"), true),
+        ("message.hidden", "bad conversation id", |v| v["data"]["conversation_id"] = json!("g.1"), true),
+        ("message.hidden", "other version", |v| v["version"] = json!(2), true),
+        ("message.hidden", "other type", |v| v["type"] = json!("message.deleted_for_me"), true),
+        ("message.hidden", "key not a conversation id", |v| v["key"] = v["data"]["user"].clone(), false),
+        ("message.hidden", "upper-case message id", |v| v["data"]["message_id"] = json!("01932C07-8A4E-7B3C-9D2E-1F0A9B8C7D6E"), false),
+        ("message.hidden", "time without milliseconds", |v| v["occurred_at"] = json!("2026-01-01T00:00:00Z"), false),
         ("message.delivered", "bad conversation id", |v| v["data"]["conversation_id"] = json!("g.1"), true),
         ("presence.changed", "bad status", |v| v["data"]["status"] = json!("away"), true),
         ("user.registered", "extra envelope field", |v| v["extra"] = json!(1), false),
@@ -473,6 +495,19 @@ fn malformed_envelopes_are_refused() {
             remove(&mut v["data"]["item"], "by");
         }, true),
         ("delivery.queued#deleted", "time not in UTC", |v| v["data"]["item"]["at"] = json!("2026-01-01T00:00:00.000+01:00"), false),
+        ("delivery.queued#hidden", "missing message_id", |v| remove(&mut v["data"]["item"], "message_id"), true),
+        ("delivery.queued#hidden", "missing conversation_id", |v| remove(&mut v["data"]["item"], "conversation_id"), true),
+        ("delivery.queued#hidden", "missing at", |v| remove(&mut v["data"]["item"], "at"), true),
+        ("delivery.queued#hidden", "a body in a hidden item", |v| v["data"]["item"]["body"] = json!("hello"), true),
+        ("delivery.queued#hidden", "a sender in a hidden item", |v| v["data"]["item"]["sender"] = v["data"]["recipient"].clone(), true),
+        ("delivery.queued#hidden", "a by in a hidden item", |v| v["data"]["item"]["by"] = v["data"]["recipient"].clone(), true),
+        ("delivery.queued#hidden", "position in a hidden item", |v| v["data"]["item"]["position"] = json!(3), true),
+        ("delivery.queued#hidden", "up_to instead of message_id", |v| {
+            v["data"]["item"]["up_to"] = v["data"]["item"]["message_id"].clone();
+            remove(&mut v["data"]["item"], "message_id");
+        }, true),
+        ("delivery.queued#hidden", "bad message id", |v| v["data"]["item"]["message_id"] = json!("01932c07"), true),
+        ("delivery.queued#hidden", "time without milliseconds", |v| v["data"]["item"]["at"] = json!("2026-01-01T00:00:00Z"), false),
         ("delivery.queued#group", "group item without position", |v| remove(&mut v["data"]["item"], "position"), true),
         ("delivery.queued#group", "unknown change", |v| v["data"]["item"]["change"] = json!("archived"), true),
         ("delivery.queued#group", "bad role", |v| v["data"]["item"]["role"] = json!("owner"), true),
@@ -578,6 +613,7 @@ fn stream_item_times_keep_their_milliseconds_at_whole_seconds() {
                 StreamItem::Read { at, .. } => *at = whole_second,
                 StreamItem::Edited { at, .. } => *at = whole_second,
                 StreamItem::Deleted { at, .. } => *at = whole_second,
+                StreamItem::Hidden { at, .. } => *at = whole_second,
                 StreamItem::Group { at, .. } => *at = whole_second,
             }
             let json = env.to_json();

@@ -9,6 +9,9 @@
 //! (the sender's membership and an admin's role as of then, the window against the event's
 //! time) and puts one `edited` / `deleted` item in the stream of everyone who got the message;
 //! the projections replace the body everywhere (see `docs/protocol.md` §5.7).
+//!
+//! Delete for me (`delete` with `scope: "me"`) appends `message.hidden`: the message leaves the
+//! caller's own stream, history and conversation list, on every device of theirs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,14 +19,14 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use chat_events::{
     derive_id, now_millis, within_edit_window, ConversationId, Envelope, Event, EventId, GroupRole, MessageDeleted, MessageEdited,
-    MessageId, StreamItem, UserId,
+    MessageHidden, MessageId, StreamItem, UserId,
 };
 use chat_store::MessageRow;
 
 use crate::error::ApiError;
 use crate::frames::ServerFrame;
 use crate::routing::Push;
-use crate::service::{Chat, ConnCtx};
+use crate::service::{Chat, ConnCtx, HistoryPage};
 
 /// How long a change to a message with a valid id waits for the message to be projected (a
 /// sender fixing a typo right after sending). Ids that are not this server's are answered at
@@ -98,6 +101,36 @@ impl Chat {
             self.push(pushes).await;
         }
         Ok(())
+    }
+
+    /// Deletes a message for the caller only ("delete for me"): any message of theirs or another
+    /// member's that they can read, deleted for everyone or not; no window. `Ok` once durable;
+    /// the caller's other devices get a `hidden` push.
+    pub async fn hide_message(&self, ctx: &ConnCtx, conversation_id: &str, message_id: &str) -> Result<(), ApiError> {
+        self.take_send_budget(ctx.user)?;
+        let conv = self.member_conv(ctx.user, conversation_id).await?;
+        let id: MessageId = message_id.parse().map_err(|_| ApiError::bad_request("invalid_message_id", "not a message id"))?;
+        self.visible_message(&conv, id, ctx.user).await?.ok_or_else(ApiError::not_found)?;
+        let at = now_millis();
+        let event = Event::MessageHidden(MessageHidden { message_id: id, conversation_id: conv.clone(), user: ctx.user });
+        self.append(&Envelope { event_id: derive_id::message_hidden(id, ctx.user), occurred_at: at, actor: Some(ctx.user), event }).await?;
+        let item = StreamItem::Hidden { conversation_id: conv, message_id: id, at };
+        let text: crate::hub::Outbound = Arc::from(ServerFrame::from_item(&item).to_text());
+        self.push(vec![Push { user: ctx.user, text, except: Some(ctx.conn.clone()), sent_at_ms: None }]).await;
+        Ok(())
+    }
+
+    /// A history page without the messages `user` deleted for themselves (the page may get
+    /// shorter; its cursor stays where the scan stopped).
+    pub(crate) async fn drop_hidden(&self, user: UserId, conv: &ConversationId, mut page: HistoryPage) -> Result<HistoryPage, ApiError> {
+        let (Some(first), Some(last)) = (page.messages.iter().map(|m| m.message_id).min(), page.messages.iter().map(|m| m.message_id).max()) else {
+            return Ok(page);
+        };
+        let hidden = self.store.hidden_messages(user, conv, first, last).await?;
+        if !hidden.is_empty() {
+            page.messages.retain(|m| !hidden.contains(&m.message_id));
+        }
+        Ok(page)
     }
 
     /// The history row of message `id` of `conv`, if `user` may read it (a group member since

@@ -128,13 +128,16 @@ pub enum ClientFrame {
         message_id: String,
         body: String,
     },
-    /// Delete a message for everyone: one this user sent (within the edit window), or, for a
-    /// group admin, any message of the group.
+    /// Delete a message. `scope` `everyone` (the default): one this user sent (within the edit
+    /// window), or, for a group admin, any message of the group. `me`: any message the user can
+    /// read, for this user only.
     Delete {
         #[serde(rename = "ref", default)]
         r#ref: Ref,
         conversation_id: String,
         message_id: String,
+        #[serde(default)]
+        scope: Option<String>,
     },
     /// The user is typing (ephemeral: not an event, not stored).
     Typing {
@@ -294,6 +297,13 @@ pub enum ServerFrame {
         #[serde(serialize_with = "time")]
         at: DateTime<Utc>,
     },
+    /// This user deleted a message for themselves (on another device, or this one's echo).
+    Hidden {
+        conversation_id: ConversationId,
+        message_id: MessageId,
+        #[serde(serialize_with = "time")]
+        at: DateTime<Utc>,
+    },
     /// This user read a conversation up to a message on another device.
     Read {
         conversation_id: ConversationId,
@@ -377,6 +387,7 @@ impl ServerFrame {
             StreamItem::Deleted { conversation_id, message_id, sender, by, at } => {
                 ServerFrame::Deleted { conversation_id, message_id, sender, by, at }
             }
+            StreamItem::Hidden { conversation_id, message_id, at } => ServerFrame::Hidden { conversation_id, message_id, at },
         }
     }
 }

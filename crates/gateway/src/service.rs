@@ -975,7 +975,8 @@ impl Chat {
     pub async fn history(&self, user: UserId, conversation_id: &str, before: Option<&str>, limit: Option<usize>) -> Result<HistoryPage, ApiError> {
         let conv = parse_conv(conversation_id)?;
         if conv.is_group() {
-            return self.group_history(user, &conv, before, limit).await;
+            let page = self.group_history(user, &conv, before, limit).await?;
+            return self.drop_hidden(user, &conv, page).await;
         }
         if !conv.has_member(user) {
             return Err(ApiError::not_found());
@@ -989,7 +990,7 @@ impl Chat {
         let more = messages.len() > limit;
         messages.truncate(limit);
         let next_cursor = if more { messages.last().map(|m| m.message_id.to_string()) } else { None };
-        Ok(HistoryPage { messages, next_cursor })
+        self.drop_hidden(user, &conv, HistoryPage { messages, next_cursor }).await
     }
 
     pub async fn receipts(&self, user: UserId, message_id: &str) -> Result<MessageReceipts, ApiError> {

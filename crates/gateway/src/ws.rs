@@ -363,10 +363,12 @@ async fn handle_text(chat: &Chat, ctx: &ConnCtx, text: &str) -> Option<Outbound>
             .change_message(ctx, &conversation_id, &message_id, Change::Edit { body })
             .await
             .map(|()| ServerFrame::Ack { r#ref, for_type: "edit" }),
-        ClientFrame::Delete { r#ref, conversation_id, message_id } => chat
-            .change_message(ctx, &conversation_id, &message_id, Change::Delete)
-            .await
-            .map(|()| ServerFrame::Ack { r#ref, for_type: "delete" }),
+        ClientFrame::Delete { r#ref, conversation_id, message_id, scope } => match scope.as_deref() {
+            None | Some("everyone") => chat.change_message(ctx, &conversation_id, &message_id, Change::Delete).await,
+            Some("me") => chat.hide_message(ctx, &conversation_id, &message_id).await,
+            Some(_) => Err(ApiError::bad_request("invalid_frame", "scope is everyone or me")),
+        }
+        .map(|()| ServerFrame::Ack { r#ref, for_type: "delete" }),
         ClientFrame::Sync { r#ref, after, limit } => chat.sync(ctx, r#ref, after, limit).await,
         ClientFrame::Typing { r#ref, conversation_id } => {
             chat.typing(ctx, &conversation_id).await.map(|()| ServerFrame::Ack { r#ref, for_type: "typing" })

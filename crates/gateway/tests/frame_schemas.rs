@@ -26,6 +26,7 @@ fn server_type(f: &ServerFrame) -> &'static str {
         ServerFrame::Group { .. } => "group",
         ServerFrame::Edited { .. } => "edited",
         ServerFrame::Deleted { .. } => "deleted",
+        ServerFrame::Hidden { .. } => "hidden",
         ServerFrame::Read { .. } => "read",
         ServerFrame::Sync { .. } => "sync",
         ServerFrame::Presence { .. } => "presence",
@@ -85,6 +86,7 @@ fn item_kind(item: &StreamItem) -> &'static str {
         StreamItem::Read { .. } => "read",
         StreamItem::Edited { .. } => "edited",
         StreamItem::Deleted { .. } => "deleted",
+        StreamItem::Hidden { .. } => "hidden",
         StreamItem::Group { .. } => "group",
     }
 }
@@ -138,6 +140,10 @@ struct Items {
     deleted: StreamItem,
     /// A group message deleted by an admin of the group.
     admin_deleted: StreamItem,
+    /// Deleted for the stream's owner only.
+    hidden: StreamItem,
+    /// A group message deleted for the stream's owner only.
+    group_hidden: StreamItem,
     group_created: StreamItem,
     member_added: StreamItem,
 }
@@ -157,6 +163,8 @@ impl Items {
             self.group_edited.clone(),
             self.deleted.clone(),
             self.admin_deleted.clone(),
+            self.hidden.clone(),
+            self.group_hidden.clone(),
             self.group_created.clone(),
             self.member_added.clone(),
         ]
@@ -238,7 +246,7 @@ fn items() -> Items {
         read: StreamItem::Read { conversation_id: conv.clone(), up_to: msg, at: at(), device_id: Some("phone".into()) },
         edited: StreamItem::Edited { conversation_id: conv.clone(), message_id: msg, sender: alice, body: "hello, world".into(), at: at() },
         group_edited: StreamItem::Edited { conversation_id: g.clone(), message_id: msg, sender: alice, body: "é".repeat(100), at: at() },
-        deleted: StreamItem::Deleted { conversation_id: conv, message_id: msg, sender: alice, by: alice, at: at() },
+        deleted: StreamItem::Deleted { conversation_id: conv.clone(), message_id: msg, sender: alice, by: alice, at: at() },
         admin_deleted: StreamItem::Deleted {
             conversation_id: g.clone(),
             message_id: msg,
@@ -246,6 +254,8 @@ fn items() -> Items {
             by: ADMIN.parse().expect("id"),
             at: at(),
         },
+        hidden: StreamItem::Hidden { conversation_id: conv, message_id: msg, at: at() },
+        group_hidden: StreamItem::Hidden { conversation_id: g.clone(), message_id: msg, at: at() },
         group_created: StreamItem::Group {
             conversation_id: g.clone(),
             change: GroupChange::Created,
@@ -390,12 +400,12 @@ fn push_frames_of_group_items() {
     assert_eq!(device["device_id"], json!("phone"));
 }
 
-/// The push frame of an edit or a delete is the stream item with `type` for `kind`; a delete
-/// carries no body.
+/// The push frame of an edit or a delete (for everyone or for me) is the stream item with `type`
+/// for `kind`; a delete carries no body, a delete for me nothing but the message and the time.
 #[test]
 fn push_frames_of_edits_and_deletes() {
     let items = items();
-    for item in [&items.edited, &items.group_edited, &items.deleted, &items.admin_deleted] {
+    for item in [&items.edited, &items.group_edited, &items.deleted, &items.admin_deleted, &items.hidden, &items.group_hidden] {
         let push = server_json(&ServerFrame::from_item(item));
         let mut stream = serde_json::to_value(item).expect("item");
         let kind = stream.as_object_mut().and_then(|o| o.remove("kind")).expect("a kind");
@@ -405,6 +415,11 @@ fn push_frames_of_edits_and_deletes() {
     let deleted = server_json(&ServerFrame::from_item(&items.admin_deleted));
     assert!(deleted.get("body").is_none(), "{deleted}");
     assert_eq!((&deleted["sender"], &deleted["by"]), (&json!(BOB), &json!(ADMIN)));
+    let hidden = server_json(&ServerFrame::from_item(&items.group_hidden));
+    assert_eq!(
+        hidden,
+        json!({"type": "hidden", "conversation_id": group_conv().to_string(), "message_id": MSG, "at": "2026-01-01T00:00:00.123Z"})
+    );
 }
 
 /// The push frame of a media message carries its media as the stream item has it; a text has
@@ -453,6 +468,9 @@ fn client_examples() -> Vec<Value> {
         json!({"type": "edit", "conversation_id": g, "message_id": MSG, "body": "é"}),
         json!({"type": "delete", "ref": "x-1", "conversation_id": c, "message_id": MSG}),
         json!({"type": "delete", "conversation_id": g, "message_id": MSG}),
+        json!({"type": "delete", "ref": "x-2", "conversation_id": c, "message_id": MSG, "scope": "everyone"}),
+        json!({"type": "delete", "conversation_id": g, "message_id": MSG, "scope": "me"}),
+        json!({"type": "delete", "conversation_id": c, "message_id": MSG, "scope": null}),
         json!({"type": "typing", "conversation_id": c}),
         json!({"type": "typing", "conversation_id": g}),
         json!({"type": "ping", "ref": null}),
@@ -502,6 +520,12 @@ fn malformed_client_frames_are_refused_by_serde_and_schema() {
         json!({"type": "delete", "message_id": MSG}),
         json!({"type": "delete", "conversation_id": c, "message_id": MSG, "body": "hi"}),
         json!({"type": "delete", "conversation_id": c, "message_ids": [MSG]}),
+        json!({"type": "delete", "conversation_id": c, "message_id": MSG, "scope": 1}),
+        json!({"type": "delete", "conversation_id": c, "message_id": MSG, "scope": true}),
+        json!({"type": "delete", "conversation_id": c, "message_id": MSG, "scope": ["me"]}),
+        json!({"type": "delete", "conversation_id": c, "message_id": MSG, "scope": {"me": true}}),
+        json!({"type": "delete", "conversation_id": c, "message_id": MSG, "for": "me"}),
+        json!({"type": "delete", "conversation_id": c, "scope": "me"}),
         json!({"type": "Send", "client_msg_id": "c-1", "to": BOB, "body": "hi"}),
     ];
     for json in cases {
@@ -546,6 +570,12 @@ fn client_json_states_the_content_rules() {
         json!({"type": "edit", "conversation_id": c, "message_id": "not-a-uuid", "body": "hi"}),
         json!({"type": "delete", "conversation_id": c, "message_id": MSG.to_uppercase()}),
         json!({"type": "delete", "conversation_id": format!("g.{GROUP}x"), "message_id": MSG}),
+        json!({"type": "delete", "conversation_id": c, "message_id": MSG, "scope": "all"}),
+        json!({"type": "delete", "conversation_id": c, "message_id": MSG, "scope": "Me"}),
+        json!({"type": "delete", "conversation_id": c, "message_id": MSG, "scope": "EVERYONE"}),
+        json!({"type": "delete", "conversation_id": c, "message_id": MSG, "scope": ""}),
+        json!({"type": "delete", "conversation_id": c, "message_id": MSG, "scope": "hidden"}),
+        json!({"type": "delete", "conversation_id": c, "message_id": "not-a-uuid", "scope": "me"}),
         json!({"type": "send", "client_msg_id": "c-1", "conversation_id": format!("g.{MSG}.{GROUP}"), "body": "hi"}),
     ];
     for json in cases {
@@ -602,6 +632,15 @@ fn server_json_refuses_drifted_frames() {
         (ServerFrame::from_item(&i.deleted), "a body in a deleted frame", |v| v["body"] = json!("hello")),
         (ServerFrame::from_item(&i.admin_deleted), "bad by", |v| v["by"] = json!("admin")),
         (ServerFrame::from_item(&i.admin_deleted), "missing message_id", |v| remove(v, "message_id")),
+        (ServerFrame::from_item(&i.hidden), "missing at", |v| remove(v, "at")),
+        (ServerFrame::from_item(&i.hidden), "missing message_id", |v| remove(v, "message_id")),
+        (ServerFrame::from_item(&i.hidden), "a body in a hidden frame", |v| v["body"] = json!("hello")),
+        (ServerFrame::from_item(&i.hidden), "a sender in a hidden frame", |v| v["sender"] = json!(ALICE)),
+        (ServerFrame::from_item(&i.hidden), "a by in a hidden frame", |v| v["by"] = json!(BOB)),
+        (ServerFrame::from_item(&i.hidden), "a scope in a hidden frame", |v| v["scope"] = json!("me")),
+        (ServerFrame::from_item(&i.group_hidden), "bad message id", |v| v["message_id"] = json!("not-a-uuid")),
+        (ServerFrame::from_item(&i.group_hidden), "g. conversation id with a bad uuid", |v| v["conversation_id"] = json!("g.not-a-uuid")),
+        (ServerFrame::from_item(&i.group_hidden), "time without milliseconds", |v| v["at"] = json!("2026-01-01T00:00:00Z")),
         (ServerFrame::from_item(&i.read), "missing up_to", |v| remove(v, "up_to")),
         (ServerFrame::from_item(&i.read), "extra read field", |v| v["status"] = json!("seen")),
         (sync_of(vec![i.message.clone()]), "extra sync item field", |v| v["items"][0]["extra"] = json!(1)),
@@ -621,6 +660,13 @@ fn server_json_refuses_drifted_frames() {
         (sync_of(vec![i.deleted.clone()]), "deleted sync item with a body", |v| v["items"][0]["body"] = json!("hello")),
         (sync_of(vec![i.admin_deleted.clone()]), "deleted sync item without by", |v| remove(&mut v["items"][0], "by")),
         (sync_of(vec![i.deleted.clone()]), "deleted sync item as a push frame", |v| v["items"][0]["type"] = json!("deleted")),
+        (sync_of(vec![i.hidden.clone()]), "hidden sync item with a body", |v| v["items"][0]["body"] = json!("hello")),
+        (sync_of(vec![i.hidden.clone()]), "hidden sync item with a sender", |v| v["items"][0]["sender"] = json!(ALICE)),
+        (sync_of(vec![i.group_hidden.clone()]), "hidden sync item with a position", |v| v["items"][0]["position"] = json!(3)),
+        (sync_of(vec![i.group_hidden.clone()]), "hidden sync item without message_id", |v| remove(&mut v["items"][0], "message_id")),
+        (sync_of(vec![i.hidden.clone()]), "hidden sync item without at", |v| remove(&mut v["items"][0], "at")),
+        (sync_of(vec![i.hidden.clone()]), "hidden sync item without cursor", |v| remove(&mut v["items"][0], "cursor")),
+        (sync_of(vec![i.hidden.clone()]), "hidden sync item as a push frame", |v| v["items"][0]["type"] = json!("hidden")),
         (sync_of(vec![i.read.clone()]), "unknown sync item kind", |v| v["items"][0]["kind"] = json!("typing")),
         (sync_of(vec![i.read.clone()]), "sync item as a push frame", |v| v["items"][0]["type"] = json!("read")),
         (ServerFrame::Sync { r#ref: None, items: vec![], cursor: None, has_more: false }, "missing cursor", |v| remove(v, "cursor")),
@@ -652,6 +698,7 @@ fn sync_item_times_keep_their_milliseconds_at_whole_seconds() {
             | StreamItem::Read { at, .. }
             | StreamItem::Edited { at, .. }
             | StreamItem::Deleted { at, .. }
+            | StreamItem::Hidden { at, .. }
             | StreamItem::Group { at, .. } => *at = whole_second,
         }
     }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chat_events::{
     derive_id, within_edit_window, Committer, ConversationId, DeliveryQueued, Envelope, Event, EventLog, GroupChange, GroupRole, MessageDeleted,
-    MessageDelivered, MessageEdited, MessageRead, MessageSent, DEFAULT_EDIT_WINDOW, ReceiptStatus, Record, Source, StreamItem, Topics, UserId,
+    MessageDelivered, MessageEdited, MessageHidden, MessageRead, MessageSent, DEFAULT_EDIT_WINDOW, ReceiptStatus, Record, Source, StreamItem, Topics, UserId,
 };
 use chat_store::{content_sha256, FanoutGroup, FanoutMessage, FanoutStore, MemberInterval, SendRecord, StoreError};
 use tracing::{debug, info, warn};
@@ -144,6 +144,10 @@ fn read_item(env: &Envelope, r: &MessageRead) -> StreamItem {
     StreamItem::Read { conversation_id: r.conversation_id.clone(), up_to: r.up_to, at: env.occurred_at, device_id: Some(r.device_id.to_string()) }
 }
 
+fn hidden_item(env: &Envelope, h: &MessageHidden) -> StreamItem {
+    StreamItem::Hidden { conversation_id: h.conversation_id.clone(), message_id: h.message_id, at: env.occurred_at }
+}
+
 /// The items of an edit or a delete (the same item for every recipient).
 fn change_item(env: &Envelope) -> Option<StreamItem> {
     match &env.event {
@@ -170,6 +174,11 @@ fn change_item(env: &Envelope) -> Option<StreamItem> {
 /// (the gateway checked that the message is the sender's before the append).
 pub fn route_direct(env: &Envelope, edit_window: Duration) -> Vec<Envelope> {
     match &env.event {
+        // Delete for me: the user's own stream only, any message of a conversation of theirs.
+        Event::MessageHidden(h) if env.actor == Some(h.user) && h.conversation_id.has_member(h.user) => {
+            vec![queued(env, h.user, hidden_item(env, h))]
+        }
+        Event::MessageHidden(_) => Vec::new(),
         Event::MessageEdited(MessageEdited { message_id, conversation_id, sender, .. })
         | Event::MessageDeleted(MessageDeleted { message_id, conversation_id, sender, .. }) => {
             let by = match &env.event {
@@ -445,6 +454,15 @@ impl FanOut {
                 // Everyone who got the message, members removed since included: each holds it.
                 let had = self.members_at(&group, msg.position).await?;
                 Ok(to_all(&had, item))
+            }
+            Event::MessageHidden(h) => {
+                // Anyone who got the message may delete it for themselves, members who left
+                // since included.
+                let Some(msg) = self.store.fanout_message(&conv, h.message_id).await? else { return Ok(Vec::new()) };
+                if actor != Some(h.user) || !self.was_member_at(&conv, h.user, msg.position).await? {
+                    return Ok(Vec::new());
+                }
+                Ok(vec![queued(env, h.user, hidden_item(env, h))])
             }
             Event::MessageDelivered(d) => self.group_delivered(env, &conv, d).await,
             Event::MessageRead(r) => {
@@ -809,7 +827,8 @@ fn is_group_push(item: &StreamItem) -> bool {
         | StreamItem::Edited { conversation_id, .. }
         | StreamItem::Deleted { conversation_id, .. }
         | StreamItem::Group { conversation_id, .. } => conversation_id.is_group(),
-        StreamItem::Read { .. } => false,
+        // Pushed by the gateway, which answers the device that asked and knows its other ones.
+        StreamItem::Read { .. } | StreamItem::Hidden { .. } => false,
     }
 }
 

@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::{
     Write, WriteExt,
     bucket_of, Account, FanoutGroup, FanoutMessage, GroupMemberRow, GroupRow, InboxRow, MemberInterval, MessageCount, MessageCountKey, MessageMeta,
-    MessageRow, ProfileRow, ProfileViews, ReceiptRow, SendRecord, StoreError, StreamRow, Tables, TopicCount,
+    MessageRow, ProfileRow, ProfileViews, ReceiptRow, SendRecord, StoreError, StreamMark, StreamRow, Tables, TopicCount,
     UserGroupRow, PROJECTION_TABLES,
 };
 
@@ -281,14 +281,31 @@ pub async fn message_changes(t: &dyn Tables) {
     assert_eq!(row.sender, a, "the rest of the row stays");
 
     // Where a message sits in a user's stream, by seq; per user and message.
-    let sm = |user, message: MessageId, seq, deleted| Write::StreamMessage { user, message, seq, deleted };
+    let sm = |user, message: MessageId, seq, deleted: bool| Write::StreamMessage { user, message, seq, mark: if deleted { StreamMark::Deleted } else { StreamMark::Message } };
     let other = msg_id(DAY0_MS + 6_000);
     t.apply(vec![sm(b, m.message_id, 40, false), sm(b, m.message_id, 7, false), sm(b, other, 8, false), sm(a, m.message_id, 9, false)])
         .await
         .expect("apply");
     t.apply(vec![sm(b, m.message_id, 41, true), sm(b, m.message_id, 7, false)]).await.expect("apply");
-    assert_eq!(t.stream_messages(b, m.message_id).await.expect("stream_messages"), vec![(7, false), (40, false), (41, true)]);
-    assert_eq!(t.stream_messages(a, m.message_id).await.expect("stream_messages"), vec![(9, false)]);
+    assert_eq!(
+        t.stream_messages(b, m.message_id).await.expect("stream_messages"),
+        vec![(7, StreamMark::Message), (40, StreamMark::Message), (41, StreamMark::Deleted)]
+    );
+    assert_eq!(t.stream_messages(a, m.message_id).await.expect("stream_messages"), vec![(9, StreamMark::Message)]);
+    t.apply(vec![Write::StreamMessage { user: a, message: m.message_id, seq: 12, mark: StreamMark::Hidden }]).await.expect("apply");
+    assert_eq!(t.stream_messages(a, m.message_id).await.expect("stream_messages"), vec![(9, StreamMark::Message), (12, StreamMark::Hidden)]);
+
+    // What a user deleted for themselves, by conversation and id range (both ends included).
+    let ids: Vec<MessageId> = (0..4).map(|i| msg_id(DAY0_MS + 7_000 + i)).collect();
+    let (_, _, conv2) = direct();
+    let hide = |user, conversation: &ConversationId, message| Write::HiddenMessage { user, conversation: conversation.clone(), message };
+    t.apply(vec![hide(b, &conv, ids[0]), hide(b, &conv, ids[2]), hide(b, &conv, ids[3]), hide(b, &conv, ids[2]), hide(a, &conv, ids[1]), hide(b, &conv2, ids[1])])
+        .await
+        .expect("apply");
+    let mut got = t.hidden_messages(b, &conv, ids[0], ids[2]).await.expect("hidden_messages");
+    got.sort();
+    assert_eq!(got, vec![ids[0], ids[2]], "per user and conversation, both ends included");
+    assert_eq!(t.hidden_messages(a, &conv, ids[0], ids[3]).await.expect("hidden_messages"), vec![ids[1]]);
     assert!(t.stream_messages(a, other).await.expect("stream_messages").is_empty());
 }
 
@@ -1381,9 +1398,11 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         Write::MediaMessage { media: item1, conversation: c.clone(), message: m1.message_id, position: 7 },
         Write::MediaMessage { media: item1, conversation: c.clone(), message: m2.message_id, position: 9 },
         Write::MediaMessage { media: item1, conversation: c.clone(), message: m1.message_id, position: 7 },
-        Write::StreamMessage { user: b, message: m1.message_id, seq: 1, deleted: false },
-        Write::StreamMessage { user: b, message: m1.message_id, seq: 2, deleted: false },
-        Write::StreamMessage { user: b, message: m1.message_id, seq: 1, deleted: false },
+        Write::StreamMessage { user: b, message: m1.message_id, seq: 1, mark: StreamMark::Message },
+        Write::StreamMessage { user: b, message: m1.message_id, seq: 2, mark: StreamMark::Deleted },
+        Write::StreamMessage { user: b, message: m1.message_id, seq: 1, mark: StreamMark::Message },
+        Write::HiddenMessage { user: b, conversation: c.clone(), message: m1.message_id },
+        Write::HiddenMessage { user: b, conversation: c.clone(), message: m1.message_id },
     ];
     let rows = BTreeMap::from([
         ("users", 2),
@@ -1409,6 +1428,7 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         ("receipts_by_user", 2),
         ("media_messages", 2),
         ("stream_messages", 2),
+        ("hidden_messages", 1),
     ]);
     (writes, rows)
 }

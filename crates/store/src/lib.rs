@@ -36,7 +36,7 @@ pub use groups::{FanoutGroup, FanoutMessage, FanoutStore, GroupMemberRow, GroupR
 pub use scylla_store::{ScyllaConfig, ScyllaStore};
 pub use fjall_store::FjallStore;
 pub use sqlite_store::{SqliteCommands, SqliteStore};
-pub use writes::{coalesce, MessageCountKey, Write, WriteExt, WriteStore};
+pub use writes::{coalesce, MessageCountKey, StreamMark, Write, WriteExt, WriteStore};
 
 /// Table-store failures.
 #[derive(Debug, thiserror::Error)]
@@ -303,8 +303,8 @@ pub trait ProjectionStore: Durable + WriteStore {
     /// The highest source ([`chat_events::Source::packed`]) applied to a user's stream from one
     /// partition of the conversations topic.
     async fn stream_head(&self, user: UserId, source_partition: i32) -> StoreResult<Option<i64>>;
-    /// The `stream_messages` rows of a user and message: (seq, deleted), by seq.
-    async fn stream_messages(&self, user: UserId, message: MessageId) -> StoreResult<Vec<(i64, bool)>>;
+    /// The `stream_messages` rows of a user and message, by seq.
+    async fn stream_messages(&self, user: UserId, message: MessageId) -> StoreResult<Vec<(i64, StreamMark)>>;
     /// The `analytics_message_counts` row of a deliveries partition: (messages, applied offset).
     async fn message_count_row(&self, key: &MessageCountKey) -> StoreResult<Option<(i64, i64)>>;
     /// Several inbox rows at once (one round trip where the back-end can).
@@ -342,6 +342,9 @@ pub trait ReadStore: Send + Sync {
     async fn in_inbox(&self, user: UserId, conv: &ConversationId) -> StoreResult<bool>;
     /// The positions of the messages of a group conversation that carry a media object.
     async fn media_positions(&self, media: uuid::Uuid, conv: &ConversationId) -> StoreResult<Vec<i64>>;
+    /// The messages of `conv` from `from` to `to` (both included) that `user` deleted for
+    /// themselves.
+    async fn hidden_messages(&self, user: UserId, conv: &ConversationId, from: MessageId, to: MessageId) -> StoreResult<Vec<MessageId>>;
 }
 
 /// Row count and content hash of one table.
@@ -395,7 +398,7 @@ impl<T: CommandStore + ProjectionStore + ReadStore + TableAdmin + FanoutStore + 
 /// partition, guarded by the partition's offset) instead of a row per message in
 /// `analytics_messages`. 6: edits and deletes (`messages` says when a message was edited and
 /// whether it was deleted; `stream_messages` finds the stream rows of a message, which a delete
-/// replaces).
+/// replaces; `hidden_messages`, what each user deleted for themselves).
 pub const PROJECTION_LAYOUT: u32 = 6;
 
 /// Projection tables of older layouts, dropped by [`TableAdmin::reset_projections`].
@@ -431,6 +434,7 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "receipts_by_user",
     "media_messages",
     "stream_messages",
+    "hidden_messages",
 ];
 
 /// Convenience: a device id as stored in the receipts table.

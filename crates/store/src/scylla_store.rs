@@ -86,6 +86,8 @@ struct Stmts {
     update_message_deleted: PreparedStatement,
     insert_stream_message: PreparedStatement,
     select_stream_messages: PreparedStatement,
+    insert_hidden: PreparedStatement,
+    select_hidden: PreparedStatement,
     delete_topic: PreparedStatement,
     insert_bucket: PreparedStatement,
     insert_message_index: PreparedStatement,
@@ -586,8 +588,13 @@ impl ScyllaStore {
                 "UPDATE {ks}.messages USING TIMESTAMP {DELETED_TS} SET body = '', media = null, edited_at = null, deleted = true WHERE conversation_id = ? AND bucket = ? AND message_id = ?"
             ))
             .await?,
-            insert_stream_message: p(format!("INSERT INTO {ks}.stream_messages (user_id, message_id, seq, deleted) VALUES (?, ?, ?, ?)")).await?,
-            select_stream_messages: p(format!("SELECT seq, deleted FROM {ks}.stream_messages WHERE user_id = ? AND message_id = ?")).await?,
+            insert_stream_message: p(format!("INSERT INTO {ks}.stream_messages (user_id, message_id, seq, mark) VALUES (?, ?, ?, ?)")).await?,
+            select_stream_messages: p(format!("SELECT seq, mark FROM {ks}.stream_messages WHERE user_id = ? AND message_id = ?")).await?,
+            insert_hidden: p(format!("INSERT INTO {ks}.hidden_messages (user_id, conversation_id, message_id) VALUES (?, ?, ?)")).await?,
+            select_hidden: p(format!(
+                "SELECT message_id FROM {ks}.hidden_messages WHERE user_id = ? AND conversation_id = ? AND message_id >= ? AND message_id <= ?"
+            ))
+            .await?,
             count_topics: p(format!("SELECT topic, sender FROM {ks}.analytics_topics WHERE day = ?")).await?,
             insert_receipt_by_user: p(format!(
                 "INSERT INTO {ks}.receipts_by_user (recipient, message_id, status, device_id, at, sender, conversation_id) VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
@@ -965,7 +972,8 @@ impl ScyllaStore {
             Write::MessageDeleted { conversation, message } => {
                 self.exec(&st.update_message_deleted, (conversation.as_str(), bucket_of(*message), message.0)).await
             }
-            Write::StreamMessage { user, message, seq, deleted } => self.exec(&st.insert_stream_message, (user.0, message.0, *seq, *deleted)).await,
+            Write::StreamMessage { user, message, seq, mark } => self.exec(&st.insert_stream_message, (user.0, message.0, *seq, mark.code())).await,
+            Write::HiddenMessage { user, conversation, message } => self.exec(&st.insert_hidden, (user.0, conversation.as_str(), message.0)).await,
             Write::MediaMessage { media, conversation, message, position } => {
                 self.exec(&st.insert_media_message, (*media, conversation.as_str(), message.0, *position)).await
             }
@@ -1060,9 +1068,9 @@ impl ProjectionStore for ScyllaStore {
         Ok(rows.into_iter().next().map(|(p,)| p))
     }
 
-    async fn stream_messages(&self, user: UserId, message: MessageId) -> StoreResult<Vec<(i64, bool)>> {
-        let rows = self.rows::<(i64, Option<bool>)>(&self.stmts.select_stream_messages, (user.0, message.0)).await?;
-        Ok(rows.into_iter().map(|(seq, d)| (seq, d.unwrap_or(false))).collect())
+    async fn stream_messages(&self, user: UserId, message: MessageId) -> StoreResult<Vec<(i64, StreamMark)>> {
+        let rows = self.rows::<(i64, Option<i32>)>(&self.stmts.select_stream_messages, (user.0, message.0)).await?;
+        Ok(rows.into_iter().map(|(seq, m)| (seq, StreamMark::from_code(i64::from(m.unwrap_or(0))))).collect())
     }
 
     async fn message_count_row(&self, key: &MessageCountKey) -> StoreResult<Option<(i64, i64)>> {
@@ -1185,6 +1193,11 @@ impl ReadStore for ScyllaStore {
             self.rows::<(i64,)>(&self.stmts.select_media_positions, (media, conv.as_str())).await?.into_iter().map(|(p,)| p).collect();
         out.sort_unstable();
         Ok(out)
+    }
+
+    async fn hidden_messages(&self, user: UserId, conv: &ConversationId, from: MessageId, to: MessageId) -> StoreResult<Vec<MessageId>> {
+        let rows = self.rows::<(Uuid,)>(&self.stmts.select_hidden, (user.0, conv.as_str(), from.0, to.0)).await?;
+        Ok(rows.into_iter().map(|(m,)| MessageId(m)).collect())
     }
 }
 

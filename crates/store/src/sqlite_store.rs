@@ -124,7 +124,8 @@ CREATE TABLE IF NOT EXISTS analytics_active_users (day TEXT NOT NULL, user_id TE
 CREATE TABLE IF NOT EXISTS analytics_profile_views (viewed TEXT NOT NULL, day TEXT NOT NULL, viewer TEXT NOT NULL, view_id TEXT NOT NULL, PRIMARY KEY (viewed, day, viewer, view_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS media_messages (media_id TEXT NOT NULL, conversation_id TEXT NOT NULL, message_id TEXT NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (media_id, conversation_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS analytics_topics (day TEXT NOT NULL, topic TEXT NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL DEFAULT '', PRIMARY KEY (day, topic, message_id)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS stream_messages (user_id TEXT NOT NULL, message_id TEXT NOT NULL, seq INTEGER NOT NULL, deleted INTEGER NOT NULL, PRIMARY KEY (user_id, message_id, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS stream_messages (user_id TEXT NOT NULL, message_id TEXT NOT NULL, seq INTEGER NOT NULL, mark INTEGER NOT NULL, PRIMARY KEY (user_id, message_id, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS hidden_messages (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, message_id TEXT NOT NULL, PRIMARY KEY (user_id, conversation_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS receipts_by_user (recipient TEXT NOT NULL, message_id TEXT NOT NULL, status TEXT NOT NULL, device_id TEXT NOT NULL, at INTEGER NOT NULL, sender TEXT NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (recipient, message_id, status, device_id)) WITHOUT ROWID;
 DROP INDEX IF EXISTS receipts_by_user_at;
 CREATE TABLE IF NOT EXISTS sync_marks (id INTEGER PRIMARY KEY, n INTEGER NOT NULL);
@@ -865,10 +866,16 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 params![conversation.as_str(), message.to_string()],
             )?;
         }
-        Write::StreamMessage { user, message, seq, deleted } => {
+        Write::StreamMessage { user, message, seq, mark } => {
             t.exec(
-                "INSERT OR REPLACE INTO stream_messages (user_id, message_id, seq, deleted) VALUES (?1, ?2, ?3, ?4)",
-                params![user.to_string(), message.to_string(), seq, deleted],
+                "INSERT OR REPLACE INTO stream_messages (user_id, message_id, seq, mark) VALUES (?1, ?2, ?3, ?4)",
+                params![user.to_string(), message.to_string(), seq, mark.code()],
+            )?;
+        }
+        Write::HiddenMessage { user, conversation, message } => {
+            t.exec(
+                "INSERT OR IGNORE INTO hidden_messages (user_id, conversation_id, message_id) VALUES (?1, ?2, ?3)",
+                params![user.to_string(), conversation.as_str(), message.to_string()],
             )?;
         }
         Write::TopicRemoved { day, topic, message } => {
@@ -924,10 +931,10 @@ impl ProjectionStore for SqliteStore {
         Ok(self.stream_heads(&[(user, source_partition)]).await?.pop().flatten())
     }
 
-    async fn stream_messages(&self, user: UserId, message: MessageId) -> StoreResult<Vec<(i64, bool)>> {
+    async fn stream_messages(&self, user: UserId, message: MessageId) -> StoreResult<Vec<(i64, StreamMark)>> {
         self.read(move |c| {
-            let mut st = c.prepare_cached("SELECT seq, deleted FROM stream_messages WHERE user_id = ?1 AND message_id = ?2 ORDER BY seq")?;
-            let rows = st.query_map(params![user.to_string(), message.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))?.collect();
+            let mut st = c.prepare_cached("SELECT seq, mark FROM stream_messages WHERE user_id = ?1 AND message_id = ?2 ORDER BY seq")?;
+            let rows = st.query_map(params![user.to_string(), message.to_string()], |r| Ok((r.get(0)?, StreamMark::from_code(r.get(1)?))))?.collect();
             rows
         })
         .await
@@ -1082,6 +1089,18 @@ impl ReadStore for SqliteStore {
         self.read(move |c| {
             let mut st = c.prepare_cached("SELECT position FROM media_messages WHERE media_id = ?1 AND conversation_id = ?2 ORDER BY position")?;
             let rows = st.query_map(params![media.to_string(), conv], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn hidden_messages(&self, user: UserId, conv: &ConversationId, from: MessageId, to: MessageId) -> StoreResult<Vec<MessageId>> {
+        let conv = conv.as_str().to_owned();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT message_id FROM hidden_messages WHERE user_id = ?1 AND conversation_id = ?2 AND message_id >= ?3 AND message_id <= ?4",
+            )?;
+            let rows = st.query_map(params![user.to_string(), conv, from.to_string(), to.to_string()], |r| Ok(MessageId(uuid_at(r, 0)?)))?;
             rows.collect()
         })
         .await

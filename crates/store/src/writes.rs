@@ -30,6 +30,32 @@ pub struct MessageCountKey {
     pub partition: i32,
 }
 
+/// What a user's stream row of a message holds (`stream_messages`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StreamMark {
+    /// The message's item or one of its edits.
+    Message = 0,
+    /// The delete for everyone (its own item).
+    Deleted = 1,
+    /// The user's delete for themselves (its own item).
+    Hidden = 2,
+}
+
+impl StreamMark {
+    pub fn code(self) -> i32 {
+        self as i32
+    }
+
+    /// The mark of a stored code (an unknown one reads as a message's).
+    pub fn from_code(c: i64) -> Self {
+        match c {
+            1 => StreamMark::Deleted,
+            2 => StreamMark::Hidden,
+            _ => StreamMark::Message,
+        }
+    }
+}
+
 /// One idempotent write to a projection table.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Write {
@@ -79,9 +105,12 @@ pub enum Write {
     /// `messages`: a message was deleted for everyone (its body, media and edit time gone, for
     /// good: the row is the same whether its edits were applied before or coalesced away).
     MessageDeleted { conversation: ConversationId, message: MessageId },
-    /// `stream_messages`: a user's stream row at `seq` holds message `message` (its item or an
-    /// edit; `deleted`: the delete's own item). A set: what a delete reads to replace those rows.
-    StreamMessage { user: UserId, message: MessageId, seq: i64, deleted: bool },
+    /// `stream_messages`: a user's stream row at `seq` holds message `message` (`mark`: its item
+    /// or an edit, the delete's own item, or the user's delete-for-me). A set: what a delete reads
+    /// to replace those rows.
+    StreamMessage { user: UserId, message: MessageId, seq: i64, mark: StreamMark },
+    /// `hidden_messages`: the user deleted a message for themselves (a set).
+    HiddenMessage { user: UserId, conversation: ConversationId, message: MessageId },
     /// `analytics_topics`: a deleted message's topics go.
     TopicRemoved { day: NaiveDate, topic: String, message: MessageId },
     /// `media_messages`: a set (a group message carrying a media object, at its position: who
@@ -113,6 +142,7 @@ impl Write {
             Write::MediaMessage { .. } => "media_messages",
             Write::MessageEdited { .. } | Write::MessageDeleted { .. } => "messages",
             Write::StreamMessage { .. } => "stream_messages",
+            Write::HiddenMessage { .. } => "hidden_messages",
             Write::TopicRemoved { .. } => "analytics_topics",
         }
     }

@@ -43,20 +43,24 @@ pub fn message(out: &mut Vec<Write>, rows: &Rows, user: UserId, item: &StreamIte
     Ok(())
 }
 
-/// An `edited` or `deleted` item at `offset` of `user`'s stream: the conversation list's preview
-/// follows when the message is the conversation's last (a deleted one shows kind `deleted` and no
-/// text). The unread count stays: a deleted message keeps its place, as a placeholder.
+/// An `edited`, `deleted` or `hidden` item at `offset` of `user`'s stream: the conversation list's
+/// preview follows when the message is the conversation's last (a deleted one shows kind
+/// `deleted`, one the user deleted for themselves `hidden`, and no text). The unread count stays:
+/// a deleted message keeps its place, as a placeholder, until the next `read` recounts.
 pub fn edited(out: &mut Vec<Write>, rows: &Rows, user: UserId, item: &StreamItem, offset: i64) -> Result<(), Missing> {
     let (conv, message, text) = match item {
         StreamItem::Edited { conversation_id, message_id, body, .. } => (conversation_id, message_id, Some(body)),
         StreamItem::Deleted { conversation_id, message_id, .. } => (conversation_id, message_id, None),
+        StreamItem::Hidden { conversation_id, message_id, .. } => (conversation_id, message_id, Some(&String::new())),
         _ => return Ok(()),
     };
+    let hidden = matches!(item, StreamItem::Hidden { .. });
     let Some(mut row) = rows.inbox(user, conv)? else { return Ok(()) };
     if row.applied_offset >= offset || row.last_message_id != *message {
         return Ok(());
     }
     match text {
+        Some(_) if hidden => (row.last_body, row.last_kind) = (String::new(), "hidden".to_owned()),
         Some(body) => row.last_body = preview(body),
         None => (row.last_body, row.last_kind) = (String::new(), "deleted".to_owned()),
     }

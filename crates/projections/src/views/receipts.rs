@@ -63,6 +63,7 @@ pub fn stream_item(out: &mut Vec<Write>, user: UserId, item: &StreamItem) {
         | StreamItem::Read { .. }
         | StreamItem::Edited { .. }
         | StreamItem::Deleted { .. }
+        | StreamItem::Hidden { .. }
         | StreamItem::Group { .. } => {}
     }
 }

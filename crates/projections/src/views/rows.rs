@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use chat_events::{ConversationId, MessageId, UserId};
-use chat_store::{InboxRow, MessageCountKey, StreamRow, Write};
+use chat_store::{InboxRow, MessageCountKey, StreamMark, StreamRow, Write};
 
 /// A row (or a range of rows) a fold needs.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -36,8 +36,8 @@ pub enum Fetched {
     Intervals(Vec<(i64, Option<i64>)>),
     /// (messages, applied offset)
     Count(Option<(i64, i64)>),
-    /// (seq, deleted), by seq
-    Seqs(Vec<(i64, bool)>),
+    /// (seq, mark), by seq
+    Seqs(Vec<(i64, StreamMark)>),
 }
 
 /// A fold needs a row that is not loaded yet: the driver fetches it and folds the record again.
@@ -53,7 +53,7 @@ pub struct Rows {
     /// Interval writes of the slice so far, in order.
     intervals: Vec<(UserId, ConversationId, i64, Option<i64>)>,
     /// `stream_messages` rows written by the slice so far.
-    stream_messages: BTreeMap<(UserId, MessageId, i64), bool>,
+    stream_messages: BTreeMap<(UserId, MessageId, i64), StreamMark>,
 }
 
 impl Rows {
@@ -109,16 +109,16 @@ impl Rows {
         Ok(all.into_values().take(STREAM_SCAN).collect())
     }
 
-    /// Where a message sits in a user's stream: (seq, deleted) by seq, the store's and the
-    /// slice's own.
-    pub fn stream_messages(&self, user: UserId, message: MessageId) -> Result<Vec<(i64, bool)>, Missing> {
+    /// Where a message sits in a user's stream: (seq, mark) by seq, the store's and the slice's
+    /// own.
+    pub fn stream_messages(&self, user: UserId, message: MessageId) -> Result<Vec<(i64, StreamMark)>, Missing> {
         let base = match self.get(Key::StreamMessages(user, message))? {
             Fetched::Seqs(v) => v,
             _ => return Ok(Vec::new()),
         };
-        let mut all: BTreeMap<i64, bool> = base.iter().copied().collect();
-        for ((_, _, seq), deleted) in self.stream_messages.range((user, message, i64::MIN)..=(user, message, i64::MAX)) {
-            all.insert(*seq, *deleted);
+        let mut all: BTreeMap<i64, StreamMark> = base.iter().copied().collect();
+        for ((_, _, seq), mark) in self.stream_messages.range((user, message, i64::MIN)..=(user, message, i64::MAX)) {
+            all.insert(*seq, *mark);
         }
         Ok(all.into_iter().collect())
     }
@@ -183,12 +183,13 @@ impl Rows {
             Write::MessageCount { key, messages, applied_offset } => {
                 self.fetched.insert(Key::MessageCount(key.clone()), Fetched::Count(Some((*messages, *applied_offset))));
             }
-            Write::StreamMessage { user, message, seq, deleted } => {
-                self.stream_messages.insert((*user, *message, *seq), *deleted);
+            Write::StreamMessage { user, message, seq, mark } => {
+                self.stream_messages.insert((*user, *message, *seq), *mark);
             }
             // Nothing a fold reads back.
             Write::MessageEdited { .. }
             | Write::MessageDeleted { .. }
+            | Write::HiddenMessage { .. }
             | Write::TopicRemoved { .. }
             | Write::User { .. }
             | Write::Message(_)

@@ -16,7 +16,7 @@
 //! fan-out appended exactly once, routed again after an upgrade).
 
 use chat_events::{DeliveryQueued, StreamItem, UserId};
-use chat_store::{StreamRow, Write};
+use chat_store::{StreamMark, StreamRow, Write};
 
 use super::rows::{Missing, Rows};
 use super::{analytics, groups, history, inbox, receipts, Settings};
@@ -44,25 +44,50 @@ pub fn item(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, q: &Delivery
                 receipts::stream_item(out, user, item);
             }
             inbox::message(out, rows, user, item, offset)?;
-            out.push(Write::StreamMessage { user, message: *message_id, seq: offset, deleted: false });
+            out.push(Write::StreamMessage { user, message: *message_id, seq: offset, mark: StreamMark::Message });
         }
         StreamItem::Edited { message_id, conversation_id, sender, body, at } => {
-            keep = !rows.stream_messages(user, *message_id)?.iter().any(|(_, deleted)| *deleted);
+            let marks = rows.stream_messages(user, *message_id)?;
+            let deleted = marks.iter().any(|(_, mark)| *mark == StreamMark::Deleted);
+            // History follows the sender's edit unless the message is deleted for everyone
+            // (a sender who deleted it for themselves still edits it for the others).
+            if *sender == user && !deleted {
+                out.push(Write::MessageEdited { conversation: conversation_id.clone(), message: *message_id, body: body.clone(), at: *at });
+            }
+            // Nothing in the user's own stream after a delete, for everyone or for this user.
+            keep = marks.iter().all(|(_, mark)| *mark == StreamMark::Message);
             if keep {
-                if *sender == user {
-                    out.push(Write::MessageEdited { conversation: conversation_id.clone(), message: *message_id, body: body.clone(), at: *at });
-                }
                 inbox::edited(out, rows, user, item, offset)?;
-                out.push(Write::StreamMessage { user, message: *message_id, seq: offset, deleted: false });
+                out.push(Write::StreamMessage { user, message: *message_id, seq: offset, mark: StreamMark::Message });
             }
         }
         StreamItem::Deleted { message_id, .. } => {
             let seqs = rows.stream_messages(user, *message_id)?;
-            keep = !seqs.iter().any(|(_, deleted)| *deleted);
+            let hidden = seqs.iter().any(|(_, mark)| *mark == StreamMark::Hidden);
+            if seqs.iter().any(|(_, mark)| *mark == StreamMark::Deleted) {
+                keep = false;
+            } else {
+                // A user who deleted the message for themselves keeps their stream as it is
+                // (no row of it holds the text any more), and the sender's copy still empties
+                // history and analytics.
+                keep = !hidden;
+                deleted(out, rows, settings, user, item, if hidden { &[] } else { &seqs })?;
+                if keep {
+                    inbox::edited(out, rows, user, item, offset)?;
+                    out.push(Write::StreamMessage { user, message: *message_id, seq: offset, mark: StreamMark::Deleted });
+                }
+            }
+        }
+        StreamItem::Hidden { message_id, conversation_id, .. } => {
+            let seqs = rows.stream_messages(user, *message_id)?;
+            keep = !seqs.iter().any(|(_, mark)| *mark == StreamMark::Hidden);
             if keep {
-                deleted(out, rows, settings, user, item, &seqs)?;
+                for (seq, _) in &seqs {
+                    out.push(Write::Stream { user, row: stream_row(user, item, *seq) });
+                }
+                out.push(Write::HiddenMessage { user, conversation: conversation_id.clone(), message: *message_id });
                 inbox::edited(out, rows, user, item, offset)?;
-                out.push(Write::StreamMessage { user, message: *message_id, seq: offset, deleted: true });
+                out.push(Write::StreamMessage { user, message: *message_id, seq: offset, mark: StreamMark::Hidden });
             }
         }
         StreamItem::Receipt { .. } => receipts::stream_item(out, user, item),
@@ -92,7 +117,7 @@ fn stream_row(user: UserId, item: &StreamItem, seq: i64) -> StreamRow {
 /// message's item and of its edits (at `seqs`), so no row of the stream keeps the body. The
 /// sender's copy also empties the history row and takes the message's topics out of analytics
 /// (the topics of the text as sent, read from the sender's own message item).
-fn deleted(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, user: UserId, item: &StreamItem, seqs: &[(i64, bool)]) -> Result<(), Missing> {
+fn deleted(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, user: UserId, item: &StreamItem, seqs: &[(i64, StreamMark)]) -> Result<(), Missing> {
     let StreamItem::Deleted { conversation_id, message_id, sender, .. } = item else { return Ok(()) };
     if *sender == user {
         if let Some((first, _)) = seqs.first() {
@@ -245,6 +270,31 @@ mod tests {
         assert!(!out.iter().any(|w| matches!(w, Write::MessageEdited { .. } | Write::MessageDeleted { .. } | Write::TopicRemoved { .. })));
         let last_inbox = out.iter().rev().find_map(|w| if let Write::Inbox(r) = w { Some(r.clone()) } else { None }).expect("inbox");
         assert_eq!((last_inbox.unread, last_inbox.last_kind.as_str()), (1, "deleted"), "a deleted message keeps its place as unread");
+    }
+
+    #[test]
+    fn a_delete_for_me_leaves_the_users_stream_and_history_and_nobody_elses() {
+        let (a, b, c) = users();
+        let settings = Settings::default();
+        let mut m = message_item(&c, a, msg_id(1), Some("phone"));
+        if let StreamItem::Message { body, .. } = &mut m {
+            *body = "secret".into();
+        }
+        let hidden = StreamItem::Hidden { conversation_id: c.clone(), message_id: msg_id(1), at: chrono::DateTime::from_timestamp_millis(1_700_000_006_000).unwrap_or_default() };
+        // b hides it, then the sender edits and deletes it for everyone.
+        let items = [m, hidden, change(&c, a, msg_id(1), Some("secret v2")), change(&c, a, msg_id(1), None)];
+        let out = fold_all(b, &items, &[], &settings);
+        let rows = bodies(&out);
+        assert_eq!(rows.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![10, 11], "nothing after the user's own delete: {rows:?}");
+        assert!(rows.iter().all(|(_, j)| j.contains("\"kind\":\"hidden\"")), "{rows:?}");
+        assert!(out.iter().any(|w| matches!(w, Write::HiddenMessage { user, .. } if *user == b)));
+        let last_inbox = out.iter().rev().find_map(|w| if let Write::Inbox(r) = w { Some(r.clone()) } else { None }).expect("inbox");
+        assert_eq!((last_inbox.last_kind.as_str(), last_inbox.last_body.as_str()), ("hidden", ""));
+        // The sender who hid their own message still empties history when deleting it for everyone.
+        let out = fold_all(a, &items, &[], &settings);
+        assert!(out.iter().any(|w| matches!(w, Write::MessageDeleted { .. })), "{out:?}");
+        assert!(out.iter().any(|w| matches!(w, Write::MessageEdited { .. })), "the sender's edit reaches history: {out:?}");
+        assert!(!bodies(&out).iter().any(|(_, j)| j.contains("secret")));
     }
 
     #[test]

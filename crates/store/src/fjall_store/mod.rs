@@ -834,8 +834,11 @@ fn apply_write(tx: &mut Tx<'_>, w: &Write) -> StoreResult<()> {
             (row.body, row.media, row.edited_at, row.deleted) = (String::new(), None, None, true);
             tx.put("messages", key, message_val(&row))
         }
-        Write::StreamMessage { user, message, seq, deleted } => {
-            tx.put("stream_messages", Key::new().u(user.0).u(message.0).i(*seq).done(), Val::new().b(*deleted).done())
+        Write::StreamMessage { user, message, seq, mark } => {
+            tx.put("stream_messages", Key::new().u(user.0).u(message.0).i(*seq).done(), Val::new().i(i64::from(mark.code())).done())
+        }
+        Write::HiddenMessage { user, conversation, message } => {
+            tx.put("hidden_messages", Key::new().u(user.0).conv(conversation).u(message.0).done(), Vec::new())
         }
         Write::TopicRemoved { day, topic, message } => tx.del("analytics_topics", Key::new().day(*day).s(topic).u(message.0).done()),
         Write::Topic { day, topic, message, sender } => {
@@ -912,14 +915,14 @@ impl ProjectionStore for FjallStore {
         self.get("stream_heads", &key)?.map(|v| ValReader(&v).i()).transpose()
     }
 
-    async fn stream_messages(&self, user: UserId, message: MessageId) -> StoreResult<Vec<(i64, bool)>> {
+    async fn stream_messages(&self, user: UserId, message: MessageId) -> StoreResult<Vec<(i64, StreamMark)>> {
         let _r = self.shared.swap.read().await;
         self.prefix("stream_messages", &Key::new().u(user.0).u(message.0).done())?
             .iter()
             .map(|(k, v)| {
                 let mut k = KeyReader(k);
                 let (_user, _message, seq) = (k.u()?, k.u()?, k.i()?);
-                Ok((seq, ValReader(v).b()?))
+                Ok((seq, StreamMark::from_code(ValReader(v).i()?)))
             })
             .collect()
     }
@@ -1034,6 +1037,19 @@ impl ReadStore for FjallStore {
             .map(|(_, v)| ValReader(v).i())
             .collect::<StoreResult<Vec<_>>>()?;
         out.sort_unstable();
+        Ok(out)
+    }
+
+    async fn hidden_messages(&self, user: UserId, conv: &ConversationId, from: MessageId, to: MessageId) -> StoreResult<Vec<MessageId>> {
+        let _r = self.shared.swap.read().await;
+        let mut out = Vec::new();
+        for (k, _) in self.prefix("hidden_messages", &Key::new().u(user.0).conv(conv).done())? {
+            let mut k = KeyReader(&k);
+            let (_user, _conv, id) = (k.u()?, k.conv()?, MessageId(k.u()?));
+            if from <= id && id <= to {
+                out.push(id);
+            }
+        }
         Ok(out)
     }
 }
