@@ -985,16 +985,32 @@ impl ScyllaStore {
     /// move the client's cursor past it for good. Each user's rows, in seq order, go in
     /// single-partition unlogged batches (atomic and isolated in Cassandra), one after the other;
     /// the first failure stops that user's chain (the slice is applied again). Users run
-    /// concurrently.
+    /// concurrently. A user's `stream_messages` rows (the same partition key) go first, in
+    /// batches of their own: one round trip per user and slice, not one per message (they are read
+    /// only by a later slice's edit or delete).
     async fn apply_streams(&self, writes: Vec<Write>) -> StoreResult<()> {
-        let mut by_user: BTreeMap<Uuid, Vec<StreamRow>> = BTreeMap::new();
+        type Marks = Vec<(Uuid, Uuid, i64, i32)>;
+        let mut by_user: BTreeMap<Uuid, (Vec<StreamRow>, Marks)> = BTreeMap::new();
         for w in writes {
-            if let Write::Stream { user, row } = w {
-                by_user.entry(user.0).or_default().push(row);
+            match w {
+                Write::Stream { user, row } => by_user.entry(user.0).or_default().0.push(row),
+                Write::StreamMessage { user, message, seq, mark } => by_user.entry(user.0).or_default().1.push((user.0, message.0, seq, mark.code())),
+                _ => {}
             }
         }
-        let chains = by_user.into_iter().map(|(user, mut rows)| async move {
+        let chains = by_user.into_iter().map(|(user, (mut rows, marks))| async move {
             rows.sort_by_key(|r| r.seq);
+            for chunk in marks.chunks(STREAM_BATCH_ROWS) {
+                if let [one] = chunk {
+                    self.exec(&self.stmts.insert_stream_message, *one).await?;
+                    continue;
+                }
+                let mut batch = scylla::statement::batch::Batch::new(scylla::statement::batch::BatchType::Unlogged);
+                for _ in chunk {
+                    batch.append_statement(self.stmts.insert_stream_message.clone());
+                }
+                self.session.batch(&batch, chunk.to_vec()).await.map_err(unavailable)?;
+            }
             for chunk in stream_chunks(&rows) {
                 if let [row] = chunk {
                     self.exec(&self.stmts.insert_stream, (user, row.seq, row.item_id, &row.item)).await?;
@@ -1043,7 +1059,7 @@ impl WriteStore for ScyllaStore {
         // Stream rows come after what they caused and before the guards, and each user's in
         // cursor order (see [`ScyllaStore::apply_streams`]).
         let (guards, rest): (Vec<Write>, Vec<Write>) = writes.into_iter().partition(Write::is_guard);
-        let (streams, rest): (Vec<Write>, Vec<Write>) = rest.into_iter().partition(|w| matches!(w, Write::Stream { .. }));
+        let (streams, rest): (Vec<Write>, Vec<Write>) = rest.into_iter().partition(|w| matches!(w, Write::Stream { .. } | Write::StreamMessage { .. }));
         // A group's row after its member rows: a reader that sees the group sees every member
         // its creation made (the gateway's membership check relies on it).
         let (groups, rest): (Vec<Write>, Vec<Write>) = rest.into_iter().partition(|w| matches!(w, Write::Group(_)));
