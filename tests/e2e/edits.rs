@@ -88,6 +88,16 @@ pub async fn edits_and_deletes_for_everyone(mode: Mode) {
     }
     let row = history_row(&gw, &bob, &conv, &id, |m| m["body"] == json!(edited)).await;
     assert!(row["edited_at"].is_string(), "{row}");
+    // Auditors read the edit history; nobody else does.
+    let edits_path = format!("/v1/audit/messages/{id}/edits");
+    let (st, audit) = gw.get(&erin.token, &edits_path).await;
+    assert_eq!(st, 200, "{audit}");
+    let versions: Vec<&str> = audit["versions"].as_array().unwrap().iter().map(|v| v["body"].as_str().unwrap()).collect();
+    assert_eq!(versions, vec![secret.as_str(), edited.as_str()], "{audit}");
+    assert_eq!((audit["body"].as_str(), audit["deleted"].as_bool()), (Some(edited.as_str()), Some(false)), "{audit}");
+    for u in [&alice, &bob, &carol] {
+        assert_eq!(gw.get(&u.token, &edits_path).await.0, 403, "{} is not an auditor", u.name);
+    }
 
     // The authorization matrix: the peer, a stranger, an auditor; a foreign id and a random id
     // get the same answer.
@@ -134,6 +144,9 @@ pub async fn edits_and_deletes_for_everyone(mode: Mode) {
     assert!(row.as_ref().is_some_and(|r| !r.to_string().contains(&secret)), "{list}");
     let (_, kept) = gw.get(&bob.token, &format!("/v1/conversations/{conv}/messages?limit=50")).await;
     assert!(kept["messages"].as_array().unwrap().iter().any(|m| m["message_id"] == json!(keep) && m["body"] == "this one stays"));
+
+    let (_, audit) = gw.get(&erin.token, &edits_path).await;
+    assert_eq!((audit["deleted"].as_bool(), audit["body"].as_str(), audit["versions"].as_array().map(Vec::len)), (Some(true), Some(""), Some(0)), "{audit}");
 
     // A new device syncing from the start sees the delete in the message's place, no text.
     let mut b2 = gw.connect(&bob, "tablet").await;

@@ -55,6 +55,7 @@ pub fn router(chat: App) -> Router {
         .route("/v1/analytics/profile-views", get(analytics_profile_views))
         .route("/v1/analytics/topics", get(analytics_topics))
         .route("/v1/audit/messages/{message_id}/receipts", get(audit_message))
+        .route("/v1/audit/messages/{message_id}/edits", get(audit_edits))
         .route("/v1/audit/users/{user_id}/receipts", get(audit_user))
         .route("/v1/audit/metrics/daily", get(audit_daily))
         .route("/v1/ws", get(websocket));
@@ -423,6 +424,12 @@ async fn audit_message(State(chat): State<App>, Caller(p): Caller, LaterPath(mes
     require(&p, "auditor")?;
     let message_id = message_id?;
     Ok(Json(chat.audit_message(&p, &message_id).await?).into_response())
+}
+
+async fn audit_edits(State(chat): State<App>, Caller(p): Caller, LaterPath(message_id): LaterPath<String>) -> Result<Response, ApiError> {
+    require(&p, "auditor")?;
+    let message_id = message_id?;
+    Ok(Json(chat.audit_edits(&p, &message_id).await?).into_response())
 }
 
 async fn audit_user(State(chat): State<App>, Caller(p): Caller, LaterPath(user_id): LaterPath<String>, q: QueryMap) -> Result<Response, ApiError> {

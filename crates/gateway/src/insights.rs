@@ -38,6 +38,32 @@ pub struct Profile {
     pub avatar_media_id: Option<uuid::Uuid>,
 }
 
+/// One version of a message's text.
+#[derive(Debug, Serialize)]
+pub struct MessageVersion {
+    #[serde(serialize_with = "ser_time")]
+    pub at: DateTime<Utc>,
+    pub body: String,
+}
+
+/// A message with its edit history, for auditors.
+#[derive(Debug, Serialize)]
+pub struct AuditEdits {
+    pub message_id: MessageId,
+    pub conversation_id: ConversationId,
+    pub sender: UserId,
+    #[serde(serialize_with = "ser_time")]
+    pub sent_at: DateTime<Utc>,
+    /// The text now (empty once deleted).
+    pub body: String,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_opt_time")]
+    pub edited_at: Option<DateTime<Utc>>,
+    pub deleted: bool,
+    /// The text as sent, then each edit, oldest first; empty for a message never edited, and
+    /// once deleted.
+    pub versions: Vec<MessageVersion>,
+}
+
 /// The receipt timeline of a message, for auditors.
 #[derive(Debug, Serialize)]
 pub struct AuditTimeline {
@@ -73,6 +99,13 @@ impl AuditTimeline {
         receipts.sort_by(|a, b| (a.at, a.recipient, a.status, &a.device_id).cmp(&(b.at, b.recipient, b.status, &b.device_id)));
         let summary = ReceiptSummary::of(&receipts);
         Ok(AuditTimeline { message_id: meta.message_id, conversation_id: meta.conversation_id.clone(), sender: meta.sender, sent_at: meta.sent_at, summary, receipts })
+    }
+}
+
+fn ser_opt_time<S: serde::Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&format_time(t)),
+        None => s.serialize_none(),
     }
 }
 
@@ -217,6 +250,27 @@ impl Chat {
         self.audit_record(auditor, "message_receipts", Some(id.to_string()), None, None).await?;
         let meta = self.store.find_message(id).await?.ok_or_else(ApiError::not_found)?;
         Ok(AuditTimeline::of(self.store.as_ref(), &meta).await?)
+    }
+
+    /// A message's edit history (any message, like its receipt timeline).
+    pub async fn audit_edits(&self, auditor: &Principal, message_id: &str) -> Result<AuditEdits, ApiError> {
+        let id: MessageId = message_id.parse().map_err(|_| ApiError::not_found())?;
+        self.audit_record(auditor, "message_edits", Some(id.to_string()), None, None).await?;
+        let meta = self.store.find_message(id).await?.ok_or_else(ApiError::not_found)?;
+        let next = MessageId(uuid::Uuid::from_u128(id.as_uuid().as_u128().saturating_add(1)));
+        let row = self.store.history_page(&meta.conversation_id, Some(next), 1).await?.into_iter().find(|m| m.message_id == id);
+        let row = row.ok_or_else(ApiError::not_found)?;
+        let versions = self.store.message_versions(id).await?.into_iter().map(|(at, body)| MessageVersion { at, body }).collect();
+        Ok(AuditEdits {
+            message_id: id,
+            conversation_id: meta.conversation_id,
+            sender: meta.sender,
+            sent_at: meta.sent_at,
+            body: row.body,
+            edited_at: row.edited_at,
+            deleted: row.deleted,
+            versions,
+        })
     }
 
     /// Every receipt of one user (as a recipient) in a time range.

@@ -372,6 +372,7 @@ const ROUTES: &[(&str, &[(&str, bool)])] = &[
     ("/v1/analytics/profile-views", &[("GET", true)]),
     ("/v1/analytics/topics", &[("GET", true)]),
     ("/v1/audit/messages/{message_id}/receipts", &[("GET", true)]),
+    ("/v1/audit/messages/{message_id}/edits", &[("GET", true)]),
     ("/v1/audit/users/{user_id}/receipts", &[("GET", true)]),
     ("/v1/audit/metrics/daily", &[("GET", true)]),
     ("/v1/ws", &[("GET", true)]),
@@ -958,8 +959,9 @@ async fn roles_analytics_and_audit() {
         get("/v1/analytics/profile-views?user=nope&from=bad").auth(&analyst).is(400, "invalid_date"),
     ]);
     let message = format!("/v1/audit/messages/{}/receipts", uuid::Uuid::new_v4());
+    let edits = format!("/v1/audit/messages/{}/edits", uuid::Uuid::new_v4());
     let user_receipts = format!("/v1/audit/users/{}/receipts", plain.id);
-    for path in [message.as_str(), user_receipts.as_str(), "/v1/audit/metrics/daily"] {
+    for path in [message.as_str(), edits.as_str(), user_receipts.as_str(), "/v1/audit/metrics/daily"] {
         cases.push(get(path).auth(&plain.token).is(403, "forbidden"));
         cases.push(get(path).auth(&analyst).is(403, "forbidden"));
         cases.push(get(format!("{path}?from=bad")).auth(&analyst).is(403, "forbidden"));
@@ -968,6 +970,8 @@ async fn roles_analytics_and_audit() {
     cases.extend([
         get(&message).auth(&auditor).is(404, "not_found"),
         get("/v1/audit/messages/not-a-uuid/receipts").auth(&auditor).is(404, "not_found"),
+        get(&edits).auth(&auditor).is(404, "not_found"),
+        get("/v1/audit/messages/not-a-uuid/edits").auth(&auditor).is(404, "not_found"),
         ur("?from=bad").is(400, "invalid_time"),
         ur("?to=2024-05-01").is(400, "invalid_time"),
         ur("?from=2024-05-01T00:00:00Z&to=2024-05-01T00:00:00Z").is(400, "invalid_range"),

@@ -248,6 +248,11 @@ pub async fn send_records(t: &dyn Tables) {
 }
 
 /// History: newest-first pages with `before` across two day buckets, `find_message`.
+/// Another message id than `m`'s.
+fn b_message(m: &MessageRow) -> MessageId {
+    MessageId(uuid::Uuid::from_u128(m.message_id.0.as_u128() ^ 1))
+}
+
 /// Edits and deletes of a message: the last edit's text, a delete for good (its body and media
 /// gone, whatever is applied after it), and the `stream_messages` rows a delete reads.
 pub async fn message_changes(t: &dyn Tables) {
@@ -270,7 +275,18 @@ pub async fn message_changes(t: &dyn Tables) {
     // The message item applied again (a redelivery) keeps the edit.
     t.put_message(&m).await.expect("put_message");
     assert_eq!(read().await.body, secret, "a message written again never undoes an edit");
-    t.apply(vec![Write::MessageDeleted { conversation: conv.clone(), message: m.message_id }]).await.expect("apply");
+    // The edit history: versions by time, written in any order, each once.
+    let version = |s: i64, body: &str| Write::MessageVersion { message: m.message_id, at: at(s), body: body.into() };
+    t.apply(vec![version(20, &secret), version(0, "as sent"), version(10, "first"), version(20, &secret)]).await.expect("apply");
+    assert_eq!(
+        t.message_versions(m.message_id).await.expect("message_versions"),
+        vec![(at(0), "as sent".to_owned()), (at(10), "first".to_owned()), (at(20), secret.clone())]
+    );
+    assert!(t.message_versions(b_message(&m)).await.expect("message_versions").is_empty());
+    t.apply(vec![version(30, "in the same list as the delete"), Write::MessageDeleted { conversation: conv.clone(), message: m.message_id }])
+        .await
+        .expect("apply");
+    assert!(t.message_versions(m.message_id).await.expect("message_versions").is_empty(), "a delete removes every version");
     let row = read().await;
     assert!(row.deleted && row.body.is_empty() && row.media.is_none() && row.edited_at.is_none(), "a deleted message keeps no body, media or edit time: {row:?}");
     assert!(t.tables_containing(&secret).await.expect("tables_containing").is_empty(), "the deleted text is in no table");
@@ -1403,6 +1419,8 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         Write::StreamMessage { user: b, message: m1.message_id, seq: 1, mark: StreamMark::Message },
         Write::HiddenMessage { user: b, conversation: c.clone(), message: m1.message_id },
         Write::HiddenMessage { user: b, conversation: c.clone(), message: m1.message_id },
+        Write::MessageVersion { message: m2.message_id, at: at(DAY0_MS + 1), body: "v1".into() },
+        Write::MessageVersion { message: m2.message_id, at: at(DAY0_MS + 1), body: "v1".into() },
     ];
     let rows = BTreeMap::from([
         ("users", 2),
@@ -1429,6 +1447,7 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         ("media_messages", 2),
         ("stream_messages", 2),
         ("hidden_messages", 1),
+        ("message_edits", 1),
     ]);
     (writes, rows)
 }

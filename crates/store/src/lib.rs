@@ -342,6 +342,9 @@ pub trait ReadStore: Send + Sync {
     async fn in_inbox(&self, user: UserId, conv: &ConversationId) -> StoreResult<bool>;
     /// The positions of the messages of a group conversation that carry a media object.
     async fn media_positions(&self, media: uuid::Uuid, conv: &ConversationId) -> StoreResult<Vec<i64>>;
+    /// The versions of an edited message's text, oldest first (none for a message never edited,
+    /// or deleted).
+    async fn message_versions(&self, message: MessageId) -> StoreResult<Vec<(DateTime<Utc>, String)>>;
     /// The messages of `conv` from `from` to `to` (both included) that `user` deleted for
     /// themselves.
     async fn hidden_messages(&self, user: UserId, conv: &ConversationId, from: MessageId, to: MessageId) -> StoreResult<Vec<MessageId>>;
@@ -398,7 +401,8 @@ impl<T: CommandStore + ProjectionStore + ReadStore + TableAdmin + FanoutStore + 
 /// partition, guarded by the partition's offset) instead of a row per message in
 /// `analytics_messages`. 6: edits and deletes (`messages` says when a message was edited and
 /// whether it was deleted; `stream_messages` finds the stream rows of a message, which a delete
-/// replaces; `hidden_messages`, what each user deleted for themselves).
+/// replaces; `hidden_messages`, what each user deleted for themselves; `message_edits`, the versions
+/// of edited messages).
 pub const PROJECTION_LAYOUT: u32 = 6;
 
 /// Projection tables of older layouts, dropped by [`TableAdmin::reset_projections`].
@@ -435,6 +439,7 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "media_messages",
     "stream_messages",
     "hidden_messages",
+    "message_edits",
 ];
 
 /// Convenience: a device id as stored in the receipts table.

@@ -87,6 +87,9 @@ struct Stmts {
     insert_stream_message: PreparedStatement,
     select_stream_messages: PreparedStatement,
     insert_hidden: PreparedStatement,
+    insert_version: PreparedStatement,
+    delete_versions: PreparedStatement,
+    select_versions: PreparedStatement,
     select_hidden: PreparedStatement,
     delete_topic: PreparedStatement,
     insert_bucket: PreparedStatement,
@@ -581,7 +584,7 @@ impl ScyllaStore {
             insert_topic: p(format!("INSERT INTO {ks}.analytics_topics (day, topic, message_id, sender) VALUES (?, ?, ?, ?) USING TIMESTAMP 1")).await?,
             delete_topic: p(format!("DELETE FROM {ks}.analytics_topics WHERE day = ? AND topic = ? AND message_id = ?")).await?,
             update_message_edited: p(format!(
-                "UPDATE {ks}.messages SET body = ?, edited_at = ? WHERE conversation_id = ? AND bucket = ? AND message_id = ?"
+                "UPDATE {ks}.messages USING TIMESTAMP ? SET body = ?, edited_at = ? WHERE conversation_id = ? AND bucket = ? AND message_id = ?"
             ))
             .await?,
             update_message_deleted: p(format!(
@@ -590,6 +593,9 @@ impl ScyllaStore {
             .await?,
             insert_stream_message: p(format!("INSERT INTO {ks}.stream_messages (user_id, message_id, seq, mark) VALUES (?, ?, ?, ?)")).await?,
             select_stream_messages: p(format!("SELECT seq, mark FROM {ks}.stream_messages WHERE user_id = ? AND message_id = ?")).await?,
+            insert_version: p(format!("INSERT INTO {ks}.message_edits (message_id, at, body) VALUES (?, ?, ?) USING TIMESTAMP 1")).await?,
+            delete_versions: p(format!("DELETE FROM {ks}.message_edits USING TIMESTAMP {DELETED_TS} WHERE message_id = ?")).await?,
+            select_versions: p(format!("SELECT at, body FROM {ks}.message_edits WHERE message_id = ?")).await?,
             insert_hidden: p(format!("INSERT INTO {ks}.hidden_messages (user_id, conversation_id, message_id) VALUES (?, ?, ?)")).await?,
             select_hidden: p(format!(
                 "SELECT message_id FROM {ks}.hidden_messages WHERE user_id = ? AND conversation_id = ? AND message_id >= ? AND message_id <= ?"
@@ -964,14 +970,18 @@ impl ScyllaStore {
             Write::ProfileView { viewed, day, viewer, view } => self.exec(&st.insert_profile_view, (viewed.0, *day, viewer.0, view.0)).await,
             Write::Topic { day, topic, message, sender } => self.exec(&st.insert_topic, (*day, topic, message.0, sender.0)).await,
             Write::TopicRemoved { day, topic, message } => self.exec(&st.delete_topic, (*day, topic, message.0)).await,
-            // An edit of a deleted message is never written (the sender's copy knows it is
-            // deleted); the two updates of one list are coalesced to the last.
+            // Write time = the edit's time: the latest edit wins in any order; below a delete's.
             Write::MessageEdited { conversation, message, body, at } => {
-                self.exec(&st.update_message_edited, (body, *at, conversation.as_str(), bucket_of(*message), message.0)).await
+                self.exec(&st.update_message_edited, (micros(at).clamp(2, DELETED_TS - 1), body, *at, conversation.as_str(), bucket_of(*message), message.0)).await
             }
             Write::MessageDeleted { conversation, message } => {
-                self.exec(&st.update_message_deleted, (conversation.as_str(), bucket_of(*message), message.0)).await
+                let (a, b) = futures::join!(
+                    self.exec(&st.update_message_deleted, (conversation.as_str(), bucket_of(*message), message.0)),
+                    self.exec(&st.delete_versions, (message.0,))
+                );
+                a.and(b)
             }
+            Write::MessageVersion { message, at, body } => self.exec(&st.insert_version, (message.0, *at, body)).await,
             Write::StreamMessage { user, message, seq, mark } => self.exec(&st.insert_stream_message, (user.0, message.0, *seq, mark.code())).await,
             Write::HiddenMessage { user, conversation, message } => self.exec(&st.insert_hidden, (user.0, conversation.as_str(), message.0)).await,
             Write::MediaMessage { media, conversation, message, position } => {
@@ -1209,6 +1219,10 @@ impl ReadStore for ScyllaStore {
             self.rows::<(i64,)>(&self.stmts.select_media_positions, (media, conv.as_str())).await?.into_iter().map(|(p,)| p).collect();
         out.sort_unstable();
         Ok(out)
+    }
+
+    async fn message_versions(&self, message: MessageId) -> StoreResult<Vec<(DateTime<Utc>, String)>> {
+        self.rows::<(DateTime<Utc>, String)>(&self.stmts.select_versions, (message.0,)).await
     }
 
     async fn hidden_messages(&self, user: UserId, conv: &ConversationId, from: MessageId, to: MessageId) -> StoreResult<Vec<MessageId>> {

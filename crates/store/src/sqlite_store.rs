@@ -125,6 +125,7 @@ CREATE TABLE IF NOT EXISTS analytics_profile_views (viewed TEXT NOT NULL, day TE
 CREATE TABLE IF NOT EXISTS media_messages (media_id TEXT NOT NULL, conversation_id TEXT NOT NULL, message_id TEXT NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (media_id, conversation_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS analytics_topics (day TEXT NOT NULL, topic TEXT NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL DEFAULT '', PRIMARY KEY (day, topic, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS stream_messages (user_id TEXT NOT NULL, message_id TEXT NOT NULL, seq INTEGER NOT NULL, mark INTEGER NOT NULL, PRIMARY KEY (user_id, message_id, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS message_edits (message_id TEXT NOT NULL, at INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (message_id, at)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS hidden_messages (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, message_id TEXT NOT NULL, PRIMARY KEY (user_id, conversation_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS receipts_by_user (recipient TEXT NOT NULL, message_id TEXT NOT NULL, status TEXT NOT NULL, device_id TEXT NOT NULL, at INTEGER NOT NULL, sender TEXT NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (recipient, message_id, status, device_id)) WITHOUT ROWID;
 DROP INDEX IF EXISTS receipts_by_user_at;
@@ -865,11 +866,18 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 "UPDATE messages SET body = '', media = NULL, edited_at = NULL, deleted = 1 WHERE conversation_id = ?1 AND message_id = ?2",
                 params![conversation.as_str(), message.to_string()],
             )?;
+            t.exec("DELETE FROM message_edits WHERE message_id = ?1", params![message.to_string()])?;
         }
         Write::StreamMessage { user, message, seq, mark } => {
             t.exec(
                 "INSERT OR REPLACE INTO stream_messages (user_id, message_id, seq, mark) VALUES (?1, ?2, ?3, ?4)",
                 params![user.to_string(), message.to_string(), seq, mark.code()],
+            )?;
+        }
+        Write::MessageVersion { message, at, body } => {
+            t.exec(
+                "INSERT OR REPLACE INTO message_edits (message_id, at, body) VALUES (?1, ?2, ?3)",
+                params![message.to_string(), ms(at), body],
             )?;
         }
         Write::HiddenMessage { user, conversation, message } => {
@@ -1089,6 +1097,15 @@ impl ReadStore for SqliteStore {
         self.read(move |c| {
             let mut st = c.prepare_cached("SELECT position FROM media_messages WHERE media_id = ?1 AND conversation_id = ?2 ORDER BY position")?;
             let rows = st.query_map(params![media.to_string(), conv], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn message_versions(&self, message: MessageId) -> StoreResult<Vec<(DateTime<Utc>, String)>> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached("SELECT at, body FROM message_edits WHERE message_id = ?1 ORDER BY at")?;
+            let rows = st.query_map(params![message.to_string()], |r| Ok((time(r.get(0)?)?, r.get(1)?)))?;
             rows.collect()
         })
         .await

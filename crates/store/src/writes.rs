@@ -109,6 +109,10 @@ pub enum Write {
     /// or an edit, the delete's own item, or the user's delete-for-me). A set: what a delete reads
     /// to replace those rows.
     StreamMessage { user: UserId, message: MessageId, seq: i64, mark: StreamMark },
+    /// `message_edits`: one version of an edited message's text, at the time it was written (the
+    /// text as sent at `sent_at`, then each edit): the edit history auditors read. A set; a
+    /// delete removes the message's versions for good.
+    MessageVersion { message: MessageId, at: DateTime<Utc>, body: String },
     /// `hidden_messages`: the user deleted a message for themselves (a set).
     HiddenMessage { user: UserId, conversation: ConversationId, message: MessageId },
     /// `analytics_topics`: a deleted message's topics go.
@@ -143,6 +147,7 @@ impl Write {
             Write::MessageEdited { .. } | Write::MessageDeleted { .. } => "messages",
             Write::StreamMessage { .. } => "stream_messages",
             Write::HiddenMessage { .. } => "hidden_messages",
+            Write::MessageVersion { .. } => "message_edits",
             Write::TopicRemoved { .. } => "analytics_topics",
         }
     }

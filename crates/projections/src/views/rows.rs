@@ -190,6 +190,7 @@ impl Rows {
             Write::MessageEdited { .. }
             | Write::MessageDeleted { .. }
             | Write::HiddenMessage { .. }
+            | Write::MessageVersion { .. }
             | Write::TopicRemoved { .. }
             | Write::User { .. }
             | Write::Message(_)

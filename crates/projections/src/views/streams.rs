@@ -53,6 +53,14 @@ pub fn item(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, q: &Delivery
             // (a sender who deleted it for themselves still edits it for the others).
             if *sender == user && !deleted {
                 out.push(Write::MessageEdited { conversation: conversation_id.clone(), message: *message_id, body: body.clone(), at: *at });
+                // The edit history for auditors: the text as sent (read from the sender's own
+                // message item, the first of the message's rows), then this version.
+                if let Some((first, StreamMark::Message)) = marks.first() {
+                    if let Some((sent, at0)) = original(rows, user, *first)? {
+                        out.push(Write::MessageVersion { message: *message_id, at: at0, body: sent });
+                    }
+                }
+                out.push(Write::MessageVersion { message: *message_id, at: *at, body: body.clone() });
             }
             // Nothing in the user's own stream after a delete, for everyone or for this user.
             keep = marks.iter().all(|(_, mark)| *mark == StreamMark::Message);
@@ -113,6 +121,16 @@ fn stream_row(user: UserId, item: &StreamItem, seq: i64) -> StreamRow {
     StreamRow { seq, item_id, item: json }
 }
 
+/// The text and time of a message as sent, from its item at `seq` of `user`'s stream (none if
+/// that row no longer holds the message item).
+fn original(rows: &Rows, user: UserId, seq: i64) -> Result<Option<(String, chrono::DateTime<chrono::Utc>)>, Missing> {
+    let row = rows.stream_after(user, seq - 1)?.into_iter().find(|r| r.seq == seq);
+    Ok(match row.map(|r| serde_json::from_str::<StreamItem>(&r.item)) {
+        Some(Ok(StreamItem::Message { body, sent_at, .. })) => Some((body, sent_at)),
+        _ => None,
+    })
+}
+
 /// A message deleted for everyone, in `user`'s stream: the delete item takes the place of the
 /// message's item and of its edits (at `seqs`), so no row of the stream keeps the body. The
 /// sender's copy also empties the history row and takes the message's topics out of analytics
@@ -121,8 +139,7 @@ fn deleted(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, user: UserId,
     let StreamItem::Deleted { conversation_id, message_id, sender, .. } = item else { return Ok(()) };
     if *sender == user {
         if let Some((first, _)) = seqs.first() {
-            let original = rows.stream_after(user, first - 1)?.into_iter().find(|r| r.seq == *first);
-            if let Some(Ok(StreamItem::Message { body, sent_at, .. })) = original.map(|r| serde_json::from_str::<StreamItem>(&r.item)) {
+            if let Some((body, sent_at)) = original(rows, user, *first)? {
                 for topic in analytics::topics_of(&body, &settings.keywords) {
                     out.push(Write::TopicRemoved { day: analytics::day_of(&sent_at), topic, message: *message_id });
                 }
@@ -256,6 +273,8 @@ mod tests {
         assert_eq!(rows.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![10, 11, 12], "the edit after the delete takes no row");
         assert!(rows.iter().all(|(_, j)| j.contains("\"kind\":\"deleted\"") && !j.contains("secret")), "{rows:?}");
         assert!(out.iter().any(|w| matches!(w, Write::MessageEdited { body, .. } if body == "secret v2")));
+        let versions: Vec<&str> = out.iter().filter_map(|w| if let Write::MessageVersion { body, .. } = w { Some(body.as_str()) } else { None }).collect();
+        assert_eq!(versions, vec!["secret #plan pizza", "secret v2"], "the edit history: as sent, then the edit");
         let deleted_at = out.iter().position(|w| matches!(w, Write::MessageDeleted { .. })).expect("the history row is emptied");
         assert!(!out[deleted_at..].iter().any(|w| matches!(w, Write::MessageEdited { .. })), "no edit after the delete");
         let mut removed: Vec<&str> = out.iter().filter_map(|w| if let Write::TopicRemoved { topic, .. } = w { Some(topic.as_str()) } else { None }).collect();

@@ -351,6 +351,23 @@ impl Tx<'_> {
         self.batch.insert(&ks, key, value);
         Ok(())
     }
+    /// The keys starting with `prefix`, the batch's own puts and deletes included.
+    fn keys_with_prefix(&self, table: &'static str, prefix: &[u8]) -> StoreResult<std::collections::BTreeSet<Vec<u8>>> {
+        let mut keys = std::collections::BTreeSet::new();
+        for g in self.space(table)?.prefix(prefix) {
+            keys.insert(g.key().map_err(unavailable)?.to_vec());
+        }
+        for ((t, k), v) in &self.pending {
+            if *t == table && k.starts_with(prefix) {
+                if v.is_some() {
+                    keys.insert(k.clone());
+                } else {
+                    keys.remove(k);
+                }
+            }
+        }
+        Ok(keys)
+    }
     fn del(&mut self, table: &'static str, key: Vec<u8>) -> StoreResult<()> {
         let ks = self.space(table)?.clone();
         self.pending.insert((table, key.clone()), None);
@@ -832,10 +849,17 @@ fn apply_write(tx: &mut Tx<'_>, w: &Write) -> StoreResult<()> {
             let Some(old) = tx.get("messages", &key)? else { return Ok(()) };
             let mut row = message_row(&key, &old)?;
             (row.body, row.media, row.edited_at, row.deleted) = (String::new(), None, None, true);
-            tx.put("messages", key, message_val(&row))
+            tx.put("messages", key, message_val(&row))?;
+            for k in tx.keys_with_prefix("message_edits", &Key::new().u(message.0).done())? {
+                tx.del("message_edits", k)?;
+            }
+            Ok(())
         }
         Write::StreamMessage { user, message, seq, mark } => {
             tx.put("stream_messages", Key::new().u(user.0).u(message.0).i(*seq).done(), Val::new().i(i64::from(mark.code())).done())
+        }
+        Write::MessageVersion { message, at, body } => {
+            tx.put("message_edits", Key::new().u(message.0).i(at.timestamp_millis()).done(), Val::new().s(body).done())
         }
         Write::HiddenMessage { user, conversation, message } => {
             tx.put("hidden_messages", Key::new().u(user.0).conv(conversation).u(message.0).done(), Vec::new())
@@ -1038,6 +1062,18 @@ impl ReadStore for FjallStore {
             .collect::<StoreResult<Vec<_>>>()?;
         out.sort_unstable();
         Ok(out)
+    }
+
+    async fn message_versions(&self, message: MessageId) -> StoreResult<Vec<(DateTime<Utc>, String)>> {
+        let _r = self.shared.swap.read().await;
+        self.prefix("message_edits", &Key::new().u(message.0).done())?
+            .iter()
+            .map(|(k, v)| {
+                let mut k = KeyReader(k);
+                let (_message, ms) = (k.u()?, k.i()?);
+                Ok((DateTime::from_timestamp_millis(ms).unwrap_or_default(), ValReader(v).s()?))
+            })
+            .collect()
     }
 
     async fn hidden_messages(&self, user: UserId, conv: &ConversationId, from: MessageId, to: MessageId) -> StoreResult<Vec<MessageId>> {
