@@ -45,6 +45,8 @@ fn own_ref(frame: &ClientFrame) -> Option<&Value> {
         ClientFrame::Send { r#ref, .. }
         | ClientFrame::Delivered { r#ref, .. }
         | ClientFrame::Read { r#ref, .. }
+        | ClientFrame::Edit { r#ref, .. }
+        | ClientFrame::Delete { r#ref, .. }
         | ClientFrame::Sync { r#ref, .. }
         | ClientFrame::Typing { r#ref, .. }
         | ClientFrame::Ping { r#ref } => r#ref.as_ref(),
