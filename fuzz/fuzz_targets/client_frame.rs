@@ -12,7 +12,7 @@ use chat_gateway::frames::{parse_client_frame, ClientFrame};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
-const TYPES: [&str; 6] = ["send", "delivered", "read", "sync", "typing", "ping"];
+const TYPES: [&str; 8] = ["send", "delivered", "read", "edit", "delete", "sync", "typing", "ping"];
 
 /// The top-level keys of a JSON object in the order written, duplicates kept (an oracle
 /// independent of the gateway's `StrictObject`); `None` for anything but an object.
