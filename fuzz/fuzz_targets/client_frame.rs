@@ -1,6 +1,6 @@
 //! Client-frame decoding (`chat_gateway::frames::parse_client_frame`, what the gateway does with
 //! every WebSocket text frame). Beyond "never panics":
-//! - an accepted frame is a JSON object whose `type` is its `type_name()`, one of the six
+//! - an accepted frame is a JSON object whose `type` is its `type_name()`, one of the
 //!   documented types (docs/protocol.md §3), and the `ref` returned is the object's `ref` as
 //!   written (the frame's own `ref` is the same, a `null` one aside);
 //! - a refused frame has one of the two stable codes: `bad_json` exactly when the text is not
@@ -12,7 +12,7 @@ use chat_gateway::frames::{parse_client_frame, ClientFrame};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
-const TYPES: [&str; 8] = ["send", "delivered", "read", "edit", "delete", "sync", "typing", "ping"];
+const TYPES: [&str; 9] = ["send", "delivered", "read", "edit", "delete", "react", "sync", "typing", "ping"];
 
 /// The top-level keys of a JSON object in the order written, duplicates kept (an oracle
 /// independent of the gateway's `StrictObject`); `None` for anything but an object.
@@ -47,6 +47,7 @@ fn own_ref(frame: &ClientFrame) -> Option<&Value> {
         | ClientFrame::Read { r#ref, .. }
         | ClientFrame::Edit { r#ref, .. }
         | ClientFrame::Delete { r#ref, .. }
+        | ClientFrame::React { r#ref, .. }
         | ClientFrame::Sync { r#ref, .. }
         | ClientFrame::Typing { r#ref, .. }
         | ClientFrame::Ping { r#ref } => r#ref.as_ref(),

@@ -20,17 +20,17 @@ fn delete(conv: &str, id: &str) -> Value {
     json!({"type": "delete", "conversation_id": conv, "message_id": id})
 }
 
-fn code(f: &Value) -> &str {
+pub(crate) fn code(f: &Value) -> &str {
     assert_eq!(f["type"], "error", "expected an error: {f}");
     f["code"].as_str().unwrap_or_default()
 }
 
-fn acked(f: &Value, what: &str) {
+pub(crate) fn acked(f: &Value, what: &str) {
     assert_eq!((f["type"].as_str(), f["for"].as_str()), (Some("ack"), Some(what)), "{f}");
 }
 
 /// The history row of a message, once `pred` holds for it.
-async fn history_row(gw: &Gateway, user: &User, conv: &str, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn history_row(gw: &Gateway, user: &User, conv: &str, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
     wait_for(&format!("history of {id}"), T, || async {
         let (st, page) = gw.get(&user.token, &format!("/v1/conversations/{conv}/messages?limit=50")).await;
         assert_eq!(st, 200, "{page}");

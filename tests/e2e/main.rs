@@ -9,6 +9,7 @@ mod faults;
 mod groups;
 mod harness;
 mod product;
+mod reactions;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use faults::*;
 use groups::*;
 use harness::*;
 use product::*;
+use reactions::*;
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
@@ -241,6 +243,8 @@ async fn c2_retry_after_a_crash_between_append_and_ack(mode: Mode) {
             kind: chat_events::MessageKind::Text,
             body: "did it arrive?".into(),
             media: None,
+            reply_to: None,
+            mentions: Vec::new(),
         }),
     );
     let chat_events::Event::MessageSent(m) = &first.event else { unreachable!() };
@@ -605,15 +609,23 @@ async fn e_rebuild_gives_identical_tables(mode: Mode) {
     }
     let hid = b.request(json!({"type": "delete", "scope": "me", "conversation_id": conv, "message_id": ids[7]})).await;
     assert_eq!(hid["type"], "ack", "{hid}");
+    // Reactions (changed, and one taken back) and a reply are rebuilt alike.
+    for (bobs, n, emoji) in [(true, 2, json!("👍")), (true, 2, json!("❤️")), (false, 2, json!("👍")), (false, 4, json!("😂")), (false, 4, json!(null))] {
+        let ws = if bobs { &mut b } else { &mut a };
+        let answer = ws.request(json!({"type": "react", "conversation_id": conv, "message_id": ids[n], "emoji": emoji})).await;
+        assert_eq!(answer["type"], "ack", "{answer}");
+    }
     b.request(json!({"type": "delivered", "conversation_id": conv, "message_ids": [last]})).await;
     b.request(json!({"type": "read", "conversation_id": conv, "up_to": last})).await;
-    b.send_text(&alice.id, "reply", "hello back").await;
+    let replied = b.request(json!({"type": "send", "client_msg_id": "reply", "to": alice.id, "body": "hello back", "reply_to": ids[1]})).await;
+    assert_eq!(replied["type"], "sent", "{replied}");
     // Everyone offline, so stopping a process appends nothing more.
     b.close().await;
     a.close().await;
     s.wait_settled(T).await;
     let before = s.checksums().await;
     assert!(before["receipts"].rows > 30);
+    assert_eq!(before["reactions"].rows, 3, "bob's and alice's on one message, alice's taken back on another");
     assert!(before["last_seen"].rows >= 1);
 
     // Stop whoever writes projections, empty them, forget the group's offsets, start again.
@@ -1036,6 +1048,8 @@ macro_rules! abuse_scenarios {
             metrics_cover_stages_and_the_process,
             edits_and_deletes_for_everyone,
             group_edits_and_admin_deletes,
+            replies_and_reactions,
+            group_mentions_replies_and_reactions,
         );
     };
 }

@@ -351,8 +351,13 @@ fn rows(w: &Write) -> Vec<Row> {
         Write::StreamMessage { user, message, seq, mark } => {
             vec![row("stream_messages", e().t(&user.to_string()).t(&message.to_string()).i(*seq), e().i(mark.code().into()), Put)]
         }
-        // Edits and deletes are rare next to sends: not part of the write mix measured here.
-        Write::MessageEdited { .. } | Write::MessageDeleted { .. } | Write::TopicRemoved { .. } | Write::HiddenMessage { .. } | Write::MessageVersion { .. } => Vec::new(),
+        // Edits, deletes and reactions are rare next to sends: not part of the write mix measured here.
+        Write::MessageEdited { .. }
+        | Write::MessageDeleted { .. }
+        | Write::TopicRemoved { .. }
+        | Write::HiddenMessage { .. }
+        | Write::MessageVersion { .. }
+        | Write::Reaction { .. } => Vec::new(),
         Write::Stream { user, row: s } => vec![row("user_stream", e().t(&user.to_string()).i(s.seq), e().t(&s.item_id.to_string()).t(&s.item), Put)],
         Write::StreamHead { user, source_partition, position } => {
             vec![row("stream_heads", e().t(&user.to_string()).i((*source_partition).into()), e().i(*position), Max)]

@@ -96,6 +96,14 @@ pub struct MessageSent {
     pub body: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media: Option<MediaAttachment>,
+    /// A reply: the earlier message of the same conversation it quotes (by reference only: the
+    /// quoted text is never copied, so a delete of the original leaves nothing behind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<MessageId>,
+    /// Group members the message mentions (distinct; the fan-out keeps those who are members at
+    /// the message's position).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mentions: Vec<UserId>,
 }
 
 /// A device of a recipient acknowledged receipt of a message.
@@ -155,6 +163,21 @@ pub struct MessageHidden {
     pub conversation_id: ConversationId,
     /// Who deleted it for themselves.
     pub user: UserId,
+}
+
+/// A member reacted to a message with one emoji, changed their reaction, or (no `emoji`) took it
+/// back: one reaction per user per message, the latest in log order counts. The envelope's actor
+/// is the user.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageReacted {
+    pub message_id: MessageId,
+    pub conversation_id: ConversationId,
+    /// Who reacted.
+    pub user: UserId,
+    /// The emoji; absent when the reaction is taken back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emoji: Option<String>,
 }
 
 /// How long after it was sent a message may be edited or deleted for everyone, by default.
@@ -368,6 +391,12 @@ pub enum StreamItem {
         position: Option<i64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         media: Option<MediaAttachment>,
+        /// The message this one replies to (same conversation).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<MessageId>,
+        /// The members it mentions (members at the message's position).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        mentions: Vec<UserId>,
     },
     /// A receipt for messages the user sent: `by` got (delivered) or read up to (seen)
     /// `message_id`. With `all`, every recipient of a group message has reached `status`.
@@ -422,6 +451,18 @@ pub enum StreamItem {
     Hidden {
         conversation_id: ConversationId,
         message_id: MessageId,
+        #[serde(serialize_with = "serialize_time", deserialize_with = "deserialize_time")]
+        at: DateTime<Utc>,
+    },
+    /// A member reacted to a message of a conversation the user is in (`emoji`), or took their
+    /// reaction back (no `emoji`). Each reaction event is one item.
+    Reaction {
+        conversation_id: ConversationId,
+        message_id: MessageId,
+        /// Who reacted.
+        by: UserId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        emoji: Option<String>,
         #[serde(serialize_with = "serialize_time", deserialize_with = "deserialize_time")]
         at: DateTime<Utc>,
     },
@@ -528,6 +569,7 @@ pub enum Event {
     MessageEdited(MessageEdited),
     MessageDeleted(MessageDeleted),
     MessageHidden(MessageHidden),
+    MessageReacted(MessageReacted),
     PresenceChanged(PresenceChanged),
     DeliveryQueued(DeliveryQueued),
     GroupCreated(GroupCreated),
@@ -551,6 +593,7 @@ pub const EVENT_TYPES: &[(&str, u32)] = &[
     ("message.edited", 1),
     ("message.deleted", 1),
     ("message.hidden", 1),
+    ("message.reacted", 1),
     ("presence.changed", 1),
     ("delivery.queued", 2),
     ("group.created", 1),
@@ -576,6 +619,7 @@ impl Event {
             Event::MessageEdited(_) => "message.edited",
             Event::MessageDeleted(_) => "message.deleted",
             Event::MessageHidden(_) => "message.hidden",
+            Event::MessageReacted(_) => "message.reacted",
             Event::PresenceChanged(_) => "presence.changed",
             Event::DeliveryQueued(_) => "delivery.queued",
             Event::GroupCreated(_) => "group.created",
@@ -601,6 +645,7 @@ impl Event {
             | Event::MessageEdited(_)
             | Event::MessageDeleted(_)
             | Event::MessageHidden(_)
+            | Event::MessageReacted(_)
             | Event::PresenceChanged(_)
             | Event::GroupCreated(_)
             | Event::GroupRenamed(_)
@@ -635,6 +680,7 @@ impl Event {
             | Event::MessageEdited(_)
             | Event::MessageDeleted(_)
             | Event::MessageHidden(_)
+            | Event::MessageReacted(_)
             | Event::GroupCreated(_)
             | Event::GroupRenamed(_)
             | Event::GroupMemberAdded(_)
@@ -655,6 +701,7 @@ impl Event {
             Event::MessageEdited(e) => e.conversation_id.to_string(),
             Event::MessageDeleted(e) => e.conversation_id.to_string(),
             Event::MessageHidden(e) => e.conversation_id.to_string(),
+            Event::MessageReacted(e) => e.conversation_id.to_string(),
             Event::DeliveryQueued(e) => e.recipient.to_string(),
             Event::GroupCreated(e) => e.conversation_id.to_string(),
             Event::GroupRenamed(e) => e.conversation_id.to_string(),
@@ -678,6 +725,7 @@ impl Event {
             Event::MessageEdited(e) => Some(&e.conversation_id),
             Event::MessageDeleted(d) => Some(&d.conversation_id),
             Event::MessageHidden(h) => Some(&h.conversation_id),
+            Event::MessageReacted(r) => Some(&r.conversation_id),
             Event::GroupCreated(g) => Some(&g.conversation_id),
             Event::GroupRenamed(g) => Some(&g.conversation_id),
             Event::GroupMemberAdded(g) => Some(&g.conversation_id),
@@ -689,6 +737,7 @@ impl Event {
                 | StreamItem::Edited { conversation_id, .. }
                 | StreamItem::Deleted { conversation_id, .. }
                 | StreamItem::Hidden { conversation_id, .. }
+                | StreamItem::Reaction { conversation_id, .. }
                 | StreamItem::Group { conversation_id, .. } => conversation_id,
             }),
             Event::UserRegistered(_)
@@ -718,6 +767,7 @@ impl Event {
             Event::MessageEdited(e) => vec![e.sender],
             Event::MessageDeleted(e) => vec![e.sender, e.deleted_by],
             Event::MessageHidden(e) => vec![e.user],
+            Event::MessageReacted(e) => vec![e.user],
             Event::PresenceChanged(e) => vec![e.user_id],
             Event::DeliveryQueued(e) => vec![e.recipient],
             Event::GroupCreated(e) => {
@@ -746,6 +796,7 @@ impl Event {
             Event::MessageEdited(e) => serde_json::to_value(e),
             Event::MessageDeleted(e) => serde_json::to_value(e),
             Event::MessageHidden(e) => serde_json::to_value(e),
+            Event::MessageReacted(e) => serde_json::to_value(e),
             Event::PresenceChanged(e) => serde_json::to_value(e),
             Event::DeliveryQueued(e) => serde_json::to_value(e),
             Event::GroupCreated(e) => serde_json::to_value(e),
@@ -776,6 +827,7 @@ impl Event {
             ("message.edited", 1) => serde_json::from_value(data).map(Event::MessageEdited).map_err(bad),
             ("message.deleted", 1) => serde_json::from_value(data).map(Event::MessageDeleted).map_err(bad),
             ("message.hidden", 1) => serde_json::from_value(data).map(Event::MessageHidden).map_err(bad),
+            ("message.reacted", 1) => serde_json::from_value(data).map(Event::MessageReacted).map_err(bad),
             ("presence.changed", 1) => serde_json::from_value(data).map(Event::PresenceChanged).map_err(bad),
             // Version 1 had no `source`; version 2 always has one.
             ("delivery.queued", 1) => serde_json::from_value::<DeliveryQueued>(data)
@@ -972,6 +1024,8 @@ pub mod derive_id {
                 EventId::derived(&["delivery.queued", &r, "deleted", &message_id.to_string()])
             }
             StreamItem::Hidden { message_id, .. } => EventId::derived(&["delivery.queued", &r, "hidden", &message_id.to_string()]),
+            // One reaction is one source event; the caller passes its id.
+            StreamItem::Reaction { .. } => EventId::derived(&["delivery.queued", &r, "reaction", &source.to_string()]),
             // One group change is one source event; the caller passes its id.
             StreamItem::Group { .. } => EventId::derived(&["delivery.queued", &r, "group", &source.to_string()]),
         }
@@ -997,6 +1051,8 @@ pub fn fixtures() -> Vec<Envelope> {
         sender_device: None,
         position: None,
         media: None,
+        reply_to: None,
+        mentions: Vec::new(),
     };
     let receipt = StreamItem::Receipt {
         conversation_id: conv.clone(),
@@ -1024,6 +1080,7 @@ pub fn fixtures() -> Vec<Envelope> {
     let eitem = StreamItem::Edited { conversation_id: conv.clone(), message_id: msg, sender: alice, body: "hello, world".into(), at };
     let hitem = StreamItem::Hidden { conversation_id: conv.clone(), message_id: msg, at };
     let ditem = StreamItem::Deleted { conversation_id: conv.clone(), message_id: msg, sender: alice, by: alice, at };
+    let xitem = StreamItem::Reaction { conversation_id: conv.clone(), message_id: msg, by: bob, emoji: Some("👍".into()), at };
     let ritem = StreamItem::Read { conversation_id: conv.clone(), up_to: msg, at, device_id: Some("phone".into()) };
     vec![
         Envelope::new(
@@ -1043,6 +1100,8 @@ pub fn fixtures() -> Vec<Envelope> {
                 kind: MessageKind::Text,
                 body: "hello".into(),
                 media: None,
+                reply_to: None,
+                mentions: Vec::new(),
             }),
         ),
         Envelope::new(
@@ -1101,6 +1160,33 @@ pub fn fixtures() -> Vec<Envelope> {
             EventId::new_v7(),
             Some(alice),
             Event::GroupMemberAdded(GroupMemberAdded { conversation_id: gconv.clone(), member: bob, role: GroupRole::Admin }),
+        ),
+        Envelope::new(
+            derive_id::message_sent(bob, "g-1"),
+            Some(bob),
+            Event::MessageSent(MessageSent {
+                message_id: MessageId(uuid::Uuid::from_u128(0x0193_2c07_8a4e_7b3c_9d2e_1f0a_9b8c_7d70)),
+                conversation_id: gconv.clone(),
+                sender: bob,
+                sender_device: DeviceId::default_device(),
+                client_msg_id: "g-1".into(),
+                kind: MessageKind::Text,
+                body: "@alice rope?".into(),
+                media: None,
+                reply_to: None,
+                mentions: vec![alice],
+            }),
+        ),
+        Envelope::new(
+            EventId::new_v7(),
+            Some(bob),
+            Event::MessageReacted(MessageReacted { message_id: msg, conversation_id: conv.clone(), user: bob, emoji: Some("👍".into()) }),
+        ),
+        Envelope::new(EventId::new_v7(), Some(bob), Event::MessageReacted(MessageReacted { message_id: msg, conversation_id: conv.clone(), user: bob, emoji: None })),
+        Envelope::new(
+            derive_id::delivery_queued(alice, &xitem, src),
+            None,
+            Event::DeliveryQueued(DeliveryQueued { recipient: alice, item: xitem, source: Some(Source { partition: 2, offset: 53, index: 0, exactly_once: false }) }),
         ),
         Envelope::new(EventId::new_v7(), Some(bob), Event::GroupMemberRemoved(GroupMemberRemoved { conversation_id: gconv, member: bob })),
         Envelope::new(
@@ -1164,6 +1250,8 @@ pub fn fixtures() -> Vec<Envelope> {
                     height: Some(480),
                     duration_ms: None,
                 }),
+                reply_to: Some(msg),
+                mentions: Vec::new(),
             }),
         ),
         Envelope::new(EventId::new_v7(), None, Event::UserRoleChanged(UserRoleChanged { user_id: bob, role: "auditor".into(), granted: true })),

@@ -27,7 +27,7 @@ pub mod topics;
 pub use event::{
     derive_id, format_time, within_edit_window, DEFAULT_EDIT_WINDOW, now_millis, AuditAccessed, CodecError, DeliveryQueued, Envelope, Event, GroupChange, GroupCreated,
     GroupMemberAdded, GroupMemberRemoved, GroupRenamed, GroupRole, MediaAttachment, MediaUploaded, MessageDelivered, MessageKind,
-    MessageDeleted, MessageEdited, MessageHidden, MessageRead, MessageSent,
+    MessageDeleted, MessageEdited, MessageHidden, MessageReacted, MessageRead, MessageSent,
     PresenceChanged, PresenceStatus, ProfileUpdated, ProfileViewed, ReceiptStatus, Source, StreamItem, UserRegistered,
     UserRoleChanged,
     SessionsEnded,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use chat_events::event::{
     fixtures, AuditAccessed, Envelope, Event, GroupChange, GroupRole, MediaAttachment, MessageKind, StreamItem, EVENT_TYPES,
 };
-use chat_events::{ConversationId, GroupId, UserId};
+use chat_events::{ConversationId, GroupId, MessageId, UserId};
 use serde_json::{json, Value};
 
 fn schemas_dir() -> PathBuf {
@@ -42,6 +42,7 @@ fn item_kind(item: &StreamItem) -> &'static str {
         StreamItem::Edited { .. } => "edited",
         StreamItem::Deleted { .. } => "deleted",
         StreamItem::Hidden { .. } => "hidden",
+        StreamItem::Reaction { .. } => "reaction",
         StreamItem::Group { .. } => "group",
     }
 }
@@ -61,7 +62,8 @@ const ALL_KINDS: [MessageKind; 4] = [MessageKind::Text, MessageKind::Image, Mess
 
 /// The fixture of an event type, or with `delivery.queued#<kind>` the `delivery.queued` fixture
 /// carrying that kind of item, or with `message.sent#<kind>` the `message.sent` fixture of that
-/// message kind.
+/// message kind (`message.sent#mentions`: the group message that mentions a member,
+/// `message.sent#reply`: the reply), or with `message.reacted#retracted` the reaction taken back.
 fn fixture(which: &str) -> Envelope {
     let (type_name, kind) = match which.split_once('#') {
         Some((t, k)) => (t, Some(k)),
@@ -74,7 +76,10 @@ fn fixture(which: &str) -> Envelope {
                 && match (&e.event, kind) {
                     (_, None) => true,
                     (Event::DeliveryQueued(d), Some(k)) => item_kind(&d.item) == k,
+                    (Event::MessageSent(m), Some("mentions")) => !m.mentions.is_empty(),
+                    (Event::MessageSent(m), Some("reply")) => m.reply_to.is_some(),
                     (Event::MessageSent(m), Some(k)) => kind_name(m.kind) == k,
+                    (Event::MessageReacted(r), Some("retracted")) => r.emoji.is_none(),
                     (_, Some(_)) => false,
                 }
         })
@@ -225,6 +230,21 @@ fn optional_fields_validate_when_present() {
                         });
                     }
                 });
+                // A group reply that mentions two members.
+                changed(|item, g| {
+                    if let StreamItem::Message { position, conversation_id, reply_to, mentions, .. } = item {
+                        *position = Some(4);
+                        *conversation_id = g.clone();
+                        *reply_to = Some(MessageId(uuid::Uuid::from_u128(0x0193_2c07_8a4e_7b3c_9d2e_1f0a_9b8c_7d6f)));
+                        *mentions = vec![ADMIN.parse().expect("uuid"), ALICE.parse().expect("uuid")];
+                    }
+                });
+                // A direct reply (mentions are for groups only).
+                changed(|item, _| {
+                    if let StreamItem::Message { reply_to, .. } = item {
+                        *reply_to = Some(MessageId(uuid::Uuid::from_u128(0x0193_2c07_8a4e_7b3c_9d2e_1f0a_9b8c_7d6f)));
+                    }
+                });
                 changed(|item, _| {
                     if let StreamItem::Message { message_kind, media, .. } = item {
                         *message_kind = MessageKind::Audio;
@@ -278,6 +298,21 @@ fn optional_fields_validate_when_present() {
                     *conversation_id = g.clone();
                 }
             }),
+            // A reaction to a group message taken back, and one with a sequence emoji.
+            StreamItem::Reaction { .. } => {
+                changed(|item, g| {
+                    if let StreamItem::Reaction { conversation_id, emoji, .. } = item {
+                        *conversation_id = g.clone();
+                        *emoji = None;
+                    }
+                });
+                changed(|item, _| {
+                    if let StreamItem::Reaction { emoji, by, .. } = item {
+                        *emoji = Some("👨‍👩‍👧".into());
+                        *by = ALICE.parse::<UserId>().expect("uuid");
+                    }
+                });
+            }
             StreamItem::Group { .. } => {
                 changed(|item, _| {
                     if let StreamItem::Group { change, name, member, role, .. } = item {
@@ -303,7 +338,7 @@ fn optional_fields_validate_when_present() {
             }
         }
     }
-    assert!(variants.len() >= 12, "not every stream item kind was varied");
+    assert!(variants.len() >= 16, "not every stream item kind was varied");
     for env in variants {
         let json = env.to_json();
         let errs = errors(&event_schema("delivery.queued"), &json);
@@ -321,7 +356,8 @@ fn optional_fields_of_events_validate_when_absent() {
         let mut v = env.clone();
         match &mut v.event {
             Event::MessageSent(m) if m.media.is_some() => {
-                // A caption-less audio message with only a duration.
+                // A caption-less audio message with only a duration, replying to nothing.
+                m.reply_to = None;
                 m.kind = MessageKind::Audio;
                 m.body = String::new();
                 if let Some(media) = &mut m.media {
@@ -330,6 +366,23 @@ fn optional_fields_of_events_validate_when_absent() {
                     media.height = None;
                     media.duration_ms = Some(12_000);
                 }
+            }
+            Event::MessageSent(m) if !m.mentions.is_empty() => {
+                // A group reply to a video that mentions the most members a message may (the
+                // sender among them).
+                m.reply_to = Some(MessageId(uuid::Uuid::from_u128(0x0193_2c07_8a4e_7b3c_9d2e_1f0a_9b8c_7d6f)));
+                m.mentions = (0..50).map(|i| UserId(uuid::Uuid::from_u128(0x3c4d_5e6f_7a8b_4c9d_8e0f_1a2b_3c4d_5e00 + i))).collect();
+                m.mentions[0] = m.sender;
+                m.kind = MessageKind::Video;
+                m.body = String::new();
+                m.media = Some(MediaAttachment {
+                    media_id: uuid::Uuid::from_u128(8),
+                    content_type: "video/webm".into(),
+                    size: 10,
+                    width: None,
+                    height: None,
+                    duration_ms: None,
+                });
             }
             Event::ProfileUpdated(p) => p.avatar_media_id = None,
             Event::AuditAccessed(_) => {
@@ -409,6 +462,26 @@ fn malformed_envelopes_are_refused() {
         ("message.sent#image", "image without media", |v| remove(&mut v["data"], "media"), false),
         ("message.sent#image", "media not an object", |v| v["data"]["media"] = json!("00000000-0000-0000-0000-000000000007"), true),
         ("message.sent", "bad device id", |v| v["data"]["sender_device"] = json!("my phone"), true),
+        ("message.sent", "mentions in a direct message", |v| v["data"]["mentions"] = json!([BOB]), false),
+        ("message.sent", "bad reply_to", |v| v["data"]["reply_to"] = json!("not-a-uuid"), true),
+        ("message.sent", "null reply_to", |v| v["data"]["reply_to"] = Value::Null, false),
+        ("message.sent", "reply_to as a list", |v| v["data"]["reply_to"] = json!([MSG]), true),
+        ("message.sent", "quoted text instead of an id", |v| v["data"]["reply_to"] = json!({"message_id": MSG, "body": "hello"}), true),
+        ("message.sent#reply", "upper-case reply_to", |v| v["data"]["reply_to"] = json!(MSG.to_uppercase()), false),
+        ("message.sent#reply", "reply_to a conversation", |v| v["data"]["reply_to"] = v["data"]["conversation_id"].clone(), true),
+        ("message.sent#mentions", "empty mentions", |v| v["data"]["mentions"] = json!([]), false),
+        ("message.sent#mentions", "null mentions", |v| v["data"]["mentions"] = Value::Null, true),
+        ("message.sent#mentions", "mentions not a list", |v| v["data"]["mentions"] = json!(ALICE), true),
+        ("message.sent#mentions", "a bad mention", |v| v["data"]["mentions"] = json!(["alice"]), true),
+        ("message.sent#mentions", "duplicate mentions", |v| v["data"]["mentions"] = json!([ALICE, ALICE]), false),
+        ("message.sent#mentions", "more than 50 mentions", |v| {
+            let many: Vec<String> = (0..51).map(|i| format!("3c4d5e6f-7a8b-4c9d-8e0f-1a2b3c4d{i:04x}")).collect();
+            v["data"]["mentions"] = json!(many);
+        }, false),
+        ("message.sent#mentions", "mentions moved to a direct conversation", |v| {
+            v["data"]["conversation_id"] = direct_conversation();
+            v["key"] = direct_conversation();
+        }, false),
         ("message.sent", "g. conversation id with a bad uuid", |v| v["data"]["conversation_id"] = json!("g.5a1e0000-4000-8000-0000-00000000001"), true),
         ("message.sent", "unknown conversation kind", |v| v["data"]["conversation_id"] = json!("c.5a1e0000-4000-8000-0000-000000000001"), true),
         ("message.read", "bad uuid", |v| v["data"]["up_to"] = json!("not-a-uuid"), true),
@@ -444,6 +517,30 @@ fn malformed_envelopes_are_refused() {
         ("message.hidden", "key not a conversation id", |v| v["key"] = v["data"]["user"].clone(), false),
         ("message.hidden", "upper-case message id", |v| v["data"]["message_id"] = json!("01932C07-8A4E-7B3C-9D2E-1F0A9B8C7D6E"), false),
         ("message.hidden", "time without milliseconds", |v| v["occurred_at"] = json!("2026-01-01T00:00:00Z"), false),
+        ("message.reacted", "extra data field", |v| v["data"]["sender"] = v["data"]["user"].clone(), true),
+        ("message.reacted", "missing user", |v| remove(&mut v["data"], "user"), true),
+        ("message.reacted", "missing message_id", |v| remove(&mut v["data"], "message_id"), true),
+        ("message.reacted", "missing conversation_id", |v| remove(&mut v["data"], "conversation_id"), true),
+        ("message.reacted", "by instead of user", |v| {
+            v["data"]["by"] = v["data"]["user"].clone();
+            remove(&mut v["data"], "user");
+        }, true),
+        ("message.reacted", "emoji not a string", |v| v["data"]["emoji"] = json!(1), true),
+        ("message.reacted", "emoji as a list", |v| v["data"]["emoji"] = json!(["👍"]), true),
+        ("message.reacted", "null emoji", |v| v["data"]["emoji"] = Value::Null, false),
+        ("message.reacted", "empty emoji", |v| v["data"]["emoji"] = json!(""), false),
+        ("message.reacted", "emoji too long", |v| v["data"]["emoji"] = json!("👍".repeat(65)), false),
+        ("message.reacted", "a count in the data", |v| v["data"]["count"] = json!(1), true),
+        ("message.reacted", "bad user", |v| v["data"]["user"] = json!("bob"), true),
+        ("message.reacted", "bad conversation id", |v| v["data"]["conversation_id"] = json!("g.1"), true),
+        ("message.reacted", "other version", |v| v["version"] = json!(2), true),
+        ("message.reacted", "other type", |v| v["type"] = json!("message.liked"), true),
+        ("message.reacted", "key not a conversation id", |v| v["key"] = v["data"]["user"].clone(), false),
+        ("message.reacted", "upper-case message id", |v| v["data"]["message_id"] = json!(MSG.to_uppercase()), false),
+        ("message.reacted", "time without milliseconds", |v| v["occurred_at"] = json!("2026-01-01T00:00:00Z"), false),
+        ("message.reacted#retracted", "missing user", |v| remove(&mut v["data"], "user"), true),
+        ("message.reacted#retracted", "null emoji", |v| v["data"]["emoji"] = Value::Null, false),
+        ("message.reacted#retracted", "a retracted flag", |v| v["data"]["retracted"] = json!(true), true),
         ("message.delivered", "bad conversation id", |v| v["data"]["conversation_id"] = json!("g.1"), true),
         ("presence.changed", "bad status", |v| v["data"]["status"] = json!("away"), true),
         ("user.registered", "extra envelope field", |v| v["extra"] = json!(1), false),
@@ -473,6 +570,19 @@ fn malformed_envelopes_are_refused() {
             v["data"]["item"]["message_kind"] = json!("audio");
             v["data"]["item"]["media"] = media_json();
             v["data"]["item"]["media"]["duration_ms"] = json!(1.5);
+        }, true),
+        ("delivery.queued#message", "bad reply_to", |v| v["data"]["item"]["reply_to"] = json!("01932c07"), true),
+        ("delivery.queued#message", "null reply_to", |v| v["data"]["item"]["reply_to"] = Value::Null, false),
+        ("delivery.queued#message", "mentions in a direct message", |v| v["data"]["item"]["mentions"] = json!([ALICE]), false),
+        ("delivery.queued#message", "empty mentions", |v| v["data"]["item"]["mentions"] = json!([]), false),
+        ("delivery.queued#message", "mentions not a list", |v| v["data"]["item"]["mentions"] = json!(ALICE), true),
+        ("delivery.queued#message", "group message with duplicate mentions", |v| {
+            v["data"]["item"]["conversation_id"] = json!(format!("g.{GROUP}"));
+            v["data"]["item"]["mentions"] = json!([ALICE, ALICE]);
+        }, false),
+        ("delivery.queued#message", "group message with a bad mention", |v| {
+            v["data"]["item"]["conversation_id"] = json!(format!("g.{GROUP}"));
+            v["data"]["item"]["mentions"] = json!(["@alice"]);
         }, true),
         ("delivery.queued#receipt", "all written as false", |v| v["data"]["item"]["all"] = json!(false), false),
         ("delivery.queued#receipt", "all not a boolean", |v| v["data"]["item"]["all"] = json!("yes"), true),
@@ -508,6 +618,22 @@ fn malformed_envelopes_are_refused() {
         }, true),
         ("delivery.queued#hidden", "bad message id", |v| v["data"]["item"]["message_id"] = json!("01932c07"), true),
         ("delivery.queued#hidden", "time without milliseconds", |v| v["data"]["item"]["at"] = json!("2026-01-01T00:00:00Z"), false),
+        ("delivery.queued#reaction", "missing by", |v| remove(&mut v["data"]["item"], "by"), true),
+        ("delivery.queued#reaction", "missing message_id", |v| remove(&mut v["data"]["item"], "message_id"), true),
+        ("delivery.queued#reaction", "missing conversation_id", |v| remove(&mut v["data"]["item"], "conversation_id"), true),
+        ("delivery.queued#reaction", "missing at", |v| remove(&mut v["data"]["item"], "at"), true),
+        ("delivery.queued#reaction", "user instead of by", |v| {
+            v["data"]["item"]["user"] = v["data"]["item"]["by"].clone();
+            remove(&mut v["data"]["item"], "by");
+        }, true),
+        ("delivery.queued#reaction", "null emoji", |v| v["data"]["item"]["emoji"] = Value::Null, false),
+        ("delivery.queued#reaction", "empty emoji", |v| v["data"]["item"]["emoji"] = json!(""), false),
+        ("delivery.queued#reaction", "emoji not a string", |v| v["data"]["item"]["emoji"] = json!(128077), true),
+        ("delivery.queued#reaction", "a body in a reaction item", |v| v["data"]["item"]["body"] = json!("hello"), true),
+        ("delivery.queued#reaction", "a count in a reaction item", |v| v["data"]["item"]["count"] = json!(1), true),
+        ("delivery.queued#reaction", "position in a reaction item", |v| v["data"]["item"]["position"] = json!(3), true),
+        ("delivery.queued#reaction", "bad by", |v| v["data"]["item"]["by"] = json!("bob"), true),
+        ("delivery.queued#reaction", "time without milliseconds", |v| v["data"]["item"]["at"] = json!("2026-01-01T00:00:00Z"), false),
         ("delivery.queued#group", "group item without position", |v| remove(&mut v["data"]["item"], "position"), true),
         ("delivery.queued#group", "unknown change", |v| v["data"]["item"]["change"] = json!("archived"), true),
         ("delivery.queued#group", "bad role", |v| v["data"]["item"]["role"] = json!("owner"), true),
@@ -614,6 +740,7 @@ fn stream_item_times_keep_their_milliseconds_at_whole_seconds() {
                 StreamItem::Edited { at, .. } => *at = whole_second,
                 StreamItem::Deleted { at, .. } => *at = whole_second,
                 StreamItem::Hidden { at, .. } => *at = whole_second,
+                StreamItem::Reaction { at, .. } => *at = whole_second,
                 StreamItem::Group { at, .. } => *at = whole_second,
             }
             let json = env.to_json();
@@ -636,6 +763,12 @@ fn media_json() -> Value {
 
 /// A user other than the fixtures' two (an admin of a group deleting someone else's message).
 const ADMIN: &str = "3c4d5e6f-7a8b-4c9d-8e0f-1a2b3c4d5e6f";
+
+/// The fixtures' users, message and group.
+const ALICE: &str = "0b6e3a5c-8d7f-4e21-9a3b-5c6d7e8f9a01";
+const BOB: &str = "7f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9";
+const MSG: &str = "01932c07-8a4e-7b3c-9d2e-1f0a9b8c7d6e";
+const GROUP: &str = "5a1e0000-4000-8000-0000-000000000001";
 
 /// A valid direct conversation id (of the fixtures' two users).
 fn direct_conversation() -> Value {

@@ -26,7 +26,7 @@ use chat_store::MessageRow;
 use crate::error::ApiError;
 use crate::frames::ServerFrame;
 use crate::routing::Push;
-use crate::service::{Chat, ConnCtx, HistoryPage};
+use crate::service::{Chat, ConnCtx};
 
 /// How long a change to a message with a valid id waits for the message to be projected (a
 /// sender fixing a typo right after sending). Ids that are not this server's are answered at
@@ -90,17 +90,23 @@ impl Chat {
             ),
         };
         self.append(&Envelope { event_id, occurred_at: at, actor: Some(ctx.user), event }).await?;
-        // A direct conversation's change is pushed now (both members, the caller's other
-        // devices); a group's by the fan-out, which alone knows who got the message.
+        // A direct conversation's change is pushed now; a group's by the fan-out, which alone
+        // knows who got the message.
+        self.push_direct(ctx, &conv, &item).await;
+        Ok(())
+    }
+
+    /// Pushes an item of a direct conversation to the other member and to the caller's other
+    /// connections (nothing for a group: the fan-out pushes those).
+    pub(crate) async fn push_direct(&self, ctx: &ConnCtx, conv: &ConversationId, item: &StreamItem) {
         if let Some(peer) = conv.peer_of(ctx.user) {
-            let text: crate::hub::Outbound = Arc::from(ServerFrame::from_item(&item).to_text());
+            let text: crate::hub::Outbound = Arc::from(ServerFrame::from_item(item).to_text());
             let pushes = [(peer, None), (ctx.user, Some(ctx.conn.clone()))]
                 .into_iter()
                 .map(|(user, except)| Push { user, text: text.clone(), except, sent_at_ms: None })
                 .collect();
             self.push(pushes).await;
         }
-        Ok(())
     }
 
     /// Deletes a message for the caller only ("delete for me"): any message of theirs or another
@@ -120,23 +126,10 @@ impl Chat {
         Ok(())
     }
 
-    /// A history page without the messages `user` deleted for themselves (the page may get
-    /// shorter; its cursor stays where the scan stopped).
-    pub(crate) async fn drop_hidden(&self, user: UserId, conv: &ConversationId, mut page: HistoryPage) -> Result<HistoryPage, ApiError> {
-        let (Some(first), Some(last)) = (page.messages.iter().map(|m| m.message_id).min(), page.messages.iter().map(|m| m.message_id).max()) else {
-            return Ok(page);
-        };
-        let hidden = self.store.hidden_messages(user, conv, first, last).await?;
-        if !hidden.is_empty() {
-            page.messages.retain(|m| !hidden.contains(&m.message_id));
-        }
-        Ok(page)
-    }
-
     /// The history row of message `id` of `conv`, if `user` may read it (a group member since
     /// before the message). A message id this server minted for the conversation waits, bounded,
     /// for the projection; any other id is looked up once.
-    async fn visible_message(&self, conv: &ConversationId, id: MessageId, user: UserId) -> Result<Option<MessageRow>, ApiError> {
+    pub(crate) async fn visible_message(&self, conv: &ConversationId, id: MessageId, user: UserId) -> Result<Option<MessageRow>, ApiError> {
         let ids = self.tokens.message_ids();
         let ours = match conv.peer_of(user) {
             Some(peer) => ids.verify(id, conv, user) || ids.verify(id, conv, peer),

@@ -96,6 +96,12 @@ pub enum ClientFrame {
         /// names the first attempt's message, whichever node it reached.
         #[serde(default)]
         retry: bool,
+        /// A reply: the id of an earlier message of the same conversation that the sender can read.
+        #[serde(default)]
+        reply_to: Option<String>,
+        /// In a group: the user ids of members the message mentions.
+        #[serde(default)]
+        mentions: Option<Vec<String>>,
     },
     /// This device received these messages.
     Delivered {
@@ -139,6 +145,16 @@ pub enum ClientFrame {
         #[serde(default)]
         scope: Option<String>,
     },
+    /// React to a message the user can read with one emoji (replacing the user's earlier
+    /// reaction to it), or, without `emoji` (or with `null`), take the reaction back.
+    React {
+        #[serde(rename = "ref", default)]
+        r#ref: Ref,
+        conversation_id: String,
+        message_id: String,
+        #[serde(default)]
+        emoji: Option<String>,
+    },
     /// The user is typing (ephemeral: not an event, not stored).
     Typing {
         #[serde(rename = "ref", default)]
@@ -161,6 +177,7 @@ impl ClientFrame {
             ClientFrame::Sync { .. } => "sync",
             ClientFrame::Edit { .. } => "edit",
             ClientFrame::Delete { .. } => "delete",
+            ClientFrame::React { .. } => "react",
             ClientFrame::Typing { .. } => "typing",
             ClientFrame::Ping { .. } => "ping",
         }
@@ -250,6 +267,12 @@ pub enum ServerFrame {
         sent_at: DateTime<Utc>,
         #[serde(skip_serializing_if = "Option::is_none")]
         media: Option<MediaAttachment>,
+        /// A reply: the message it quotes.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reply_to: Option<MessageId>,
+        /// The members it mentions.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        mentions: Vec<UserId>,
     },
     /// A receipt for a message this user sent. With `all`, every recipient of a group message
     /// has reached `status`.
@@ -301,6 +324,16 @@ pub enum ServerFrame {
     Hidden {
         conversation_id: ConversationId,
         message_id: MessageId,
+        #[serde(serialize_with = "time")]
+        at: DateTime<Utc>,
+    },
+    /// A member reacted to a message (`emoji`) or took their reaction back (no `emoji`).
+    Reaction {
+        conversation_id: ConversationId,
+        message_id: MessageId,
+        by: UserId,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        emoji: Option<String>,
         #[serde(serialize_with = "time")]
         at: DateTime<Utc>,
     },
@@ -362,7 +395,7 @@ impl ServerFrame {
     /// The push frame of a stream item.
     pub fn from_item(item: &StreamItem) -> ServerFrame {
         match item.clone() {
-            StreamItem::Message { message_id, conversation_id, sender, client_msg_id, message_kind, body, sent_at, media, .. } => {
+            StreamItem::Message { message_id, conversation_id, sender, client_msg_id, message_kind, body, sent_at, media, reply_to, mentions, .. } => {
                 ServerFrame::Message {
                     message_id,
                     conversation_id,
@@ -372,6 +405,8 @@ impl ServerFrame {
                     body,
                     sent_at,
                     media,
+                    reply_to,
+                    mentions,
                 }
             }
             StreamItem::Receipt { conversation_id, message_id, status, by, at, all, device_id } => {
@@ -388,6 +423,7 @@ impl ServerFrame {
                 ServerFrame::Deleted { conversation_id, message_id, sender, by, at }
             }
             StreamItem::Hidden { conversation_id, message_id, at } => ServerFrame::Hidden { conversation_id, message_id, at },
+            StreamItem::Reaction { conversation_id, message_id, by, emoji, at } => ServerFrame::Reaction { conversation_id, message_id, by, emoji, at },
         }
     }
 }

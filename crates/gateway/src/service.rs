@@ -116,6 +116,10 @@ pub struct SendCommand {
     pub metadata: Option<crate::frames::MediaMetadata>,
     /// A re-send of a `client_msg_id` that got no answer (see [`Chat::send`]).
     pub retry: bool,
+    /// The message this one replies to.
+    pub reply_to: Option<String>,
+    /// The group members it mentions.
+    pub mentions: Option<Vec<String>>,
 }
 
 /// One WebSocket connection's identity.
@@ -523,7 +527,7 @@ impl Chat {
     }
 
     pub async fn send(&self, ctx: &ConnCtx, cmd: SendCommand) -> Result<ServerFrame, ApiError> {
-        let SendCommand { r#ref, client_msg_id, to, conversation_id, kind, body, media_id, metadata, retry } = cmd;
+        let SendCommand { r#ref, client_msg_id, to, conversation_id, kind, body, media_id, metadata, retry, reply_to, mentions } = cmd;
         let started = Instant::now();
         self.take_send_budget(ctx.user)?;
         if client_msg_id.is_empty() || client_msg_id.len() > 64 {
@@ -558,6 +562,8 @@ impl Chat {
                 return Err(bad("unknown_recipient", "no such user"));
             }
         }
+        let mentions = self.mentioned(&conv, mentions).await?;
+        let reply_to = self.reply_target(ctx.user, &conv, reply_to.as_deref()).await?;
         let media = match &media_id {
             None => None,
             Some(id) => {
@@ -581,7 +587,7 @@ impl Chat {
         };
         // The idempotency key covers what the message says: body and attachment (the media id as
         // an id, whatever its spelling).
-        let content = content_sha256(&body, media.as_ref().map(|m| m.media_id.to_string()).as_deref());
+        let content = content_sha256(&body, media.as_ref().map(|m| m.media_id.to_string()).as_deref(), reply_to, &mentions);
         let key = (ctx.user, client_msg_id.clone());
         let claim = loop {
             let earlier = match self.recent.claim(&key, &conv, &content) {
@@ -631,6 +637,8 @@ impl Chat {
             kind,
             body,
             media,
+            reply_to,
+            mentions,
         };
         if let Some(m) = &event.media {
             self.share(m.media_id, &conv).await?;
@@ -699,6 +707,8 @@ impl Chat {
             sender_device: None,
             position: None,
             media: m.media.clone(),
+            reply_to: m.reply_to,
+            mentions: m.mentions.clone(),
         });
         let text: Arc<str> = Arc::from(frame.to_text());
         let at = Some(sent_at.timestamp_millis());
@@ -976,7 +986,7 @@ impl Chat {
         let conv = parse_conv(conversation_id)?;
         if conv.is_group() {
             let page = self.group_history(user, &conv, before, limit).await?;
-            return self.drop_hidden(user, &conv, page).await;
+            return self.finish_page(user, &conv, page).await;
         }
         if !conv.has_member(user) {
             return Err(ApiError::not_found());
@@ -990,7 +1000,7 @@ impl Chat {
         let more = messages.len() > limit;
         messages.truncate(limit);
         let next_cursor = if more { messages.last().map(|m| m.message_id.to_string()) } else { None };
-        self.drop_hidden(user, &conv, HistoryPage { messages, next_cursor }).await
+        self.finish_page(user, &conv, HistoryPage { messages, next_cursor }).await
     }
 
     pub async fn receipts(&self, user: UserId, message_id: &str) -> Result<MessageReceipts, ApiError> {

@@ -341,6 +341,7 @@ async fn handle_text(chat: &Chat, ctx: &ConnCtx, text: &str) -> Option<Outbound>
             | ClientFrame::Read { .. }
             | ClientFrame::Edit { .. }
             | ClientFrame::Delete { .. }
+            | ClientFrame::React { .. }
             | ClientFrame::Typing { .. }
     );
     if writes && ctx.read_only {
@@ -349,8 +350,8 @@ async fn handle_text(chat: &Chat, ctx: &ConnCtx, text: &str) -> Option<Outbound>
         return Some(error_frame(&e, r#ref));
     }
     let result = match frame {
-        ClientFrame::Send { r#ref, client_msg_id, to, conversation_id, kind, body, media_id, metadata, retry } => {
-            chat.send(ctx, SendCommand { r#ref, client_msg_id, to, conversation_id, kind, body, media_id, metadata, retry }).await
+        ClientFrame::Send { r#ref, client_msg_id, to, conversation_id, kind, body, media_id, metadata, retry, reply_to, mentions } => {
+            chat.send(ctx, SendCommand { r#ref, client_msg_id, to, conversation_id, kind, body, media_id, metadata, retry, reply_to, mentions }).await
         }
         ClientFrame::Delivered { r#ref, conversation_id, message_ids } => chat
             .delivered(ctx, &conversation_id, &message_ids)
@@ -369,6 +370,10 @@ async fn handle_text(chat: &Chat, ctx: &ConnCtx, text: &str) -> Option<Outbound>
             Some(_) => Err(ApiError::bad_request("invalid_frame", "scope is everyone or me")),
         }
         .map(|()| ServerFrame::Ack { r#ref, for_type: "delete" }),
+        ClientFrame::React { r#ref, conversation_id, message_id, emoji } => chat
+            .react(ctx, &conversation_id, &message_id, emoji.as_deref())
+            .await
+            .map(|()| ServerFrame::Ack { r#ref, for_type: "react" }),
         ClientFrame::Sync { r#ref, after, limit } => chat.sync(ctx, r#ref, after, limit).await,
         ClientFrame::Typing { r#ref, conversation_id } => {
             chat.typing(ctx, &conversation_id).await.map(|()| ServerFrame::Ack { r#ref, for_type: "typing" })

@@ -27,6 +27,7 @@ fn server_type(f: &ServerFrame) -> &'static str {
         ServerFrame::Edited { .. } => "edited",
         ServerFrame::Deleted { .. } => "deleted",
         ServerFrame::Hidden { .. } => "hidden",
+        ServerFrame::Reaction { .. } => "reaction",
         ServerFrame::Read { .. } => "read",
         ServerFrame::Sync { .. } => "sync",
         ServerFrame::Presence { .. } => "presence",
@@ -46,6 +47,7 @@ fn client_type(f: &ClientFrame) -> &'static str {
         ClientFrame::Sync { .. } => "sync",
         ClientFrame::Edit { .. } => "edit",
         ClientFrame::Delete { .. } => "delete",
+        ClientFrame::React { .. } => "react",
         ClientFrame::Typing { .. } => "typing",
         ClientFrame::Ping { .. } => "ping",
     }
@@ -87,6 +89,7 @@ fn item_kind(item: &StreamItem) -> &'static str {
         StreamItem::Edited { .. } => "edited",
         StreamItem::Deleted { .. } => "deleted",
         StreamItem::Hidden { .. } => "hidden",
+        StreamItem::Reaction { .. } => "reaction",
         StreamItem::Group { .. } => "group",
     }
 }
@@ -98,6 +101,8 @@ const GROUP: &str = "5a1e0000-4000-8000-0000-000000000001";
 const MEDIA: &str = "00000000-0000-0000-0000-000000000007";
 /// An admin of the group, who is neither of the other two.
 const ADMIN: &str = "3c4d5e6f-7a8b-4c9d-8e0f-1a2b3c4d5e6f";
+/// An earlier message, which replies quote.
+const QUOTED: &str = "01932c07-8a4e-7b3c-9d2e-1f0a9b8c7d6d";
 
 fn ids() -> (UserId, UserId, ConversationId, MessageId) {
     let alice: UserId = ALICE.parse().expect("id");
@@ -129,6 +134,10 @@ struct Items {
     image_message: StreamItem,
     /// A caption-less audio message with only a duration.
     audio_message: StreamItem,
+    /// A group reply that mentions two members.
+    reply_message: StreamItem,
+    /// A direct reply with an image (mentions are for groups only).
+    image_reply: StreamItem,
     receipt: StreamItem,
     group_receipt: StreamItem,
     all_receipt: StreamItem,
@@ -144,6 +153,10 @@ struct Items {
     hidden: StreamItem,
     /// A group message deleted for the stream's owner only.
     group_hidden: StreamItem,
+    /// A reaction to a direct message.
+    reaction: StreamItem,
+    /// A reaction to a group message taken back (no emoji).
+    reaction_taken_back: StreamItem,
     group_created: StreamItem,
     member_added: StreamItem,
 }
@@ -155,6 +168,8 @@ impl Items {
             self.group_message.clone(),
             self.image_message.clone(),
             self.audio_message.clone(),
+            self.reply_message.clone(),
+            self.image_reply.clone(),
             self.receipt.clone(),
             self.group_receipt.clone(),
             self.all_receipt.clone(),
@@ -165,6 +180,8 @@ impl Items {
             self.admin_deleted.clone(),
             self.hidden.clone(),
             self.group_hidden.clone(),
+            self.reaction.clone(),
+            self.reaction_taken_back.clone(),
             self.group_created.clone(),
             self.member_added.clone(),
         ]
@@ -185,6 +202,8 @@ fn items() -> Items {
         sender_device: Some("phone".into()),
         position,
         media: None,
+        reply_to: None,
+        mentions: Vec::new(),
     };
     let media_message = |conversation_id: ConversationId, position: Option<i64>, message_kind: MessageKind, body: &str, media: MediaAttachment| {
         StreamItem::Message {
@@ -198,8 +217,11 @@ fn items() -> Items {
             sender_device: None,
             position,
             media: Some(media),
+            reply_to: None,
+            mentions: Vec::new(),
         }
     };
+    let quoted: MessageId = QUOTED.parse().expect("id");
     let receipt = |conversation_id: ConversationId, by: UserId, all: bool, device_id: Option<String>| StreamItem::Receipt {
         conversation_id,
         message_id: msg,
@@ -240,6 +262,40 @@ fn items() -> Items {
                 duration_ms: Some(3_000),
             },
         ),
+        reply_message: StreamItem::Message {
+            message_id: msg,
+            conversation_id: g.clone(),
+            sender: bob,
+            client_msg_id: "c-r".into(),
+            message_kind: MessageKind::Text,
+            body: "@alice @admin rope?".into(),
+            sent_at: at(),
+            sender_device: None,
+            position: Some(14),
+            media: None,
+            reply_to: Some(quoted),
+            mentions: vec![alice, ADMIN.parse().expect("id")],
+        },
+        image_reply: {
+            let mut m = media_message(
+                conv.clone(),
+                None,
+                MessageKind::Image,
+                "",
+                MediaAttachment {
+                    media_id: MEDIA.parse().expect("id"),
+                    content_type: "image/jpeg".into(),
+                    size: 99,
+                    width: None,
+                    height: None,
+                    duration_ms: None,
+                },
+            );
+            if let StreamItem::Message { reply_to, .. } = &mut m {
+                *reply_to = Some(quoted);
+            }
+            m
+        },
         receipt: receipt(conv.clone(), bob, false, None),
         group_receipt: receipt(g.clone(), bob, false, Some("phone".into())),
         all_receipt: receipt(g.clone(), alice, true, None),
@@ -254,6 +310,8 @@ fn items() -> Items {
             by: ADMIN.parse().expect("id"),
             at: at(),
         },
+        reaction: StreamItem::Reaction { conversation_id: conv.clone(), message_id: msg, by: bob, emoji: Some("👍".into()), at: at() },
+        reaction_taken_back: StreamItem::Reaction { conversation_id: g.clone(), message_id: msg, by: ADMIN.parse().expect("id"), emoji: None, at: at() },
         hidden: StreamItem::Hidden { conversation_id: conv, message_id: msg, at: at() },
         group_hidden: StreamItem::Hidden { conversation_id: g.clone(), message_id: msg, at: at() },
         group_created: StreamItem::Group {
@@ -336,12 +394,16 @@ fn every_server_frame() -> Vec<ServerFrame> {
         ServerFrame::Ack { r#ref: None, for_type: "read" },
         ServerFrame::Ack { r#ref: Some(json!("e-1")), for_type: "edit" },
         ServerFrame::Ack { r#ref: None, for_type: "delete" },
+        ServerFrame::Ack { r#ref: Some(json!("r-1")), for_type: "react" },
         ServerFrame::Ack { r#ref: None, for_type: "typing" },
         ServerFrame::Pong { r#ref: Some(json!(1)) },
         ServerFrame::Pong { r#ref: None },
         ServerFrame::Error { code: not_found.code, message: not_found.message.clone(), retry_after_ms: None, r#ref: Some(json!("x")) },
         ServerFrame::Error { code: "invalid_frame", message: "not a frame".into(), retry_after_ms: None, r#ref: None },
         ServerFrame::Error { code: "rate_limited", message: "slow down".into(), retry_after_ms: Some(250), r#ref: Some(json!(3)) },
+        ServerFrame::Error { code: "invalid_mentions", message: "mentions are for group messages".into(), retry_after_ms: None, r#ref: Some(json!(4)) },
+        ServerFrame::Error { code: "invalid_emoji", message: "emoji is one emoji".into(), retry_after_ms: None, r#ref: None },
+        ServerFrame::Error { code: "message_deleted", message: "the message was deleted".into(), retry_after_ms: None, r#ref: Some(json!("r-2")) },
     ];
     // The push frame of every item.
     frames.extend(items.all().iter().map(ServerFrame::from_item));
@@ -422,6 +484,48 @@ fn push_frames_of_edits_and_deletes() {
     );
 }
 
+/// The push frame of a reaction is the stream item with `type` for `kind`; a reaction taken back
+/// has no `emoji` (not null).
+#[test]
+fn push_frames_of_reactions() {
+    let items = items();
+    for item in [&items.reaction, &items.reaction_taken_back] {
+        let push = server_json(&ServerFrame::from_item(item));
+        let mut stream = serde_json::to_value(item).expect("item");
+        let kind = stream.as_object_mut().and_then(|o| o.remove("kind")).expect("a kind");
+        stream["type"] = kind;
+        assert_eq!(push, stream);
+    }
+    let reaction = server_json(&ServerFrame::from_item(&items.reaction));
+    assert_eq!(
+        reaction,
+        json!({"type": "reaction", "conversation_id": conv(), "message_id": MSG, "by": BOB, "emoji": "👍", "at": "2026-01-01T00:00:00.123Z"})
+    );
+    let back = server_json(&ServerFrame::from_item(&items.reaction_taken_back));
+    assert_eq!(
+        back,
+        json!({"type": "reaction", "conversation_id": group_conv().to_string(), "message_id": MSG, "by": ADMIN, "at": "2026-01-01T00:00:00.123Z"})
+    );
+}
+
+/// The push frame of a reply carries `reply_to`, and of a group message that mentions members,
+/// `mentions`, as the stream item has them; a message that does neither has neither field.
+#[test]
+fn push_frames_carry_replies_and_mentions() {
+    let items = items();
+    let reply = server_json(&ServerFrame::from_item(&items.reply_message));
+    assert_eq!(reply["reply_to"], json!(QUOTED), "{reply}");
+    assert_eq!(reply["mentions"], json!([ALICE, ADMIN]), "{reply}");
+    assert!(reply.get("position").is_none(), "{reply}");
+    let image = server_json(&ServerFrame::from_item(&items.image_reply));
+    assert_eq!(image["reply_to"], json!(QUOTED), "{image}");
+    assert!(image.get("mentions").is_none(), "{image}");
+    let plain = server_json(&ServerFrame::from_item(&items.group_message));
+    assert!(plain.get("reply_to").is_none() && plain.get("mentions").is_none(), "{plain}");
+    let sync = server_json(&sync_of(vec![items.reply_message.clone()]));
+    assert_eq!((&sync["items"][0]["reply_to"], &sync["items"][0]["mentions"]), (&reply["reply_to"], &reply["mentions"]));
+}
+
 /// The push frame of a media message carries its media as the stream item has it; a text has
 /// none.
 #[test]
@@ -458,6 +562,11 @@ fn client_examples() -> Vec<Value> {
         json!({"type": "send", "client_msg_id": "c-7", "conversation_id": c, "kind": "video", "body": "", "media_id": MEDIA, "metadata": {"width": 1920, "height": 1080, "duration_ms": 86_400_000}}),
         json!({"type": "send", "client_msg_id": "c-8", "to": BOB, "kind": "image", "media_id": MEDIA, "metadata": {"width": null}}),
         json!({"type": "send", "client_msg_id": "c-9", "to": BOB, "kind": "audio", "media_id": MEDIA, "metadata": {}}),
+        json!({"type": "send", "client_msg_id": "c-10", "conversation_id": g, "body": "@alice @bob rope?", "reply_to": MSG, "mentions": [ALICE, BOB]}),
+        json!({"type": "send", "client_msg_id": "c-11", "conversation_id": g, "body": "me, me, me", "mentions": [ALICE, ALICE, ALICE], "reply_to": null}),
+        json!({"type": "send", "client_msg_id": "c-12", "to": BOB, "body": "yes", "reply_to": MSG, "mentions": []}),
+        json!({"type": "send", "client_msg_id": "c-13", "conversation_id": c, "kind": "image", "media_id": MEDIA, "reply_to": MSG, "mentions": null}),
+        json!({"type": "send", "client_msg_id": "c-14", "conversation_id": g, "body": "all of you", "mentions": (0..50).map(|_| ALICE).collect::<Vec<_>>()}),
         json!({"type": "delivered", "ref": "d-1", "conversation_id": c, "message_ids": [MSG]}),
         json!({"type": "delivered", "conversation_id": g, "message_ids": [MSG]}),
         json!({"type": "read", "conversation_id": c, "up_to": MSG}),
@@ -471,6 +580,11 @@ fn client_examples() -> Vec<Value> {
         json!({"type": "delete", "ref": "x-2", "conversation_id": c, "message_id": MSG, "scope": "everyone"}),
         json!({"type": "delete", "conversation_id": g, "message_id": MSG, "scope": "me"}),
         json!({"type": "delete", "conversation_id": c, "message_id": MSG, "scope": null}),
+        json!({"type": "react", "ref": 3, "conversation_id": c, "message_id": MSG, "emoji": "👍"}),
+        json!({"type": "react", "conversation_id": g, "message_id": MSG, "emoji": "❤"}),
+        json!({"type": "react", "conversation_id": g, "message_id": MSG, "emoji": "👨‍👩‍👧"}),
+        json!({"type": "react", "ref": "r-1", "conversation_id": c, "message_id": MSG, "emoji": null}),
+        json!({"type": "react", "conversation_id": g, "message_id": MSG}),
         json!({"type": "typing", "conversation_id": c}),
         json!({"type": "typing", "conversation_id": g}),
         json!({"type": "ping", "ref": null}),
@@ -527,6 +641,21 @@ fn malformed_client_frames_are_refused_by_serde_and_schema() {
         json!({"type": "delete", "conversation_id": c, "message_id": MSG, "for": "me"}),
         json!({"type": "delete", "conversation_id": c, "scope": "me"}),
         json!({"type": "Send", "client_msg_id": "c-1", "to": BOB, "body": "hi"}),
+        json!({"type": "send", "client_msg_id": "c-1", "conversation_id": format!("g.{GROUP}"), "body": "hi", "mentions": ALICE}),
+        json!({"type": "send", "client_msg_id": "c-1", "conversation_id": format!("g.{GROUP}"), "body": "hi", "mentions": [7]}),
+        json!({"type": "send", "client_msg_id": "c-1", "conversation_id": format!("g.{GROUP}"), "body": "hi", "mentions": [{"user_id": ALICE}]}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "body": "hi", "reply_to": 5}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "body": "hi", "reply_to": [MSG]}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "body": "hi", "reply_to": {"message_id": MSG}}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "body": "hi", "reply": MSG}),
+        json!({"type": "react", "conversation_id": c, "emoji": "👍"}),
+        json!({"type": "react", "message_id": MSG, "emoji": "👍"}),
+        json!({"type": "react", "conversation_id": c, "message_id": MSG, "emoji": 1}),
+        json!({"type": "react", "conversation_id": c, "message_id": MSG, "emoji": ["👍"]}),
+        json!({"type": "react", "conversation_id": c, "message_id": MSG, "emoji": "👍", "body": "hi"}),
+        json!({"type": "react", "conversation_id": c, "message_ids": [MSG], "emoji": "👍"}),
+        json!({"type": "react", "conversation_id": c, "message_id": MSG, "reaction": "👍"}),
+        json!({"type": "reaction", "conversation_id": c, "message_id": MSG, "emoji": "👍"}),
     ];
     for json in cases {
         assert!(serde_json::from_value::<ClientFrame>(json.clone()).is_err(), "serde accepts {json}");
@@ -577,6 +706,19 @@ fn client_json_states_the_content_rules() {
         json!({"type": "delete", "conversation_id": c, "message_id": MSG, "scope": "hidden"}),
         json!({"type": "delete", "conversation_id": c, "message_id": "not-a-uuid", "scope": "me"}),
         json!({"type": "send", "client_msg_id": "c-1", "conversation_id": format!("g.{MSG}.{GROUP}"), "body": "hi"}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "body": "hi", "mentions": [BOB]}),
+        json!({"type": "send", "client_msg_id": "c-1", "conversation_id": c, "body": "hi", "mentions": [ALICE]}),
+        json!({"type": "send", "client_msg_id": "c-1", "conversation_id": format!("g.{GROUP}"), "body": "hi", "mentions": ["alice"]}),
+        json!({"type": "send", "client_msg_id": "c-1", "conversation_id": format!("g.{GROUP}"), "body": "hi", "mentions": [ALICE.to_uppercase()]}),
+        json!({"type": "send", "client_msg_id": "c-1", "conversation_id": format!("g.{GROUP}"), "body": "hi", "mentions": (0..51).map(|_| ALICE).collect::<Vec<_>>()}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "body": "hi", "reply_to": "not-a-uuid"}),
+        json!({"type": "send", "client_msg_id": "c-1", "to": BOB, "body": "hi", "reply_to": ""}),
+        json!({"type": "send", "client_msg_id": "c-1", "conversation_id": c, "body": "hi", "reply_to": c}),
+        json!({"type": "react", "conversation_id": c, "message_id": MSG, "emoji": ""}),
+        json!({"type": "react", "conversation_id": c, "message_id": MSG, "emoji": "👍".repeat(65)}),
+        json!({"type": "react", "conversation_id": c, "message_id": "not-a-uuid", "emoji": "👍"}),
+        json!({"type": "react", "conversation_id": "g.1", "message_id": MSG, "emoji": "👍"}),
+        json!({"type": "react", "conversation_id": format!("g.{GROUP}x"), "message_id": MSG}),
     ];
     for json in cases {
         assert!(serde_json::from_value::<ClientFrame>(json.clone()).is_ok(), "serde refuses {json}");
@@ -599,6 +741,7 @@ fn server_json_refuses_drifted_frames() {
         (ServerFrame::Ack { r#ref: None, for_type: "read" }, "ack for a non-acked frame", |v| v["for"] = json!("send")),
         (ServerFrame::Ack { r#ref: None, for_type: "edit" }, "ack for a server frame name", |v| v["for"] = json!("edited")),
         (ServerFrame::Ack { r#ref: None, for_type: "delete" }, "ack for a sync", |v| v["for"] = json!("sync")),
+        (ServerFrame::Ack { r#ref: None, for_type: "react" }, "ack for a server frame name", |v| v["for"] = json!("reaction")),
         (ServerFrame::from_item(&i.message), "time without milliseconds", |v| v["sent_at"] = json!("2026-01-01T00:00:00Z")),
         (ServerFrame::from_item(&i.message), "position in a message frame", |v| v["position"] = json!(3)),
         (ServerFrame::from_item(&i.message), "g. conversation id with a bad uuid", |v| v["conversation_id"] = json!("g.5a1e0000-4000-8000-0000-00000000000")),
@@ -613,6 +756,32 @@ fn server_json_refuses_drifted_frames() {
         (ServerFrame::from_item(&i.image_message), "media with a bad content type", |v| v["media"]["content_type"] = json!("image")),
         (ServerFrame::from_item(&i.audio_message), "media with a fractional duration", |v| v["media"]["duration_ms"] = json!(2.5)),
         (ServerFrame::from_item(&i.image_message), "image without media", |v| remove(v, "media")),
+        (ServerFrame::from_item(&i.message), "mentions in a direct message", |v| v["mentions"] = json!([BOB])),
+        (ServerFrame::from_item(&i.message), "bad reply_to", |v| v["reply_to"] = json!("01932c07")),
+        (ServerFrame::from_item(&i.message), "null reply_to", |v| v["reply_to"] = Value::Null),
+        (ServerFrame::from_item(&i.reply_message), "quoted text instead of an id", |v| v["reply_to"] = json!({"message_id": QUOTED, "body": "hi"})),
+        (ServerFrame::from_item(&i.reply_message), "empty mentions", |v| v["mentions"] = json!([])),
+        (ServerFrame::from_item(&i.reply_message), "null mentions", |v| v["mentions"] = Value::Null),
+        (ServerFrame::from_item(&i.reply_message), "duplicate mentions", |v| v["mentions"] = json!([ALICE, ALICE])),
+        (ServerFrame::from_item(&i.reply_message), "a bad mention", |v| v["mentions"] = json!(["alice"])),
+        (ServerFrame::from_item(&i.reply_message), "mentions not a list", |v| v["mentions"] = json!(ALICE)),
+        (ServerFrame::from_item(&i.reply_message), "mentions moved to a direct conversation", |v| v["conversation_id"] = json!(conv())),
+        (ServerFrame::from_item(&i.reply_message), "position in a reply frame", |v| v["position"] = json!(14)),
+        (ServerFrame::from_item(&i.reaction), "missing by", |v| remove(v, "by")),
+        (ServerFrame::from_item(&i.reaction), "missing message_id", |v| remove(v, "message_id")),
+        (ServerFrame::from_item(&i.reaction), "missing at", |v| remove(v, "at")),
+        (ServerFrame::from_item(&i.reaction), "null emoji", |v| v["emoji"] = Value::Null),
+        (ServerFrame::from_item(&i.reaction), "empty emoji", |v| v["emoji"] = json!("")),
+        (ServerFrame::from_item(&i.reaction), "emoji not a string", |v| v["emoji"] = json!(1)),
+        (ServerFrame::from_item(&i.reaction), "a count in a reaction frame", |v| v["count"] = json!(1)),
+        (ServerFrame::from_item(&i.reaction), "user instead of by", |v| {
+            v["user"] = v["by"].clone();
+            remove(v, "by");
+        }),
+        (ServerFrame::from_item(&i.reaction_taken_back), "bad by", |v| v["by"] = json!("admin")),
+        (ServerFrame::from_item(&i.reaction_taken_back), "a kind in a reaction frame", |v| v["kind"] = json!("reaction")),
+        (ServerFrame::from_item(&i.reaction_taken_back), "position in a reaction frame", |v| v["position"] = json!(3)),
+        (ServerFrame::from_item(&i.reaction_taken_back), "time without milliseconds", |v| v["at"] = json!("2026-01-01T00:00:00Z")),
         (ServerFrame::from_item(&i.receipt), "bad status", |v| v["status"] = json!("read")),
         (ServerFrame::from_item(&i.receipt), "all written as false", |v| v["all"] = json!(false)),
         (ServerFrame::from_item(&i.group_receipt), "bad device id", |v| v["device_id"] = json!("my phone")),
@@ -667,6 +836,14 @@ fn server_json_refuses_drifted_frames() {
         (sync_of(vec![i.hidden.clone()]), "hidden sync item without at", |v| remove(&mut v["items"][0], "at")),
         (sync_of(vec![i.hidden.clone()]), "hidden sync item without cursor", |v| remove(&mut v["items"][0], "cursor")),
         (sync_of(vec![i.hidden.clone()]), "hidden sync item as a push frame", |v| v["items"][0]["type"] = json!("hidden")),
+        (sync_of(vec![i.reaction.clone()]), "reaction sync item without cursor", |v| remove(&mut v["items"][0], "cursor")),
+        (sync_of(vec![i.reaction.clone()]), "reaction sync item without by", |v| remove(&mut v["items"][0], "by")),
+        (sync_of(vec![i.reaction.clone()]), "reaction sync item with an empty emoji", |v| v["items"][0]["emoji"] = json!("")),
+        (sync_of(vec![i.reaction_taken_back.clone()]), "reaction sync item with a null emoji", |v| v["items"][0]["emoji"] = Value::Null),
+        (sync_of(vec![i.reaction.clone()]), "reaction sync item as a push frame", |v| v["items"][0]["type"] = json!("reaction")),
+        (sync_of(vec![i.reply_message.clone()]), "sync item with empty mentions", |v| v["items"][0]["mentions"] = json!([])),
+        (sync_of(vec![i.message.clone()]), "direct sync item with mentions", |v| v["items"][0]["mentions"] = json!([BOB])),
+        (sync_of(vec![i.image_reply.clone()]), "sync item with a bad reply_to", |v| v["items"][0]["reply_to"] = json!("g.1")),
         (sync_of(vec![i.read.clone()]), "unknown sync item kind", |v| v["items"][0]["kind"] = json!("typing")),
         (sync_of(vec![i.read.clone()]), "sync item as a push frame", |v| v["items"][0]["type"] = json!("read")),
         (ServerFrame::Sync { r#ref: None, items: vec![], cursor: None, has_more: false }, "missing cursor", |v| remove(v, "cursor")),
@@ -699,6 +876,7 @@ fn sync_item_times_keep_their_milliseconds_at_whole_seconds() {
             | StreamItem::Edited { at, .. }
             | StreamItem::Deleted { at, .. }
             | StreamItem::Hidden { at, .. }
+            | StreamItem::Reaction { at, .. }
             | StreamItem::Group { at, .. } => *at = whole_second,
         }
     }

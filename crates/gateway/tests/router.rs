@@ -175,6 +175,8 @@ impl Platform {
             media_id: None,
             metadata: None,
             retry: false,
+            reply_to: None,
+            mentions: None,
         };
         let id = match self.chat.send(&ctx, cmd).await {
             Ok(ServerFrame::Sent { message_id, .. }) => message_id,

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chat_events::{
     derive_id, within_edit_window, Committer, ConversationId, DeliveryQueued, Envelope, Event, EventLog, GroupChange, GroupRole, MessageDeleted,
-    MessageDelivered, MessageEdited, MessageHidden, MessageRead, MessageSent, DEFAULT_EDIT_WINDOW, ReceiptStatus, Record, Source, StreamItem, Topics, UserId,
+    MessageDelivered, MessageEdited, MessageHidden, MessageReacted, MessageRead, MessageSent, DEFAULT_EDIT_WINDOW, ReceiptStatus, Record, Source, StreamItem, Topics, UserId,
 };
 use chat_store::{content_sha256, FanoutGroup, FanoutMessage, FanoutStore, MemberInterval, SendRecord, StoreError};
 use tracing::{debug, info, warn};
@@ -116,7 +116,9 @@ fn guarded(outputs: &[(usize, Envelope)]) -> Vec<(usize, Envelope)> {
     outputs
 }
 
-fn message_item(env: &Envelope, m: &MessageSent, position: Option<i64>) -> StreamItem {
+/// The message's item. `mentions`: the members it mentions who are members at its position (none
+/// in a direct conversation).
+fn message_item(env: &Envelope, m: &MessageSent, position: Option<i64>, mentions: Vec<UserId>) -> StreamItem {
     StreamItem::Message {
         message_id: m.message_id,
         conversation_id: m.conversation_id.clone(),
@@ -128,6 +130,8 @@ fn message_item(env: &Envelope, m: &MessageSent, position: Option<i64>) -> Strea
         sender_device: None,
         position,
         media: m.media.clone(),
+        reply_to: m.reply_to,
+        mentions,
     }
 }
 
@@ -146,6 +150,10 @@ fn read_item(env: &Envelope, r: &MessageRead) -> StreamItem {
 
 fn hidden_item(env: &Envelope, h: &MessageHidden) -> StreamItem {
     StreamItem::Hidden { conversation_id: h.conversation_id.clone(), message_id: h.message_id, at: env.occurred_at }
+}
+
+fn reaction_item(env: &Envelope, r: &MessageReacted) -> StreamItem {
+    StreamItem::Reaction { conversation_id: r.conversation_id.clone(), message_id: r.message_id, by: r.user, emoji: r.emoji.clone(), at: env.occurred_at }
 }
 
 /// The items of an edit or a delete (the same item for every recipient).
@@ -179,6 +187,16 @@ pub fn route_direct(env: &Envelope, edit_window: Duration) -> Vec<Envelope> {
             vec![queued(env, h.user, hidden_item(env, h))]
         }
         Event::MessageHidden(_) => Vec::new(),
+        // A reaction of a member (the gateway checked that they can read the message): both
+        // members' streams.
+        Event::MessageReacted(r) if env.actor == Some(r.user) => match r.conversation_id.peer_of(r.user) {
+            Some(peer) => {
+                let item = reaction_item(env, r);
+                vec![queued(env, peer, item.clone()), queued(env, r.user, item)]
+            }
+            None => Vec::new(),
+        },
+        Event::MessageReacted(_) => Vec::new(),
         Event::MessageEdited(MessageEdited { message_id, conversation_id, sender, .. })
         | Event::MessageDeleted(MessageDeleted { message_id, conversation_id, sender, .. }) => {
             let by = match &env.event {
@@ -200,7 +218,7 @@ pub fn route_direct(env: &Envelope, edit_window: Duration) -> Vec<Envelope> {
             if m.sender != a && m.sender != b {
                 return Vec::new();
             }
-            let item = message_item(env, m, None);
+            let item = message_item(env, m, None, Vec::new());
             // Recipient first, then the sender's own stream (for the sender's other devices).
             let recipient = if a == m.sender { b } else { a };
             vec![queued(env, recipient, item.clone()), queued(env, m.sender, senders_copy(&item, m))]
@@ -433,7 +451,8 @@ impl FanOut {
                         recipients: (members.len() - 1) as i32,
                     })
                     .await?;
-                let item = message_item(env, m, Some(o));
+                let mentions = m.mentions.iter().copied().filter(|u| members.iter().any(|i| i.member == *u)).collect();
+                let item = message_item(env, m, Some(o), mentions);
                 let own = senders_copy(&item, m);
                 Ok(members.iter().map(|i| queued(env, i.member, if i.member == m.sender { own.clone() } else { item.clone() })).collect())
             }
@@ -463,6 +482,19 @@ impl FanOut {
                     return Ok(Vec::new());
                 }
                 Ok(vec![queued(env, h.user, hidden_item(env, h))])
+            }
+            Event::MessageReacted(r) => {
+                // A member now who got the message reacts; the members now who got it see it
+                // (not those who left since, nor those who joined after it).
+                let Some(group) = existing else { return Ok(Vec::new()) };
+                let Some(msg) = self.store.fanout_message(&conv, r.message_id).await? else { return Ok(Vec::new()) };
+                let (now, had) = (self.members_at(&group, o).await?, self.members_at(&group, msg.position).await?);
+                let got: Vec<MemberInterval> = now.into_iter().filter(|m| had.iter().any(|h| h.member == m.member)).collect();
+                if actor != Some(r.user) || !got.iter().any(|m| m.member == r.user) {
+                    debug!(message = %r.message_id, "reaction refused at its position");
+                    return Ok(Vec::new());
+                }
+                Ok(to_all(&got, reaction_item(env, r)))
             }
             Event::MessageDelivered(d) => self.group_delivered(env, &conv, d).await,
             Event::MessageRead(r) => {
@@ -686,7 +718,7 @@ impl FanOut {
                             client_msg_id: m.client_msg_id.clone(),
                             message_id: m.message_id,
                             sent_at: env.occurred_at,
-                            content_sha256: content_sha256(&m.body, m.media.as_ref().map(|a| a.media_id.to_string()).as_deref()),
+                            content_sha256: content_sha256(&m.body, m.media.as_ref().map(|a| a.media_id.to_string()).as_deref(), m.reply_to, &m.mentions),
                             position: offset,
                         };
                         if sends.insert(send_key(m), Some(record.clone())).flatten().is_none() {
@@ -826,6 +858,7 @@ fn is_group_push(item: &StreamItem) -> bool {
         | StreamItem::Receipt { conversation_id, .. }
         | StreamItem::Edited { conversation_id, .. }
         | StreamItem::Deleted { conversation_id, .. }
+        | StreamItem::Reaction { conversation_id, .. }
         | StreamItem::Group { conversation_id, .. } => conversation_id.is_group(),
         // Pushed by the gateway, which answers the device that asked and knows its other ones.
         StreamItem::Read { .. } | StreamItem::Hidden { .. } => false,
@@ -852,6 +885,8 @@ mod tests {
                 kind: MessageKind::Text,
                 body: "hi".into(),
                 media: None,
+                reply_to: None,
+                mentions: Vec::new(),
             }),
         )
     }
@@ -948,6 +983,52 @@ mod tests {
         // A sender who left can no longer change their message.
         f.route(&event(bob, Event::GroupMemberRemoved(GroupMemberRemoved { conversation_id: conv.clone(), member: bob })), 11).await.unwrap();
         assert!(f.route(&edited(&conv, bob, bob, id, now), 12).await.unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn group_mentions_and_reactions_are_decided_at_their_positions() {
+        let dir = std::env::temp_dir().join(format!("chat-fanout-{}", uuid::Uuid::new_v4()));
+        let f = fanout(&dir, 8);
+        let (admin, bob, carol, dave, eve) = (UserId::random(), UserId::random(), UserId::random(), UserId::random(), UserId::random());
+        let g = GroupId::random();
+        let conv = ConversationId::group(g);
+        let created = event(
+            admin,
+            Event::GroupCreated(GroupCreated { conversation_id: conv.clone(), group_id: g, name: "g".into(), creator: admin, members: vec![bob, carol] }),
+        );
+        f.route(&created, 1).await.unwrap();
+        // Mentions keep the members at the message's position only (eve never joined).
+        let mut m = sent(&conv, bob, "m");
+        if let Event::MessageSent(ms) = &mut m.event {
+            ms.mentions = vec![carol, eve, admin];
+        }
+        let out = f.route(&m, 2).await.unwrap();
+        let Event::MessageSent(msg) = &m.event else { unreachable!() };
+        let id = msg.message_id;
+        for o in &out {
+            let Event::DeliveryQueued(q) = &o.event else { panic!() };
+            let StreamItem::Message { mentions, .. } = &q.item else { panic!() };
+            assert_eq!(mentions, &vec![carol, admin]);
+        }
+        // carol leaves, dave joins after the message.
+        f.route(&event(carol, Event::GroupMemberRemoved(GroupMemberRemoved { conversation_id: conv.clone(), member: carol })), 3).await.unwrap();
+        let add = event(admin, Event::GroupMemberAdded(GroupMemberAdded { conversation_id: conv.clone(), member: dave, role: GroupRole::Member }));
+        f.route(&add, 4).await.unwrap();
+        let react = |actor: UserId, user: UserId| {
+            event(actor, Event::MessageReacted(MessageReacted { message_id: id, conversation_id: conv.clone(), user, emoji: Some("👍".into()) }))
+        };
+        assert_eq!(recipients(&f.route(&react(admin, admin), 5).await.unwrap()), sorted(vec![admin, bob]), "the members now who got the message");
+        assert!(f.route(&react(carol, carol), 6).await.unwrap().is_empty(), "a former member cannot react");
+        assert!(f.route(&react(dave, dave), 7).await.unwrap().is_empty(), "a member who joined after the message cannot react to it");
+        assert!(f.route(&react(admin, bob), 8).await.unwrap().is_empty(), "only for oneself");
+        // A direct reaction goes to both members, by a member only.
+        let (a, b) = (UserId::random(), UserId::random());
+        let direct = ConversationId::direct(a, b);
+        let r = event(a, Event::MessageReacted(MessageReacted { message_id: id, conversation_id: direct.clone(), user: a, emoji: None }));
+        assert_eq!(recipients(&route_direct(&r, DEFAULT_EDIT_WINDOW)), sorted(vec![a, b]));
+        let r = event(eve, Event::MessageReacted(MessageReacted { message_id: id, conversation_id: direct, user: eve, emoji: None }));
+        assert!(route_direct(&r, DEFAULT_EDIT_WINDOW).is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

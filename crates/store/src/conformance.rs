@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::{
     Write, WriteExt,
     bucket_of, Account, FanoutGroup, FanoutMessage, GroupMemberRow, GroupRow, InboxRow, MemberInterval, MessageCount, MessageCountKey, MessageMeta,
-    MessageRow, ProfileRow, ProfileViews, ReceiptRow, SendRecord, StoreError, StreamMark, StreamRow, Tables, TopicCount,
+    MessageRow, ProfileRow, ProfileViews, Reaction, ReceiptRow, SendRecord, StoreError, StreamMark, StreamRow, Tables, TopicCount,
     UserGroupRow, PROJECTION_TABLES,
 };
 
@@ -130,6 +130,11 @@ fn message(conv: &ConversationId, sender: UserId, ms: i64, n: usize) -> MessageR
         }),
         edited_at: None,
         deleted: false,
+        // Most messages reply to another; every third mentions two members: both come back.
+        reply_to: (!n.is_multiple_of(4)).then(|| msg_id(ms - 1_000)),
+        mentions: if n.is_multiple_of(3) { vec![UserId(uuid::Uuid::from_u128(0x77 + n as u128)), sender] } else { Vec::new() },
+        reactions: Vec::new(),
+        my_reaction: None,
     }
 }
 
@@ -288,7 +293,10 @@ pub async fn message_changes(t: &dyn Tables) {
         .expect("apply");
     assert!(t.message_versions(m.message_id).await.expect("message_versions").is_empty(), "a delete removes every version");
     let row = read().await;
-    assert!(row.deleted && row.body.is_empty() && row.media.is_none() && row.edited_at.is_none(), "a deleted message keeps no body, media or edit time: {row:?}");
+    assert!(
+        row.deleted && row.body.is_empty() && row.media.is_none() && row.edited_at.is_none() && row.reply_to.is_none() && row.mentions.is_empty(),
+        "a deleted message keeps no body, media, edit time, reply or mentions: {row:?}"
+    );
     assert!(t.tables_containing(&secret).await.expect("tables_containing").is_empty(), "the deleted text is in no table");
     t.put_message(&m).await.expect("put_message");
     t.apply(vec![edit("after", 30)]).await.expect("apply");
@@ -323,6 +331,23 @@ pub async fn message_changes(t: &dyn Tables) {
     assert_eq!(got, vec![ids[0], ids[2]], "per user and conversation, both ends included");
     assert_eq!(t.hidden_messages(a, &conv, ids[0], ids[3]).await.expect("hidden_messages"), vec![ids[1]]);
     assert!(t.stream_messages(a, other).await.expect("stream_messages").is_empty());
+
+    // Reactions: one per user and message, the highest seq wins in any order; taken back is none.
+    let react = |user, message, emoji: Option<&str>, seq| Write::Reaction { conversation: conv.clone(), message, user, emoji: emoji.map(str::to_owned), seq };
+    t.apply(vec![react(a, ids[0], Some("👍"), 5), react(b, ids[0], Some("❤️"), 9), react(b, ids[0], Some("😂"), 3)]).await.expect("apply");
+    t.apply(vec![react(a, ids[1], Some("👍"), 6), react(a, ids[0], Some("🔥"), 4), react(a, ids[3], Some("👍"), 2)]).await.expect("apply");
+    t.apply(vec![react(a, ids[3], None, 7), react(a, ids[3], Some("👍"), 2)]).await.expect("apply");
+    let mut got = t.reactions(&conv, &[ids[0], ids[1], ids[3]], 100).await.expect("reactions");
+    got.sort_by_key(|r| (r.message_id, r.user));
+    let mut want = vec![
+        Reaction { message_id: ids[0], user: a, emoji: "👍".into() },
+        Reaction { message_id: ids[0], user: b, emoji: "❤️".into() },
+        Reaction { message_id: ids[1], user: a, emoji: "👍".into() },
+    ];
+    want.sort_by_key(|r| (r.message_id, r.user));
+    assert_eq!(got, want, "the latest reaction of each user, none where taken back");
+    assert!(t.reactions(&conv2, &[ids[0], ids[1]], 100).await.expect("reactions").is_empty(), "per conversation");
+    assert_eq!(t.reactions(&conv, &[ids[1]], 100).await.expect("reactions").len(), 1, "one message");
 }
 
 pub async fn history(t: &dyn Tables) {
@@ -408,6 +433,7 @@ pub async fn inbox(t: &dyn Tables) {
         read_up_to: Some(msg_id(DAY0_MS + 50)),
         applied_offset: 17,
         wrote: false,
+        mentions: 0,
     };
     let row2 = InboxRow {
         conversation_id: c2.clone(),
@@ -420,6 +446,7 @@ pub async fn inbox(t: &dyn Tables) {
         read_up_to: None,
         applied_offset: 0,
         wrote: true,
+        mentions: 2,
         ..row1.clone()
     };
     t.put_inbox_row(&row1).await.expect("put_inbox_row");
@@ -593,6 +620,7 @@ pub async fn unread(t: &dyn Tables) {
         read_up_to: None,
         applied_offset: 1,
         wrote: false,
+        mentions: 0,
     };
     t.put_inbox_row(&row(u, &c, 3)).await.expect("put_inbox_row");
     t.put_inbox_row(&row(u, &g, 4)).await.expect("put_inbox_row");
@@ -671,6 +699,7 @@ pub async fn zero_limits(t: &dyn Tables) {
         read_up_to: None,
         applied_offset: 0,
         wrote: true,
+        mentions: 0,
     })
     .await
     .expect("put_inbox_row");
@@ -1361,6 +1390,7 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         read_up_to: None,
         applied_offset: 3,
         wrote: user == a,
+        mentions: 0,
     };
     let writes = vec![
         Write::User { user: a, username: "alice".into(), at: at(DAY0_MS) },
@@ -1419,6 +1449,8 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         Write::StreamMessage { user: b, message: m1.message_id, seq: 1, mark: StreamMark::Message },
         Write::HiddenMessage { user: b, conversation: c.clone(), message: m1.message_id },
         Write::HiddenMessage { user: b, conversation: c.clone(), message: m1.message_id },
+        Write::Reaction { conversation: c.clone(), message: m1.message_id, user: b, emoji: Some("👍".into()), seq: 3 },
+        Write::Reaction { conversation: c.clone(), message: m1.message_id, user: b, emoji: Some("👍".into()), seq: 3 },
         Write::MessageVersion { message: m2.message_id, at: at(DAY0_MS + 1), body: "v1".into() },
         Write::MessageVersion { message: m2.message_id, at: at(DAY0_MS + 1), body: "v1".into() },
     ];
@@ -1448,6 +1480,7 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         ("stream_messages", 2),
         ("hidden_messages", 1),
         ("message_edits", 1),
+        ("reactions", 1),
     ]);
     (writes, rows)
 }

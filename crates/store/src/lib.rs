@@ -99,10 +99,19 @@ pub struct SendRecord {
 }
 
 /// What a send's idempotency covers (hex SHA-256): the body, a U+001F separator and the media id
-/// as the client sent it (empty for text).
-pub fn content_sha256(body: &str, media_id: Option<&str>) -> String {
+/// as the client sent it (empty for text); then, only when there are any (so the hash of a plain
+/// message is what it always was), the message replied to and the mentions, each after a
+/// separator and a tag.
+pub fn content_sha256(body: &str, media_id: Option<&str>, reply_to: Option<MessageId>, mentions: &[UserId]) -> String {
     use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(format!("{body}\u{1f}{}", media_id.unwrap_or("")).as_bytes()))
+    let mut text = format!("{body}\u{1f}{}", media_id.unwrap_or(""));
+    if let Some(r) = reply_to {
+        text.push_str(&format!("\u{1f}r{r}"));
+    }
+    for m in mentions {
+        text.push_str(&format!("\u{1f}m{m}"));
+    }
+    hex::encode(Sha256::digest(text.as_bytes()))
 }
 
 /// Gates checked before an event is appended.
@@ -163,9 +172,36 @@ pub struct MessageRow {
     /// When its sender last edited it (`body` is then the edited text).
     #[serde(serialize_with = "ser_opt_time", skip_serializing_if = "Option::is_none")]
     pub edited_at: Option<DateTime<Utc>>,
-    /// Deleted for everyone: `body` is empty and `media` absent.
+    /// Deleted for everyone: `body` is empty and `media`, `reply_to` and `mentions` absent.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub deleted: bool,
+    /// A reply: the message of the same conversation it quotes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<MessageId>,
+    /// The members it mentions (members at the message's position).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mentions: Vec<UserId>,
+    /// Reactions counted by emoji, most first: filled in when history is read, not stored here.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reactions: Vec<ReactionCount>,
+    /// The reader's own reaction: filled in when history is read, not stored here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub my_reaction: Option<String>,
+}
+
+/// How many members reacted to a message with one emoji.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ReactionCount {
+    pub emoji: String,
+    pub count: u32,
+}
+
+/// A member's reaction to a message (`reactions`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reaction {
+    pub message_id: MessageId,
+    pub user: UserId,
+    pub emoji: String,
 }
 
 /// Where a message lives.
@@ -191,6 +227,8 @@ pub struct InboxRow {
     #[serde(serialize_with = "ser_time")]
     pub last_at: DateTime<Utc>,
     pub unread: i32,
+    /// Of the unread messages, how many mention the user.
+    pub mentions: i32,
     /// The user's stream position of the oldest message of another member not read yet (none
     /// when nothing is unread): where a `read` starts looking for what it covers.
     #[serde(skip)]
@@ -348,6 +386,9 @@ pub trait ReadStore: Send + Sync {
     /// The messages of `conv` from `from` to `to` (both included) that `user` deleted for
     /// themselves.
     async fn hidden_messages(&self, user: UserId, conv: &ConversationId, from: MessageId, to: MessageId) -> StoreResult<Vec<MessageId>>;
+    /// The reactions to these messages of `conv` (at most `limit`; a back-end may also return
+    /// reactions to other messages between them).
+    async fn reactions(&self, conv: &ConversationId, messages: &[MessageId], limit: usize) -> StoreResult<Vec<Reaction>>;
 }
 
 /// Row count and content hash of one table.
@@ -402,8 +443,10 @@ impl<T: CommandStore + ProjectionStore + ReadStore + TableAdmin + FanoutStore + 
 /// `analytics_messages`. 6: edits and deletes (`messages` says when a message was edited and
 /// whether it was deleted; `stream_messages` finds the stream rows of a message, which a delete
 /// replaces; `hidden_messages`, what each user deleted for themselves; `message_edits`, the versions
-/// of edited messages).
-pub const PROJECTION_LAYOUT: u32 = 6;
+/// of edited messages). 7: replies, mentions and reactions (`messages` says which message one
+/// replies to and whom it mentions; `inbox` counts the unread mentions of its user; `reactions`,
+/// each member's reaction to each message).
+pub const PROJECTION_LAYOUT: u32 = 7;
 
 /// Projection tables of older layouts, dropped by [`TableAdmin::reset_projections`].
 /// (`pending_deliveries`: a row per message not yet delivered to any device, added and removed
@@ -440,6 +483,7 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "stream_messages",
     "hidden_messages",
     "message_edits",
+    "reactions",
 ];
 
 /// Convenience: a device id as stored in the receipts table.

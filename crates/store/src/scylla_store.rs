@@ -91,6 +91,8 @@ struct Stmts {
     delete_versions: PreparedStatement,
     select_versions: PreparedStatement,
     select_hidden: PreparedStatement,
+    insert_reaction: PreparedStatement,
+    select_reactions: PreparedStatement,
     delete_topic: PreparedStatement,
     insert_bucket: PreparedStatement,
     insert_message_index: PreparedStatement,
@@ -174,9 +176,24 @@ pub struct ScyllaStore {
 /// so a deleted message stays deleted whatever is applied after it.
 const DELETED_TS: i64 = 1 << 62;
 
-const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media, edited_at, deleted";
-type MessageTuple =
-    (String, Uuid, Uuid, String, String, String, String, DateTime<Utc>, Option<i64>, Option<String>, Option<DateTime<Utc>>, Option<bool>);
+const MESSAGE_COLS: &str =
+    "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media, edited_at, deleted, reply_to, mentions";
+type MessageTuple = (
+    String,
+    Uuid,
+    Uuid,
+    String,
+    String,
+    String,
+    String,
+    DateTime<Utc>,
+    Option<i64>,
+    Option<String>,
+    Option<DateTime<Utc>>,
+    Option<bool>,
+    Option<Uuid>,
+    Option<Vec<Uuid>>,
+);
 
 fn message_from(t: MessageTuple) -> StoreResult<MessageRow> {
     Ok(MessageRow {
@@ -195,12 +212,16 @@ fn message_from(t: MessageTuple) -> StoreResult<MessageRow> {
         },
         edited_at: t.10,
         deleted: t.11.unwrap_or(false),
+        reply_to: t.12.map(MessageId),
+        mentions: t.13.unwrap_or_default().into_iter().map(UserId).collect(),
+        reactions: Vec::new(),
+        my_reaction: None,
     })
 }
 
 const INBOX_COLS: &str =
-    "user_id, conversation_id, peer_id, last_message_id, last_sender, last_kind, last_body, last_at, unread, first_unread_seq, read_up_to, applied_offset, wrote";
-type InboxTuple = (Uuid, String, Option<Uuid>, Uuid, Uuid, String, String, DateTime<Utc>, i32, Option<i64>, Option<Uuid>, i64, Option<bool>);
+    "user_id, conversation_id, peer_id, last_message_id, last_sender, last_kind, last_body, last_at, unread, first_unread_seq, read_up_to, applied_offset, wrote, mentions";
+type InboxTuple = (Uuid, String, Option<Uuid>, Uuid, Uuid, String, String, DateTime<Utc>, i32, Option<i64>, Option<Uuid>, i64, Option<bool>, Option<i32>);
 
 fn inbox_from(t: InboxTuple) -> StoreResult<InboxRow> {
     Ok(InboxRow {
@@ -217,6 +238,7 @@ fn inbox_from(t: InboxTuple) -> StoreResult<InboxRow> {
         read_up_to: t.10.map(MessageId),
         applied_offset: t.11,
         wrote: t.12.unwrap_or(false),
+        mentions: t.13.unwrap_or(0),
     })
 }
 
@@ -392,7 +414,7 @@ impl ScyllaStore {
 
             insert_user: p(format!("INSERT INTO {ks}.users (user_id, username, registered_at) VALUES (?, ?, ?)")).await?,
             insert_message: p(format!(
-                "INSERT INTO {ks}.messages (conversation_id, bucket, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP 1"
+                "INSERT INTO {ks}.messages (conversation_id, bucket, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media, reply_to, mentions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP 1"
             ))
             .await?,
             insert_bucket: p(format!("INSERT INTO {ks}.conversation_buckets (conversation_id, bucket) VALUES (?, ?)")).await?,
@@ -405,7 +427,7 @@ impl ScyllaStore {
             ))
             .await?,
             select_inbox_row: p(format!("SELECT {INBOX_COLS} FROM {ks}.inbox WHERE user_id = ? AND conversation_id = ?")).await?,
-            insert_inbox_row: p(format!("INSERT INTO {ks}.inbox ({INBOX_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")).await?,
+            insert_inbox_row: p(format!("INSERT INTO {ks}.inbox ({INBOX_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")).await?,
             select_inbox: p(format!("SELECT {INBOX_COLS} FROM {ks}.inbox WHERE user_id = ? LIMIT ?")).await?,
             select_buckets_desc: p(format!(
                 "SELECT bucket FROM {ks}.conversation_buckets WHERE conversation_id = ? AND bucket <= ?"
@@ -588,7 +610,7 @@ impl ScyllaStore {
             ))
             .await?,
             update_message_deleted: p(format!(
-                "UPDATE {ks}.messages USING TIMESTAMP {DELETED_TS} SET body = '', media = null, edited_at = null, deleted = true WHERE conversation_id = ? AND bucket = ? AND message_id = ?"
+                "UPDATE {ks}.messages USING TIMESTAMP {DELETED_TS} SET body = '', media = null, edited_at = null, deleted = true, reply_to = null, mentions = null WHERE conversation_id = ? AND bucket = ? AND message_id = ?"
             ))
             .await?,
             insert_stream_message: p(format!("INSERT INTO {ks}.stream_messages (user_id, message_id, seq, mark) VALUES (?, ?, ?, ?)")).await?,
@@ -599,6 +621,14 @@ impl ScyllaStore {
             insert_hidden: p(format!("INSERT INTO {ks}.hidden_messages (user_id, conversation_id, message_id) VALUES (?, ?, ?)")).await?,
             select_hidden: p(format!(
                 "SELECT message_id FROM {ks}.hidden_messages WHERE user_id = ? AND conversation_id = ? AND message_id >= ? AND message_id <= ?"
+            ))
+            .await?,
+            insert_reaction: p(format!(
+                "INSERT INTO {ks}.reactions (conversation_id, bucket, message_id, user_id, emoji, seq) VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            select_reactions: p(format!(
+                "SELECT message_id, user_id, emoji FROM {ks}.reactions WHERE conversation_id = ? AND bucket = ? AND message_id >= ? AND message_id <= ? LIMIT ?"
             ))
             .await?,
             count_topics: p(format!("SELECT topic, sender FROM {ks}.analytics_topics WHERE day = ?")).await?,
@@ -888,6 +918,8 @@ impl ScyllaStore {
                     m.sent_at,
                     m.position,
                     m.media.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default()),
+                    m.reply_to.map(|r| r.0),
+                    (!m.mentions.is_empty()).then(|| m.mentions.iter().map(|u| u.0).collect::<Vec<Uuid>>()),
                 );
                 // Different partitions: separate statements (a multi-partition batch gains nothing).
                 let (a, b) = futures::join!(
@@ -914,6 +946,7 @@ impl ScyllaStore {
                         r.read_up_to.map(|m| m.0),
                         r.applied_offset,
                         r.wrote,
+                        r.mentions,
                     ),
                 )
                 .await
@@ -984,6 +1017,11 @@ impl ScyllaStore {
             Write::MessageVersion { message, at, body } => self.exec(&st.insert_version, (message.0, *at, body)).await,
             Write::StreamMessage { user, message, seq, mark } => self.exec(&st.insert_stream_message, (user.0, message.0, *seq, mark.code())).await,
             Write::HiddenMessage { user, conversation, message } => self.exec(&st.insert_hidden, (user.0, conversation.as_str(), message.0)).await,
+            // The reactor's stream position is the write time: the latest reaction wins.
+            Write::Reaction { conversation, message, user, emoji, seq } => {
+                let row = (conversation.as_str(), bucket_of(*message), message.0, user.0, emoji.as_deref(), *seq, *seq);
+                self.exec(&st.insert_reaction, row).await
+            }
             Write::MediaMessage { media, conversation, message, position } => {
                 self.exec(&st.insert_media_message, (*media, conversation.as_str(), message.0, *position)).await
             }
@@ -1228,6 +1266,26 @@ impl ReadStore for ScyllaStore {
     async fn hidden_messages(&self, user: UserId, conv: &ConversationId, from: MessageId, to: MessageId) -> StoreResult<Vec<MessageId>> {
         let rows = self.rows::<(Uuid,)>(&self.stmts.select_hidden, (user.0, conv.as_str(), from.0, to.0)).await?;
         Ok(rows.into_iter().map(|(m,)| MessageId(m)).collect())
+    }
+
+    async fn reactions(&self, conv: &ConversationId, messages: &[MessageId], limit: usize) -> StoreResult<Vec<Reaction>> {
+        // One range query per day bucket the messages are in (a page spans one or two).
+        let mut buckets: BTreeMap<i32, (MessageId, MessageId)> = BTreeMap::new();
+        for &m in messages {
+            let e = buckets.entry(bucket_of(m)).or_insert((m, m));
+            (e.0, e.1) = (e.0.min(m), e.1.max(m));
+        }
+        let lim = limit.min(i32::MAX as usize) as i32;
+        let reads = buckets
+            .into_iter()
+            .map(|(b, (from, to))| self.rows::<(Uuid, Uuid, Option<String>)>(&self.stmts.select_reactions, (conv.as_str(), b, from.0, to.0, lim)));
+        let mut out = Vec::new();
+        for rows in futures::future::try_join_all(reads).await? {
+            out.extend(rows.into_iter().filter_map(|(m, u, e)| Some(Reaction { message_id: MessageId(m), user: UserId(u), emoji: e? })));
+        }
+        out.sort_by_key(|r| r.message_id);
+        out.truncate(limit);
+        Ok(out)
     }
 }
 

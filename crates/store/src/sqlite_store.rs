@@ -98,10 +98,10 @@ CREATE TABLE IF NOT EXISTS session_revocations (at INTEGER NOT NULL, user_id TEX
 /// which reads and writes the same rows).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, username TEXT NOT NULL, registered_at INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS messages (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL, sender_device TEXT NOT NULL, client_msg_id TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL, media TEXT, edited_at INTEGER, deleted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (conversation_id, message_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS messages (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL, sender_device TEXT NOT NULL, client_msg_id TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL, media TEXT, edited_at INTEGER, deleted INTEGER NOT NULL DEFAULT 0, reply_to TEXT, mentions TEXT, PRIMARY KEY (conversation_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS conversation_buckets (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, PRIMARY KEY (conversation_id, bucket)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS message_index (message_id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL, sender TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS inbox (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, peer_id TEXT, last_message_id TEXT NOT NULL, last_sender TEXT NOT NULL, last_kind TEXT NOT NULL, last_body TEXT NOT NULL, last_at INTEGER NOT NULL, unread INTEGER NOT NULL, first_unread_seq INTEGER, read_up_to TEXT, applied_offset INTEGER NOT NULL, wrote INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (user_id, conversation_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inbox (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, peer_id TEXT, last_message_id TEXT NOT NULL, last_sender TEXT NOT NULL, last_kind TEXT NOT NULL, last_body TEXT NOT NULL, last_at INTEGER NOT NULL, unread INTEGER NOT NULL, first_unread_seq INTEGER, read_up_to TEXT, applied_offset INTEGER NOT NULL, wrote INTEGER NOT NULL DEFAULT 0, mentions INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (user_id, conversation_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS user_stream (user_id TEXT NOT NULL, seq INTEGER NOT NULL, item_id TEXT NOT NULL, item TEXT NOT NULL, PRIMARY KEY (user_id, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS stream_heads (user_id TEXT NOT NULL, source_partition INTEGER NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (user_id, source_partition)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS receipts (message_id TEXT NOT NULL, at INTEGER NOT NULL, recipient TEXT NOT NULL, status TEXT NOT NULL, device_id TEXT NOT NULL, sender TEXT NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (message_id, at, recipient, status, device_id)) WITHOUT ROWID;
@@ -127,6 +127,7 @@ CREATE TABLE IF NOT EXISTS analytics_topics (day TEXT NOT NULL, topic TEXT NOT N
 CREATE TABLE IF NOT EXISTS stream_messages (user_id TEXT NOT NULL, message_id TEXT NOT NULL, seq INTEGER NOT NULL, mark INTEGER NOT NULL, PRIMARY KEY (user_id, message_id, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS message_edits (message_id TEXT NOT NULL, at INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (message_id, at)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS hidden_messages (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, message_id TEXT NOT NULL, PRIMARY KEY (user_id, conversation_id, message_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reactions (conversation_id TEXT NOT NULL, message_id TEXT NOT NULL, user_id TEXT NOT NULL, emoji TEXT, seq INTEGER NOT NULL, PRIMARY KEY (conversation_id, message_id, user_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS receipts_by_user (recipient TEXT NOT NULL, message_id TEXT NOT NULL, status TEXT NOT NULL, device_id TEXT NOT NULL, at INTEGER NOT NULL, sender TEXT NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (recipient, message_id, status, device_id)) WITHOUT ROWID;
 DROP INDEX IF EXISTS receipts_by_user_at;
 CREATE TABLE IF NOT EXISTS sync_marks (id INTEGER PRIMARY KEY, n INTEGER NOT NULL);
@@ -472,12 +473,22 @@ fn message_row(r: &Row<'_>) -> rusqlite::Result<MessageRow> {
         },
         edited_at: r.get::<_, Option<i64>>(10)?.and_then(DateTime::from_timestamp_millis),
         deleted: r.get(11)?,
+        reply_to: match r.get::<_, Option<String>>(12)? {
+            Some(m) => Some(MessageId(Uuid::parse_str(&m).map_err(conversion)?)),
+            None => None,
+        },
+        mentions: match r.get::<_, Option<String>>(13)? {
+            Some(j) => serde_json::from_str(&j).map_err(conversion)?,
+            None => Vec::new(),
+        },
+        reactions: Vec::new(),
+        my_reaction: None,
     })
 }
 
-const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media, edited_at, deleted";
+const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media, edited_at, deleted, reply_to, mentions";
 const INBOX_COLS: &str =
-    "user_id, conversation_id, peer_id, last_message_id, last_sender, last_kind, last_body, last_at, unread, first_unread_seq, read_up_to, applied_offset, wrote";
+    "user_id, conversation_id, peer_id, last_message_id, last_sender, last_kind, last_body, last_at, unread, first_unread_seq, read_up_to, applied_offset, wrote, mentions";
 
 fn inbox_row(r: &Row<'_>) -> rusqlite::Result<InboxRow> {
     Ok(InboxRow {
@@ -500,6 +511,7 @@ fn inbox_row(r: &Row<'_>) -> rusqlite::Result<InboxRow> {
         },
         applied_offset: r.get(11)?,
         wrote: r.get(12)?,
+        mentions: r.get(13)?,
     })
 }
 
@@ -667,7 +679,7 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
             let bucket = bucket_of(m.message_id);
             t.exec(
                 // Written once: a message item applied again never undoes an edit or a delete.
-                &format!("INSERT OR IGNORE INTO messages (bucket, {MESSAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+                &format!("INSERT OR IGNORE INTO messages (bucket, {MESSAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"),
                 params![
                     bucket,
                     m.conversation_id.as_str(),
@@ -681,7 +693,9 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                     m.position,
                     m.media.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default()),
                     m.edited_at.as_ref().map(ms),
-                    m.deleted
+                    m.deleted,
+                    m.reply_to.map(|r| r.to_string()),
+                    (!m.mentions.is_empty()).then(|| serde_json::to_string(&m.mentions).unwrap_or_default())
                 ],
             )?;
             t.exec(
@@ -694,7 +708,7 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
         }
         Write::Inbox(r) => {
             t.exec(
-                &format!("INSERT OR REPLACE INTO inbox ({INBOX_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
+                &format!("INSERT OR REPLACE INTO inbox ({INBOX_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
                 params![
                     r.user_id.to_string(),
                     r.conversation_id.as_str(),
@@ -708,7 +722,8 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                     r.first_unread_seq,
                     r.read_up_to.map(|m| m.to_string()),
                     r.applied_offset,
-                    r.wrote
+                    r.wrote,
+                    r.mentions
                 ],
             )?;
         }
@@ -863,7 +878,7 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
         }
         Write::MessageDeleted { conversation, message } => {
             t.exec(
-                "UPDATE messages SET body = '', media = NULL, edited_at = NULL, deleted = 1 WHERE conversation_id = ?1 AND message_id = ?2",
+                "UPDATE messages SET body = '', media = NULL, edited_at = NULL, deleted = 1, reply_to = NULL, mentions = NULL WHERE conversation_id = ?1 AND message_id = ?2",
                 params![conversation.as_str(), message.to_string()],
             )?;
             t.exec("DELETE FROM message_edits WHERE message_id = ?1", params![message.to_string()])?;
@@ -884,6 +899,13 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
             t.exec(
                 "INSERT OR IGNORE INTO hidden_messages (user_id, conversation_id, message_id) VALUES (?1, ?2, ?3)",
                 params![user.to_string(), conversation.as_str(), message.to_string()],
+            )?;
+        }
+        Write::Reaction { conversation, message, user, emoji, seq } => {
+            t.exec(
+                "INSERT INTO reactions (conversation_id, message_id, user_id, emoji, seq) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (conversation_id, message_id, user_id) DO UPDATE SET emoji = excluded.emoji, seq = excluded.seq WHERE excluded.seq >= reactions.seq",
+                params![conversation.as_str(), message.to_string(), user.to_string(), emoji, seq],
             )?;
         }
         Write::TopicRemoved { day, topic, message } => {
@@ -1118,6 +1140,21 @@ impl ReadStore for SqliteStore {
                 "SELECT message_id FROM hidden_messages WHERE user_id = ?1 AND conversation_id = ?2 AND message_id >= ?3 AND message_id <= ?4",
             )?;
             let rows = st.query_map(params![user.to_string(), conv, from.to_string(), to.to_string()], |r| Ok(MessageId(uuid_at(r, 0)?)))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn reactions(&self, conv: &ConversationId, messages: &[MessageId], limit: usize) -> StoreResult<Vec<Reaction>> {
+        let (Some(&from), Some(&to)) = (messages.iter().min(), messages.iter().max()) else { return Ok(Vec::new()) };
+        let conv = conv.as_str().to_owned();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT message_id, user_id, emoji FROM reactions WHERE conversation_id = ?1 AND message_id >= ?2 AND message_id <= ?3 AND emoji IS NOT NULL ORDER BY message_id LIMIT ?4",
+            )?;
+            let rows = st.query_map(params![conv, from.to_string(), to.to_string(), limit as i64], |r| {
+                Ok(Reaction { message_id: MessageId(uuid_at(r, 0)?), user: UserId(uuid_at(r, 1)?), emoji: r.get(2)? })
+            })?;
             rows.collect()
         })
         .await

@@ -115,6 +115,9 @@ pub enum Write {
     MessageVersion { message: MessageId, at: DateTime<Utc>, body: String },
     /// `hidden_messages`: the user deleted a message for themselves (a set).
     HiddenMessage { user: UserId, conversation: ConversationId, message: MessageId },
+    /// `reactions`: `user`'s reaction to a message (none: taken back), from the item at `seq` of
+    /// the user's own stream; the highest `seq` wins.
+    Reaction { conversation: ConversationId, message: MessageId, user: UserId, emoji: Option<String>, seq: i64 },
     /// `analytics_topics`: a deleted message's topics go.
     TopicRemoved { day: NaiveDate, topic: String, message: MessageId },
     /// `media_messages`: a set (a group message carrying a media object, at its position: who
@@ -149,6 +152,7 @@ impl Write {
             Write::HiddenMessage { .. } => "hidden_messages",
             Write::MessageVersion { .. } => "message_edits",
             Write::TopicRemoved { .. } => "analytics_topics",
+            Write::Reaction { .. } => "reactions",
         }
     }
 

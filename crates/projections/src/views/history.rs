@@ -7,7 +7,9 @@ use chat_store::{bucket_of, MessageRow, Write};
 
 /// A message item in its sender's own stream: the history row.
 pub fn message(out: &mut Vec<Write>, item: &StreamItem) {
-    if let StreamItem::Message { message_id, conversation_id, sender, client_msg_id, message_kind, body, sent_at, sender_device, position, media } = item {
+    if let StreamItem::Message { message_id, conversation_id, sender, client_msg_id, message_kind, body, sent_at, sender_device, position, media, reply_to, mentions } =
+        item
+    {
         out.push(Write::Message(MessageRow {
             conversation_id: conversation_id.clone(),
             message_id: *message_id,
@@ -21,6 +23,10 @@ pub fn message(out: &mut Vec<Write>, item: &StreamItem) {
             media: media.clone(),
             edited_at: None,
             deleted: false,
+            reply_to: *reply_to,
+            mentions: mentions.clone(),
+            reactions: Vec::new(),
+            my_reaction: None,
         }));
         out.push(Write::Bucket { conversation: conversation_id.clone(), bucket: bucket_of(*message_id) });
         if let (Some(m), Some(p), true) = (media, position, conversation_id.is_group()) {

@@ -18,7 +18,7 @@ fn preview(body: &str) -> String {
 /// A message item at `offset` of `user`'s stream: the last message; one more unread if another
 /// member sent it (and where the unread ones start, for the next read).
 pub fn message(out: &mut Vec<Write>, rows: &Rows, user: UserId, item: &StreamItem, offset: i64) -> Result<(), Missing> {
-    let StreamItem::Message { message_id, conversation_id, sender, message_kind, body, sent_at, .. } = item else { return Ok(()) };
+    let StreamItem::Message { message_id, conversation_id, sender, message_kind, body, sent_at, mentions, .. } = item else { return Ok(()) };
     let row = rows.inbox(user, conversation_id)?;
     if matches!(&row, Some(r) if r.applied_offset >= offset) {
         return Ok(());
@@ -35,6 +35,7 @@ pub fn message(out: &mut Vec<Write>, rows: &Rows, user: UserId, item: &StreamIte
         last_body: preview(body),
         last_at: *sent_at,
         unread: row.as_ref().map(|r| r.unread).unwrap_or(0) + i32::from(theirs),
+        mentions: row.as_ref().map(|r| r.mentions).unwrap_or(0) + i32::from(theirs && mentions.contains(&user)),
         first_unread_seq,
         read_up_to: row.as_ref().and_then(|r| r.read_up_to),
         applied_offset: offset,
@@ -82,16 +83,18 @@ pub fn read(out: &mut Vec<Write>, rows: &Rows, user: UserId, item: &StreamItem, 
         return Ok(());
     }
     let read_up_to = row.read_up_to.map_or(*up_to, |r| r.max(*up_to));
-    let (mut unread, mut first_unread) = (0, None);
+    let (mut unread, mut mentioned, mut first_unread) = (0, 0, None);
     if let Some(start) = row.first_unread_seq {
         // Only the items before this one: later ones may be in the store already when a slice is
         // projected again, and must not count.
         // A deleted message still counts (in its place: the delete item that replaced it), once.
         let mut deleted = std::collections::HashSet::new();
         for r in rows.stream_after(user, start - 1)?.into_iter().take_while(|r| r.seq < offset) {
-            let (conversation_id, sender, message_id) = match serde_json::from_str::<StreamItem>(&r.item) {
-                Ok(StreamItem::Message { conversation_id, sender, message_id, .. }) => (conversation_id, sender, message_id),
-                Ok(StreamItem::Deleted { conversation_id, sender, message_id, .. }) if deleted.insert(message_id) => (conversation_id, sender, message_id),
+            let (conversation_id, sender, message_id, mentions) = match serde_json::from_str::<StreamItem>(&r.item) {
+                Ok(StreamItem::Message { conversation_id, sender, message_id, mentions, .. }) => (conversation_id, sender, message_id, mentions),
+                Ok(StreamItem::Deleted { conversation_id, sender, message_id, .. }) if deleted.insert(message_id) => {
+                    (conversation_id, sender, message_id, Vec::new())
+                }
                 _ => continue,
             };
             if &conversation_id != conv || sender == user {
@@ -103,11 +106,13 @@ pub fn read(out: &mut Vec<Write>, rows: &Rows, user: UserId, item: &StreamItem, 
                 }
             } else {
                 unread += 1;
+                mentioned += i32::from(mentions.contains(&user));
                 first_unread.get_or_insert(r.seq);
             }
         }
     }
     row.unread = unread;
+    row.mentions = mentioned;
     row.first_unread_seq = first_unread;
     row.read_up_to = Some(read_up_to);
     row.applied_offset = offset;

@@ -73,7 +73,7 @@ pub fn prefetch(input: Input<'_>, out: &mut Vec<Key>) {
                 out.push(Key::Inbox(q.recipient, conversation_id.clone()));
                 out.push(Key::StreamMessages(q.recipient, *message_id));
             }
-            StreamItem::Receipt { .. } | StreamItem::Group { .. } => {}
+            StreamItem::Receipt { .. } | StreamItem::Group { .. } | StreamItem::Reaction { .. } => {}
         }
     }
 }
@@ -100,7 +100,12 @@ pub fn fold(input: Input<'_>, rows: &Rows, settings: &Settings) -> Result<Vec<Wr
         Event::ProfileViewed(v) => analytics::profile_view(&mut out, env, v),
         // Projected from the fan-out's output (the stream items), which alone knows which send
         // of a key is the message and who was a member at each position.
-        Event::MessageSent(_) | Event::MessageRead(_) | Event::MessageEdited(_) | Event::MessageDeleted(_) | Event::MessageHidden(_) => {}
+        Event::MessageSent(_)
+        | Event::MessageRead(_)
+        | Event::MessageEdited(_)
+        | Event::MessageDeleted(_)
+        | Event::MessageHidden(_)
+        | Event::MessageReacted(_) => {}
         Event::GroupCreated(_) | Event::GroupRenamed(_) | Event::GroupMemberAdded(_) | Event::GroupMemberRemoved(_) => {}
         Event::MessageDelivered(d) => receipts::delivered(&mut out, env, d),
         Event::DeliveryQueued(q) => streams::item(&mut out, rows, settings, q, input.partition, input.offset)?,
@@ -139,6 +144,8 @@ pub(crate) mod fixtures {
             sender_device: device.map(str::to_owned),
             position: None,
             media: None,
+            reply_to: None,
+            mentions: Vec::new(),
         }
     }
 

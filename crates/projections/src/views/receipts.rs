@@ -64,6 +64,7 @@ pub fn stream_item(out: &mut Vec<Write>, user: UserId, item: &StreamItem) {
         | StreamItem::Edited { .. }
         | StreamItem::Deleted { .. }
         | StreamItem::Hidden { .. }
+        | StreamItem::Reaction { .. }
         | StreamItem::Group { .. } => {}
     }
 }

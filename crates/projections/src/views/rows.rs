@@ -190,6 +190,7 @@ impl Rows {
             Write::MessageEdited { .. }
             | Write::MessageDeleted { .. }
             | Write::HiddenMessage { .. }
+            | Write::Reaction { .. }
             | Write::MessageVersion { .. }
             | Write::TopicRemoved { .. }
             | Write::User { .. }

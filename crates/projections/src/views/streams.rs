@@ -99,6 +99,13 @@ pub fn item(out: &mut Vec<Write>, rows: &Rows, settings: &Settings, q: &Delivery
             }
         }
         StreamItem::Receipt { .. } => receipts::stream_item(out, user, item),
+        // The reactor's own copy writes the reaction (their stream is in log order: the last
+        // reaction of theirs to a message wins, by its seq).
+        StreamItem::Reaction { conversation_id, message_id, by, emoji, .. } => {
+            if *by == user {
+                out.push(Write::Reaction { conversation: conversation_id.clone(), message: *message_id, user, emoji: emoji.clone(), seq: offset });
+            }
+        }
         StreamItem::Read { .. } => inbox::read(out, rows, user, item, offset)?,
         StreamItem::Group { .. } => groups::membership(out, rows, user, item)?,
     }

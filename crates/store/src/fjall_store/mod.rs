@@ -566,6 +566,8 @@ fn message_val(m: &MessageRow) -> Vec<u8> {
         .os(media.as_deref())
         .oi(m.edited_at.map(|t| t.timestamp_millis()))
         .b(m.deleted)
+        .ou(m.reply_to.map(|r| r.0))
+        .os((!m.mentions.is_empty()).then(|| serde_json::to_string(&m.mentions).unwrap_or_default()).as_deref())
         .done()
 }
 
@@ -589,6 +591,13 @@ fn message_row(k: &[u8], v: &[u8]) -> StoreResult<MessageRow> {
         },
         edited_at: v.oi()?.and_then(DateTime::from_timestamp_millis),
         deleted: v.b()?,
+        reply_to: v.ou()?.map(MessageId),
+        mentions: match v.os()? {
+            Some(j) => serde_json::from_str(&j).map_err(data)?,
+            None => Vec::new(),
+        },
+        reactions: Vec::new(),
+        my_reaction: None,
     })
 }
 
@@ -613,6 +622,7 @@ fn inbox_val(r: &InboxRow) -> Vec<u8> {
         .ou(r.read_up_to.map(|m| m.0))
         .i(r.applied_offset)
         .b(r.wrote)
+        .i(i64::from(r.mentions))
         .done()
 }
 
@@ -634,6 +644,7 @@ fn inbox_row(k: &[u8], v: &[u8]) -> StoreResult<InboxRow> {
         read_up_to: v.ou()?.map(MessageId),
         applied_offset: v.i()?,
         wrote: v.b()?,
+        mentions: i32::try_from(v.i()?).map_err(data)?,
     })
 }
 
@@ -849,6 +860,7 @@ fn apply_write(tx: &mut Tx<'_>, w: &Write) -> StoreResult<()> {
             let Some(old) = tx.get("messages", &key)? else { return Ok(()) };
             let mut row = message_row(&key, &old)?;
             (row.body, row.media, row.edited_at, row.deleted) = (String::new(), None, None, true);
+            (row.reply_to, row.mentions) = (None, Vec::new());
             tx.put("messages", key, message_val(&row))?;
             for k in tx.keys_with_prefix("message_edits", &Key::new().u(message.0).done())? {
                 tx.del("message_edits", k)?;
@@ -863,6 +875,15 @@ fn apply_write(tx: &mut Tx<'_>, w: &Write) -> StoreResult<()> {
         }
         Write::HiddenMessage { user, conversation, message } => {
             tx.put("hidden_messages", Key::new().u(user.0).conv(conversation).u(message.0).done(), Vec::new())
+        }
+        Write::Reaction { conversation, message, user, emoji, seq } => {
+            let key = Key::new().conv(conversation).u(message.0).u(user.0).done();
+            if let Some(old) = tx.get("reactions", &key)? {
+                if ValReader(&old).i()? > *seq {
+                    return Ok(());
+                }
+            }
+            tx.put("reactions", key, Val::new().i(*seq).os(emoji.as_deref()).done())
         }
         Write::TopicRemoved { day, topic, message } => tx.del("analytics_topics", Key::new().day(*day).s(topic).u(message.0).done()),
         Write::Topic { day, topic, message, sender } => {
@@ -1084,6 +1105,29 @@ impl ReadStore for FjallStore {
             let (_user, _conv, id) = (k.u()?, k.conv()?, MessageId(k.u()?));
             if from <= id && id <= to {
                 out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn reactions(&self, conv: &ConversationId, messages: &[MessageId], limit: usize) -> StoreResult<Vec<Reaction>> {
+        let (Some(&from), Some(&to)) = (messages.iter().min(), messages.iter().max()) else { return Ok(Vec::new()) };
+        let _r = self.shared.swap.read().await;
+        let prefix = Key::new().conv(conv).done();
+        let lo = Key::new().conv(conv).u(from.0).done();
+        let hi = to.0.as_u128().checked_add(1).map(|n| Key::new().conv(conv).u(Uuid::from_u128(n)).done());
+        let mut out = Vec::new();
+        // Taken-back reactions are rows without an emoji: read past them up to `limit` emojis.
+        for (k, v) in self.scan("reactions", &prefix, Some(lo), hi, false, usize::MAX)? {
+            let mut k = KeyReader(&k);
+            let (_conv, message_id, user) = (k.conv()?, MessageId(k.u()?), UserId(k.u()?));
+            let mut v = ValReader(&v);
+            let _seq = v.i()?;
+            if let Some(emoji) = v.os()? {
+                out.push(Reaction { message_id, user, emoji });
+                if out.len() >= limit {
+                    break;
+                }
             }
         }
         Ok(out)
