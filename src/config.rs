@@ -114,6 +114,14 @@ pub struct Settings {
     /// Consumer group of the fan-out stage [default: chat-fanout].
     #[arg(long, env = "CHAT_FANOUT_GROUP", global = true)]
     pub fanout_group: Option<String>,
+    /// Where this node keeps its message search index [default: embedded `<data dir>/search`;
+    /// cluster `$HOME/.cache/chat/search/<keyspace>/<node id>`].
+    #[arg(long, env = "CHAT_SEARCH_DIR", global = true)]
+    pub search_dir: Option<String>,
+    /// Consumer group of this node's search indexer [default: embedded `chat-search`; cluster
+    /// `<projection group>-search-<node id>`: every gateway node keeps its own copy].
+    #[arg(long, env = "CHAT_SEARCH_GROUP", global = true)]
+    pub search_group: Option<String>,
     /// Members per group, the creator included [default: 1024].
     #[arg(long, env = "CHAT_MAX_GROUP_SIZE", global = true)]
     pub max_group_size: Option<usize>,
@@ -214,6 +222,9 @@ pub struct Config {
     pub projection_group: String,
     pub fanout_group: String,
     pub stages: Vec<String>,
+    /// Where this node's search index lives, and its indexer's consumer group.
+    pub search_dir: PathBuf,
+    pub search_group: String,
 }
 
 macro_rules! overlay {
@@ -284,6 +295,8 @@ impl Settings {
             max_video_bytes,
             projection_group,
             fanout_group,
+            search_dir,
+            search_group,
             stages
         ))
     }
@@ -415,6 +428,17 @@ impl Settings {
         if !(2..=100_000).contains(&max_group_size) {
             bail!("{} must be between 2 and 100000, got {max_group_size}", key("max_group_size"));
         }
+        let projection_group = s.projection_group.clone().unwrap_or_else(|| "chat-projections".into());
+        let node = s.node_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned());
+        let (search_dir, search_group) = match &backend {
+            Backend::Embedded { data_dir } => (data_dir.join("search"), "chat-search".to_owned()),
+            Backend::Cluster { .. } => {
+                let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+                (home.join(".cache/chat/search").join(&keyspace).join(&node), format!("{projection_group}-search-{node}"))
+            }
+        };
+        let search_dir = s.search_dir.clone().map(PathBuf::from).unwrap_or(search_dir);
+        let search_group = s.search_group.clone().unwrap_or(search_group);
         let edit_window_secs = s.edit_window_secs.unwrap_or(chat_events::DEFAULT_EDIT_WINDOW.as_secs());
         if !(1..=10 * 365 * 86_400).contains(&edit_window_secs) {
             bail!("{} must be between 1 second and 10 years, got {edit_window_secs}", key("edit_window_secs"));
@@ -433,7 +457,7 @@ impl Settings {
             kafka_replication,
             listen,
             metrics_listen: non_empty(s.metrics_listen),
-            node_id: s.node_id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()),
+            node_id: node,
             redis_prefix: s.redis_prefix.unwrap_or_else(|| "chat:".into()),
             token_secret: s.token_secret,
             token_ttl_secs,
@@ -458,7 +482,9 @@ impl Settings {
                 .analytics_keywords
                 .map(|k| k.split(',').map(|w| w.trim().to_lowercase()).filter(|w| !w.is_empty()).collect())
                 .unwrap_or_default(),
-            projection_group: s.projection_group.unwrap_or_else(|| "chat-projections".into()),
+            search_dir,
+            search_group,
+            projection_group,
             fanout_group: s.fanout_group.unwrap_or_else(|| "chat-fanout".into()),
             stages,
         })

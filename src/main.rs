@@ -52,6 +52,7 @@ use chat_projections::projector::projection_topics;
 use chat_projections::fanout::Pusher;
 use chat_projections::{DeadLetters, FanOut, Projector, WorkerStats};
 use chat_store::{FjallStore, ScyllaConfig, ScyllaStore, Tables};
+use chat_search::SearchIndex;
 use clap::{Parser, Subcommand};
 use config::{Backend, Config, Settings};
 use tokio::net::TcpListener;
@@ -406,6 +407,9 @@ impl Platform {
     async fn start_gateway(&self, shutdown: watch::Receiver<bool>) -> anyhow::Result<(std::net::SocketAddr, JoinHandle<std::io::Result<()>>)> {
         let (hub, routing) = (self.hub.clone(), self.routing.clone());
         let c = &self.cfg;
+        let search = Arc::new(
+            SearchIndex::open(&c.search_dir).with_context(|| format!("opening the search index (CHAT_SEARCH_DIR={})", c.search_dir.display()))?,
+        );
         let limits = Limits {
             max_frame_bytes: c.max_frame_bytes,
             max_body_bytes: c.max_body_bytes,
@@ -440,11 +444,36 @@ impl Platform {
             limits,
             metrics,
         )
-            .with_media(self.media_storage()?),
+            .with_media(self.media_storage()?)
+            .with_search(search.clone()),
         );
         let listener = listen(&c.listen).await.with_context(|| format!("CHAT_LISTEN={}", c.listen))?;
         let addr = listener.local_addr()?;
-        Ok((addr, tokio::spawn(chat_gateway::serve(chat, listener, shutdown))))
+        let indexer = self.start_search(search, shutdown.clone()).await?;
+        let serving = tokio::spawn(chat_gateway::serve(chat, listener, shutdown));
+        Ok((
+            addr,
+            tokio::spawn(async move {
+                let served = serving.await.map_err(std::io::Error::other)?;
+                // The indexer stops at the same signal, after committing what it indexed.
+                if let Ok(outcome) = indexer.await {
+                    stop_on_loss("search", outcome);
+                }
+                served
+            }),
+        ))
+    }
+
+    /// The search stage of a gateway node: keeps the node's search index from the deliveries
+    /// topic (every node its own copy, in its own consumer group; see docs/architecture.md
+    /// "Search").
+    async fn start_search(&self, index: Arc<SearchIndex>, shutdown: watch::Receiver<bool>) -> anyhow::Result<JoinHandle<Result<(), String>>> {
+        let t = &self.topics;
+        let consumer = self.log.subscribe(&self.cfg.search_group, &[t.name(TopicKind::Deliveries)]).await?;
+        let handler = Arc::new(chat_projections::search::Indexer::new(index));
+        let dead = DeadLetters { log: self.log.clone(), topics: t.clone() };
+        let stats = self.stage_stats("search");
+        Ok(tokio::spawn(async move { chat_projections::run("search", consumer, handler, dead, stats, shutdown).await }))
     }
 
     /// Projection tables of an older layout are rebuilt from the log: dropped and created anew,

@@ -272,6 +272,10 @@ impl Scope {
             Mode::Embedded => (format!("127.0.0.1:{}", self.port), ["run"]),
         };
         let mut env = vec![("CHAT_LISTEN", listen), ("CHAT_NODE_ID", node.to_owned())];
+        if self.mode == Mode::Cluster {
+            // Each node's search index beside the test's logs (not in the user's cache).
+            env.push(("CHAT_SEARCH_DIR", self.log_dir.join(format!("search-{node}")).display().to_string()));
+        }
         env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
         let (mut child, log) = self.spawn(&format!("gateway-{node}"), &args, &env).await;
         let stdout = child.stdout.take().expect("stdout");

@@ -10,6 +10,7 @@ mod groups;
 mod harness;
 mod product;
 mod reactions;
+mod search;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use groups::*;
 use harness::*;
 use product::*;
 use reactions::*;
+use search::*;
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
@@ -1050,6 +1052,7 @@ macro_rules! abuse_scenarios {
             group_edits_and_admin_deletes,
             replies_and_reactions,
             group_mentions_replies_and_reactions,
+            search_own_conversations,
         );
     };
 }

@@ -42,6 +42,7 @@ pub fn router(chat: App) -> Router {
         .route("/v1/conversations", get(conversations))
         .route("/v1/conversations/{conversation_id}/messages", get(history))
         .route("/v1/messages/{message_id}/receipts", get(receipts))
+        .route("/v1/search", get(search))
         .route("/v1/groups", post(create_group).get(my_groups))
         .route("/v1/groups/{conversation_id}", get(group_info).patch(rename_group))
         .route("/v1/groups/{conversation_id}/members", post(add_member))
@@ -275,6 +276,17 @@ async fn history(
         None => None,
     };
     let page = chat.history(p.user_id, &conversation_id, q.get("before").map(String::as_str), limit).await?;
+    Ok(Json(page).into_response())
+}
+
+async fn search(State(chat): State<App>, Caller(p): Caller, q: RawQuery) -> Result<Response, ApiError> {
+    let q = query_map(q)?;
+    let limit = match q.get("limit") {
+        Some(l) => Some(l.parse::<usize>().map_err(|_| ApiError::bad_request("invalid_limit", "limit is a positive integer"))?),
+        None => None,
+    };
+    let text = q.get("q").ok_or_else(|| ApiError::bad_request("invalid_query", "q is required"))?;
+    let page = chat.search(p.user_id, text, q.get("conversation_id").map(String::as_str), q.get("before").map(String::as_str), limit).await?;
     Ok(Json(page).into_response())
 }
 

@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod reactions;
 pub mod revocations;
 pub mod routing;
+pub mod search;
 pub mod sends;
 pub mod server;
 pub mod service;

@@ -145,6 +145,8 @@ pub struct Chat {
     pub metrics: Metrics,
     /// Where media objects live (absent: uploads answer `media_unavailable`).
     pub media: Option<crate::media::MediaStorage>,
+    /// The message search index (absent: searches answer `search_unavailable`).
+    pub search: Option<Arc<chat_search::SearchIndex>>,
     /// Users known to exist (they never stop existing): saves a read per send.
     known_users: Mutex<HashSet<UserId>>,
     /// Sends this node answered or is answering, for same-node retries and concurrent attempts.
@@ -313,6 +315,7 @@ impl Chat {
             limits: limits.clone(),
             metrics,
             media: None,
+            search: None,
             revocations,
             known_users: Mutex::new(HashSet::new()),
             recent: crate::sends::RecentSends::new(crate::sends::RECENT_SENDS),
@@ -332,6 +335,12 @@ impl Chat {
     /// With media storage.
     pub fn with_media(mut self, media: crate::media::MediaStorage) -> Self {
         self.media = Some(media);
+        self
+    }
+
+    /// With the message search index.
+    pub fn with_search(mut self, index: Arc<chat_search::SearchIndex>) -> Self {
+        self.search = Some(index);
         self
     }
 

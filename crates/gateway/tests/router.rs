@@ -361,6 +361,7 @@ const ROUTES: &[(&str, &[(&str, bool)])] = &[
     ("/v1/conversations", &[("GET", true)]),
     ("/v1/conversations/{conversation_id}/messages", &[("GET", true)]),
     ("/v1/messages/{message_id}/receipts", &[("GET", true)]),
+    ("/v1/search", &[("GET", true)]),
     ("/v1/groups", &[("POST", true), ("GET", true)]),
     ("/v1/groups/{conversation_id}", &[("GET", true), ("PATCH", true)]),
     ("/v1/groups/{conversation_id}/members", &[("POST", true)]),

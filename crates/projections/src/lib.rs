@@ -16,6 +16,7 @@
 
 pub mod fanout;
 pub mod projector;
+pub mod search;
 pub mod views;
 pub mod worker;
 
