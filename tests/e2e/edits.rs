@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::harness::*;
-use crate::product::{grant, relog};
+use crate::product::with_auditor;
 
 const T: Duration = Duration::from_secs(60);
 
@@ -61,9 +61,7 @@ pub async fn edits_and_deletes_for_everyone(mode: Mode) {
     let gw = s.gateway("n1").await;
     let _worker = s.worker().await;
     let (alice, bob, carol) = (gw.register("alice").await, gw.register("bob").await, gw.register("carol").await);
-    let _ = gw.register("erin").await;
-    let gw = grant(&s, gw, "erin", "auditor").await;
-    let erin = relog(&gw, User { id: String::new(), name: "erin".into(), token: String::new() }).await;
+    let (gw, erin) = with_auditor(&s, gw, "erin").await;
     let mut a = gw.connect(&alice, "phone").await;
     let mut a2 = gw.connect(&alice, "laptop").await;
     let mut b = gw.connect(&bob, "phone").await;

@@ -8,6 +8,7 @@ mod edits;
 mod faults;
 mod groups;
 mod harness;
+mod privacy;
 mod product;
 mod reactions;
 mod search;
@@ -22,6 +23,7 @@ use edits::*;
 use faults::*;
 use groups::*;
 use harness::*;
+use privacy::*;
 use product::*;
 use reactions::*;
 use search::*;
@@ -247,6 +249,7 @@ async fn c2_retry_after_a_crash_between_append_and_ack(mode: Mode) {
             media: None,
             reply_to: None,
             mentions: Vec::new(),
+            withheld: false,
         }),
     );
     let chat_events::Event::MessageSent(m) = &first.event else { unreachable!() };
@@ -621,6 +624,22 @@ async fn e_rebuild_gives_identical_tables(mode: Mode) {
     b.request(json!({"type": "read", "conversation_id": conv, "up_to": last})).await;
     let replied = b.request(json!({"type": "send", "client_msg_id": "reply", "to": alice.id, "body": "hello back", "reply_to": ids[1]})).await;
     assert_eq!(replied["type"], "sent", "{replied}");
+    // Privacy settings, a block with a withheld message and its edit, an unblock, a read without
+    // a receipt: rebuilt alike.
+    let (st, _) = gw.call(reqwest::Method::PUT, &alice.token, "/v1/privacy", Some(json!({"last_seen": "nobody", "read_receipts": "nobody"}))).await;
+    assert_eq!(st, 200);
+    let (st, _) = gw.call(reqwest::Method::PUT, &alice.token, &format!("/v1/blocks/{}", bob.id), None).await;
+    assert_eq!(st, 204);
+    let withheld = b.request(json!({"type": "send", "client_msg_id": "withheld", "to": alice.id, "body": "never delivered"})).await;
+    assert_eq!(withheld["type"], "sent", "{withheld}");
+    let edited = b.request(json!({"type": "edit", "conversation_id": conv, "message_id": withheld["message_id"], "body": "never delivered, edited"})).await;
+    assert_eq!(edited["type"], "ack", "{edited}");
+    let (st, _) = gw.call(reqwest::Method::DELETE, &alice.token, &format!("/v1/blocks/{}", bob.id), None).await;
+    assert_eq!(st, 204);
+    let (st, _) = gw.call(reqwest::Method::PUT, &bob.token, &format!("/v1/blocks/{}", alice.id), None).await;
+    assert_eq!(st, 204);
+    let read = a.request(json!({"type": "read", "conversation_id": conv, "up_to": replied["message_id"]})).await;
+    assert_eq!(read["type"], "ack", "{read}");
     // Everyone offline, so stopping a process appends nothing more.
     b.close().await;
     a.close().await;
@@ -628,6 +647,7 @@ async fn e_rebuild_gives_identical_tables(mode: Mode) {
     let before = s.checksums().await;
     assert!(before["receipts"].rows > 30);
     assert_eq!(before["reactions"].rows, 3, "bob's and alice's on one message, alice's taken back on another");
+    assert_eq!((before["privacy_settings"].rows, before["blocks"].rows), (1, 2), "alice's settings; alice's unblock and bob's block");
     assert!(before["last_seen"].rows >= 1);
 
     // Stop whoever writes projections, empty them, forget the group's offsets, start again.
@@ -1053,6 +1073,9 @@ macro_rules! abuse_scenarios {
             replies_and_reactions,
             group_mentions_replies_and_reactions,
             search_own_conversations,
+            blocking_withholds_and_hides,
+            privacy_settings_matrix,
+            reads_follow_on_other_devices,
         );
     };
 }

@@ -125,6 +125,14 @@ pub async fn grant(s: &Scope, gw: Gateway, username: &str, role: &str) -> Gatewa
     gw
 }
 
+/// Registers `name`, grants it the auditor role, logs it in again: (the gateway, the auditor).
+pub async fn with_auditor(s: &Scope, gw: Gateway, name: &str) -> (Gateway, User) {
+    let _ = gw.register(name).await;
+    let gw = grant(s, gw, name, "auditor").await;
+    let auditor = relog(&gw, User { id: String::new(), name: name.into(), token: String::new() }).await;
+    (gw, auditor)
+}
+
 /// Profiles and who views them; analytics for analysts; audit for auditors (recorded, read-only);
 /// a rebuild gives the same numbers.
 pub async fn profiles_analytics_and_audit(mode: Mode) {
@@ -139,7 +147,10 @@ pub async fn profiles_analytics_and_audit(mode: Mode) {
     let dana = relog(&gw, User { id: String::new(), name: "dana".into(), token: String::new() }).await;
     let erin = relog(&gw, User { id: String::new(), name: "erin".into(), token: String::new() }).await;
 
-    // Profile with an avatar; anyone may fetch the avatar.
+    // Profile with an avatar, shown to everyone (by default, to contacts only: docs/protocol.md
+    // §16.1); anyone may fetch the avatar.
+    let (st, body) = gw.call(Method::PUT, &alice.token, "/v1/privacy", Some(json!({"photo": "everyone"}))).await;
+    assert_eq!(st, 200, "{body}");
     let (_, up) = gw.upload(&alice.token, "image", png(5_000)).await;
     let avatar = up["media_id"].as_str().unwrap().to_owned();
     let (st, body) = gw.call(Method::PUT, &alice.token, "/v1/profile", Some(json!({"display_name": "Alice A.", "avatar_media_id": avatar}))).await;

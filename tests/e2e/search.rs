@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::edits::acked;
 use crate::harness::*;
-use crate::product::{grant, relog};
+use crate::product::with_auditor;
 
 const T: Duration = Duration::from_secs(60);
 
@@ -57,9 +57,7 @@ pub async fn search_own_conversations(mode: Mode) {
     let _worker = s.worker().await;
     let (alice, bob, carol, dave, eve) =
         (gw.register("alice").await, gw.register("bob").await, gw.register("carol").await, gw.register("dave").await, gw.register("eve").await);
-    let _ = gw.register("erin").await;
-    let gw = grant(&s, gw, "erin", "auditor").await;
-    let erin = relog(&gw, User { id: String::new(), name: "erin".into(), token: String::new() }).await;
+    let (gw, erin) = with_auditor(&s, gw, "erin").await;
     let mut a = gw.connect(&alice, "phone").await;
     let mut b = gw.connect(&bob, "phone").await;
     let mut c = gw.connect(&carol, "phone").await;

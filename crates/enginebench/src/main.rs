@@ -357,7 +357,9 @@ fn rows(w: &Write) -> Vec<Row> {
         | Write::TopicRemoved { .. }
         | Write::HiddenMessage { .. }
         | Write::MessageVersion { .. }
-        | Write::Reaction { .. } => Vec::new(),
+        | Write::Reaction { .. }
+        | Write::Privacy(_)
+        | Write::Block(_) => Vec::new(),
         Write::Stream { user, row: s } => vec![row("user_stream", e().t(&user.to_string()).i(s.seq), e().t(&s.item_id.to_string()).t(&s.item), Put)],
         Write::StreamHead { user, source_partition, position } => {
             vec![row("stream_heads", e().t(&user.to_string()).i((*source_partition).into()), e().i(*position), Max)]

@@ -104,6 +104,11 @@ pub struct MessageSent {
     /// the message's position).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mentions: Vec<UserId>,
+    /// Withheld: the recipient of this direct message had blocked the sender when it was sent.
+    /// It stays in the sender's own stream and history only, as if undelivered; nothing tells
+    /// the sender (docs/protocol.md §16.3).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub withheld: bool,
 }
 
 /// A device of a recipient acknowledged receipt of a message.
@@ -124,6 +129,11 @@ pub struct MessageRead {
     pub reader: UserId,
     pub device_id: DeviceId,
     pub up_to: MessageId,
+    /// No read receipt: the reader's or the sender's read-receipt setting hid this read from the
+    /// other member of a direct conversation when it happened. The reader's own devices and
+    /// unread counts still follow it (docs/protocol.md §16.1).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub private: bool,
 }
 
 /// The sender changed the text (or a media message's caption) of their message, within the edit
@@ -138,6 +148,9 @@ pub struct MessageEdited {
     pub sender: UserId,
     /// The new text or caption.
     pub body: String,
+    /// The message was withheld (see [`MessageSent::withheld`]): the change reaches its sender only.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub withheld: bool,
 }
 
 /// A message was deleted for everyone: by its sender, or by an admin of its group (the
@@ -151,6 +164,9 @@ pub struct MessageDeleted {
     pub sender: UserId,
     /// Who deleted it: the sender or a group admin.
     pub deleted_by: UserId,
+    /// The message was withheld (see [`MessageSent::withheld`]): the change reaches its sender only.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub withheld: bool,
 }
 
 /// A member deleted a message for themselves only ("delete for me"): it leaves their own stream,
@@ -178,6 +194,9 @@ pub struct MessageReacted {
     /// The emoji; absent when the reaction is taken back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub emoji: Option<String>,
+    /// The message was withheld (see [`MessageSent::withheld`]): the change reaches its sender only.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub withheld: bool,
 }
 
 /// How long after it was sent a message may be edited or deleted for everyone, by default.
@@ -282,6 +301,70 @@ pub struct ProfileUpdated {
     pub display_name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub avatar_media_id: Option<uuid::Uuid>,
+}
+
+/// Who may see one thing of a user (last seen and online, profile photo, read receipts).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Audience {
+    /// Every user (except those the user blocked).
+    Everyone,
+    /// The user's contacts: the other members of direct conversations in which both wrote.
+    #[default]
+    Contacts,
+    /// No one.
+    Nobody,
+}
+
+impl Audience {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Audience::Everyone => "everyone",
+            Audience::Contacts => "contacts",
+            Audience::Nobody => "nobody",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "everyone" => Some(Audience::Everyone),
+            "contacts" => Some(Audience::Contacts),
+            "nobody" => Some(Audience::Nobody),
+            _ => None,
+        }
+    }
+}
+
+/// A user's privacy settings, whole (the latest update wins). A user who never set them has the
+/// defaults: last seen and profile photo for contacts, read receipts for everyone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyUpdated {
+    pub user_id: UserId,
+    /// Who sees the user's last seen and online status.
+    pub last_seen: Audience,
+    /// Who sees the user's profile photo.
+    pub photo: Audience,
+    /// Whose direct messages get a read receipt from the user (reciprocal: the user sees read
+    /// receipts only from those it admits). Group read receipts are always on.
+    pub read_receipts: Audience,
+}
+
+impl PrivacyUpdated {
+    /// The settings of a user who never changed them.
+    pub fn defaults(user_id: UserId) -> Self {
+        PrivacyUpdated { user_id, last_seen: Audience::Contacts, photo: Audience::Contacts, read_receipts: Audience::Everyone }
+    }
+}
+
+/// A user blocked (`user.blocked`) or unblocked (`user.unblocked`) another user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserBlocked {
+    /// Who blocks.
+    pub user_id: UserId,
+    /// Who is blocked.
+    pub target: UserId,
 }
 
 /// A user opened another user's profile.
@@ -397,6 +480,10 @@ pub enum StreamItem {
         /// The members it mentions (members at the message's position).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         mentions: Vec<UserId>,
+        /// Withheld from the recipient (a block): only ever on the sender's own copy, and never
+        /// shown to a client.
+        #[serde(default, skip_serializing_if = "is_false")]
+        withheld: bool,
     },
     /// A receipt for messages the user sent: `by` got (delivered) or read up to (seen)
     /// `message_id`. With `all`, every recipient of a group message has reached `status`.
@@ -423,6 +510,9 @@ pub enum StreamItem {
         /// The device that read.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         device_id: Option<String>,
+        /// The read sent no read receipt (see [`MessageRead::private`]): no `seen` transition.
+        #[serde(default, skip_serializing_if = "is_false")]
+        private: bool,
     },
     /// A message's sender edited it: its text (or caption) is now `body`. Each edit is one item.
     Edited {
@@ -582,6 +672,9 @@ pub enum Event {
     ProfileViewed(ProfileViewed),
     AuditAccessed(AuditAccessed),
     MediaUploaded(MediaUploaded),
+    PrivacyUpdated(PrivacyUpdated),
+    UserBlocked(UserBlocked),
+    UserUnblocked(UserBlocked),
 }
 
 /// The (type name, current version) of every event type, for schema tests and docs.
@@ -606,6 +699,9 @@ pub const EVENT_TYPES: &[(&str, u32)] = &[
     ("profile.viewed", 1),
     ("audit.accessed", 1),
     ("media.uploaded", 1),
+    ("privacy.updated", 1),
+    ("user.blocked", 1),
+    ("user.unblocked", 1),
 ];
 
 impl Event {
@@ -632,6 +728,9 @@ impl Event {
             Event::ProfileViewed(_) => "profile.viewed",
             Event::AuditAccessed(_) => "audit.accessed",
             Event::MediaUploaded(_) => "media.uploaded",
+            Event::PrivacyUpdated(_) => "privacy.updated",
+            Event::UserBlocked(_) => "user.blocked",
+            Event::UserUnblocked(_) => "user.unblocked",
         }
     }
 
@@ -656,7 +755,10 @@ impl Event {
             | Event::ProfileUpdated(_)
             | Event::ProfileViewed(_)
             | Event::AuditAccessed(_)
-            | Event::MediaUploaded(_) => 1,
+            | Event::MediaUploaded(_)
+            | Event::PrivacyUpdated(_)
+            | Event::UserBlocked(_)
+            | Event::UserUnblocked(_) => 1,
             // 2: with `source`. One without (read from a version 1 record) is written as version
             // 1 again: version 2 requires a source, so it would not decode.
             Event::DeliveryQueued(q) => if q.source.is_some() { 2 } else { 1 },
@@ -673,7 +775,10 @@ impl Event {
             | Event::ProfileUpdated(_)
             | Event::ProfileViewed(_)
             | Event::AuditAccessed(_)
-            | Event::MediaUploaded(_) => TopicKind::Users,
+            | Event::MediaUploaded(_)
+            | Event::PrivacyUpdated(_)
+            | Event::UserBlocked(_)
+            | Event::UserUnblocked(_) => TopicKind::Users,
             Event::MessageSent(_)
             | Event::MessageDelivered(_)
             | Event::MessageRead(_)
@@ -713,6 +818,8 @@ impl Event {
             Event::ProfileViewed(e) => e.viewed.to_string(),
             Event::AuditAccessed(e) => e.auditor.map(|a| a.to_string()).unwrap_or_else(|| "cli".into()),
             Event::MediaUploaded(e) => e.uploader.to_string(),
+            Event::PrivacyUpdated(e) => e.user_id.to_string(),
+            Event::UserBlocked(e) | Event::UserUnblocked(e) => e.user_id.to_string(),
         }
     }
 
@@ -747,7 +854,10 @@ impl Event {
             | Event::ProfileUpdated(_)
             | Event::ProfileViewed(_)
             | Event::AuditAccessed(_)
-            | Event::MediaUploaded(_) => None,
+            | Event::MediaUploaded(_)
+            | Event::PrivacyUpdated(_)
+            | Event::UserBlocked(_)
+            | Event::UserUnblocked(_) => None,
         }
     }
 
@@ -784,6 +894,8 @@ impl Event {
             Event::ProfileViewed(e) => vec![e.viewer, e.viewed],
             Event::AuditAccessed(e) => e.auditor.into_iter().collect(),
             Event::MediaUploaded(e) => vec![e.uploader],
+            Event::PrivacyUpdated(e) => vec![e.user_id],
+            Event::UserBlocked(e) | Event::UserUnblocked(e) => vec![e.user_id, e.target],
         }
     }
 
@@ -809,6 +921,8 @@ impl Event {
             Event::ProfileViewed(e) => serde_json::to_value(e),
             Event::AuditAccessed(e) => serde_json::to_value(e),
             Event::MediaUploaded(e) => serde_json::to_value(e),
+            Event::PrivacyUpdated(e) => serde_json::to_value(e),
+            Event::UserBlocked(e) | Event::UserUnblocked(e) => serde_json::to_value(e),
         }
     }
 
@@ -846,6 +960,9 @@ impl Event {
             ("profile.viewed", 1) => serde_json::from_value(data).map(Event::ProfileViewed).map_err(bad),
             ("audit.accessed", 1) => serde_json::from_value(data).map(Event::AuditAccessed).map_err(bad),
             ("media.uploaded", 1) => serde_json::from_value(data).map(Event::MediaUploaded).map_err(bad),
+            ("privacy.updated", 1) => serde_json::from_value(data).map(Event::PrivacyUpdated).map_err(bad),
+            ("user.blocked", 1) => serde_json::from_value(data).map(Event::UserBlocked).map_err(bad),
+            ("user.unblocked", 1) => serde_json::from_value(data).map(Event::UserUnblocked).map_err(bad),
             _ => Err(CodecError::Unknown {
                 type_name: type_name.to_owned(),
                 version,
@@ -1053,6 +1170,7 @@ pub fn fixtures() -> Vec<Envelope> {
         media: None,
         reply_to: None,
         mentions: Vec::new(),
+        withheld: false,
     };
     let receipt = StreamItem::Receipt {
         conversation_id: conv.clone(),
@@ -1081,7 +1199,7 @@ pub fn fixtures() -> Vec<Envelope> {
     let hitem = StreamItem::Hidden { conversation_id: conv.clone(), message_id: msg, at };
     let ditem = StreamItem::Deleted { conversation_id: conv.clone(), message_id: msg, sender: alice, by: alice, at };
     let xitem = StreamItem::Reaction { conversation_id: conv.clone(), message_id: msg, by: bob, emoji: Some("👍".into()), at };
-    let ritem = StreamItem::Read { conversation_id: conv.clone(), up_to: msg, at, device_id: Some("phone".into()) };
+    let ritem = StreamItem::Read { private: false, conversation_id: conv.clone(), up_to: msg, at, device_id: Some("phone".into()) };
     vec![
         Envelope::new(
             derive_id::user_registered(alice),
@@ -1102,6 +1220,7 @@ pub fn fixtures() -> Vec<Envelope> {
                 media: None,
                 reply_to: None,
                 mentions: Vec::new(),
+                withheld: false,
             }),
         ),
         Envelope::new(
@@ -1117,7 +1236,7 @@ pub fn fixtures() -> Vec<Envelope> {
         Envelope::new(
             derive_id::message_read(&conv, bob, msg),
             Some(bob),
-            Event::MessageRead(MessageRead { conversation_id: conv.clone(), reader: bob, device_id: phone, up_to: msg }),
+            Event::MessageRead(MessageRead { private: false, conversation_id: conv.clone(), reader: bob, device_id: phone, up_to: msg }),
         ),
         Envelope::new(
             EventId::new_v7(),
@@ -1175,14 +1294,15 @@ pub fn fixtures() -> Vec<Envelope> {
                 media: None,
                 reply_to: None,
                 mentions: vec![alice],
+                withheld: false,
             }),
         ),
         Envelope::new(
             EventId::new_v7(),
             Some(bob),
-            Event::MessageReacted(MessageReacted { message_id: msg, conversation_id: conv.clone(), user: bob, emoji: Some("👍".into()) }),
+            Event::MessageReacted(MessageReacted { withheld: false, message_id: msg, conversation_id: conv.clone(), user: bob, emoji: Some("👍".into()) }),
         ),
-        Envelope::new(EventId::new_v7(), Some(bob), Event::MessageReacted(MessageReacted { message_id: msg, conversation_id: conv.clone(), user: bob, emoji: None })),
+        Envelope::new(EventId::new_v7(), Some(bob), Event::MessageReacted(MessageReacted { withheld: false, message_id: msg, conversation_id: conv.clone(), user: bob, emoji: None })),
         Envelope::new(
             derive_id::delivery_queued(alice, &xitem, src),
             None,
@@ -1192,12 +1312,12 @@ pub fn fixtures() -> Vec<Envelope> {
         Envelope::new(
             EventId::new_v7(),
             Some(alice),
-            Event::MessageEdited(MessageEdited { message_id: msg, conversation_id: conv.clone(), sender: alice, body: "hello, world".into() }),
+            Event::MessageEdited(MessageEdited { withheld: false, message_id: msg, conversation_id: conv.clone(), sender: alice, body: "hello, world".into() }),
         ),
         Envelope::new(
             derive_id::message_deleted(msg),
             Some(alice),
-            Event::MessageDeleted(MessageDeleted { message_id: msg, conversation_id: conv.clone(), sender: alice, deleted_by: alice }),
+            Event::MessageDeleted(MessageDeleted { withheld: false, message_id: msg, conversation_id: conv.clone(), sender: alice, deleted_by: alice }),
         ),
         Envelope::new(
             derive_id::delivery_queued(bob, &eitem, src),
@@ -1232,6 +1352,13 @@ pub fn fixtures() -> Vec<Envelope> {
             }),
         ),
         Envelope::new(
+            EventId::new_v7(),
+            Some(bob),
+            Event::PrivacyUpdated(PrivacyUpdated { user_id: bob, last_seen: Audience::Nobody, photo: Audience::Everyone, read_receipts: Audience::Contacts }),
+        ),
+        Envelope::new(EventId::new_v7(), Some(bob), Event::UserBlocked(UserBlocked { user_id: bob, target: alice })),
+        Envelope::new(EventId::new_v7(), Some(bob), Event::UserUnblocked(UserBlocked { user_id: bob, target: alice })),
+        Envelope::new(
             derive_id::message_sent(alice, "c-2"),
             Some(alice),
             Event::MessageSent(MessageSent {
@@ -1252,6 +1379,7 @@ pub fn fixtures() -> Vec<Envelope> {
                 }),
                 reply_to: Some(msg),
                 mentions: Vec::new(),
+                withheld: false,
             }),
         ),
         Envelope::new(EventId::new_v7(), None, Event::UserRoleChanged(UserRoleChanged { user_id: bob, role: "auditor".into(), granted: true })),

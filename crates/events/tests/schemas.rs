@@ -347,6 +347,39 @@ fn optional_fields_validate_when_present() {
     }
 }
 
+/// A block's traces: a withheld message, its edit, delete and reaction, its sender's own stream
+/// item, and a read without a receipt all validate and round-trip.
+#[test]
+fn withheld_and_private_flags_validate() {
+    let mut variants = Vec::new();
+    for env in fixtures() {
+        let mut v = env.clone();
+        match &mut v.event {
+            Event::MessageSent(m) => m.withheld = true,
+            Event::MessageEdited(m) => m.withheld = true,
+            Event::MessageDeleted(m) => m.withheld = true,
+            Event::MessageReacted(m) => m.withheld = true,
+            Event::MessageRead(r) => r.private = true,
+            Event::DeliveryQueued(d) => match &mut d.item {
+                StreamItem::Message { withheld, .. } => *withheld = true,
+                StreamItem::Read { private, .. } => *private = true,
+                _ => continue,
+            },
+            _ => continue,
+        }
+        variants.push(v);
+    }
+    let covered: BTreeSet<&str> = variants.iter().map(|v| v.event.type_name()).collect();
+    let expected = BTreeSet::from(["message.sent", "message.edited", "message.deleted", "message.reacted", "message.read", "delivery.queued"]);
+    assert_eq!(covered, expected, "variants");
+    for env in variants {
+        let json = env.to_json();
+        let errs = errors(&event_schema(env.event.type_name()), &json);
+        assert!(errs.is_empty(), "{}\n{json:#}", errs.join("\n"));
+        assert_eq!(Envelope::decode(&env.encode()).expect("decodes"), env, "round trip of {json}");
+    }
+}
+
 /// The same for the other events whose fixtures set their optional fields: the variants leave them
 /// out (or use another kind), and the key follows `Event::partition_key`.
 #[test]

@@ -80,29 +80,31 @@ impl Chat {
         let (event_id, event, item) = match change {
             Change::Edit { body } => (
                 EventId::new_v7(),
-                Event::MessageEdited(MessageEdited { message_id: id, conversation_id: conv.clone(), sender: row.sender, body: body.clone() }),
+                Event::MessageEdited(MessageEdited { withheld: row.withheld, message_id: id, conversation_id: conv.clone(), sender: row.sender, body: body.clone() }),
                 StreamItem::Edited { conversation_id: conv.clone(), message_id: id, sender: row.sender, body, at },
             ),
             Change::Delete => (
                 derive_id::message_deleted(id),
-                Event::MessageDeleted(MessageDeleted { message_id: id, conversation_id: conv.clone(), sender: row.sender, deleted_by: ctx.user }),
+                Event::MessageDeleted(MessageDeleted { withheld: row.withheld, message_id: id, conversation_id: conv.clone(), sender: row.sender, deleted_by: ctx.user }),
                 StreamItem::Deleted { conversation_id: conv.clone(), message_id: id, sender: row.sender, by: ctx.user, at },
             ),
         };
         self.append(&Envelope { event_id, occurred_at: at, actor: Some(ctx.user), event }).await?;
         // A direct conversation's change is pushed now; a group's by the fan-out, which alone
         // knows who got the message.
-        self.push_direct(ctx, &conv, &item).await;
+        self.push_direct(ctx, &conv, &item, row.withheld).await;
         Ok(())
     }
 
     /// Pushes an item of a direct conversation to the other member and to the caller's other
     /// connections (nothing for a group: the fan-out pushes those).
-    pub(crate) async fn push_direct(&self, ctx: &ConnCtx, conv: &ConversationId, item: &StreamItem) {
+    /// (`withheld`: the caller's other connections only.)
+    pub(crate) async fn push_direct(&self, ctx: &ConnCtx, conv: &ConversationId, item: &StreamItem, withheld: bool) {
         if let Some(peer) = conv.peer_of(ctx.user) {
             let text: crate::hub::Outbound = Arc::from(ServerFrame::from_item(item).to_text());
             let pushes = [(peer, None), (ctx.user, Some(ctx.conn.clone()))]
                 .into_iter()
+                .skip(usize::from(withheld))
                 .map(|(user, except)| Push { user, text: text.clone(), except, sent_at_ms: None })
                 .collect();
             self.push(pushes).await;
@@ -148,6 +150,10 @@ impl Chat {
             step = (step * 2).min(Duration::from_millis(200));
         };
         let Some(row) = row else { return Ok(None) };
+        // A withheld message (a block) exists for its sender only.
+        if row.withheld && row.sender != user {
+            return Ok(None);
+        }
         if conv.is_group() && !self.saw_position(user, conv, row.position).await? {
             return Ok(None);
         }

@@ -39,6 +39,9 @@ pub fn router(chat: App) -> Router {
         .route("/v1/sessions", post(login).delete(logout_everywhere))
         .route("/v1/users/by-username/{username}", get(lookup_user))
         .route("/v1/users/{user_id}/last-seen", get(last_seen))
+        .route("/v1/privacy", get(get_privacy).put(put_privacy))
+        .route("/v1/blocks", get(list_blocks))
+        .route("/v1/blocks/{user_id}", axum::routing::put(block_user).delete(unblock_user))
         .route("/v1/conversations", get(conversations))
         .route("/v1/conversations/{conversation_id}/messages", get(history))
         .route("/v1/messages/{message_id}/receipts", get(receipts))
@@ -257,6 +260,31 @@ async fn lookup_user(State(chat): State<App>, _c: Caller, Path(username): Path<S
 
 async fn last_seen(State(chat): State<App>, Caller(p): Caller, Path(user_id): Path<String>) -> Result<Response, ApiError> {
     Ok(Json(chat.last_seen(p.user_id, &user_id).await?).into_response())
+}
+
+async fn get_privacy(State(chat): State<App>, Caller(p): Caller) -> Result<Response, ApiError> {
+    Ok(Json(crate::privacy::PrivacySettings::from(chat.privacy(p.user_id).await?)).into_response())
+}
+
+async fn put_privacy(State(chat): State<App>, Caller(p): Caller, ApiJson(c): ApiJson<crate::privacy::PrivacyChange>) -> Result<Response, ApiError> {
+    writer(&p)?;
+    Ok(Json(chat.set_privacy(p.user_id, c).await?).into_response())
+}
+
+async fn list_blocks(State(chat): State<App>, Caller(p): Caller) -> Result<Response, ApiError> {
+    Ok(Json(serde_json::json!({ "blocked": chat.blocked_users(p.user_id).await? })).into_response())
+}
+
+async fn block_user(State(chat): State<App>, Caller(p): Caller, Path(user_id): Path<String>) -> Result<Response, ApiError> {
+    writer(&p)?;
+    chat.set_block(p.user_id, &user_id, true).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn unblock_user(State(chat): State<App>, Caller(p): Caller, Path(user_id): Path<String>) -> Result<Response, ApiError> {
+    writer(&p)?;
+    chat.set_block(p.user_id, &user_id, false).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn conversations(State(chat): State<App>, Caller(p): Caller) -> Result<Response, ApiError> {

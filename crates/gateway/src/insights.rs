@@ -207,10 +207,12 @@ impl Chat {
             self.append_event(Some(viewer), Event::ProfileViewed(ProfileViewed { viewer, viewed: user })).await?;
         }
         let row: Option<ProfileRow> = self.store.profile(user).await?;
+        // The photo only for whom the user's photo setting admits.
+        let photo = row.as_ref().is_some_and(|r| r.avatar_media_id.is_some()) && self.shown(user, viewer, crate::privacy::Shown::Photo).await?;
         Ok(Profile {
             user_id: user,
             display_name: row.as_ref().map(|r| r.display_name.clone()).unwrap_or_else(|| username.clone()),
-            avatar_media_id: row.and_then(|r| r.avatar_media_id),
+            avatar_media_id: row.and_then(|r| r.avatar_media_id).filter(|_| photo),
             username,
         })
     }

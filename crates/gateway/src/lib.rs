@@ -28,6 +28,7 @@ pub mod local_routing;
 pub mod media;
 pub mod message_ids;
 pub mod metrics;
+pub mod privacy;
 pub mod reactions;
 pub mod revocations;
 pub mod routing;

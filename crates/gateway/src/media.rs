@@ -5,8 +5,9 @@
 //!   passes the kind's limit, and its content type is detected from its first bytes (the
 //!   client's header is not trusted) and must fit the declared kind. Only once the object is
 //!   stored are its command-side row and the `media.uploaded` event written.
-//! - Download: the uploader, members of a conversation it was sent in, and anyone for a current
-//!   avatar; everyone else gets the same 404 as for an id that does not exist. Single byte
+//! - Download: the uploader, members of a conversation it was sent in, and, for an avatar,
+//!   whom its owner's photo setting admits; everyone else gets the same 404 as for an id that
+//!   does not exist. Single byte
 //!   ranges (`Range: bytes=a-b`, `a-`, `-n`) get 206 (video seeking); a bad range gets 416.
 //!
 //! Objects live under `media/<media id>`: the local filesystem in embedded mode, an
@@ -218,7 +219,12 @@ impl Chat {
     /// message that carries it (a member at the message's position, the history rule), or, while
     /// none of its messages there is projected yet (it was just sent), an active member.
     async fn may_read(&self, user: UserId, m: &MediaObject) -> Result<bool, ApiError> {
-        if m.uploader == user || m.public {
+        if m.uploader == user {
+            return Ok(true);
+        }
+        // An avatar: for whom its owner's photo setting admits (it may also have been sent in a
+        // conversation, which the rules below answer for).
+        if m.public && self.shown(m.uploader, user, crate::privacy::Shown::Photo).await? {
             return Ok(true);
         }
         for conv in self.store.media_shares(m.media_id).await? {

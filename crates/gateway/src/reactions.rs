@@ -106,12 +106,12 @@ impl Chat {
             return Ok(());
         }
         let at = now_millis();
-        let event = Event::MessageReacted(MessageReacted { message_id: id, conversation_id: conv.clone(), user: ctx.user, emoji: emoji.clone() });
+        let event = Event::MessageReacted(MessageReacted { withheld: row.withheld, message_id: id, conversation_id: conv.clone(), user: ctx.user, emoji: emoji.clone() });
         self.append(&Envelope { event_id: EventId::new_v7(), occurred_at: at, actor: Some(ctx.user), event }).await?;
         // A direct conversation's reaction is pushed now; a group's by the fan-out, which knows
         // who got the message.
         let item = StreamItem::Reaction { conversation_id: conv.clone(), message_id: id, by: ctx.user, emoji, at };
-        self.push_direct(ctx, &conv, &item).await;
+        self.push_direct(ctx, &conv, &item, row.withheld).await;
         Ok(())
     }
 
@@ -124,9 +124,9 @@ impl Chat {
         };
         let ids: Vec<MessageId> = page.messages.iter().map(|m| m.message_id).collect();
         let (hidden, reactions) = tokio::try_join!(self.store.hidden_messages(user, conv, first, last), self.store.reactions(conv, &ids, PAGE_REACTIONS))?;
-        if !hidden.is_empty() {
-            page.messages.retain(|m| !hidden.contains(&m.message_id));
-        }
+        // Without what the user deleted for themselves, and without messages withheld from them
+        // (a block: those are their sender's alone).
+        page.messages.retain(|m| !hidden.contains(&m.message_id) && (!m.withheld || m.sender == user));
         let mut by_message: HashMap<MessageId, Vec<chat_store::Reaction>> = HashMap::new();
         for r in reactions {
             by_message.entry(r.message_id).or_default().push(r);

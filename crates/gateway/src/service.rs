@@ -565,11 +565,19 @@ impl Chat {
             (None, Some(c)) => self.member_conv(ctx.user, &c).await?,
             _ => return Err(bad("invalid_frame", "give exactly one of `to` and `conversation_id`")),
         };
+        // A direct message to a user who blocks the sender is withheld (accepted, never
+        // delivered, and nothing says so); one to a user the sender blocks is refused.
+        let mut withheld = false;
         if !conv.is_group() {
             let peer = conv.peer_of(ctx.user).ok_or_else(ApiError::not_found)?;
             if !self.user_exists(peer).await? {
                 return Err(bad("unknown_recipient", "no such user"));
             }
+            let (theirs, mine) = tokio::try_join!(self.store.block(peer, ctx.user), self.store.block(ctx.user, peer))?;
+            if mine.is_some_and(|b| b.blocked) {
+                return Err(ApiError::new(StatusCode::FORBIDDEN, "blocked", "you blocked this user; unblock them to send"));
+            }
+            withheld = theirs.is_some_and(|b| b.blocked);
         }
         let mentions = self.mentioned(&conv, mentions).await?;
         let reply_to = self.reply_target(ctx.user, &conv, reply_to.as_deref()).await?;
@@ -648,8 +656,10 @@ impl Chat {
             media,
             reply_to,
             mentions,
+            withheld,
         };
-        if let Some(m) = &event.media {
+        // (A withheld message's media stays its sender's alone.)
+        if let (Some(m), false) = (&event.media, withheld) {
             self.share(m.media_id, &conv).await?;
         }
         let env = Envelope {
@@ -718,11 +728,12 @@ impl Chat {
             media: m.media.clone(),
             reply_to: m.reply_to,
             mentions: m.mentions.clone(),
+            withheld: false,
         });
         let text: Arc<str> = Arc::from(frame.to_text());
         let at = Some(sent_at.timestamp_millis());
         let mut pushes = vec![Push { user: ctx.user, text: text.clone(), except: Some(ctx.conn.clone()), sent_at_ms: at }];
-        if let Some(peer) = m.conversation_id.peer_of(ctx.user) {
+        if let (Some(peer), false) = (m.conversation_id.peer_of(ctx.user), m.withheld) {
             pushes.insert(0, Push { user: peer, text, except: None, sent_at_ms: at });
         }
         self.push(pushes).await;
@@ -833,14 +844,26 @@ impl Chat {
         if !self.known_message(&conv, up_to, ctx.user, false).await? {
             return Err(ApiError::not_found());
         }
+        // Read receipts of a direct conversation follow both members' settings, as they are now.
+        let private = match conv.peer_of(ctx.user) {
+            Some(peer) => !self.read_receipt_sent(ctx.user, peer).await?,
+            None => false,
+        };
         let env = Envelope::new(
             derive_id::message_read(&conv, ctx.user, up_to),
             Some(ctx.user),
-            Event::MessageRead(MessageRead { conversation_id: conv.clone(), reader: ctx.user, device_id: ctx.device.clone(), up_to }),
+            Event::MessageRead(MessageRead { private, conversation_id: conv.clone(), reader: ctx.user, device_id: ctx.device.clone(), up_to }),
         );
         self.append(&env).await?;
-        let mut pushes = Vec::new();
-        if let Some(peer) = conv.peer_of(ctx.user) {
+        // The user's other devices follow at once (their unread counts, their "read" marks); the
+        // stream's `read` item is the certain path.
+        let mut pushes = vec![Push {
+            user: ctx.user,
+            text: Arc::from(ServerFrame::Read { conversation_id: conv.clone(), up_to, at: env.occurred_at }.to_text()),
+            except: Some(ctx.conn.clone()),
+            sent_at_ms: None,
+        }];
+        if let (Some(peer), false) = (conv.peer_of(ctx.user), private) {
             pushes.push(Push {
                 user: peer,
                 text: Arc::from(
@@ -879,7 +902,11 @@ impl Chat {
         let has_more = rows.len() > limit;
         let mut items = Vec::with_capacity(rows.len().min(limit));
         for row in rows.into_iter().take(limit) {
-            let item: StreamItem = serde_json::from_str(&row.item).map_err(|e| ApiError::internal("stream item", &e))?;
+            let mut item: StreamItem = serde_json::from_str(&row.item).map_err(|e| ApiError::internal("stream item", &e))?;
+            // Nothing tells the sender of a withheld message that it was.
+            if let StreamItem::Message { withheld, .. } = &mut item {
+                *withheld = false;
+            }
             items.push(SyncItem { cursor: row.seq.to_string(), item });
         }
         let cursor = items.last().map(|i| i.cursor.clone()).or(after);
@@ -890,7 +917,14 @@ impl Chat {
     pub async fn typing(&self, ctx: &ConnCtx, conversation_id: &str) -> Result<(), ApiError> {
         let conv = self.member_conv(ctx.user, conversation_id).await?;
         let others: Vec<UserId> = match conv.peer_of(ctx.user) {
-            Some(peer) => vec![peer],
+            // Neither member of a block sees the other typing.
+            Some(peer) => {
+                let (theirs, mine) = tokio::try_join!(self.blocks(peer, ctx.user), self.blocks(ctx.user, peer))?;
+                if theirs || mine {
+                    return Ok(());
+                }
+                vec![peer]
+            }
             None => self.active_members(&conv).await?.into_iter().map(|m| m.member).filter(|m| *m != ctx.user).collect(),
         };
         let text: Arc<str> = Arc::from(ServerFrame::Typing { conversation_id: conv, from: ctx.user }.to_text());
@@ -944,10 +978,10 @@ impl Chat {
         if let Err(e) = self.append(&env).await {
             warn!(error = ?e, "presence event not appended");
         }
-        let contacts = match self.contacts(user).await {
+        let contacts = match self.presence_audience(user).await {
             Ok(contacts) => contacts,
             Err(e) => {
-                warn!(error = %e, "contacts unavailable; presence not pushed");
+                warn!(error = ?e, "presence audience unavailable; presence not pushed");
                 return;
             }
         };
@@ -961,7 +995,7 @@ impl Chat {
     /// The user's contacts: the other members of their direct conversations in which both of
     /// them wrote (one who only received, or only sent, is not a contact). Only contacts see a
     /// user's presence and last seen.
-    async fn contacts(&self, user: UserId) -> Result<Vec<UserId>, chat_store::StoreError> {
+    pub(crate) async fn contacts(&self, user: UserId) -> Result<Vec<UserId>, chat_store::StoreError> {
         let mine: Vec<(UserId, ConversationId)> =
             self.store.inbox(user, 1000).await?.into_iter().filter(|r| r.wrote).filter_map(|r| r.peer_id.map(|p| (p, r.conversation_id))).collect();
         if mine.is_empty() {
@@ -972,7 +1006,7 @@ impl Chat {
     }
 
     /// Whether two users are contacts (see [`Chat::contacts`]).
-    async fn are_contacts(&self, a: UserId, b: UserId) -> Result<bool, chat_store::StoreError> {
+    pub(crate) async fn are_contacts(&self, a: UserId, b: UserId) -> Result<bool, chat_store::StoreError> {
         let conv = ConversationId::direct(a, b);
         let rows = self.store.inbox_rows(&[(a, conv.clone()), (b, conv)]).await?;
         Ok(rows.iter().all(|r| r.as_ref().is_some_and(|r| r.wrote)))
@@ -1019,6 +1053,7 @@ impl Chat {
             meta.sender == user || self.saw_position(user, &meta.conversation_id, meta.position).await?
         } else {
             meta.conversation_id.has_member(user)
+                && (meta.sender == user || self.visible_message(&meta.conversation_id, id, user).await?.is_some())
         };
         if !visible {
             return Err(ApiError::not_found());
@@ -1029,9 +1064,10 @@ impl Chat {
 
     pub async fn last_seen(&self, viewer: UserId, user_id: &str) -> Result<LastSeen, ApiError> {
         let user: UserId = user_id.parse().map_err(|_| ApiError::not_found())?;
-        // Presence is visible to the user and to their contacts (both wrote in their direct
-        // conversation); to anyone else the user does not exist.
-        if user != viewer && !self.are_contacts(viewer, user).await? {
+        // Presence is visible to the user and to whom their last-seen setting admits (by
+        // default their contacts: both wrote in their direct conversation); to anyone else the
+        // user does not exist.
+        if !self.shown(user, viewer, crate::privacy::Shown::LastSeen).await? {
             return Err(ApiError::not_found());
         }
         let online = self

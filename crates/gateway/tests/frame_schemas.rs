@@ -204,6 +204,7 @@ fn items() -> Items {
         media: None,
         reply_to: None,
         mentions: Vec::new(),
+        withheld: false,
     };
     let media_message = |conversation_id: ConversationId, position: Option<i64>, message_kind: MessageKind, body: &str, media: MediaAttachment| {
         StreamItem::Message {
@@ -219,6 +220,7 @@ fn items() -> Items {
             media: Some(media),
             reply_to: None,
             mentions: Vec::new(),
+            withheld: false,
         }
     };
     let quoted: MessageId = QUOTED.parse().expect("id");
@@ -275,6 +277,7 @@ fn items() -> Items {
             media: None,
             reply_to: Some(quoted),
             mentions: vec![alice, ADMIN.parse().expect("id")],
+            withheld: false,
         },
         image_reply: {
             let mut m = media_message(
@@ -299,7 +302,7 @@ fn items() -> Items {
         receipt: receipt(conv.clone(), bob, false, None),
         group_receipt: receipt(g.clone(), bob, false, Some("phone".into())),
         all_receipt: receipt(g.clone(), alice, true, None),
-        read: StreamItem::Read { conversation_id: conv.clone(), up_to: msg, at: at(), device_id: Some("phone".into()) },
+        read: StreamItem::Read { private: false, conversation_id: conv.clone(), up_to: msg, at: at(), device_id: Some("phone".into()) },
         edited: StreamItem::Edited { conversation_id: conv.clone(), message_id: msg, sender: alice, body: "hello, world".into(), at: at() },
         group_edited: StreamItem::Edited { conversation_id: g.clone(), message_id: msg, sender: alice, body: "é".repeat(100), at: at() },
         deleted: StreamItem::Deleted { conversation_id: conv.clone(), message_id: msg, sender: alice, by: alice, at: at() },

@@ -132,20 +132,22 @@ fn message_item(env: &Envelope, m: &MessageSent, position: Option<i64>, mentions
         media: m.media.clone(),
         reply_to: m.reply_to,
         mentions,
+        withheld: false,
     }
 }
 
 /// A message item for its sender's own stream: with the sending device.
 fn senders_copy(item: &StreamItem, m: &MessageSent) -> StreamItem {
     let mut item = item.clone();
-    if let StreamItem::Message { sender_device, .. } = &mut item {
+    if let StreamItem::Message { sender_device, withheld, .. } = &mut item {
         *sender_device = Some(m.sender_device.to_string());
+        *withheld = m.withheld;
     }
     item
 }
 
 fn read_item(env: &Envelope, r: &MessageRead) -> StreamItem {
-    StreamItem::Read { conversation_id: r.conversation_id.clone(), up_to: r.up_to, at: env.occurred_at, device_id: Some(r.device_id.to_string()) }
+    StreamItem::Read { conversation_id: r.conversation_id.clone(), up_to: r.up_to, at: env.occurred_at, device_id: Some(r.device_id.to_string()), private: r.private }
 }
 
 fn hidden_item(env: &Envelope, h: &MessageHidden) -> StreamItem {
@@ -189,7 +191,9 @@ pub fn route_direct(env: &Envelope, edit_window: Duration) -> Vec<Envelope> {
         Event::MessageHidden(_) => Vec::new(),
         // A reaction of a member (the gateway checked that they can read the message): both
         // members' streams.
+        // (A withheld message's reaction: its sender's own, to their own stream only.)
         Event::MessageReacted(r) if env.actor == Some(r.user) => match r.conversation_id.peer_of(r.user) {
+            Some(_) if r.withheld => vec![queued(env, r.user, reaction_item(env, r))],
             Some(peer) => {
                 let item = reaction_item(env, r);
                 vec![queued(env, peer, item.clone()), queued(env, r.user, item)]
@@ -203,10 +207,20 @@ pub fn route_direct(env: &Envelope, edit_window: Duration) -> Vec<Envelope> {
                 Event::MessageDeleted(d) => d.deleted_by,
                 _ => *sender,
             };
+            let withheld = match &env.event {
+                Event::MessageEdited(e) => e.withheld,
+                Event::MessageDeleted(d) => d.withheld,
+                _ => false,
+            };
             let peer = conversation_id.peer_of(*sender);
             match (peer, change_item(env)) {
                 (Some(peer), Some(item)) if env.actor == Some(*sender) && by == *sender && within_edit_window(&env.occurred_at, *message_id, edit_window) => {
-                    vec![queued(env, peer, item.clone()), queued(env, *sender, item)]
+                    // A withheld message's change reaches its sender only, as the message did.
+                    if withheld {
+                        vec![queued(env, *sender, item)]
+                    } else {
+                        vec![queued(env, peer, item.clone()), queued(env, *sender, item)]
+                    }
                 }
                 _ => Vec::new(),
             }
@@ -219,6 +233,11 @@ pub fn route_direct(env: &Envelope, edit_window: Duration) -> Vec<Envelope> {
                 return Vec::new();
             }
             let item = message_item(env, m, None, Vec::new());
+            // Withheld (the recipient blocks the sender): the sender's own stream only, whose
+            // copy says so (history shows it to the sender alone).
+            if m.withheld {
+                return vec![queued(env, m.sender, senders_copy(&item, m))];
+            }
             // Recipient first, then the sender's own stream (for the sender's other devices).
             let recipient = if a == m.sender { b } else { a };
             vec![queued(env, recipient, item.clone()), queued(env, m.sender, senders_copy(&item, m))]
@@ -237,6 +256,11 @@ pub fn route_direct(env: &Envelope, edit_window: Duration) -> Vec<Envelope> {
                     device_id: None,
                 },
             )],
+            None => Vec::new(),
+        },
+        // A read without a receipt (privacy settings): the reader's own stream only.
+        Event::MessageRead(r) if r.private => match r.conversation_id.peer_of(r.reader) {
+            Some(_) => vec![queued(env, r.reader, read_item(env, r))],
             None => Vec::new(),
         },
         Event::MessageRead(r) => match r.conversation_id.peer_of(r.reader) {
@@ -271,7 +295,10 @@ pub fn route_direct(env: &Envelope, edit_window: Duration) -> Vec<Envelope> {
         | Event::ProfileUpdated(_)
         | Event::ProfileViewed(_)
         | Event::AuditAccessed(_)
-        | Event::MediaUploaded(_) => Vec::new(),
+        | Event::MediaUploaded(_)
+        | Event::PrivacyUpdated(_)
+        | Event::UserBlocked(_)
+        | Event::UserUnblocked(_) => Vec::new(),
     }
 }
 
@@ -509,7 +536,10 @@ impl FanOut {
             | Event::ProfileUpdated(_)
             | Event::ProfileViewed(_)
             | Event::AuditAccessed(_)
-            | Event::MediaUploaded(_) => Ok(Vec::new()),
+            | Event::MediaUploaded(_)
+            | Event::PrivacyUpdated(_)
+            | Event::UserBlocked(_)
+            | Event::UserUnblocked(_) => Ok(Vec::new()),
         }
     }
 
@@ -887,6 +917,7 @@ mod tests {
                 media: None,
                 reply_to: None,
                 mentions: Vec::new(),
+                withheld: false,
             }),
         )
     }
@@ -919,20 +950,52 @@ mod tests {
         let read = Envelope::new(
             EventId::new_v7(),
             Some(b),
-            Event::MessageRead(MessageRead { conversation_id: conv, reader: b, device_id: DeviceId::default_device(), up_to: MessageId::new_v7() }),
+            Event::MessageRead(MessageRead { private: false, conversation_id: conv, reader: b, device_id: DeviceId::default_device(), up_to: MessageId::new_v7() }),
         );
         // A seen receipt to the sender, and a read marker to the reader's other devices.
         assert_eq!(recipients(&route_direct(&read, DEFAULT_EDIT_WINDOW)), sorted(vec![a, b]));
     }
 
+    #[test]
+    fn withheld_messages_and_private_reads_stay_with_their_actor() {
+        let (a, b) = (UserId::random(), UserId::random());
+        let conv = ConversationId::direct(a, b);
+        let mut env = sent(&conv, a, "x");
+        let Event::MessageSent(m) = &mut env.event else { unreachable!() };
+        m.withheld = true;
+        let id = m.message_id;
+        let out = route_direct(&env, DEFAULT_EDIT_WINDOW);
+        assert_eq!(recipients(&out), vec![a], "a withheld message: its sender's stream only");
+        let Event::DeliveryQueued(q) = &out[0].event else { unreachable!() };
+        assert!(matches!(q.item, StreamItem::Message { withheld: true, .. }), "the sender's copy says so (history shows it to the sender alone)");
+        let now = chrono::Utc::now();
+        let mut changes = vec![edited(&conv, a, a, id, now), deleted(&conv, a, a, id, now)];
+        changes.push(event(a, Event::MessageReacted(MessageReacted { withheld: false, message_id: id, conversation_id: conv.clone(), user: a, emoji: Some("👍".into()) })));
+        for mut c in changes {
+            assert_eq!(recipients(&route_direct(&c, DEFAULT_EDIT_WINDOW)), sorted(vec![a, b]), "not withheld: both");
+            match &mut c.event {
+                Event::MessageEdited(e) => e.withheld = true,
+                Event::MessageDeleted(d) => d.withheld = true,
+                Event::MessageReacted(r) => r.withheld = true,
+                _ => unreachable!(),
+            }
+            assert_eq!(recipients(&route_direct(&c, DEFAULT_EDIT_WINDOW)), vec![a], "a withheld message's change: its sender only");
+        }
+        let read = event(b, Event::MessageRead(MessageRead { private: true, conversation_id: conv, reader: b, device_id: DeviceId::default_device(), up_to: id }));
+        let out = route_direct(&read, DEFAULT_EDIT_WINDOW);
+        assert_eq!(recipients(&out), vec![b], "a private read: no receipt to the sender");
+        let Event::DeliveryQueued(q) = &out[0].event else { unreachable!() };
+        assert!(matches!(q.item, StreamItem::Read { private: true, .. }), "the reader's read item says so (no seen rows)");
+    }
+
     fn edited(conv: &ConversationId, actor: UserId, sender: UserId, id: MessageId, at: chrono::DateTime<chrono::Utc>) -> Envelope {
-        let mut env = event(actor, Event::MessageEdited(MessageEdited { message_id: id, conversation_id: conv.clone(), sender, body: "v2".into() }));
+        let mut env = event(actor, Event::MessageEdited(MessageEdited { withheld: false, message_id: id, conversation_id: conv.clone(), sender, body: "v2".into() }));
         env.occurred_at = at;
         env
     }
 
     fn deleted(conv: &ConversationId, actor: UserId, sender: UserId, id: MessageId, at: chrono::DateTime<chrono::Utc>) -> Envelope {
-        let mut env = event(actor, Event::MessageDeleted(MessageDeleted { message_id: id, conversation_id: conv.clone(), sender, deleted_by: actor }));
+        let mut env = event(actor, Event::MessageDeleted(MessageDeleted { withheld: false, message_id: id, conversation_id: conv.clone(), sender, deleted_by: actor }));
         env.occurred_at = at;
         env
     }
@@ -1016,7 +1079,7 @@ mod tests {
         let add = event(admin, Event::GroupMemberAdded(GroupMemberAdded { conversation_id: conv.clone(), member: dave, role: GroupRole::Member }));
         f.route(&add, 4).await.unwrap();
         let react = |actor: UserId, user: UserId| {
-            event(actor, Event::MessageReacted(MessageReacted { message_id: id, conversation_id: conv.clone(), user, emoji: Some("👍".into()) }))
+            event(actor, Event::MessageReacted(MessageReacted { withheld: false, message_id: id, conversation_id: conv.clone(), user, emoji: Some("👍".into()) }))
         };
         assert_eq!(recipients(&f.route(&react(admin, admin), 5).await.unwrap()), sorted(vec![admin, bob]), "the members now who got the message");
         assert!(f.route(&react(carol, carol), 6).await.unwrap().is_empty(), "a former member cannot react");
@@ -1025,9 +1088,9 @@ mod tests {
         // A direct reaction goes to both members, by a member only.
         let (a, b) = (UserId::random(), UserId::random());
         let direct = ConversationId::direct(a, b);
-        let r = event(a, Event::MessageReacted(MessageReacted { message_id: id, conversation_id: direct.clone(), user: a, emoji: None }));
+        let r = event(a, Event::MessageReacted(MessageReacted { withheld: false, message_id: id, conversation_id: direct.clone(), user: a, emoji: None }));
         assert_eq!(recipients(&route_direct(&r, DEFAULT_EDIT_WINDOW)), sorted(vec![a, b]));
-        let r = event(eve, Event::MessageReacted(MessageReacted { message_id: id, conversation_id: direct, user: eve, emoji: None }));
+        let r = event(eve, Event::MessageReacted(MessageReacted { withheld: false, message_id: id, conversation_id: direct, user: eve, emoji: None }));
         assert!(route_direct(&r, DEFAULT_EDIT_WINDOW).is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1128,7 +1191,7 @@ mod tests {
         // The sender's own ack is not a receipt.
         assert!(items(f.route(&delivered(admin), 6).await.unwrap()).is_empty());
         let read = |who: UserId| {
-            event(who, Event::MessageRead(MessageRead { conversation_id: conv.clone(), reader: who, device_id: DeviceId::default_device(), up_to: mid }))
+            event(who, Event::MessageRead(MessageRead { private: false, conversation_id: conv.clone(), reader: who, device_id: DeviceId::default_device(), up_to: mid }))
         };
         assert_eq!(items(f.route(&read(bob), 7).await.unwrap()), vec![(admin, false)]);
         assert_eq!(items(f.route(&read(carol), 8).await.unwrap()), vec![(admin, false), (admin, true)], "seen by all");

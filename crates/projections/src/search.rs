@@ -31,7 +31,7 @@ fn may_index(payload: &[u8]) -> bool {
 pub fn op(env: &Envelope) -> Option<IndexOp> {
     let Event::DeliveryQueued(q) = &env.event else { return None };
     match &q.item {
-        StreamItem::Message { message_id, conversation_id, sender, message_kind, body, sent_at, position, .. } if *sender == q.recipient => {
+        StreamItem::Message { message_id, conversation_id, sender, message_kind, body, sent_at, position, withheld: false, .. } if *sender == q.recipient => {
             Some(IndexOp::Put(MessageDoc {
                 message_id: *message_id,
                 conversation_id: conversation_id.clone(),
@@ -124,6 +124,7 @@ mod tests {
             media: None,
             reply_to: None,
             mentions: Vec::new(),
+            withheld: false,
         };
         let edited = StreamItem::Edited { conversation_id: conv.clone(), message_id: id, sender: a, body: "hi".into(), at };
         let deleted = StreamItem::Deleted { conversation_id: conv.clone(), message_id: id, sender: a, by: a, at };
@@ -135,6 +136,6 @@ mod tests {
                 assert!(may_index(&env.encode()), "{item:?}: the byte filter lets it through");
             }
         }
-        assert!(!may_index(&queued(a, StreamItem::Read { conversation_id: ConversationId::direct(a, b), up_to: id, at, device_id: None }).encode()));
+        assert!(!may_index(&queued(a, StreamItem::Read { private: false, conversation_id: ConversationId::direct(a, b), up_to: id, at, device_id: None }).encode()));
     }
 }

@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::{
     Write, WriteExt,
     bucket_of, Account, FanoutGroup, FanoutMessage, GroupMemberRow, GroupRow, InboxRow, MemberInterval, MessageCount, MessageCountKey, MessageMeta,
-    MessageRow, ProfileRow, ProfileViews, Reaction, ReceiptRow, SendRecord, StoreError, StreamMark, StreamRow, Tables, TopicCount,
+    BlockRow, MessageRow, PrivacyRow, ProfileRow, ProfileViews, Reaction, ReceiptRow, SendRecord, StoreError, StreamMark, StreamRow, Tables, TopicCount,
     UserGroupRow, PROJECTION_TABLES,
 };
 
@@ -39,6 +39,7 @@ pub async fn run_all(tables: Arc<dyn Tables>) {
     media_objects(t).await;
     history(t).await;
     message_changes(t).await;
+    withheld_messages(t).await;
     inbox(t).await;
     stream_heads(t).await;
     receipts(t).await;
@@ -59,6 +60,8 @@ pub async fn run_all(tables: Arc<dyn Tables>) {
     roles(t).await;
     revocations(t).await;
     profiles_latest_wins(t).await;
+    privacy_latest_wins(t).await;
+    blocks_latest_wins(t).await;
     message_counts(t).await;
     active_users(t).await;
     profile_views(t).await;
@@ -135,6 +138,7 @@ fn message(conv: &ConversationId, sender: UserId, ms: i64, n: usize) -> MessageR
         mentions: if n.is_multiple_of(3) { vec![UserId(uuid::Uuid::from_u128(0x77 + n as u128)), sender] } else { Vec::new() },
         reactions: Vec::new(),
         my_reaction: None,
+        withheld: false,
     }
 }
 
@@ -348,6 +352,40 @@ pub async fn message_changes(t: &dyn Tables) {
     assert_eq!(got, want, "the latest reaction of each user, none where taken back");
     assert!(t.reactions(&conv2, &[ids[0], ids[1]], 100).await.expect("reactions").is_empty(), "per conversation");
     assert_eq!(t.reactions(&conv, &[ids[1]], 100).await.expect("reactions").len(), 1, "one message");
+}
+
+/// A message withheld from its recipient (a block) reads back withheld from history, through an
+/// edit and a delete for everyone; a message not withheld reads back as not.
+pub async fn withheld_messages(t: &dyn Tables) {
+    let (a, _, conv) = direct();
+    let normal = message(&conv, a, DAY0_MS + 9_000, 1);
+    let held = MessageRow { withheld: true, ..message(&conv, a, DAY0_MS + 9_001, 3) };
+    assert!(held.media.is_some() && !held.mentions.is_empty(), "the fixture carries media and mentions");
+    t.put_message(&normal).await.expect("put_message");
+    t.put_message(&held).await.expect("put_message");
+    assert_eq!(
+        t.history_page(&conv, None, 10).await.expect("history_page"),
+        vec![held.clone(), normal.clone()],
+        "a withheld message reads back withheld, every other field intact; a normal one not withheld"
+    );
+    let c = &conv;
+    let read = |id: MessageId| async move {
+        t.history_page(c, None, 10).await.expect("history_page").into_iter().find(|m| m.message_id == id).expect("the message")
+    };
+    let at = |s: i64| DateTime::from_timestamp_millis(DAY0_MS + s * 1000).unwrap_or_default();
+    t.apply(vec![Write::MessageEdited { conversation: conv.clone(), message: held.message_id, body: "edited".into(), at: at(10) }]).await.expect("apply");
+    let row = read(held.message_id).await;
+    assert!(row.withheld && row.body == "edited", "an edit keeps a message withheld: {row:?}");
+    t.apply(vec![Write::MessageDeleted { conversation: conv.clone(), message: held.message_id }]).await.expect("apply");
+    let row = read(held.message_id).await;
+    assert!(row.withheld && row.deleted && row.body.is_empty() && row.media.is_none(), "a delete for everyone keeps a message withheld: {row:?}");
+    // The message item applied again changes nothing.
+    t.put_message(&held).await.expect("put_message");
+    let row = read(held.message_id).await;
+    assert!(row.withheld && row.deleted, "deleted and withheld stay: {row:?}");
+    t.apply(vec![Write::MessageDeleted { conversation: conv.clone(), message: normal.message_id }]).await.expect("apply");
+    let row = read(normal.message_id).await;
+    assert!(!row.withheld && row.deleted, "a delete does not withhold a message: {row:?}");
 }
 
 pub async fn history(t: &dyn Tables) {
@@ -1131,6 +1169,104 @@ pub async fn profiles_latest_wins(t: &dyn Tables) {
     );
 }
 
+/// Privacy settings: none for a user who never set them; the latest `updated_at` wins whatever
+/// the write order (also when the older settings have the greater values); repeats change nothing;
+/// two writes with one `updated_at` give the same row in either order (each setting's greater
+/// text, as Cassandra resolves cells of one write time); every audience reads back.
+pub async fn privacy_latest_wins(t: &dyn Tables) {
+    use chat_events::Audience::{Contacts, Everyone, Nobody};
+    assert_eq!(t.privacy(UserId::random()).await.expect("privacy"), None, "privacy of a user who never set it");
+    let row = |user, last_seen, photo, read_receipts, ms| PrivacyRow { user_id: user, last_seen, photo, read_receipts, updated_at: at(ms) };
+    let put = |p: PrivacyRow| async move { t.apply(vec![Write::Privacy(p)]).await.expect("apply privacy") };
+    let (t1, t2) = (DAY0_MS + 1_000, DAY0_MS + 2_000);
+    for newer_first in [false, true] {
+        let u = UserId::random();
+        // "nobody" is the greatest text: the older row would win a comparison of values.
+        let older = row(u, Nobody, Nobody, Nobody, t1);
+        let newer = row(u, Everyone, Contacts, Everyone, t2);
+        let order = if newer_first { [newer, older, newer] } else { [older, newer, newer] };
+        for p in order {
+            put(p).await;
+        }
+        let order = if newer_first { "newer first" } else { "older first" };
+        assert_eq!(t.privacy(u).await.expect("privacy"), Some(newer), "privacy ({order}): the latest updated_at wins");
+    }
+
+    // Every audience in every setting reads back.
+    let all = [Everyone, Contacts, Nobody];
+    for i in 0..all.len() {
+        let u = UserId::random();
+        let p = row(u, all[i], all[(i + 1) % 3], all[(i + 2) % 3], t1);
+        put(p).await;
+        assert_eq!(t.privacy(u).await.expect("privacy"), Some(p), "privacy reads back as written");
+    }
+
+    // One updated_at, two contents: the same row in either order (and in one list).
+    let (x, y, z) = (UserId::random(), UserId::random(), UserId::random());
+    let one = |u| row(u, Everyone, Nobody, Contacts, t1);
+    let other = |u| row(u, Contacts, Everyone, Nobody, t1);
+    put(one(x)).await;
+    put(other(x)).await;
+    put(other(y)).await;
+    put(one(y)).await;
+    t.apply(vec![Write::Privacy(one(z)), Write::Privacy(other(z))]).await.expect("apply privacy");
+    for u in [x, y, z] {
+        assert_eq!(
+            t.privacy(u).await.expect("privacy"),
+            Some(row(u, Everyone, Nobody, Nobody, t1)),
+            "privacy: two writes with one updated_at give each setting's greater value, in any order"
+        );
+    }
+}
+
+/// Blocks: none for a pair never written; the latest `at` wins whatever the write order (a
+/// block then an unblock ends unblocked, an unblock then a block blocked); a block and an
+/// unblock at one time end blocked in either order; repeats change nothing; `blocks` lists only
+/// the targets blocked now, by target id, at most `limit`, of that user only.
+pub async fn blocks_latest_wins(t: &dyn Tables) {
+    let (u, v) = (UserId::random(), UserId::random());
+    assert_eq!(t.block(u, UserId::random()).await.expect("block"), None, "block of a pair never written");
+    assert!(t.blocks(u, 10).await.expect("blocks").is_empty(), "blocks of a user who blocked no one");
+    let row = |user, target, blocked, ms| BlockRow { user_id: user, target, blocked, at: at(ms) };
+    let put = |b: BlockRow| async move { t.apply(vec![Write::Block(b)]).await.expect("apply block") };
+    let (t1, t2) = (DAY0_MS + 1_000, DAY0_MS + 2_000);
+    let mut targets: Vec<UserId> = (0..6).map(|_| UserId::random()).collect();
+    targets.sort();
+    let g = &targets;
+    // 0: blocked, written twice.
+    put(row(u, g[0], true, t1)).await;
+    put(row(u, g[0], true, t1)).await;
+    // 1 and 2: blocked then unblocked later, written in either order.
+    put(row(u, g[1], false, t2)).await;
+    put(row(u, g[1], true, t1)).await;
+    put(row(u, g[2], true, t1)).await;
+    put(row(u, g[2], false, t2)).await;
+    // 3 and 4: a block and an unblock at one time, in either order (4: in one list).
+    put(row(u, g[3], false, t1)).await;
+    put(row(u, g[3], true, t1)).await;
+    t.apply(vec![Write::Block(row(u, g[4], true, t1)), Write::Block(row(u, g[4], false, t1))]).await.expect("apply block");
+    // 5: unblocked then blocked again later, written later first.
+    put(row(u, g[5], true, t2)).await;
+    put(row(u, g[5], false, t1)).await;
+    // Another user's blocks.
+    put(row(v, g[1], true, t1)).await;
+    put(row(v, g[2], true, t1)).await;
+
+    let want = [row(u, g[0], true, t1), row(u, g[1], false, t2), row(u, g[2], false, t2), row(u, g[3], true, t1), row(u, g[4], true, t1), row(u, g[5], true, t2)];
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(t.block(u, g[i]).await.expect("block"), Some(*w), "block of target {i}: the latest change wins, at one time the block");
+    }
+    let blocked: Vec<BlockRow> = want.iter().copied().filter(|b| b.blocked).collect();
+    assert_eq!(t.blocks(u, 100).await.expect("blocks"), blocked, "blocks: the targets blocked now, by target id");
+    assert_eq!(t.blocks(u, 2).await.expect("blocks"), blocked[..2], "blocks honours its limit");
+    assert!(t.blocks(u, 0).await.expect("blocks").is_empty(), "blocks with limit 0");
+    put(row(u, g[0], true, t1)).await;
+    assert_eq!(t.blocks(u, 100).await.expect("blocks"), blocked, "a repeated block changes nothing");
+    assert_eq!(t.blocks(v, 100).await.expect("blocks"), vec![row(v, g[1], true, t1), row(v, g[2], true, t1)], "blocks are per user");
+    assert_eq!(t.block(v, g[0]).await.expect("block"), None, "another user's block is not this user's");
+    assert_eq!(t.block(g[0], u).await.expect("block"), None, "a block is one way");
+}
+
 /// Message counts: each deliveries partition's row of a (day, kind, scope) holds what that
 /// partition counted up to an offset; the row with the highest offset wins whatever the order
 /// of writes (a replayed older version changes nothing); a query sums the partitions' rows; a
@@ -1366,10 +1502,11 @@ async fn apply(t: &dyn Tables, w: &Write) {
 
 /// A small instance of every projection table, and the row count each table must then have.
 fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
+    use chat_events::Audience::{Contacts, Everyone, Nobody};
     let (a, b, c) = direct();
     let g = group();
     let m1 = message(&c, a, DAY0_MS + 3_600_000, 1);
-    let m2 = message(&c, b, DAY0_MS + 3_600_000 + 1, 2);
+    let m2 = MessageRow { withheld: true, ..message(&c, b, DAY0_MS + 3_600_000 + 1, 2) };
     let m3 = message(&c, a, DAY0_MS + DAY_MS + 5, 3);
     let day0 = m1.sent_at.date_naive();
     let day1 = m3.sent_at.date_naive();
@@ -1453,6 +1590,16 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         Write::Reaction { conversation: c.clone(), message: m1.message_id, user: b, emoji: Some("👍".into()), seq: 3 },
         Write::MessageVersion { message: m2.message_id, at: at(DAY0_MS + 1), body: "v1".into() },
         Write::MessageVersion { message: m2.message_id, at: at(DAY0_MS + 1), body: "v1".into() },
+        // Privacy: a's later settings win; b's two at one time resolve alike in any order.
+        Write::Privacy(PrivacyRow { user_id: a, last_seen: Nobody, photo: Nobody, read_receipts: Everyone, updated_at: at(DAY0_MS) }),
+        Write::Privacy(PrivacyRow { user_id: a, last_seen: Everyone, photo: Contacts, read_receipts: Nobody, updated_at: at(DAY0_MS + 5) }),
+        Write::Privacy(PrivacyRow { user_id: b, last_seen: Everyone, photo: Nobody, read_receipts: Contacts, updated_at: at(DAY0_MS + 7) }),
+        Write::Privacy(PrivacyRow { user_id: b, last_seen: Contacts, photo: Everyone, read_receipts: Nobody, updated_at: at(DAY0_MS + 7) }),
+        // Blocks: a blocks and later unblocks b; b's block and unblock of a at one time.
+        Write::Block(BlockRow { user_id: a, target: b, blocked: true, at: at(DAY0_MS + 10) }),
+        Write::Block(BlockRow { user_id: a, target: b, blocked: false, at: at(DAY0_MS + 20) }),
+        Write::Block(BlockRow { user_id: b, target: a, blocked: false, at: at(DAY0_MS + 30) }),
+        Write::Block(BlockRow { user_id: b, target: a, blocked: true, at: at(DAY0_MS + 30) }),
     ];
     let rows = BTreeMap::from([
         ("users", 2),
@@ -1481,6 +1628,8 @@ fn fixture() -> (Vec<Write>, BTreeMap<&'static str, u64>) {
         ("hidden_messages", 1),
         ("message_edits", 1),
         ("reactions", 1),
+        ("privacy_settings", 2),
+        ("blocks", 2),
     ]);
     (writes, rows)
 }

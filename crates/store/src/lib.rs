@@ -187,6 +187,30 @@ pub struct MessageRow {
     /// The reader's own reaction: filled in when history is read, not stored here.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub my_reaction: Option<String>,
+    /// Withheld from the recipient (a block): shown to its sender only, and nothing in what the
+    /// sender reads says so (never serialized).
+    #[serde(skip)]
+    pub withheld: bool,
+}
+
+/// A user's privacy settings (`privacy_settings`): the latest `updated_at` wins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrivacyRow {
+    pub user_id: UserId,
+    pub last_seen: chat_events::Audience,
+    pub photo: chat_events::Audience,
+    pub read_receipts: chat_events::Audience,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One user's block of another (`blocks`): the latest change (`at`) wins; `blocked: false` is an
+/// unblock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockRow {
+    pub user_id: UserId,
+    pub target: UserId,
+    pub blocked: bool,
+    pub at: DateTime<Utc>,
 }
 
 /// How many members reacted to a message with one emoji.
@@ -389,6 +413,12 @@ pub trait ReadStore: Send + Sync {
     /// The reactions to these messages of `conv` (at most `limit`; a back-end may also return
     /// reactions to other messages between them).
     async fn reactions(&self, conv: &ConversationId, messages: &[MessageId], limit: usize) -> StoreResult<Vec<Reaction>>;
+    /// A user's privacy settings (none: never set, the defaults apply).
+    async fn privacy(&self, user: UserId) -> StoreResult<Option<PrivacyRow>>;
+    /// The `blocks` row of (user, target), blocked or unblocked (none: never either).
+    async fn block(&self, user: UserId, target: UserId) -> StoreResult<Option<BlockRow>>;
+    /// The users `user` blocks now (rows with `blocked`), at most `limit`, by target id.
+    async fn blocks(&self, user: UserId, limit: usize) -> StoreResult<Vec<BlockRow>>;
 }
 
 /// Row count and content hash of one table.
@@ -445,8 +475,10 @@ impl<T: CommandStore + ProjectionStore + ReadStore + TableAdmin + FanoutStore + 
 /// replaces; `hidden_messages`, what each user deleted for themselves; `message_edits`, the versions
 /// of edited messages). 7: replies, mentions and reactions (`messages` says which message one
 /// replies to and whom it mentions; `inbox` counts the unread mentions of its user; `reactions`,
-/// each member's reaction to each message).
-pub const PROJECTION_LAYOUT: u32 = 7;
+/// each member's reaction to each message). 8: privacy (`messages` says whether a message was
+/// withheld from its recipient by a block; `privacy_settings`, each user's settings; `blocks`,
+/// who blocks whom).
+pub const PROJECTION_LAYOUT: u32 = 8;
 
 /// Projection tables of older layouts, dropped by [`TableAdmin::reset_projections`].
 /// (`pending_deliveries`: a row per message not yet delivered to any device, added and removed
@@ -484,6 +516,8 @@ pub const PROJECTION_TABLES: &[&str] = &[
     "hidden_messages",
     "message_edits",
     "reactions",
+    "privacy_settings",
+    "blocks",
 ];
 
 /// Convenience: a device id as stored in the receipts table.

@@ -59,6 +59,11 @@ fn role(s: String) -> StoreResult<GroupRole> {
     GroupRole::parse(&s).ok_or_else(|| StoreError::Data(format!("bad group role {s:?}")))
 }
 
+fn audience(s: Option<String>) -> StoreResult<chat_events::Audience> {
+    let s = s.unwrap_or_default();
+    chat_events::Audience::parse(&s).ok_or_else(|| StoreError::Data(format!("bad audience {s:?}")))
+}
+
 /// Write time of a membership interval write: the open at `since`, the close at `until` (see
 /// `fanout_members` in `schemas/cql/tables.cql`).
 fn interval_ts(since: i64, until: Option<i64>) -> i64 {
@@ -93,6 +98,11 @@ struct Stmts {
     select_hidden: PreparedStatement,
     insert_reaction: PreparedStatement,
     select_reactions: PreparedStatement,
+    insert_privacy: PreparedStatement,
+    select_privacy: PreparedStatement,
+    insert_block: PreparedStatement,
+    select_block: PreparedStatement,
+    select_blocks: PreparedStatement,
     delete_topic: PreparedStatement,
     insert_bucket: PreparedStatement,
     insert_message_index: PreparedStatement,
@@ -177,7 +187,7 @@ pub struct ScyllaStore {
 const DELETED_TS: i64 = 1 << 62;
 
 const MESSAGE_COLS: &str =
-    "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media, edited_at, deleted, reply_to, mentions";
+    "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media, edited_at, deleted, reply_to, mentions, withheld";
 type MessageTuple = (
     String,
     Uuid,
@@ -193,6 +203,7 @@ type MessageTuple = (
     Option<bool>,
     Option<Uuid>,
     Option<Vec<Uuid>>,
+    Option<bool>,
 );
 
 fn message_from(t: MessageTuple) -> StoreResult<MessageRow> {
@@ -216,6 +227,7 @@ fn message_from(t: MessageTuple) -> StoreResult<MessageRow> {
         mentions: t.13.unwrap_or_default().into_iter().map(UserId).collect(),
         reactions: Vec::new(),
         my_reaction: None,
+        withheld: t.14.unwrap_or(false),
     })
 }
 
@@ -414,7 +426,7 @@ impl ScyllaStore {
 
             insert_user: p(format!("INSERT INTO {ks}.users (user_id, username, registered_at) VALUES (?, ?, ?)")).await?,
             insert_message: p(format!(
-                "INSERT INTO {ks}.messages (conversation_id, bucket, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media, reply_to, mentions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP 1"
+                "INSERT INTO {ks}.messages (conversation_id, bucket, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media, reply_to, mentions, withheld) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP 1"
             ))
             .await?,
             insert_bucket: p(format!("INSERT INTO {ks}.conversation_buckets (conversation_id, bucket) VALUES (?, ?)")).await?,
@@ -631,6 +643,16 @@ impl ScyllaStore {
                 "SELECT message_id, user_id, emoji FROM {ks}.reactions WHERE conversation_id = ? AND bucket = ? AND message_id >= ? AND message_id <= ? LIMIT ?"
             ))
             .await?,
+            // Write time = updated_at: the latest settings win, in any order.
+            insert_privacy: p(format!(
+                "INSERT INTO {ks}.privacy_settings (user_id, last_seen, photo, read_receipts, updated_at) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            select_privacy: p(format!("SELECT last_seen, photo, read_receipts, updated_at FROM {ks}.privacy_settings WHERE user_id = ?")).await?,
+            // Write time = the change's time: the latest block or unblock wins, in any order.
+            insert_block: p(format!("INSERT INTO {ks}.blocks (user_id, target, blocked, at) VALUES (?, ?, ?, ?) USING TIMESTAMP ?")).await?,
+            select_block: p(format!("SELECT target, blocked, at FROM {ks}.blocks WHERE user_id = ? AND target = ?")).await?,
+            select_blocks: p(format!("SELECT target, blocked, at FROM {ks}.blocks WHERE user_id = ?")).await?,
             count_topics: p(format!("SELECT topic, sender FROM {ks}.analytics_topics WHERE day = ?")).await?,
             insert_receipt_by_user: p(format!(
                 "INSERT INTO {ks}.receipts_by_user (recipient, message_id, status, device_id, at, sender, conversation_id) VALUES (?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
@@ -920,6 +942,7 @@ impl ScyllaStore {
                     m.media.as_ref().map(|a| serde_json::to_string(a).unwrap_or_default()),
                     m.reply_to.map(|r| r.0),
                     (!m.mentions.is_empty()).then(|| m.mentions.iter().map(|u| u.0).collect::<Vec<Uuid>>()),
+                    m.withheld,
                 );
                 // Different partitions: separate statements (a multi-partition batch gains nothing).
                 let (a, b) = futures::join!(
@@ -1022,6 +1045,11 @@ impl ScyllaStore {
                 let row = (conversation.as_str(), bucket_of(*message), message.0, user.0, emoji.as_deref(), *seq, *seq);
                 self.exec(&st.insert_reaction, row).await
             }
+            Write::Privacy(p) => {
+                let row = (p.user_id.0, p.last_seen.as_str(), p.photo.as_str(), p.read_receipts.as_str(), p.updated_at, micros(&p.updated_at));
+                self.exec(&st.insert_privacy, row).await
+            }
+            Write::Block(b) => self.exec(&st.insert_block, (b.user_id.0, b.target.0, b.blocked, b.at, micros(&b.at))).await,
             Write::MediaMessage { media, conversation, message, position } => {
                 self.exec(&st.insert_media_message, (*media, conversation.as_str(), message.0, *position)).await
             }
@@ -1284,6 +1312,37 @@ impl ReadStore for ScyllaStore {
             out.extend(rows.into_iter().filter_map(|(m, u, e)| Some(Reaction { message_id: MessageId(m), user: UserId(u), emoji: e? })));
         }
         out.sort_by_key(|r| r.message_id);
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn privacy(&self, user: UserId) -> StoreResult<Option<PrivacyRow>> {
+        type Row = (Option<String>, Option<String>, Option<String>, Option<DateTime<Utc>>);
+        let Some((last_seen, photo, read_receipts, updated_at)) = self.rows::<Row>(&self.stmts.select_privacy, (user.0,)).await?.into_iter().next() else {
+            return Ok(None);
+        };
+        let Some(updated_at) = updated_at else { return Ok(None) };
+        Ok(Some(PrivacyRow { user_id: user, last_seen: audience(last_seen)?, photo: audience(photo)?, read_receipts: audience(read_receipts)?, updated_at }))
+    }
+
+    async fn block(&self, user: UserId, target: UserId) -> StoreResult<Option<BlockRow>> {
+        let rows = self.rows::<(Uuid, Option<bool>, Option<DateTime<Utc>>)>(&self.stmts.select_block, (user.0, target.0)).await?;
+        Ok(rows.into_iter().next().and_then(|(t, blocked, at)| Some(BlockRow { user_id: user, target: UserId(t), blocked: blocked.unwrap_or(false), at: at? })))
+    }
+
+    async fn blocks(&self, user: UserId, limit: usize) -> StoreResult<Vec<BlockRow>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // The user's whole partition (unblocked rows are read past), sorted here by id bytes as
+        // the embedded stores do (Cassandra orders uuids of different versions by version first).
+        let rows = self.all_rows::<(Uuid, Option<bool>, Option<DateTime<Utc>>)>(&self.stmts.select_blocks, (user.0,)).await?;
+        let mut out: Vec<BlockRow> = rows
+            .into_iter()
+            .filter(|(_, blocked, _)| *blocked == Some(true))
+            .filter_map(|(t, _, at)| Some(BlockRow { user_id: user, target: UserId(t), blocked: true, at: at? }))
+            .collect();
+        out.sort_by_key(|b| b.target);
         out.truncate(limit);
         Ok(out)
     }

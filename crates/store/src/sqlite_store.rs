@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chat_events::{ConversationId, GroupRole, MessageId, ReceiptStatus, UserId};
+use chat_events::{Audience, ConversationId, GroupRole, MessageId, ReceiptStatus, UserId};
 use chrono::{DateTime, NaiveDate, Utc};
 use chat_events::sqlite::{open_sqlite, Answer, Durability, Engine, EngineError, Lane, Options};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
@@ -98,7 +98,7 @@ CREATE TABLE IF NOT EXISTS session_revocations (at INTEGER NOT NULL, user_id TEX
 /// which reads and writes the same rows).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, username TEXT NOT NULL, registered_at INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS messages (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL, sender_device TEXT NOT NULL, client_msg_id TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL, media TEXT, edited_at INTEGER, deleted INTEGER NOT NULL DEFAULT 0, reply_to TEXT, mentions TEXT, PRIMARY KEY (conversation_id, message_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS messages (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, message_id TEXT NOT NULL, sender TEXT NOT NULL, sender_device TEXT NOT NULL, client_msg_id TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL, media TEXT, edited_at INTEGER, deleted INTEGER NOT NULL DEFAULT 0, reply_to TEXT, mentions TEXT, withheld INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (conversation_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS conversation_buckets (conversation_id TEXT NOT NULL, bucket INTEGER NOT NULL, PRIMARY KEY (conversation_id, bucket)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS message_index (message_id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL, sender TEXT NOT NULL, sent_at INTEGER NOT NULL, position INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS inbox (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, peer_id TEXT, last_message_id TEXT NOT NULL, last_sender TEXT NOT NULL, last_kind TEXT NOT NULL, last_body TEXT NOT NULL, last_at INTEGER NOT NULL, unread INTEGER NOT NULL, first_unread_seq INTEGER, read_up_to TEXT, applied_offset INTEGER NOT NULL, wrote INTEGER NOT NULL DEFAULT 0, mentions INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (user_id, conversation_id)) WITHOUT ROWID;
@@ -128,6 +128,8 @@ CREATE TABLE IF NOT EXISTS stream_messages (user_id TEXT NOT NULL, message_id TE
 CREATE TABLE IF NOT EXISTS message_edits (message_id TEXT NOT NULL, at INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (message_id, at)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS hidden_messages (user_id TEXT NOT NULL, conversation_id TEXT NOT NULL, message_id TEXT NOT NULL, PRIMARY KEY (user_id, conversation_id, message_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reactions (conversation_id TEXT NOT NULL, message_id TEXT NOT NULL, user_id TEXT NOT NULL, emoji TEXT, seq INTEGER NOT NULL, PRIMARY KEY (conversation_id, message_id, user_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS privacy_settings (user_id TEXT PRIMARY KEY, last_seen TEXT NOT NULL, photo TEXT NOT NULL, read_receipts TEXT NOT NULL, updated_at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blocks (user_id TEXT NOT NULL, target TEXT NOT NULL, blocked INTEGER NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (user_id, target)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS receipts_by_user (recipient TEXT NOT NULL, message_id TEXT NOT NULL, status TEXT NOT NULL, device_id TEXT NOT NULL, at INTEGER NOT NULL, sender TEXT NOT NULL, conversation_id TEXT NOT NULL, PRIMARY KEY (recipient, message_id, status, device_id)) WITHOUT ROWID;
 DROP INDEX IF EXISTS receipts_by_user_at;
 CREATE TABLE IF NOT EXISTS sync_marks (id INTEGER PRIMARY KEY, n INTEGER NOT NULL);
@@ -184,6 +186,15 @@ fn conv_at(r: &Row<'_>, i: usize) -> rusqlite::Result<ConversationId> {
 fn role_at(r: &Row<'_>, i: usize) -> rusqlite::Result<GroupRole> {
     let s: String = r.get(i)?;
     GroupRole::parse(&s).ok_or_else(|| rusqlite::Error::InvalidColumnName(format!("bad group role {s:?}")))
+}
+
+fn audience_at(r: &Row<'_>, i: usize) -> rusqlite::Result<Audience> {
+    let s: String = r.get(i)?;
+    Audience::parse(&s).ok_or_else(|| rusqlite::Error::InvalidColumnName(format!("bad audience {s:?}")))
+}
+
+fn block_row(user: UserId, r: &Row<'_>) -> rusqlite::Result<BlockRow> {
+    Ok(BlockRow { user_id: user, target: UserId(uuid_at(r, 0)?), blocked: r.get(1)?, at: time(r.get(2)?)? })
 }
 
 /// The `until` of an interval after a write, as Cassandra resolves it (the open never writes
@@ -483,10 +494,11 @@ fn message_row(r: &Row<'_>) -> rusqlite::Result<MessageRow> {
         },
         reactions: Vec::new(),
         my_reaction: None,
+        withheld: r.get(14)?,
     })
 }
 
-const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media, edited_at, deleted, reply_to, mentions";
+const MESSAGE_COLS: &str = "conversation_id, message_id, sender, sender_device, client_msg_id, kind, body, sent_at, position, media, edited_at, deleted, reply_to, mentions, withheld";
 const INBOX_COLS: &str =
     "user_id, conversation_id, peer_id, last_message_id, last_sender, last_kind, last_body, last_at, unread, first_unread_seq, read_up_to, applied_offset, wrote, mentions";
 
@@ -679,7 +691,7 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
             let bucket = bucket_of(m.message_id);
             t.exec(
                 // Written once: a message item applied again never undoes an edit or a delete.
-                &format!("INSERT OR IGNORE INTO messages (bucket, {MESSAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"),
+                &format!("INSERT OR IGNORE INTO messages (bucket, {MESSAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"),
                 params![
                     bucket,
                     m.conversation_id.as_str(),
@@ -695,7 +707,8 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                     m.edited_at.as_ref().map(ms),
                     m.deleted,
                     m.reply_to.map(|r| r.to_string()),
-                    (!m.mentions.is_empty()).then(|| serde_json::to_string(&m.mentions).unwrap_or_default())
+                    (!m.mentions.is_empty()).then(|| serde_json::to_string(&m.mentions).unwrap_or_default()),
+                    m.withheld
                 ],
             )?;
             t.exec(
@@ -906,6 +919,37 @@ fn apply_write(t: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 "INSERT INTO reactions (conversation_id, message_id, user_id, emoji, seq) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (conversation_id, message_id, user_id) DO UPDATE SET emoji = excluded.emoji, seq = excluded.seq WHERE excluded.seq >= reactions.seq",
                 params![conversation.as_str(), message.to_string(), user.to_string(), emoji, seq],
+            )?;
+        }
+        Write::Privacy(p) => {
+            // Cassandra's rule (write time = updated_at): the later update wins; of two with one
+            // updated_at, each setting resolves alone, the greater text winning.
+            t.exec(
+                "INSERT INTO privacy_settings (user_id, last_seen, photo, read_receipts, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (user_id) DO UPDATE SET
+                   last_seen = CASE WHEN excluded.updated_at > privacy_settings.updated_at THEN excluded.last_seen
+                                    WHEN excluded.updated_at < privacy_settings.updated_at THEN privacy_settings.last_seen
+                                    ELSE MAX(privacy_settings.last_seen, excluded.last_seen) END,
+                   photo = CASE WHEN excluded.updated_at > privacy_settings.updated_at THEN excluded.photo
+                                WHEN excluded.updated_at < privacy_settings.updated_at THEN privacy_settings.photo
+                                ELSE MAX(privacy_settings.photo, excluded.photo) END,
+                   read_receipts = CASE WHEN excluded.updated_at > privacy_settings.updated_at THEN excluded.read_receipts
+                                        WHEN excluded.updated_at < privacy_settings.updated_at THEN privacy_settings.read_receipts
+                                        ELSE MAX(privacy_settings.read_receipts, excluded.read_receipts) END,
+                   updated_at = MAX(privacy_settings.updated_at, excluded.updated_at)",
+                params![p.user_id.to_string(), p.last_seen.as_str(), p.photo.as_str(), p.read_receipts.as_str(), ms(&p.updated_at)],
+            )?;
+        }
+        Write::Block(b) => {
+            // Cassandra's rule (write time = at): the later change wins; at one time, the block.
+            t.exec(
+                "INSERT INTO blocks (user_id, target, blocked, at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (user_id, target) DO UPDATE SET
+                   blocked = CASE WHEN excluded.at > blocks.at THEN excluded.blocked
+                                  WHEN excluded.at < blocks.at THEN blocks.blocked
+                                  ELSE MAX(blocks.blocked, excluded.blocked) END,
+                   at = MAX(blocks.at, excluded.at)",
+                params![b.user_id.to_string(), b.target.to_string(), b.blocked, ms(&b.at)],
             )?;
         }
         Write::TopicRemoved { day, topic, message } => {
@@ -1155,6 +1199,47 @@ impl ReadStore for SqliteStore {
             let rows = st.query_map(params![conv, from.to_string(), to.to_string(), limit as i64], |r| {
                 Ok(Reaction { message_id: MessageId(uuid_at(r, 0)?), user: UserId(uuid_at(r, 1)?), emoji: r.get(2)? })
             })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn privacy(&self, user: UserId) -> StoreResult<Option<PrivacyRow>> {
+        self.read(move |c| {
+            c.row(
+                "SELECT last_seen, photo, read_receipts, updated_at FROM privacy_settings WHERE user_id = ?1",
+                params![user.to_string()],
+                |r| {
+                    Ok(PrivacyRow {
+                        user_id: user,
+                        last_seen: audience_at(r, 0)?,
+                        photo: audience_at(r, 1)?,
+                        read_receipts: audience_at(r, 2)?,
+                        updated_at: time(r.get(3)?)?,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn block(&self, user: UserId, target: UserId) -> StoreResult<Option<BlockRow>> {
+        self.read(move |c| {
+            c.row(
+                "SELECT target, blocked, at FROM blocks WHERE user_id = ?1 AND target = ?2",
+                params![user.to_string(), target.to_string()],
+                |r| block_row(user, r),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn blocks(&self, user: UserId, limit: usize) -> StoreResult<Vec<BlockRow>> {
+        self.read(move |c| {
+            let mut st = c.prepare_cached("SELECT target, blocked, at FROM blocks WHERE user_id = ?1 AND blocked = 1 ORDER BY target LIMIT ?2")?;
+            let rows = st.query_map(params![user.to_string(), limit.min(i64::MAX as usize) as i64], |r| block_row(user, r))?;
             rows.collect()
         })
         .await

@@ -118,6 +118,11 @@ pub enum Write {
     /// `reactions`: `user`'s reaction to a message (none: taken back), from the item at `seq` of
     /// the user's own stream; the highest `seq` wins.
     Reaction { conversation: ConversationId, message: MessageId, user: UserId, emoji: Option<String>, seq: i64 },
+    /// `privacy_settings`: a user's settings, whole; the latest `updated_at` wins (equal times:
+    /// each setting's greatest value, as Cassandra resolves cells of one write time).
+    Privacy(crate::PrivacyRow),
+    /// `blocks`: a block or an unblock; the latest `at` wins (equal times: the block).
+    Block(crate::BlockRow),
     /// `analytics_topics`: a deleted message's topics go.
     TopicRemoved { day: NaiveDate, topic: String, message: MessageId },
     /// `media_messages`: a set (a group message carrying a media object, at its position: who
@@ -153,6 +158,8 @@ impl Write {
             Write::MessageVersion { .. } => "message_edits",
             Write::TopicRemoved { .. } => "analytics_topics",
             Write::Reaction { .. } => "reactions",
+            Write::Privacy(_) => "privacy_settings",
+            Write::Block(_) => "blocks",
         }
     }
 

@@ -7,7 +7,7 @@ use chat_store::{bucket_of, MessageRow, Write};
 
 /// A message item in its sender's own stream: the history row.
 pub fn message(out: &mut Vec<Write>, item: &StreamItem) {
-    if let StreamItem::Message { message_id, conversation_id, sender, client_msg_id, message_kind, body, sent_at, sender_device, position, media, reply_to, mentions } =
+    if let StreamItem::Message { message_id, conversation_id, sender, client_msg_id, message_kind, body, sent_at, sender_device, position, media, reply_to, mentions, withheld } =
         item
     {
         out.push(Write::Message(MessageRow {
@@ -27,6 +27,7 @@ pub fn message(out: &mut Vec<Write>, item: &StreamItem) {
             mentions: mentions.clone(),
             reactions: Vec::new(),
             my_reaction: None,
+            withheld: *withheld,
         }));
         out.push(Write::Bucket { conversation: conversation_id.clone(), bucket: bucket_of(*message_id) });
         if let (Some(m), Some(p), true) = (media, position, conversation_id.is_group()) {

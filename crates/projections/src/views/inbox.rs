@@ -74,10 +74,10 @@ pub fn edited(out: &mut Vec<Write>, rows: &Rows, user: UserId, item: &StreamItem
 /// on some device): the other members' messages from the first unread one up to `up_to` are read,
 /// the ones after stay unread (counted over the user's own stream, at most
 /// [`super::rows::STREAM_SCAN`] items from the first unread). In a direct conversation each of
-/// them also gets its `seen` transition; a group's seen receipts come from the fan-out, per
+/// them also gets its `seen` transition (unless the read is `private`); a group's seen receipts come from the fan-out, per
 /// member.
 pub fn read(out: &mut Vec<Write>, rows: &Rows, user: UserId, item: &StreamItem, offset: i64) -> Result<(), Missing> {
-    let StreamItem::Read { conversation_id: conv, up_to, at, device_id } = item else { return Ok(()) };
+    let StreamItem::Read { conversation_id: conv, up_to, at, device_id, private } = item else { return Ok(()) };
     let Some(mut row) = rows.inbox(user, conv)? else { return Ok(()) };
     if row.applied_offset >= offset {
         return Ok(());
@@ -101,7 +101,8 @@ pub fn read(out: &mut Vec<Write>, rows: &Rows, user: UserId, item: &StreamItem, 
                 continue;
             }
             if message_id <= read_up_to {
-                if !conv.is_group() {
+                // (A read without a receipt, by the privacy settings, leaves no `seen` row.)
+                if !conv.is_group() && !private {
                     seen(out, user, conv, message_id, at, device_id.as_deref());
                 }
             } else {

@@ -9,7 +9,7 @@
 //! - [`receipts`]: `receipts` / `receipts_by_user`;
 //! - [`streams`]: `user_stream` / `stream_heads`, the collapse of repeated stream items;
 //! - [`groups`]: `groups`, `group_members`, `user_groups`, `user_group_intervals`;
-//! - [`people`]: `users`, `last_seen`, `profiles`;
+//! - [`people`]: `users`, `last_seen`, `profiles`, `privacy_settings`, `blocks`;
 //! - [`analytics`]: the analytics sets.
 //!
 //! Conversations, direct and group alike, are projected from the fan-out's validated output:
@@ -97,6 +97,9 @@ pub fn fold(input: Input<'_>, rows: &Rows, settings: &Settings) -> Result<Vec<Wr
         Event::UserRegistered(u) => people::registered(&mut out, env, u),
         Event::PresenceChanged(p) => people::presence(&mut out, env, p),
         Event::ProfileUpdated(p) => people::profile(&mut out, env, p),
+        Event::PrivacyUpdated(p) => people::privacy(&mut out, env, p),
+        Event::UserBlocked(b) => people::block(&mut out, env, b, true),
+        Event::UserUnblocked(b) => people::block(&mut out, env, b, false),
         Event::ProfileViewed(v) => analytics::profile_view(&mut out, env, v),
         // Projected from the fan-out's output (the stream items), which alone knows which send
         // of a key is the message and who was a member at each position.
@@ -146,6 +149,7 @@ pub(crate) mod fixtures {
             media: None,
             reply_to: None,
             mentions: Vec::new(),
+            withheld: false,
         }
     }
 
@@ -155,6 +159,7 @@ pub(crate) mod fixtures {
             up_to,
             at: chrono::DateTime::from_timestamp_millis(1_700_000_001_000).unwrap_or_default(),
             device_id: Some("phone".into()),
+            private: false,
         }
     }
 }

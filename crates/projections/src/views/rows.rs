@@ -204,6 +204,8 @@ impl Rows {
             | Write::GroupMember(_)
             | Write::UserGroup(_)
             | Write::Profile(_)
+            | Write::Privacy(_)
+            | Write::Block(_)
             | Write::ActiveUser { .. }
             | Write::ProfileView { .. }
             | Write::Topic { .. } => {}

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use chat_events::{ConversationId, GroupRole, MessageId, ReceiptStatus, UserId};
+use chat_events::{Audience, ConversationId, GroupRole, MessageId, ReceiptStatus, UserId};
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use sha2::{Digest, Sha256};
@@ -284,6 +284,10 @@ fn status(s: &str) -> StoreResult<ReceiptStatus> {
 
 fn role(s: &str) -> StoreResult<GroupRole> {
     GroupRole::parse(s).ok_or_else(|| data(format!("bad group role {s:?}")))
+}
+
+fn audience(s: &str) -> StoreResult<Audience> {
+    Audience::parse(s).ok_or_else(|| data(format!("bad audience {s:?}")))
 }
 
 /// The key just past every key that starts with `prefix`.
@@ -568,6 +572,7 @@ fn message_val(m: &MessageRow) -> Vec<u8> {
         .b(m.deleted)
         .ou(m.reply_to.map(|r| r.0))
         .os((!m.mentions.is_empty()).then(|| serde_json::to_string(&m.mentions).unwrap_or_default()).as_deref())
+        .b(m.withheld)
         .done()
 }
 
@@ -598,6 +603,8 @@ fn message_row(k: &[u8], v: &[u8]) -> StoreResult<MessageRow> {
         },
         reactions: Vec::new(),
         my_reaction: None,
+        // Absent from values written before layout 8: not withheld.
+        withheld: !v.0.is_empty() && v.b()?,
     })
 }
 
@@ -885,6 +892,48 @@ fn apply_write(tx: &mut Tx<'_>, w: &Write) -> StoreResult<()> {
             }
             tx.put("reactions", key, Val::new().i(*seq).os(emoji.as_deref()).done())
         }
+        Write::Privacy(p) => {
+            let key = Key::new().u(p.user_id.0).done();
+            let new = [p.last_seen.as_str(), p.photo.as_str(), p.read_receipts.as_str()].map(str::to_owned);
+            let at = ms(&p.updated_at);
+            let merged = match tx.get("privacy_settings", &key)? {
+                None => (new, at),
+                Some(v) => {
+                    let mut v = ValReader(&v);
+                    let (old, o_at) = ([v.s()?, v.s()?, v.s()?], v.i()?);
+                    match at.cmp(&o_at) {
+                        std::cmp::Ordering::Greater => (new, at),
+                        std::cmp::Ordering::Less => return Ok(()),
+                        // As Cassandra resolves cells of one write time: each the greater text.
+                        std::cmp::Ordering::Equal => {
+                            let [a, b, c] = old;
+                            let [x, y, z] = new;
+                            ([a.max(x), b.max(y), c.max(z)], at)
+                        }
+                    }
+                }
+            };
+            let [last_seen, photo, read_receipts] = &merged.0;
+            tx.put("privacy_settings", key, Val::new().s(last_seen).s(photo).s(read_receipts).i(merged.1).done())
+        }
+        Write::Block(b) => {
+            let key = Key::new().u(b.user_id.0).u(b.target.0).done();
+            let at = ms(&b.at);
+            let blocked = match tx.get("blocks", &key)? {
+                None => b.blocked,
+                Some(v) => {
+                    let mut v = ValReader(&v);
+                    let (o_blocked, o_at) = (v.b()?, v.i()?);
+                    match at.cmp(&o_at) {
+                        std::cmp::Ordering::Greater => b.blocked,
+                        std::cmp::Ordering::Less => return Ok(()),
+                        // One time: the block wins (Cassandra: the greater value).
+                        std::cmp::Ordering::Equal => o_blocked || b.blocked,
+                    }
+                }
+            };
+            tx.put("blocks", key, Val::new().b(blocked).i(at).done())
+        }
         Write::TopicRemoved { day, topic, message } => tx.del("analytics_topics", Key::new().day(*day).s(topic).u(message.0).done()),
         Write::Topic { day, topic, message, sender } => {
             let key = Key::new().day(*day).s(topic).u(message.0).done();
@@ -1125,6 +1174,42 @@ impl ReadStore for FjallStore {
             let _seq = v.i()?;
             if let Some(emoji) = v.os()? {
                 out.push(Reaction { message_id, user, emoji });
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn privacy(&self, user: UserId) -> StoreResult<Option<PrivacyRow>> {
+        let _r = self.shared.swap.read().await;
+        let Some(v) = self.get("privacy_settings", &Key::new().u(user.0).done())? else { return Ok(None) };
+        let mut v = ValReader(&v);
+        Ok(Some(PrivacyRow { user_id: user, last_seen: audience(&v.s()?)?, photo: audience(&v.s()?)?, read_receipts: audience(&v.s()?)?, updated_at: v.t()? }))
+    }
+
+    async fn block(&self, user: UserId, target: UserId) -> StoreResult<Option<BlockRow>> {
+        let _r = self.shared.swap.read().await;
+        let Some(v) = self.get("blocks", &Key::new().u(user.0).u(target.0).done())? else { return Ok(None) };
+        let mut v = ValReader(&v);
+        Ok(Some(BlockRow { user_id: user, target, blocked: v.b()?, at: v.t()? }))
+    }
+
+    async fn blocks(&self, user: UserId, limit: usize) -> StoreResult<Vec<BlockRow>> {
+        let _r = self.shared.swap.read().await;
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        // By target id (the key order); unblocked rows are read past.
+        for (k, v) in self.prefix("blocks", &Key::new().u(user.0).done())? {
+            let mut k = KeyReader(&k);
+            let (_user, target) = (k.u()?, UserId(k.u()?));
+            let mut v = ValReader(&v);
+            let (blocked, at) = (v.b()?, v.t()?);
+            if blocked {
+                out.push(BlockRow { user_id: user, target, blocked, at });
                 if out.len() >= limit {
                     break;
                 }
