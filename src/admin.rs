@@ -1,11 +1,11 @@
 //! The operator's commands beside a running embedded server. `chat run` holds its data
-//! directory (one writer of the log, one owner of the tables), so `chat role`, `chat audit`,
+//! directory (one writer of the log, one owner of the tables), so `chat role`, `chat user`, `chat audit`,
 //! `chat rebuild`, `chat analytics` and `chat checksums` cannot open it while the server runs. Instead the server listens on a Unix socket in the data
 //! directory, `admin.sock`, and those commands send their request there when it answers; the
 //! server runs the very same code as the command would. Only the data directory's owner may use
 //! it: the socket is created owner-only and every connection's peer credentials are checked.
 //!
-//! The protocol is HTTP/1.1 with JSON bodies (`POST /role`, `POST /audit`, `POST /rebuild`, `POST /analytics`,
+//! The protocol is HTTP/1.1 with JSON bodies (`POST /role`, `POST /ban`, `POST /audit`, `POST /rebuild`, `POST /analytics`,
 //! `POST /checksums`, `POST /find-text`); an error is a 4xx/5xx
 //! status with `{"error": "..."}`. It is an interface between two builds of this binary, not a
 //! public API.
@@ -58,6 +58,13 @@ pub struct RoleChange {
     pub granted: bool,
 }
 
+/// A ban or an unban, as `chat user` asks for it.
+#[derive(Serialize, serde::Deserialize)]
+pub struct BanChange {
+    pub username: String,
+    pub banned: bool,
+}
+
 /// Accepts only connections from the data directory's owner (or root).
 struct OwnerOnly {
     listener: UnixListener,
@@ -106,6 +113,7 @@ pub async fn serve(dir: &Path, ops: Ops, cfg: crate::config::Config, mut shutdow
     let owner = std::fs::metadata(dir)?.uid();
     let app = Router::new()
         .route("/role", post(role))
+        .route("/ban", post(ban))
         .route("/audit", post(audit))
         .route("/rebuild", post(rebuild))
         .route("/analytics", post(analytics))
@@ -134,6 +142,13 @@ fn failed(e: anyhow::Error) -> Response {
 
 async fn role(State(admin): State<Admin>, Json(r): Json<RoleChange>) -> Response {
     match crate::change_role(&admin.ops, &r).await {
+        Ok(message) => Json(serde_json::json!({ "message": message })).into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+async fn ban(State(admin): State<Admin>, Json(b): Json<BanChange>) -> Response {
+    match crate::change_ban(&admin.ops, &b).await {
         Ok(message) => Json(serde_json::json!({ "message": message })).into_response(),
         Err(e) => failed(e),
     }

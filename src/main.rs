@@ -99,6 +99,13 @@ enum Command {
         #[command(subcommand)]
         action: RoleAction,
     },
+    /// Ban or unban a user: a ban ends their sessions on every node within seconds and refuses
+    /// their log-ins until an unban; both are recorded as events. Embedded: works beside a
+    /// running `chat run`.
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
     /// Analytics as JSON (reads the tables; in embedded mode it may run beside `chat run`).
     Analytics {
         #[command(subcommand)]
@@ -161,6 +168,18 @@ enum RoleAction {
         username: String,
         #[arg(long)]
         role: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserAction {
+    Ban {
+        #[arg(long)]
+        username: String,
+    },
+    Unban {
+        #[arg(long)]
+        username: String,
     },
 }
 
@@ -947,6 +966,43 @@ async fn change_role(ops: &admin::Ops, c: &admin::RoleChange) -> anyhow::Result<
     ))
 }
 
+async fn user(cfg: Config, action: UserAction) -> anyhow::Result<()> {
+    let change = match action {
+        UserAction::Ban { username } => admin::BanChange { username, banned: true },
+        UserAction::Unban { username } => admin::BanChange { username, banned: false },
+    };
+    // Embedded, beside a running server: the server does it.
+    if let Some(dir) = cfg.data_dir() {
+        if let Some(answer) = admin::call::<serde_json::Value>(dir, "/ban", &change).await? {
+            return print_out(answer["message"].as_str().unwrap_or_default());
+        }
+    }
+    let p = Platform::open(cfg).await?;
+    let message = change_ban(&p.ops(), &change).await?;
+    p.close().await;
+    print_out(&message)
+}
+
+/// `chat user ban|unban`, in the command's process or in the running server's (admin socket):
+/// the command-side mark read at log-in, then (a ban) the end of every session of the user,
+/// then the event.
+async fn change_ban(ops: &admin::Ops, c: &admin::BanChange) -> anyhow::Result<String> {
+    let account = ops.tables.account_by_name(&c.username.to_ascii_lowercase()).await?.with_context(|| format!("no user {:?}", c.username))?;
+    ops.tables.set_role(account.user_id, chat_gateway::service::BANNED, c.banned).await?;
+    if c.banned {
+        ops.tables.revoke_sessions(account.user_id, chat_events::now_millis()).await?;
+    }
+    let ban = chat_events::UserBanned { user_id: account.user_id };
+    let event = if c.banned { chat_events::Event::UserBanned(ban) } else { chat_events::Event::UserUnbanned(ban) };
+    let env = chat_events::Envelope::new(chat_events::EventId::new_v7(), None, event);
+    chat_events::append_event(ops.log.as_ref(), &ops.topics, &env).await?;
+    Ok(if c.banned {
+        format!("banned {} ({}); their sessions end within seconds and their log-ins are refused", c.username, account.user_id)
+    } else {
+        format!("unbanned {} ({}); they may log in again", c.username, account.user_id)
+    })
+}
+
 async fn analytics(cfg: Config, q: AnalyticsQuery) -> anyhow::Result<()> {
     // Embedded, beside a running server: the server answers (it holds the tables).
     if let Some(dir) = cfg.data_dir() {
@@ -1405,6 +1461,7 @@ async fn run_command() -> anyhow::Result<()> {
         }
         Command::Replay(a) => replay(cfg, a).await,
         Command::Role { action } => role(cfg, action).await,
+        Command::User { action } => user(cfg, action).await,
         Command::Analytics { query } => analytics(cfg, query).await,
         Command::Audit { query } => audit(cfg, query).await,
         Command::Checksums => checksums(cfg).await,

@@ -1076,6 +1076,7 @@ macro_rules! abuse_scenarios {
             blocking_withholds_and_hides,
             privacy_settings_matrix,
             reads_follow_on_other_devices,
+            bans_end_sessions_everywhere,
         );
     };
 }

@@ -245,6 +245,12 @@ pub async fn privacy_settings_matrix(mode: Mode) {
     .await;
     let (st, _) = gw.call(Method::PUT, &tess.token, &format!("/v1/blocks/{}", ben.id), None).await;
     assert_eq!(st, 204);
+    // (Presence goes to the other members of tess's direct conversations: nick's too, once projected.)
+    wait_for("nick's conversation in tess's list", T, || async {
+        let (_, l) = gw.get(&tess.token, "/v1/conversations").await;
+        l["conversations"].as_array().unwrap().iter().any(|r| r["conversation_id"] == json!(tn)).then_some(())
+    })
+    .await;
 
     let viewers: [(&str, &User, &str); 3] = [("contact", &cora, &tc), ("non-contact", &nick, &tn), ("blocked", &ben, &tb)];
     let mut round = 0;
@@ -375,4 +381,74 @@ pub async fn reads_follow_on_other_devices(mode: Mode) {
         (items.iter().filter(|i| i["kind"] == "read").count() == 2).then_some(())
     })
     .await;
+}
+
+/// Bans (`chat user ban|unban`, an operator's command; embedded: beside the running server): a
+/// banned user's tokens are refused and their open sockets close with 1008 on every node within
+/// 5 s, their log-ins are refused (`account_banned`, only with the right password), both changes
+/// are events; an unban lets them log in again. Others are not affected.
+pub async fn bans_end_sessions_everywhere(mode: Mode) {
+    const WITHIN: Duration = Duration::from_secs(5);
+    let s = Scope::new("ban", mode).await;
+    let gw = s.gateway("n1").await;
+    let second_node = match mode {
+        Mode::Cluster => Some(s.gateway("n2").await),
+        Mode::Embedded => None,
+    };
+    let far = second_node.as_ref().unwrap_or(&gw);
+    let _worker = s.worker().await;
+    let (mallory, bob) = (gw.register("mallory").await, gw.register("bob").await);
+    let laptop = gw.login("mallory").await;
+    let mut near_ws = gw.connect(&mallory, "phone").await;
+    let mut far_ws = Ws::connect(&far.ws_url(), &laptop, "laptop").await;
+    let mut b = gw.connect(&bob, "phone").await;
+
+    let out = s.chat(&["user", "ban", "--username", "mallory"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("banned mallory"), "{out:?}");
+    let t0 = tokio::time::Instant::now();
+    wait_for("the ban ends mallory's tokens on every node", WITHIN, || async {
+        let near = gw.get(&mallory.token, "/v1/conversations").await;
+        let far_answer = far.get(&laptop, "/v1/conversations").await;
+        (near.0 == 401 && far_answer.0 == 401 && near.1["error"]["code"] == "session_ended").then_some(())
+    })
+    .await;
+    for ws in [&mut near_ws, &mut far_ws] {
+        assert!(!ws.arrives_within(WITHIN.saturating_sub(t0.elapsed()), |_| false).await);
+        assert_eq!(ws.closed, Some(1008), "an open socket of a banned user closes with 1008");
+    }
+    // Log-ins: refused with the right password only (a wrong one says nothing of the ban).
+    let login = |password: &'static str| {
+        let gw = &gw;
+        async move {
+            let r = gw.http.post(format!("{}/v1/sessions", gw.url)).json(&json!({"username": "mallory", "password": password})).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (st, e) = login("correct horse battery").await;
+    assert_eq!((st, e["error"]["code"].as_str()), (403, Some("account_banned")), "{e}");
+    let (st, e) = login("not her password at all").await;
+    assert_eq!((st, e["error"]["code"].as_str()), (401, Some("invalid_credentials")), "{e}");
+    // bob is not affected.
+    b.send_text(&mallory.id, "b-1", "still here").await;
+
+    let out = s.chat(&["user", "unban", "--username", "mallory"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fresh = gw.login("mallory").await;
+    assert_eq!(far.get(&fresh, "/v1/conversations").await.0, 200);
+    let out = s.chat(&["user", "ban", "--username", "nobody-like-this"]).await;
+    assert!(!out.status.success(), "banning an unknown user fails");
+    // Both are in the log.
+    let events = wait_for("user.banned and user.unbanned in the log", T, || async {
+        let v: Vec<String> = s
+            .read_topic(chat_events::TopicKind::Users)
+            .into_iter()
+            .filter(|e| e["data"]["user_id"] == json!(mallory.id) && e["type"].as_str().is_some_and(|t| t.ends_with("banned")))
+            .map(|e| e["type"].as_str().unwrap().to_owned())
+            .collect();
+        (v.len() == 2).then_some(v)
+    })
+    .await;
+    assert_eq!(events, vec!["user.banned", "user.unbanned"]);
 }

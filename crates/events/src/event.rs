@@ -367,6 +367,15 @@ pub struct UserBlocked {
     pub target: UserId,
 }
 
+/// An operator banned (`user.banned`) or unbanned (`user.unbanned`) a user: a banned user's
+/// sessions end on every node within seconds and their log-ins are refused. Written by the
+/// `chat user` command, so without an actor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserBanned {
+    pub user_id: UserId,
+}
+
 /// A user opened another user's profile.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -675,6 +684,8 @@ pub enum Event {
     PrivacyUpdated(PrivacyUpdated),
     UserBlocked(UserBlocked),
     UserUnblocked(UserBlocked),
+    UserBanned(UserBanned),
+    UserUnbanned(UserBanned),
 }
 
 /// The (type name, current version) of every event type, for schema tests and docs.
@@ -702,6 +713,8 @@ pub const EVENT_TYPES: &[(&str, u32)] = &[
     ("privacy.updated", 1),
     ("user.blocked", 1),
     ("user.unblocked", 1),
+    ("user.banned", 1),
+    ("user.unbanned", 1),
 ];
 
 impl Event {
@@ -731,6 +744,8 @@ impl Event {
             Event::PrivacyUpdated(_) => "privacy.updated",
             Event::UserBlocked(_) => "user.blocked",
             Event::UserUnblocked(_) => "user.unblocked",
+            Event::UserBanned(_) => "user.banned",
+            Event::UserUnbanned(_) => "user.unbanned",
         }
     }
 
@@ -758,7 +773,9 @@ impl Event {
             | Event::MediaUploaded(_)
             | Event::PrivacyUpdated(_)
             | Event::UserBlocked(_)
-            | Event::UserUnblocked(_) => 1,
+            | Event::UserUnblocked(_)
+            | Event::UserBanned(_)
+            | Event::UserUnbanned(_) => 1,
             // 2: with `source`. One without (read from a version 1 record) is written as version
             // 1 again: version 2 requires a source, so it would not decode.
             Event::DeliveryQueued(q) => if q.source.is_some() { 2 } else { 1 },
@@ -778,7 +795,9 @@ impl Event {
             | Event::MediaUploaded(_)
             | Event::PrivacyUpdated(_)
             | Event::UserBlocked(_)
-            | Event::UserUnblocked(_) => TopicKind::Users,
+            | Event::UserUnblocked(_)
+            | Event::UserBanned(_)
+            | Event::UserUnbanned(_) => TopicKind::Users,
             Event::MessageSent(_)
             | Event::MessageDelivered(_)
             | Event::MessageRead(_)
@@ -820,6 +839,7 @@ impl Event {
             Event::MediaUploaded(e) => e.uploader.to_string(),
             Event::PrivacyUpdated(e) => e.user_id.to_string(),
             Event::UserBlocked(e) | Event::UserUnblocked(e) => e.user_id.to_string(),
+            Event::UserBanned(e) | Event::UserUnbanned(e) => e.user_id.to_string(),
         }
     }
 
@@ -857,7 +877,9 @@ impl Event {
             | Event::MediaUploaded(_)
             | Event::PrivacyUpdated(_)
             | Event::UserBlocked(_)
-            | Event::UserUnblocked(_) => None,
+            | Event::UserUnblocked(_)
+            | Event::UserBanned(_)
+            | Event::UserUnbanned(_) => None,
         }
     }
 
@@ -896,6 +918,7 @@ impl Event {
             Event::MediaUploaded(e) => vec![e.uploader],
             Event::PrivacyUpdated(e) => vec![e.user_id],
             Event::UserBlocked(e) | Event::UserUnblocked(e) => vec![e.user_id, e.target],
+            Event::UserBanned(e) | Event::UserUnbanned(e) => vec![e.user_id],
         }
     }
 
@@ -923,6 +946,7 @@ impl Event {
             Event::MediaUploaded(e) => serde_json::to_value(e),
             Event::PrivacyUpdated(e) => serde_json::to_value(e),
             Event::UserBlocked(e) | Event::UserUnblocked(e) => serde_json::to_value(e),
+            Event::UserBanned(e) | Event::UserUnbanned(e) => serde_json::to_value(e),
         }
     }
 
@@ -963,6 +987,8 @@ impl Event {
             ("privacy.updated", 1) => serde_json::from_value(data).map(Event::PrivacyUpdated).map_err(bad),
             ("user.blocked", 1) => serde_json::from_value(data).map(Event::UserBlocked).map_err(bad),
             ("user.unblocked", 1) => serde_json::from_value(data).map(Event::UserUnblocked).map_err(bad),
+            ("user.banned", 1) => serde_json::from_value(data).map(Event::UserBanned).map_err(bad),
+            ("user.unbanned", 1) => serde_json::from_value(data).map(Event::UserUnbanned).map_err(bad),
             _ => Err(CodecError::Unknown {
                 type_name: type_name.to_owned(),
                 version,
@@ -1358,6 +1384,8 @@ pub fn fixtures() -> Vec<Envelope> {
         ),
         Envelope::new(EventId::new_v7(), Some(bob), Event::UserBlocked(UserBlocked { user_id: bob, target: alice })),
         Envelope::new(EventId::new_v7(), Some(bob), Event::UserUnblocked(UserBlocked { user_id: bob, target: alice })),
+        Envelope::new(EventId::new_v7(), None, Event::UserBanned(UserBanned { user_id: bob })),
+        Envelope::new(EventId::new_v7(), None, Event::UserUnbanned(UserBanned { user_id: bob })),
         Envelope::new(
             derive_id::message_sent(alice, "c-2"),
             Some(alice),

@@ -25,7 +25,7 @@ pub mod sqlite;
 pub mod topics;
 
 pub use event::{
-    derive_id, format_time, Audience, PrivacyUpdated, UserBlocked, within_edit_window, DEFAULT_EDIT_WINDOW, now_millis, AuditAccessed, CodecError, DeliveryQueued, Envelope, Event, GroupChange, GroupCreated,
+    derive_id, format_time, Audience, PrivacyUpdated, UserBanned, UserBlocked, within_edit_window, DEFAULT_EDIT_WINDOW, now_millis, AuditAccessed, CodecError, DeliveryQueued, Envelope, Event, GroupChange, GroupCreated,
     GroupMemberAdded, GroupMemberRemoved, GroupRenamed, GroupRole, MediaAttachment, MediaUploaded, MessageDelivered, MessageKind,
     MessageDeleted, MessageEdited, MessageHidden, MessageReacted, MessageRead, MessageSent,
     PresenceChanged, PresenceStatus, ProfileUpdated, ProfileViewed, ReceiptStatus, Source, StreamItem, UserRegistered,

@@ -16,6 +16,8 @@
 //!   `sent` tick) and withheld: kept in the sender's own history and never delivered, even after
 //!   an unblock. The blocker cannot message the blocked user (`blocked`).
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -31,6 +33,29 @@ const PROJECTION_WAIT: Duration = Duration::from_secs(5);
 
 /// At most this many blocks are listed (and kept: a block beyond it is refused).
 pub const MAX_BLOCKS: usize = 10_000;
+
+/// The block state of the pairs this node read last (either direction), for sends while the
+/// table store does not answer: a send needs the log, not the tables (docs/architecture.md,
+/// "Privacy and blocking").
+#[derive(Default)]
+pub struct BlockCache(Mutex<HashMap<(UserId, UserId), bool>>);
+
+/// Pairs kept in a [`BlockCache`] (then it starts again, empty).
+const BLOCK_CACHE_MAX: usize = 100_000;
+
+impl BlockCache {
+    fn get(&self, user: UserId, target: UserId) -> Option<bool> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(&(user, target)).copied()
+    }
+
+    fn put(&self, user: UserId, target: UserId, blocked: bool) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= BLOCK_CACHE_MAX {
+            m.clear();
+        }
+        m.insert((user, target), blocked);
+    }
+}
 
 /// A user's privacy settings as the API shows them.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -125,7 +150,29 @@ impl Chat {
         let b = UserBlocked { user_id: user, target };
         let env = Envelope::new(EventId::new_v7(), Some(user), if blocked { Event::UserBlocked(b) } else { Event::UserUnblocked(b) });
         self.append(&env).await?;
-        self.until_projected(|| async { Ok(self.store.block(user, target).await?.is_some_and(|r| r.at >= env.occurred_at)) }).await
+        self.until_projected(|| async { Ok(self.store.block(user, target).await?.is_some_and(|r| r.at >= env.occurred_at)) }).await?;
+        self.block_cache.put(user, target, blocked);
+        Ok(())
+    }
+
+    /// For a direct send from `sender` to `peer`: (the sender blocks the peer, the peer blocks the
+    /// sender). When the table store does not answer: the pair's state as this node last read it,
+    /// else neither, so that sends keep being accepted while the tables are down (a block this
+    /// node never saw is then not applied to them; the outage is logged).
+    pub(crate) async fn send_blocks(&self, sender: UserId, peer: UserId) -> (bool, bool) {
+        match tokio::try_join!(self.store.block(sender, peer), self.store.block(peer, sender)) {
+            Ok((mine, theirs)) => {
+                let (mine, theirs) = (mine.is_some_and(|b| b.blocked), theirs.is_some_and(|b| b.blocked));
+                self.block_cache.put(sender, peer, mine);
+                self.block_cache.put(peer, sender, theirs);
+                (mine, theirs)
+            }
+            Err(e) => {
+                // Logged (once per outage) by the conversion.
+                let _ = ApiError::from(e);
+                (self.block_cache.get(sender, peer).unwrap_or(false), self.block_cache.get(peer, sender).unwrap_or(false))
+            }
+        }
     }
 
     /// The users the caller blocks, by user id.

@@ -149,6 +149,8 @@ pub struct Chat {
     pub search: Option<Arc<chat_search::SearchIndex>>,
     /// Users known to exist (they never stop existing): saves a read per send.
     known_users: Mutex<HashSet<UserId>>,
+    /// Block states this node read last, for sends while the tables do not answer.
+    pub(crate) block_cache: crate::privacy::BlockCache,
     /// Sends this node answered or is answering, for same-node retries and concurrent attempts.
     recent: crate::sends::RecentSends,
     /// Password hashing, bounded (see [`KdfPool`]).
@@ -318,6 +320,7 @@ impl Chat {
             search: None,
             revocations,
             known_users: Mutex::new(HashSet::new()),
+            block_cache: crate::privacy::BlockCache::default(),
             recent: crate::sends::RecentSends::new(crate::sends::RECENT_SENDS),
             kdf: KdfPool::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2), KDF_QUEUE),
             account_limits: crate::limits::AccountLimits::new(
@@ -456,6 +459,10 @@ impl Chat {
             w.clear(&name);
         }
         let roles = self.store.roles(account.user_id).await?;
+        // A ban is checked after the password, so that it tells nothing to someone guessing it.
+        if roles.iter().any(|r| r == BANNED) {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "account_banned", "this account is banned"));
+        }
         let after = self.revocations.latest(account.user_id).unwrap_or(0);
         let (token, exp) =
             self.tokens.issue(account.user_id, &account.username, roles, after).map_err(|e| ApiError::internal("token", &e))?;
@@ -573,11 +580,11 @@ impl Chat {
             if !self.user_exists(peer).await? {
                 return Err(bad("unknown_recipient", "no such user"));
             }
-            let (theirs, mine) = tokio::try_join!(self.store.block(peer, ctx.user), self.store.block(ctx.user, peer))?;
-            if mine.is_some_and(|b| b.blocked) {
+            let (mine, theirs) = self.send_blocks(ctx.user, peer).await;
+            if mine {
                 return Err(ApiError::new(StatusCode::FORBIDDEN, "blocked", "you blocked this user; unblock them to send"));
             }
-            withheld = theirs.is_some_and(|b| b.blocked);
+            withheld = theirs;
         }
         let mentions = self.mentioned(&conv, mentions).await?;
         let reply_to = self.reply_target(ctx.user, &conv, reply_to.as_deref()).await?;
@@ -845,8 +852,10 @@ impl Chat {
             return Err(ApiError::not_found());
         }
         // Read receipts of a direct conversation follow both members' settings, as they are now.
+        // When the settings cannot be read (the tables are down), the read sends no receipt: a
+        // read needs the log, not the tables, and in doubt privacy wins.
         let private = match conv.peer_of(ctx.user) {
-            Some(peer) => !self.read_receipt_sent(ctx.user, peer).await?,
+            Some(peer) => !self.read_receipt_sent(ctx.user, peer).await.unwrap_or(false),
             None => false,
         };
         let env = Envelope::new(
@@ -1088,6 +1097,10 @@ impl Chat {
         vec![("event_log", log), ("store", store), ("routing", routing)]
     }
 }
+
+/// The command-side mark of a banned account, kept with the roles (`user_roles`, read at
+/// log-in; `chat user ban`), never put in a token.
+pub const BANNED: &str = "banned";
 
 /// A valid argon2 hash of a random password, verified against when the username is unknown.
 const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2n4nDbHx4JtJ2rXqzJ0v1mJ3u8xP1h8m6R0jQ3y8e3o";

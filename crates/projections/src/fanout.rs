@@ -298,7 +298,9 @@ pub fn route_direct(env: &Envelope, edit_window: Duration) -> Vec<Envelope> {
         | Event::MediaUploaded(_)
         | Event::PrivacyUpdated(_)
         | Event::UserBlocked(_)
-        | Event::UserUnblocked(_) => Vec::new(),
+        | Event::UserUnblocked(_)
+        | Event::UserBanned(_)
+        | Event::UserUnbanned(_) => Vec::new(),
     }
 }
 
@@ -539,7 +541,9 @@ impl FanOut {
             | Event::MediaUploaded(_)
             | Event::PrivacyUpdated(_)
             | Event::UserBlocked(_)
-            | Event::UserUnblocked(_) => Ok(Vec::new()),
+            | Event::UserUnblocked(_)
+            | Event::UserBanned(_)
+            | Event::UserUnbanned(_) => Ok(Vec::new()),
         }
     }
 

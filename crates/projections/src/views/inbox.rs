@@ -194,6 +194,28 @@ mod tests {
     }
 
     #[test]
+    fn a_private_read_moves_the_marker_and_marks_nothing_seen() {
+        let (a, b, c) = users();
+        let mut rows = Rows::default();
+        rows.insert(Key::Inbox(b, c.clone()), Fetched::Inbox(None));
+        rows.insert(Key::StreamAfter(b, 9), Fetched::Stream(Vec::new()));
+        apply(&mut rows, b, &[(10, message_item(&c, a, msg_id(1), None)), (11, message_item(&c, a, msg_id(2), None))]);
+        let mut private = read_item(&c, msg_id(1));
+        if let StreamItem::Read { private: p, .. } = &mut private {
+            *p = true;
+        }
+        let writes = apply(&mut rows, b, &[(12, private)]);
+        assert!(!writes.iter().any(|w| matches!(w, Write::Receipt(_))), "no seen row for a private read: {writes:?}");
+        let row = rows.inbox(b, &c).unwrap().unwrap();
+        assert_eq!((row.unread, row.read_up_to), (1, Some(msg_id(1))), "the unread count and the marker follow it");
+        // A later read with a receipt marks only what it newly covers.
+        rows.insert(Key::StreamAfter(b, 10), Fetched::Stream(Vec::new()));
+        let writes = apply(&mut rows, b, &[(13, read_item(&c, msg_id(2)))]);
+        let seen: Vec<MessageId> = writes.iter().filter_map(|w| match w { Write::Receipt(r) if r.status == ReceiptStatus::Seen => Some(r.message_id), _ => None }).collect();
+        assert_eq!(seen, vec![msg_id(2)], "the privately read message stays without a seen row");
+    }
+
+    #[test]
     fn a_read_needs_the_users_row_first() {
         let (_a, b, c) = users();
         let mut out = Vec::new();

@@ -92,8 +92,13 @@ pub fn fold(input: Input<'_>, rows: &Rows, settings: &Settings) -> Result<Vec<Wr
         _ => {}
     }
     match &env.event {
-        // Facts kept in the log itself (and, for roles and media, in command-side tables).
-        Event::UserRoleChanged(_) | Event::SessionsEnded(_) | Event::AuditAccessed(_) | Event::MediaUploaded(_) => {}
+        // Facts kept in the log itself (and, for roles, bans and media, in command-side tables).
+        Event::UserRoleChanged(_)
+        | Event::SessionsEnded(_)
+        | Event::UserBanned(_)
+        | Event::UserUnbanned(_)
+        | Event::AuditAccessed(_)
+        | Event::MediaUploaded(_) => {}
         Event::UserRegistered(u) => people::registered(&mut out, env, u),
         Event::PresenceChanged(p) => people::presence(&mut out, env, p),
         Event::ProfileUpdated(p) => people::profile(&mut out, env, p),
